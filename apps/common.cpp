@@ -1,0 +1,109 @@
+#include "common.hpp"
+
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdio>
+#include <exception>
+
+#include <fmt/format.h>
+
+#include "dsa/error.hpp"
+#include "dsa/parallel.hpp"
+#include "dsa/precision.hpp"
+
+namespace dsa::app {
+
+void add_common_options(CLI::App& app, CommonOptions& options) {
+  app.set_version_flag("--version", version());
+  app.add_option("-o,--output", options.output, "Output file (.npy, .safetensors[:NAME]; - for stdout)")
+      ->capture_default_str();
+  app.add_option("--threads", options.threads, "CPU threads (default: OMP_NUM_THREADS or all cores)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--report", options.report, "Write the JSON run report to FILE instead of stderr");
+  app.add_flag("-q,--quiet", options.quiet, "Print no report on stderr");
+}
+
+void add_indexer_options(CLI::App& app, IndexerOptions& options) {
+  app.add_option("--precision", options.precision, "Indexer arithmetic: f32, bf16 or fp8")
+      ->check(CLI::IsMember({"f32", "bf16", "fp8"}))
+      ->capture_default_str();
+  app.add_flag("--hadamard", options.hadamard, "Rotate q_I and k_I by a Hadamard matrix first");
+  app.add_flag("--ue8m0", options.ue8m0, "fp8: round block scales up to powers of two");
+  app.add_flag("--raw-weights", options.raw_weights,
+               "The weights are raw weights_proj outputs: multiply them by H_I^-0.5 * d_I^-0.5");
+  app.add_option("--query-block", options.query_block, "Query rows scored together")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+}
+
+IndexerConfig indexer_config(const IndexerOptions& options, const Tensor& q_index) {
+  IndexerConfig config;
+  config.precision = parse_precision(options.precision);
+  config.hadamard = options.hadamard;
+  config.ue8m0 = options.ue8m0;
+  config.query_block = options.query_block;
+  if (options.raw_weights && q_index.rank() >= 2) {
+    const int64_t heads = q_index.dim(q_index.rank() - 2), dim = q_index.dim(q_index.rank() - 1);
+    config.weight_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(heads) * static_cast<double>(dim)));
+  }
+  return config;
+}
+
+nlohmann::json indexer_config_json(const IndexerConfig& config) {
+  return {{"precision", precision_name(config.precision)},
+          {"hadamard", config.hadamard},
+          {"ue8m0", config.ue8m0},
+          {"quant_block", config.quant_block},
+          {"weight_scale", config.weight_scale},
+          {"query_block", config.query_block}};
+}
+
+int run(CLI::App& app, int argc, char** argv, const CommonOptions& options,
+        const std::function<void()>& body) {
+  const std::string tool = app.get_name();
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    const int code = app.exit(e);  // prints help/version or the usage error
+    return code == 0 ? 0 : static_cast<int>(ExitCode::usage);
+  }
+  try {
+    set_threads(options.threads);
+    body();
+    return 0;
+  } catch (const Error& e) {
+    std::fprintf(stderr, "%s: error: %s\n", tool.c_str(), e.what());
+    return static_cast<int>(e.code());
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "%s: error: out of memory\n", tool.c_str());
+    return static_cast<int>(ExitCode::runtime);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "%s: error: %s\n", tool.c_str(), e.what());
+    return static_cast<int>(ExitCode::runtime);
+  }
+}
+
+void check_single_stdin(const std::vector<std::string>& paths) {
+  int n = 0;
+  for (const auto& p : paths) n += p == "-";
+  if (n > 1) bad_usage("only one input can be read from stdin ('-')");
+}
+
+void check_binary_output(const std::string& path) {
+  if (path == "-" && isatty(STDOUT_FILENO)) {
+    bad_usage("refusing to write a binary tensor to a terminal: use -o FILE or a pipe");
+  }
+}
+
+void finish_report(nlohmann::json report, const StageTimes& times, double total_seconds,
+                   const CommonOptions& options) {
+  nlohmann::json timings = times.to_json();
+  timings["total"] = total_seconds * 1e3;
+  report["timings_ms"] = timings;
+  report["peak_rss_bytes"] = peak_rss_bytes();
+  if (options.quiet && options.report.empty()) return;
+  emit_report(report, options.report);
+}
+
+}  // namespace dsa::app

@@ -1,0 +1,54 @@
+// What every subcommand shares: common flags, the error-to-exit-code mapping, the report.
+// Nothing numeric lives here.
+#pragma once
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include "dsa/indexer.hpp"
+#include "dsa/report.hpp"
+
+namespace dsa::app {
+
+struct CommonOptions {
+  int threads = 0;
+  std::string output = "-";
+  std::string report;  // empty: the summary goes to stderr
+  bool quiet = false;
+};
+
+void add_common_options(CLI::App& app, CommonOptions& options);
+
+// --precision, --hadamard, --ue8m0, --raw-weights, --query-block.
+struct IndexerOptions {
+  std::string precision = "f32";
+  bool hadamard = false;
+  bool ue8m0 = false;
+  bool raw_weights = false;
+  int64_t query_block = 16;
+};
+void add_indexer_options(CLI::App& app, IndexerOptions& options);
+// The config for these indexer queries [B?, Lq, H_I, d_I] (--raw-weights scales w by
+// H_I^-0.5 d_I^-0.5).
+IndexerConfig indexer_config(const IndexerOptions& options, const Tensor& q_index);
+nlohmann::json indexer_config_json(const IndexerConfig& config);
+
+// Parses argv, applies --threads, runs body, maps every failure to its documented exit code
+// with a one-line message on stderr. Returns the process exit code.
+int run(CLI::App& app, int argc, char** argv, const CommonOptions& options,
+        const std::function<void()>& body);
+
+// Usage error unless at most one of the given paths is `-` (stdin can be read once).
+void check_single_stdin(const std::vector<std::string>& paths);
+// Usage error when a binary tensor would go to a terminal.
+void check_binary_output(const std::string& path);
+
+// Adds timings, peak memory and writes the report (to --report FILE or stderr).
+void finish_report(nlohmann::json report, const StageTimes& times, double total_seconds,
+                   const CommonOptions& options);
+
+}  // namespace dsa::app

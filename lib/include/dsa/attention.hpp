@@ -1,0 +1,51 @@
+// Attention over selected entries (DSA) and dense causal attention (the baseline), with the
+// natural-log log-sum-exp of each (query, head) so partial results can be merged.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include "dsa/report.hpp"
+#include "dsa/tensor.hpp"
+
+namespace dsa {
+
+// Validated attention inputs. MQA (MLA latent): q [B?, Lq, H, d_qk], kv [B?, Lk, d_qk], values
+// the first d_v columns of kv. MHA/GQA: k [B?, Lk, H_kv, d_qk], v [B?, Lk, H_kv, d_v].
+struct AttentionInputs {
+  const Tensor* q = nullptr;
+  const Tensor* k = nullptr;  // kv in MQA mode
+  const Tensor* v = nullptr;  // == k in MQA mode
+  bool latent = false;
+  bool batched = false;
+  int64_t batch = 1, queries = 0, keys = 0, heads = 0, kv_heads = 1, d_qk = 0, d_v = 0;
+
+  int64_t position(int64_t row) const { return keys - queries + row; }
+};
+AttentionInputs make_mqa_inputs(const Tensor& q, const Tensor& kv, int64_t d_v);
+AttentionInputs make_mha_inputs(const Tensor& q, const Tensor& k, const Tensor& v);
+
+float default_scale(int64_t d_qk);  // d_qk^-0.5
+
+struct AttentionBlock {
+  int64_t batch, row_begin, rows, heads, d_v;
+  const float* out;  // [rows, H, d_v]
+  const float* lse;  // [rows, H]; -inf for a row that selected nothing (its output is 0)
+};
+using AttentionSink = std::function<void(const AttentionBlock&)>;
+
+// Checks indices [B?, Lq, K] against the inputs: every entry -1 or a visible position
+// (0 <= s <= t), no entry twice in a row; `positions` (from .jsonl) must match the rows.
+void validate_indices(const AttentionInputs& inputs, const Tensor& indices,
+                      const std::vector<int64_t>& positions);
+
+// o[t,h] = sum_{s in S_t} softmax_s(scale * q[t,h] . k_s) v_s over the given indices.
+void sparse_attention(const AttentionInputs& inputs, const Tensor& indices, float scale,
+                      const AttentionSink& sink, StageTimes* times);
+
+// The same over all s <= t, computed in key tiles with an online softmax.
+void dense_attention(const AttentionInputs& inputs, float scale, const AttentionSink& sink,
+                     StageTimes* times);
+
+}  // namespace dsa

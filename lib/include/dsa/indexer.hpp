@@ -1,0 +1,66 @@
+// The lightning indexer (Eq. 1): I[t,s] = sum_j w[t,j] * ReLU(q_I[t,j,:] . k_I[s,:]), causal.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include "dsa/precision.hpp"
+#include "dsa/report.hpp"
+#include "dsa/tensor.hpp"
+
+namespace dsa {
+
+struct IndexerConfig {
+  Precision precision = Precision::f32;
+  bool hadamard = false;      // rotate q_I and k_I along d_I before rounding/quantizing
+  bool ue8m0 = false;         // fp8 scales rounded up to powers of two
+  int64_t quant_block = 128;  // fp8: one scale per this many elements of a row
+  float weight_scale = 1.0f;  // multiplies w (e.g. H_I^-0.5 * d_I^-0.5 for raw weights_proj)
+  int64_t query_block = 16;   // query rows scored together
+};
+
+// Shapes of validated indexer inputs: q_I [B?, Lq, H_I, d_I], k_I [B?, Lk, d_I],
+// w [B?, Lq, H_I]. Query row t sits at position Lk - Lq + t (decode when Lq < Lk).
+struct IndexerInputs {
+  const Tensor* q_index = nullptr;
+  const Tensor* k_index = nullptr;
+  const Tensor* weights = nullptr;
+  bool batched = false;
+  int64_t batch = 1, queries = 0, keys = 0, heads = 0, dim = 0;
+
+  int64_t position(int64_t row) const { return keys - queries + row; }
+};
+// Throws Error(bad_input) naming the tensor whose shape or dtype does not fit.
+IndexerInputs make_indexer_inputs(const Tensor& q_index, const Tensor& k_index,
+                                  const Tensor& weights, const IndexerConfig& config);
+
+// The indexer for one batch element: keys prepared once (rotated, rounded or quantized),
+// query rows scored on demand.
+class IndexerKernel {
+ public:
+  IndexerKernel(const IndexerInputs& inputs, const IndexerConfig& config, int64_t batch);
+  // Scores of query rows [row_begin, row_begin + rows) against every key, into out with the
+  // given row stride (>= keys). Invisible entries (s > position) are -inf.
+  void score_rows(int64_t row_begin, int64_t rows, float* out, int64_t stride) const;
+
+ private:
+  const IndexerInputs& inputs_;
+  IndexerConfig config_;
+  int64_t batch_;
+  std::vector<float> keys_;  // [Lk, d_I], prepared
+};
+
+// Applies the precision pipeline to rows of length dim: Hadamard (if set), then bf16
+// rounding or fp8 quantize-dequantize. The CPU fp8 reference for every backend.
+void prepare_indexer_rows(float* rows, int64_t count, int64_t dim, const IndexerConfig& config);
+
+struct ScoreBlock {
+  int64_t batch, row_begin, rows, keys;
+  const float* scores;  // [rows, keys]
+};
+// The full causal score matrix, streamed in blocks of query rows (for small L).
+void indexer_scores(const IndexerInputs& inputs, const IndexerConfig& config,
+                    const std::function<void(const ScoreBlock&)>& sink, StageTimes* times);
+
+}  // namespace dsa

@@ -1,0 +1,92 @@
+// Tensor files: .npy (v1-v3) and .safetensors, `-` for an npy stream on stdin/stdout, token
+// files (.npy int32 or .jsonl), and outputs that appear only when complete.
+#pragma once
+
+#include <cstdint>
+#include <cstdio>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "dsa/tensor.hpp"
+
+namespace dsa {
+
+// "FILE.safetensors:NAME" -> {FILE.safetensors, NAME}; anything else -> {spec, ""}.
+struct TensorSpec {
+  std::string path;
+  std::string tensor;
+};
+TensorSpec parse_tensor_spec(const std::string& spec);
+
+enum class FileFormat { npy, safetensors };
+FileFormat format_of(const std::string& path);  // by extension; `-` and others are npy
+
+// Reads a tensor. Regular files are memory-mapped; `-` reads an npy stream from stdin.
+// Every malformed file is an Error(bad_input) naming the file and what was wrong.
+Tensor read_tensor(const std::string& spec);
+
+// Parsers over bytes already in memory; `name` is used in messages. The returned tensor
+// points into `bytes`, which `keep` must keep alive.
+Tensor parse_npy(const std::byte* bytes, std::size_t size, const std::string& name,
+                 std::shared_ptr<const void> keep);
+Tensor parse_safetensors(const std::byte* bytes, std::size_t size, const std::string& name,
+                         const std::string& tensor, std::shared_ptr<const void> keep);
+// The tensor names of a safetensors file, in file order.
+std::vector<std::string> safetensors_names(const std::string& path);
+
+// A file that appears under its name only after commit(): written to a temporary file in the
+// same directory and renamed. Destroyed without commit(), the temporary file is removed.
+// Path `-` writes straight to stdout.
+class OutputFile {
+ public:
+  explicit OutputFile(const std::string& path);
+  ~OutputFile();
+  OutputFile(const OutputFile&) = delete;
+  OutputFile& operator=(const OutputFile&) = delete;
+
+  void write(const void* data, std::size_t size);
+  void write(std::string_view text) { write(text.data(), text.size()); }
+  void commit();
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+  std::string temp_path_;
+  std::FILE* file_ = nullptr;
+  bool committed_ = false;
+};
+
+// Streams one tensor whose dtype and shape are known up front: the header first, then the
+// data in row-major order through write(); commit() checks that every byte arrived.
+class TensorWriter {
+ public:
+  TensorWriter(const std::string& spec, DType dtype, Shape shape);
+  void write(const void* data, std::size_t size);
+  void commit();
+
+ private:
+  TensorSpec spec_;
+  OutputFile file_;
+  std::size_t expected_ = 0;
+  std::size_t written_ = 0;
+};
+
+void write_tensor(const std::string& spec, const Tensor& tensor);
+// Several named tensors in one .safetensors file.
+void write_safetensors(const std::string& path, const std::vector<Tensor>& tensors);
+
+// Selected token indices as read from a token file: int32 [B?, Lq, K] with -1 padding and,
+// for .jsonl, the query position `t` of every row (checked by the consumer).
+struct TokenFile {
+  Tensor indices;
+  std::vector<int64_t> positions;  // empty for .npy / .safetensors
+};
+TokenFile read_token_file(const std::string& spec);
+
+// One line per query: {"b":…, "t":…, "indices":[…], "scores":[…]} ("b" only when batched);
+// padding (-1) is left out.
+std::string jsonl_selection_line(int64_t batch, bool batched, int64_t position,
+                                  const int32_t* indices, const float* scores, int64_t k);
+
+}  // namespace dsa

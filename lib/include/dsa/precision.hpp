@@ -1,0 +1,44 @@
+// Number formats: bf16, f16, float8 e4m3 (fn: no infinities, max 448), block quantization and
+// the Hadamard rotation the indexer applies before quantizing.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace dsa {
+
+enum class Precision { f32, bf16, fp8 };
+Precision parse_precision(const std::string& text);  // throws Error(usage)
+std::string precision_name(Precision precision);
+
+// bf16: round to nearest even; NaN stays NaN (quiet).
+uint16_t f32_to_bf16(float x);
+float bf16_to_f32(uint16_t bits);
+float round_to_bf16(float x);
+
+// IEEE binary16.
+uint16_t f32_to_f16(float x);
+float f16_to_f32(uint16_t bits);
+
+// float8 e4m3fn (torch.float8_e4m3fn): bias 7, no infinities, 0x7f/0xff are NaN, max 448.
+// Conversion rounds to nearest even; finite values beyond the range and +-inf saturate to
+// +-448 (CUDA's __NV_SATFINITE behaviour, and what a clamp to [-448, 448] before
+// `.to(torch.float8_e4m3fn)` gives); NaN maps to NaN.
+inline constexpr float kE4M3Max = 448.0f;
+uint8_t f32_to_e4m3(float x);
+float e4m3_to_f32(uint8_t bits);
+
+// Quantization scale of one block: amax clamped below at 1e-4 (DeepSeek's act_quant), divided
+// by 448, optionally rounded up to a power of two (`ue8m0`, as the released model does).
+float fp8_block_scale(float amax, bool ue8m0);
+
+// Quantizes x[0..n) to e4m3 in blocks of `block` elements and writes the dequantized values
+// (code * scale, f32) to out; x and out may alias. Returns nothing: the scales are implied.
+void fp8_fake_quantize(const float* x, int64_t n, int64_t block, bool ue8m0, float* out);
+
+// In-place orthonormal Walsh-Hadamard transform (Sylvester order, scaled by n^-0.5);
+// n must be a power of two. Dot products are unchanged in exact arithmetic.
+void hadamard_transform(float* x, int64_t n);
+bool is_power_of_two(int64_t n);
+
+}  // namespace dsa

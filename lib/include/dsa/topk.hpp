@@ -1,0 +1,42 @@
+// Fine-grained token selection (Eq. 2): S_t = TopK_k({I[t,s] : s <= t}).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <utility>
+#include <vector>
+
+#include "dsa/indexer.hpp"
+#include "dsa/report.hpp"
+#include "dsa/tensor.hpp"
+
+namespace dsa {
+
+// Buffers one thread reuses from row to row.
+struct TopkScratch {
+  std::vector<float> keys;
+  std::vector<std::pair<float, int32_t>> picked;
+};
+
+// One row: scores[0..visible) are the candidates. Writes k indices in descending score order,
+// equal scores lower position first, NaN ranked like -inf; a row with fewer than k candidates
+// is padded with -1 (score -inf). O(visible) expected time, plus O(k log k) to order the result.
+void select_topk_row(const float* scores, int64_t visible, int64_t k, int32_t* indices,
+                     float* selected_scores, TopkScratch& scratch);
+
+struct SelectionBlock {
+  int64_t batch, row_begin, rows, k;
+  const int32_t* indices;  // [rows, k]
+  const float* scores;     // [rows, k]
+};
+using SelectionSink = std::function<void(const SelectionBlock&)>;
+
+// From a score matrix [B?, Lq, Lk]; query row t sees s <= Lk - Lq + t.
+void select_from_scores(const Tensor& scores, int64_t k, const SelectionSink& sink,
+                        StageTimes* times);
+
+// Fused: scores a block of queries, selects, hands the block on; never stores Lq x Lk.
+void select_from_indexer(const IndexerInputs& inputs, const IndexerConfig& config, int64_t k,
+                         const SelectionSink& sink, StageTimes* times);
+
+}  // namespace dsa

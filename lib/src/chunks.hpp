@@ -1,0 +1,21 @@
+// Internal: how the CPU backend walks query rows in bounded memory.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "dsa/parallel.hpp"
+
+namespace dsa::detail {
+
+// Rows handled per chunk: enough blocks to keep every thread busy (two each), capped so the
+// chunk's per-row buffers stay under `budget_bytes`, and never fewer than one block.
+inline int64_t chunk_rows(int64_t block, int64_t bytes_per_row, int64_t budget_bytes = 256 << 20) {
+  const int64_t wanted = block * 2 * max_threads();
+  const int64_t affordable = budget_bytes / std::max<int64_t>(bytes_per_row, 1);
+  return std::max(block, std::min(wanted, affordable / block * block));
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace dsa::detail

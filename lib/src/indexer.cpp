@@ -1,0 +1,155 @@
+#include "dsa/indexer.hpp"
+
+#include <algorithm>
+#include <limits>
+
+#include <Eigen/Core>
+
+#include "chunks.hpp"
+#include "dsa/error.hpp"
+
+namespace dsa {
+
+namespace {
+
+using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using ConstRowMap = Eigen::Map<const RowMatrix>;
+
+constexpr int64_t kKeyTile = 256;
+
+void require_floating(const Tensor& t, const char* role) {
+  if (!is_floating(t.dtype)) {
+    bad_input("{} ({}): expected a floating-point tensor, got {}", t.name, role, dtype_name(t.dtype));
+  }
+}
+
+}  // namespace
+
+IndexerInputs make_indexer_inputs(const Tensor& q_index, const Tensor& k_index,
+                                  const Tensor& weights, const IndexerConfig& config) {
+  require_floating(q_index, "q_index");
+  require_floating(k_index, "k_index");
+  require_floating(weights, "weights");
+  if (q_index.rank() != 3 && q_index.rank() != 4) {
+    bad_input("{} (q_index): expected shape [B?, Lq, H_I, d_I], got {}", q_index.name,
+              shape_string(q_index.shape));
+  }
+  IndexerInputs in;
+  in.q_index = &q_index;
+  in.k_index = &k_index;
+  in.weights = &weights;
+  in.batched = q_index.rank() == 4;
+  const int64_t o = in.batched ? 1 : 0;
+  in.batch = in.batched ? q_index.dim(0) : 1;
+  in.queries = q_index.dim(o);
+  in.heads = q_index.dim(o + 1);
+  in.dim = q_index.dim(o + 2);
+  const Shape q_shape = q_index.shape;
+  if (k_index.rank() != q_index.rank() - 1 || (in.batched && k_index.dim(0) != in.batch) ||
+      k_index.dim(o + 1) != in.dim) {
+    bad_input("{} (k_index): expected shape [{}Lk, {}] to match {} {}, got {}", k_index.name,
+              in.batched ? fmt::format("{}, ", in.batch) : "", in.dim, q_index.name,
+              shape_string(q_shape), shape_string(k_index.shape));
+  }
+  in.keys = k_index.dim(o);
+  Shape w_expected = {in.queries, in.heads};
+  if (in.batched) w_expected.insert(w_expected.begin(), in.batch);
+  if (weights.shape != w_expected) {
+    bad_input("{} (weights): expected shape {} to match {} {}, got {}", weights.name,
+              shape_string(w_expected), q_index.name, shape_string(q_shape),
+              shape_string(weights.shape));
+  }
+  if (in.queries > in.keys) {
+    bad_input("{} (q_index) has {} queries but {} (k_index) only {} keys: queries are the last Lq "
+              "positions of the keys",
+              q_index.name, in.queries, k_index.name, in.keys);
+  }
+  if (in.keys > std::numeric_limits<int32_t>::max()) {
+    bad_input("{} (k_index): {} keys do not fit int32 indices", k_index.name, in.keys);
+  }
+  if (config.hadamard && !is_power_of_two(in.dim)) {
+    bad_usage("--hadamard needs d_I to be a power of two, got {}", in.dim);
+  }
+  if (config.quant_block < 1) bad_usage("the fp8 block size must be positive");
+  return in;
+}
+
+void prepare_indexer_rows(float* rows, int64_t count, int64_t dim, const IndexerConfig& config) {
+  for (int64_t r = 0; r < count; ++r) {
+    float* row = rows + r * dim;
+    if (config.hadamard) hadamard_transform(row, dim);
+    switch (config.precision) {
+      case Precision::f32:
+        break;
+      case Precision::bf16:
+        for (int64_t i = 0; i < dim; ++i) row[i] = round_to_bf16(row[i]);
+        break;
+      case Precision::fp8:
+        fp8_fake_quantize(row, dim, config.quant_block, config.ue8m0, row);
+        break;
+    }
+  }
+}
+
+IndexerKernel::IndexerKernel(const IndexerInputs& inputs, const IndexerConfig& config, int64_t batch)
+    : inputs_(inputs), config_(config), batch_(batch) {
+  const int64_t n = inputs.keys * inputs.dim;
+  keys_.resize(static_cast<std::size_t>(n));
+  to_f32(*inputs.k_index, batch * n, n, keys_.data());
+  prepare_indexer_rows(keys_.data(), inputs.keys, inputs.dim, config);
+}
+
+void IndexerKernel::score_rows(int64_t row_begin, int64_t rows, float* out, int64_t stride) const {
+  const int64_t H = inputs_.heads, d = inputs_.dim, Lk = inputs_.keys;
+  RowMatrix q(rows * H, d);
+  to_f32(*inputs_.q_index, (batch_ * inputs_.queries + row_begin) * H * d, rows * H * d, q.data());
+  prepare_indexer_rows(q.data(), rows * H, d, config_);
+  RowMatrix w(rows, H);
+  to_f32(*inputs_.weights, (batch_ * inputs_.queries + row_begin) * H, rows * H, w.data());
+  w *= config_.weight_scale;
+
+  constexpr float minus_inf = -std::numeric_limits<float>::infinity();
+  const int64_t visible_end = inputs_.position(row_begin + rows - 1) + 1;
+  RowMatrix logits;
+  Eigen::Array<float, 1, Eigen::Dynamic> acc;
+  for (int64_t s0 = 0; s0 < visible_end; s0 += kKeyTile) {
+    const int64_t tile = std::min(kKeyTile, visible_end - s0);
+    const ConstRowMap keys(keys_.data() + s0 * d, tile, d);
+    logits.noalias() = q * keys.transpose();  // [rows * H_I, tile]
+    for (int64_t r = 0; r < rows; ++r) {
+      acc.setZero(tile);
+      for (int64_t j = 0; j < H; ++j) {  // Eq. 1: weighted sum over heads of ReLU(q . k)
+        acc += w(r, j) * logits.row(r * H + j).array().max(0.0f);
+      }
+      float* dst = out + r * stride + s0;
+      const int64_t last = inputs_.position(row_begin + r);
+      for (int64_t s = 0; s < tile; ++s) dst[s] = s0 + s <= last ? acc[s] : minus_inf;
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) std::fill(out + r * stride + visible_end, out + r * stride + Lk, minus_inf);
+}
+
+void indexer_scores(const IndexerInputs& inputs, const IndexerConfig& config,
+                    const std::function<void(const ScoreBlock&)>& sink, StageTimes* times) {
+  const int64_t block = std::max<int64_t>(1, config.query_block);
+  const int64_t chunk = detail::chunk_rows(block, inputs.keys * 4);
+  std::vector<float> scores;
+  for (int64_t b = 0; b < inputs.batch; ++b) {
+    Stopwatch prepare;
+    const IndexerKernel kernel(inputs, config, b);
+    if (times) times->add("prepare", prepare.seconds());
+    for (int64_t c0 = 0; c0 < inputs.queries; c0 += chunk) {
+      const int64_t rows = std::min(chunk, inputs.queries - c0);
+      scores.resize(static_cast<std::size_t>(rows * inputs.keys));
+      Stopwatch watch;
+#pragma omp parallel for schedule(dynamic, 1)
+      for (int64_t r0 = 0; r0 < rows; r0 += block) {
+        kernel.score_rows(c0 + r0, std::min(block, rows - r0), scores.data() + r0 * inputs.keys, inputs.keys);
+      }
+      if (times) times->add("score", watch.seconds());
+      sink({b, c0, rows, inputs.keys, scores.data()});
+    }
+  }
+}
+
+}  // namespace dsa

@@ -1,0 +1,71 @@
+#include "dsa/report.hpp"
+
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <cstdio>
+
+#include "dsa/error.hpp"
+#include "dsa/io.hpp"
+#include "dsa/parallel.hpp"
+#include "dsa/version.hpp"
+
+namespace dsa {
+
+std::string version() { return kVersion; }
+
+void StageTimes::add(const std::string& stage, double seconds) {
+  for (auto& [name, total] : stages_) {
+    if (name == stage) {
+      total += seconds;
+      return;
+    }
+  }
+  stages_.emplace_back(stage, seconds);
+}
+
+double StageTimes::get(const std::string& stage) const {
+  for (const auto& [name, total] : stages_) {
+    if (name == stage) return total;
+  }
+  return 0.0;
+}
+
+nlohmann::json StageTimes::to_json() const {
+  nlohmann::json out = nlohmann::json::object();
+  for (const auto& [name, total] : stages_) out[name] = total * 1e3;
+  return out;
+}
+
+nlohmann::json tensor_json(const Tensor& tensor) {
+  return {{"name", tensor.name}, {"shape", tensor.shape}, {"dtype", dtype_name(tensor.dtype)}};
+}
+
+int64_t peak_rss_bytes() {
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return static_cast<int64_t>(usage.ru_maxrss) * 1024;
+}
+
+nlohmann::json report_header(const std::string& tool, int argc, const char* const* argv) {
+  std::vector<std::string> command(argv, argv + argc);
+  return {{"tool", tool},
+          {"version", version()},
+          {"command", command},
+          {"device", "cpu"},
+          {"threads", max_threads()}};
+}
+
+void emit_report(const nlohmann::json& report, const std::string& path) {
+  if (path.empty()) {
+    const std::string text = report.dump(isatty(STDERR_FILENO) ? 2 : -1) + "\n";
+    std::fputs(text.c_str(), stderr);
+    return;
+  }
+  OutputFile file(path);
+  const int indent = path == "-" && !isatty(STDOUT_FILENO) ? -1 : 2;
+  file.write(report.dump(indent) + "\n");
+  file.commit();
+}
+
+}  // namespace dsa

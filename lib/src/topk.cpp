@@ -1,0 +1,145 @@
+#include "dsa/topk.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "chunks.hpp"
+#include "dsa/error.hpp"
+
+namespace dsa {
+
+namespace {
+
+constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
+
+float rank_key(float score) { return std::isnan(score) ? kMinusInf : score; }
+
+// Descending score, then ascending position (Eq. 2's deterministic order).
+bool before(const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
+  return a.first > b.first || (a.first == b.first && a.second < b.second);
+}
+
+void check_k(int64_t k) {
+  if (k < 1) bad_usage("--topk must be at least 1, got {}", k);
+  if (k > std::numeric_limits<int32_t>::max()) bad_usage("--topk {} is too large", k);
+}
+
+}  // namespace
+
+void select_topk_row(const float* scores, int64_t visible, int64_t k, int32_t* indices,
+                     float* selected_scores, TopkScratch& scratch) {
+  auto& picked = scratch.picked;
+  picked.clear();
+  if (visible <= k) {
+    for (int64_t s = 0; s < visible; ++s) picked.emplace_back(rank_key(scores[s]), static_cast<int32_t>(s));
+  } else {
+    // The k-th largest key is the threshold: take everything above it, then the lowest
+    // positions among those equal to it.
+    auto& keys = scratch.keys;
+    keys.resize(static_cast<std::size_t>(visible));
+    for (int64_t s = 0; s < visible; ++s) keys[s] = rank_key(scores[s]);
+    std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.end(), std::greater<float>());
+    const float threshold = keys[k - 1];
+    int64_t above = 0;
+    for (int64_t s = 0; s < visible; ++s) above += rank_key(scores[s]) > threshold;
+    int64_t equal_needed = k - above;
+    for (int64_t s = 0; s < visible; ++s) {
+      const float key = rank_key(scores[s]);
+      if (key > threshold || (key == threshold && equal_needed-- > 0)) {
+        picked.emplace_back(key, static_cast<int32_t>(s));
+      }
+    }
+  }
+  std::sort(picked.begin(), picked.end(), before);
+  const auto n = static_cast<int64_t>(picked.size());
+  for (int64_t i = 0; i < n; ++i) {
+    indices[i] = picked[i].second;
+    selected_scores[i] = scores[picked[i].second];
+  }
+  std::fill(indices + n, indices + k, -1);
+  std::fill(selected_scores + n, selected_scores + k, kMinusInf);
+}
+
+namespace {
+
+// Selects every row of a chunk of scores [rows, keys] in parallel.
+void select_chunk(const float* scores, int64_t rows, int64_t keys, int64_t first_position, int64_t k,
+                  int32_t* indices, float* selected) {
+#pragma omp parallel
+  {
+    TopkScratch scratch;
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t visible = std::min(keys, first_position + r + 1);
+      select_topk_row(scores + r * keys, visible, k, indices + r * k, selected + r * k, scratch);
+    }
+  }
+}
+
+}  // namespace
+
+void select_from_scores(const Tensor& scores, int64_t k, const SelectionSink& sink, StageTimes* times) {
+  check_k(k);
+  if (!is_floating(scores.dtype) || (scores.rank() != 2 && scores.rank() != 3)) {
+    bad_input("{} (scores): expected a floating-point tensor [B?, Lq, Lk], got {} {}", scores.name,
+              dtype_name(scores.dtype), shape_string(scores.shape));
+  }
+  const bool batched = scores.rank() == 3;
+  const int64_t batch = batched ? scores.dim(0) : 1;
+  const int64_t queries = scores.dim(batched ? 1 : 0);
+  const int64_t keys = scores.dim(batched ? 2 : 1);
+  if (queries > keys) {
+    bad_input("{} (scores): {} query rows but only {} keys: queries are the last Lq positions",
+              scores.name, queries, keys);
+  }
+  if (keys > std::numeric_limits<int32_t>::max()) bad_input("{}: too many keys for int32 indices", scores.name);
+  const int64_t chunk = detail::chunk_rows(64, keys * 4 + k * 8);
+  std::vector<int32_t> indices;
+  std::vector<float> selected;
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t c0 = 0; c0 < queries; c0 += chunk) {
+      const int64_t rows = std::min(chunk, queries - c0);
+      indices.resize(static_cast<std::size_t>(rows * k));
+      selected.resize(static_cast<std::size_t>(rows * k));
+      Stopwatch watch;
+      const F32Buffer block(scores, (b * queries + c0) * keys, rows * keys);
+      select_chunk(block.data(), rows, keys, keys - queries + c0, k, indices.data(), selected.data());
+      if (times) times->add("select", watch.seconds());
+      sink({b, c0, rows, k, indices.data(), selected.data()});
+    }
+  }
+}
+
+void select_from_indexer(const IndexerInputs& inputs, const IndexerConfig& config, int64_t k,
+                         const SelectionSink& sink, StageTimes* times) {
+  check_k(k);
+  const int64_t block = std::max<int64_t>(1, config.query_block);
+  const int64_t chunk = detail::chunk_rows(block, inputs.keys * 4 + k * 8);
+  std::vector<float> scores;
+  std::vector<int32_t> indices;
+  std::vector<float> selected;
+  for (int64_t b = 0; b < inputs.batch; ++b) {
+    Stopwatch prepare;
+    const IndexerKernel kernel(inputs, config, b);
+    if (times) times->add("prepare", prepare.seconds());
+    for (int64_t c0 = 0; c0 < inputs.queries; c0 += chunk) {
+      const int64_t rows = std::min(chunk, inputs.queries - c0);
+      scores.resize(static_cast<std::size_t>(rows * inputs.keys));
+      indices.resize(static_cast<std::size_t>(rows * k));
+      selected.resize(static_cast<std::size_t>(rows * k));
+      Stopwatch score_watch;
+#pragma omp parallel for schedule(dynamic, 1)
+      for (int64_t r0 = 0; r0 < rows; r0 += block) {
+        kernel.score_rows(c0 + r0, std::min(block, rows - r0), scores.data() + r0 * inputs.keys, inputs.keys);
+      }
+      if (times) times->add("score", score_watch.seconds());
+      Stopwatch select_watch;
+      select_chunk(scores.data(), rows, inputs.keys, inputs.position(c0), k, indices.data(), selected.data());
+      if (times) times->add("select", select_watch.seconds());
+      sink({b, c0, rows, k, indices.data(), selected.data()});
+    }
+  }
+}
+
+}  // namespace dsa
