@@ -1,0 +1,222 @@
+// The binaries as a user runs them: pipelines, formats, reports, exit codes, and no output
+// left behind by a failed run.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <cstdio>
+#include <cstring>
+#include <unistd.h>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "dsa/io.hpp"
+#include "reference.hpp"
+
+namespace dsa {
+namespace {
+
+namespace fs = std::filesystem;
+
+struct Outcome {
+  int code;
+  std::string out;  // stdout
+  std::string err;  // stderr
+};
+
+std::string slurp(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+class Cli : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() /
+           ("dsa-cli-" + std::to_string(::getpid()) + "-" + ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+    std::mt19937_64 rng(42);
+    write("q.npy", test::random_tensor({24, 4, 16}, rng));
+    write("k.npy", test::random_tensor({24, 16}, rng));
+    write("w.npy", test::random_tensor({24, 4}, rng));
+    write("qa.npy", test::random_tensor({24, 3, 20}, rng));
+    write("kv.npy", test::random_tensor({24, 20}, rng));
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+
+  std::string path(const std::string& name) const { return (dir_ / name).string(); }
+  void write(const std::string& name, const Tensor& t) { write_tensor(path(name), t); }
+
+  // Runs a shell command line in the test directory with the binaries on PATH.
+  Outcome run(const std::string& command) const {
+    const std::string line = "cd '" + dir_.string() + "' && export PATH='" DSA_APPS_DIR "':$PATH && " + command +
+                             " >stdout.txt 2>stderr.txt";
+    const int status = std::system(line.c_str());
+    Outcome r{WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(dir_ / "stdout.txt"), slurp(dir_ / "stderr.txt")};
+    fs::remove(dir_ / "stdout.txt");
+    fs::remove(dir_ / "stderr.txt");
+    return r;
+  }
+
+  // No file other than the expected ones (in particular no temporary output) is left.
+  void expect_only(std::vector<std::string> names) const {
+    std::vector<std::string> present;
+    for (const auto& e : fs::directory_iterator(dir_)) present.push_back(e.path().filename().string());
+    std::sort(present.begin(), present.end());
+    std::sort(names.begin(), names.end());
+    EXPECT_EQ(present, names);
+  }
+
+  fs::path dir_;
+};
+
+const std::string kIndexer = "--q-index q.npy --k-index k.npy --weights w.npy";
+
+TEST_F(Cli, PipelineEqualsFusedSelection) {
+  ASSERT_EQ(run("dsa-score " + kIndexer + " -q | dsa-select --scores - -k 8 -q -o piped.npy").code, 0);
+  ASSERT_EQ(run("dsa-select " + kIndexer + " -k 8 -q -o fused.npy").code, 0);
+  EXPECT_EQ(slurp(dir_ / "piped.npy"), slurp(dir_ / "fused.npy"));
+  const Tensor t = read_tensor(path("fused.npy"));
+  EXPECT_EQ(t.dtype, DType::i32);
+  EXPECT_EQ(t.shape, (Shape{24, 8}));
+}
+
+TEST_F(Cli, PrecisionModesAndThreadsAreDeterministic) {
+  for (const std::string flags : {"", "--precision bf16", "--precision fp8 --ue8m0 --hadamard"}) {
+    ASSERT_EQ(run("dsa-select " + kIndexer + " " + flags + " -k 5 --threads 1 -q -o one.npy").code, 0);
+    ASSERT_EQ(run("dsa-select " + kIndexer + " " + flags + " -k 5 --threads 2 -q -o two.npy").code, 0);
+    EXPECT_EQ(slurp(dir_ / "one.npy"), slurp(dir_ / "two.npy")) << flags;
+  }
+}
+
+TEST_F(Cli, JsonlSelectionMatchesNpyAndFeedsAttention) {
+  ASSERT_EQ(run("dsa-select " + kIndexer + " -k 6 -q -o sel.jsonl").code, 0);
+  ASSERT_EQ(run("dsa-select " + kIndexer + " -k 6 -q -o sel.npy").code, 0);
+  const Tensor npy = read_tensor(path("sel.npy"));
+  std::ifstream in(path("sel.jsonl"));
+  std::string line;
+  int64_t row = 0;
+  while (std::getline(in, line)) {
+    const auto j = nlohmann::json::parse(line);
+    EXPECT_EQ(j["t"], row);
+    EXPECT_FALSE(j.contains("b"));
+    const auto indices = j["indices"].get<std::vector<int32_t>>();
+    EXPECT_EQ(indices.size(), std::min<std::size_t>(6, row + 1));
+    EXPECT_EQ(j["scores"].size(), indices.size());
+    for (std::size_t i = 0; i < 6; ++i) {
+      const int32_t expected = reinterpret_cast<const int32_t*>(npy.data)[row * 6 + i];
+      EXPECT_EQ(i < indices.size() ? indices[i] : -1, expected);
+    }
+    ++row;
+  }
+  EXPECT_EQ(row, 24);
+  ASSERT_EQ(run("dsa-attend --q qa.npy --kv kv.npy --dv 12 --indices sel.jsonl -q -o a.npy").code, 0);
+  ASSERT_EQ(run("dsa-attend --q qa.npy --kv kv.npy --dv 12 --indices sel.npy -q -o b.npy").code, 0);
+  EXPECT_EQ(slurp(dir_ / "a.npy"), slurp(dir_ / "b.npy"));
+}
+
+TEST_F(Cli, AttendWritesOutputAndLseAndDenseEqualsFullSelection) {
+  ASSERT_EQ(run("dsa-select " + kIndexer + " -k 24 -q -o all.npy").code, 0);
+  ASSERT_EQ(run("dsa-attend --q qa.npy --kv kv.npy --dv 12 --indices all.npy -o s.npy --lse sl.npy -q").code, 0);
+  ASSERT_EQ(run("dsa-attend --q qa.npy --kv kv.npy --dv 12 --dense -o d.npy --lse dl.npy -q").code, 0);
+  const Tensor s = read_tensor(path("s.npy")), d = read_tensor(path("d.npy"));
+  const Tensor sl = read_tensor(path("sl.npy")), dl = read_tensor(path("dl.npy"));
+  EXPECT_EQ(s.shape, (Shape{24, 3, 12}));
+  EXPECT_EQ(sl.shape, (Shape{24, 3}));
+  for (int64_t i = 0; i < s.numel(); ++i) ASSERT_NEAR(test::f32(s)[i], test::f32(d)[i], 1e-5);
+  for (int64_t i = 0; i < sl.numel(); ++i) ASSERT_NEAR(test::f32(sl)[i], test::f32(dl)[i], 1e-4);
+}
+
+TEST_F(Cli, SafetensorsInputsByName) {
+  std::vector<Tensor> tensors = {read_tensor(path("q.npy")), read_tensor(path("k.npy")), read_tensor(path("w.npy"))};
+  tensors[0].name = "q_index";
+  tensors[1].name = "k_index";
+  tensors[2].name = "weights";
+  write_safetensors(path("in.safetensors"), tensors);
+  ASSERT_EQ(run("dsa-select --q-index in.safetensors:q_index --k-index in.safetensors:k_index "
+                "--weights in.safetensors:weights -k 4 -q -o a.safetensors:indices").code, 0);
+  ASSERT_EQ(run("dsa-select " + kIndexer + " -k 4 -q -o b.npy").code, 0);
+  const Tensor a = read_tensor(path("a.safetensors:indices")), b = read_tensor(path("b.npy"));
+  ASSERT_EQ(a.shape, b.shape);
+  EXPECT_EQ(std::memcmp(a.data, b.data, a.nbytes()), 0);
+  const Outcome missing = run("dsa-select --q-index in.safetensors:nope --k-index k.npy --weights w.npy -q -o c.npy");
+  EXPECT_EQ(missing.code, 3);
+  EXPECT_NE(missing.err.find("no tensor 'nope'"), std::string::npos) << missing.err;
+}
+
+TEST_F(Cli, ReportCarriesVersionCommandShapesThreadsAndTimings) {
+  ASSERT_EQ(run("dsa-select " + kIndexer + " -k 4 --threads 1 -o s.npy --report r.json").code, 0);
+  const auto r = nlohmann::json::parse(slurp(dir_ / "r.json"));
+  EXPECT_EQ(r["tool"], "dsa-select");
+  EXPECT_FALSE(r["version"].get<std::string>().empty());
+  EXPECT_EQ(r["threads"], 1);
+  EXPECT_EQ(r["device"], "cpu");
+  EXPECT_EQ(r["inputs"][0]["shape"], (std::vector<int64_t>{24, 4, 16}));
+  EXPECT_EQ(r["outputs"][0]["shape"], (std::vector<int64_t>{24, 4}));
+  EXPECT_GT(r["timings_ms"]["score"].get<double>(), 0.0);
+  EXPECT_TRUE(r["timings_ms"].contains("select"));
+  EXPECT_GT(r["peak_rss_bytes"].get<int64_t>(), 0);
+  const Outcome stderr_report = run("dsa-select " + kIndexer + " -k 4 -o t.npy");
+  EXPECT_EQ(nlohmann::json::parse(stderr_report.err)["tool"], "dsa-select");
+}
+
+TEST_F(Cli, ExitCodesAndMessages) {
+  const Outcome help = run("dsa-attend --help");
+  EXPECT_EQ(help.code, 0);
+  EXPECT_NE(help.out.find("--indices"), std::string::npos);
+  EXPECT_EQ(run("dsa-score --version").code, 0);
+  EXPECT_EQ(run("dsa-select -k 4 -o x.npy").code, 2);                        // no inputs
+  EXPECT_EQ(run("dsa-select --scores - --q-index q.npy -o x.npy").code, 2);   // exclusive
+  EXPECT_EQ(run("dsa-select " + kIndexer + " -k 0 -o x.npy").code, 2);
+  EXPECT_EQ(run("dsa-score " + kIndexer + " --precision fp4 -o x.npy").code, 2);
+  const Outcome missing = run("dsa-score --q-index nope.npy --k-index k.npy --weights w.npy -o x.npy");
+  EXPECT_EQ(missing.code, 3);
+  EXPECT_NE(missing.err.find("nope.npy"), std::string::npos);
+  const Outcome shape = run("dsa-score --q-index q.npy --k-index w.npy --weights w.npy -o x.npy");
+  EXPECT_EQ(shape.code, 3);
+  EXPECT_NE(shape.err.find("w.npy (k_index)"), std::string::npos) << shape.err;
+  EXPECT_EQ(std::count(shape.err.begin(), shape.err.end(), '\n'), 1) << "one line: " << shape.err;
+  const Outcome unwritable = run("dsa-score " + kIndexer + " -q -o no/such/dir/x.npy");
+  EXPECT_EQ(unwritable.code, 1);
+  EXPECT_NE(unwritable.err.find("no/such/dir/x.npy"), std::string::npos);
+  expect_only({"q.npy", "k.npy", "w.npy", "qa.npy", "kv.npy"});
+}
+
+TEST_F(Cli, BadIndicesLeaveNoOutput) {
+  Tensor future = make_tensor(DType::i32, {24, 2}, "future");
+  for (int i = 0; i < 48; ++i) mutable_data<int32_t>(future)[i] = i % 2 ? -1 : i / 2;
+  mutable_data<int32_t>(future)[10] = 23;  // row 5 selects position 23
+  write("future.npy", future);
+  const Outcome r = run("dsa-attend --q qa.npy --kv kv.npy --dv 12 --indices future.npy -o out.npy --lse lse.npy");
+  EXPECT_EQ(r.code, 3);
+  EXPECT_NE(r.err.find("selects 23"), std::string::npos) << r.err;
+  expect_only({"q.npy", "k.npy", "w.npy", "qa.npy", "kv.npy", "future.npy"});
+}
+
+TEST_F(Cli, DecodeAndBatchShapes) {
+  std::mt19937_64 rng(7);
+  write("qb.npy", test::random_tensor({2, 3, 4, 16}, rng));
+  write("kb.npy", test::random_tensor({2, 24, 16}, rng));
+  write("wb.npy", test::random_tensor({2, 3, 4}, rng));
+  ASSERT_EQ(run("dsa-select --q-index qb.npy --k-index kb.npy --weights wb.npy -k 30 -q -o s.npy").code, 0);
+  const Tensor s = read_tensor(path("s.npy"));
+  EXPECT_EQ(s.shape, (Shape{2, 3, 30}));
+  // Query rows sit at positions 21, 22, 23: 22, 23, 24 entries, then -1.
+  for (int64_t r = 0; r < 6; ++r) {
+    for (int64_t i = 0; i < 30; ++i) {
+      EXPECT_EQ(reinterpret_cast<const int32_t*>(s.data)[r * 30 + i] >= 0, i < 22 + r % 3) << r << " " << i;
+    }
+  }
+  ASSERT_EQ(run("dsa-select --q-index qb.npy --k-index kb.npy --weights wb.npy -k 3 -q -o s.jsonl").code, 0);
+  const std::string first = slurp(dir_ / "s.jsonl").substr(0, 14);
+  EXPECT_EQ(first, "{\"b\":0,\"t\":21,");
+}
+
+}  // namespace
+}  // namespace dsa
