@@ -16,9 +16,11 @@ namespace dsa::app {
 
 void add_common_options(CLI::App& app, CommonOptions& options) {
   app.set_version_flag("--version", version());
-  app.add_option("-o,--output", options.output, "Output file (.npy, .safetensors[:NAME]; - for stdout)")
+  app.add_option("-o,--output", options.output,
+                 "Output file (.npy, .safetensors[:NAME]; - for stdout)")
       ->capture_default_str();
-  app.add_option("--threads", options.threads, "CPU threads (default: OMP_NUM_THREADS or all cores)")
+  app.add_option("--threads", options.threads,
+                 "CPU threads (default: OMP_NUM_THREADS or all cores)")
       ->check(CLI::NonNegativeNumber);
   app.add_option("--report", options.report, "Write the JSON run report to FILE instead of stderr");
   app.add_flag("-q,--quiet", options.quiet, "Print no report on stderr");
@@ -45,7 +47,8 @@ IndexerConfig indexer_config(const IndexerOptions& options, const Tensor& q_inde
   config.query_block = options.query_block;
   if (options.raw_weights && q_index.rank() >= 2) {
     const int64_t heads = q_index.dim(q_index.rank() - 2), dim = q_index.dim(q_index.rank() - 1);
-    config.weight_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(heads) * static_cast<double>(dim)));
+    config.weight_scale =
+        static_cast<float>(1.0 / std::sqrt(static_cast<double>(heads) * static_cast<double>(dim)));
   }
   return config;
 }

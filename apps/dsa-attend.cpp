@@ -2,21 +2,23 @@
 #include <optional>
 
 #include "common.hpp"
-#include "dsa/error.hpp"
 #include "dsa/attention.hpp"
+#include "dsa/error.hpp"
 #include "dsa/io.hpp"
 
 int main(int argc, char** argv) {
-  CLI::App app("Sparse attention o[t,h] = sum_{s in S_t} softmax(scale q[t,h] . k_s) v_s over "
-               "the selected indices (or every s <= t with --dense): f32 [B?, Lq, H, d_v].",
-               "dsa-attend");
+  CLI::App app(
+      "Sparse attention o[t,h] = sum_{s in S_t} softmax(scale q[t,h] . k_s) v_s over "
+      "the selected indices (or every s <= t with --dense): f32 [B?, Lq, H, d_v].",
+      "dsa-attend");
   dsa::app::CommonOptions common;
   std::string q_path, kv_path, k_path, v_path, indices_path, lse_path;
   int64_t d_v = 512;
   std::optional<float> scale;
   bool dense = false;
   app.add_option("--q", q_path, "Queries q [B?, Lq, H, d_qk]")->required();
-  auto* kv_opt = app.add_option("--kv", kv_path, "MQA latent cache kv [B?, Lk, d_qk]; values are its first --dv columns");
+  auto* kv_opt = app.add_option(
+      "--kv", kv_path, "MQA latent cache kv [B?, Lk, d_qk]; values are its first --dv columns");
   auto* k_opt = app.add_option("--k", k_path, "MHA/GQA keys k [B?, Lk, H_kv, d_qk]");
   auto* v_opt = app.add_option("--v", v_path, "MHA/GQA values v [B?, Lk, H_kv, d_v]");
   auto* dv_opt = app.add_option("--dv", d_v, "Value width in MQA mode")->capture_default_str();
@@ -24,7 +26,8 @@ int main(int argc, char** argv) {
   k_opt->needs(v_opt);
   v_opt->needs(k_opt);
   dv_opt->needs(kv_opt);
-  auto* idx_opt = app.add_option("--indices", indices_path, "Selected indices [B?, Lq, K] (.npy, .safetensors or .jsonl)");
+  auto* idx_opt = app.add_option("--indices", indices_path,
+                                 "Selected indices [B?, Lq, K] (.npy, .safetensors or .jsonl)");
   auto* dense_opt = app.add_flag("--dense", dense, "Full causal attention (the baseline) instead");
   idx_opt->excludes(dense_opt);
   app.add_option("--scale", scale, "Softmax scale (default d_qk^-0.5)");
@@ -34,10 +37,12 @@ int main(int argc, char** argv) {
   return dsa::app::run(app, argc, argv, common, [&] {
     dsa::Stopwatch total;
     if (kv_path.empty() && k_path.empty()) dsa::bad_usage("give either --kv or --k and --v");
-    if (indices_path.empty() && !dense) dsa::bad_usage("give --indices, or --dense for full attention");
+    if (indices_path.empty() && !dense)
+      dsa::bad_usage("give --indices, or --dense for full attention");
     dsa::app::check_single_stdin({q_path, kv_path, k_path, v_path, indices_path});
     dsa::app::check_binary_output(common.output);
-    if (lse_path == "-" && common.output == "-") dsa::bad_usage("--lse and --output cannot both be stdout");
+    if (lse_path == "-" && common.output == "-")
+      dsa::bad_usage("--lse and --output cannot both be stdout");
 
     nlohmann::json report = dsa::report_header("dsa-attend", argc, argv);
     const dsa::Tensor q = dsa::read_tensor(q_path);
@@ -47,8 +52,9 @@ int main(int argc, char** argv) {
     } else {
       keys = {dsa::read_tensor(k_path), dsa::read_tensor(v_path)};
     }
-    const dsa::AttentionInputs inputs = keys.size() == 1 ? dsa::make_mqa_inputs(q, keys[0], d_v)
-                                                         : dsa::make_mha_inputs(q, keys[0], keys[1]);
+    const dsa::AttentionInputs inputs = keys.size() == 1
+                                            ? dsa::make_mqa_inputs(q, keys[0], d_v)
+                                            : dsa::make_mha_inputs(q, keys[0], keys[1]);
     report["inputs"] = {dsa::tensor_json(q)};
     for (const auto& t : keys) report["inputs"].push_back(dsa::tensor_json(t));
     std::optional<dsa::TokenFile> tokens;
@@ -71,8 +77,10 @@ int main(int argc, char** argv) {
     if (!lse_path.empty()) lse.emplace(lse_path, dsa::DType::f32, lse_shape);
     auto sink = [&](const dsa::AttentionBlock& block) {
       dsa::Stopwatch write;
-      out.write(block.out, static_cast<std::size_t>(block.rows * block.heads * block.d_v) * sizeof(float));
-      if (lse) lse->write(block.lse, static_cast<std::size_t>(block.rows * block.heads) * sizeof(float));
+      out.write(block.out,
+                static_cast<std::size_t>(block.rows * block.heads * block.d_v) * sizeof(float));
+      if (lse)
+        lse->write(block.lse, static_cast<std::size_t>(block.rows * block.heads) * sizeof(float));
       times.add("write", write.seconds());
     };
     if (dense) {
@@ -87,7 +95,8 @@ int main(int argc, char** argv) {
     report["layout"] = inputs.latent ? "mqa" : "mha";
     report["scale"] = softmax_scale;
     report["outputs"] = {{{"path", common.output}, {"shape", out_shape}, {"dtype", "f32"}}};
-    if (lse) report["outputs"].push_back({{"path", lse_path}, {"shape", lse_shape}, {"dtype", "f32"}});
+    if (lse)
+      report["outputs"].push_back({{"path", lse_path}, {"shape", lse_shape}, {"dtype", "f32"}});
     dsa::app::finish_report(report, times, total.seconds(), common);
   });
 }

@@ -4,9 +4,10 @@
 #include "dsa/io.hpp"
 
 int main(int argc, char** argv) {
-  CLI::App app("Lightning indexer scores I[t,s] = sum_j w[t,j] ReLU(q_I[t,j] . k_I[s]), causal; "
-               "masked entries are -inf.",
-               "dsa-score");
+  CLI::App app(
+      "Lightning indexer scores I[t,s] = sum_j w[t,j] ReLU(q_I[t,j] . k_I[s]), causal; "
+      "masked entries are -inf.",
+      "dsa-score");
   dsa::app::CommonOptions common;
   dsa::app::IndexerOptions indexer;
   std::string q_path, k_path, w_path;
@@ -30,11 +31,15 @@ int main(int argc, char** argv) {
     if (inputs.batched) shape.insert(shape.begin(), inputs.batch);
     dsa::StageTimes times;
     dsa::TensorWriter writer(common.output, dsa::DType::f32, shape);
-    dsa::indexer_scores(inputs, config, [&](const dsa::ScoreBlock& block) {
-      dsa::Stopwatch write;
-      writer.write(block.scores, static_cast<std::size_t>(block.rows * block.keys) * sizeof(float));
-      times.add("write", write.seconds());
-    }, &times);
+    dsa::indexer_scores(
+        inputs, config,
+        [&](const dsa::ScoreBlock& block) {
+          dsa::Stopwatch write;
+          writer.write(block.scores,
+                       static_cast<std::size_t>(block.rows * block.keys) * sizeof(float));
+          times.add("write", write.seconds());
+        },
+        &times);
     writer.commit();
 
     nlohmann::json report = dsa::report_header("dsa-score", argc, argv);

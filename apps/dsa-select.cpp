@@ -7,24 +7,29 @@
 #include "dsa/topk.hpp"
 
 int main(int argc, char** argv) {
-  CLI::App app("Top-k selection S_t = TopK_k({I[t,s] : s <= t}): int32 indices [B?, Lq, K], "
-               "descending score, ties lower position first, -1 padding.",
-               "dsa-select");
+  CLI::App app(
+      "Top-k selection S_t = TopK_k({I[t,s] : s <= t}): int32 indices [B?, Lq, K], "
+      "descending score, ties lower position first, -1 padding.",
+      "dsa-select");
   dsa::app::CommonOptions common;
   dsa::app::IndexerOptions indexer;
   std::string scores_path, q_path, k_path, w_path, format;
   int64_t topk = 2048;
-  auto* scores_opt = app.add_option("--scores", scores_path, "Score matrix I [B?, Lq, Lk] (from dsa-score)");
-  auto* q_opt = app.add_option("--q-index", q_path, "Indexer queries q_I [B?, Lq, H_I, d_I] (fused mode)");
+  auto* scores_opt =
+      app.add_option("--scores", scores_path, "Score matrix I [B?, Lq, Lk] (from dsa-score)");
+  auto* q_opt =
+      app.add_option("--q-index", q_path, "Indexer queries q_I [B?, Lq, H_I, d_I] (fused mode)");
   auto* k_opt = app.add_option("--k-index", k_path, "Indexer keys k_I [B?, Lk, d_I] (fused mode)");
-  auto* w_opt = app.add_option("--weights", w_path, "Per-head weights w [B?, Lq, H_I] (fused mode)");
+  auto* w_opt =
+      app.add_option("--weights", w_path, "Per-head weights w [B?, Lq, H_I] (fused mode)");
   scores_opt->excludes(q_opt)->excludes(k_opt)->excludes(w_opt);
   q_opt->needs(k_opt)->needs(w_opt);
   k_opt->needs(q_opt);
   w_opt->needs(q_opt);
   app.add_option("-k,--topk", topk, "Entries selected per query")->capture_default_str();
-  app.add_option("--format", format, "Output format: npy or jsonl (default: from the output's "
-                                     "extension, npy for stdout)")
+  app.add_option("--format", format,
+                 "Output format: npy or jsonl (default: from the output's "
+                 "extension, npy for stdout)")
       ->check(CLI::IsMember({"npy", "jsonl"}));
   dsa::app::add_indexer_options(app, indexer);
   dsa::app::add_common_options(app, common);
@@ -36,9 +41,10 @@ int main(int argc, char** argv) {
     }
     const bool fused = scores_path.empty();
     dsa::app::check_single_stdin({scores_path, q_path, k_path, w_path});
-    const bool jsonl = format.empty() ? common.output.size() > 6 &&
-                                            common.output.substr(common.output.size() - 6) == ".jsonl"
-                                      : format == "jsonl";
+    const bool jsonl =
+        format.empty()
+            ? common.output.size() > 6 && common.output.substr(common.output.size() - 6) == ".jsonl"
+            : format == "jsonl";
     if (!jsonl) dsa::app::check_binary_output(common.output);
 
     nlohmann::json report = dsa::report_header("dsa-select", argc, argv);
@@ -78,12 +84,14 @@ int main(int argc, char** argv) {
         const int64_t first = shape[batched ? 1 : 0];
         const int64_t keys = fused ? indexer_inputs.keys : inputs[0].shape.back();
         for (int64_t r = 0; r < block.rows; ++r) {
-          text += dsa::jsonl_selection_line(block.batch, batched, keys - first + block.row_begin + r,
-                                            block.indices + r * block.k, block.scores + r * block.k, block.k);
+          text += dsa::jsonl_selection_line(
+              block.batch, batched, keys - first + block.row_begin + r, block.indices + r * block.k,
+              block.scores + r * block.k, block.k);
         }
         jsonl_out->write(text);
       } else {
-        tensor_out->write(block.indices, static_cast<std::size_t>(block.rows * block.k) * sizeof(int32_t));
+        tensor_out->write(block.indices,
+                          static_cast<std::size_t>(block.rows * block.k) * sizeof(int32_t));
       }
       times.add("write", write.seconds());
     };
@@ -101,7 +109,9 @@ int main(int argc, char** argv) {
 
     report["topk"] = topk;
     report["mode"] = fused ? "fused" : "scores";
-    report["outputs"] = {{{"path", common.output}, {"shape", shape}, {"dtype", "i32"},
+    report["outputs"] = {{{"path", common.output},
+                          {"shape", shape},
+                          {"dtype", "i32"},
                           {"format", jsonl ? "jsonl" : "npy"}}};
     dsa::app::finish_report(report, times, total.seconds(), common);
   });

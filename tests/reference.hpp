@@ -21,12 +21,16 @@ inline Tensor random_tensor(Shape shape, std::mt19937_64& rng, float stddev = 1.
   return t;
 }
 
-inline const float* f32(const Tensor& t) { return reinterpret_cast<const float*>(t.data); }
+inline const float* f32(const Tensor& t) {
+  return reinterpret_cast<const float*>(t.data);
+}
 
 // Eq. 1 in fp64 for one batch element: I [Lq, Lk], -inf where s > position.
-inline std::vector<double> reference_scores(const float* q, const float* k, const float* w, int64_t Lq,
-                                            int64_t Lk, int64_t H, int64_t d, double weight_scale = 1.0) {
-  std::vector<double> I(static_cast<std::size_t>(Lq * Lk), -std::numeric_limits<double>::infinity());
+inline std::vector<double> reference_scores(const float* q, const float* k, const float* w,
+                                            int64_t Lq, int64_t Lk, int64_t H, int64_t d,
+                                            double weight_scale = 1.0) {
+  std::vector<double> I(static_cast<std::size_t>(Lq * Lk),
+                        -std::numeric_limits<double>::infinity());
   for (int64_t t = 0; t < Lq; ++t) {
     const int64_t pos = Lk - Lq + t;
     for (int64_t s = 0; s <= pos; ++s) {
@@ -46,7 +50,8 @@ inline std::vector<double> reference_scores(const float* q, const float* k, cons
 inline std::vector<int32_t> reference_topk(const double* row, int64_t visible, int64_t k) {
   std::vector<int32_t> order(static_cast<std::size_t>(visible));
   for (int64_t s = 0; s < visible; ++s) order[s] = static_cast<int32_t>(s);
-  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return row[a] > row[b]; });
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int32_t a, int32_t b) { return row[a] > row[b]; });
   order.resize(static_cast<std::size_t>(std::min(visible, k)));
   order.resize(static_cast<std::size_t>(k), -1);
   return order;
@@ -56,8 +61,8 @@ inline std::vector<int32_t> reference_topk(const double* row, int64_t visible, i
 // key(s, g) and value(s, g) return pointers to position s of kv head g.
 template <typename KeyFn, typename ValueFn>
 void reference_attention_row(const float* q, int64_t H, int64_t H_kv, int64_t d_qk, int64_t d_v,
-                             const std::vector<int64_t>& selected, double scale, KeyFn key, ValueFn value,
-                             std::vector<double>& out, std::vector<double>& lse) {
+                             const std::vector<int64_t>& selected, double scale, KeyFn key,
+                             ValueFn value, std::vector<double>& out, std::vector<double>& lse) {
   out.assign(static_cast<std::size_t>(H * d_v), 0.0);
   lse.assign(static_cast<std::size_t>(H), -std::numeric_limits<double>::infinity());
   if (selected.empty()) return;

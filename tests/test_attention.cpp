@@ -71,7 +71,8 @@ Tensor random_indices(const Layout& l, int64_t k, std::mt19937_64& rng, bool all
     for (int64_t s = 0; s < visible; ++s) all[s] = static_cast<int32_t>(s);
     std::shuffle(all.begin(), all.end(), rng);
     const int64_t lo = allow_empty ? 0 : 1;
-    const int64_t n = lo + static_cast<int64_t>(rng() % static_cast<uint64_t>(std::min(k, visible) - lo + 1));
+    const int64_t n =
+        lo + static_cast<int64_t>(rng() % static_cast<uint64_t>(std::min(k, visible) - lo + 1));
     all.resize(static_cast<std::size_t>(n));
     all.resize(static_cast<std::size_t>(k), -1);
     std::shuffle(all.begin(), all.end(), rng);
@@ -80,7 +81,8 @@ Tensor random_indices(const Layout& l, int64_t k, std::mt19937_64& rng, bool all
   return t;
 }
 
-void expect_matches_reference(const Problem& p, const Tensor* indices, const Result& got, double scale) {
+void expect_matches_reference(const Problem& p, const Tensor* indices, const Result& got,
+                              double scale) {
   const Layout& l = p.layout;
   const int64_t k_stride = l.latent ? l.d_qk : l.kv_heads * l.d_qk;
   const int64_t v_stride = l.latent ? l.d_qk : l.kv_heads * l.d_v;
@@ -88,8 +90,12 @@ void expect_matches_reference(const Problem& p, const Tensor* indices, const Res
   for (int64_t b = 0; b < l.batch; ++b) {
     const float* kb = f32(p.k) + b * l.keys * k_stride;
     const float* vb = (l.latent ? f32(p.k) : f32(p.v)) + b * l.keys * v_stride;
-    auto key = [&](int64_t s, int64_t g) { return kb + s * k_stride + (l.latent ? 0 : g * l.d_qk); };
-    auto value = [&](int64_t s, int64_t g) { return vb + s * v_stride + (l.latent ? 0 : g * l.d_v); };
+    auto key = [&](int64_t s, int64_t g) {
+      return kb + s * k_stride + (l.latent ? 0 : g * l.d_qk);
+    };
+    auto value = [&](int64_t s, int64_t g) {
+      return vb + s * v_stride + (l.latent ? 0 : g * l.d_v);
+    };
     for (int64_t t = 0; t < l.queries; ++t) {
       const int64_t row = b * l.queries + t;
       std::vector<int64_t> selected;
@@ -103,8 +109,8 @@ void expect_matches_reference(const Problem& p, const Tensor* indices, const Res
         for (int64_t s = 0; s <= l.keys - l.queries + t; ++s) selected.push_back(s);
       }
       std::vector<double> out, lse;
-      test::reference_attention_row(f32(p.q) + row * l.heads * l.d_qk, l.heads, l.kv_heads, l.d_qk, l.d_v, selected,
-                                    scale, key, value, out, lse);
+      test::reference_attention_row(f32(p.q) + row * l.heads * l.d_qk, l.heads, l.kv_heads, l.d_qk,
+                                    l.d_v, selected, scale, key, value, out, lse);
       for (int64_t i = 0; i < l.heads * l.d_v; ++i) {
         const double diff = got.out[row * l.heads * l.d_v + i] - out[i];
         err += diff * diff;
@@ -115,7 +121,8 @@ void expect_matches_reference(const Problem& p, const Tensor* indices, const Res
         if (std::isinf(lse[h])) {
           ASSERT_EQ(actual, -INFINITY) << "row " << row;
         } else {
-          ASSERT_NEAR(actual, lse[h], 1e-5 * std::max(1.0, std::fabs(lse[h]))) << "row " << row << " head " << h;
+          ASSERT_NEAR(actual, lse[h], 1e-5 * std::max(1.0, std::fabs(lse[h])))
+              << "row " << row << " head " << h;
         }
       }
     }
@@ -124,9 +131,9 @@ void expect_matches_reference(const Problem& p, const Tensor* indices, const Res
 }
 
 const Layout kLayouts[] = {
-    {1, 1, 1, 1, 1, 8, 8, false, true},       {1, 37, 37, 4, 1, 24, 16, false, true},
-    {2, 5, 50, 8, 1, 40, 32, true, true},     {1, 30, 30, 4, 4, 16, 12, false, false},
-    {2, 9, 21, 6, 2, 8, 10, true, false},     {1, 150, 150, 2, 1, 64, 64, false, true},
+    {1, 1, 1, 1, 1, 8, 8, false, true},   {1, 37, 37, 4, 1, 24, 16, false, true},
+    {2, 5, 50, 8, 1, 40, 32, true, true}, {1, 30, 30, 4, 4, 16, 12, false, false},
+    {2, 9, 21, 6, 2, 8, 10, true, false}, {1, 150, 150, 2, 1, 64, 64, false, true},
 };
 
 TEST(SparseAttention, MatchesFp64ReferenceOnRandomSelections) {
@@ -157,13 +164,16 @@ TEST(DenseAttention, MatchesFp64ReferenceAndSparseOverEveryPosition) {
     Tensor all = make_tensor(DType::i32, with_batch(l, {l.queries, l.keys}), "all");
     for (int64_t r = 0; r < l.batch * l.queries; ++r) {
       for (int64_t s = 0; s < l.keys; ++s) {
-        mutable_data<int32_t>(all)[r * l.keys + s] = s <= l.keys - l.queries + r % l.queries ? static_cast<int32_t>(s) : -1;
+        mutable_data<int32_t>(all)[r * l.keys + s] =
+            s <= l.keys - l.queries + r % l.queries ? static_cast<int32_t>(s) : -1;
       }
     }
     Result sparse;
     sparse_attention(p->inputs, all, scale, collector(l, sparse), nullptr);
-    for (std::size_t i = 0; i < dense.out.size(); ++i) ASSERT_NEAR(dense.out[i], sparse.out[i], 1e-5);
-    for (std::size_t i = 0; i < dense.lse.size(); ++i) ASSERT_NEAR(dense.lse[i], sparse.lse[i], 1e-4);
+    for (std::size_t i = 0; i < dense.out.size(); ++i)
+      ASSERT_NEAR(dense.out[i], sparse.out[i], 1e-5);
+    for (std::size_t i = 0; i < dense.lse.size(); ++i)
+      ASSERT_NEAR(dense.lse[i], sparse.lse[i], 1e-4);
   }
 }
 
@@ -210,8 +220,8 @@ TEST(SparseAttention, EmptyRowGivesZeroAndMinusInfinity) {
   for (float x : r.lse) EXPECT_EQ(x, -INFINITY);
 }
 
-void expect_rejected(const AttentionInputs& in, const Tensor& indices, const std::vector<int64_t>& positions,
-                     const std::string& fragment) {
+void expect_rejected(const AttentionInputs& in, const Tensor& indices,
+                     const std::vector<int64_t>& positions, const std::string& fragment) {
   try {
     validate_indices(in, indices, positions);
     FAIL() << "accepted: " << fragment;
@@ -230,7 +240,8 @@ TEST(ValidateIndices, RejectsFutureRepeatedNegativeAndMisshapenIndices) {
     return t;
   };
   validate_indices(p->inputs, indices({6, -1, 7, 0, 8, 1, 9, 2}, {4, 2}), {});
-  expect_rejected(p->inputs, indices({7, -1, 7, 0, 8, 1, 9, 2}, {4, 2}), {}, "selects 7");  // future
+  expect_rejected(p->inputs, indices({7, -1, 7, 0, 8, 1, 9, 2}, {4, 2}), {},
+                  "selects 7");  // future
   expect_rejected(p->inputs, indices({6, 6, 7, 0, 8, 1, 9, 2}, {4, 2}), {}, "twice");
   expect_rejected(p->inputs, indices({6, -2, 7, 0, 8, 1, 9, 2}, {4, 2}), {}, "selects -2");
   expect_rejected(p->inputs, indices({6, 1, 7, 0, 8, 1}, {3, 2}), {}, "idx.npy");
@@ -256,9 +267,11 @@ TEST(AttentionInputs, RejectsMismatchedShapes) {
   expect_bad([&] { make_mqa_inputs(q, kv_short, 4); }, "short.npy");
   const Tensor kv = test::random_tensor({5, 8}, rng, 1, "kv.npy");
   expect_bad([&] { make_mqa_inputs(q, kv, 9); }, "--dv", ExitCode::usage);
-  const Tensor k3 = test::random_tensor({5, 3, 8}, rng, 1, "k3.npy"), v3 = test::random_tensor({5, 3, 2}, rng, 1, "v3.npy");
+  const Tensor k3 = test::random_tensor({5, 3, 8}, rng, 1, "k3.npy"),
+               v3 = test::random_tensor({5, 3, 2}, rng, 1, "v3.npy");
   expect_bad([&] { make_mha_inputs(q, k3, v3); }, "k3.npy");  // 3 kv heads do not divide 4
-  const Tensor k2 = test::random_tensor({5, 2, 8}, rng, 1, "k2.npy"), v_bad = test::random_tensor({6, 2, 2}, rng, 1, "vbad.npy");
+  const Tensor k2 = test::random_tensor({5, 2, 8}, rng, 1, "k2.npy"),
+               v_bad = test::random_tensor({6, 2, 2}, rng, 1, "vbad.npy");
   expect_bad([&] { make_mha_inputs(q, k2, v_bad); }, "vbad.npy");
   const Tensor qi = make_tensor(DType::i64, {5, 4, 8}, "qi.npy");
   expect_bad([&] { make_mqa_inputs(qi, kv, 4); }, "qi.npy");

@@ -3,9 +3,9 @@
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 
+#include <unistd.h>
 #include <cstdio>
 #include <cstring>
-#include <unistd.h>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -38,7 +38,8 @@ class Cli : public ::testing::Test {
  protected:
   void SetUp() override {
     dir_ = fs::temp_directory_path() /
-           ("dsa-cli-" + std::to_string(::getpid()) + "-" + ::testing::UnitTest::GetInstance()->current_test_info()->name());
+           ("dsa-cli-" + std::to_string(::getpid()) + "-" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
     fs::remove_all(dir_);
     fs::create_directories(dir_);
     std::mt19937_64 rng(42);
@@ -55,10 +56,12 @@ class Cli : public ::testing::Test {
 
   // Runs a shell command line in the test directory with the binaries on PATH.
   Outcome run(const std::string& command) const {
-    const std::string line = "cd '" + dir_.string() + "' && export PATH='" DSA_APPS_DIR "':$PATH && " + command +
+    const std::string line = "cd '" + dir_.string() +
+                             "' && export PATH='" DSA_APPS_DIR "':$PATH && " + command +
                              " >stdout.txt 2>stderr.txt";
     const int status = std::system(line.c_str());
-    Outcome r{WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(dir_ / "stdout.txt"), slurp(dir_ / "stderr.txt")};
+    Outcome r{WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(dir_ / "stdout.txt"),
+              slurp(dir_ / "stderr.txt")};
     fs::remove(dir_ / "stdout.txt");
     fs::remove(dir_ / "stderr.txt");
     return r;
@@ -67,7 +70,8 @@ class Cli : public ::testing::Test {
   // No file other than the expected ones (in particular no temporary output) is left.
   void expect_only(std::vector<std::string> names) const {
     std::vector<std::string> present;
-    for (const auto& e : fs::directory_iterator(dir_)) present.push_back(e.path().filename().string());
+    for (const auto& e : fs::directory_iterator(dir_))
+      present.push_back(e.path().filename().string());
     std::sort(present.begin(), present.end());
     std::sort(names.begin(), names.end());
     EXPECT_EQ(present, names);
@@ -79,7 +83,8 @@ class Cli : public ::testing::Test {
 const std::string kIndexer = "--q-index q.npy --k-index k.npy --weights w.npy";
 
 TEST_F(Cli, PipelineEqualsFusedSelection) {
-  ASSERT_EQ(run("dsa-score " + kIndexer + " -q | dsa-select --scores - -k 8 -q -o piped.npy").code, 0);
+  ASSERT_EQ(run("dsa-score " + kIndexer + " -q | dsa-select --scores - -k 8 -q -o piped.npy").code,
+            0);
   ASSERT_EQ(run("dsa-select " + kIndexer + " -k 8 -q -o fused.npy").code, 0);
   EXPECT_EQ(slurp(dir_ / "piped.npy"), slurp(dir_ / "fused.npy"));
   const Tensor t = read_tensor(path("fused.npy"));
@@ -89,8 +94,10 @@ TEST_F(Cli, PipelineEqualsFusedSelection) {
 
 TEST_F(Cli, PrecisionModesAndThreadsAreDeterministic) {
   for (const std::string flags : {"", "--precision bf16", "--precision fp8 --ue8m0 --hadamard"}) {
-    ASSERT_EQ(run("dsa-select " + kIndexer + " " + flags + " -k 5 --threads 1 -q -o one.npy").code, 0);
-    ASSERT_EQ(run("dsa-select " + kIndexer + " " + flags + " -k 5 --threads 2 -q -o two.npy").code, 0);
+    ASSERT_EQ(run("dsa-select " + kIndexer + " " + flags + " -k 5 --threads 1 -q -o one.npy").code,
+              0);
+    ASSERT_EQ(run("dsa-select " + kIndexer + " " + flags + " -k 5 --threads 2 -q -o two.npy").code,
+              0);
     EXPECT_EQ(slurp(dir_ / "one.npy"), slurp(dir_ / "two.npy")) << flags;
   }
 }
@@ -116,15 +123,20 @@ TEST_F(Cli, JsonlSelectionMatchesNpyAndFeedsAttention) {
     ++row;
   }
   EXPECT_EQ(row, 24);
-  ASSERT_EQ(run("dsa-attend --q qa.npy --kv kv.npy --dv 12 --indices sel.jsonl -q -o a.npy").code, 0);
+  ASSERT_EQ(run("dsa-attend --q qa.npy --kv kv.npy --dv 12 --indices sel.jsonl -q -o a.npy").code,
+            0);
   ASSERT_EQ(run("dsa-attend --q qa.npy --kv kv.npy --dv 12 --indices sel.npy -q -o b.npy").code, 0);
   EXPECT_EQ(slurp(dir_ / "a.npy"), slurp(dir_ / "b.npy"));
 }
 
 TEST_F(Cli, AttendWritesOutputAndLseAndDenseEqualsFullSelection) {
   ASSERT_EQ(run("dsa-select " + kIndexer + " -k 24 -q -o all.npy").code, 0);
-  ASSERT_EQ(run("dsa-attend --q qa.npy --kv kv.npy --dv 12 --indices all.npy -o s.npy --lse sl.npy -q").code, 0);
-  ASSERT_EQ(run("dsa-attend --q qa.npy --kv kv.npy --dv 12 --dense -o d.npy --lse dl.npy -q").code, 0);
+  ASSERT_EQ(
+      run("dsa-attend --q qa.npy --kv kv.npy --dv 12 --indices all.npy -o s.npy --lse sl.npy -q")
+          .code,
+      0);
+  ASSERT_EQ(run("dsa-attend --q qa.npy --kv kv.npy --dv 12 --dense -o d.npy --lse dl.npy -q").code,
+            0);
   const Tensor s = read_tensor(path("s.npy")), d = read_tensor(path("d.npy"));
   const Tensor sl = read_tensor(path("sl.npy")), dl = read_tensor(path("dl.npy"));
   EXPECT_EQ(s.shape, (Shape{24, 3, 12}));
@@ -134,18 +146,22 @@ TEST_F(Cli, AttendWritesOutputAndLseAndDenseEqualsFullSelection) {
 }
 
 TEST_F(Cli, SafetensorsInputsByName) {
-  std::vector<Tensor> tensors = {read_tensor(path("q.npy")), read_tensor(path("k.npy")), read_tensor(path("w.npy"))};
+  std::vector<Tensor> tensors = {read_tensor(path("q.npy")), read_tensor(path("k.npy")),
+                                 read_tensor(path("w.npy"))};
   tensors[0].name = "q_index";
   tensors[1].name = "k_index";
   tensors[2].name = "weights";
   write_safetensors(path("in.safetensors"), tensors);
   ASSERT_EQ(run("dsa-select --q-index in.safetensors:q_index --k-index in.safetensors:k_index "
-                "--weights in.safetensors:weights -k 4 -q -o a.safetensors:indices").code, 0);
+                "--weights in.safetensors:weights -k 4 -q -o a.safetensors:indices")
+                .code,
+            0);
   ASSERT_EQ(run("dsa-select " + kIndexer + " -k 4 -q -o b.npy").code, 0);
   const Tensor a = read_tensor(path("a.safetensors:indices")), b = read_tensor(path("b.npy"));
   ASSERT_EQ(a.shape, b.shape);
   EXPECT_EQ(std::memcmp(a.data, b.data, a.nbytes()), 0);
-  const Outcome missing = run("dsa-select --q-index in.safetensors:nope --k-index k.npy --weights w.npy -q -o c.npy");
+  const Outcome missing =
+      run("dsa-select --q-index in.safetensors:nope --k-index k.npy --weights w.npy -q -o c.npy");
   EXPECT_EQ(missing.code, 3);
   EXPECT_NE(missing.err.find("no tensor 'nope'"), std::string::npos) << missing.err;
 }
@@ -172,10 +188,11 @@ TEST_F(Cli, ExitCodesAndMessages) {
   EXPECT_NE(help.out.find("--indices"), std::string::npos);
   EXPECT_EQ(run("dsa-score --version").code, 0);
   EXPECT_EQ(run("dsa-select -k 4 -o x.npy").code, 2);                        // no inputs
-  EXPECT_EQ(run("dsa-select --scores - --q-index q.npy -o x.npy").code, 2);   // exclusive
+  EXPECT_EQ(run("dsa-select --scores - --q-index q.npy -o x.npy").code, 2);  // exclusive
   EXPECT_EQ(run("dsa-select " + kIndexer + " -k 0 -o x.npy").code, 2);
   EXPECT_EQ(run("dsa-score " + kIndexer + " --precision fp4 -o x.npy").code, 2);
-  const Outcome missing = run("dsa-score --q-index nope.npy --k-index k.npy --weights w.npy -o x.npy");
+  const Outcome missing =
+      run("dsa-score --q-index nope.npy --k-index k.npy --weights w.npy -o x.npy");
   EXPECT_EQ(missing.code, 3);
   EXPECT_NE(missing.err.find("nope.npy"), std::string::npos);
   const Outcome shape = run("dsa-score --q-index q.npy --k-index w.npy --weights w.npy -o x.npy");
@@ -193,7 +210,8 @@ TEST_F(Cli, BadIndicesLeaveNoOutput) {
   for (int i = 0; i < 48; ++i) mutable_data<int32_t>(future)[i] = i % 2 ? -1 : i / 2;
   mutable_data<int32_t>(future)[10] = 23;  // row 5 selects position 23
   write("future.npy", future);
-  const Outcome r = run("dsa-attend --q qa.npy --kv kv.npy --dv 12 --indices future.npy -o out.npy --lse lse.npy");
+  const Outcome r = run(
+      "dsa-attend --q qa.npy --kv kv.npy --dv 12 --indices future.npy -o out.npy --lse lse.npy");
   EXPECT_EQ(r.code, 3);
   EXPECT_NE(r.err.find("selects 23"), std::string::npos) << r.err;
   expect_only({"q.npy", "k.npy", "w.npy", "qa.npy", "kv.npy", "future.npy"});
@@ -204,16 +222,21 @@ TEST_F(Cli, DecodeAndBatchShapes) {
   write("qb.npy", test::random_tensor({2, 3, 4, 16}, rng));
   write("kb.npy", test::random_tensor({2, 24, 16}, rng));
   write("wb.npy", test::random_tensor({2, 3, 4}, rng));
-  ASSERT_EQ(run("dsa-select --q-index qb.npy --k-index kb.npy --weights wb.npy -k 30 -q -o s.npy").code, 0);
+  ASSERT_EQ(
+      run("dsa-select --q-index qb.npy --k-index kb.npy --weights wb.npy -k 30 -q -o s.npy").code,
+      0);
   const Tensor s = read_tensor(path("s.npy"));
   EXPECT_EQ(s.shape, (Shape{2, 3, 30}));
   // Query rows sit at positions 21, 22, 23: 22, 23, 24 entries, then -1.
   for (int64_t r = 0; r < 6; ++r) {
     for (int64_t i = 0; i < 30; ++i) {
-      EXPECT_EQ(reinterpret_cast<const int32_t*>(s.data)[r * 30 + i] >= 0, i < 22 + r % 3) << r << " " << i;
+      EXPECT_EQ(reinterpret_cast<const int32_t*>(s.data)[r * 30 + i] >= 0, i < 22 + r % 3)
+          << r << " " << i;
     }
   }
-  ASSERT_EQ(run("dsa-select --q-index qb.npy --k-index kb.npy --weights wb.npy -k 3 -q -o s.jsonl").code, 0);
+  ASSERT_EQ(
+      run("dsa-select --q-index qb.npy --k-index kb.npy --weights wb.npy -k 3 -q -o s.jsonl").code,
+      0);
   const std::string first = slurp(dir_ / "s.jsonl").substr(0, 14);
   EXPECT_EQ(first, "{\"b\":0,\"t\":21,");
 }

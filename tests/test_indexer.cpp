@@ -32,20 +32,26 @@ Inputs make_inputs(const Problem& p, uint64_t seed) {
     ks.insert(ks.begin(), p.batch);
     ws.insert(ws.begin(), p.batch);
   }
-  return {random_tensor(qs, rng, 1.0f, "q"), random_tensor(ks, rng, 1.0f, "k"), random_tensor(ws, rng, 1.0f, "w")};
+  return {random_tensor(qs, rng, 1.0f, "q"), random_tensor(ks, rng, 1.0f, "k"),
+          random_tensor(ws, rng, 1.0f, "w")};
 }
 
 // Every score row of every batch element, collected from the streaming interface.
 std::vector<float> all_scores(const Inputs& in, const IndexerConfig& config) {
   const IndexerInputs inputs = make_indexer_inputs(in.q, in.k, in.w, config);
-  std::vector<float> out(static_cast<std::size_t>(inputs.batch * inputs.queries * inputs.keys), NAN);
+  std::vector<float> out(static_cast<std::size_t>(inputs.batch * inputs.queries * inputs.keys),
+                         NAN);
   int64_t next_row = 0;
-  indexer_scores(inputs, config, [&](const ScoreBlock& block) {
-    EXPECT_EQ(block.batch * inputs.queries + block.row_begin, next_row) << "blocks out of order";
-    next_row += block.rows;
-    std::copy_n(block.scores, block.rows * block.keys,
-                out.begin() + (block.batch * inputs.queries + block.row_begin) * inputs.keys);
-  }, nullptr);
+  indexer_scores(
+      inputs, config,
+      [&](const ScoreBlock& block) {
+        EXPECT_EQ(block.batch * inputs.queries + block.row_begin, next_row)
+            << "blocks out of order";
+        next_row += block.rows;
+        std::copy_n(block.scores, block.rows * block.keys,
+                    out.begin() + (block.batch * inputs.queries + block.row_begin) * inputs.keys);
+      },
+      nullptr);
   EXPECT_EQ(next_row, inputs.batch * inputs.queries);
   return out;
 }
@@ -53,20 +59,23 @@ std::vector<float> all_scores(const Inputs& in, const IndexerConfig& config) {
 // Applies `round` to a copy of q and k (as the precision modes do) and compares the scores
 // with the fp64 reference on the rounded values.
 template <typename Round>
-void expect_matches_reference(const Problem& p, const IndexerConfig& config, Round round, uint64_t seed) {
+void expect_matches_reference(const Problem& p, const IndexerConfig& config, Round round,
+                              uint64_t seed) {
   const Inputs in = make_inputs(p, seed);
   const std::vector<float> got = all_scores(in, config);
   std::vector<float> q = to_f32(in.q), k = to_f32(in.k);
   round(q.data(), p.batch * p.queries * p.heads);
   round(k.data(), p.batch * p.keys);
   for (int64_t b = 0; b < p.batch; ++b) {
-    const auto ref = test::reference_scores(q.data() + b * p.queries * p.heads * p.dim, k.data() + b * p.keys * p.dim,
-                                            f32(in.w) + b * p.queries * p.heads, p.queries, p.keys, p.heads,
-                                            p.dim, config.weight_scale);
+    const auto ref =
+        test::reference_scores(q.data() + b * p.queries * p.heads * p.dim,
+                               k.data() + b * p.keys * p.dim, f32(in.w) + b * p.queries * p.heads,
+                               p.queries, p.keys, p.heads, p.dim, config.weight_scale);
     for (int64_t t = 0; t < p.queries; ++t) {
       double row_max = 0;
       for (int64_t s = 0; s < p.keys; ++s) {
-        if (std::isfinite(ref[t * p.keys + s])) row_max = std::max(row_max, std::fabs(ref[t * p.keys + s]));
+        if (std::isfinite(ref[t * p.keys + s]))
+          row_max = std::max(row_max, std::fabs(ref[t * p.keys + s]));
       }
       for (int64_t s = 0; s < p.keys; ++s) {
         const double expected = ref[t * p.keys + s];
@@ -74,7 +83,8 @@ void expect_matches_reference(const Problem& p, const IndexerConfig& config, Rou
         if (std::isinf(expected)) {
           ASSERT_EQ(actual, -INFINITY) << "b=" << b << " t=" << t << " s=" << s;
         } else {
-          ASSERT_NEAR(actual, expected, 1e-5 * std::max(row_max, 1e-3)) << "b=" << b << " t=" << t << " s=" << s;
+          ASSERT_NEAR(actual, expected, 1e-5 * std::max(row_max, 1e-3))
+              << "b=" << b << " t=" << t << " s=" << s;
         }
       }
     }
@@ -82,8 +92,8 @@ void expect_matches_reference(const Problem& p, const IndexerConfig& config, Rou
 }
 
 const Problem kShapes[] = {
-    {1, 1, 1, 1, 1, false},     {1, 37, 37, 4, 16, false},  {1, 5, 50, 3, 20, false},
-    {2, 19, 19, 4, 32, true},   {3, 4, 29, 2, 8, true},     {1, 70, 300, 8, 64, false},
+    {1, 1, 1, 1, 1, false},   {1, 37, 37, 4, 16, false}, {1, 5, 50, 3, 20, false},
+    {2, 19, 19, 4, 32, true}, {3, 4, 29, 2, 8, true},    {1, 70, 300, 8, 64, false},
 };
 
 TEST(Indexer, F32MatchesFp64Reference) {
@@ -92,7 +102,8 @@ TEST(Indexer, F32MatchesFp64Reference) {
     for (int64_t block : {1, 5, 16}) {
       IndexerConfig config;
       config.query_block = block;
-      expect_matches_reference(p, config, [&](float*, int64_t) {}, seed++);
+      expect_matches_reference(
+          p, config, [&](float*, int64_t) {}, seed++);
     }
   }
 }
@@ -100,16 +111,20 @@ TEST(Indexer, F32MatchesFp64Reference) {
 TEST(Indexer, WeightScaleMultipliesTheWeights) {
   IndexerConfig config;
   config.weight_scale = 0.125f;
-  expect_matches_reference({1, 9, 12, 4, 16, false}, config, [&](float*, int64_t) {}, 20);
+  expect_matches_reference(
+      {1, 9, 12, 4, 16, false}, config, [&](float*, int64_t) {}, 20);
 }
 
 TEST(Indexer, Bf16RoundsQueriesAndKeys) {
   IndexerConfig config;
   config.precision = Precision::bf16;
   for (const Problem& p : kShapes) {
-    expect_matches_reference(p, config, [&](float* x, int64_t rows) {
-      for (int64_t i = 0; i < rows * p.dim; ++i) x[i] = round_to_bf16(x[i]);
-    }, 30);
+    expect_matches_reference(
+        p, config,
+        [&](float* x, int64_t rows) {
+          for (int64_t i = 0; i < rows * p.dim; ++i) x[i] = round_to_bf16(x[i]);
+        },
+        30);
   }
 }
 
@@ -121,20 +136,24 @@ TEST(Indexer, Fp8QuantizesEveryBlockOfEveryRow) {
       config.ue8m0 = ue8m0;
       config.quant_block = block;
       for (const Problem& p : kShapes) {
-        expect_matches_reference(p, config, [&](float* x, int64_t rows) {
-          for (int64_t r = 0; r < rows; ++r) {
-            for (int64_t b0 = 0; b0 < p.dim; b0 += block) {
-              const int64_t n = std::min(block, p.dim - b0);
-              float amax = 0;
-              for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[r * p.dim + b0 + i]));
-              const float scale = fp8_block_scale(amax, ue8m0);
-              for (int64_t i = 0; i < n; ++i) {
-                float& v = x[r * p.dim + b0 + i];
-                v = e4m3_to_f32(f32_to_e4m3(v / scale)) * scale;
+        expect_matches_reference(
+            p, config,
+            [&](float* x, int64_t rows) {
+              for (int64_t r = 0; r < rows; ++r) {
+                for (int64_t b0 = 0; b0 < p.dim; b0 += block) {
+                  const int64_t n = std::min(block, p.dim - b0);
+                  float amax = 0;
+                  for (int64_t i = 0; i < n; ++i)
+                    amax = std::max(amax, std::fabs(x[r * p.dim + b0 + i]));
+                  const float scale = fp8_block_scale(amax, ue8m0);
+                  for (int64_t i = 0; i < n; ++i) {
+                    float& v = x[r * p.dim + b0 + i];
+                    v = e4m3_to_f32(f32_to_e4m3(v / scale)) * scale;
+                  }
+                }
               }
-            }
-          }
-        }, 40);
+            },
+            40);
       }
     }
   }
@@ -173,7 +192,8 @@ TEST(Indexer, RejectsMismatchedShapesNamingTheTensor) {
   expect_bad_input(q, random_tensor({8, 15}, rng, 1, "k15.npy"), w, "k15.npy");
   expect_bad_input(q, k, random_tensor({8, 3}, rng, 1, "w3.npy"), "w3.npy");
   expect_bad_input(random_tensor({8, 64}, rng, 1, "q2d.npy"), k, w, "q2d.npy");
-  expect_bad_input(random_tensor({9, 4, 16}, rng, 1, "q9.npy"), k, random_tensor({9, 4}, rng), "q9.npy");
+  expect_bad_input(random_tensor({9, 4, 16}, rng, 1, "q9.npy"), k, random_tensor({9, 4}, rng),
+                   "q9.npy");
   expect_bad_input(q, random_tensor({2, 8, 16}, rng, 1, "kb.npy"), w, "kb.npy");
   expect_bad_input(q, make_tensor(DType::i32, {8, 16}, "ki.npy"), w, "ki.npy");
   IndexerConfig hadamard;
@@ -192,7 +212,8 @@ TEST(Indexer, AcceptsEveryFloatingInputDtype) {
   const Problem p = {1, 6, 9, 2, 8, false};
   const Inputs in = make_inputs(p, 80);
   Tensor q16 = make_tensor(DType::bf16, in.q.shape, "q16");
-  for (int64_t i = 0; i < in.q.numel(); ++i) mutable_data<uint16_t>(q16)[i] = f32_to_bf16(f32(in.q)[i]);
+  for (int64_t i = 0; i < in.q.numel(); ++i)
+    mutable_data<uint16_t>(q16)[i] = f32_to_bf16(f32(in.q)[i]);
   Tensor q_widened = make_tensor(DType::f32, in.q.shape);
   to_f32(q16, 0, q16.numel(), mutable_data<float>(q_widened));
   EXPECT_EQ(all_scores({q16, in.k, in.w}, {}), all_scores({q_widened, in.k, in.w}, {}));

@@ -82,7 +82,7 @@ TEST(E4M3, SaturatesAndKeepsNaN) {
   }
   EXPECT_EQ(f32_to_e4m3(NAN), 0x7f);
   EXPECT_EQ(f32_to_e4m3(-NAN), 0xff);
-  EXPECT_EQ(f32_to_e4m3(std::ldexp(1.0f, -10)), 0x00);   // half the smallest subnormal: tie to 0
+  EXPECT_EQ(f32_to_e4m3(std::ldexp(1.0f, -10)), 0x00);  // half the smallest subnormal: tie to 0
   EXPECT_EQ(f32_to_e4m3(std::ldexp(1.0f, -20)), 0x00);
   EXPECT_EQ(f32_to_e4m3(-0.0f), 0x80);
   EXPECT_EQ(f32_to_e4m3(std::ldexp(7.5f, -9)), 0x08);  // largest subnormal / smallest normal tie
@@ -112,7 +112,7 @@ TEST(BF16, RoundsToNearestEven) {
   }
   EXPECT_TRUE(std::isnan(round_to_bf16(NAN)));
   EXPECT_EQ(round_to_bf16(INFINITY), INFINITY);
-  EXPECT_EQ(f32_to_bf16(1.0f + std::ldexp(1.0f, -8)), 0x3f80);  // tie to even (down)
+  EXPECT_EQ(f32_to_bf16(1.0f + std::ldexp(1.0f, -8)), 0x3f80);      // tie to even (down)
   EXPECT_EQ(f32_to_bf16(1.0f + 3 * std::ldexp(1.0f, -8)), 0x3f82);  // tie to even (up)
 }
 
@@ -135,11 +135,13 @@ TEST(F16, EveryCodeRoundTripsAndRandomValuesRoundToNearestEven) {
     if (x >= 65520.0f) {
       expected = 0x7c00;
     } else {
-      auto it = std::lower_bound(finite.begin(), finite.end(), std::make_pair(double(x), uint16_t{0}));
+      auto it =
+          std::lower_bound(finite.begin(), finite.end(), std::make_pair(double(x), uint16_t{0}));
       if (it == finite.end()) it = finite.end() - 1;
       auto below = it == finite.begin() ? it : it - 1;
       const double d_it = std::fabs(it->first - x), d_below = std::fabs(below->first - x);
-      expected = d_below < d_it || (d_below == d_it && (below->second & 1) == 0) ? below->second : it->second;
+      expected = d_below < d_it || (d_below == d_it && (below->second & 1) == 0) ? below->second
+                                                                                 : it->second;
     }
     ASSERT_EQ(f32_to_f16(x), expected) << x;
     ASSERT_EQ(f32_to_f16(-x), expected | 0x8000) << x;
@@ -183,7 +185,8 @@ TEST(Fp8FakeQuantize, QuantizesEachBlockWithItsOwnScale) {
         const uint8_t code = e4m3_nearest(x[i] / scale);
         ASSERT_EQ(out[i], e4m3_to_f32(code) * scale) << i;
         // Within half a step of e4m3 (3 mantissa bits), or of the subnormal spacing.
-        EXPECT_LE(std::fabs(out[i] - x[i]), std::max(std::fabs(x[i]) / 16, std::ldexp(scale, -10)) * 1.0001);
+        EXPECT_LE(std::fabs(out[i] - x[i]),
+                  std::max(std::fabs(x[i]) / 16, std::ldexp(scale, -10)) * 1.0001);
       }
     }
   }

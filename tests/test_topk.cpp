@@ -22,7 +22,8 @@ std::vector<int32_t> topk(const std::vector<float>& scores, int64_t k, int64_t v
     if (indices[i] < 0) {
       EXPECT_EQ(selected[i], -INFINITY);
     } else {
-      EXPECT_TRUE(std::isnan(selected[i]) ? std::isnan(scores[indices[i]]) : selected[i] == scores[indices[i]]);
+      EXPECT_TRUE(std::isnan(selected[i]) ? std::isnan(scores[indices[i]])
+                                          : selected[i] == scores[indices[i]]);
     }
   }
   return indices;
@@ -31,17 +32,17 @@ std::vector<int32_t> topk(const std::vector<float>& scores, int64_t k, int64_t v
 using V = std::vector<int32_t>;
 
 TEST(SelectTopkRow, HandMadeCases) {
-  EXPECT_EQ(topk({1, 3, 3, 2, 3}, 2), (V{1, 2}));               // ties: lower position first
+  EXPECT_EQ(topk({1, 3, 3, 2, 3}, 2), (V{1, 2}));  // ties: lower position first
   EXPECT_EQ(topk({1, 3, 3, 2, 3}, 4), (V{1, 2, 4, 3}));
   EXPECT_EQ(topk({5, 5, 5, 5}, 2), (V{0, 1}));
-  EXPECT_EQ(topk({0.5f, 2, 1}, 5), (V{1, 2, 0, -1, -1}));      // fewer than k: pad with -1
-  EXPECT_EQ(topk({7}, 3), (V{0, -1, -1}));                      // one token
-  EXPECT_EQ(topk({1, 2, 3}, 3), (V{2, 1, 0}));                  // k == visible
-  EXPECT_EQ(topk({NAN, -INFINITY, 1}, 3), (V{2, 0, 1}));        // NaN ranks like -inf
+  EXPECT_EQ(topk({0.5f, 2, 1}, 5), (V{1, 2, 0, -1, -1}));  // fewer than k: pad with -1
+  EXPECT_EQ(topk({7}, 3), (V{0, -1, -1}));                 // one token
+  EXPECT_EQ(topk({1, 2, 3}, 3), (V{2, 1, 0}));             // k == visible
+  EXPECT_EQ(topk({NAN, -INFINITY, 1}, 3), (V{2, 0, 1}));   // NaN ranks like -inf
   EXPECT_EQ(topk({NAN, 4, NAN, 3}, 2), (V{1, 3}));
   EXPECT_EQ(topk({-INFINITY, -INFINITY, -1}, 2), (V{2, 0}));
-  EXPECT_EQ(topk({9, 1, 2, 100}, 2, 3), (V{0, 2}));            // only the visible prefix counts
-  EXPECT_EQ(topk({-0.0f, 0.0f}, 1), (V{0}));                    // -0 == +0: a tie
+  EXPECT_EQ(topk({9, 1, 2, 100}, 2, 3), (V{0, 2}));  // only the visible prefix counts
+  EXPECT_EQ(topk({-0.0f, 0.0f}, 1), (V{0}));         // -0 == +0: a tie
 }
 
 TEST(SelectTopkRow, MatchesFullSortOnRandomRows) {
@@ -74,15 +75,20 @@ TEST(SelectFromScores, DecodeRowsSeeOnlyTheirPrefixAndBatchesAreIndependent) {
   const int64_t B = 3, Lq = 5, Lk = 40, k = 8;
   const Tensor scores = score_tensor({B, Lq, Lk}, rng);
   std::vector<int32_t> got(static_cast<std::size_t>(B * Lq * k), -7);
-  select_from_scores(scores, k, [&](const SelectionBlock& b) {
-    std::copy_n(b.indices, b.rows * k, got.begin() + (b.batch * Lq + b.row_begin) * k);
-  }, nullptr);
+  select_from_scores(
+      scores, k,
+      [&](const SelectionBlock& b) {
+        std::copy_n(b.indices, b.rows * k, got.begin() + (b.batch * Lq + b.row_begin) * k);
+      },
+      nullptr);
   const float* s = test::f32(scores);
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t t = 0; t < Lq; ++t) {
       std::vector<double> row(s + (b * Lq + t) * Lk, s + (b * Lq + t + 1) * Lk);
       const auto expected = test::reference_topk(row.data(), Lk - Lq + t + 1, k);
-      EXPECT_EQ(std::vector<int32_t>(got.begin() + (b * Lq + t) * k, got.begin() + (b * Lq + t + 1) * k), expected)
+      EXPECT_EQ(
+          std::vector<int32_t>(got.begin() + (b * Lq + t) * k, got.begin() + (b * Lq + t + 1) * k),
+          expected)
           << "b=" << b << " t=" << t;
     }
   }
@@ -113,8 +119,8 @@ TEST(SelectFromIndexer, FusedEqualsScoresThenSelect) {
   struct Case {
     int64_t B, Lq, Lk, H, d, k, block;
   };
-  for (const Case& c : {Case{1, 50, 50, 4, 16, 8, 16}, Case{2, 7, 61, 3, 8, 16, 5}, Case{1, 33, 33, 2, 4, 64, 1},
-                        Case{1, 1, 1, 1, 1, 4, 16}}) {
+  for (const Case& c : {Case{1, 50, 50, 4, 16, 8, 16}, Case{2, 7, 61, 3, 8, 16, 5},
+                        Case{1, 33, 33, 2, 4, 64, 1}, Case{1, 1, 1, 1, 1, 4, 16}}) {
     const bool batched = c.B > 1;
     Shape qs = {c.Lq, c.H, c.d}, ks = {c.Lk, c.d}, ws = {c.Lq, c.H};
     if (batched) {
@@ -122,25 +128,39 @@ TEST(SelectFromIndexer, FusedEqualsScoresThenSelect) {
       ks.insert(ks.begin(), c.B);
       ws.insert(ws.begin(), c.B);
     }
-    const Tensor q = test::random_tensor(qs, rng), k = test::random_tensor(ks, rng), w = test::random_tensor(ws, rng);
+    const Tensor q = test::random_tensor(qs, rng), k = test::random_tensor(ks, rng),
+                 w = test::random_tensor(ws, rng);
     IndexerConfig config;
     config.query_block = c.block;
     const IndexerInputs inputs = make_indexer_inputs(q, k, w, config);
     Shape score_shape = {c.Lq, c.Lk};
     if (batched) score_shape.insert(score_shape.begin(), c.B);
     Tensor scores = make_tensor(DType::f32, score_shape, "scores");
-    indexer_scores(inputs, config, [&](const ScoreBlock& b) {
-      std::copy_n(b.scores, b.rows * b.keys, mutable_data<float>(scores) + (b.batch * c.Lq + b.row_begin) * c.Lk);
-    }, nullptr);
+    indexer_scores(
+        inputs, config,
+        [&](const ScoreBlock& b) {
+          std::copy_n(b.scores, b.rows * b.keys,
+                      mutable_data<float>(scores) + (b.batch * c.Lq + b.row_begin) * c.Lk);
+        },
+        nullptr);
     std::vector<int32_t> fused(static_cast<std::size_t>(c.B * c.Lq * c.k)), staged(fused.size());
     std::vector<float> fused_scores(fused.size());
-    select_from_indexer(inputs, config, c.k, [&](const SelectionBlock& b) {
-      std::copy_n(b.indices, b.rows * c.k, fused.begin() + (b.batch * c.Lq + b.row_begin) * c.k);
-      std::copy_n(b.scores, b.rows * c.k, fused_scores.begin() + (b.batch * c.Lq + b.row_begin) * c.k);
-    }, nullptr);
-    select_from_scores(scores, c.k, [&](const SelectionBlock& b) {
-      std::copy_n(b.indices, b.rows * c.k, staged.begin() + (b.batch * c.Lq + b.row_begin) * c.k);
-    }, nullptr);
+    select_from_indexer(
+        inputs, config, c.k,
+        [&](const SelectionBlock& b) {
+          std::copy_n(b.indices, b.rows * c.k,
+                      fused.begin() + (b.batch * c.Lq + b.row_begin) * c.k);
+          std::copy_n(b.scores, b.rows * c.k,
+                      fused_scores.begin() + (b.batch * c.Lq + b.row_begin) * c.k);
+        },
+        nullptr);
+    select_from_scores(
+        scores, c.k,
+        [&](const SelectionBlock& b) {
+          std::copy_n(b.indices, b.rows * c.k,
+                      staged.begin() + (b.batch * c.Lq + b.row_begin) * c.k);
+        },
+        nullptr);
     EXPECT_EQ(fused, staged);
     // The selected scores are the indexer's scores at those positions.
     for (int64_t r = 0; r < c.B * c.Lq; ++r) {
@@ -152,7 +172,8 @@ TEST(SelectFromIndexer, FusedEqualsScoresThenSelect) {
     // Row t of a prefill has min(k, t + 1) entries, the rest -1.
     for (int64_t r = 0; r < c.B * c.Lq; ++r) {
       const int64_t visible = c.Lk - c.Lq + r % c.Lq + 1;
-      for (int64_t i = 0; i < c.k; ++i) EXPECT_EQ(fused[r * c.k + i] >= 0, i < visible) << r << " " << i;
+      for (int64_t i = 0; i < c.k; ++i)
+        EXPECT_EQ(fused[r * c.k + i] >= 0, i < visible) << r << " " << i;
     }
   }
 }

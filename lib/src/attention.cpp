@@ -23,7 +23,8 @@ constexpr int64_t kKeyTile = 128;
 
 void require_floating(const Tensor& t, const char* role) {
   if (!is_floating(t.dtype)) {
-    bad_input("{} ({}): expected a floating-point tensor, got {}", t.name, role, dtype_name(t.dtype));
+    bad_input("{} ({}): expected a floating-point tensor, got {}", t.name, role,
+              dtype_name(t.dtype));
   }
 }
 
@@ -66,9 +67,12 @@ struct KeyValues {
       : k(*in.k, b * in.keys * in.kv_heads * in.d_qk, in.keys * in.kv_heads * in.d_qk),
         k_stride(in.kv_heads * in.d_qk),
         v_stride(in.latent ? in.d_qk : in.kv_heads * in.d_v) {
-    if (!in.latent) v.emplace(*in.v, b * in.keys * in.kv_heads * in.d_v, in.keys * in.kv_heads * in.d_v);
+    if (!in.latent)
+      v.emplace(*in.v, b * in.keys * in.kv_heads * in.d_v, in.keys * in.kv_heads * in.d_v);
   }
-  const float* key(int64_t s, int64_t g, int64_t d_qk) const { return k.data() + s * k_stride + g * d_qk; }
+  const float* key(int64_t s, int64_t g, int64_t d_qk) const {
+    return k.data() + s * k_stride + g * d_qk;
+  }
   const float* value(int64_t s, int64_t g, int64_t d_v) const {
     return (v ? v->data() : k.data()) + s * v_stride + g * d_v;
   }
@@ -124,9 +128,10 @@ AttentionInputs make_mqa_inputs(const Tensor& q, const Tensor& kv, int64_t d_v) 
   in.k = in.v = &kv;
   in.latent = true;
   const int64_t o = in.batched ? 1 : 0;
-  if (kv.rank() != q.rank() - 1 || (in.batched && kv.dim(0) != in.batch) || kv.dim(o + 1) != in.d_qk) {
-    bad_input("{} (kv): expected shape [{}Lk, {}] to match {} {}, got {}", kv.name, batch_prefix(in),
-              in.d_qk, q.name, shape_string(q.shape), shape_string(kv.shape));
+  if (kv.rank() != q.rank() - 1 || (in.batched && kv.dim(0) != in.batch) ||
+      kv.dim(o + 1) != in.d_qk) {
+    bad_input("{} (kv): expected shape [{}Lk, {}] to match {} {}, got {}", kv.name,
+              batch_prefix(in), in.d_qk, q.name, shape_string(q.shape), shape_string(kv.shape));
   }
   in.keys = kv.dim(o);
   in.kv_heads = 1;
@@ -152,15 +157,18 @@ AttentionInputs make_mha_inputs(const Tensor& q, const Tensor& k, const Tensor& 
   in.kv_heads = k.dim(o + 1);
   if (v.rank() != q.rank() || (in.batched && v.dim(0) != in.batch) || v.dim(o) != in.keys ||
       v.dim(o + 1) != in.kv_heads) {
-    bad_input("{} (v): expected shape [{}{}, {}, d_v] to match {} {}, got {}", v.name, batch_prefix(in),
-              in.keys, in.kv_heads, k.name, shape_string(k.shape), shape_string(v.shape));
+    bad_input("{} (v): expected shape [{}{}, {}, d_v] to match {} {}, got {}", v.name,
+              batch_prefix(in), in.keys, in.kv_heads, k.name, shape_string(k.shape),
+              shape_string(v.shape));
   }
   in.d_v = v.dim(o + 2);
   check_lengths(in, k);
   return in;
 }
 
-float default_scale(int64_t d_qk) { return 1.0f / std::sqrt(static_cast<float>(d_qk)); }
+float default_scale(int64_t d_qk) {
+  return 1.0f / std::sqrt(static_cast<float>(d_qk));
+}
 
 void validate_indices(const AttentionInputs& in, const Tensor& indices,
                       const std::vector<int64_t>& positions) {
@@ -205,95 +213,102 @@ void sparse_attention(const AttentionInputs& in, const Tensor& indices, float sc
                       const AttentionSink& sink, StageTimes* times) {
   const int64_t k = indices.shape.back();
   const int64_t group = in.heads / in.kv_heads;
-  for_each_chunk(in, kQueryBlock, sink, times, "attend",
-                 [&](const KeyValues& kv, int64_t b, int64_t row_begin, int64_t rows, float* out, float* lse) {
-    std::vector<int64_t> selected(static_cast<std::size_t>(k));
-    RowMatrix q(in.heads, in.d_qk), keys, values, logits, o;
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t row = b * in.queries + row_begin + r;
-      to_i64(indices, row * k, k, selected.data());
-      const auto n_end = std::remove(selected.begin(), selected.end(), int64_t{-1});
-      const auto n = static_cast<int64_t>(n_end - selected.begin());
-      to_f32(*in.q, row * in.heads * in.d_qk, in.heads * in.d_qk, q.data());
-      for (int64_t g = 0; g < in.kv_heads; ++g) {
-        float* o_dst = out + (r * in.heads + g * group) * in.d_v;
-        float* lse_dst = lse + r * in.heads + g * group;
-        if (n == 0) {
-          std::fill(o_dst, o_dst + group * in.d_v, 0.0f);
-          std::fill(lse_dst, lse_dst + group, kMinusInf);
-          continue;
+  for_each_chunk(
+      in, kQueryBlock, sink, times, "attend",
+      [&](const KeyValues& kv, int64_t b, int64_t row_begin, int64_t rows, float* out, float* lse) {
+        std::vector<int64_t> selected(static_cast<std::size_t>(k));
+        RowMatrix q(in.heads, in.d_qk), keys, values, logits, o;
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t row = b * in.queries + row_begin + r;
+          to_i64(indices, row * k, k, selected.data());
+          const auto n_end = std::remove(selected.begin(), selected.end(), int64_t{-1});
+          const auto n = static_cast<int64_t>(n_end - selected.begin());
+          to_f32(*in.q, row * in.heads * in.d_qk, in.heads * in.d_qk, q.data());
+          for (int64_t g = 0; g < in.kv_heads; ++g) {
+            float* o_dst = out + (r * in.heads + g * group) * in.d_v;
+            float* lse_dst = lse + r * in.heads + g * group;
+            if (n == 0) {
+              std::fill(o_dst, o_dst + group * in.d_v, 0.0f);
+              std::fill(lse_dst, lse_dst + group, kMinusInf);
+              continue;
+            }
+            keys.resize(n, in.d_qk);
+            values.resize(n, in.d_v);
+            for (int64_t i = 0; i < n; ++i) {
+              std::copy_n(kv.key(selected[i], g, in.d_qk), in.d_qk, keys.row(i).data());
+              std::copy_n(kv.value(selected[i], g, in.d_v), in.d_v, values.row(i).data());
+            }
+            logits.noalias() = scale * (q.middleRows(g * group, group) * keys.transpose());
+            for (int64_t h = 0; h < group; ++h) lse_dst[h] = softmax_row(logits.row(h).data(), n);
+            o.noalias() = logits * values;
+            std::copy_n(o.data(), group * in.d_v, o_dst);
+          }
         }
-        keys.resize(n, in.d_qk);
-        values.resize(n, in.d_v);
-        for (int64_t i = 0; i < n; ++i) {
-          std::copy_n(kv.key(selected[i], g, in.d_qk), in.d_qk, keys.row(i).data());
-          std::copy_n(kv.value(selected[i], g, in.d_v), in.d_v, values.row(i).data());
-        }
-        logits.noalias() = scale * (q.middleRows(g * group, group) * keys.transpose());
-        for (int64_t h = 0; h < group; ++h) lse_dst[h] = softmax_row(logits.row(h).data(), n);
-        o.noalias() = logits * values;
-        std::copy_n(o.data(), group * in.d_v, o_dst);
-      }
-    }
-  });
+      });
 }
 
-void dense_attention(const AttentionInputs& in, float scale, const AttentionSink& sink, StageTimes* times) {
+void dense_attention(const AttentionInputs& in, float scale, const AttentionSink& sink,
+                     StageTimes* times) {
   const int64_t group = in.heads / in.kv_heads;
-  for_each_chunk(in, kQueryBlock, sink, times, "attend",
-                 [&](const KeyValues& kv, int64_t b, int64_t row_begin, int64_t rows, float* out, float* lse) {
-    const int64_t n_rows = rows * group;  // (query, head of the group) pairs
-    RowMatrix q(n_rows, in.d_qk), acc(n_rows, in.d_v), logits, keys, values;
-    std::vector<float> row_max(n_rows), row_sum(n_rows);
-    std::vector<float> q_row(static_cast<std::size_t>(in.heads * in.d_qk));
-    const int64_t visible_end = in.position(row_begin + rows - 1) + 1;
-    for (int64_t g = 0; g < in.kv_heads; ++g) {
-      for (int64_t r = 0; r < rows; ++r) {
-        to_f32(*in.q, (b * in.queries + row_begin + r) * in.heads * in.d_qk, in.heads * in.d_qk, q_row.data());
-        for (int64_t h = 0; h < group; ++h) {
-          std::copy_n(q_row.data() + (g * group + h) * in.d_qk, in.d_qk, q.row(r * group + h).data());
-        }
-      }
-      acc.setZero();
-      std::fill(row_max.begin(), row_max.end(), kMinusInf);
-      std::fill(row_sum.begin(), row_sum.end(), 0.0f);
-      for (int64_t s0 = 0; s0 < visible_end; s0 += kKeyTile) {
-        const int64_t tile = std::min(kKeyTile, visible_end - s0);
-        const Strided tile_keys(kv.key(s0, g, in.d_qk), tile, in.d_qk, Eigen::OuterStride<>(kv.k_stride));
-        const Strided tile_values(kv.value(s0, g, in.d_v), tile, in.d_v, Eigen::OuterStride<>(kv.v_stride));
-        logits.noalias() = scale * (q * tile_keys.transpose());
-        for (int64_t i = 0; i < n_rows; ++i) {
-          const int64_t t = in.position(row_begin + i / group);
-          float* l = logits.row(i).data();
-          const int64_t valid = std::clamp<int64_t>(t - s0 + 1, 0, tile);
-          float m = row_max[i];
-          for (int64_t s = 0; s < valid; ++s) m = std::max(m, l[s]);
-          if (valid == 0) {
-            std::fill(l, l + tile, 0.0f);
-            continue;
+  for_each_chunk(
+      in, kQueryBlock, sink, times, "attend",
+      [&](const KeyValues& kv, int64_t b, int64_t row_begin, int64_t rows, float* out, float* lse) {
+        const int64_t n_rows = rows * group;  // (query, head of the group) pairs
+        RowMatrix q(n_rows, in.d_qk), acc(n_rows, in.d_v), logits, keys, values;
+        std::vector<float> row_max(n_rows), row_sum(n_rows);
+        std::vector<float> q_row(static_cast<std::size_t>(in.heads * in.d_qk));
+        const int64_t visible_end = in.position(row_begin + rows - 1) + 1;
+        for (int64_t g = 0; g < in.kv_heads; ++g) {
+          for (int64_t r = 0; r < rows; ++r) {
+            to_f32(*in.q, (b * in.queries + row_begin + r) * in.heads * in.d_qk, in.heads * in.d_qk,
+                   q_row.data());
+            for (int64_t h = 0; h < group; ++h) {
+              std::copy_n(q_row.data() + (g * group + h) * in.d_qk, in.d_qk,
+                          q.row(r * group + h).data());
+            }
           }
-          const float correction = std::exp(row_max[i] - m);  // online softmax rescale
-          float sum = 0.0f;
-          for (int64_t s = 0; s < valid; ++s) {
-            l[s] = std::exp(l[s] - m);
-            sum += l[s];
+          acc.setZero();
+          std::fill(row_max.begin(), row_max.end(), kMinusInf);
+          std::fill(row_sum.begin(), row_sum.end(), 0.0f);
+          for (int64_t s0 = 0; s0 < visible_end; s0 += kKeyTile) {
+            const int64_t tile = std::min(kKeyTile, visible_end - s0);
+            const Strided tile_keys(kv.key(s0, g, in.d_qk), tile, in.d_qk,
+                                    Eigen::OuterStride<>(kv.k_stride));
+            const Strided tile_values(kv.value(s0, g, in.d_v), tile, in.d_v,
+                                      Eigen::OuterStride<>(kv.v_stride));
+            logits.noalias() = scale * (q * tile_keys.transpose());
+            for (int64_t i = 0; i < n_rows; ++i) {
+              const int64_t t = in.position(row_begin + i / group);
+              float* l = logits.row(i).data();
+              const int64_t valid = std::clamp<int64_t>(t - s0 + 1, 0, tile);
+              float m = row_max[i];
+              for (int64_t s = 0; s < valid; ++s) m = std::max(m, l[s]);
+              if (valid == 0) {
+                std::fill(l, l + tile, 0.0f);
+                continue;
+              }
+              const float correction = std::exp(row_max[i] - m);  // online softmax rescale
+              float sum = 0.0f;
+              for (int64_t s = 0; s < valid; ++s) {
+                l[s] = std::exp(l[s] - m);
+                sum += l[s];
+              }
+              std::fill(l + valid, l + tile, 0.0f);
+              row_sum[i] = row_sum[i] * correction + sum;
+              row_max[i] = m;
+              acc.row(i) *= correction;
+            }
+            acc.noalias() += logits * tile_values;
           }
-          std::fill(l + valid, l + tile, 0.0f);
-          row_sum[i] = row_sum[i] * correction + sum;
-          row_max[i] = m;
-          acc.row(i) *= correction;
+          for (int64_t i = 0; i < n_rows; ++i) {
+            const int64_t r = i / group, h = g * group + i % group;
+            const float inv = 1.0f / row_sum[i];
+            float* dst = out + (r * in.heads + h) * in.d_v;
+            for (int64_t c = 0; c < in.d_v; ++c) dst[c] = acc(i, c) * inv;
+            lse[r * in.heads + h] = row_max[i] + std::log(row_sum[i]);
+          }
         }
-        acc.noalias() += logits * tile_values;
-      }
-      for (int64_t i = 0; i < n_rows; ++i) {
-        const int64_t r = i / group, h = g * group + i % group;
-        const float inv = 1.0f / row_sum[i];
-        float* dst = out + (r * in.heads + h) * in.d_v;
-        for (int64_t c = 0; c < in.d_v; ++c) dst[c] = acc(i, c) * inv;
-        lse[r * in.heads + h] = row_max[i] + std::log(row_sum[i]);
-      }
-    }
-  });
+      });
 }
 
 }  // namespace dsa

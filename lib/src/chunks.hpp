@@ -16,6 +16,8 @@ inline int64_t chunk_rows(int64_t block, int64_t bytes_per_row, int64_t budget_b
   return std::max(block, std::min(wanted, affordable / block * block));
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
 
 }  // namespace dsa::detail

@@ -19,7 +19,8 @@ constexpr int64_t kKeyTile = 256;
 
 void require_floating(const Tensor& t, const char* role) {
   if (!is_floating(t.dtype)) {
-    bad_input("{} ({}): expected a floating-point tensor, got {}", t.name, role, dtype_name(t.dtype));
+    bad_input("{} ({}): expected a floating-point tensor, got {}", t.name, role,
+              dtype_name(t.dtype));
   }
 }
 
@@ -60,9 +61,10 @@ IndexerInputs make_indexer_inputs(const Tensor& q_index, const Tensor& k_index,
               shape_string(weights.shape));
   }
   if (in.queries > in.keys) {
-    bad_input("{} (q_index) has {} queries but {} (k_index) only {} keys: queries are the last Lq "
-              "positions of the keys",
-              q_index.name, in.queries, k_index.name, in.keys);
+    bad_input(
+        "{} (q_index) has {} queries but {} (k_index) only {} keys: queries are the last Lq "
+        "positions of the keys",
+        q_index.name, in.queries, k_index.name, in.keys);
   }
   if (in.keys > std::numeric_limits<int32_t>::max()) {
     bad_input("{} (k_index): {} keys do not fit int32 indices", k_index.name, in.keys);
@@ -91,7 +93,8 @@ void prepare_indexer_rows(float* rows, int64_t count, int64_t dim, const Indexer
   }
 }
 
-IndexerKernel::IndexerKernel(const IndexerInputs& inputs, const IndexerConfig& config, int64_t batch)
+IndexerKernel::IndexerKernel(const IndexerInputs& inputs, const IndexerConfig& config,
+                             int64_t batch)
     : inputs_(inputs), config_(config), batch_(batch) {
   const int64_t n = inputs.keys * inputs.dim;
   keys_.resize(static_cast<std::size_t>(n));
@@ -126,7 +129,8 @@ void IndexerKernel::score_rows(int64_t row_begin, int64_t rows, float* out, int6
       for (int64_t s = 0; s < tile; ++s) dst[s] = s0 + s <= last ? acc[s] : minus_inf;
     }
   }
-  for (int64_t r = 0; r < rows; ++r) std::fill(out + r * stride + visible_end, out + r * stride + Lk, minus_inf);
+  for (int64_t r = 0; r < rows; ++r)
+    std::fill(out + r * stride + visible_end, out + r * stride + Lk, minus_inf);
 }
 
 void indexer_scores(const IndexerInputs& inputs, const IndexerConfig& config,
@@ -144,7 +148,8 @@ void indexer_scores(const IndexerInputs& inputs, const IndexerConfig& config,
       Stopwatch watch;
 #pragma omp parallel for schedule(dynamic, 1)
       for (int64_t r0 = 0; r0 < rows; r0 += block) {
-        kernel.score_rows(c0 + r0, std::min(block, rows - r0), scores.data() + r0 * inputs.keys, inputs.keys);
+        kernel.score_rows(c0 + r0, std::min(block, rows - r0), scores.data() + r0 * inputs.keys,
+                          inputs.keys);
       }
       if (times) times->add("score", watch.seconds());
       sink({b, c0, rows, inputs.keys, scores.data()});

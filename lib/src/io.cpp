@@ -14,6 +14,7 @@
 #include <iterator>
 #include <map>
 #include <optional>
+#include <tuple>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -29,7 +30,8 @@ constexpr uint64_t kMaxSafetensorsHeader = 100u << 20;  // the safetensors libra
 constexpr std::string_view kNpyMagic = "\x93NUMPY";
 
 bool ends_with(const std::string& s, std::string_view suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
 uint64_t read_le(const std::byte* p, int bytes) {
@@ -38,14 +40,26 @@ uint64_t read_le(const std::byte* p, int bytes) {
   return v;
 }
 
-std::string errno_text() { return std::strerror(errno); }
+std::string errno_text() {
+  return std::strerror(errno);
+}
+
+// shape_numel's overflow error does not know the file; `where` names it.
+int64_t header_numel(const Shape& shape, const std::string& where) {
+  try {
+    return shape_numel(shape);
+  } catch (const Error& e) {
+    bad_input("{}: {}", where, e.what());
+  }
+}
 
 // Bytes of a whole stream, kept alive by a shared buffer.
 std::shared_ptr<std::vector<std::byte>> slurp(std::FILE* file, const std::string& name) {
   auto buffer = std::make_shared<std::vector<std::byte>>();
   std::byte chunk[1 << 16];
   std::size_t n;
-  while ((n = std::fread(chunk, 1, sizeof chunk, file)) > 0) buffer->insert(buffer->end(), chunk, chunk + n);
+  while ((n = std::fread(chunk, 1, sizeof chunk, file)) > 0)
+    buffer->insert(buffer->end(), chunk, chunk + n);
   if (std::ferror(file)) bad_input("{}: read error: {}", name, errno_text());
   return buffer;
 }
@@ -73,7 +87,8 @@ class HeaderParser {
       expect(':');
       if (key == "descr") {
         skip_space();
-        if (peek() != '\'' && peek() != '"') fail("'descr' is not a simple dtype string (structured arrays are not supported)");
+        if (peek() != '\'' && peek() != '"')
+          fail("'descr' is not a simple dtype string (structured arrays are not supported)");
         header.descr = string_literal();
         have_descr = true;
       } else if (key == "fortran_order") {
@@ -104,7 +119,9 @@ class HeaderParser {
   }
   char peek() { return pos_ < text_.size() ? text_[pos_] : '\0'; }
   void skip_space() {
-    while (pos_ < text_.size() && (text_[pos_] == ' ' || text_[pos_] == '\t' || text_[pos_] == '\n')) ++pos_;
+    while (pos_ < text_.size() &&
+           (text_[pos_] == ' ' || text_[pos_] == '\t' || text_[pos_] == '\n'))
+      ++pos_;
   }
   void expect(char c) {
     skip_space();
@@ -149,8 +166,10 @@ class HeaderParser {
       if (peek() == 'L') ++pos_;  // Python 2 longs
       shape.push_back(v);
       skip_space();
-      if (peek() == ',') ++pos_;
-      else if (peek() != ')') fail("expected ',' or ')' in shape");
+      if (peek() == ',')
+        ++pos_;
+      else if (peek() != ')')
+        fail("expected ',' or ')' in shape");
       if (shape.size() > 32) fail("more than 32 dimensions");
     }
     ++pos_;
@@ -167,27 +186,35 @@ DType npy_dtype(const std::string& descr, const std::string& name) {
     bad_input("{}: big-endian dtype '{}' is not supported", name, descr);
   }
   static const std::map<std::string, DType> known = {
-      {"<f4", DType::f32},  {"=f4", DType::f32}, {"<f8", DType::f64},  {"=f8", DType::f64},
-      {"<f2", DType::f16},  {"=f2", DType::f16}, {"<V2", DType::bf16}, {"|V2", DType::bf16},
-      {"bfloat16", DType::bf16}, {"<i4", DType::i32}, {"=i4", DType::i32}, {"<i8", DType::i64},
-      {"=i8", DType::i64},  {"|u1", DType::u8},  {"<u1", DType::u8},   {"=u1", DType::u8}};
+      {"<f4", DType::f32},       {"=f4", DType::f32}, {"<f8", DType::f64},  {"=f8", DType::f64},
+      {"<f2", DType::f16},       {"=f2", DType::f16}, {"<V2", DType::bf16}, {"|V2", DType::bf16},
+      {"bfloat16", DType::bf16}, {"<i4", DType::i32}, {"=i4", DType::i32},  {"<i8", DType::i64},
+      {"=i8", DType::i64},       {"|u1", DType::u8},  {"<u1", DType::u8},   {"=u1", DType::u8}};
   const auto it = known.find(descr);
   if (it == known.end()) {
-    bad_input("{}: unsupported dtype '{}' (expected <f4, <f8, <f2, <V2 (bfloat16), <i4, <i8 or |u1)",
-              name, descr);
+    bad_input(
+        "{}: unsupported dtype '{}' (expected <f4, <f8, <f2, <V2 (bfloat16), <i4, <i8 or |u1)",
+        name, descr);
   }
   return it->second;
 }
 
 std::string npy_descr(DType dtype) {
   switch (dtype) {
-    case DType::f32: return "<f4";
-    case DType::f64: return "<f8";
-    case DType::f16: return "<f2";
-    case DType::bf16: return "<V2";  // ml_dtypes' bfloat16 as np.save writes it
-    case DType::i32: return "<i4";
-    case DType::i64: return "<i8";
-    case DType::u8: return "|u1";
+    case DType::f32:
+      return "<f4";
+    case DType::f64:
+      return "<f8";
+    case DType::f16:
+      return "<f2";
+    case DType::bf16:
+      return "<V2";  // ml_dtypes' bfloat16 as np.save writes it
+    case DType::i32:
+      return "<i4";
+    case DType::i64:
+      return "<i8";
+    case DType::u8:
+      return "|u1";
     case DType::f8_e4m3:
       bad_usage("f8_e4m3 tensors have no .npy dtype: write them to a .safetensors file");
   }
@@ -196,7 +223,7 @@ std::string npy_descr(DType dtype) {
 
 const std::map<std::string, DType>& safetensors_dtypes() {
   static const std::map<std::string, DType> known = {
-      {"F32", DType::f32}, {"F64", DType::f64}, {"F16", DType::f16}, {"BF16", DType::bf16},
+      {"F32", DType::f32},         {"F64", DType::f64}, {"F16", DType::f16}, {"BF16", DType::bf16},
       {"F8_E4M3", DType::f8_e4m3}, {"I32", DType::i32}, {"I64", DType::i64}, {"U8", DType::u8}};
   return known;
 }
@@ -271,7 +298,8 @@ Tensor parse_npy(const std::byte* bytes, std::size_t size, const std::string& na
   if (size < prefix) bad_input("{}: truncated .npy header", name);
   const std::size_t header_size = read_le(bytes + 8, major == 1 ? 2 : 4);
   if (header_size > kMaxNpyHeader) {
-    bad_input("{}: .npy header of {} bytes is larger than the {} allowed", name, header_size, kMaxNpyHeader);
+    bad_input("{}: .npy header of {} bytes is larger than the {} allowed", name, header_size,
+              kMaxNpyHeader);
   }
   if (prefix + header_size > size) bad_input("{}: truncated .npy header", name);
   const std::string_view text(reinterpret_cast<const char*>(bytes + prefix), header_size);
@@ -282,10 +310,11 @@ Tensor parse_npy(const std::byte* bytes, std::size_t size, const std::string& na
   tensor.dtype = npy_dtype(header.descr, name);
   tensor.shape = *header.shape;
   if (*header.fortran_order && tensor.shape.size() > 1) {
-    bad_input("{}: Fortran-ordered arrays are not supported (save with np.ascontiguousarray)", name);
+    bad_input("{}: Fortran-ordered arrays are not supported (save with np.ascontiguousarray)",
+              name);
   }
   const std::size_t available = size - prefix - header_size;
-  const int64_t numel = shape_numel(tensor.shape);
+  const int64_t numel = header_numel(tensor.shape, name);
   if (static_cast<uint64_t>(numel) > available / dtype_size(tensor.dtype) + 1 ||
       tensor.nbytes() != available) {
     bad_input("{}: header says {} {} ({} bytes of data) but the file holds {} bytes of data", name,
@@ -307,12 +336,13 @@ struct SafetensorsEntry {
 };
 
 std::vector<SafetensorsEntry> safetensors_entries(const std::byte* bytes, std::size_t size,
-                                                  const std::string& name, std::size_t* data_start) {
+                                                  const std::string& name,
+                                                  std::size_t* data_start) {
   if (size < 8) bad_input("{}: truncated .safetensors file ({} bytes)", name, size);
   const uint64_t header_size = read_le(bytes, 8);
   if (header_size > kMaxSafetensorsHeader) {
-    bad_input("{}: .safetensors header of {} bytes is larger than the {} allowed", name, header_size,
-              kMaxSafetensorsHeader);
+    bad_input("{}: .safetensors header of {} bytes is larger than the {} allowed", name,
+              header_size, kMaxSafetensorsHeader);
   }
   if (8 + header_size > size) bad_input("{}: truncated .safetensors header", name);
   nlohmann::ordered_json header;
@@ -338,11 +368,14 @@ std::vector<SafetensorsEntry> safetensors_entries(const std::byte* bytes, std::s
     const std::string dtype = value["dtype"];
     const auto it = safetensors_dtypes().find(dtype);
     if (it == safetensors_dtypes().end()) {
-      bad_input("{}: unsupported dtype '{}' (expected F32, F64, F16, BF16, F8_E4M3, I32, I64 or U8)", where, dtype);
+      bad_input(
+          "{}: unsupported dtype '{}' (expected F32, F64, F16, BF16, F8_E4M3, I32, I64 or U8)",
+          where, dtype);
     }
     entry.dtype = it->second;
     for (const auto& d : value["shape"]) {
-      if (!d.is_number_unsigned()) bad_input("{}: shape entries must be non-negative integers", where);
+      if (!d.is_number_unsigned())
+        bad_input("{}: shape entries must be non-negative integers", where);
       if (d.get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
         bad_input("{}: shape entry too large", where);
       }
@@ -358,7 +391,7 @@ std::vector<SafetensorsEntry> safetensors_entries(const std::byte* bytes, std::s
       bad_input("{}: data_offsets [{}, {}] lie outside the {} bytes of data", where, entry.begin,
                 entry.end, data_size);
     }
-    const int64_t numel = shape_numel(entry.shape);
+    const int64_t numel = header_numel(entry.shape, where);
     const uint64_t bytes_needed = static_cast<uint64_t>(numel) * dtype_size(entry.dtype);
     if (static_cast<uint64_t>(numel) > data_size || bytes_needed != entry.end - entry.begin) {
       bad_input("{}: {} {} needs {} bytes but data_offsets span {}", where, dtype,
@@ -369,7 +402,10 @@ std::vector<SafetensorsEntry> safetensors_entries(const std::byte* bytes, std::s
   }
   std::vector<const SafetensorsEntry*> sorted;
   for (const auto& e : entries) sorted.push_back(&e);
-  std::sort(sorted.begin(), sorted.end(), [](auto* a, auto* b) { return a->begin < b->begin; });
+  // An empty tensor sorts before a tensor starting at the same offset: it overlaps nothing.
+  std::sort(sorted.begin(), sorted.end(), [](auto* a, auto* b) {
+    return std::tie(a->begin, a->end) < std::tie(b->begin, b->end);
+  });
   for (std::size_t i = 1; i < sorted.size(); ++i) {
     if (sorted[i]->begin < sorted[i - 1]->end) {
       bad_input("{}: tensors '{}' and '{}' overlap in the data buffer", name, sorted[i - 1]->name,
@@ -416,12 +452,14 @@ Mapping map_file(const std::string& path) {
   void* addr = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
   ::close(fd);
   if (addr == MAP_FAILED) bad_input("cannot map '{}': {}", path, errno_text());
-  std::shared_ptr<const void> keep(addr, [size](const void* p) { ::munmap(const_cast<void*>(p), size); });
+  std::shared_ptr<const void> keep(addr,
+                                   [size](const void* p) { ::munmap(const_cast<void*>(p), size); });
   return {static_cast<const std::byte*>(addr), size, keep};
 }
 
 bool looks_like_npy(const Mapping& m) {
-  return m.size >= kNpyMagic.size() && std::memcmp(m.bytes, kNpyMagic.data(), kNpyMagic.size()) == 0;
+  return m.size >= kNpyMagic.size() &&
+         std::memcmp(m.bytes, kNpyMagic.data(), kNpyMagic.size()) == 0;
 }
 
 }  // namespace
@@ -458,7 +496,8 @@ std::vector<std::string> safetensors_names(const std::string& path) {
   const Mapping m = map_file(path);
   std::size_t data_start = 0;
   std::vector<std::string> names;
-  for (const auto& e : safetensors_entries(m.bytes, m.size, path, &data_start)) names.push_back(e.name);
+  for (const auto& e : safetensors_entries(m.bytes, m.size, path, &data_start))
+    names.push_back(e.name);
   return names;
 }
 
@@ -467,7 +506,8 @@ Tensor read_tensor(const std::string& spec) {
   const std::string name = parsed.path == "-" ? "<stdin>" : parsed.path;
   const Mapping m = map_file(parsed.path);
   if (looks_like_npy(m)) {
-    if (!parsed.tensor.empty()) bad_input("{} is a .npy file: it has no tensor '{}'", name, parsed.tensor);
+    if (!parsed.tensor.empty())
+      bad_input("{} is a .npy file: it has no tensor '{}'", name, parsed.tensor);
     return parse_npy(m.bytes, m.size, name, m.keep);
   }
   if (m.size >= 9 && static_cast<char>(m.bytes[8]) == '{') {
@@ -513,7 +553,8 @@ void OutputFile::write(const void* data, std::size_t size) {
 }
 
 void OutputFile::commit() {
-  if (std::fflush(file_) != 0) fail(ExitCode::runtime, "cannot write '{}': {}", path_, errno_text());
+  if (std::fflush(file_) != 0)
+    fail(ExitCode::runtime, "cannot write '{}': {}", path_, errno_text());
   if (file_ != stdout) {
     const int rc = std::fclose(file_);
     file_ = nullptr;
@@ -549,7 +590,8 @@ void TensorWriter::write(const void* data, std::size_t size) {
 
 void TensorWriter::commit() {
   if (written_ != expected_) {
-    fail(ExitCode::runtime, "internal error: '{}' got {} of {} bytes", file_.path(), written_, expected_);
+    fail(ExitCode::runtime, "internal error: '{}' got {} of {} bytes", file_.path(), written_,
+         expected_);
   }
   file_.commit();
 }
@@ -562,7 +604,12 @@ void write_tensor(const std::string& spec, const Tensor& tensor) {
 
 void write_safetensors(const std::string& path, const std::vector<Tensor>& tensors) {
   std::vector<std::pair<std::string, const Tensor*>> named;
-  for (const Tensor& t : tensors) named.emplace_back(t.name, &t);
+  for (const Tensor& t : tensors) {
+    for (const auto& [name, other] : named) {
+      if (name == t.name) bad_usage("{}: two tensors are both named '{}'", path, name);
+    }
+    named.emplace_back(t.name, &t);
+  }
   OutputFile file(path);
   file.write(safetensors_header(named));
   for (const Tensor& t : tensors) file.write(t.data, t.nbytes());
@@ -596,11 +643,13 @@ TokenFile read_jsonl_tokens(const std::string& path) {
     }
     if (!j.is_object() || !j.contains("t") || !j["t"].is_number_integer() ||
         !j.contains("indices") || !j["indices"].is_array()) {
-      bad_input("{}:{}: expected an object with integer \"t\" and an \"indices\" array", path, line_number);
+      bad_input("{}:{}: expected an object with integer \"t\" and an \"indices\" array", path,
+                line_number);
     }
     Row row{0, j["t"].get<int64_t>(), {}};
     if (j.contains("b")) {
-      if (!j["b"].is_number_unsigned()) bad_input("{}:{}: \"b\" must be a non-negative integer", path, line_number);
+      if (!j["b"].is_number_unsigned())
+        bad_input("{}:{}: \"b\" must be a non-negative integer", path, line_number);
       row.batch = j["b"].get<int64_t>();
       batched = true;
     }
@@ -614,7 +663,8 @@ TokenFile read_jsonl_tokens(const std::string& path) {
     rows.push_back(std::move(row));
   }
   if (rows.empty()) bad_input("{}: no rows", path);
-  std::stable_sort(rows.begin(), rows.end(), [](const Row& a, const Row& b) { return a.batch < b.batch; });
+  std::stable_sort(rows.begin(), rows.end(),
+                   [](const Row& a, const Row& b) { return a.batch < b.batch; });
   const int64_t batches = rows.back().batch + 1;
   if (static_cast<int64_t>(rows.size()) % batches != 0) {
     bad_input("{}: {} rows do not split evenly into {} batch elements", path, rows.size(), batches);
@@ -623,7 +673,8 @@ TokenFile read_jsonl_tokens(const std::string& path) {
   std::size_t k = 0;
   for (std::size_t i = 0; i < rows.size(); ++i) {
     if (rows[i].batch != static_cast<int64_t>(i) / per_batch) {
-      bad_input("{}: batch element {} has a different number of rows than the others", path, rows[i].batch);
+      bad_input("{}: batch element {} has a different number of rows than the others", path,
+                rows[i].batch);
     }
     k = std::max(k, rows[i].indices.size());
   }
@@ -659,7 +710,8 @@ std::string jsonl_selection_line(int64_t batch, bool batched, int64_t position,
   while (n < k && indices[n] >= 0) ++n;
   std::string line = batched ? fmt::format("{{\"b\":{},\"t\":{},\"indices\":[", batch, position)
                              : fmt::format("{{\"t\":{},\"indices\":[", position);
-  for (int64_t i = 0; i < n; ++i) fmt::format_to(std::back_inserter(line), "{}{}", i ? "," : "", indices[i]);
+  for (int64_t i = 0; i < n; ++i)
+    fmt::format_to(std::back_inserter(line), "{}{}", i ? "," : "", indices[i]);
   line += "],\"scores\":[";
   for (int64_t i = 0; i < n; ++i) {
     if (std::isfinite(scores[i])) {

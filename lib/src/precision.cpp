@@ -34,9 +34,12 @@ Precision parse_precision(const std::string& text) {
 
 std::string precision_name(Precision precision) {
   switch (precision) {
-    case Precision::f32: return "f32";
-    case Precision::bf16: return "bf16";
-    case Precision::fp8: return "fp8";
+    case Precision::f32:
+      return "f32";
+    case Precision::bf16:
+      return "bf16";
+    case Precision::fp8:
+      return "fp8";
   }
   return "?";
 }
@@ -48,9 +51,13 @@ uint16_t f32_to_bf16(float x) {
   return static_cast<uint16_t>((b + rounding) >> 16);
 }
 
-float bf16_to_f32(uint16_t bits) { return float_of(static_cast<uint32_t>(bits) << 16); }
+float bf16_to_f32(uint16_t bits) {
+  return float_of(static_cast<uint32_t>(bits) << 16);
+}
 
-float round_to_bf16(float x) { return bf16_to_f32(f32_to_bf16(x)); }
+float round_to_bf16(float x) {
+  return bf16_to_f32(f32_to_bf16(x));
+}
 
 uint16_t f32_to_f16(float x) {
   uint32_t b = bits_of(x);
@@ -131,7 +138,9 @@ void fp8_fake_quantize(const float* x, int64_t n, int64_t block, bool ue8m0, flo
   }
 }
 
-bool is_power_of_two(int64_t n) { return n > 0 && (n & (n - 1)) == 0; }
+bool is_power_of_two(int64_t n) {
+  return n > 0 && (n & (n - 1)) == 0;
+}
 
 void hadamard_transform(float* x, int64_t n) {
   for (int64_t half = 1; half < n; half *= 2) {

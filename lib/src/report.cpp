@@ -12,7 +12,9 @@
 
 namespace dsa {
 
-std::string version() { return kVersion; }
+std::string version() {
+  return kVersion;
+}
 
 void StageTimes::add(const std::string& stage, double seconds) {
   for (auto& [name, total] : stages_) {

@@ -13,7 +13,9 @@ namespace {
 
 constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
 
-float rank_key(float score) { return std::isnan(score) ? kMinusInf : score; }
+float rank_key(float score) {
+  return std::isnan(score) ? kMinusInf : score;
+}
 
 // Descending score, then ascending position (Eq. 2's deterministic order).
 bool before(const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
@@ -32,7 +34,8 @@ void select_topk_row(const float* scores, int64_t visible, int64_t k, int32_t* i
   auto& picked = scratch.picked;
   picked.clear();
   if (visible <= k) {
-    for (int64_t s = 0; s < visible; ++s) picked.emplace_back(rank_key(scores[s]), static_cast<int32_t>(s));
+    for (int64_t s = 0; s < visible; ++s)
+      picked.emplace_back(rank_key(scores[s]), static_cast<int32_t>(s));
   } else {
     // The k-th largest key is the threshold: take everything above it, then the lowest
     // positions among those equal to it.
@@ -64,8 +67,8 @@ void select_topk_row(const float* scores, int64_t visible, int64_t k, int32_t* i
 namespace {
 
 // Selects every row of a chunk of scores [rows, keys] in parallel.
-void select_chunk(const float* scores, int64_t rows, int64_t keys, int64_t first_position, int64_t k,
-                  int32_t* indices, float* selected) {
+void select_chunk(const float* scores, int64_t rows, int64_t keys, int64_t first_position,
+                  int64_t k, int32_t* indices, float* selected) {
 #pragma omp parallel
   {
     TopkScratch scratch;
@@ -79,7 +82,8 @@ void select_chunk(const float* scores, int64_t rows, int64_t keys, int64_t first
 
 }  // namespace
 
-void select_from_scores(const Tensor& scores, int64_t k, const SelectionSink& sink, StageTimes* times) {
+void select_from_scores(const Tensor& scores, int64_t k, const SelectionSink& sink,
+                        StageTimes* times) {
   check_k(k);
   if (!is_floating(scores.dtype) || (scores.rank() != 2 && scores.rank() != 3)) {
     bad_input("{} (scores): expected a floating-point tensor [B?, Lq, Lk], got {} {}", scores.name,
@@ -93,7 +97,8 @@ void select_from_scores(const Tensor& scores, int64_t k, const SelectionSink& si
     bad_input("{} (scores): {} query rows but only {} keys: queries are the last Lq positions",
               scores.name, queries, keys);
   }
-  if (keys > std::numeric_limits<int32_t>::max()) bad_input("{}: too many keys for int32 indices", scores.name);
+  if (keys > std::numeric_limits<int32_t>::max())
+    bad_input("{}: too many keys for int32 indices", scores.name);
   const int64_t chunk = detail::chunk_rows(64, keys * 4 + k * 8);
   std::vector<int32_t> indices;
   std::vector<float> selected;
@@ -104,7 +109,8 @@ void select_from_scores(const Tensor& scores, int64_t k, const SelectionSink& si
       selected.resize(static_cast<std::size_t>(rows * k));
       Stopwatch watch;
       const F32Buffer block(scores, (b * queries + c0) * keys, rows * keys);
-      select_chunk(block.data(), rows, keys, keys - queries + c0, k, indices.data(), selected.data());
+      select_chunk(block.data(), rows, keys, keys - queries + c0, k, indices.data(),
+                   selected.data());
       if (times) times->add("select", watch.seconds());
       sink({b, c0, rows, k, indices.data(), selected.data()});
     }
@@ -131,11 +137,13 @@ void select_from_indexer(const IndexerInputs& inputs, const IndexerConfig& confi
       Stopwatch score_watch;
 #pragma omp parallel for schedule(dynamic, 1)
       for (int64_t r0 = 0; r0 < rows; r0 += block) {
-        kernel.score_rows(c0 + r0, std::min(block, rows - r0), scores.data() + r0 * inputs.keys, inputs.keys);
+        kernel.score_rows(c0 + r0, std::min(block, rows - r0), scores.data() + r0 * inputs.keys,
+                          inputs.keys);
       }
       if (times) times->add("score", score_watch.seconds());
       Stopwatch select_watch;
-      select_chunk(scores.data(), rows, inputs.keys, inputs.position(c0), k, indices.data(), selected.data());
+      select_chunk(scores.data(), rows, inputs.keys, inputs.position(c0), k, indices.data(),
+                   selected.data());
       if (times) times->add("select", select_watch.seconds());
       sink({b, c0, rows, k, indices.data(), selected.data()});
     }

@@ -87,6 +87,6 @@ TokenFile read_token_file(const std::string& spec);
 // One line per query: {"b":…, "t":…, "indices":[…], "scores":[…]} ("b" only when batched);
 // padding (-1) is left out.
 std::string jsonl_selection_line(int64_t batch, bool batched, int64_t position,
-                                  const int32_t* indices, const float* scores, int64_t k);
+                                 const int32_t* indices, const float* scores, int64_t k);
 
 }  // namespace dsa
