@@ -7,14 +7,67 @@
 
 #include <Eigen/Core>
 
+#include "attention_kernels.hpp"
 #include "chunks.hpp"
 #include "dsa/error.hpp"
 
 namespace dsa {
 
+namespace detail {
+
+KeyValues::KeyValues(const AttentionInputs& in, int64_t b)
+    : k(*in.k, b * in.keys * in.kv_heads * in.d_qk, in.keys * in.kv_heads * in.d_qk),
+      k_stride(in.kv_heads * in.d_qk),
+      v_stride(in.latent ? in.d_qk : in.kv_heads * in.d_v) {
+  if (!in.latent)
+    v.emplace(*in.v, b * in.keys * in.kv_heads * in.d_v, in.keys * in.kv_heads * in.d_v);
+}
+
+float softmax_row(float* row, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, row[i]);
+  float sum = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    row[i] = std::exp(row[i] - m);
+    sum += row[i];
+  }
+  const float inv = 1.0f / sum;
+  for (int64_t i = 0; i < n; ++i) row[i] *= inv;
+  return m + std::log(sum);
+}
+
+void attend_selected(const AttentionInputs& in, const KeyValues& kv, const RowMatrix& q,
+                     const int64_t* selected, int64_t n, float scale, float* out, float* lse,
+                     AttendScratch& scratch) {
+  const int64_t group = in.heads / in.kv_heads;
+  if (n == 0) {
+    std::fill(out, out + in.heads * in.d_v, 0.0f);
+    std::fill(lse, lse + in.heads, -std::numeric_limits<float>::infinity());
+    return;
+  }
+  for (int64_t g = 0; g < in.kv_heads; ++g) {
+    scratch.keys.resize(n, in.d_qk);
+    scratch.values.resize(n, in.d_v);
+    for (int64_t i = 0; i < n; ++i) {
+      std::copy_n(kv.key(selected[i], g, in.d_qk), in.d_qk, scratch.keys.row(i).data());
+      std::copy_n(kv.value(selected[i], g, in.d_v), in.d_v, scratch.values.row(i).data());
+    }
+    scratch.logits.noalias() = scale * (q.middleRows(g * group, group) * scratch.keys.transpose());
+    for (int64_t h = 0; h < group; ++h) {
+      lse[g * group + h] = softmax_row(scratch.logits.row(h).data(), n);
+    }
+    scratch.out.noalias() = scratch.logits * scratch.values;
+    std::copy_n(scratch.out.data(), group * in.d_v, out + g * group * in.d_v);
+  }
+}
+
+}  // namespace detail
+
 namespace {
 
-using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using detail::AttendScratch;
+using detail::KeyValues;
+using detail::RowMatrix;
 using Strided = Eigen::Map<const RowMatrix, 0, Eigen::OuterStride<>>;
 
 constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
@@ -54,42 +107,6 @@ void check_lengths(const AttentionInputs& in, const Tensor& keys) {
 
 std::string batch_prefix(const AttentionInputs& in) {
   return in.batched ? fmt::format("{}, ", in.batch) : "";
-}
-
-// f32 keys and values of one batch element; in MQA mode the values are the first d_v
-// columns of the keys' rows.
-struct KeyValues {
-  F32Buffer k;
-  std::optional<F32Buffer> v;  // absent in MQA mode
-  int64_t k_stride, v_stride;  // floats between consecutive positions
-
-  KeyValues(const AttentionInputs& in, int64_t b)
-      : k(*in.k, b * in.keys * in.kv_heads * in.d_qk, in.keys * in.kv_heads * in.d_qk),
-        k_stride(in.kv_heads * in.d_qk),
-        v_stride(in.latent ? in.d_qk : in.kv_heads * in.d_v) {
-    if (!in.latent)
-      v.emplace(*in.v, b * in.keys * in.kv_heads * in.d_v, in.keys * in.kv_heads * in.d_v);
-  }
-  const float* key(int64_t s, int64_t g, int64_t d_qk) const {
-    return k.data() + s * k_stride + g * d_qk;
-  }
-  const float* value(int64_t s, int64_t g, int64_t d_v) const {
-    return (v ? v->data() : k.data()) + s * v_stride + g * d_v;
-  }
-};
-
-// Softmax over each row of `logits` (already scaled), in place; returns the row's lse.
-float softmax_row(float* row, int64_t n) {
-  float m = kMinusInf;
-  for (int64_t i = 0; i < n; ++i) m = std::max(m, row[i]);
-  float sum = 0.0f;
-  for (int64_t i = 0; i < n; ++i) {
-    row[i] = std::exp(row[i] - m);
-    sum += row[i];
-  }
-  const float inv = 1.0f / sum;
-  for (int64_t i = 0; i < n; ++i) row[i] *= inv;
-  return m + std::log(sum);
 }
 
 // Runs `compute(row_begin, rows, out, lse)` over chunks of query rows in parallel blocks and
@@ -212,37 +229,20 @@ void validate_indices(const AttentionInputs& in, const Tensor& indices,
 void sparse_attention(const AttentionInputs& in, const Tensor& indices, float scale,
                       const AttentionSink& sink, StageTimes* times) {
   const int64_t k = indices.shape.back();
-  const int64_t group = in.heads / in.kv_heads;
   for_each_chunk(
       in, kQueryBlock, sink, times, "attend",
       [&](const KeyValues& kv, int64_t b, int64_t row_begin, int64_t rows, float* out, float* lse) {
         std::vector<int64_t> selected(static_cast<std::size_t>(k));
-        RowMatrix q(in.heads, in.d_qk), keys, values, logits, o;
+        RowMatrix q(in.heads, in.d_qk);
+        AttendScratch scratch;
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t row = b * in.queries + row_begin + r;
           to_i64(indices, row * k, k, selected.data());
-          const auto n_end = std::remove(selected.begin(), selected.end(), int64_t{-1});
-          const auto n = static_cast<int64_t>(n_end - selected.begin());
+          const auto n =
+              std::remove(selected.begin(), selected.end(), int64_t{-1}) - selected.begin();
           to_f32(*in.q, row * in.heads * in.d_qk, in.heads * in.d_qk, q.data());
-          for (int64_t g = 0; g < in.kv_heads; ++g) {
-            float* o_dst = out + (r * in.heads + g * group) * in.d_v;
-            float* lse_dst = lse + r * in.heads + g * group;
-            if (n == 0) {
-              std::fill(o_dst, o_dst + group * in.d_v, 0.0f);
-              std::fill(lse_dst, lse_dst + group, kMinusInf);
-              continue;
-            }
-            keys.resize(n, in.d_qk);
-            values.resize(n, in.d_v);
-            for (int64_t i = 0; i < n; ++i) {
-              std::copy_n(kv.key(selected[i], g, in.d_qk), in.d_qk, keys.row(i).data());
-              std::copy_n(kv.value(selected[i], g, in.d_v), in.d_v, values.row(i).data());
-            }
-            logits.noalias() = scale * (q.middleRows(g * group, group) * keys.transpose());
-            for (int64_t h = 0; h < group; ++h) lse_dst[h] = softmax_row(logits.row(h).data(), n);
-            o.noalias() = logits * values;
-            std::copy_n(o.data(), group * in.d_v, o_dst);
-          }
+          detail::attend_selected(in, kv, q, selected.data(), n, scale, out + r * in.heads * in.d_v,
+                                  lse + r * in.heads, scratch);
         }
       });
 }
