@@ -26,22 +26,28 @@ void add_common_options(CLI::App& app, CommonOptions& options) {
   app.add_flag("-q,--quiet", options.quiet, "Print no report on stderr");
 }
 
-void add_indexer_options(CLI::App& app, IndexerOptions& options) {
-  app.add_option("--precision", options.precision, "Indexer arithmetic: f32, bf16 or fp8")
-      ->check(CLI::IsMember({"f32", "bf16", "fp8"}))
-      ->capture_default_str();
-  app.add_flag("--hadamard", options.hadamard, "Rotate q_I and k_I by a Hadamard matrix first");
-  app.add_flag("--ue8m0", options.ue8m0, "fp8: round block scales up to powers of two");
-  app.add_flag("--raw-weights", options.raw_weights,
-               "The weights are raw weights_proj outputs: multiply them by H_I^-0.5 * d_I^-0.5");
-  app.add_option("--query-block", options.query_block, "Query rows scored together")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
+std::vector<CLI::Option*> add_indexer_options(CLI::App& app, IndexerOptions& options) {
+  return {
+      app.add_option("--precision", options.precision, "Indexer arithmetic: f32, bf16 or fp8")
+          ->check(CLI::IsMember({"f32", "bf16", "fp8"}))
+          ->capture_default_str(),
+      app.add_flag("--hadamard", options.hadamard, "Rotate q_I and k_I by a Hadamard matrix first"),
+      app.add_flag("--ue8m0", options.ue8m0, "fp8: round block scales up to powers of two"),
+      app.add_flag("--raw-weights", options.raw_weights,
+                   "The weights are raw weights_proj outputs: multiply them by "
+                   "H_I^-0.5 * d_I^-0.5"),
+      app.add_option("--query-block", options.query_block,
+                     "Query rows scored together (the last bits of the scores depend on it)")
+          ->check(CLI::PositiveNumber)
+          ->capture_default_str()};
 }
 
 IndexerConfig indexer_config(const IndexerOptions& options, const Tensor& q_index) {
   IndexerConfig config;
   config.precision = parse_precision(options.precision);
+  if (options.ue8m0 && config.precision != Precision::fp8) {
+    bad_usage("--ue8m0 applies to --precision fp8 only");
+  }
   config.hadamard = options.hadamard;
   config.ue8m0 = options.ue8m0;
   config.query_block = options.query_block;
@@ -91,6 +97,12 @@ void check_single_stdin(const std::vector<std::string>& paths) {
   int n = 0;
   for (const auto& p : paths) n += p == "-";
   if (n > 1) bad_usage("only one input can be read from stdin ('-')");
+}
+
+void check_single_stdout(const std::vector<std::string>& paths) {
+  int n = 0;
+  for (const auto& p : paths) n += p == "-";
+  if (n > 1) bad_usage("only one output can go to stdout ('-')");
 }
 
 void check_binary_output(const std::string& path) {

@@ -31,7 +31,8 @@ struct IndexerOptions {
   bool raw_weights = false;
   int64_t query_block = 16;
 };
-void add_indexer_options(CLI::App& app, IndexerOptions& options);
+// Returns the options, so a mode that has no indexer can exclude them.
+std::vector<CLI::Option*> add_indexer_options(CLI::App& app, IndexerOptions& options);
 // The config for these indexer queries [B?, Lq, H_I, d_I] (--raw-weights scales w by
 // H_I^-0.5 d_I^-0.5).
 IndexerConfig indexer_config(const IndexerOptions& options, const Tensor& q_index);
@@ -44,6 +45,8 @@ int run(CLI::App& app, int argc, char** argv, const CommonOptions& options,
 
 // Usage error unless at most one of the given paths is `-` (stdin can be read once).
 void check_single_stdin(const std::vector<std::string>& paths);
+// Usage error unless at most one of the given outputs is `-` (stdout carries one stream).
+void check_single_stdout(const std::vector<std::string>& paths);
 // Usage error when a binary tensor would go to a terminal.
 void check_binary_output(const std::string& path);
 

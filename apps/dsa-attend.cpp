@@ -1,4 +1,5 @@
 // dsa-attend: attention over the selected entries (DSA), or dense causal attention (--dense).
+#include <cmath>
 #include <optional>
 
 #include "common.hpp"
@@ -30,7 +31,7 @@ int main(int argc, char** argv) {
                                  "Selected indices [B?, Lq, K] (.npy, .safetensors or .jsonl)");
   auto* dense_opt = app.add_flag("--dense", dense, "Full causal attention (the baseline) instead");
   idx_opt->excludes(dense_opt);
-  app.add_option("--scale", scale, "Softmax scale (default d_qk^-0.5)");
+  app.add_option("--scale", scale, "Softmax scale, finite and positive (default d_qk^-0.5)");
   app.add_option("--lse", lse_path, "Also write the log-sum-exp [B?, Lq, H] (natural log) to FILE");
   dsa::app::add_common_options(app, common);
 
@@ -41,8 +42,11 @@ int main(int argc, char** argv) {
       dsa::bad_usage("give --indices, or --dense for full attention");
     dsa::app::check_single_stdin({q_path, kv_path, k_path, v_path, indices_path});
     dsa::app::check_binary_output(common.output);
-    if (lse_path == "-" && common.output == "-")
-      dsa::bad_usage("--lse and --output cannot both be stdout");
+    if (scale && !(std::isfinite(*scale) && *scale > 0)) {
+      dsa::bad_usage("--scale must be finite and positive, got {}", *scale);
+    }
+    if (!lse_path.empty()) dsa::app::check_binary_output(lse_path);
+    dsa::app::check_single_stdout({common.output, lse_path, common.report});
 
     nlohmann::json report = dsa::report_header("dsa-attend", argc, argv);
     const dsa::Tensor q = dsa::read_tensor(q_path);

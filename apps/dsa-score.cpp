@@ -21,6 +21,7 @@ int main(int argc, char** argv) {
     dsa::Stopwatch total;
     dsa::app::check_single_stdin({q_path, k_path, w_path});
     dsa::app::check_binary_output(common.output);
+    dsa::app::check_single_stdout({common.output, common.report});
     const dsa::Tensor q = dsa::read_tensor(q_path);
     const dsa::Tensor k = dsa::read_tensor(k_path);
     const dsa::Tensor w = dsa::read_tensor(w_path);

@@ -26,12 +26,14 @@ int main(int argc, char** argv) {
   q_opt->needs(k_opt)->needs(w_opt);
   k_opt->needs(q_opt);
   w_opt->needs(q_opt);
-  app.add_option("-k,--topk", topk, "Entries selected per query")->capture_default_str();
+  app.add_option("-k,--topk", topk, "Entries selected per query")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   app.add_option("--format", format,
                  "Output format: npy or jsonl (default: from the output's "
                  "extension, npy for stdout)")
       ->check(CLI::IsMember({"npy", "jsonl"}));
-  dsa::app::add_indexer_options(app, indexer);
+  for (auto* option : dsa::app::add_indexer_options(app, indexer)) option->excludes(scores_opt);
   dsa::app::add_common_options(app, common);
 
   return dsa::app::run(app, argc, argv, common, [&] {
@@ -46,6 +48,7 @@ int main(int argc, char** argv) {
             ? common.output.size() > 6 && common.output.substr(common.output.size() - 6) == ".jsonl"
             : format == "jsonl";
     if (!jsonl) dsa::app::check_binary_output(common.output);
+    dsa::app::check_single_stdout({common.output, common.report});
 
     nlohmann::json report = dsa::report_header("dsa-select", argc, argv);
     std::vector<dsa::Tensor> inputs;
