@@ -1,0 +1,141 @@
+// dsa-compare: what sparse attention loses against dense attention, as one JSON report.
+#include <cmath>
+#include <optional>
+
+#include "common.hpp"
+#include "dsa/attention.hpp"
+#include "dsa/error.hpp"
+#include "dsa/io.hpp"
+#include "dsa/metrics.hpp"
+#include "dsa/parallel.hpp"
+
+int main(int argc, char** argv) {
+  CLI::App app(
+      "Fidelity of DSA against dense attention (DESIGN.md section 2): output error and "
+      "cosine, attention mass and oracle top-k recall, the indexer's KL losses (Eq. 3, "
+      "4), needle recall; JSON report (schema dsa-compare/1).",
+      "dsa-compare");
+  dsa::app::CommonOptions common;
+  dsa::app::IndexerOptions indexer;
+  std::string q_path, kv_path, k_path, v_path, q_index_path, k_index_path, w_path, indices_path,
+      needles_path;
+  int64_t d_v = 512;
+  std::optional<float> scale;
+  int64_t topk = 2048;
+  std::vector<int64_t> sweep;
+  app.add_option("--q", q_path, "Queries q [B?, Lq, H, d_qk]")->required();
+  auto* kv_opt = app.add_option("--kv", kv_path, "MQA latent cache kv [B?, Lk, d_qk]");
+  auto* k_opt = app.add_option("--k", k_path, "MHA/GQA keys k [B?, Lk, H_kv, d_qk]");
+  auto* v_opt = app.add_option("--v", v_path, "MHA/GQA values v [B?, Lk, H_kv, d_v]");
+  auto* dv_opt = app.add_option("--dv", d_v, "Value width in MQA mode")->capture_default_str();
+  kv_opt->excludes(k_opt)->excludes(v_opt);
+  k_opt->needs(v_opt);
+  v_opt->needs(k_opt);
+  dv_opt->needs(kv_opt);
+  auto* qi_opt =
+      app.add_option("--q-index", q_index_path, "Indexer queries q_I [B?, Lq, H_I, d_I]");
+  auto* ki_opt = app.add_option("--k-index", k_index_path, "Indexer keys k_I [B?, Lk, d_I]");
+  auto* w_opt = app.add_option("--weights", w_path, "Indexer weights w [B?, Lq, H_I]");
+  auto* idx_opt = app.add_option("--indices", indices_path,
+                                 "A precomputed selection [B?, Lq, K] instead of the indexer");
+  qi_opt->needs(ki_opt)->needs(w_opt)->excludes(idx_opt);
+  ki_opt->needs(qi_opt);
+  w_opt->needs(qi_opt);
+  auto* k_flag = app.add_option("-k,--topk", topk, "Entries selected per query")
+                     ->check(CLI::PositiveNumber)
+                     ->capture_default_str();
+  auto* sweep_opt =
+      app.add_option("--sweep-topk", sweep, "Several k in one pass: 256,512,1024,2048")
+          ->delimiter(',')
+          ->check(CLI::PositiveNumber)
+          ->excludes(k_flag)
+          ->excludes(idx_opt);
+  (void)sweep_opt;
+  app.add_option("--needles", needles_path,
+                 "Needles [N, 2] (query position, key position) to check");
+  app.add_option("--scale", scale, "Softmax scale, finite and positive (default d_qk^-0.5)");
+  for (auto* option : dsa::app::add_indexer_options(app, indexer)) option->excludes(idx_opt);
+  app.set_version_flag("--version", dsa::version());
+  app.add_option("-o,--output", common.output, "The JSON report (default stdout)");
+  app.add_option("--threads", common.threads, "CPU threads (default: OMP_NUM_THREADS or all cores)")
+      ->check(CLI::NonNegativeNumber);
+
+  return dsa::app::run(app, argc, argv, common, [&] {
+    dsa::Stopwatch total;
+    if (kv_path.empty() && k_path.empty()) dsa::bad_usage("give either --kv or --k and --v");
+    if (q_index_path.empty() && indices_path.empty()) {
+      dsa::bad_usage("give the indexer (--q-index, --k-index, --weights) or --indices");
+    }
+    if (scale && !(std::isfinite(*scale) && *scale > 0)) {
+      dsa::bad_usage("--scale must be finite and positive, got {}", *scale);
+    }
+    dsa::app::check_single_stdin({q_path, kv_path, k_path, v_path, q_index_path, k_index_path,
+                                  w_path, indices_path, needles_path});
+
+    nlohmann::json report = dsa::report_header("dsa-compare", argc, argv);
+    report["schema"] = dsa::kCompareSchema;
+    const dsa::Tensor q = dsa::read_tensor(q_path);
+    std::vector<dsa::Tensor> keys;
+    if (!kv_path.empty()) {
+      keys = {dsa::read_tensor(kv_path)};
+    } else {
+      keys = {dsa::read_tensor(k_path), dsa::read_tensor(v_path)};
+    }
+    dsa::CompareInputs inputs;
+    inputs.attention = keys.size() == 1 ? dsa::make_mqa_inputs(q, keys[0], d_v)
+                                        : dsa::make_mha_inputs(q, keys[0], keys[1]);
+    report["inputs"] = {dsa::tensor_json(q)};
+    for (const auto& t : keys) report["inputs"].push_back(dsa::tensor_json(t));
+    std::vector<dsa::Tensor> indexer_tensors;
+    std::optional<dsa::TokenFile> tokens;
+    if (!q_index_path.empty()) {
+      indexer_tensors = {dsa::read_tensor(q_index_path), dsa::read_tensor(k_index_path),
+                         dsa::read_tensor(w_path)};
+      inputs.indexer_config = dsa::app::indexer_config(indexer, indexer_tensors[0]);
+      inputs.indexer = dsa::make_indexer_inputs(indexer_tensors[0], indexer_tensors[1],
+                                                indexer_tensors[2], inputs.indexer_config);
+      for (const auto& t : indexer_tensors) report["inputs"].push_back(dsa::tensor_json(t));
+      inputs.topk = sweep.empty() ? std::vector<int64_t>{topk} : sweep;
+    } else {
+      tokens = dsa::read_token_file(indices_path);
+      inputs.indices = &tokens->indices;
+      inputs.positions = tokens->positions;
+      inputs.topk = {tokens->indices.shape.back()};
+      report["inputs"].push_back(dsa::tensor_json(tokens->indices));
+    }
+    std::optional<dsa::Tensor> needles;
+    if (!needles_path.empty()) {
+      needles = dsa::read_tensor(needles_path);
+      inputs.needles = &*needles;
+      report["inputs"].push_back(dsa::tensor_json(*needles));
+    }
+    const dsa::AttentionInputs& a = inputs.attention;
+    inputs.scale = scale.value_or(dsa::default_scale(a.d_qk));
+
+    dsa::StageTimes times;
+    const dsa::Comparison comparison = dsa::compare_attention(inputs, &times);
+
+    report["shape"] = {{"batch", a.batch}, {"queries", a.queries},   {"keys", a.keys},
+                       {"heads", a.heads}, {"kv_heads", a.kv_heads}, {"d_qk", a.d_qk},
+                       {"d_v", a.d_v}};
+    report["layout"] = a.latent ? "mqa" : "mha";
+    report["scale"] = inputs.scale;
+    report["selection"] = inputs.indexer ? "indexer" : "indices";
+    if (inputs.indexer) {
+      report["shape"]["indexer_heads"] = inputs.indexer->heads;
+      report["shape"]["indexer_dim"] = inputs.indexer->dim;
+      report["indexer"] = dsa::app::indexer_config_json(inputs.indexer_config);
+    }
+    report["results"] = dsa::comparison_json(comparison);
+    report["flops"] = {{"indexer", comparison.indexer_flops},
+                       {"dense_attention", comparison.dense_flops}};
+    nlohmann::json thread_ms = nlohmann::json::object();
+    for (const auto& [stage, seconds] : comparison.thread_seconds) thread_ms[stage] = seconds * 1e3;
+    report["thread_ms"] = thread_ms;
+    nlohmann::json timings = times.to_json();
+    timings["total"] = total.seconds() * 1e3;
+    report["timings_ms"] = timings;
+    report["peak_rss_bytes"] = dsa::peak_rss_bytes();
+    dsa::emit_report(report, common.output);
+  });
+}

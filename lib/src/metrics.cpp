@@ -1,0 +1,492 @@
+#include "dsa/metrics.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include <omp.h>
+
+#include "attention_kernels.hpp"
+#include "chunks.hpp"
+#include "dsa/error.hpp"
+#include "dsa/topk.hpp"
+
+namespace dsa {
+
+namespace {
+
+using detail::RowMatrix;
+using Strided = Eigen::Map<const RowMatrix, 0, Eigen::OuterStride<>>;
+
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+double percentile(const std::vector<double>& sorted, double q) {
+  const double pos = q / 100.0 * static_cast<double>(sorted.size() - 1);
+  const auto lo = static_cast<std::size_t>(std::floor(pos));
+  const std::size_t hi = std::min(lo + 1, sorted.size() - 1);
+  return sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - static_cast<double>(lo));
+}
+
+nlohmann::json number_or_null(double x) {
+  return std::isnan(x) ? nlohmann::json(nullptr) : nlohmann::json(x);
+}
+
+// Stage timers of one thread, summed into the comparison at the end.
+struct ThreadClock {
+  double score = 0, select = 0, dense = 0, sparse = 0, metrics = 0;
+};
+
+// log(sum(exp(x_i))) over the given scores, in double.
+template <typename Get>
+double log_sum_exp(int64_t n, Get get) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, get(i));
+  if (std::isinf(m)) return m;
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += std::exp(get(i) - m);
+  return m + std::log(sum);
+}
+
+// KL(p || softmax(scores)) over n entries with p given unnormalized (its total `mass`); NaN
+// when p has no mass.
+template <typename P, typename Score>
+double kl_to_softmax(int64_t n, double mass, P p, Score score) {
+  if (!(mass > 0)) return kNaN;
+  const double lse = log_sum_exp(n, score);
+  double kl = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double pi = p(i) / mass;
+    if (pi > 0) kl += pi * (std::log(pi) - (score(i) - lse));
+  }
+  return std::max(kl, 0.0);
+}
+
+void validate(const CompareInputs& in) {
+  if (in.topk.empty()) bad_usage("give at least one k");
+  for (std::size_t i = 0; i < in.topk.size(); ++i) {
+    if (in.topk[i] < 1) bad_usage("k must be at least 1, got {}", in.topk[i]);
+    if (i > 0 && in.topk[i] <= in.topk[i - 1])
+      bad_usage("the k values must be distinct and ascending");
+  }
+  if (in.indexer.has_value() == (in.indices != nullptr)) {
+    bad_usage("give either the indexer inputs or a precomputed selection");
+  }
+  const AttentionInputs& a = in.attention;
+  if (in.indexer) {
+    const IndexerInputs& x = *in.indexer;
+    if (x.batch != a.batch || x.queries != a.queries || x.keys != a.keys) {
+      bad_input(
+          "{} (q_index) / {} (k_index): indexer shapes (B {}, Lq {}, Lk {}) do not match the "
+          "attention inputs (B {}, Lq {}, Lk {})",
+          x.q_index->name, x.k_index->name, x.batch, x.queries, x.keys, a.batch, a.queries, a.keys);
+    }
+  } else {
+    validate_indices(a, *in.indices, in.positions);
+    if (in.topk.size() != 1 || in.topk[0] != in.indices->shape.back()) {
+      bad_usage("with a precomputed selection k is its width ({})", in.indices->shape.back());
+    }
+  }
+  if (in.needles) {
+    const Tensor& n = *in.needles;
+    if (n.rank() != 2 || n.dim(1) != 2) {
+      bad_input("{} (needles): expected shape [N, 2], got {}", n.name, shape_string(n.shape));
+    }
+    std::vector<int64_t> pairs(static_cast<std::size_t>(n.numel()));
+    to_i64(n, 0, n.numel(), pairs.data());
+    for (int64_t i = 0; i < n.dim(0); ++i) {
+      const int64_t t = pairs[2 * i], s = pairs[2 * i + 1];
+      if (t < a.keys - a.queries || t >= a.keys || s < 0 || s > t) {
+        bad_input("{} (needles): row {} = ({}, {}) is not a query position and a key it sees",
+                  n.name, i, t, s);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+Summary summarize(const std::vector<double>& values) {
+  Summary s;
+  std::vector<double> sorted;
+  sorted.reserve(values.size());
+  for (double v : values) {
+    if (std::isnan(v)) {
+      ++s.undefined;
+    } else {
+      sorted.push_back(v);
+    }
+  }
+  s.count = static_cast<int64_t>(sorted.size());
+  if (sorted.empty()) return s;
+  std::sort(sorted.begin(), sorted.end());
+  double sum = 0;
+  for (double v : sorted) sum += v;
+  s.mean = sum / static_cast<double>(sorted.size());
+  s.p50 = percentile(sorted, 50);
+  s.p90 = percentile(sorted, 90);
+  s.p99 = percentile(sorted, 99);
+  s.min = sorted.front();
+  s.max = sorted.back();
+  return s;
+}
+
+nlohmann::json summary_json(const Summary& s) {
+  return {{"count", s.count},
+          {"undefined", s.undefined},
+          {"mean", number_or_null(s.mean)},
+          {"p50", number_or_null(s.p50)},
+          {"p90", number_or_null(s.p90)},
+          {"p99", number_or_null(s.p99)},
+          {"min", number_or_null(s.min)},
+          {"max", number_or_null(s.max)}};
+}
+
+Comparison compare_attention(const CompareInputs& in, StageTimes* times) {
+  validate(in);
+  const AttentionInputs& a = in.attention;
+  const int64_t H = a.heads, group = a.heads / a.kv_heads, Lk = a.keys, Lq = a.queries;
+  const int64_t k_max = in.topk.back();
+  const auto n_k = static_cast<int64_t>(in.topk.size());
+  Comparison out;
+  out.batch = a.batch;
+  out.queries = Lq;
+  out.keys = Lk;
+  out.heads = H;
+  const int64_t rows = out.rows();
+  if (in.indexer) out.kl_dense.assign(static_cast<std::size_t>(rows), NAN);
+  for (int64_t k : in.topk) {
+    Fidelity f;
+    f.k = k;
+    f.out_rel_err.assign(static_cast<std::size_t>(rows * H), NAN);
+    f.out_cosine = f.mass_recall_head = f.out_rel_err;
+    f.mass_recall.assign(static_cast<std::size_t>(rows), NAN);
+    f.topk_recall = f.kl_sparse = f.mass_recall;
+    out.per_k.push_back(std::move(f));
+  }
+  std::vector<std::pair<int64_t, int64_t>> needles;  // (t, s)
+  if (in.needles) {
+    std::vector<int64_t> pairs(static_cast<std::size_t>(in.needles->numel()));
+    to_i64(*in.needles, 0, in.needles->numel(), pairs.data());
+    for (std::size_t i = 0; i + 1 < pairs.size(); i += 2)
+      needles.emplace_back(pairs[i], pairs[i + 1]);
+    std::sort(needles.begin(), needles.end());
+  }
+  // Rows per task: a few rows' worth of H x Lk probabilities per thread.
+  const int64_t block =
+      std::clamp<int64_t>((64 << 20) / std::max<int64_t>(1, group * Lk * 4), 1, 16);
+  const int64_t width = in.indices ? in.indices->shape.back() : k_max;
+  std::vector<ThreadClock> clocks(static_cast<std::size_t>(max_threads()));
+  std::vector<double> squares(static_cast<std::size_t>(4 * n_k),
+                              0.0);  // err/ref sparse, err/ref all
+  std::vector<int64_t> needle_counts(static_cast<std::size_t>(2 * n_k), 0);
+  std::vector<double> sparse_positions(static_cast<std::size_t>(n_k), 0.0);
+
+  for (int64_t b = 0; b < a.batch; ++b) {
+    Stopwatch load;
+    const detail::KeyValues kv(a, b);
+    std::optional<IndexerKernel> kernel;
+    if (in.indexer) kernel.emplace(*in.indexer, in.indexer_config, b);
+    if (times) times->add("load", load.seconds());
+    Stopwatch compare_watch;
+#pragma omp parallel
+    {
+      ThreadClock& clock = clocks[static_cast<std::size_t>(omp_get_thread_num())];
+      std::vector<float> scores, p_sum, selected_scores, oracle_scores;
+      std::vector<int32_t> selection, oracle;
+      std::vector<int64_t> selected, marks(static_cast<std::size_t>(Lk), -1), index_row;
+      std::vector<float> sparse_out, sparse_lse, dense_out;
+      TopkScratch topk_scratch;
+      detail::AttendScratch attend_scratch;
+      RowMatrix q_row(H, a.d_qk), q_group, probs;
+      RowMatrix dense_group;
+      std::vector<double> local_squares(squares.size(), 0.0);
+      std::vector<int64_t> local_needles(needle_counts.size(), 0);
+      std::vector<double> local_sparse_positions(sparse_positions.size(), 0.0);
+      int64_t stamp = 0;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t r0 = 0; r0 < Lq; r0 += block) {
+        const int64_t n_rows = std::min(block, Lq - r0);
+        const int64_t visible_end = a.position(r0 + n_rows - 1) + 1;
+        Stopwatch watch;
+        if (kernel) {
+          scores.resize(static_cast<std::size_t>(n_rows * Lk));
+          kernel->score_rows(r0, n_rows, scores.data(), Lk);
+        }
+        clock.score += watch.seconds();
+        // Selections of every row, sparse outputs at every k.
+        watch = Stopwatch();
+        selection.assign(static_cast<std::size_t>(n_rows * width), -1);
+        selected_scores.resize(static_cast<std::size_t>(n_rows * width));
+        std::vector<int64_t> valid(static_cast<std::size_t>(n_rows), 0);
+        for (int64_t r = 0; r < n_rows; ++r) {
+          int32_t* sel = selection.data() + r * width;
+          if (kernel) {
+            select_topk_row(scores.data() + r * Lk, a.position(r0 + r) + 1, width, sel,
+                            selected_scores.data() + r * width, topk_scratch);
+          } else {
+            index_row.resize(static_cast<std::size_t>(width));
+            to_i64(*in.indices, (b * Lq + r0 + r) * width, width, index_row.data());
+            int64_t n = 0;
+            for (int64_t s : index_row) {
+              if (s >= 0) sel[n++] = static_cast<int32_t>(s);
+            }
+          }
+          while (valid[r] < width && sel[valid[r]] >= 0) ++valid[r];
+        }
+        clock.select += watch.seconds();
+        watch = Stopwatch();
+        sparse_out.resize(static_cast<std::size_t>(n_k * n_rows * H * a.d_v));
+        sparse_lse.resize(static_cast<std::size_t>(n_k * n_rows * H));
+        for (int64_t r = 0; r < n_rows; ++r) {
+          to_f32(*a.q, (b * Lq + r0 + r) * H * a.d_qk, H * a.d_qk, q_row.data());
+          selected.assign(selection.begin() + r * width, selection.begin() + r * width + valid[r]);
+          for (int64_t ki = 0; ki < n_k; ++ki) {
+            const int64_t n = std::min(in.topk[ki], valid[r]);
+            detail::attend_selected(a, kv, q_row, selected.data(), n, in.scale,
+                                    sparse_out.data() + (ki * n_rows + r) * H * a.d_v,
+                                    sparse_lse.data() + (ki * n_rows + r) * H, attend_scratch);
+            local_sparse_positions[ki] += static_cast<double>(n);
+          }
+        }
+        clock.sparse += watch.seconds();
+        // Dense attention probabilities, one kv head group at a time.
+        p_sum.assign(static_cast<std::size_t>(n_rows * visible_end), 0.0f);
+        dense_out.resize(static_cast<std::size_t>(n_rows * H * a.d_v));
+        for (int64_t g = 0; g < a.kv_heads; ++g) {
+          watch = Stopwatch();
+          q_group.resize(n_rows * group, a.d_qk);
+          for (int64_t r = 0; r < n_rows; ++r) {
+            to_f32(*a.q, ((b * Lq + r0 + r) * H + g * group) * a.d_qk, group * a.d_qk,
+                   q_group.row(r * group).data());
+          }
+          const Strided keys(kv.key(0, g, a.d_qk), visible_end, a.d_qk,
+                             Eigen::OuterStride<>(kv.k_stride));
+          const Strided values(kv.value(0, g, a.d_v), visible_end, a.d_v,
+                               Eigen::OuterStride<>(kv.v_stride));
+          probs.noalias() = in.scale * (q_group * keys.transpose());
+          for (int64_t i = 0; i < n_rows * group; ++i) {
+            const int64_t visible = a.position(r0 + i / group) + 1;
+            float* p = probs.row(i).data();
+            detail::softmax_row(p, visible);
+            std::fill(p + visible, p + visible_end, 0.0f);
+          }
+          dense_group.noalias() = probs * values;
+          for (int64_t i = 0; i < n_rows * group; ++i) {
+            const int64_t r = i / group, h = g * group + i % group;
+            std::copy_n(dense_group.row(i).data(), a.d_v, dense_out.data() + (r * H + h) * a.d_v);
+            const float* p = probs.row(i).data();
+            float* sum = p_sum.data() + r * visible_end;
+            for (int64_t s = 0; s < visible_end; ++s) sum[s] += p[s] / static_cast<float>(H);
+          }
+          clock.dense += watch.seconds();
+          // Per-head metrics need this group's probabilities.
+          watch = Stopwatch();
+          for (int64_t i = 0; i < n_rows * group; ++i) {
+            const int64_t r = i / group, h = g * group + i % group;
+            const int64_t row = b * Lq + r0 + r;
+            const float* p = probs.row(i).data();
+            const float* dense = dense_out.data() + (r * H + h) * a.d_v;
+            for (int64_t ki = 0; ki < n_k; ++ki) {
+              Fidelity& f = out.per_k[ki];
+              const int64_t n = std::min(in.topk[ki], valid[r]);
+              double mass = 0;
+              for (int64_t j = 0; j < n; ++j) mass += p[selection[r * width + j]];
+              const float* sparse = sparse_out.data() + ((ki * n_rows + r) * H + h) * a.d_v;
+              double err = 0, ref = 0, own = 0, dot = 0;
+              for (int64_t c = 0; c < a.d_v; ++c) {
+                err += (double(sparse[c]) - dense[c]) * (double(sparse[c]) - dense[c]);
+                ref += double(dense[c]) * dense[c];
+                own += double(sparse[c]) * sparse[c];
+                dot += double(sparse[c]) * dense[c];
+              }
+              const std::size_t at = static_cast<std::size_t>(row * H + h);
+              f.mass_recall_head[at] = static_cast<float>(mass);
+              f.out_rel_err[at] = static_cast<float>(
+                  ref > 0 ? std::sqrt(err / ref)
+                          : (err > 0 ? std::numeric_limits<double>::infinity() : 0.0));
+              f.out_cosine[at] = static_cast<float>(ref > 0 && own > 0 ? dot / std::sqrt(ref * own)
+                                                                       : (ref == own ? 1.0 : 0.0));
+              const bool exact = a.position(r0 + r) + 1 <= in.topk[ki];
+              if (!exact) {
+                local_squares[4 * ki + 0] += err;
+                local_squares[4 * ki + 1] += ref;
+              }
+              local_squares[4 * ki + 2] += err;
+              local_squares[4 * ki + 3] += ref;
+            }
+          }
+          clock.metrics += watch.seconds();
+        }
+        // Metrics on the head-summed distribution p (and the indexer's KL losses).
+        watch = Stopwatch();
+        for (int64_t r = 0; r < n_rows; ++r) {
+          const int64_t row = b * Lq + r0 + r, t = a.position(r0 + r), visible = t + 1;
+          const float* p = p_sum.data() + r * visible_end;
+          const float* score = kernel ? scores.data() + r * Lk : nullptr;
+          if (kernel) {  // Eq. 3
+            out.kl_dense[row] = static_cast<float>(kl_to_softmax(
+                visible, 1.0, [&](int64_t s) { return double(p[s]); },
+                [&](int64_t s) { return double(score[s]); }));
+          }
+          const auto first_needle =
+              std::lower_bound(needles.begin(), needles.end(), std::make_pair(t, int64_t{-1}));
+          for (int64_t ki = 0; ki < n_k; ++ki) {
+            Fidelity& f = out.per_k[ki];
+            const int64_t k = in.topk[ki];
+            const int64_t n = std::min(k, valid[r]);
+            const int32_t* sel = selection.data() + r * width;
+            ++stamp;
+            double mass = 0;
+            for (int64_t j = 0; j < n; ++j) {
+              marks[sel[j]] = stamp;
+              mass += p[sel[j]];
+            }
+            f.mass_recall[row] = static_cast<float>(mass);
+            oracle.resize(static_cast<std::size_t>(k));
+            oracle_scores.resize(static_cast<std::size_t>(k));
+            select_topk_row(p, visible, k, oracle.data(), oracle_scores.data(), topk_scratch);
+            int64_t hits = 0;
+            for (int64_t j = 0; j < std::min(k, visible); ++j) hits += marks[oracle[j]] == stamp;
+            f.topk_recall[row] = static_cast<float>(double(hits) / double(std::min(k, visible)));
+            if (kernel) {  // Eq. 4
+              f.kl_sparse[row] = static_cast<float>(kl_to_softmax(
+                  n, mass, [&](int64_t j) { return double(p[sel[j]]); },
+                  [&](int64_t j) { return double(score[sel[j]]); }));
+            }
+            for (auto it = first_needle; it != needles.end() && it->first == t; ++it) {
+              ++local_needles[2 * ki];
+              local_needles[2 * ki + 1] += marks[it->second] == stamp;
+            }
+          }
+        }
+        clock.metrics += watch.seconds();
+      }
+#pragma omp critical
+      {
+        for (std::size_t i = 0; i < squares.size(); ++i) squares[i] += local_squares[i];
+        for (std::size_t i = 0; i < needle_counts.size(); ++i) needle_counts[i] += local_needles[i];
+        for (int64_t ki = 0; ki < n_k; ++ki) sparse_positions[ki] += local_sparse_positions[ki];
+      }
+    }
+    if (times) times->add("compare", compare_watch.seconds());
+  }
+  double visible_total = 0;
+  for (int64_t t = 0; t < Lq; ++t) visible_total += static_cast<double>(a.position(t) + 1);
+  visible_total *= static_cast<double>(a.batch);
+  out.dense_flops = 2.0 * visible_total * static_cast<double>(H * (a.d_qk + a.d_v));
+  if (in.indexer)
+    out.indexer_flops =
+        2.0 * visible_total * static_cast<double>(in.indexer->heads * in.indexer->dim);
+  for (int64_t ki = 0; ki < n_k; ++ki) {
+    Fidelity& f = out.per_k[ki];
+    f.error_squares_sparse = squares[4 * ki + 0];
+    f.reference_squares_sparse = squares[4 * ki + 1];
+    f.error_squares_all = squares[4 * ki + 2];
+    f.reference_squares_all = squares[4 * ki + 3];
+    f.needles = needle_counts[2 * ki];
+    f.needles_selected = needle_counts[2 * ki + 1];
+    f.sparse_flops = 2.0 * sparse_positions[ki] * static_cast<double>(H * (a.d_qk + a.d_v));
+  }
+  ThreadClock total;
+  for (const ThreadClock& c : clocks) {
+    total.score += c.score;
+    total.select += c.select;
+    total.sparse += c.sparse;
+    total.dense += c.dense;
+    total.metrics += c.metrics;
+  }
+  out.thread_seconds = {{"score", total.score},
+                        {"select", total.select},
+                        {"sparse", total.sparse},
+                        {"dense", total.dense},
+                        {"metrics", total.metrics}};
+  return out;
+}
+
+nlohmann::json comparison_json(const Comparison& c) {
+  const int64_t H = c.heads;
+  nlohmann::json results = nlohmann::json::array();
+  for (const Fidelity& f : c.per_k) {
+    // Split every metric into rows with t + 1 > k (sparse) and t + 1 <= k (exact).
+    auto split = [&](const std::vector<float>& values, int64_t per_row) {
+      std::vector<double> part[2];
+      for (std::size_t i = 0; i < values.size(); ++i) {
+        const int64_t row = static_cast<int64_t>(i) / per_row;
+        part[c.position(row) + 1 <= f.k].push_back(values[i]);
+      }
+      return nlohmann::json{{"sparse", summary_json(summarize(part[0]))},
+                            {"exact", summary_json(summarize(part[1]))}};
+    };
+    int64_t exact_rows = 0;
+    for (int64_t row = 0; row < c.rows(); ++row) exact_rows += c.position(row) + 1 <= f.k;
+    const bool with_indexer = !c.kl_dense.empty();
+    nlohmann::json entry = {
+        {"k", f.k},
+        {"rows", {{"sparse", c.rows() - exact_rows}, {"exact", exact_rows}}},
+        {"out_rel_err", split(f.out_rel_err, H)},
+        {"out_rel_err_global",
+         {{"sparse",
+           number_or_null(f.reference_squares_sparse > 0
+                              ? std::sqrt(f.error_squares_sparse / f.reference_squares_sparse)
+                              : kNaN)},
+          {"all", number_or_null(f.reference_squares_all > 0
+                                     ? std::sqrt(f.error_squares_all / f.reference_squares_all)
+                                     : kNaN)}}},
+        {"out_cosine", split(f.out_cosine, H)},
+        {"mass_recall_head", split(f.mass_recall_head, H)},
+        {"mass_recall", split(f.mass_recall, 1)},
+        {"topk_recall", split(f.topk_recall, 1)},
+        {"kl_dense", with_indexer ? split(c.kl_dense, 1) : nlohmann::json(nullptr)},
+        {"kl_sparse", with_indexer ? split(f.kl_sparse, 1) : nlohmann::json(nullptr)},
+        {"needle_recall",
+         {{"needles", f.needles},
+          {"selected", f.needles_selected},
+          {"recall",
+           number_or_null(f.needles > 0 ? double(f.needles_selected) / double(f.needles) : kNaN)}}},
+        {"sparse_attention_flops", f.sparse_flops}};
+    // Buckets by position: [0, k) is exact; then [k, 2k), [2k, 4k), ... up to Lk.
+    nlohmann::json buckets = nlohmann::json::array();
+    for (int64_t begin = 0, end = f.k; begin < c.keys; begin = end, end *= 2) {
+      double sums[6] = {0, 0, 0, 0, 0, 0};
+      int64_t counts[6] = {0, 0, 0, 0, 0, 0};
+      auto add = [&](int metric, float v) {
+        if (!std::isnan(v)) {
+          sums[metric] += v;
+          ++counts[metric];
+        }
+      };
+      int64_t rows = 0;
+      for (int64_t row = 0; row < c.rows(); ++row) {
+        const int64_t t = c.position(row);
+        if (t < begin || t >= end) continue;
+        ++rows;
+        for (int64_t h = 0; h < H; ++h) {
+          add(0, f.out_rel_err[row * H + h]);
+          add(1, f.out_cosine[row * H + h]);
+        }
+        add(2, f.mass_recall[row]);
+        add(3, f.topk_recall[row]);
+        add(4, f.kl_sparse[row]);
+        if (with_indexer) add(5, c.kl_dense[row]);
+      }
+      if (rows == 0) continue;
+      auto mean = [&](int metric) {
+        return number_or_null(counts[metric] ? sums[metric] / counts[metric] : kNaN);
+      };
+      buckets.push_back({{"begin", begin},
+                         {"end", std::min(end, c.keys)},
+                         {"rows", rows},
+                         {"out_rel_err", mean(0)},
+                         {"out_cosine", mean(1)},
+                         {"mass_recall", mean(2)},
+                         {"topk_recall", mean(3)},
+                         {"kl_sparse", mean(4)},
+                         {"kl_dense", mean(5)}});
+    }
+    entry["buckets"] = buckets;
+    results.push_back(entry);
+  }
+  return results;
+}
+
+}  // namespace dsa
