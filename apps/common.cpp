@@ -9,6 +9,7 @@
 #include <fmt/format.h>
 
 #include "dsa/error.hpp"
+#include "dsa/io.hpp"
 #include "dsa/parallel.hpp"
 #include "dsa/precision.hpp"
 
@@ -66,6 +67,40 @@ nlohmann::json indexer_config_json(const IndexerConfig& config) {
           {"quant_block", config.quant_block},
           {"weight_scale", config.weight_scale},
           {"query_block", config.query_block}};
+}
+
+void add_attention_options(CLI::App& app, AttentionOptions& options) {
+  app.add_option("--q", options.q, "Queries q [B?, Lq, H, d_qk]")->required();
+  auto* kv = app.add_option(
+      "--kv", options.kv, "MQA latent cache kv [B?, Lk, d_qk]; values are its first --dv columns");
+  auto* k = app.add_option("--k", options.k, "MHA/GQA keys k [B?, Lk, H_kv, d_qk]");
+  auto* v = app.add_option("--v", options.v, "MHA/GQA values v [B?, Lk, H_kv, d_v]");
+  auto* dv = app.add_option("--dv", options.d_v, "Value width in MQA mode")->capture_default_str();
+  kv->excludes(k)->excludes(v);
+  k->needs(v);
+  v->needs(k);
+  dv->needs(kv);
+  app.add_option("--scale", options.scale,
+                 "Softmax scale, finite and positive (default d_qk^-0.5)");
+}
+
+void load_attention(const AttentionOptions& options, AttentionTensors& out) {
+  out.tensors.reserve(3);
+  if (options.kv.empty() && options.k.empty()) bad_usage("give either --kv or --k and --v");
+  if (options.scale && !(std::isfinite(*options.scale) && *options.scale > 0)) {
+    bad_usage("--scale must be finite and positive, got {}", *options.scale);
+  }
+  out.tensors.clear();
+  out.tensors.push_back(read_tensor(options.q));
+  if (!options.kv.empty()) {
+    out.tensors.push_back(read_tensor(options.kv));
+    out.inputs = make_mqa_inputs(out.tensors[0], out.tensors[1], options.d_v);
+  } else {
+    out.tensors.push_back(read_tensor(options.k));
+    out.tensors.push_back(read_tensor(options.v));
+    out.inputs = make_mha_inputs(out.tensors[0], out.tensors[1], out.tensors[2]);
+  }
+  out.scale = options.scale.value_or(default_scale(out.inputs.d_qk));
 }
 
 int run(CLI::App& app, int argc, char** argv, const CommonOptions& options,

@@ -3,12 +3,14 @@
 #pragma once
 
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include "dsa/attention.hpp"
 #include "dsa/indexer.hpp"
 #include "dsa/report.hpp"
 
@@ -37,6 +39,21 @@ std::vector<CLI::Option*> add_indexer_options(CLI::App& app, IndexerOptions& opt
 // H_I^-0.5 d_I^-0.5).
 IndexerConfig indexer_config(const IndexerOptions& options, const Tensor& q_index);
 nlohmann::json indexer_config_json(const IndexerConfig& config);
+
+// --q, --kv/--dv or --k/--v, --scale: the attention inputs of dsa-attend and dsa-compare.
+struct AttentionOptions {
+  std::string q, kv, k, v;
+  int64_t d_v = 512;
+  std::optional<float> scale;
+};
+void add_attention_options(CLI::App& app, AttentionOptions& options);
+// The tensors read once, and the validated inputs that point into them.
+struct AttentionTensors {
+  std::vector<Tensor> tensors;  // q, then kv or k and v
+  AttentionInputs inputs;
+  float scale = 1.0f;
+};
+void load_attention(const AttentionOptions& options, AttentionTensors& out);
 
 // Parses argv, applies --threads, runs body, maps every failure to its documented exit code
 // with a one-line message on stderr. Returns the process exit code.

@@ -1,5 +1,4 @@
 // dsa-attend: attention over the selected entries (DSA), or dense causal attention (--dense).
-#include <cmath>
 #include <optional>
 
 #include "common.hpp"
@@ -13,61 +12,39 @@ int main(int argc, char** argv) {
       "the selected indices (or every s <= t with --dense): f32 [B?, Lq, H, d_v].",
       "dsa-attend");
   dsa::app::CommonOptions common;
-  std::string q_path, kv_path, k_path, v_path, indices_path, lse_path;
-  int64_t d_v = 512;
-  std::optional<float> scale;
+  dsa::app::AttentionOptions attention;
+  std::string indices_path, lse_path;
   bool dense = false;
-  app.add_option("--q", q_path, "Queries q [B?, Lq, H, d_qk]")->required();
-  auto* kv_opt = app.add_option(
-      "--kv", kv_path, "MQA latent cache kv [B?, Lk, d_qk]; values are its first --dv columns");
-  auto* k_opt = app.add_option("--k", k_path, "MHA/GQA keys k [B?, Lk, H_kv, d_qk]");
-  auto* v_opt = app.add_option("--v", v_path, "MHA/GQA values v [B?, Lk, H_kv, d_v]");
-  auto* dv_opt = app.add_option("--dv", d_v, "Value width in MQA mode")->capture_default_str();
-  kv_opt->excludes(k_opt)->excludes(v_opt);
-  k_opt->needs(v_opt);
-  v_opt->needs(k_opt);
-  dv_opt->needs(kv_opt);
+  dsa::app::add_attention_options(app, attention);
   auto* idx_opt = app.add_option("--indices", indices_path,
                                  "Selected indices [B?, Lq, K] (.npy, .safetensors or .jsonl)");
   auto* dense_opt = app.add_flag("--dense", dense, "Full causal attention (the baseline) instead");
   idx_opt->excludes(dense_opt);
-  app.add_option("--scale", scale, "Softmax scale, finite and positive (default d_qk^-0.5)");
   app.add_option("--lse", lse_path, "Also write the log-sum-exp [B?, Lq, H] (natural log) to FILE");
   dsa::app::add_common_options(app, common);
 
   return dsa::app::run(app, argc, argv, common, [&] {
     dsa::Stopwatch total;
-    if (kv_path.empty() && k_path.empty()) dsa::bad_usage("give either --kv or --k and --v");
     if (indices_path.empty() && !dense)
       dsa::bad_usage("give --indices, or --dense for full attention");
-    dsa::app::check_single_stdin({q_path, kv_path, k_path, v_path, indices_path});
+    dsa::app::check_single_stdin(
+        {attention.q, attention.kv, attention.k, attention.v, indices_path});
     dsa::app::check_binary_output(common.output);
-    if (scale && !(std::isfinite(*scale) && *scale > 0)) {
-      dsa::bad_usage("--scale must be finite and positive, got {}", *scale);
-    }
     if (!lse_path.empty()) dsa::app::check_binary_output(lse_path);
     dsa::app::check_single_stdout({common.output, lse_path, common.report});
 
     nlohmann::json report = dsa::report_header("dsa-attend", argc, argv);
-    const dsa::Tensor q = dsa::read_tensor(q_path);
-    std::vector<dsa::Tensor> keys;
-    if (!kv_path.empty()) {
-      keys = {dsa::read_tensor(kv_path)};
-    } else {
-      keys = {dsa::read_tensor(k_path), dsa::read_tensor(v_path)};
-    }
-    const dsa::AttentionInputs inputs = keys.size() == 1
-                                            ? dsa::make_mqa_inputs(q, keys[0], d_v)
-                                            : dsa::make_mha_inputs(q, keys[0], keys[1]);
-    report["inputs"] = {dsa::tensor_json(q)};
-    for (const auto& t : keys) report["inputs"].push_back(dsa::tensor_json(t));
+    dsa::app::AttentionTensors loaded;
+    dsa::app::load_attention(attention, loaded);
+    const dsa::AttentionInputs& inputs = loaded.inputs;
+    for (const auto& t : loaded.tensors) report["inputs"].push_back(dsa::tensor_json(t));
     std::optional<dsa::TokenFile> tokens;
     if (!dense) {
       tokens = dsa::read_token_file(indices_path);
       dsa::validate_indices(inputs, tokens->indices, tokens->positions);
       report["inputs"].push_back(dsa::tensor_json(tokens->indices));
     }
-    const float softmax_scale = scale.value_or(dsa::default_scale(inputs.d_qk));
+    const float softmax_scale = loaded.scale;
 
     dsa::Shape out_shape = {inputs.queries, inputs.heads, inputs.d_v};
     dsa::Shape lse_shape = {inputs.queries, inputs.heads};

@@ -1,5 +1,4 @@
 // dsa-compare: what sparse attention loses against dense attention, as one JSON report.
-#include <cmath>
 #include <optional>
 
 #include "common.hpp"
@@ -17,21 +16,11 @@ int main(int argc, char** argv) {
       "dsa-compare");
   dsa::app::CommonOptions common;
   dsa::app::IndexerOptions indexer;
-  std::string q_path, kv_path, k_path, v_path, q_index_path, k_index_path, w_path, indices_path,
-      needles_path;
-  int64_t d_v = 512;
-  std::optional<float> scale;
+  dsa::app::AttentionOptions attention;
+  std::string q_index_path, k_index_path, w_path, indices_path, needles_path;
   int64_t topk = 2048;
   std::vector<int64_t> sweep;
-  app.add_option("--q", q_path, "Queries q [B?, Lq, H, d_qk]")->required();
-  auto* kv_opt = app.add_option("--kv", kv_path, "MQA latent cache kv [B?, Lk, d_qk]");
-  auto* k_opt = app.add_option("--k", k_path, "MHA/GQA keys k [B?, Lk, H_kv, d_qk]");
-  auto* v_opt = app.add_option("--v", v_path, "MHA/GQA values v [B?, Lk, H_kv, d_v]");
-  auto* dv_opt = app.add_option("--dv", d_v, "Value width in MQA mode")->capture_default_str();
-  kv_opt->excludes(k_opt)->excludes(v_opt);
-  k_opt->needs(v_opt);
-  v_opt->needs(k_opt);
-  dv_opt->needs(kv_opt);
+  dsa::app::add_attention_options(app, attention);
   auto* qi_opt =
       app.add_option("--q-index", q_index_path, "Indexer queries q_I [B?, Lq, H_I, d_I]");
   auto* ki_opt = app.add_option("--k-index", k_index_path, "Indexer keys k_I [B?, Lk, d_I]");
@@ -53,7 +42,6 @@ int main(int argc, char** argv) {
   (void)sweep_opt;
   app.add_option("--needles", needles_path,
                  "Needles [N, 2] (query position, key position) to check");
-  app.add_option("--scale", scale, "Softmax scale, finite and positive (default d_qk^-0.5)");
   for (auto* option : dsa::app::add_indexer_options(app, indexer)) option->excludes(idx_opt);
   app.set_version_flag("--version", dsa::version());
   app.add_option("-o,--output", common.output, "The JSON report (default stdout)");
@@ -62,30 +50,20 @@ int main(int argc, char** argv) {
 
   return dsa::app::run(app, argc, argv, common, [&] {
     dsa::Stopwatch total;
-    if (kv_path.empty() && k_path.empty()) dsa::bad_usage("give either --kv or --k and --v");
     if (q_index_path.empty() && indices_path.empty()) {
       dsa::bad_usage("give the indexer (--q-index, --k-index, --weights) or --indices");
     }
-    if (scale && !(std::isfinite(*scale) && *scale > 0)) {
-      dsa::bad_usage("--scale must be finite and positive, got {}", *scale);
-    }
-    dsa::app::check_single_stdin({q_path, kv_path, k_path, v_path, q_index_path, k_index_path,
-                                  w_path, indices_path, needles_path});
+    dsa::app::check_single_stdin({attention.q, attention.kv, attention.k, attention.v, q_index_path,
+                                  k_index_path, w_path, indices_path, needles_path});
 
     nlohmann::json report = dsa::report_header("dsa-compare", argc, argv);
     report["schema"] = dsa::kCompareSchema;
-    const dsa::Tensor q = dsa::read_tensor(q_path);
-    std::vector<dsa::Tensor> keys;
-    if (!kv_path.empty()) {
-      keys = {dsa::read_tensor(kv_path)};
-    } else {
-      keys = {dsa::read_tensor(k_path), dsa::read_tensor(v_path)};
-    }
+    dsa::app::AttentionTensors loaded;
+    dsa::app::load_attention(attention, loaded);
     dsa::CompareInputs inputs;
-    inputs.attention = keys.size() == 1 ? dsa::make_mqa_inputs(q, keys[0], d_v)
-                                        : dsa::make_mha_inputs(q, keys[0], keys[1]);
-    report["inputs"] = {dsa::tensor_json(q)};
-    for (const auto& t : keys) report["inputs"].push_back(dsa::tensor_json(t));
+    inputs.attention = loaded.inputs;
+    inputs.scale = loaded.scale;
+    for (const auto& t : loaded.tensors) report["inputs"].push_back(dsa::tensor_json(t));
     std::vector<dsa::Tensor> indexer_tensors;
     std::optional<dsa::TokenFile> tokens;
     if (!q_index_path.empty()) {
@@ -110,7 +88,6 @@ int main(int argc, char** argv) {
       report["inputs"].push_back(dsa::tensor_json(*needles));
     }
     const dsa::AttentionInputs& a = inputs.attention;
-    inputs.scale = scale.value_or(dsa::default_scale(a.d_qk));
 
     dsa::StageTimes times;
     const dsa::Comparison comparison = dsa::compare_attention(inputs, &times);
