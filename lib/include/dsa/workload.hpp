@@ -1,0 +1,90 @@
+// Deterministic synthetic attention workloads: main MQA queries/keys with the structure real
+// attention has (sinks, a local window, far "needles"), plus an indexer that sees a noisy view
+// of that structure.
+//
+// How a workload is built (scale = d_qk^-0.5, the main attention's default softmax scale):
+// - Structure subspace: a random orthonormal basis U [d_qk, r] (Gram-Schmidt on Gaussian
+//   vectors). Every main query and key is U · (structure coefficients) + isotropic Gaussian
+//   noise of std `noise` in all d_qk dimensions. The r coefficients split into 1 sink
+//   dimension, r_loc = 2·floor((r-1)/4) local dimensions and the rest for needles.
+//   Strengths are given in logit units: a term of logit λ puts magnitude sqrt(λ/scale) on the
+//   query and on the key side, so scale · q · k = λ. The noise alone gives logits of std
+//   noise^2 (independent of d_qk).
+// - Attention sinks: keys at positions < `sinks` carry the sink direction; every query head
+//   carries it too, so those keys get logit `sink_logit` from every query.
+// - Local window: r_loc/2 cos/sin pairs of position (frequencies ω_i stratified at random in
+//   (0, π/window]) on both sides, so q(t) · k(s) · scale = local_logit · mean_i cos(ω_i (t-s)):
+//   local_logit at t = s, ≈ local_logit · sinc(π (t-s) / window) after, ≈ 0 beyond the window.
+// - Needles: query positions t spread over the later half of the sequence (and
+//   t >= needle_min_distance + sinks), each paired with one key s, sinks <= s <= t -
+//   needle_min_distance, and a fresh random unit direction u in the needle subspace:
+//   kv[s] += sqrt(λ/scale) u and q[t, every head] += sqrt(λ/scale) u, λ = `needle_logit`: a
+//   query that must find one far key. Two needles may share a key.
+// - Heads differ: each main head scales its sink, local and needle terms by its own random gain
+//   in [0.5, 1.5] (keys are shared by all heads, as in MQA).
+// - Indexer: R [r, d_I] with orthonormal rows; k_I[s] = (U^T kv[s]) R and
+//   q_I[t, j] = (U^T q[t, j mod H]) R, so q_I · k_I is the main dot product restricted to the
+//   structure subspace; then Gaussian noise of std `indexer_noise` × (RMS of the clean values)
+//   is added to q_I and to k_I separately: the quality dial. The weights are scale / H_I, so
+//   I[t,s] (Eq. 1) is the mean over indexer heads of ReLU(structured logit): in logit units,
+//   which keeps softmax(I) comparable with the attention distribution (Eq. 3).
+//
+// Determinism: the same config gives bit-identical tensors on every machine and with every
+// thread count. Random numbers come from std::mt19937_64 (its output is fixed by the standard),
+// one stream for the setup and one per tensor row (seeded from the seed, the tensor and the
+// row), turned into uniforms by a fixed bit transform and into Gaussians by the Marsaglia polar
+// method with our own log; cos/sin are our own polynomials. std::normal_distribution and libm's
+// transcendental functions are not used: their results differ between standard libraries.
+// Everything else is IEEE double arithmetic in a fixed order (workload.cpp is compiled without
+// floating-point contraction), rounded to f32 at the end.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "dsa/tensor.hpp"
+
+namespace dsa {
+
+struct WorkloadConfig {
+  int64_t length = 1024;  // L
+  int64_t heads = 4;      // H, main query heads
+  int64_t d_qk = 64;
+  int64_t d_v = 48;  // values are the first d_v columns of kv
+  int64_t indexer_heads = 8;
+  int64_t indexer_dim = 32;
+  int64_t sinks = 4;  // keys at positions < sinks are attention sinks
+  double sink_logit = 6.0;
+  int64_t window = 64;  // width of the local window, in positions
+  double local_logit = 4.0;
+  int64_t needles = 8;  // requested; fewer when the sequence is too short
+  double needle_logit = 14.0;
+  int64_t needle_min_distance = 0;  // t - s of every needle; 0: 4 · window
+  double noise = 1.0;               // std of the isotropic noise in q and kv
+  int64_t rank = 0;                 // r, the structure subspace; 0: min(indexer_dim, 32)
+  double indexer_noise = 0.0;       // relative std of the noise added to q_I and k_I
+  uint64_t seed = 0;
+};
+
+// "small": L 1024, H 4, d_qk 64, d_v 48, H_I 8, d_I 32 (the defaults above).
+// "v32": DeepSeek-V3.2 sizes, L 16384, H 128, d_qk 576, d_v 512, H_I 64, d_I 128.
+// Anything else is Error(usage).
+WorkloadConfig workload_preset(const std::string& name);
+
+// The config with its automatic values filled in (rank, needle_min_distance); throws
+// Error(usage) naming the field when a value is out of range.
+WorkloadConfig resolve_workload_config(const WorkloadConfig& config);
+
+struct Workload {
+  Tensor q;        // f32 [L, H, d_qk]
+  Tensor kv;       // f32 [L, d_qk]
+  Tensor q_index;  // f32 [L, H_I, d_I]
+  Tensor k_index;  // f32 [L, d_I]
+  Tensor weights;  // f32 [L, H_I], all scale / H_I
+  Tensor needles;  // i32 [N, 2]: (query position t, key position s), sorted by t; N may be 0
+};
+
+// Tensors named "q", "kv", "q_index", "k_index", "weights", "needles".
+Workload generate_workload(const WorkloadConfig& config);
+
+}  // namespace dsa
