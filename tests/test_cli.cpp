@@ -241,5 +241,51 @@ TEST_F(Cli, DecodeAndBatchShapes) {
   EXPECT_EQ(first, "{\"b\":0,\"t\":21,");
 }
 
+TEST_F(Cli, CompareReportsEveryKAndTheNeedlesOfAGeneratedWorkload) {
+  ASSERT_EQ(run("dsa-gen --length 600 --needles 8 --seed 3 -q -o w.safetensors").code, 0);
+  const std::string w = "w.safetensors";
+  const std::string inputs = "--q " + w + ":q --kv " + w + ":kv --dv 48 --q-index " + w +
+                             ":q_index --k-index " + w + ":k_index --weights " + w + ":weights";
+  const Outcome r =
+      run("dsa-compare " + inputs + " --needles " + w + ":needles --sweep-topk 16,64 --threads 1");
+  ASSERT_EQ(r.code, 0) << r.err;
+  const auto report = nlohmann::json::parse(r.out);
+  EXPECT_EQ(report["schema"], "dsa-compare/1");
+  ASSERT_EQ(report["results"].size(), 2u);
+  EXPECT_EQ(report["results"][0]["k"], 16);
+  EXPECT_EQ(report["results"][0]["rows"]["exact"], 16);
+  EXPECT_EQ(report["results"][1]["rows"]["sparse"], 600 - 64);
+  EXPECT_EQ(report["results"][1]["needle_recall"]["needles"], 8);
+  // A clean indexer finds every planted needle.
+  EXPECT_EQ(report["results"][1]["needle_recall"]["selected"], 8);
+  EXPECT_GE(report["results"][1]["mass_recall"]["sparse"]["mean"].get<double>(),
+            report["results"][0]["mass_recall"]["sparse"]["mean"].get<double>());
+  // The same at 2 threads, to the bit.
+  const Outcome two =
+      run("dsa-compare " + inputs + " --needles " + w + ":needles --sweep-topk 16,64 --threads 2");
+  const auto report2 = nlohmann::json::parse(two.out);
+  EXPECT_EQ(report2["results"], report["results"]);
+  // A selection from dsa-select instead of the indexer.
+  ASSERT_EQ(run("dsa-select --q-index " + w + ":q_index --k-index " + w + ":k_index --weights " +
+                w + ":weights -k 64 -q -o sel.npy")
+                .code,
+            0);
+  const Outcome given =
+      run("dsa-compare --q " + w + ":q --kv " + w + ":kv --dv 48 --indices sel.npy");
+  ASSERT_EQ(given.code, 0) << given.err;
+  EXPECT_EQ(nlohmann::json::parse(given.out)["results"][0]["mass_recall"],
+            report["results"][1]["mass_recall"]);
+  EXPECT_EQ(run("dsa-compare --q " + w + ":q --kv " + w + ":kv --dv 48").code, 2);  // no selection
+  EXPECT_EQ(run("dsa-compare " + inputs + " --sweep-topk 64,16").code, 2);          // not ascending
+  EXPECT_EQ(run("dsa-compare --q " + w + ":q --kv " + w +
+                ":kv --dv 48 --indices sel.npy --sweep-topk 8,64")
+                .code,
+            2);
+  EXPECT_EQ(run("dsa-compare --q " + w + ":q --kv " + w +
+                ":kv --dv 48 --indices sel.npy --needles sel.npy")
+                .code,
+            3);
+}
+
 }  // namespace
 }  // namespace dsa

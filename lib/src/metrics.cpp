@@ -176,8 +176,10 @@ Comparison compare_attention(const CompareInputs& in, StageTimes* times) {
       std::clamp<int64_t>((64 << 20) / std::max<int64_t>(1, group * Lk * 4), 1, 16);
   const int64_t width = in.indices ? in.indices->shape.back() : k_max;
   std::vector<ThreadClock> clocks(static_cast<std::size_t>(max_threads()));
-  std::vector<double> squares(static_cast<std::size_t>(4 * n_k),
-                              0.0);  // err/ref sparse, err/ref all
+  // Squared output errors and norms per (k, row), summed in row order at the end so the
+  // global ratios do not depend on how rows were spread over threads.
+  std::vector<double> error_squares(static_cast<std::size_t>(n_k * rows), 0.0);
+  std::vector<double> reference_squares(error_squares.size(), 0.0);
   std::vector<int64_t> needle_counts(static_cast<std::size_t>(2 * n_k), 0);
   std::vector<double> sparse_positions(static_cast<std::size_t>(n_k), 0.0);
 
@@ -199,7 +201,6 @@ Comparison compare_attention(const CompareInputs& in, StageTimes* times) {
       detail::AttendScratch attend_scratch;
       RowMatrix q_row(H, a.d_qk), q_group, probs;
       RowMatrix dense_group;
-      std::vector<double> local_squares(squares.size(), 0.0);
       std::vector<int64_t> local_needles(needle_counts.size(), 0);
       std::vector<double> local_sparse_positions(sparse_positions.size(), 0.0);
       int64_t stamp = 0;
@@ -306,13 +307,8 @@ Comparison compare_attention(const CompareInputs& in, StageTimes* times) {
                           : (err > 0 ? std::numeric_limits<double>::infinity() : 0.0));
               f.out_cosine[at] = static_cast<float>(ref > 0 && own > 0 ? dot / std::sqrt(ref * own)
                                                                        : (ref == own ? 1.0 : 0.0));
-              const bool exact = a.position(r0 + r) + 1 <= in.topk[ki];
-              if (!exact) {
-                local_squares[4 * ki + 0] += err;
-                local_squares[4 * ki + 1] += ref;
-              }
-              local_squares[4 * ki + 2] += err;
-              local_squares[4 * ki + 3] += ref;
+              error_squares[ki * rows + row] += err;
+              reference_squares[ki * rows + row] += ref;
             }
           }
           clock.metrics += watch.seconds();
@@ -363,7 +359,6 @@ Comparison compare_attention(const CompareInputs& in, StageTimes* times) {
       }
 #pragma omp critical
       {
-        for (std::size_t i = 0; i < squares.size(); ++i) squares[i] += local_squares[i];
         for (std::size_t i = 0; i < needle_counts.size(); ++i) needle_counts[i] += local_needles[i];
         for (int64_t ki = 0; ki < n_k; ++ki) sparse_positions[ki] += local_sparse_positions[ki];
       }
@@ -379,10 +374,15 @@ Comparison compare_attention(const CompareInputs& in, StageTimes* times) {
         2.0 * visible_total * static_cast<double>(in.indexer->heads * in.indexer->dim);
   for (int64_t ki = 0; ki < n_k; ++ki) {
     Fidelity& f = out.per_k[ki];
-    f.error_squares_sparse = squares[4 * ki + 0];
-    f.reference_squares_sparse = squares[4 * ki + 1];
-    f.error_squares_all = squares[4 * ki + 2];
-    f.reference_squares_all = squares[4 * ki + 3];
+    for (int64_t row = 0; row < rows; ++row) {
+      const double err = error_squares[ki * rows + row], ref = reference_squares[ki * rows + row];
+      if (out.position(row) + 1 > f.k) {
+        f.error_squares_sparse += err;
+        f.reference_squares_sparse += ref;
+      }
+      f.error_squares_all += err;
+      f.reference_squares_all += ref;
+    }
     f.needles = needle_counts[2 * ki];
     f.needles_selected = needle_counts[2 * ki + 1];
     f.sparse_flops = 2.0 * sparse_positions[ki] * static_cast<double>(H * (a.d_qk + a.d_v));
