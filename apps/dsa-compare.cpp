@@ -32,7 +32,8 @@ int main(int argc, char** argv) {
   w_opt->needs(qi_opt);
   auto* k_flag = app.add_option("-k,--topk", topk, "Entries selected per query")
                      ->check(CLI::PositiveNumber)
-                     ->capture_default_str();
+                     ->capture_default_str()
+                     ->excludes(idx_opt);
   auto* sweep_opt =
       app.add_option("--sweep-topk", sweep, "Several k in one pass: 256,512,1024,2048")
           ->delimiter(',')

@@ -6,6 +6,7 @@ packages=(
   g++ cmake ninja-build pkg-config
   libcli11-dev libfmt-dev libeigen3-dev nlohmann-json3-dev libgtest-dev
   python3-numpy  # the independent NumPy cross-check test
+  python3-jsonschema  # the dsa-compare report schema test
 )
 
 missing=()

@@ -273,6 +273,10 @@ TEST(AttentionInputs, RejectsMismatchedShapes) {
   const Tensor k2 = test::random_tensor({5, 2, 8}, rng, 1, "k2.npy"),
                v_bad = test::random_tensor({6, 2, 2}, rng, 1, "vbad.npy");
   expect_bad([&] { make_mha_inputs(q, k2, v_bad); }, "vbad.npy");
+  const Tensor q0 = make_tensor(DType::f32, {5, 0, 8}, "q0.npy");
+  expect_bad([&] { make_mqa_inputs(q0, kv, 4); }, "q0.npy");
+  const Tensor v0 = make_tensor(DType::f32, {5, 2, 0}, "v0.npy");
+  expect_bad([&] { make_mha_inputs(q, k2, v0); }, "v0.npy");
   const Tensor qi = make_tensor(DType::i64, {5, 4, 8}, "qi.npy");
   expect_bad([&] { make_mqa_inputs(qi, kv, 4); }, "qi.npy");
 }

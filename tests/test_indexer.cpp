@@ -196,6 +196,8 @@ TEST(Indexer, RejectsMismatchedShapesNamingTheTensor) {
                    "q9.npy");
   expect_bad_input(q, random_tensor({2, 8, 16}, rng, 1, "kb.npy"), w, "kb.npy");
   expect_bad_input(q, make_tensor(DType::i32, {8, 16}, "ki.npy"), w, "ki.npy");
+  expect_bad_input(make_tensor(DType::f32, {8, 0, 16}, "q0.npy"), k,
+                   make_tensor(DType::f32, {8, 0}), "q0.npy");
   IndexerConfig hadamard;
   hadamard.hadamard = true;
   const Tensor q12 = random_tensor({8, 4, 12}, rng), k12 = random_tensor({8, 12}, rng);

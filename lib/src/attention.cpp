@@ -94,6 +94,9 @@ AttentionInputs common_query_shape(const Tensor& q) {
   in.queries = q.dim(o);
   in.heads = q.dim(o + 1);
   in.d_qk = q.dim(o + 2);
+  if (in.heads < 1 || in.d_qk < 1) {
+    bad_input("{} (q): H and d_qk must be at least 1, got shape {}", q.name, shape_string(q.shape));
+  }
   return in;
 }
 
@@ -179,6 +182,8 @@ AttentionInputs make_mha_inputs(const Tensor& q, const Tensor& k, const Tensor& 
               shape_string(v.shape));
   }
   in.d_v = v.dim(o + 2);
+  if (in.d_v < 1)
+    bad_input("{} (v): d_v must be at least 1, got shape {}", v.name, shape_string(v.shape));
   check_lengths(in, k);
   return in;
 }

@@ -45,6 +45,10 @@ IndexerInputs make_indexer_inputs(const Tensor& q_index, const Tensor& k_index,
   in.queries = q_index.dim(o);
   in.heads = q_index.dim(o + 1);
   in.dim = q_index.dim(o + 2);
+  if (in.heads < 1 || in.dim < 1) {
+    bad_input("{} (q_index): H_I and d_I must be at least 1, got shape {}", q_index.name,
+              shape_string(q_index.shape));
+  }
   const Shape q_shape = q_index.shape;
   if (k_index.rank() != q_index.rank() - 1 || (in.batched && k_index.dim(0) != in.batch) ||
       k_index.dim(o + 1) != in.dim) {
