@@ -103,6 +103,13 @@ void load_attention(const AttentionOptions& options, AttentionTensors& out) {
   out.scale = options.scale.value_or(default_scale(out.inputs.d_qk));
 }
 
+void add_device_option(CLI::App& app, std::string& device) {
+  app.add_option("--device", device,
+                 "Where to compute: cpu, cuda or auto (the GPU when there is one)")
+      ->check(CLI::IsMember({"cpu", "cuda", "auto"}))
+      ->capture_default_str();
+}
+
 int run(CLI::App& app, int argc, char** argv, const CommonOptions& options,
         const std::function<void()>& body) {
   const std::string tool = app.get_name();

@@ -55,6 +55,9 @@ struct AttentionTensors {
 };
 void load_attention(const AttentionOptions& options, AttentionTensors& out);
 
+// --device cpu|cuda|auto (default cpu).
+void add_device_option(CLI::App& app, std::string& device);
+
 // Parses argv, applies --threads, runs body, maps every failure to its documented exit code
 // with a one-line message on stderr. Returns the process exit code.
 int run(CLI::App& app, int argc, char** argv, const CommonOptions& options,

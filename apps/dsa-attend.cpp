@@ -16,6 +16,8 @@ int main(int argc, char** argv) {
   std::string indices_path, lse_path;
   bool dense = false;
   dsa::app::add_attention_options(app, attention);
+  std::string device_name = "cpu";
+  dsa::app::add_device_option(app, device_name);
   auto* idx_opt = app.add_option("--indices", indices_path,
                                  "Selected indices [B?, Lq, K] (.npy, .safetensors or .jsonl)");
   auto* dense_opt = app.add_flag("--dense", dense, "Full causal attention (the baseline) instead");
@@ -34,6 +36,8 @@ int main(int argc, char** argv) {
     dsa::app::check_single_stdout({common.output, lse_path, common.report});
 
     nlohmann::json report = dsa::report_header("dsa-attend", argc, argv);
+    const dsa::Device device = dsa::resolve_device(device_name);
+    report["device"] = dsa::device_description(device);
     dsa::app::AttentionTensors loaded;
     dsa::app::load_attention(attention, loaded);
     const dsa::AttentionInputs& inputs = loaded.inputs;
@@ -65,9 +69,9 @@ int main(int argc, char** argv) {
       times.add("write", write.seconds());
     };
     if (dense) {
-      dsa::dense_attention(inputs, softmax_scale, sink, &times);
+      dsa::dense_attention(inputs, softmax_scale, sink, &times, device);
     } else {
-      dsa::sparse_attention(inputs, tokens->indices, softmax_scale, sink, &times);
+      dsa::sparse_attention(inputs, tokens->indices, softmax_scale, sink, &times, device);
     }
     out.commit();
     if (lse) lse->commit();

@@ -14,7 +14,9 @@ int main(int argc, char** argv) {
   app.add_option("--q-index", q_path, "Indexer queries q_I [B?, Lq, H_I, d_I]")->required();
   app.add_option("--k-index", k_path, "Indexer keys k_I [B?, Lk, d_I]")->required();
   app.add_option("--weights", w_path, "Per-head weights w [B?, Lq, H_I]")->required();
+  std::string device = "cpu";
   dsa::app::add_indexer_options(app, indexer);
+  dsa::app::add_device_option(app, device);
   dsa::app::add_common_options(app, common);
 
   return dsa::app::run(app, argc, argv, common, [&] {
@@ -25,7 +27,8 @@ int main(int argc, char** argv) {
     const dsa::Tensor q = dsa::read_tensor(q_path);
     const dsa::Tensor k = dsa::read_tensor(k_path);
     const dsa::Tensor w = dsa::read_tensor(w_path);
-    const dsa::IndexerConfig config = dsa::app::indexer_config(indexer, q);
+    dsa::IndexerConfig config = dsa::app::indexer_config(indexer, q);
+    config.device = dsa::resolve_device(device);
     const dsa::IndexerInputs inputs = dsa::make_indexer_inputs(q, k, w, config);
 
     dsa::Shape shape = {inputs.queries, inputs.keys};
@@ -44,6 +47,7 @@ int main(int argc, char** argv) {
     writer.commit();
 
     nlohmann::json report = dsa::report_header("dsa-score", argc, argv);
+    report["device"] = dsa::device_description(config.device);
     report["inputs"] = {dsa::tensor_json(q), dsa::tensor_json(k), dsa::tensor_json(w)};
     report["indexer"] = dsa::app::indexer_config_json(config);
     report["outputs"] = {{{"path", common.output}, {"shape", shape}, {"dtype", "f32"}}};

@@ -34,6 +34,8 @@ int main(int argc, char** argv) {
                  "extension, npy for stdout)")
       ->check(CLI::IsMember({"npy", "jsonl"}));
   for (auto* option : dsa::app::add_indexer_options(app, indexer)) option->excludes(scores_opt);
+  std::string device = "cpu";
+  dsa::app::add_device_option(app, device);
   dsa::app::add_common_options(app, common);
 
   return dsa::app::run(app, argc, argv, common, [&] {
@@ -65,6 +67,8 @@ int main(int argc, char** argv) {
     dsa::Shape shape;
     if (fused) {
       config = dsa::app::indexer_config(indexer, inputs[0]);
+      config.device = dsa::resolve_device(device);
+      report["device"] = dsa::device_description(config.device);
       indexer_inputs = dsa::make_indexer_inputs(inputs[0], inputs[1], inputs[2], config);
       shape = {indexer_inputs.queries, topk};
       if (indexer_inputs.batched) shape.insert(shape.begin(), indexer_inputs.batch);

@@ -9,6 +9,9 @@
 
 #include "attention_kernels.hpp"
 #include "chunks.hpp"
+#ifdef DSA_HAVE_CUDA
+#include "cuda_backend.hpp"
+#endif
 #include "dsa/error.hpp"
 
 namespace dsa {
@@ -232,7 +235,11 @@ void validate_indices(const AttentionInputs& in, const Tensor& indices,
 }
 
 void sparse_attention(const AttentionInputs& in, const Tensor& indices, float scale,
-                      const AttentionSink& sink, StageTimes* times) {
+                      const AttentionSink& sink, StageTimes* times, Device device) {
+#ifdef DSA_HAVE_CUDA
+  if (device == Device::cuda) return cuda::sparse_attention(in, &indices, scale, sink, times);
+#endif
+  (void)device;
   const int64_t k = indices.shape.back();
   for_each_chunk(
       in, kQueryBlock, sink, times, "attend",
@@ -253,7 +260,11 @@ void sparse_attention(const AttentionInputs& in, const Tensor& indices, float sc
 }
 
 void dense_attention(const AttentionInputs& in, float scale, const AttentionSink& sink,
-                     StageTimes* times) {
+                     StageTimes* times, Device device) {
+#ifdef DSA_HAVE_CUDA
+  if (device == Device::cuda) return cuda::sparse_attention(in, nullptr, scale, sink, times);
+#endif
+  (void)device;
   const int64_t group = in.heads / in.kv_heads;
   for_each_chunk(
       in, kQueryBlock, sink, times, "attend",

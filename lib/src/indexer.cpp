@@ -6,6 +6,9 @@
 #include <Eigen/Core>
 
 #include "chunks.hpp"
+#ifdef DSA_HAVE_CUDA
+#include "cuda_backend.hpp"
+#endif
 #include "dsa/error.hpp"
 
 namespace dsa {
@@ -139,6 +142,9 @@ void IndexerKernel::score_rows(int64_t row_begin, int64_t rows, float* out, int6
 
 void indexer_scores(const IndexerInputs& inputs, const IndexerConfig& config,
                     const std::function<void(const ScoreBlock&)>& sink, StageTimes* times) {
+#ifdef DSA_HAVE_CUDA
+  if (config.device == Device::cuda) return cuda::indexer_scores(inputs, config, sink, times);
+#endif
   const int64_t block = std::max<int64_t>(1, config.query_block);
   const int64_t chunk = detail::chunk_rows(block, inputs.keys * 4);
   std::vector<float> scores;

@@ -6,6 +6,7 @@
 #include <functional>
 #include <vector>
 
+#include "dsa/device.hpp"
 #include "dsa/report.hpp"
 #include "dsa/tensor.hpp"
 
@@ -42,10 +43,10 @@ void validate_indices(const AttentionInputs& inputs, const Tensor& indices,
 
 // o[t,h] = sum_{s in S_t} softmax_s(scale * q[t,h] . k_s) v_s over the given indices.
 void sparse_attention(const AttentionInputs& inputs, const Tensor& indices, float scale,
-                      const AttentionSink& sink, StageTimes* times);
+                      const AttentionSink& sink, StageTimes* times, Device device = Device::cpu);
 
 // The same over all s <= t, computed in key tiles with an online softmax.
 void dense_attention(const AttentionInputs& inputs, float scale, const AttentionSink& sink,
-                     StageTimes* times);
+                     StageTimes* times, Device device = Device::cpu);
 
 }  // namespace dsa

@@ -5,6 +5,7 @@
 #include <functional>
 #include <vector>
 
+#include "dsa/device.hpp"
 #include "dsa/precision.hpp"
 #include "dsa/report.hpp"
 #include "dsa/tensor.hpp"
@@ -18,6 +19,7 @@ struct IndexerConfig {
   int64_t quant_block = 128;  // fp8: one scale per this many elements of a row
   float weight_scale = 1.0f;  // multiplies w (e.g. H_I^-0.5 * d_I^-0.5 for raw weights_proj)
   int64_t query_block = 16;   // query rows scored together
+  Device device = Device::cpu;
 };
 
 // Shapes of validated indexer inputs: q_I [B?, Lq, H_I, d_I], k_I [B?, Lk, d_I],

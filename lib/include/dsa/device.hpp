@@ -1,0 +1,17 @@
+// Where the numbers are computed: the CPU backend (always there) or the CUDA backend.
+#pragma once
+
+#include <string>
+
+namespace dsa {
+
+enum class Device { cpu, cuda };
+
+// "cpu", "cuda" or "auto" (the GPU when this build has the CUDA backend and a GPU is there).
+// "cuda" without a usable GPU is an Error(runtime) saying why.
+Device resolve_device(const std::string& name);
+bool cuda_available();
+// "cpu" or e.g. "cuda:0 NVIDIA H100 80GB HBM3 (132 SMs)".
+std::string device_description(Device device);
+
+}  // namespace dsa

@@ -1,0 +1,223 @@
+// The CUDA backend against the CPU library on fresh random inputs (DESIGN.md tolerances for
+// bf16 operands). Without a usable GPU every test skips, saying why.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+
+#include "dsa/attention.hpp"
+#include "dsa/device.hpp"
+#include "dsa/error.hpp"
+#include "dsa/indexer.hpp"
+#include "dsa/topk.hpp"
+#include "reference.hpp"
+
+namespace dsa {
+namespace {
+
+#define SKIP_WITHOUT_GPU()                                                      \
+  do {                                                                          \
+    if (!cuda_available()) GTEST_SKIP() << "no usable GPU: CUDA tests skipped"; \
+  } while (0)
+
+struct IndexerCase {
+  int64_t queries, keys, heads, dim, k;
+  Precision precision;
+  bool hadamard;
+};
+
+std::vector<float> scores_on(const IndexerInputs& in, IndexerConfig config, Device device) {
+  config.device = device;
+  std::vector<float> out(static_cast<std::size_t>(in.batch * in.queries * in.keys));
+  indexer_scores(
+      in, config,
+      [&](const ScoreBlock& b) {
+        std::copy_n(b.scores, b.rows * b.keys,
+                    out.begin() + (b.batch * in.queries + b.row_begin) * in.keys);
+      },
+      nullptr);
+  return out;
+}
+
+TEST(Cuda, IndexerScoresMatchTheCpu) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(1);
+  for (const IndexerCase& c : {IndexerCase{37, 37, 4, 32, 8, Precision::bf16, false},
+                               IndexerCase{300, 700, 64, 128, 64, Precision::fp8, true},
+                               IndexerCase{129, 129, 8, 64, 16, Precision::fp8, false},
+                               IndexerCase{50, 80, 3, 20, 8, Precision::f32, false}}) {
+    const Tensor q = test::random_tensor({c.queries, c.heads, c.dim}, rng);
+    const Tensor k = test::random_tensor({c.keys, c.dim}, rng);
+    const Tensor w = test::random_tensor({c.queries, c.heads}, rng);
+    IndexerConfig config;
+    config.precision = c.precision;
+    config.hadamard = c.hadamard;
+    const IndexerInputs in = make_indexer_inputs(q, k, w, config);
+    const auto cpu = scores_on(in, config, Device::cpu), gpu = scores_on(in, config, Device::cuda);
+    double err = 0, norm = 0;
+    for (std::size_t i = 0; i < cpu.size(); ++i) {
+      if (std::isinf(cpu[i])) {
+        ASSERT_EQ(gpu[i], cpu[i]) << i;
+        continue;
+      }
+      err += std::pow(double(gpu[i]) - cpu[i], 2);
+      norm += std::pow(double(cpu[i]), 2);
+    }
+    EXPECT_LT(std::sqrt(err / norm), 1e-5) << "H " << c.heads << " d " << c.dim;
+  }
+}
+
+TEST(Cuda, SelectionMatchesTheCpuExceptAmongNearTies) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(2);
+  const int64_t Lq = 1024, Lk = 4096, H = 64, d = 128, k = 2048;
+  const Tensor q = test::random_tensor({Lq, H, d}, rng);
+  const Tensor kk = test::random_tensor({Lk, d}, rng);
+  const Tensor w = test::random_tensor({Lq, H}, rng);
+  IndexerConfig config;
+  config.precision = Precision::fp8;
+  config.ue8m0 = true;
+  const IndexerInputs in = make_indexer_inputs(q, kk, w, config);
+  const auto cpu_scores = scores_on(in, config, Device::cpu);
+  std::vector<int32_t> cpu(static_cast<std::size_t>(Lq * k)), gpu(cpu.size());
+  for (Device device : {Device::cpu, Device::cuda}) {
+    IndexerConfig on = config;
+    on.device = device;
+    auto& dst = device == Device::cpu ? cpu : gpu;
+    select_from_indexer(
+        in, on, k,
+        [&](const SelectionBlock& b) {
+          std::copy_n(b.indices, b.rows * k, dst.begin() + b.row_begin * k);
+        },
+        nullptr);
+  }
+  int64_t differing = 0;
+  for (int64_t r = 0; r < Lq; ++r) {
+    const float* row = cpu_scores.data() + r * Lk;
+    std::vector<int32_t> a(cpu.begin() + r * k, cpu.begin() + (r + 1) * k),
+        b(gpu.begin() + r * k, gpu.begin() + (r + 1) * k);
+    const float kth = row[a.back()];
+    std::sort(a.begin(), a.end());
+    std::sort(b.begin(), b.end());
+    std::vector<int32_t> only_gpu;
+    std::set_difference(b.begin(), b.end(), a.begin(), a.end(), std::back_inserter(only_gpu));
+    for (int32_t s : only_gpu) {
+      ASSERT_GE(s, 0);
+      EXPECT_NEAR(row[s], kth, 1e-5 * std::fabs(kth) + 1e-6)
+          << "row " << r << " position " << s << " is no near-tie";
+      ++differing;
+    }
+  }
+  EXPECT_LT(differing, Lq * k / 1000) << "near-ties should be rare";
+}
+
+TEST(Cuda, ExactTiesAreBrokenByPositionLikeTheCpu) {
+  SKIP_WITHOUT_GPU();
+  // Small integers: exact in bf16, so scores tie exactly and often.
+  std::mt19937_64 rng(3);
+  const int64_t L = 300, H = 4, d = 16, k = 32;
+  Tensor q = make_tensor(DType::f32, {L, H, d}), kk = make_tensor(DType::f32, {L, d}),
+         w = make_tensor(DType::f32, {L, H});
+  for (int64_t i = 0; i < q.numel(); ++i) mutable_data<float>(q)[i] = static_cast<float>(rng() % 3);
+  for (int64_t i = 0; i < kk.numel(); ++i)
+    mutable_data<float>(kk)[i] = static_cast<float>(rng() % 2);
+  for (int64_t i = 0; i < w.numel(); ++i) mutable_data<float>(w)[i] = 1.0f;
+  IndexerConfig config;
+  config.precision = Precision::bf16;
+  const IndexerInputs in = make_indexer_inputs(q, kk, w, config);
+  std::vector<int32_t> cpu(static_cast<std::size_t>(L * k)), gpu(cpu.size());
+  for (Device device : {Device::cpu, Device::cuda}) {
+    IndexerConfig on = config;
+    on.device = device;
+    auto& dst = device == Device::cpu ? cpu : gpu;
+    select_from_indexer(
+        in, on, k,
+        [&](const SelectionBlock& b) {
+          std::copy_n(b.indices, b.rows * k, dst.begin() + b.row_begin * k);
+        },
+        nullptr);
+  }
+  EXPECT_EQ(gpu, cpu);
+}
+
+struct Result {
+  std::vector<float> out, lse;
+};
+
+Result attend(const AttentionInputs& in, const Tensor* indices, float scale, Device device) {
+  Result r;
+  r.out.assign(static_cast<std::size_t>(in.batch * in.queries * in.heads * in.d_v), NAN);
+  r.lse.assign(static_cast<std::size_t>(in.batch * in.queries * in.heads), NAN);
+  auto sink = [&](const AttentionBlock& b) {
+    const int64_t row = b.batch * in.queries + b.row_begin;
+    std::copy_n(b.out, b.rows * in.heads * in.d_v, r.out.begin() + row * in.heads * in.d_v);
+    std::copy_n(b.lse, b.rows * in.heads, r.lse.begin() + row * in.heads);
+  };
+  if (indices) {
+    sparse_attention(in, *indices, scale, sink, nullptr, device);
+  } else {
+    dense_attention(in, scale, sink, nullptr, device);
+  }
+  return r;
+}
+
+double relative_error(const std::vector<float>& a, const std::vector<float>& b) {
+  double err = 0, norm = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    err += std::pow(double(a[i]) - b[i], 2);
+    norm += std::pow(double(b[i]), 2);
+  }
+  return std::sqrt(err / norm);
+}
+
+TEST(Cuda, SparseAndDenseMqaAttentionMatchTheCpu) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(4);
+  struct Case {
+    int64_t batch, queries, keys, heads, d_qk, d_v, k;
+  };
+  for (const Case& c : {Case{1, 64, 64, 16, 64, 48, 16}, Case{2, 9, 300, 128, 576, 512, 128},
+                        Case{1, 200, 200, 40, 96, 64, 64}}) {
+    const bool batched = c.batch > 1;
+    Shape qs = {c.queries, c.heads, c.d_qk}, ks = {c.keys, c.d_qk}, is = {c.queries, c.k};
+    if (batched) {
+      qs.insert(qs.begin(), c.batch);
+      ks.insert(ks.begin(), c.batch);
+      is.insert(is.begin(), c.batch);
+    }
+    const Tensor q = test::random_tensor(qs, rng, 1.0f, "q"),
+                 kv = test::random_tensor(ks, rng, 1.0f, "kv");
+    const AttentionInputs in = make_mqa_inputs(q, kv, c.d_v);
+    Tensor indices = make_tensor(DType::i32, is, "idx");
+    for (int64_t r = 0; r < c.batch * c.queries; ++r) {
+      const int64_t visible = in.position(r % c.queries) + 1;
+      std::vector<int32_t> all(static_cast<std::size_t>(visible));
+      for (int64_t s = 0; s < visible; ++s) all[s] = static_cast<int32_t>(s);
+      std::shuffle(all.begin(), all.end(), rng);
+      all.resize(static_cast<std::size_t>(std::min(c.k, visible)));
+      all.resize(static_cast<std::size_t>(c.k), -1);
+      std::shuffle(all.begin(), all.end(), rng);
+      std::copy(all.begin(), all.end(), mutable_data<int32_t>(indices) + r * c.k);
+    }
+    const float scale = default_scale(c.d_qk);
+    for (const Tensor* sel :
+         {static_cast<const Tensor*>(&indices), static_cast<const Tensor*>(nullptr)}) {
+      const Result cpu = attend(in, sel, scale, Device::cpu),
+                   gpu = attend(in, sel, scale, Device::cuda);
+      EXPECT_LT(relative_error(gpu.out, cpu.out), 1e-2)
+          << (sel ? "sparse" : "dense") << " H " << c.heads;
+      for (std::size_t i = 0; i < cpu.lse.size(); ++i)
+        ASSERT_NEAR(gpu.lse[i], cpu.lse[i], 2e-2) << i;
+    }
+  }
+}
+
+TEST(Cuda, DeviceSelection) {
+  EXPECT_EQ(resolve_device("cpu"), Device::cpu);
+  EXPECT_EQ(resolve_device("auto"), cuda_available() ? Device::cuda : Device::cpu);
+  EXPECT_EQ(device_description(Device::cpu), "cpu");
+  if (!cuda_available()) EXPECT_THROW(resolve_device("cuda"), Error);
+}
+
+}  // namespace
+}  // namespace dsa
