@@ -1,0 +1,171 @@
+// Times the CUDA kernels on device-resident data at DeepSeek-V3.2 sizes (indexer 64 x 128,
+// top-2048, sparse MQA 128 heads x 576/512) and prints one JSON line per measurement.
+// Usage: dsa-cuda-bench [L ...]   (default 32768 131072)
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#include "kernels.cuh"
+
+namespace {
+
+using dsa::cuda::check;
+
+__global__ void fill_bf16(__nv_bfloat16* x, int64_t n, uint32_t seed, float amplitude) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
+    h ^= h >> 15;
+    h *= 2246822519u;
+    h ^= h >> 13;
+    x[i] = __float2bfloat16(amplitude * ((h & 0xffff) / 32768.0f - 1.0f));
+  }
+}
+
+__global__ void fill_f32(float* x, int64_t n, float value) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) x[i] = value;
+}
+
+// Distinct visible positions per row: a stride walk from a row-dependent start.
+__global__ void fill_indices(int32_t* idx, int rows, int k, int64_t first_position) {
+  const int r = blockIdx.x;
+  const int64_t visible = first_position + r + 1;
+  for (int j = threadIdx.x; j < k; j += blockDim.x) {
+    idx[int64_t(r) * k + j] = j < visible ? static_cast<int32_t>((int64_t(j) * 7919 + r) % visible) : -1;
+  }
+}
+
+template <typename T>
+T* device_alloc(size_t n) {
+  T* p = nullptr;
+  check(cudaMalloc(&p, n * sizeof(T)), "cudaMalloc");
+  return p;
+}
+
+struct Timer {
+  cudaEvent_t start, stop;
+  Timer() {
+    cudaEventCreate(&start);
+    cudaEventCreate(&stop);
+  }
+  void begin() { cudaEventRecord(start); }
+  double end_ms() {
+    cudaEventRecord(stop);
+    check(cudaEventSynchronize(stop), "kernel");
+    float ms = 0;
+    cudaEventElapsedTime(&ms, start, stop);
+    return ms;
+  }
+};
+
+void report(const char* what, int64_t L, double ms, double flops) {
+  std::printf("{\"bench\":\"%s\",\"L\":%lld,\"ms\":%.3f,\"tflops\":%.1f}\n", what, static_cast<long long>(L), ms,
+              flops / (ms * 1e-3) / 1e12);
+  std::fflush(stdout);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<int64_t> lengths;
+  for (int i = 1; i < argc; ++i) lengths.push_back(std::atoll(argv[i]));
+  if (lengths.empty()) lengths = {32768, 131072};
+  const int HI = 64, DI = 128, H = 128, DQK = 576, DV = 512, K = 2048;
+  Timer timer;
+  for (int64_t L : lengths) {
+    // Indexer + top-k over every query row, in chunks of rows.
+    const int64_t chunk = std::min<int64_t>(L, (int64_t(4) << 30) / (L * 4));
+    auto* q = device_alloc<__nv_bfloat16>(size_t(chunk) * HI * DI);
+    auto* k = device_alloc<__nv_bfloat16>(size_t(L) * DI);
+    auto* w = device_alloc<float>(size_t(chunk) * HI);
+    auto* ks = device_alloc<float>(L);
+    auto* scores = device_alloc<float>(size_t(chunk) * L);
+    auto* idx = device_alloc<int32_t>(size_t(chunk) * K);
+    auto* vals = device_alloc<float>(size_t(chunk) * K);
+    fill_bf16<<<1024, 256>>>(q, chunk * HI * DI, 1, 1.0f);
+    fill_bf16<<<1024, 256>>>(k, L * DI, 2, 1.0f);
+    fill_f32<<<1024, 256>>>(w, chunk * HI, 1.0f / HI);
+    fill_f32<<<1024, 256>>>(ks, L, 1.0f);
+    check(cudaDeviceSynchronize(), "fill");
+    double indexer_ms = 0, topk_ms = 0;
+    for (int64_t c0 = 0; c0 < L; c0 += chunk) {
+      const int rows = static_cast<int>(std::min(chunk, L - c0));
+      timer.begin();
+      dsa::cuda::launch_indexer_bf16(q, w, k, ks, rows, HI, DI, static_cast<int>(L), c0, scores, L, nullptr);
+      indexer_ms += timer.end_ms();
+      timer.begin();
+      dsa::cuda::launch_topk(scores, L, rows, c0, static_cast<int>(L), K, idx, vals, nullptr);
+      topk_ms += timer.end_ms();
+    }
+    const double causal_pairs = double(L) * double(L + 1) / 2;
+    report("indexer", L, indexer_ms, 2.0 * causal_pairs * HI * DI);
+    report("topk", L, topk_ms, 0);
+    cudaFree(q), cudaFree(w), cudaFree(scores), cudaFree(idx), cudaFree(vals), cudaFree(k), cudaFree(ks);
+
+    // Sparse MQA attention over K selected entries per row.
+    const int64_t attn_chunk = std::min<int64_t>(L, 16384);
+    auto* qa = device_alloc<__nv_bfloat16>(size_t(attn_chunk) * H * DQK);
+    auto* kv = device_alloc<__nv_bfloat16>(size_t(L) * DQK);
+    auto* sel = device_alloc<int32_t>(size_t(attn_chunk) * K);
+    auto* out = device_alloc<float>(size_t(attn_chunk) * H * DV);
+    auto* lse = device_alloc<float>(size_t(attn_chunk) * H);
+    fill_bf16<<<1024, 256>>>(qa, attn_chunk * H * DQK, 3, 0.1f);
+    fill_bf16<<<1024, 256>>>(kv, L * DQK, 4, 1.0f);
+    double attn_ms = 0, attn_flops = 0;
+    for (int64_t c0 = 0; c0 < L; c0 += attn_chunk) {
+      const int rows = static_cast<int>(std::min(attn_chunk, L - c0));
+      fill_indices<<<rows, 256>>>(sel, rows, K, c0);
+      check(cudaDeviceSynchronize(), "fill indices");
+      timer.begin();
+      dsa::cuda::launch_mqa_attention(qa, kv, sel, K, rows, H, DQK, DV, static_cast<int>(L), c0, 0.0417f, out, lse,
+                                      nullptr);
+      attn_ms += timer.end_ms();
+      for (int64_t r = 0; r < rows; ++r) attn_flops += 2.0 * H * (DQK + DV) * double(std::min<int64_t>(K, c0 + r + 1));
+    }
+    report("sparse_attention", L, attn_ms, attn_flops);
+    report("dsa_prefill", L, indexer_ms + topk_ms + attn_ms, 0);
+    cudaFree(qa), cudaFree(kv), cudaFree(sel), cudaFree(out), cudaFree(lse);
+  }
+  // Decode: batch 32, one query each, context 131072.
+  {
+    const int B = 32;
+    const int64_t L = 131072;
+    auto* q = device_alloc<__nv_bfloat16>(size_t(B) * HI * DI);
+    auto* k = device_alloc<__nv_bfloat16>(size_t(B) * L * DI);
+    auto* w = device_alloc<float>(size_t(B) * HI);
+    auto* ks = device_alloc<float>(size_t(B) * L);
+    auto* scores = device_alloc<float>(size_t(B) * L);
+    auto* idx = device_alloc<int32_t>(size_t(B) * K);
+    auto* vals = device_alloc<float>(size_t(B) * K);
+    auto* qa = device_alloc<__nv_bfloat16>(size_t(B) * H * DQK);
+    auto* kv = device_alloc<__nv_bfloat16>(size_t(B) * L * DQK);
+    auto* out = device_alloc<float>(size_t(B) * H * DV);
+    auto* lse = device_alloc<float>(size_t(B) * H);
+    fill_bf16<<<1024, 256>>>(q, B * HI * DI, 5, 1.0f);
+    fill_bf16<<<1024, 256>>>(k, B * L * DI, 6, 1.0f);
+    fill_bf16<<<1024, 256>>>(qa, B * H * DQK, 7, 0.1f);
+    fill_bf16<<<1024, 256>>>(kv, B * L * DQK, 8, 1.0f);
+    fill_f32<<<1024, 256>>>(w, B * HI, 1.0f / HI);
+    fill_f32<<<1024, 256>>>(ks, B * L, 1.0f);
+    check(cudaDeviceSynchronize(), "fill");
+    double best = 1e30;
+    for (int rep = 0; rep < 5; ++rep) {
+      timer.begin();
+      for (int b = 0; b < B; ++b) {
+        dsa::cuda::launch_indexer_bf16(q + size_t(b) * HI * DI, w + b * HI, k + size_t(b) * L * DI, ks + b * L, 1, HI, DI,
+                                       static_cast<int>(L), L - 1, scores + size_t(b) * L, L, nullptr);
+      }
+      dsa::cuda::launch_topk(scores, L, B, L - 1 - 0, static_cast<int>(L), K, idx, vals, nullptr);
+      for (int b = 0; b < B; ++b) {
+        dsa::cuda::launch_mqa_attention(qa + size_t(b) * H * DQK, kv + size_t(b) * L * DQK, idx + size_t(b) * K, K, 1, H,
+                                        DQK, DV, static_cast<int>(L), L - 1, 0.0417f, out + size_t(b) * H * DV,
+                                        lse + b * H, nullptr);
+      }
+      best = std::min(best, timer.end_ms());
+    }
+    report("decode_b32_131072", L, best, 0);
+  }
+  return 0;
+}
