@@ -15,7 +15,8 @@ namespace {
 using dsa::cuda::check;
 
 __global__ void fill_bf16(__nv_bfloat16* x, int64_t n, uint32_t seed, float amplitude) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
     uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
     h ^= h >> 15;
     h *= 2246822519u;
@@ -25,7 +26,9 @@ __global__ void fill_bf16(__nv_bfloat16* x, int64_t n, uint32_t seed, float ampl
 }
 
 __global__ void fill_f32(float* x, int64_t n, float value) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) x[i] = value;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    x[i] = value;
 }
 
 // Distinct visible positions per row: a stride walk from a row-dependent start.
@@ -33,7 +36,8 @@ __global__ void fill_indices(int32_t* idx, int rows, int k, int64_t first_positi
   const int r = blockIdx.x;
   const int64_t visible = first_position + r + 1;
   for (int j = threadIdx.x; j < k; j += blockDim.x) {
-    idx[int64_t(r) * k + j] = j < visible ? static_cast<int32_t>((int64_t(j) * 7919 + r) % visible) : -1;
+    idx[int64_t(r) * k + j] =
+        j < visible ? static_cast<int32_t>((int64_t(j) * 7919 + r) % visible) : -1;
   }
 }
 
@@ -61,8 +65,8 @@ struct Timer {
 };
 
 void report(const char* what, int64_t L, double ms, double flops) {
-  std::printf("{\"bench\":\"%s\",\"L\":%lld,\"ms\":%.3f,\"tflops\":%.1f}\n", what, static_cast<long long>(L), ms,
-              flops / (ms * 1e-3) / 1e12);
+  std::printf("{\"bench\":\"%s\",\"L\":%lld,\"ms\":%.3f,\"tflops\":%.1f}\n", what,
+              static_cast<long long>(L), ms, flops / (ms * 1e-3) / 1e12);
   std::fflush(stdout);
 }
 
@@ -93,7 +97,8 @@ int main(int argc, char** argv) {
     for (int64_t c0 = 0; c0 < L; c0 += chunk) {
       const int rows = static_cast<int>(std::min(chunk, L - c0));
       timer.begin();
-      dsa::cuda::launch_indexer_bf16(q, w, k, ks, rows, HI, DI, static_cast<int>(L), c0, scores, L, nullptr);
+      dsa::cuda::launch_indexer_bf16(q, w, k, ks, rows, HI, DI, static_cast<int>(L), c0, scores, L,
+                                     nullptr);
       indexer_ms += timer.end_ms();
       timer.begin();
       dsa::cuda::launch_topk(scores, L, rows, c0, static_cast<int>(L), K, idx, vals, nullptr);
@@ -102,7 +107,8 @@ int main(int argc, char** argv) {
     const double causal_pairs = double(L) * double(L + 1) / 2;
     report("indexer", L, indexer_ms, 2.0 * causal_pairs * HI * DI);
     report("topk", L, topk_ms, 0);
-    cudaFree(q), cudaFree(w), cudaFree(scores), cudaFree(idx), cudaFree(vals), cudaFree(k), cudaFree(ks);
+    cudaFree(q), cudaFree(w), cudaFree(scores), cudaFree(idx), cudaFree(vals), cudaFree(k),
+        cudaFree(ks);
 
     // Sparse MQA attention over K selected entries per row.
     const int64_t attn_chunk = std::min<int64_t>(L, 16384);
@@ -119,10 +125,11 @@ int main(int argc, char** argv) {
       fill_indices<<<rows, 256>>>(sel, rows, K, c0);
       check(cudaDeviceSynchronize(), "fill indices");
       timer.begin();
-      dsa::cuda::launch_mqa_attention(qa, kv, sel, K, rows, H, DQK, DV, static_cast<int>(L), c0, 0.0417f, out, lse,
-                                      nullptr);
+      dsa::cuda::launch_mqa_attention(qa, kv, sel, K, rows, H, DQK, DV, static_cast<int>(L), c0,
+                                      0.0417f, out, lse, nullptr);
       attn_ms += timer.end_ms();
-      for (int64_t r = 0; r < rows; ++r) attn_flops += 2.0 * H * (DQK + DV) * double(std::min<int64_t>(K, c0 + r + 1));
+      for (int64_t r = 0; r < rows; ++r)
+        attn_flops += 2.0 * H * (DQK + DV) * double(std::min<int64_t>(K, c0 + r + 1));
     }
     report("sparse_attention", L, attn_ms, attn_flops);
     report("dsa_prefill", L, indexer_ms + topk_ms + attn_ms, 0);
@@ -150,21 +157,56 @@ int main(int argc, char** argv) {
     fill_f32<<<1024, 256>>>(w, B * HI, 1.0f / HI);
     fill_f32<<<1024, 256>>>(ks, B * L, 1.0f);
     check(cudaDeviceSynchronize(), "fill");
-    double best = 1e30;
-    for (int rep = 0; rep < 5; ++rep) {
+    dsa::cuda::IndexerBatch ib;
+    ib.count = B;
+    ib.q = int64_t(HI) * DI, ib.w = HI, ib.k = L * DI, ib.k_scale = L, ib.scores = L;
+    dsa::cuda::AttentionBatch ab;
+    ab.count = B;
+    ab.q = int64_t(H) * DQK, ab.kv = L * DQK, ab.indices = K, ab.out = int64_t(H) * DV, ab.lse = H;
+    double best = 1e30, best_indexer = 1e30, best_topk = 1e30, best_attention = 1e30;
+    for (int rep = 0; rep < 10; ++rep) {
       timer.begin();
-      for (int b = 0; b < B; ++b) {
-        dsa::cuda::launch_indexer_bf16(q + size_t(b) * HI * DI, w + b * HI, k + size_t(b) * L * DI, ks + b * L, 1, HI, DI,
-                                       static_cast<int>(L), L - 1, scores + size_t(b) * L, L, nullptr);
+      dsa::cuda::launch_indexer_bf16(q, w, k, ks, 1, HI, DI, static_cast<int>(L), L - 1, scores, L,
+                                     nullptr, ib);
+      const double t_indexer = timer.end_ms();
+      timer.begin();
+      dsa::cuda::launch_topk(scores, L, B, L - 1, static_cast<int>(L), K, idx, vals, nullptr);
+      const double t_topk = timer.end_ms();
+      timer.begin();
+      dsa::cuda::launch_mqa_attention(qa, kv, idx, K, 1, H, DQK, DV, static_cast<int>(L), L - 1,
+                                      0.0417f, out, lse, nullptr, ab);
+      const double t_attention = timer.end_ms();
+      if (t_indexer + t_topk + t_attention < best) {
+        best = t_indexer + t_topk + t_attention;
+        best_indexer = t_indexer, best_topk = t_topk, best_attention = t_attention;
       }
-      dsa::cuda::launch_topk(scores, L, B, L - 1 - 0, static_cast<int>(L), K, idx, vals, nullptr);
-      for (int b = 0; b < B; ++b) {
-        dsa::cuda::launch_mqa_attention(qa + size_t(b) * H * DQK, kv + size_t(b) * L * DQK, idx + size_t(b) * K, K, 1, H,
-                                        DQK, DV, static_cast<int>(L), L - 1, 0.0417f, out + size_t(b) * H * DV,
-                                        lse + b * H, nullptr);
-      }
-      best = std::min(best, timer.end_ms());
     }
+    // The batched launches must give what one launch per sequence gives, to the bit.
+    {
+      std::vector<float> batched(size_t(B) * L), single(size_t(B) * L);
+      std::vector<float> out_batched(size_t(B) * H * DV), out_single(out_batched.size());
+      check(cudaMemcpy(batched.data(), scores, batched.size() * 4, cudaMemcpyDeviceToHost), "copy");
+      check(cudaMemcpy(out_batched.data(), out, out_batched.size() * 4, cudaMemcpyDeviceToHost),
+            "copy");
+      for (int b = 0; b < B; ++b) {
+        dsa::cuda::launch_indexer_bf16(q + size_t(b) * HI * DI, w + b * HI, k + size_t(b) * L * DI,
+                                       ks + b * L, 1, HI, DI, static_cast<int>(L), L - 1,
+                                       scores + size_t(b) * L, L, nullptr);
+        dsa::cuda::launch_mqa_attention(qa + size_t(b) * H * DQK, kv + size_t(b) * L * DQK,
+                                        idx + size_t(b) * K, K, 1, H, DQK, DV, static_cast<int>(L),
+                                        L - 1, 0.0417f, out + size_t(b) * H * DV, lse + b * H,
+                                        nullptr);
+      }
+      check(cudaMemcpy(single.data(), scores, single.size() * 4, cudaMemcpyDeviceToHost), "copy");
+      check(cudaMemcpy(out_single.data(), out, out_single.size() * 4, cudaMemcpyDeviceToHost),
+            "copy");
+      std::printf("{\"bench\":\"decode_batched_equals_single\",\"indexer\":%s,\"attention\":%s}\n",
+                  batched == single ? "true" : "false",
+                  out_batched == out_single ? "true" : "false");
+    }
+    report("decode_b32_131072_indexer", L, best_indexer, 2.0 * B * L * HI * DI);
+    report("decode_b32_131072_topk", L, best_topk, 0);
+    report("decode_b32_131072_attention", L, best_attention, 2.0 * B * K * H * (DQK + DV));
     report("decode_b32_131072", L, best, 0);
   }
   return 0;

@@ -36,7 +36,12 @@ __global__ void __launch_bounds__(kThreads)
     mqa_kernel(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kv,
                const int32_t* __restrict__ indices, int k, int heads, int d_qk, int d_v, int keys,
                int64_t first_position, float scale, float* __restrict__ out,
-               float* __restrict__ lse) {
+               float* __restrict__ lse, AttentionBatch batch) {
+  q += blockIdx.z * batch.q;
+  kv += blockIdx.z * batch.kv;
+  if (indices) indices += blockIdx.z * batch.indices;
+  out += blockIdx.z * batch.out;
+  lse += blockIdx.z * batch.lse;
   extern __shared__ __align__(128) unsigned char smem[];
   const Layout layout(d_qk, d_v);
   auto* q_s = reinterpret_cast<__nv_bfloat16*>(smem + layout.q);
@@ -158,8 +163,8 @@ __global__ void __launch_bounds__(kThreads)
 void launch_mqa_attention(const __nv_bfloat16* q, const __nv_bfloat16* kv, const int32_t* indices,
                           int k, int rows, int heads, int d_qk, int d_v, int keys,
                           int64_t first_position, float scale, float* out, float* lse,
-                          cudaStream_t stream) {
-  if (rows == 0) return;
+                          cudaStream_t stream, const AttentionBatch& batch) {
+  if (rows == 0 || batch.count == 0) return;
   if (d_qk % 16 != 0 || d_v % 16 != 0 || d_v > d_qk || d_qk > 576) {
     fail(ExitCode::usage,
          "the CUDA attention needs d_qk and d_v multiples of 16 with d_v <= d_qk <= 576, got {} "
@@ -170,9 +175,9 @@ void launch_mqa_attention(const __nv_bfloat16* q, const __nv_bfloat16* kv, const
   check(cudaFuncSetAttribute(mqa_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(layout.bytes)),
         "cudaFuncSetAttribute(attention)");
-  const dim3 grid(rows, (heads + kHeads - 1) / kHeads);
+  const dim3 grid(rows, (heads + kHeads - 1) / kHeads, batch.count);
   mqa_kernel<<<grid, kThreads, layout.bytes, stream>>>(q, kv, indices, k, heads, d_qk, d_v, keys,
-                                                       first_position, scale, out, lse);
+                                                       first_position, scale, out, lse, batch);
   check(cudaGetLastError(), "attention kernel launch");
 }
 

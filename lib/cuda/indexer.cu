@@ -21,7 +21,13 @@ __global__ void __launch_bounds__(kThreads)
     indexer_bf16_kernel(const __nv_bfloat16* __restrict__ q, const float* __restrict__ w,
                         const __nv_bfloat16* __restrict__ k, const float* __restrict__ k_scale,
                         int rows, int heads, int dim, int keys, int64_t first_position,
-                        float* __restrict__ scores, int64_t stride) {
+                        float* __restrict__ scores, int64_t stride, IndexerBatch batch,
+                        int key_span) {
+  q += blockIdx.z * batch.q;
+  w += blockIdx.z * batch.w;
+  k += blockIdx.z * batch.k;
+  k_scale += blockIdx.z * batch.k_scale;
+  scores += blockIdx.z * batch.scores;
   extern __shared__ __align__(128) unsigned char smem[];
   const int ld = dim + 8;  // bf16 row stride in shared memory (a multiple of 8, off the banks)
   auto* q_s = reinterpret_cast<__nv_bfloat16*>(smem);
@@ -50,8 +56,11 @@ __global__ void __launch_bounds__(kThreads)
     const int query = q0 + row / heads;
     w_s[row] = query < q_end ? w[static_cast<int64_t>(query) * heads + row % heads] : 0.0f;
   }
-  const int64_t visible_end = min(static_cast<int64_t>(keys), first_position + q_end);
-  for (int64_t s0 = 0; s0 < visible_end; s0 += kKeyTile) {
+  // This block's share of the keys: [key_begin, key_end).
+  const int64_t key_begin = static_cast<int64_t>(blockIdx.y) * key_span;
+  const int64_t key_end = min(static_cast<int64_t>(keys), key_begin + key_span);
+  const int64_t visible_end = min(key_end, first_position + q_end);
+  for (int64_t s0 = key_begin; s0 < visible_end; s0 += kKeyTile) {
     __syncthreads();
     for (int i = tid; i < kKeyTile * chunks; i += kThreads) {
       const int row = i / chunks, c = i % chunks;
@@ -85,7 +94,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int i = tid; i < (q_end - q0) * kKeyTile; i += kThreads) {
       const int local = i / kKeyTile, key = i % kKeyTile;
       const int64_t s = s0 + key;
-      if (s >= keys) continue;
+      if (s >= visible_end) continue;
       const int64_t position = first_position + q0 + local;
       float sum = 0.0f;
       for (int j = 0; j < heads; ++j) {
@@ -96,7 +105,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   for (int local = 0; local < q_end - q0; ++local) {
-    for (int64_t s = visible_end + tid; s < keys; s += kThreads)
+    for (int64_t s = max(visible_end, key_begin) + tid; s < key_end; s += kThreads)
       scores[(q0 + local) * stride + s] = -INFINITY;
   }
 }
@@ -129,9 +138,9 @@ __global__ void indexer_f32_kernel(const float* __restrict__ q, const float* __r
 
 void launch_indexer_bf16(const __nv_bfloat16* q, const float* w, const __nv_bfloat16* k,
                          const float* k_scale, int rows, int heads, int dim, int keys,
-                         int64_t first_position, float* scores, int64_t stride,
-                         cudaStream_t stream) {
-  if (rows == 0) return;
+                         int64_t first_position, float* scores, int64_t stride, cudaStream_t stream,
+                         const IndexerBatch& batch) {
+  if (rows == 0 || batch.count == 0) return;
   const int ld = dim + 8;
   const size_t smem = (kRows + kKeyTile) * ld * sizeof(__nv_bfloat16) +
                       (kRows * kLogitStride + kRows + kKeyTile) * sizeof(float);
@@ -139,8 +148,18 @@ void launch_indexer_bf16(const __nv_bfloat16* q, const float* w, const __nv_bflo
                              static_cast<int>(smem)),
         "cudaFuncSetAttribute(indexer)");
   const int per_block = kRows / heads;
-  indexer_bf16_kernel<<<(rows + per_block - 1) / per_block, kThreads, smem, stream>>>(
-      q, w, k, k_scale, rows, heads, dim, keys, first_position, scores, stride);
+  const int query_blocks = (rows + per_block - 1) / per_block;
+  // Few query blocks (decode): split the keys too, so that every SM has work.
+  int device = 0, sms = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
+        "cudaDeviceGetAttribute");
+  const int key_tiles = std::max(1, (keys + kKeyTile - 1) / kKeyTile);
+  const int splits = std::clamp(2 * sms / std::max(1, query_blocks * batch.count), 1, key_tiles);
+  const int key_span = (key_tiles + splits - 1) / splits * kKeyTile;
+  const dim3 grid(query_blocks, (std::max(keys, 1) + key_span - 1) / key_span, batch.count);
+  indexer_bf16_kernel<<<grid, kThreads, smem, stream>>>(
+      q, w, k, k_scale, rows, heads, dim, keys, first_position, scores, stride, batch, key_span);
   check(cudaGetLastError(), "indexer kernel launch");
 }
 

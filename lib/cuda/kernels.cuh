@@ -18,10 +18,16 @@ void check(cudaError_t status, const char* what);
 // w [rows, H] is the weight times the query row's fp8 scale, k_scale [keys] the key's.
 // The per-head logits stay in shared memory. scores [rows, stride], -inf where s > t.
 // Needs 128 % H == 0 and d % 16 == 0, d <= 256.
+// Several sequences in one launch (decode batches): sequence z reads and writes at these
+// element offsets from each pointer.
+struct IndexerBatch {
+  int count = 1;
+  int64_t q = 0, w = 0, k = 0, k_scale = 0, scores = 0;
+};
 void launch_indexer_bf16(const __nv_bfloat16* q, const float* w, const __nv_bfloat16* k,
                          const float* k_scale, int rows, int heads, int dim, int keys,
-                         int64_t first_position, float* scores, int64_t stride,
-                         cudaStream_t stream);
+                         int64_t first_position, float* scores, int64_t stride, cudaStream_t stream,
+                         const IndexerBatch& batch = {});
 // The same in f32 on the CUDA cores (the f32 precision mode).
 void launch_indexer_f32(const float* q, const float* w, const float* k, int rows, int heads,
                         int dim, int keys, int64_t first_position, float* scores, int64_t stride,
@@ -37,9 +43,13 @@ void launch_topk(const float* scores, int64_t stride, int rows, int64_t first_po
 // first d_v columns), over indices [rows, k] (-1 skipped) or, with indices == nullptr, over
 // every s <= first_position + r (dense). out [rows, H, d_v] f32, lse [rows, H] (natural log;
 // -inf and zeros for a row that selects nothing). d_qk, d_v multiples of 16, d_v <= d_qk <= 576.
+struct AttentionBatch {
+  int count = 1;
+  int64_t q = 0, kv = 0, indices = 0, out = 0, lse = 0;
+};
 void launch_mqa_attention(const __nv_bfloat16* q, const __nv_bfloat16* kv, const int32_t* indices,
                           int k, int rows, int heads, int d_qk, int d_v, int keys,
                           int64_t first_position, float scale, float* out, float* lse,
-                          cudaStream_t stream);
+                          cudaStream_t stream, const AttentionBatch& batch = {});
 
 }  // namespace dsa::cuda
