@@ -15,6 +15,7 @@
 
 #include "dsa/io.hpp"
 #include "reference.hpp"
+#include "temp_dir.hpp"
 
 namespace dsa {
 namespace {
@@ -34,14 +35,10 @@ std::string slurp(const fs::path& p) {
   return s.str();
 }
 
-class Cli : public ::testing::Test {
+class Cli : public test::TempDirTest {
  protected:
   void SetUp() override {
-    dir_ = fs::temp_directory_path() /
-           ("dsa-cli-" + std::to_string(::getpid()) + "-" +
-            ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(dir_);
-    fs::create_directories(dir_);
+    TempDirTest::SetUp();
     std::mt19937_64 rng(42);
     write("q.npy", test::random_tensor({24, 4, 16}, rng));
     write("k.npy", test::random_tensor({24, 16}, rng));
@@ -49,9 +46,7 @@ class Cli : public ::testing::Test {
     write("qa.npy", test::random_tensor({24, 3, 20}, rng));
     write("kv.npy", test::random_tensor({24, 20}, rng));
   }
-  void TearDown() override { fs::remove_all(dir_); }
 
-  std::string path(const std::string& name) const { return (dir_ / name).string(); }
   void write(const std::string& name, const Tensor& t) { write_tensor(path(name), t); }
 
   // Runs a shell command line in the test directory with the binaries on PATH.
@@ -76,8 +71,6 @@ class Cli : public ::testing::Test {
     std::sort(names.begin(), names.end());
     EXPECT_EQ(present, names);
   }
-
-  fs::path dir_;
 };
 
 const std::string kIndexer = "--q-index q.npy --k-index k.npy --weights w.npy";

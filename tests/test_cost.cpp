@@ -2,7 +2,9 @@
 // (monotone, dense = DSA below k without an indexer, the crossover), the preset loader and
 // --set, and dsa-cost as a user runs it (JSON and CSV agree, the SVG is XML).
 #include <gtest/gtest.h>
+
 #include <sys/wait.h>
+#include "temp_dir.hpp"
 
 #include <unistd.h>
 #include <cmath>
@@ -291,17 +293,8 @@ TEST(CostCurves, RejectsBadRanges) {
 // ---------------------------------------------------------------------------------------------
 // Presets, files and --set.
 
-class Specs : public ::testing::Test {
+class Specs : public test::TempDirTest {
  protected:
-  void SetUp() override {
-    dir_ = fs::temp_directory_path() /
-           ("dsa-cost-" + std::to_string(::getpid()) + "-" +
-            ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(dir_);
-    fs::create_directories(dir_);
-  }
-  void TearDown() override { fs::remove_all(dir_); }
-
   std::string write(const std::string& name, const std::string& text) const {
     std::ofstream(dir_ / name) << text;
     return (dir_ / name).string();
@@ -317,8 +310,6 @@ class Specs : public ::testing::Test {
     }
     return {ExitCode::ok, ""};
   }
-
-  fs::path dir_;
 };
 
 TEST_F(Specs, PresetsLoadAndRoundTrip) {

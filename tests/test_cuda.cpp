@@ -39,6 +39,19 @@ std::vector<float> scores_on(const IndexerInputs& in, IndexerConfig config, Devi
   return out;
 }
 
+std::vector<int32_t> selection_on(const IndexerInputs& in, IndexerConfig config, int64_t k,
+                                  Device device) {
+  config.device = device;
+  std::vector<int32_t> out(static_cast<std::size_t>(in.batch * in.queries * k));
+  select_from_indexer(
+      in, config, k,
+      [&](const SelectionBlock& b) {
+        std::copy_n(b.indices, b.rows * k, out.begin() + (b.batch * in.queries + b.row_begin) * k);
+      },
+      nullptr);
+  return out;
+}
+
 TEST(Cuda, IndexerScoresMatchTheCpu) {
   SKIP_WITHOUT_GPU();
   std::mt19937_64 rng(1);
@@ -79,18 +92,8 @@ TEST(Cuda, SelectionMatchesTheCpuExceptAmongNearTies) {
   config.ue8m0 = true;
   const IndexerInputs in = make_indexer_inputs(q, kk, w, config);
   const auto cpu_scores = scores_on(in, config, Device::cpu);
-  std::vector<int32_t> cpu(static_cast<std::size_t>(Lq * k)), gpu(cpu.size());
-  for (Device device : {Device::cpu, Device::cuda}) {
-    IndexerConfig on = config;
-    on.device = device;
-    auto& dst = device == Device::cpu ? cpu : gpu;
-    select_from_indexer(
-        in, on, k,
-        [&](const SelectionBlock& b) {
-          std::copy_n(b.indices, b.rows * k, dst.begin() + b.row_begin * k);
-        },
-        nullptr);
-  }
+  const auto cpu = selection_on(in, config, k, Device::cpu),
+             gpu = selection_on(in, config, k, Device::cuda);
   int64_t differing = 0;
   for (int64_t r = 0; r < Lq; ++r) {
     const float* row = cpu_scores.data() + r * Lk;
@@ -125,18 +128,8 @@ TEST(Cuda, ExactTiesAreBrokenByPositionLikeTheCpu) {
   IndexerConfig config;
   config.precision = Precision::bf16;
   const IndexerInputs in = make_indexer_inputs(q, kk, w, config);
-  std::vector<int32_t> cpu(static_cast<std::size_t>(L * k)), gpu(cpu.size());
-  for (Device device : {Device::cpu, Device::cuda}) {
-    IndexerConfig on = config;
-    on.device = device;
-    auto& dst = device == Device::cpu ? cpu : gpu;
-    select_from_indexer(
-        in, on, k,
-        [&](const SelectionBlock& b) {
-          std::copy_n(b.indices, b.rows * k, dst.begin() + b.row_begin * k);
-        },
-        nullptr);
-  }
+  const auto cpu = selection_on(in, config, k, Device::cpu),
+             gpu = selection_on(in, config, k, Device::cuda);
   EXPECT_EQ(gpu, cpu);
 }
 

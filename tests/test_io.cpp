@@ -20,6 +20,7 @@
 #include "dsa/io.hpp"
 #include "dsa/precision.hpp"
 #include "reference.hpp"
+#include "temp_dir.hpp"
 
 namespace dsa {
 namespace {
@@ -116,18 +117,8 @@ std::vector<int32_t> i32_values(const Tensor& t) {
   return out;
 }
 
-class Io : public ::testing::Test {
+class Io : public test::TempDirTest {
  protected:
-  void SetUp() override {
-    dir_ = fs::temp_directory_path() /
-           ("dsa-io-" + std::to_string(::getpid()) + "-" +
-            ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(dir_);
-    fs::create_directories(dir_);
-  }
-  void TearDown() override { fs::remove_all(dir_); }
-
-  std::string path(const std::string& name) const { return (dir_ / name).string(); }
   std::string write_file(const std::string& name, const std::string& bytes) const {
     std::ofstream(path(name), std::ios::binary) << bytes;
     return path(name);
@@ -139,7 +130,6 @@ class Io : public ::testing::Test {
     return names;
   }
 
-  fs::path dir_;
   std::mt19937_64 rng_{20240917};
 };
 

@@ -20,6 +20,7 @@
 #include "dsa/precision.hpp"
 #include "dsa/workload.hpp"
 #include "reference.hpp"
+#include "temp_dir.hpp"
 
 namespace dsa {
 namespace {
@@ -431,19 +432,8 @@ TEST(WorkloadIndexer, NoiseIsTheQualityDial) {
 
 namespace fs = std::filesystem;
 
-class Gen : public ::testing::Test {
+class Gen : public test::TempDirTest {
  protected:
-  void SetUp() override {
-    dir_ = fs::temp_directory_path() /
-           ("dsa-gen-" + std::to_string(::getpid()) + "-" +
-            ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(dir_);
-    fs::create_directories(dir_);
-  }
-  void TearDown() override { fs::remove_all(dir_); }
-
-  std::string path(const std::string& name) const { return (dir_ / name).string(); }
-
   // Exit code of a command line run in the test directory; stderr kept in err_.
   int run(const std::string& command) {
     const std::string line =
@@ -457,7 +447,6 @@ class Gen : public ::testing::Test {
     return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   }
 
-  fs::path dir_;
   std::string err_;
 };
 
