@@ -53,7 +53,9 @@ def dense(L):
     emit("torch_dense_cudnn", L, ms, 2.0 * H * (192 + 128) * L * (L + 1) / 2)
 
 
-def plain_dsa(L, block=1024, topk=2048):
+def plain_dsa(L, topk=2048):
+    # Query blocks small enough that the [block, H_I, L] f32 logits stay near 4 GiB.
+    block = max(16, min(1024, (4 << 30) // (64 * L * 4)))
     HI, DI, H, DQK, DV = 64, 128, 128, 576, 512
     qi = torch.randn(L, HI, DI, device="cuda", dtype=torch.bfloat16)
     ki = torch.randn(L, DI, device="cuda", dtype=torch.bfloat16)
@@ -79,9 +81,11 @@ def plain_dsa(L, block=1024, topk=2048):
 
 
 if __name__ == "__main__":
-    lengths = [int(x) for x in sys.argv[1:]] or [32768, 131072]
-    ceilings()
+    lengths = [int(x) for x in sys.argv[1:] if x.isdigit()] or [32768, 131072]
+    if "--no-ceilings" not in sys.argv:
+        ceilings()
     for L in lengths:
         dense(L)
+        torch.cuda.empty_cache()
         plain_dsa(L)
         torch.cuda.empty_cache()
