@@ -42,7 +42,8 @@ void launch_topk(const float* scores, int64_t stride, int rows, int64_t first_po
 // MQA attention of `rows` query rows: q [rows, H, d_qk] bf16, kv [keys, d_qk] bf16 (values its
 // first d_v columns), over indices [rows, k] (-1 skipped) or, with indices == nullptr, over
 // every s <= first_position + r (dense). out [rows, H, d_v] f32, lse [rows, H] (natural log;
-// -inf and zeros for a row that selects nothing). d_qk, d_v multiples of 16, d_v <= d_qk <= 576.
+// -inf and zeros for a row that selects nothing). d_qk, d_v multiples of 16, d_v <= d_qk <= 576,
+// d_v <= 512.
 struct AttentionBatch {
   int count = 1;
   int64_t q = 0, kv = 0, indices = 0, out = 0, lse = 0;
