@@ -1,4 +1,5 @@
 // The lightning indexer on the GPU (Eq. 1).
+#include <cuda_pipeline.h>
 #include <mma.h>
 
 #include <algorithm>
@@ -31,10 +32,10 @@ __global__ void __launch_bounds__(kThreads)
   extern __shared__ __align__(128) unsigned char smem[];
   const int ld = dim + 8;  // bf16 row stride in shared memory (a multiple of 8, off the banks)
   auto* q_s = reinterpret_cast<__nv_bfloat16*>(smem);
-  auto* k_s = q_s + kRows * ld;
-  auto* logits = reinterpret_cast<float*>(k_s + kKeyTile * ld);
+  auto* k_buffers = q_s + kRows * ld;  // two key tiles: one computed on, one arriving
+  auto* logits = reinterpret_cast<float*>(k_buffers + 2 * kKeyTile * ld);
   auto* w_s = logits + kRows * kLogitStride;
-  auto* scale_s = w_s + kRows;
+  auto* scale_buffers = w_s + kRows;
 
   const int queries_per_block = kRows / heads;
   const int q0 = blockIdx.x * queries_per_block;
@@ -60,17 +61,36 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t key_begin = static_cast<int64_t>(blockIdx.y) * key_span;
   const int64_t key_end = min(static_cast<int64_t>(keys), key_begin + key_span);
   const int64_t visible_end = min(key_end, first_position + q_end);
-  for (int64_t s0 = key_begin; s0 < visible_end; s0 += kKeyTile) {
-    __syncthreads();
+  // Starts copying key tile s0 into buffer `buffer` (cp.async; zeros past the last key).
+  auto fetch = [&](int64_t s0, int buffer) {
+    __nv_bfloat16* k_s = k_buffers + buffer * kKeyTile * ld;
     for (int i = tid; i < kKeyTile * chunks; i += kThreads) {
       const int row = i / chunks, c = i % chunks;
       const int64_t s = s0 + row;
-      uint4 v = make_uint4(0, 0, 0, 0);
-      if (s < keys) v = reinterpret_cast<const uint4*>(k + s * dim)[c];
-      reinterpret_cast<uint4*>(k_s + row * ld)[c] = v;
+      if (s < keys) {
+        __pipeline_memcpy_async(reinterpret_cast<uint4*>(k_s + row * ld) + c,
+                                reinterpret_cast<const uint4*>(k + s * dim) + c, 16);
+      } else {
+        reinterpret_cast<uint4*>(k_s + row * ld)[c] = make_uint4(0, 0, 0, 0);
+      }
     }
-    for (int j = tid; j < kKeyTile; j += kThreads)
-      scale_s[j] = s0 + j < keys ? k_scale[s0 + j] : 0.0f;
+    for (int j = tid; j < kKeyTile; j += kThreads) {
+      scale_buffers[buffer * kKeyTile + j] = s0 + j < keys ? k_scale[s0 + j] : 0.0f;
+    }
+    __pipeline_commit();
+  };
+  if (key_begin < visible_end) fetch(key_begin, 0);
+  for (int64_t s0 = key_begin, tile = 0; s0 < visible_end; s0 += kKeyTile, ++tile) {
+    const int buffer = tile % 2;
+    const __nv_bfloat16* k_s = k_buffers + buffer * kKeyTile * ld;
+    const float* scale_s = scale_buffers + buffer * kKeyTile;
+    // The other buffer was last read before the previous iteration's final barrier.
+    if (s0 + kKeyTile < visible_end) {
+      fetch(s0 + kKeyTile, 1 - buffer);
+      __pipeline_wait_prior(1);
+    } else {
+      __pipeline_wait_prior(0);
+    }
     __syncthreads();
     // logits [128 rows, 64 keys] = q_s . k_s^T; warp w owns rows 32w .. 32w + 31.
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][4];
@@ -103,6 +123,7 @@ __global__ void __launch_bounds__(kThreads)
       }
       scores[(q0 + local) * stride + s] = s <= position ? sum * scale_s[key] : -INFINITY;
     }
+    __syncthreads();
   }
   for (int local = 0; local < q_end - q0; ++local) {
     for (int64_t s = max(visible_end, key_begin) + tid; s < key_end; s += kThreads)
@@ -142,8 +163,8 @@ void launch_indexer_bf16(const __nv_bfloat16* q, const float* w, const __nv_bflo
                          const IndexerBatch& batch) {
   if (rows == 0 || batch.count == 0) return;
   const int ld = dim + 8;
-  const size_t smem = (kRows + kKeyTile) * ld * sizeof(__nv_bfloat16) +
-                      (kRows * kLogitStride + kRows + kKeyTile) * sizeof(float);
+  const size_t smem = (kRows + 2 * kKeyTile) * ld * sizeof(__nv_bfloat16) +
+                      (kRows * kLogitStride + kRows + 2 * kKeyTile) * sizeof(float);
   check(cudaFuncSetAttribute(indexer_bf16_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(smem)),
         "cudaFuncSetAttribute(indexer)");
