@@ -30,6 +30,9 @@ import subprocess
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pycheck import Checks, RunFailure  # noqa: E402
+
 try:
     import numpy as np
 except ImportError:
@@ -46,32 +49,7 @@ TIE_TOL = 1e-5      # near-tie band for index-set comparisons, relative to the r
 # ------------------------------------------------------------------------------------------
 # Bookkeeping
 
-class Checks:
-    def __init__(self):
-        self.passed = 0
-        self.failed = []
-        self.worst = {}  # category -> (error, check name)
-
-    def record(self, name, ok, detail="", category=None, error=None):
-        if category is not None and error is not None:
-            prev = self.worst.get(category)
-            if prev is None or error > prev[0]:
-                self.worst[category] = (error, name)
-        if ok:
-            self.passed += 1
-            print(f"ok    {name}" + (f"  ({detail})" if detail else ""))
-        else:
-            self.failed.append(name)
-            print(f"FAIL  {name}: {detail}")
-        sys.stdout.flush()
-        return ok
-
-
 CHECKS = Checks()
-
-
-class RunFailure(Exception):
-    pass
 
 
 def run_tool(bindir, tool, args, expect_rc=0):

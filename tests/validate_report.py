@@ -29,6 +29,9 @@ import subprocess
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pycheck import Checks, RunFailure  # noqa: E402
+
 try:
     import numpy as np
     import jsonschema
@@ -41,27 +44,7 @@ if not hasattr(jsonschema, "Draft202012Validator"):
     sys.exit(77)
 
 
-class Checks:
-    def __init__(self):
-        self.passed = 0
-        self.failed = []
-
-    def record(self, name, ok, detail=""):
-        if ok:
-            self.passed += 1
-            print(f"ok    {name}" + (f"  ({detail})" if detail else ""))
-        else:
-            self.failed.append(name)
-            print(f"FAIL  {name}: {detail}")
-        sys.stdout.flush()
-        return ok
-
-
 CHECKS = Checks()
-
-
-class RunFailure(Exception):
-    pass
 
 
 def run(cmd, stdin=None):
