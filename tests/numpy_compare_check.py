@@ -43,12 +43,11 @@ import math
 import os
 import shutil
 import struct
-import subprocess
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pycheck import Checks, RunFailure  # noqa: E402
+from pycheck import Checks, RunFailure, run_tool  # noqa: E402
 
 try:
     import numpy as np
@@ -82,13 +81,6 @@ BUCKET_METRICS = ("out_rel_err", "out_cosine", "mass_recall", "topk_recall", "kl
 CHECKS = Checks()
 
 
-def run_tool(bindir, tool, args, quiet=True):
-    cmd = [os.path.join(bindir, tool)] + [str(a) for a in args] + (["-q"] if quiet else [])
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=240)
-    if proc.returncode != 0:
-        raise RunFailure(f"`{' '.join(cmd)}` exited with {proc.returncode}:\n"
-                         f"{proc.stderr.decode(errors='replace').strip()}")
-    return proc
 
 
 def read_safetensors(path):
@@ -666,12 +658,7 @@ def main():
     print("worst observed differences (absolute, relative; outside the topk_recall tie interval):")
     for metric, (d, rel, where) in sorted(r.worst.items()):
         print(f"  {metric}: {d:.3g} abs, {rel:.3g} rel  ({where})")
-    if CHECKS.failed:
-        print("failed checks:")
-        for name in CHECKS.failed:
-            print(f"  {name}")
-    print(f"{CHECKS.passed} passed, {len(CHECKS.failed)} failed")
-    return 1 if CHECKS.failed else 0
+    return CHECKS.finish()
 
 
 if __name__ == "__main__":

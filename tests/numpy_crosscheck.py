@@ -26,12 +26,11 @@ import json
 import os
 import shutil
 import struct
-import subprocess
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pycheck import Checks, RunFailure  # noqa: E402
+from pycheck import Checks, RunFailure, run_tool  # noqa: E402
 
 try:
     import numpy as np
@@ -52,13 +51,6 @@ TIE_TOL = 1e-5      # near-tie band for index-set comparisons, relative to the r
 CHECKS = Checks()
 
 
-def run_tool(bindir, tool, args, expect_rc=0):
-    cmd = [os.path.join(bindir, tool)] + [str(a) for a in args] + ["-q"]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=240)
-    if proc.returncode != expect_rc:
-        raise RunFailure(f"`{' '.join(cmd)}` exited with {proc.returncode} (expected {expect_rc}):\n"
-                         f"{proc.stderr.decode(errors='replace').strip()}")
-    return proc
 
 
 # ------------------------------------------------------------------------------------------
@@ -821,12 +813,7 @@ def main():
     print("worst observed errors:")
     for category, (err, where) in sorted(CHECKS.worst.items()):
         print(f"  {category}: {err:.3g}  ({where})")
-    if CHECKS.failed:
-        print("failed checks:")
-        for name in CHECKS.failed:
-            print(f"  {name}")
-    print(f"{CHECKS.passed} passed, {len(CHECKS.failed)} failed")
-    return 1 if CHECKS.failed else 0
+    return CHECKS.finish()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """What the Python test scripts share: a tally of named checks (printed as they pass or fail,
-closing with the 'N passed, M failed' line) and the error a failed tool run raises."""
+closing with the 'N passed, M failed' line) and running one of the built tools."""
+import os
+import subprocess
 import sys
 
 
@@ -23,6 +25,25 @@ class Checks:
         sys.stdout.flush()
         return ok
 
+    def finish(self):
+        """Lists the failed checks, prints the closing tally and returns the exit status."""
+        if self.failed:
+            print("failed checks:")
+            for name in self.failed:
+                print(f"  {name}")
+        print(f"{self.passed} passed, {len(self.failed)} failed")
+        return 1 if self.failed else 0
+
 
 class RunFailure(Exception):
     pass
+
+
+def run_tool(bindir, tool, args, expect_rc=0, quiet=True):
+    """Runs bindir/tool with args (and -q), raising RunFailure on an unexpected exit status."""
+    cmd = [os.path.join(bindir, tool)] + [str(a) for a in args] + (["-q"] if quiet else [])
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=240)
+    if proc.returncode != expect_rc:
+        raise RunFailure(f"`{' '.join(cmd)}` exited with {proc.returncode} (expected {expect_rc}):\n"
+                         f"{proc.stderr.decode(errors='replace').strip()}")
+    return proc

@@ -169,9 +169,8 @@ def main():
         sample = os.path.join(args.data, "workload.safetensors")
     for path in (compare, select, sample, args.schema):
         if not os.path.exists(path):
-            print(f"validate_report: {path} does not exist", file=sys.stderr)
-            print(f"0 passed, 1 failed")
-            return 1
+            CHECKS.record(f"{path} exists", False, "missing")
+            return CHECKS.finish()
 
     with open(args.schema) as f:
         schema = json.load(f)
@@ -310,12 +309,7 @@ def main():
     if mha is not None and not schema_errors(validator, mha):
         check_rejected(validator, "mqa layout with two kv heads", mutate(mha, ["layout"], "set", "mqa"))
 
-    if CHECKS.failed:
-        print("failed checks:")
-        for name in CHECKS.failed:
-            print(f"  {name}")
-    print(f"{CHECKS.passed} passed, {len(CHECKS.failed)} failed")
-    return 1 if CHECKS.failed else 0
+    return CHECKS.finish()
 
 
 if __name__ == "__main__":
