@@ -83,13 +83,8 @@ void prepare_operands(const Tensor& tensor, int64_t offset, int64_t count, int64
   for (int64_t r = 0; r < count; ++r) {
     float* row = rows.data() + r * dim;
     if (config.hadamard) hadamard_transform(row, dim);
-    if (config.precision == Precision::fp8) {
-      float amax = 0.0f;
-      for (int64_t i = 0; i < dim; ++i) amax = std::fmax(amax, std::fabs(row[i]));
-      const float scale = fp8_block_scale(amax, config.ue8m0);
-      out.scales[r] = scale;
-      for (int64_t i = 0; i < dim; ++i) row[i] = e4m3_to_f32(f32_to_e4m3(row[i] / scale));
-    }
+    if (config.precision == Precision::fp8)
+      out.scales[r] = fp8_quantize_block(row, dim, config.ue8m0);
     for (int64_t i = 0; i < dim; ++i) out.values[r * dim + i] = as_bf16(row[i]);
   }
 }

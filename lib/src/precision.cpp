@@ -128,13 +128,20 @@ float fp8_block_scale(float amax, bool ue8m0) {
   return scale;
 }
 
+float fp8_quantize_block(float* x, int64_t n, bool ue8m0) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < n; ++i) amax = std::fmax(amax, std::fabs(x[i]));
+  const float scale = fp8_block_scale(amax, ue8m0);
+  for (int64_t i = 0; i < n; ++i) x[i] = e4m3_to_f32(f32_to_e4m3(x[i] / scale));
+  return scale;
+}
+
 void fp8_fake_quantize(const float* x, int64_t n, int64_t block, bool ue8m0, float* out) {
+  if (out != x) std::copy(x, x + n, out);
   for (int64_t begin = 0; begin < n; begin += block) {
     const int64_t end = std::min(n, begin + block);
-    float amax = 0.0f;
-    for (int64_t i = begin; i < end; ++i) amax = std::fmax(amax, std::fabs(x[i]));
-    const float scale = fp8_block_scale(amax, ue8m0);
-    for (int64_t i = begin; i < end; ++i) out[i] = e4m3_to_f32(f32_to_e4m3(x[i] / scale)) * scale;
+    const float scale = fp8_quantize_block(out + begin, end - begin, ue8m0);
+    for (int64_t i = begin; i < end; ++i) out[i] *= scale;
   }
 }
 

@@ -32,6 +32,10 @@ float e4m3_to_f32(uint8_t bits);
 // by 448, optionally rounded up to a power of two (`ue8m0`, as the released model does).
 float fp8_block_scale(float amax, bool ue8m0);
 
+// Quantizes one block x[0..n) in place: each element becomes the value of its e4m3 code (of
+// x / scale, exact in bf16); returns the block's scale. The GPU path consumes codes and scales.
+float fp8_quantize_block(float* x, int64_t n, bool ue8m0);
+
 // Quantizes x[0..n) to e4m3 in blocks of `block` elements and writes the dequantized values
 // (code * scale, f32) to out; x and out may alias. Returns nothing: the scales are implied.
 void fp8_fake_quantize(const float* x, int64_t n, int64_t block, bool ue8m0, float* out);
