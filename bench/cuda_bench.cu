@@ -2,6 +2,7 @@
 // top-2048, sparse MQA 128 heads x 576/512) and prints one JSON line per measurement.
 // Usage: dsa-cuda-bench [L ...]   (default 32768 131072)
 #include <cuda_bf16.h>
+#include <cuda_fp8.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -22,6 +23,18 @@ __global__ void fill_bf16(__nv_bfloat16* x, int64_t n, uint32_t seed, float ampl
     h *= 2246822519u;
     h ^= h >> 13;
     x[i] = __float2bfloat16(amplitude * ((h & 0xffff) / 32768.0f - 1.0f));
+  }
+}
+
+// e4m3 codes of amplitude * uniform(-1, 1): what fp8 block quantization gives for amplitude 448.
+__global__ void fill_e4m3(uint8_t* x, int64_t n, uint32_t seed, float amplitude) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
+    h ^= h >> 15;
+    h *= 2246822519u;
+    h ^= h >> 13;
+    x[i] = __nv_fp8_e4m3(amplitude * ((h & 0xffff) / 32768.0f - 1.0f)).__x;
   }
 }
 
@@ -79,10 +92,13 @@ int main(int argc, char** argv) {
   const int HI = 64, DI = 128, H = 128, DQK = 576, DV = 512, K = 2048;
   Timer timer;
   for (int64_t L : lengths) {
-    // Indexer + top-k over every query row, in chunks of rows.
+    // Indexer (fp8, and bf16 for the ratio at the first length) + top-k over every query row,
+    // in chunks of rows.
     const int64_t chunk = std::min<int64_t>(L, (int64_t(4) << 30) / (L * 4));
     auto* q = device_alloc<__nv_bfloat16>(size_t(chunk) * HI * DI);
     auto* k = device_alloc<__nv_bfloat16>(size_t(L) * DI);
+    auto* q8 = device_alloc<uint8_t>(size_t(chunk) * HI * DI);
+    auto* k8 = device_alloc<uint8_t>(size_t(L) * DI);
     auto* w = device_alloc<float>(size_t(chunk) * HI);
     auto* ks = device_alloc<float>(L);
     auto* scores = device_alloc<float>(size_t(chunk) * L);
@@ -90,25 +106,38 @@ int main(int argc, char** argv) {
     auto* vals = device_alloc<float>(size_t(chunk) * K);
     fill_bf16<<<1024, 256>>>(q, chunk * HI * DI, 1, 1.0f);
     fill_bf16<<<1024, 256>>>(k, L * DI, 2, 1.0f);
+    fill_e4m3<<<1024, 256>>>(q8, chunk * HI * DI, 1, 448.0f);
+    fill_e4m3<<<1024, 256>>>(k8, L * DI, 2, 448.0f);
     fill_f32<<<1024, 256>>>(w, chunk * HI, 1.0f / HI);
-    fill_f32<<<1024, 256>>>(ks, L, 1.0f);
+    fill_f32<<<1024, 256>>>(ks, L, 1.0f / (448.0f * 448.0f));
     check(cudaDeviceSynchronize(), "fill");
+    const double causal_pairs = double(L) * double(L + 1) / 2;
+    if (L == lengths.front()) {
+      double bf16_ms = 0;
+      for (int64_t c0 = 0; c0 < L; c0 += chunk) {
+        const int rows = static_cast<int>(std::min(chunk, L - c0));
+        timer.begin();
+        dsa::cuda::launch_indexer_bf16(q, w, k, ks, rows, HI, DI, static_cast<int>(L), c0, scores,
+                                       L, nullptr);
+        bf16_ms += timer.end_ms();
+      }
+      report("indexer_bf16", L, bf16_ms, 2.0 * causal_pairs * HI * DI);
+    }
     double indexer_ms = 0, topk_ms = 0;
     for (int64_t c0 = 0; c0 < L; c0 += chunk) {
       const int rows = static_cast<int>(std::min(chunk, L - c0));
       timer.begin();
-      dsa::cuda::launch_indexer_bf16(q, w, k, ks, rows, HI, DI, static_cast<int>(L), c0, scores, L,
-                                     nullptr);
+      dsa::cuda::launch_indexer_fp8(q8, w, k8, ks, rows, static_cast<int>(L), c0, scores, L,
+                                    nullptr);
       indexer_ms += timer.end_ms();
       timer.begin();
       dsa::cuda::launch_topk(scores, L, rows, c0, static_cast<int>(L), K, idx, vals, nullptr);
       topk_ms += timer.end_ms();
     }
-    const double causal_pairs = double(L) * double(L + 1) / 2;
     report("indexer", L, indexer_ms, 2.0 * causal_pairs * HI * DI);
     report("topk", L, topk_ms, 0);
     cudaFree(q), cudaFree(w), cudaFree(scores), cudaFree(idx), cudaFree(vals), cudaFree(k),
-        cudaFree(ks);
+        cudaFree(ks), cudaFree(q8), cudaFree(k8);
 
     // Sparse MQA attention over K selected entries per row.
     const int64_t attn_chunk = std::min<int64_t>(L, 16384);
@@ -139,8 +168,8 @@ int main(int argc, char** argv) {
   {
     const int B = 32;
     const int64_t L = 131072;
-    auto* q = device_alloc<__nv_bfloat16>(size_t(B) * HI * DI);
-    auto* k = device_alloc<__nv_bfloat16>(size_t(B) * L * DI);
+    auto* q = device_alloc<uint8_t>(size_t(B) * HI * DI);
+    auto* k = device_alloc<uint8_t>(size_t(B) * L * DI);
     auto* w = device_alloc<float>(size_t(B) * HI);
     auto* ks = device_alloc<float>(size_t(B) * L);
     auto* scores = device_alloc<float>(size_t(B) * L);
@@ -150,8 +179,8 @@ int main(int argc, char** argv) {
     auto* kv = device_alloc<__nv_bfloat16>(size_t(B) * L * DQK);
     auto* out = device_alloc<float>(size_t(B) * H * DV);
     auto* lse = device_alloc<float>(size_t(B) * H);
-    fill_bf16<<<1024, 256>>>(q, B * HI * DI, 5, 1.0f);
-    fill_bf16<<<1024, 256>>>(k, B * L * DI, 6, 1.0f);
+    fill_e4m3<<<1024, 256>>>(q, B * HI * DI, 5, 448.0f);
+    fill_e4m3<<<1024, 256>>>(k, B * L * DI, 6, 448.0f);
     fill_bf16<<<1024, 256>>>(qa, B * H * DQK, 7, 0.1f);
     fill_bf16<<<1024, 256>>>(kv, B * L * DQK, 8, 1.0f);
     fill_f32<<<1024, 256>>>(w, B * HI, 1.0f / HI);
@@ -166,8 +195,8 @@ int main(int argc, char** argv) {
     double best = 1e30, best_indexer = 1e30, best_topk = 1e30, best_attention = 1e30;
     for (int rep = 0; rep < 10; ++rep) {
       timer.begin();
-      dsa::cuda::launch_indexer_bf16(q, w, k, ks, 1, HI, DI, static_cast<int>(L), L - 1, scores, L,
-                                     nullptr, ib);
+      dsa::cuda::launch_indexer_fp8(q, w, k, ks, 1, static_cast<int>(L), L - 1, scores, L, nullptr,
+                                    ib);
       const double t_indexer = timer.end_ms();
       timer.begin();
       dsa::cuda::launch_topk(scores, L, B, L - 1, static_cast<int>(L), K, idx, vals, nullptr);
@@ -189,9 +218,9 @@ int main(int argc, char** argv) {
       check(cudaMemcpy(out_batched.data(), out, out_batched.size() * 4, cudaMemcpyDeviceToHost),
             "copy");
       for (int b = 0; b < B; ++b) {
-        dsa::cuda::launch_indexer_bf16(q + size_t(b) * HI * DI, w + b * HI, k + size_t(b) * L * DI,
-                                       ks + b * L, 1, HI, DI, static_cast<int>(L), L - 1,
-                                       scores + size_t(b) * L, L, nullptr);
+        dsa::cuda::launch_indexer_fp8(q + size_t(b) * HI * DI, w + b * HI, k + size_t(b) * L * DI,
+                                      ks + b * L, 1, static_cast<int>(L), L - 1,
+                                      scores + size_t(b) * L, L, nullptr);
         dsa::cuda::launch_mqa_attention(qa + size_t(b) * H * DQK, kv + size_t(b) * L * DQK,
                                         idx + size_t(b) * K, K, 1, H, DQK, DV, static_cast<int>(L),
                                         L - 1, 0.0417f, out + size_t(b) * H * DV, lse + b * H,

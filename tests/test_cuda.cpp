@@ -3,12 +3,14 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
 #include <random>
 
 #include "dsa/attention.hpp"
 #include "dsa/device.hpp"
 #include "dsa/error.hpp"
 #include "dsa/indexer.hpp"
+#include "dsa/precision.hpp"
 #include "dsa/topk.hpp"
 #include "reference.hpp"
 
@@ -58,7 +60,9 @@ TEST(Cuda, IndexerScoresMatchTheCpu) {
   for (const IndexerCase& c : {IndexerCase{37, 37, 4, 32, 8, Precision::bf16, false},
                                IndexerCase{300, 700, 64, 128, 64, Precision::fp8, true},
                                IndexerCase{129, 129, 8, 64, 16, Precision::fp8, false},
-                               IndexerCase{50, 80, 3, 20, 8, Precision::f32, false}}) {
+                               IndexerCase{50, 80, 3, 20, 8, Precision::f32, false},
+                               IndexerCase{1, 5000, 64, 128, 64, Precision::fp8, false},
+                               IndexerCase{77, 3000, 64, 128, 64, Precision::fp8, true}}) {
     const Tensor q = test::random_tensor({c.queries, c.heads, c.dim}, rng);
     const Tensor k = test::random_tensor({c.keys, c.dim}, rng);
     const Tensor w = test::random_tensor({c.queries, c.heads}, rng);
@@ -76,7 +80,14 @@ TEST(Cuda, IndexerScoresMatchTheCpu) {
       err += std::pow(double(gpu[i]) - cpu[i], 2);
       norm += std::pow(double(cpu[i]), 2);
     }
-    EXPECT_LT(std::sqrt(err / norm), 1e-5) << "H " << c.heads << " d " << c.dim;
+    std::printf("indexer H %lld d %lld %s: relative error %.3g\n", static_cast<long long>(c.heads),
+                static_cast<long long>(c.dim), precision_name(c.precision).c_str(),
+                std::sqrt(err / norm));
+    // The fp8 tensor cores (H 64, d 128) sum the products of a dot with about 14 bits of
+    // mantissa (as DeepSeek-V3's report measured on Hopper; 1.3e-4 here); every other path
+    // sums exact products in f32.
+    const bool fp8_cores = c.precision == Precision::fp8 && c.heads == 64 && c.dim == 128;
+    EXPECT_LT(std::sqrt(err / norm), fp8_cores ? 5e-4 : 1e-5) << "H " << c.heads << " d " << c.dim;
   }
 }
 
@@ -91,12 +102,22 @@ TEST(Cuda, SelectionMatchesTheCpuExceptAmongNearTies) {
   config.precision = Precision::fp8;
   config.ue8m0 = true;
   const IndexerInputs in = make_indexer_inputs(q, kk, w, config);
-  const auto cpu_scores = scores_on(in, config, Device::cpu);
+  const auto cpu_scores = scores_on(in, config, Device::cpu),
+             gpu_scores = scores_on(in, config, Device::cuda);
   const auto cpu = selection_on(in, config, k, Device::cpu),
              gpu = selection_on(in, config, k, Device::cuda);
   int64_t differing = 0;
   for (int64_t r = 0; r < Lq; ++r) {
     const float* row = cpu_scores.data() + r * Lk;
+    const float* gpu_row = gpu_scores.data() + r * Lk;
+    // The GPU's rounding in this row: small against the row's scores, and the bound on how far
+    // apart two entries can be that the GPU orders the other way.
+    double rounding = 0, scale = 0;
+    for (int64_t s = 0; s <= in.position(r); ++s) {
+      rounding = std::max(rounding, std::fabs(double(gpu_row[s]) - row[s]));
+      scale = std::max(scale, std::fabs(double(row[s])));
+    }
+    ASSERT_LT(rounding, 1e-3 * scale) << "row " << r;
     std::vector<int32_t> a(cpu.begin() + r * k, cpu.begin() + (r + 1) * k),
         b(gpu.begin() + r * k, gpu.begin() + (r + 1) * k);
     const float kth = row[a.back()];
@@ -106,12 +127,14 @@ TEST(Cuda, SelectionMatchesTheCpuExceptAmongNearTies) {
     std::set_difference(b.begin(), b.end(), a.begin(), a.end(), std::back_inserter(only_gpu));
     for (int32_t s : only_gpu) {
       ASSERT_GE(s, 0);
-      EXPECT_NEAR(row[s], kth, 1e-5 * std::fabs(kth) + 1e-6)
+      EXPECT_NEAR(row[s], kth, 2 * rounding + 1e-6)
           << "row " << r << " position " << s << " is no near-tie";
       ++differing;
     }
   }
-  EXPECT_LT(differing, Lq * k / 1000) << "near-ties should be rare";
+  std::printf("selections: %lld of %lld entries differ, all near-ties\n",
+              static_cast<long long>(differing), static_cast<long long>(Lq * k));
+  EXPECT_LT(differing, Lq * k / 200) << "near-ties should be rare";
 }
 
 TEST(Cuda, ExactTiesAreBrokenByPositionLikeTheCpu) {
@@ -168,9 +191,15 @@ TEST(Cuda, SparseAndDenseMqaAttentionMatchTheCpu) {
   std::mt19937_64 rng(4);
   struct Case {
     int64_t batch, queries, keys, heads, d_qk, d_v, k;
+    float amplitude = 1.0f;  // of q: 4 makes the softmax sharp, the online maximum moves late
   };
-  for (const Case& c : {Case{1, 64, 64, 16, 64, 48, 16}, Case{2, 9, 300, 128, 576, 512, 128},
-                        Case{1, 200, 200, 40, 96, 64, 64}}) {
+  // The first two and the last three run the Hopper kernel (d_qk 512 or 576, d_v 512): head
+  // counts below, at and above a block of 64, selections shorter than a tile, padded with -1,
+  // and longer than several tiles.
+  for (const Case& c :
+       {Case{1, 64, 64, 16, 64, 48, 16}, Case{2, 9, 300, 128, 576, 512, 128},
+        Case{1, 200, 200, 40, 96, 64, 64}, Case{1, 70, 700, 40, 576, 512, 200, 4.0f},
+        Case{1, 5, 5, 64, 512, 512, 3}, Case{3, 2, 1000, 96, 576, 512, 640, 2.0f}}) {
     const bool batched = c.batch > 1;
     Shape qs = {c.queries, c.heads, c.d_qk}, ks = {c.keys, c.d_qk}, is = {c.queries, c.k};
     if (batched) {
@@ -178,8 +207,14 @@ TEST(Cuda, SparseAndDenseMqaAttentionMatchTheCpu) {
       ks.insert(ks.begin(), c.batch);
       is.insert(is.begin(), c.batch);
     }
-    const Tensor q = test::random_tensor(qs, rng, 1.0f, "q"),
-                 kv = test::random_tensor(ks, rng, 1.0f, "kv");
+    // Values exact in bf16, the GPU's operand type: what remains is the kernel's own rounding
+    // (P in bf16, f32 sums in another order).
+    Tensor q = test::random_tensor(qs, rng, c.amplitude, "q"),
+           kv = test::random_tensor(ks, rng, 1.0f, "kv");
+    for (Tensor* t : {&q, &kv}) {
+      float* p = mutable_data<float>(*t);
+      for (int64_t i = 0; i < t->numel(); ++i) p[i] = round_to_bf16(p[i]);
+    }
     const AttentionInputs in = make_mqa_inputs(q, kv, c.d_v);
     Tensor indices = make_tensor(DType::i32, is, "idx");
     for (int64_t r = 0; r < c.batch * c.queries; ++r) {

@@ -5,6 +5,7 @@
 
 #include "dsa/error.hpp"
 #include "kernels.cuh"
+#include "wgmma.cuh"
 
 namespace dsa::cuda {
 
@@ -193,6 +194,227 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The Hopper kernel for MLA's shapes (d_qk a multiple of 64 up to 576, d_v = 512): 64 heads of
+// one query row per block, two warpgroups, tiles of 64 selected keys gathered with cp.async
+// into two swizzled buffers (the next tile arrives while this one is computed on). Per tile,
+// warpgroup g computes the scores of keys 32g .. 32g + 31 for all 64 heads (wgmma, Q and the
+// keys from shared memory), the two exchange their row maxima (online softmax, f32, base 2),
+// write P in bf16 to shared memory, and each accumulates P . V for its half of the 512 value
+// columns (wgmma, V read N-major from the same tile): 64 x 256 f32 in registers.
+constexpr int kTileHeads = 64;
+constexpr int kTileKeys = 64;
+constexpr int kTileThreads = 256;
+constexpr int kHalfValues = 256;
+
+struct TileLayout {
+  uint32_t q, kv, tile, p, max, sum, slot, bytes;  // kv + b * tile: buffer b of the keys
+  __host__ __device__ explicit TileLayout(int d_qk) {
+    tile = sizeof(__nv_bfloat16) * kTileKeys * d_qk;  // a multiple of 1024
+    q = 0;
+    kv = q + sizeof(__nv_bfloat16) * kTileHeads * d_qk;
+    p = kv + 2 * tile;
+    max = p + sizeof(__nv_bfloat16) * kTileHeads * kTileKeys;
+    sum = max + sizeof(float) * 2 * kTileHeads;
+    slot = sum + sizeof(float) * 2 * kTileHeads;
+    bytes = slot + sizeof(int) * 2 * kTileKeys + 1024;  // + the slack to align the base
+  }
+};
+
+template <int D_QK>
+__global__ void __launch_bounds__(kTileThreads, 1)
+    mla_wgmma_kernel(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kv,
+                     const int32_t* __restrict__ indices, int k, int heads, int64_t first_position,
+                     float scale, float* __restrict__ out, float* __restrict__ lse,
+                     AttentionBatch batch) {
+  namespace wg = wgmma;
+  q += blockIdx.z * batch.q;
+  kv += blockIdx.z * batch.kv;
+  if (indices) indices += blockIdx.z * batch.indices;
+  out += blockIdx.z * batch.out;
+  lse += blockIdx.z * batch.lse;
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t raw = wg::shared_address(smem_raw);
+  unsigned char* smem = smem_raw + ((1024 - raw % 1024) % 1024);
+  constexpr int d_qk = D_QK;
+  const TileLayout layout(d_qk);
+  auto* q_s = reinterpret_cast<__nv_bfloat16*>(smem + layout.q);
+  unsigned char* p_s = smem + layout.p;
+  auto* max_s = reinterpret_cast<float*>(smem + layout.max);  // [warpgroup][head]
+  auto* sum_s = reinterpret_cast<float*>(smem + layout.sum);  // [warpgroup][head]
+  auto* slot_s = reinterpret_cast<int*>(smem + layout.slot);  // [buffer][key]
+
+  const int r = blockIdx.x, h0 = blockIdx.y * kTileHeads;
+  const int tid = threadIdx.x, group = tid / 128, lane = tid % 32;
+  const int row0 = (tid % 128) / 32 * 16 + lane / 4, row1 = row0 + 8;  // this thread's heads
+  const int pair = 2 * (lane % 4);  // the first of this thread's two columns in each 8
+  const int chunks = d_qk / 8;
+  const int64_t position = first_position + r;
+  const int64_t entries = indices ? k : position + 1;
+  const int64_t tiles = (entries + kTileKeys - 1) / kTileKeys;
+
+  for (int i = tid; i < kTileHeads * chunks; i += kTileThreads) {
+    const int h = i / chunks, c = i % chunks;
+    const bool valid = h0 + h < heads;
+    const __nv_bfloat16* source =
+        valid ? q + (static_cast<int64_t>(r) * heads + h0 + h) * d_qk + c * 8 : q;
+    wg::copy_async_16(wg::shared_address(q_s) + wg::swizzled_offset(kTileHeads, h, c * 8), source,
+                      valid);
+  }
+  // Starts gathering tile `tile` of the selection into buffer `buffer`: 4 threads per key.
+  auto fetch = [&](int64_t tile, int buffer) {
+    const int j = tid / 4;
+    const int64_t e = tile * kTileKeys + j;
+    int s = -1;
+    if (e < entries) s = indices ? indices[static_cast<int64_t>(r) * k + e] : static_cast<int>(e);
+    if (tid % 4 == 0) slot_s[buffer * kTileKeys + j] = s;
+    const __nv_bfloat16* row = kv + static_cast<int64_t>(s >= 0 ? s : 0) * d_qk;
+    const uint32_t base = wg::shared_address(smem + layout.kv + buffer * layout.tile);
+    for (int c = tid % 4; c < chunks; c += 4) {
+      wg::copy_async_16(base + wg::swizzled_offset(kTileKeys, j, c * 8), row + c * 8, s >= 0);
+    }
+    wg::copy_async_commit();
+  };
+  if (tiles > 0) fetch(0, 0);
+
+  constexpr float kLog2e = 1.4426950408889634f;
+  const float scale2 = scale * kLog2e;
+  float max0 = -INFINITY, max1 = -INFINITY, sum0 = 0.0f, sum1 = 0.0f;  // base-2 running stats
+  float o[2 * kHalfValues / 4];
+#pragma unroll
+  for (int i = 0; i < 2 * kHalfValues / 4; ++i) o[i] = 0.0f;
+
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    const int buffer = static_cast<int>(tile % 2);
+    wg::copy_async_wait_all();
+    wg::fence_shared_for_tensor_cores();
+    __syncthreads();
+    if (tile + 1 < tiles) fetch(tile + 1, buffer ^ 1);
+
+    // S = Q . K^T for this warpgroup's 32 keys.
+    float s[16];
+    const uint32_t q_base = wg::shared_address(q_s);
+    const uint32_t k_base =
+        wg::shared_address(smem + layout.kv + buffer * layout.tile) + group * 32 * 128;
+    wg::fence();
+#pragma unroll
+    for (int step = 0; step < d_qk / 16; ++step) {
+      const uint32_t offset = step / 4 * (kTileKeys * 128) + step % 4 * 32;
+      wg::wgmma_m64n32_kmajor(s, wg::descriptor(q_base + offset, 16, 1024),
+                              wg::descriptor(k_base + offset, 16, 1024), step > 0);
+    }
+    wg::commit();
+    wg::wait<0>();
+
+    const int* slot = slot_s + buffer * kTileKeys + group * 32;
+    float tile_max0 = -INFINITY, tile_max1 = -INFINITY;
+#pragma unroll
+    for (int n = 0; n < 4; ++n) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const bool valid = slot[n * 8 + pair + e] >= 0;
+        s[4 * n + e] = valid ? s[4 * n + e] * scale2 : -INFINITY;
+        s[4 * n + 2 + e] = valid ? s[4 * n + 2 + e] * scale2 : -INFINITY;
+        tile_max0 = fmaxf(tile_max0, s[4 * n + e]);
+        tile_max1 = fmaxf(tile_max1, s[4 * n + 2 + e]);
+      }
+    }
+#pragma unroll
+    for (int m = 1; m <= 2; m *= 2) {
+      tile_max0 = fmaxf(tile_max0, __shfl_xor_sync(0xffffffffu, tile_max0, m));
+      tile_max1 = fmaxf(tile_max1, __shfl_xor_sync(0xffffffffu, tile_max1, m));
+    }
+    if (lane % 4 == 0) {
+      max_s[group * kTileHeads + row0] = tile_max0;
+      max_s[group * kTileHeads + row1] = tile_max1;
+    }
+    __syncthreads();
+    const float new_max0 = fmaxf(max0, fmaxf(max_s[row0], max_s[kTileHeads + row0]));
+    const float new_max1 = fmaxf(max1, fmaxf(max_s[row1], max_s[kTileHeads + row1]));
+    const float base0 = new_max0 == -INFINITY ? 0.0f : new_max0;
+    const float base1 = new_max1 == -INFINITY ? 0.0f : new_max1;
+    const float alpha0 = exp2f(max0 - base0), alpha1 = exp2f(max1 - base1);
+    max0 = new_max0;
+    max1 = new_max1;
+    sum0 *= alpha0;
+    sum1 *= alpha1;
+#pragma unroll
+    for (int n = 0; n < 4; ++n) {
+      const float p00 = exp2f(s[4 * n] - base0), p01 = exp2f(s[4 * n + 1] - base0);
+      const float p10 = exp2f(s[4 * n + 2] - base1), p11 = exp2f(s[4 * n + 3] - base1);
+      sum0 += p00 + p01;
+      sum1 += p10 + p11;
+      const int column = group * 32 + n * 8 + pair;
+      *reinterpret_cast<__nv_bfloat162*>(p_s + wg::swizzled_offset(kTileHeads, row0, column)) =
+          __floats2bfloat162_rn(p00, p01);
+      *reinterpret_cast<__nv_bfloat162*>(p_s + wg::swizzled_offset(kTileHeads, row1, column)) =
+          __floats2bfloat162_rn(p10, p11);
+    }
+#pragma unroll
+    for (int n = 0; n < kHalfValues / 8; ++n) {
+      o[4 * n] *= alpha0;
+      o[4 * n + 1] *= alpha0;
+      o[4 * n + 2] *= alpha1;
+      o[4 * n + 3] *= alpha1;
+    }
+    wg::fence_shared_for_tensor_cores();
+    __syncthreads();
+
+    // O += P . V for this warpgroup's 256 value columns.
+    const uint32_t p_base = wg::shared_address(p_s);
+    const uint32_t v_base =
+        wg::shared_address(smem + layout.kv + buffer * layout.tile) + group * 4 * (kTileKeys * 128);
+    wg::fence();
+#pragma unroll
+    for (int step = 0; step < kTileKeys / 16; ++step) {
+      wg::wgmma_m64n256_nmajor(o, wg::descriptor(p_base + step * 32, 16, 1024),
+                               wg::descriptor(v_base + step * 16 * 128, kTileKeys * 128, 1024),
+                               true);
+    }
+    wg::commit();
+    wg::wait<0>();
+  }
+
+#pragma unroll
+  for (int m = 1; m <= 2; m *= 2) {
+    sum0 += __shfl_xor_sync(0xffffffffu, sum0, m);
+    sum1 += __shfl_xor_sync(0xffffffffu, sum1, m);
+  }
+  if (lane % 4 == 0) {
+    sum_s[group * kTileHeads + row0] = sum0;
+    sum_s[group * kTileHeads + row1] = sum1;
+  }
+  __syncthreads();
+  const float total0 = sum_s[row0] + sum_s[kTileHeads + row0];
+  const float total1 = sum_s[row1] + sum_s[kTileHeads + row1];
+  const float inverse0 = total0 > 0 ? 1.0f / total0 : 0.0f;
+  const float inverse1 = total1 > 0 ? 1.0f / total1 : 0.0f;
+  const int d_v = 2 * kHalfValues;
+  float* out0 = out + (static_cast<int64_t>(r) * heads + h0 + row0) * d_v + group * kHalfValues;
+  float* out1 = out + (static_cast<int64_t>(r) * heads + h0 + row1) * d_v + group * kHalfValues;
+#pragma unroll
+  for (int n = 0; n < kHalfValues / 8; ++n) {
+    if (h0 + row0 < heads) {
+      *reinterpret_cast<float2*>(out0 + n * 8 + pair) =
+          make_float2(o[4 * n] * inverse0, o[4 * n + 1] * inverse0);
+    }
+    if (h0 + row1 < heads) {
+      *reinterpret_cast<float2*>(out1 + n * 8 + pair) =
+          make_float2(o[4 * n + 2] * inverse1, o[4 * n + 3] * inverse1);
+    }
+  }
+  if (group == 0 && lane % 4 == 0) {
+    constexpr float kLn2 = 0.6931471805599453f;
+    if (h0 + row0 < heads) {
+      lse[static_cast<int64_t>(r) * heads + h0 + row0] =
+          total0 > 0 ? max0 * kLn2 + __logf(total0) : -INFINITY;
+    }
+    if (h0 + row1 < heads) {
+      lse[static_cast<int64_t>(r) * heads + h0 + row1] =
+          total1 > 0 ? max1 * kLn2 + __logf(total1) : -INFINITY;
+    }
+  }
+}
+
 }  // namespace
 
 void launch_mqa_attention(const __nv_bfloat16* q, const __nv_bfloat16* kv, const int32_t* indices,
@@ -206,6 +428,18 @@ void launch_mqa_attention(const __nv_bfloat16* q, const __nv_bfloat16* kv, const
          "512, got {} "
          "and {}",
          d_qk, d_v);
+  }
+  if ((d_qk == 512 || d_qk == 576) && d_v == 2 * kHalfValues) {
+    const auto kernel = d_qk == 576 ? mla_wgmma_kernel<576> : mla_wgmma_kernel<512>;
+    const TileLayout layout(d_qk);
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(layout.bytes)),
+          "cudaFuncSetAttribute(attention)");
+    const dim3 grid(rows, (heads + kTileHeads - 1) / kTileHeads, batch.count);
+    kernel<<<grid, kTileThreads, layout.bytes, stream>>>(q, kv, indices, k, heads, first_position,
+                                                         scale, out, lse, batch);
+    check(cudaGetLastError(), "attention kernel launch");
+    return;
   }
   const Layout layout(d_qk);
   check(cudaFuncSetAttribute(mqa_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,

@@ -64,13 +64,20 @@ __nv_bfloat16 as_bf16(float x) {
 // Indexer operands of `count` rows of width dim: what the precision pipeline gives, split into
 // values (exact in bf16 for bf16 and fp8) and one scale per row (1 outside fp8).
 struct IndexerOperands {
+  std::vector<uint8_t> codes;  // the e4m3 codes, for the fp8 tensor-core kernel
   std::vector<__nv_bfloat16> values;
   std::vector<float> values_f32;
   std::vector<float> scales;
 };
 
+// The fp8 tensor-core kernel covers DSA's own indexer shape; others run the bf16 kernel on the
+// fp8 codes' values (exact in bf16).
+bool fp8_tensor_cores(const IndexerInputs& in, const IndexerConfig& config) {
+  return config.precision == Precision::fp8 && in.heads == 64 && in.dim == 128;
+}
+
 void prepare_operands(const Tensor& tensor, int64_t offset, int64_t count, int64_t dim,
-                      const IndexerConfig& config, IndexerOperands& out) {
+                      const IndexerConfig& config, bool codes, IndexerOperands& out) {
   std::vector<float> rows(static_cast<size_t>(count * dim));
   to_f32(tensor, offset * dim, count * dim, rows.data());
   out.scales.assign(static_cast<size_t>(count), 1.0f);
@@ -79,13 +86,23 @@ void prepare_operands(const Tensor& tensor, int64_t offset, int64_t count, int64
     out.values_f32 = std::move(rows);
     return;
   }
-  out.values.resize(rows.size());
+  if (codes) {
+    out.codes.resize(rows.size());
+  } else {
+    out.values.resize(rows.size());
+  }
   for (int64_t r = 0; r < count; ++r) {
     float* row = rows.data() + r * dim;
     if (config.hadamard) hadamard_transform(row, dim);
     if (config.precision == Precision::fp8)
       out.scales[r] = fp8_quantize_block(row, dim, config.ue8m0);
-    for (int64_t i = 0; i < dim; ++i) out.values[r * dim + i] = as_bf16(row[i]);
+    for (int64_t i = 0; i < dim; ++i) {
+      if (codes) {
+        out.codes[r * dim + i] = f32_to_e4m3(row[i]);
+      } else {
+        out.values[r * dim + i] = as_bf16(row[i]);
+      }
+    }
   }
 }
 
@@ -109,14 +126,19 @@ template <typename Use>
 void score_chunks(const IndexerInputs& in, const IndexerConfig& config, int64_t b,
                   StageTimes* times, Use use) {
   const int64_t H = in.heads, d = in.dim, Lk = in.keys;
+  const bool codes = fp8_tensor_cores(in, config);
   Stopwatch prepare;
   IndexerOperands keys;
-  prepare_operands(*in.k_index, b * Lk, Lk, d, config, keys);
+  prepare_operands(*in.k_index, b * Lk, Lk, d, config, codes, keys);
+  DeviceBuffer<uint8_t> k_codes, q_codes;
   DeviceBuffer<__nv_bfloat16> k_values;
   DeviceBuffer<float> k_f32, k_scales(static_cast<size_t>(Lk)), q_f32, weights, scores;
   DeviceBuffer<__nv_bfloat16> q_values;
   if (config.precision == Precision::f32) {
     k_f32.upload(keys.values_f32.data(), keys.values_f32.size());
+  } else if (codes) {
+    k_codes.upload(keys.codes.data(), keys.codes.size());
+    k_scales.upload(keys.scales.data(), keys.scales.size());
   } else {
     k_values.upload(keys.values.data(), keys.values.size());
     k_scales.upload(keys.scales.data(), keys.scales.size());
@@ -129,7 +151,7 @@ void score_chunks(const IndexerInputs& in, const IndexerConfig& config, int64_t 
   for (int64_t c0 = 0; c0 < in.queries; c0 += chunk) {
     const int64_t rows = std::min(chunk, in.queries - c0);
     Stopwatch watch;
-    prepare_operands(*in.q_index, (b * in.queries + c0) * H, rows * H, d, config, queries);
+    prepare_operands(*in.q_index, (b * in.queries + c0) * H, rows * H, d, config, codes, queries);
     to_f32(*in.weights, (b * in.queries + c0) * H, rows * H, w.data());
     for (int64_t i = 0; i < rows * H; ++i) w[i] *= config.weight_scale * queries.scales[i];
     weights.upload(w.data(), static_cast<size_t>(rows * H));
@@ -140,6 +162,11 @@ void score_chunks(const IndexerInputs& in, const IndexerConfig& config, int64_t 
       launch_indexer_f32(q_f32.get(), weights.get(), k_f32.get(), static_cast<int>(rows),
                          static_cast<int>(H), static_cast<int>(d), static_cast<int>(Lk),
                          in.position(c0), scores.get(), Lk, nullptr);
+    } else if (codes) {
+      q_codes.upload(queries.codes.data(), queries.codes.size());
+      launch_indexer_fp8(q_codes.get(), weights.get(), k_codes.get(), k_scales.get(),
+                         static_cast<int>(rows), static_cast<int>(Lk), in.position(c0),
+                         scores.get(), Lk, nullptr);
     } else {
       q_values.upload(queries.values.data(), queries.values.size());
       launch_indexer_bf16(q_values.get(), weights.get(), k_values.get(), k_scales.get(),

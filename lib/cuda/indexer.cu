@@ -6,6 +6,7 @@
 
 #include "dsa/error.hpp"
 #include "kernels.cuh"
+#include "wgmma.cuh"
 
 namespace dsa::cuda {
 
@@ -131,6 +132,133 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The fp8 indexer on Hopper (H_I = 64, d_I = 128): one warpgroup per block of 2 queries, whose
+// 128 (query, head) rows are the B operand of wgmma (e4m3, in shared memory); each tile of 64
+// keys is the A operand, so the logits come out transposed, a key per accumulator row and a
+// (query, head) per column. A thread holds 16 heads of each query for two keys: the weighted
+// ReLU sum over the heads is 16 fused multiply-adds and two shuffles across the lane quad, in
+// registers. Key tiles arrive through cp.async, kKeyStages deep.
+constexpr int kFp8Heads = 64;
+constexpr int kFp8Dim = 128;
+constexpr int kFp8Rows = 128;  // (query, head) rows: 2 queries
+constexpr int kFp8Queries = kFp8Rows / kFp8Heads;
+constexpr int kKeyStages = 4;
+constexpr int kFp8Threads = 128;
+constexpr size_t kFp8Smem = 1024 + kFp8Rows * kFp8Dim + kKeyStages * kKeyTile * kFp8Dim;
+
+__global__ void __launch_bounds__(kFp8Threads, 3)
+    indexer_fp8_kernel(const uint8_t* __restrict__ q, const float* __restrict__ w,
+                       const uint8_t* __restrict__ k, const float* __restrict__ k_scale, int rows,
+                       int keys, int64_t first_position, float* __restrict__ scores, int64_t stride,
+                       IndexerBatch batch, int key_span) {
+  namespace wg = wgmma;
+  q += blockIdx.z * batch.q;
+  w += blockIdx.z * batch.w;
+  k += blockIdx.z * batch.k;
+  k_scale += blockIdx.z * batch.k_scale;
+  scores += blockIdx.z * batch.scores;
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t raw = wg::shared_address(smem_raw);
+  const uint32_t q_s = raw + (1024 - raw % 1024) % 1024;  // 128 rows x 128 bytes, swizzled
+  const uint32_t k_s = q_s + kFp8Rows * kFp8Dim;          // kKeyStages tiles of 64 x 128 bytes
+  constexpr uint32_t kTileBytes = kKeyTile * kFp8Dim;
+
+  const int q0 = blockIdx.x * kFp8Queries;
+  const int q_end = min(rows, q0 + kFp8Queries);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int pair = 2 * (lane % 4);
+  const int key0 = warp * 16 + lane / 4, key1 = key0 + 8;  // this thread's rows of a tile
+
+  for (int i = tid; i < kFp8Rows * 8; i += kFp8Threads) {
+    const int row = i / 8, c = i % 8;
+    const bool valid = q0 + row / kFp8Heads < q_end;
+    const uint8_t* source =
+        valid ? q + (static_cast<int64_t>(q0) * kFp8Heads + row) * kFp8Dim + c * 16 : q;
+    wg::copy_async_16(q_s + row * 128 + ((c ^ (row % 8)) * 16), source, valid);
+  }
+  // The weight of each (query, head) column this thread holds: n-group n, element e.
+  float weight[kFp8Rows / 8][2];
+#pragma unroll
+  for (int n = 0; n < kFp8Rows / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int column = n * 8 + pair + e, query = q0 + column / kFp8Heads;
+      weight[n][e] = query < q_end ? w[static_cast<int64_t>(q0) * kFp8Heads + column] : 0.0f;
+    }
+  }
+  const int64_t key_begin = static_cast<int64_t>(blockIdx.y) * key_span;
+  const int64_t key_end = min(static_cast<int64_t>(keys), key_begin + key_span);
+  const int64_t visible_end = min(key_end, first_position + q_end);
+  const int64_t tiles =
+      visible_end > key_begin ? (visible_end - key_begin + kKeyTile - 1) / kKeyTile : 0;
+  // Starts copying tile `tile` into its stage (zeros past the last key); always commits a group
+  // so that the wait counts below stay uniform.
+  auto fetch = [&](int64_t tile) {
+    if (tile < tiles) {
+      const uint32_t base = k_s + static_cast<uint32_t>(tile % kKeyStages) * kTileBytes;
+      for (int i = tid; i < kKeyTile * 8; i += kFp8Threads) {
+        const int j = i / 8, c = i % 8;
+        const int64_t s = key_begin + tile * kKeyTile + j;
+        wg::copy_async_16(base + j * 128 + ((c ^ (j % 8)) * 16),
+                          k + (s < keys ? s : 0) * kFp8Dim + c * 16, s < keys);
+      }
+    }
+    wg::copy_async_commit();
+  };
+#pragma unroll
+  for (int t = 0; t < kKeyStages - 1; ++t) fetch(t);
+
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(kKeyStages - 2) : "memory");
+    wg::fence_shared_for_tensor_cores();
+    __syncthreads();  // the tile is in; every thread is done with the stage fetched next
+    fetch(tile + kKeyStages - 1);
+    float logit[kFp8Rows / 2];
+    const uint32_t a = k_s + static_cast<uint32_t>(tile % kKeyStages) * kTileBytes;
+    wg::fence();
+#pragma unroll
+    for (int step = 0; step < kFp8Dim / 32; ++step) {
+      wg::wgmma_m64n128_e4m3(logit, wg::descriptor(a + step * 32, 16, 1024),
+                             wg::descriptor(q_s + step * 32, 16, 1024), step > 0);
+    }
+    wg::commit();
+    wg::wait<0>();
+    // Eq. 1: sum over the heads of w . ReLU(logit), per (query, key).
+    float sum[kFp8Queries][2] = {};
+#pragma unroll
+    for (int n = 0; n < kFp8Rows / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        sum[n * 8 / kFp8Heads][0] += weight[n][e] * fmaxf(logit[4 * n + e], 0.0f);
+        sum[n * 8 / kFp8Heads][1] += weight[n][e] * fmaxf(logit[4 * n + 2 + e], 0.0f);
+      }
+    }
+#pragma unroll
+    for (int m = 1; m <= 2; m *= 2) {
+#pragma unroll
+      for (int i = 0; i < kFp8Queries; ++i) {
+        sum[i][0] += __shfl_xor_sync(0xffffffffu, sum[i][0], m);
+        sum[i][1] += __shfl_xor_sync(0xffffffffu, sum[i][1], m);
+      }
+    }
+    // Lane 4i + c of the quad writes query c / 2, key row c % 2.
+    const int query = (lane % 4) / 2, which = lane % 2;
+    const float value =
+        query == 0 ? (which ? sum[0][1] : sum[0][0]) : (which ? sum[1][1] : sum[1][0]);
+    const int64_t s = key_begin + tile * kKeyTile + (which ? key1 : key0);
+    if (q0 + query < q_end && s < visible_end) {
+      const int64_t position = first_position + q0 + query;
+      scores[static_cast<int64_t>(q0 + query) * stride + s] =
+          s <= position ? value * k_scale[s] : -INFINITY;
+    }
+  }
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+  for (int local = 0; local < q_end - q0; ++local) {
+    for (int64_t s = max(visible_end, key_begin) + tid; s < key_end; s += kFp8Threads)
+      scores[(q0 + local) * stride + s] = -INFINITY;
+  }
+}
+
 __global__ void indexer_f32_kernel(const float* __restrict__ q, const float* __restrict__ w,
                                    const float* __restrict__ k, int heads, int dim, int keys,
                                    int64_t first_position, float* __restrict__ scores,
@@ -155,6 +283,18 @@ __global__ void indexer_f32_kernel(const float* __restrict__ q, const float* __r
   scores[r * stride + s] = sum;
 }
 
+// Keys per block along gridDim.y: all of them, unless few blocks of queries (decode) would
+// leave SMs idle; then the keys are split too.
+int key_span_for(int query_blocks, int keys) {
+  int device = 0, sms = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
+        "cudaDeviceGetAttribute");
+  const int key_tiles = std::max(1, (keys + kKeyTile - 1) / kKeyTile);
+  const int splits = std::clamp(2 * sms / std::max(1, query_blocks), 1, key_tiles);
+  return (key_tiles + splits - 1) / splits * kKeyTile;
+}
+
 }  // namespace
 
 void launch_indexer_bf16(const __nv_bfloat16* q, const float* w, const __nv_bfloat16* k,
@@ -170,18 +310,26 @@ void launch_indexer_bf16(const __nv_bfloat16* q, const float* w, const __nv_bflo
         "cudaFuncSetAttribute(indexer)");
   const int per_block = kRows / heads;
   const int query_blocks = (rows + per_block - 1) / per_block;
-  // Few query blocks (decode): split the keys too, so that every SM has work.
-  int device = 0, sms = 0;
-  check(cudaGetDevice(&device), "cudaGetDevice");
-  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
-        "cudaDeviceGetAttribute");
-  const int key_tiles = std::max(1, (keys + kKeyTile - 1) / kKeyTile);
-  const int splits = std::clamp(2 * sms / std::max(1, query_blocks * batch.count), 1, key_tiles);
-  const int key_span = (key_tiles + splits - 1) / splits * kKeyTile;
+  const int key_span = key_span_for(query_blocks * batch.count, keys);
   const dim3 grid(query_blocks, (std::max(keys, 1) + key_span - 1) / key_span, batch.count);
   indexer_bf16_kernel<<<grid, kThreads, smem, stream>>>(
       q, w, k, k_scale, rows, heads, dim, keys, first_position, scores, stride, batch, key_span);
   check(cudaGetLastError(), "indexer kernel launch");
+}
+
+void launch_indexer_fp8(const uint8_t* q, const float* w, const uint8_t* k, const float* k_scale,
+                        int rows, int keys, int64_t first_position, float* scores, int64_t stride,
+                        cudaStream_t stream, const IndexerBatch& batch) {
+  if (rows == 0 || batch.count == 0) return;
+  check(cudaFuncSetAttribute(indexer_fp8_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(kFp8Smem)),
+        "cudaFuncSetAttribute(indexer fp8)");
+  const int query_blocks = (rows + kFp8Queries - 1) / kFp8Queries;
+  const int key_span = key_span_for(query_blocks * batch.count, keys);
+  const dim3 grid(query_blocks, (std::max(keys, 1) + key_span - 1) / key_span, batch.count);
+  indexer_fp8_kernel<<<grid, kFp8Threads, kFp8Smem, stream>>>(
+      q, w, k, k_scale, rows, keys, first_position, scores, stride, batch, key_span);
+  check(cudaGetLastError(), "indexer fp8 kernel launch");
 }
 
 void launch_indexer_f32(const float* q, const float* w, const float* k, int rows, int heads,

@@ -28,6 +28,11 @@ void launch_indexer_bf16(const __nv_bfloat16* q, const float* w, const __nv_bflo
                          const float* k_scale, int rows, int heads, int dim, int keys,
                          int64_t first_position, float* scores, int64_t stride, cudaStream_t stream,
                          const IndexerBatch& batch = {});
+// The fp8 path on Hopper's fp8 tensor cores for DSA's indexer shape (H = 64, d = 128): q and k
+// hold the e4m3 codes, w and k_scale as above (the scales of the fp8 blocks).
+void launch_indexer_fp8(const uint8_t* q, const float* w, const uint8_t* k, const float* k_scale,
+                        int rows, int keys, int64_t first_position, float* scores, int64_t stride,
+                        cudaStream_t stream, const IndexerBatch& batch = {});
 // The same in f32 on the CUDA cores (the f32 precision mode).
 void launch_indexer_f32(const float* q, const float* w, const float* k, int rows, int heads,
                         int dim, int keys, int64_t first_position, float* scores, int64_t stride,
