@@ -94,66 +94,77 @@ TEST(Cuda, IndexerScoresMatchTheCpu) {
 TEST(Cuda, SelectionMatchesTheCpuExceptAmongNearTies) {
   SKIP_WITHOUT_GPU();
   std::mt19937_64 rng(2);
-  const int64_t Lq = 1024, Lk = 4096, H = 64, d = 128, k = 2048;
-  const Tensor q = test::random_tensor({Lq, H, d}, rng);
-  const Tensor kk = test::random_tensor({Lk, d}, rng);
-  const Tensor w = test::random_tensor({Lq, H}, rng);
-  IndexerConfig config;
-  config.precision = Precision::fp8;
-  config.ue8m0 = true;
-  const IndexerInputs in = make_indexer_inputs(q, kk, w, config);
-  const auto cpu_scores = scores_on(in, config, Device::cpu),
-             gpu_scores = scores_on(in, config, Device::cuda);
-  const auto cpu = selection_on(in, config, k, Device::cpu),
-             gpu = selection_on(in, config, k, Device::cuda);
-  int64_t differing = 0;
-  for (int64_t r = 0; r < Lq; ++r) {
-    const float* row = cpu_scores.data() + r * Lk;
-    const float* gpu_row = gpu_scores.data() + r * Lk;
-    // The GPU's rounding in this row: small against the row's scores, and the bound on how far
-    // apart two entries can be that the GPU orders the other way.
-    double rounding = 0, scale = 0;
-    for (int64_t s = 0; s <= in.position(r); ++s) {
-      rounding = std::max(rounding, std::fabs(double(gpu_row[s]) - row[s]));
-      scale = std::max(scale, std::fabs(double(row[s])));
+  // Rows of at most 8192 entries, all candidates; longer ones, a threshold from a sample.
+  for (const auto& [Lq, Lk] : {std::pair<int64_t, int64_t>{1024, 4096}, {256, 24576}}) {
+    const int64_t H = 64, d = 128, k = 2048;
+    const Tensor q = test::random_tensor({Lq, H, d}, rng);
+    const Tensor kk = test::random_tensor({Lk, d}, rng);
+    const Tensor w = test::random_tensor({Lq, H}, rng);
+    IndexerConfig config;
+    config.precision = Precision::fp8;
+    config.ue8m0 = true;
+    const IndexerInputs in = make_indexer_inputs(q, kk, w, config);
+    const auto cpu_scores = scores_on(in, config, Device::cpu),
+               gpu_scores = scores_on(in, config, Device::cuda);
+    const auto cpu = selection_on(in, config, k, Device::cpu),
+               gpu = selection_on(in, config, k, Device::cuda);
+    int64_t differing = 0;
+    for (int64_t r = 0; r < Lq; ++r) {
+      const float* row = cpu_scores.data() + r * Lk;
+      const float* gpu_row = gpu_scores.data() + r * Lk;
+      // The GPU's rounding in this row: small against the row's scores, and the bound on how far
+      // apart two entries can be that the GPU orders the other way.
+      double rounding = 0, scale = 0;
+      for (int64_t s = 0; s <= in.position(r); ++s) {
+        rounding = std::max(rounding, std::fabs(double(gpu_row[s]) - row[s]));
+        scale = std::max(scale, std::fabs(double(row[s])));
+      }
+      ASSERT_LT(rounding, 1e-3 * scale) << "row " << r;
+      std::vector<int32_t> a(cpu.begin() + r * k, cpu.begin() + (r + 1) * k),
+          b(gpu.begin() + r * k, gpu.begin() + (r + 1) * k);
+      const float kth = row[a.back()];
+      std::sort(a.begin(), a.end());
+      std::sort(b.begin(), b.end());
+      std::vector<int32_t> only_gpu;
+      std::set_difference(b.begin(), b.end(), a.begin(), a.end(), std::back_inserter(only_gpu));
+      for (int32_t s : only_gpu) {
+        ASSERT_GE(s, 0);
+        EXPECT_NEAR(row[s], kth, 2 * rounding + 1e-6)
+            << "row " << r << " position " << s << " is no near-tie";
+        ++differing;
+      }
     }
-    ASSERT_LT(rounding, 1e-3 * scale) << "row " << r;
-    std::vector<int32_t> a(cpu.begin() + r * k, cpu.begin() + (r + 1) * k),
-        b(gpu.begin() + r * k, gpu.begin() + (r + 1) * k);
-    const float kth = row[a.back()];
-    std::sort(a.begin(), a.end());
-    std::sort(b.begin(), b.end());
-    std::vector<int32_t> only_gpu;
-    std::set_difference(b.begin(), b.end(), a.begin(), a.end(), std::back_inserter(only_gpu));
-    for (int32_t s : only_gpu) {
-      ASSERT_GE(s, 0);
-      EXPECT_NEAR(row[s], kth, 2 * rounding + 1e-6)
-          << "row " << r << " position " << s << " is no near-tie";
-      ++differing;
-    }
+    std::printf("selections: %lld of %lld entries differ, all near-ties\n",
+                static_cast<long long>(differing), static_cast<long long>(Lq * k));
+    EXPECT_LT(differing, Lq * k / 200) << "near-ties should be rare";
   }
-  std::printf("selections: %lld of %lld entries differ, all near-ties\n",
-              static_cast<long long>(differing), static_cast<long long>(Lq * k));
-  EXPECT_LT(differing, Lq * k / 200) << "near-ties should be rare";
 }
 
 TEST(Cuda, ExactTiesAreBrokenByPositionLikeTheCpu) {
   SKIP_WITHOUT_GPU();
-  // Small integers: exact in bf16, so scores tie exactly and often.
+  // Small integers: exact in bf16, so scores tie exactly and often. At L = 12000 more entries
+  // tie at the threshold than the top-k keeps in shared memory: the radix fallback.
   std::mt19937_64 rng(3);
-  const int64_t L = 300, H = 4, d = 16, k = 32;
-  Tensor q = make_tensor(DType::f32, {L, H, d}), kk = make_tensor(DType::f32, {L, d}),
-         w = make_tensor(DType::f32, {L, H});
-  for (int64_t i = 0; i < q.numel(); ++i) mutable_data<float>(q)[i] = static_cast<float>(rng() % 3);
-  for (int64_t i = 0; i < kk.numel(); ++i)
-    mutable_data<float>(kk)[i] = static_cast<float>(rng() % 2);
-  for (int64_t i = 0; i < w.numel(); ++i) mutable_data<float>(w)[i] = 1.0f;
-  IndexerConfig config;
-  config.precision = Precision::bf16;
-  const IndexerInputs in = make_indexer_inputs(q, kk, w, config);
-  const auto cpu = selection_on(in, config, k, Device::cpu),
-             gpu = selection_on(in, config, k, Device::cuda);
-  EXPECT_EQ(gpu, cpu);
+  for (const auto& [L, k] : {std::pair<int64_t, int64_t>{300, 32}, {12000, 2048}}) {
+    const int64_t H = 4, d = 16;
+    Tensor q = make_tensor(DType::f32, {L, H, d}), kk = make_tensor(DType::f32, {L, d}),
+           w = make_tensor(DType::f32, {L, H});
+    for (int64_t i = 0; i < q.numel(); ++i)
+      mutable_data<float>(q)[i] = static_cast<float>(rng() % 3);
+    // At L = 12000 nine keys in ten are all ones: they tie in every row.
+    for (int64_t s = 0; s < L; ++s) {
+      const bool ones = L > 1000 && rng() % 10 != 0;
+      for (int64_t c = 0; c < d; ++c)
+        mutable_data<float>(kk)[s * d + c] = ones ? 1.0f : static_cast<float>(rng() % 2);
+    }
+    for (int64_t i = 0; i < w.numel(); ++i) mutable_data<float>(w)[i] = 1.0f;
+    IndexerConfig config;
+    config.precision = Precision::bf16;
+    const IndexerInputs in = make_indexer_inputs(q, kk, w, config);
+    const auto cpu = selection_on(in, config, k, Device::cpu),
+               gpu = selection_on(in, config, k, Device::cuda);
+    EXPECT_EQ(gpu, cpu) << "L " << L;
+  }
 }
 
 struct Result {

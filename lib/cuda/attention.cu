@@ -243,7 +243,9 @@ __global__ void __launch_bounds__(kTileThreads, 1)
   auto* sum_s = reinterpret_cast<float*>(smem + layout.sum);  // [warpgroup][head]
   auto* slot_s = reinterpret_cast<int*>(smem + layout.slot);  // [buffer][key]
 
-  const int r = blockIdx.x, h0 = blockIdx.y * kTileHeads;
+  // The head groups of one row are neighbours in launch order: the second gathers from L2.
+  const int groups = (heads + kTileHeads - 1) / kTileHeads;
+  const int r = blockIdx.x / groups, h0 = blockIdx.x % groups * kTileHeads;
   const int tid = threadIdx.x, group = tid / 128, lane = tid % 32;
   const int row0 = (tid % 128) / 32 * 16 + lane / 4, row1 = row0 + 8;  // this thread's heads
   const int pair = 2 * (lane % 4);  // the first of this thread's two columns in each 8
@@ -435,7 +437,7 @@ void launch_mqa_attention(const __nv_bfloat16* q, const __nv_bfloat16* kv, const
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                static_cast<int>(layout.bytes)),
           "cudaFuncSetAttribute(attention)");
-    const dim3 grid(rows, (heads + kTileHeads - 1) / kTileHeads, batch.count);
+    const dim3 grid(rows * ((heads + kTileHeads - 1) / kTileHeads), 1, batch.count);
     kernel<<<grid, kTileThreads, layout.bytes, stream>>>(q, kv, indices, k, heads, first_position,
                                                          scale, out, lse, batch);
     check(cudaGetLastError(), "attention kernel launch");

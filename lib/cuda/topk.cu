@@ -1,5 +1,6 @@
-// Top-k selection on the GPU (Eq. 2): a radix select of the k-th largest score per row, the
-// entries above it, the lowest positions among those equal to it, then a bitonic sort.
+// Top-k selection on the GPU (Eq. 2): per row, the entries above a threshold estimated from a
+// sample, sorted in shared memory (or, when the estimate misses, an exact radix select), in
+// descending score and ascending position among equal scores.
 #include <cub/block/block_scan.cuh>
 
 #include "dsa/error.hpp"
@@ -9,7 +10,7 @@ namespace dsa::cuda {
 
 namespace {
 
-constexpr int kThreads = 1024;
+constexpr int kThreads = 512;
 
 // Order-preserving map of a float to uint32 (larger float, larger key); NaN ranks like -inf.
 __device__ uint32_t rank_key(float x) {
@@ -23,22 +24,93 @@ __device__ uint64_t compose(uint32_t key, uint32_t position) {
   return (static_cast<uint64_t>(key) << 32) | (0xffffffffu - position);
 }
 
-__global__ void __launch_bounds__(kThreads)
+// Sorts `size` (a power of two) pairs descending, bitonic, by the whole block. A step whose
+// compare distance is at most 32 keeps each warp within its own 64 entries: between two such
+// steps a warp barrier suffices.
+__device__ void sort_descending(uint64_t* pairs, int size) {
+  bool crossed = true;  // the previous step (or the caller) touched other warps' entries
+  for (int width = 2; width <= size; width <<= 1) {
+    for (int half = width >> 1; half > 0; half >>= 1) {
+      if (crossed || half > 32) {
+        __syncthreads();
+      } else {
+        __syncwarp();
+      }
+      crossed = half > 32;
+      for (int i = threadIdx.x; i < size / 2; i += kThreads) {
+        const int lo = ((i & ~(half - 1)) << 1) | (i & (half - 1)), hi = lo + half;
+        const bool descending = (lo & width) == 0;
+        const uint64_t a = pairs[lo], b = pairs[hi];
+        if ((a < b) == descending) {
+          pairs[lo] = b;
+          pairs[hi] = a;
+        }
+      }
+    }
+  }
+  __syncthreads();
+}
+
+// One pass over the row in the common case. A sorted sample of the row's scores (kSample
+// entries, evenly spaced) gives a threshold expected to pass about 2k entries (more than 4
+// standard deviations of the sample's error above k at L = 128K); every entry at or above it
+// goes to shared memory, where the candidates are sorted (descending score, then ascending
+// position) and the first k are the selection. Rows of at most 2k entries take them all. When the
+// threshold passed fewer than k entries or more than kCandidates (a crowded score: many ties), the
+// row falls back to an exact radix select, 8 bits per pass over the row.
+constexpr int kCandidates = 8192;
+constexpr int kSample = 2048;
+
+__global__ void __launch_bounds__(kThreads, 3)
     topk_kernel(const float* __restrict__ scores, int64_t stride, int64_t first_position, int keys,
-                int k, int sort_size, int32_t* __restrict__ indices, float* __restrict__ values) {
-  extern __shared__ uint64_t pairs[];  // [sort_size]
+                int k, int32_t* __restrict__ indices, float* __restrict__ values) {
+  extern __shared__ uint64_t pairs[];  // [kCandidates]: the sample, the candidates, or the k
   __shared__ uint32_t histogram[256];
-  __shared__ uint32_t chosen_prefix, still_needed, taken_above;
+  __shared__ uint32_t threshold, candidate_count, chosen_prefix, still_needed, taken_above;
   using Scan = cub::BlockScan<int, kThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
 
   const int r = blockIdx.x, tid = threadIdx.x;
   const float* row = scores + r * stride;
   const int n = static_cast<int>(min(static_cast<int64_t>(keys), first_position + r + 1));
-  for (int i = tid; i < sort_size; i += kThreads) pairs[i] = 0;
+  if (tid == 0) threshold = candidate_count = taken_above = 0;
+  if (n > 2 * k) {
+    for (int j = tid; j < kSample; j += kThreads) {
+      const int i = static_cast<int>(static_cast<int64_t>(j) * n / kSample);
+      pairs[j] = compose(rank_key(row[i]), i);
+    }
+    __syncthreads();
+    sort_descending(pairs, kSample);
+    if (tid == 0) {
+      const int rank = static_cast<int>(
+          min(static_cast<int64_t>(kSample - 1), 2 * static_cast<int64_t>(k) * kSample / n));
+      threshold = static_cast<uint32_t>(pairs[rank] >> 32);
+    }
+  }
   __syncthreads();
-  if (n <= k) {
-    for (int i = tid; i < n; i += kThreads) pairs[i] = compose(rank_key(row[i]), i);
+  const uint32_t bound = threshold;
+  for (int base = 0; base < n; base += kThreads) {
+    const int i = base + tid;
+    const uint32_t key = i < n ? rank_key(row[i]) : 0;
+    const bool take = i < n && key >= bound;
+    const uint32_t lanes = __ballot_sync(0xffffffffu, take);
+    if (lanes == 0) continue;
+    const int lane = tid % 32, leader = __ffs(lanes) - 1;
+    uint32_t slot = 0;
+    if (lane == leader) slot = atomicAdd(&candidate_count, static_cast<uint32_t>(__popc(lanes)));
+    slot = __shfl_sync(0xffffffffu, slot, leader) + __popc(lanes & ((1u << lane) - 1));
+    if (take && slot < kCandidates) pairs[slot] = compose(key, i);
+  }
+  __syncthreads();
+  const int count = static_cast<int>(candidate_count);
+  int sorted = 0;  // entries of pairs[] in order; the rest of the k are padding
+  if (count >= min(k, n) && count <= kCandidates) {
+    int size = 2;
+    while (size < count) size <<= 1;
+    for (int i = count + tid; i < size; i += kThreads) pairs[i] = 0;
+    __syncthreads();
+    sort_descending(pairs, size);
+    sorted = min(k, count);
   } else {
     // The k-th largest key, 8 bits at a time from the top.
     uint32_t prefix = 0, mask = 0, needed = k;
@@ -64,8 +136,6 @@ __global__ void __launch_bounds__(kThreads)
       __syncthreads();
     }
     // prefix is the threshold key; `needed` entries equal to it are taken, lowest positions first.
-    if (tid == 0) taken_above = 0;
-    __syncthreads();
     const int above_count = k - static_cast<int>(needed);
     int equal_taken = 0;
     for (int base = 0; base < n; base += kThreads) {
@@ -81,31 +151,20 @@ __global__ void __launch_bounds__(kThreads)
       equal_taken += total;
       __syncthreads();
     }
-  }
-  __syncthreads();
-  // Bitonic sort, descending.
-  for (int size = 2; size <= sort_size; size <<= 1) {
-    for (int half = size >> 1; half > 0; half >>= 1) {
-      for (int i = tid; i < sort_size / 2; i += kThreads) {
-        const int lo = 2 * half * (i / half) + (i % half), hi = lo + half;
-        const bool descending = (lo & size) == 0;
-        const uint64_t a = pairs[lo], b = pairs[hi];
-        if ((a < b) == descending) {
-          pairs[lo] = b;
-          pairs[hi] = a;
-        }
-      }
-      __syncthreads();
-    }
+    int size = 2;
+    while (size < k) size <<= 1;
+    for (int i = k + tid; i < size; i += kThreads) pairs[i] = 0;
+    __syncthreads();
+    sort_descending(pairs, size);
+    sorted = k;
   }
   for (int i = tid; i < k; i += kThreads) {
-    const uint64_t p = pairs[i];
     const int64_t out = static_cast<int64_t>(r) * k + i;
-    if (p == 0) {
+    if (i >= sorted) {
       indices[out] = -1;
       values[out] = -INFINITY;
     } else {
-      const int position = static_cast<int>(0xffffffffu - static_cast<uint32_t>(p));
+      const int position = static_cast<int>(0xffffffffu - static_cast<uint32_t>(pairs[i]));
       indices[out] = position;
       values[out] = row[position];
     }
@@ -118,14 +177,15 @@ void launch_topk(const float* scores, int64_t stride, int rows, int64_t first_po
                  int k, int32_t* indices, float* values, cudaStream_t stream) {
   if (rows == 0) return;
   if (k > 8192) fail(ExitCode::usage, "the CUDA top-k handles k <= 8192, got {}", k);
-  int sort_size = 2;
-  while (sort_size < k) sort_size <<= 1;
-  const size_t smem = static_cast<size_t>(sort_size) * sizeof(uint64_t);
+  const size_t smem = static_cast<size_t>(kCandidates) * sizeof(uint64_t);
   check(cudaFuncSetAttribute(topk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(smem)),
         "cudaFuncSetAttribute(topk)");
-  topk_kernel<<<rows, kThreads, smem, stream>>>(scores, stride, first_position, keys, k, sort_size,
-                                                indices, values);
+  check(cudaFuncSetAttribute(topk_kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                             cudaSharedmemCarveoutMaxShared),
+        "cudaFuncSetAttribute(topk carveout)");
+  topk_kernel<<<rows, kThreads, smem, stream>>>(scores, stride, first_position, keys, k, indices,
+                                                values);
   check(cudaGetLastError(), "top-k kernel launch");
 }
 
