@@ -44,6 +44,8 @@ int main(int argc, char** argv) {
   app.add_option("--needles", needles_path,
                  "Needles [N, 2] (query position, key position) to check");
   for (auto* option : dsa::app::add_indexer_options(app, indexer)) option->excludes(idx_opt);
+  std::string device = "cpu";
+  dsa::app::add_device_option(app, device);
   app.set_version_flag("--version", dsa::version());
   app.add_option("-o,--output", common.output, "The JSON report (default stdout)");
   app.add_option("--threads", common.threads, "CPU threads (default: OMP_NUM_THREADS or all cores)")
@@ -62,6 +64,8 @@ int main(int argc, char** argv) {
     dsa::app::AttentionTensors loaded;
     dsa::app::load_attention(attention, loaded);
     dsa::CompareInputs inputs;
+    inputs.device = dsa::resolve_device(device);
+    report["device"] = dsa::device_description(inputs.device);
     inputs.attention = loaded.inputs;
     inputs.scale = loaded.scale;
     for (const auto& t : loaded.tensors) report["inputs"].push_back(dsa::tensor_json(t));

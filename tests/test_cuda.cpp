@@ -10,6 +10,7 @@
 #include "dsa/device.hpp"
 #include "dsa/error.hpp"
 #include "dsa/indexer.hpp"
+#include "dsa/metrics.hpp"
 #include "dsa/precision.hpp"
 #include "dsa/topk.hpp"
 #include "reference.hpp"
@@ -248,6 +249,64 @@ TEST(Cuda, SparseAndDenseMqaAttentionMatchTheCpu) {
       for (std::size_t i = 0; i < cpu.lse.size(); ++i)
         ASSERT_NEAR(gpu.lse[i], cpu.lse[i], 2e-2) << i;
     }
+  }
+}
+
+TEST(Cuda, CompareOnTheGpuAgreesWithTheCpu) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(5);
+  const int64_t B = 2, L = 400, H = 40, d_qk = 576, d_v = 512, HI = 8, dI = 64;
+  Tensor q = test::random_tensor({B, L, H, d_qk}, rng, 2.0f, "q"),
+         kv = test::random_tensor({B, L, d_qk}, rng, 1.0f, "kv");
+  for (Tensor* t : {&q, &kv}) {
+    float* p = mutable_data<float>(*t);
+    for (int64_t i = 0; i < t->numel(); ++i) p[i] = round_to_bf16(p[i]);
+  }
+  const Tensor q_index = test::random_tensor({B, L, HI, dI}, rng, 1.0f, "q_index"),
+               k_index = test::random_tensor({B, L, dI}, rng, 1.0f, "k_index"),
+               weights = test::random_tensor({B, L, HI}, rng, 1.0f, "weights");
+  Tensor needles = make_tensor(DType::i64, {3, 2}, "needles");
+  for (int64_t i = 0; i < 3; ++i) {
+    mutable_data<int64_t>(needles)[2 * i] = 300 + 40 * i;
+    mutable_data<int64_t>(needles)[2 * i + 1] = 7 * i;
+  }
+  CompareInputs in;
+  in.attention = make_mqa_inputs(q, kv, d_v);
+  in.scale = default_scale(d_qk);
+  in.indexer_config.precision = Precision::bf16;
+  in.indexer = make_indexer_inputs(q_index, k_index, weights, in.indexer_config);
+  in.needles = &needles;
+  in.topk = {64, 150};
+  const Comparison cpu = compare_attention(in, nullptr);
+  in.device = Device::cuda;
+  const Comparison gpu = compare_attention(in, nullptr);
+  ASSERT_EQ(gpu.kl_dense.size(), cpu.kl_dense.size());
+  for (std::size_t r = 0; r < cpu.kl_dense.size(); ++r)
+    ASSERT_NEAR(gpu.kl_dense[r], cpu.kl_dense[r], 1e-3 + 1e-2 * std::fabs(cpu.kl_dense[r])) << r;
+  for (std::size_t ki = 0; ki < in.topk.size(); ++ki) {
+    const Fidelity &c = cpu.per_k[ki], &g = gpu.per_k[ki];
+    const double k = static_cast<double>(in.topk[ki]);
+    for (std::size_t r = 0; r < c.mass_recall.size(); ++r) {
+      ASSERT_NEAR(g.mass_recall[r], c.mass_recall[r], 5e-3) << "k " << k << " row " << r;
+      ASSERT_NEAR(g.topk_recall[r], c.topk_recall[r], 2.5 / k) << "k " << k << " row " << r;
+      ASSERT_NEAR(g.kl_sparse[r], c.kl_sparse[r], 1e-3 + 1e-2 * std::fabs(c.kl_sparse[r])) << r;
+    }
+    for (std::size_t i = 0; i < c.out_rel_err.size(); ++i) {
+      ASSERT_NEAR(g.mass_recall_head[i], c.mass_recall_head[i], 5e-3) << i;
+      ASSERT_NEAR(g.out_cosine[i], c.out_cosine[i], 2e-3) << i;
+      ASSERT_NEAR(g.out_rel_err[i], c.out_rel_err[i], 5e-3 + 5e-2 * c.out_rel_err[i]) << i;
+    }
+    EXPECT_EQ(g.needles, c.needles);
+    EXPECT_EQ(g.needles_selected, c.needles_selected);
+    EXPECT_EQ(g.sparse_flops, c.sparse_flops);
+  }
+  // Shapes outside MLA's: a usage error, not a wrong answer.
+  in.attention = make_mqa_inputs(q, kv, 256);
+  try {
+    compare_attention(in, nullptr);
+    ADD_FAILURE() << "d_v 256 ran on the GPU";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ExitCode::usage) << e.what();
   }
 }
 

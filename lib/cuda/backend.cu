@@ -4,6 +4,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
+#include <optional>
 #include <vector>
 
 #include <fmt/format.h>
@@ -120,64 +122,168 @@ void check_indexer_shape(const IndexerInputs& in, const IndexerConfig& config) {
   }
 }
 
+// The indexer of one batch element on the GPU: the keys prepared and uploaded once, then
+// blocks of query rows scored into device memory.
+class IndexerOnDevice {
+ public:
+  IndexerOnDevice(const IndexerInputs& in, const IndexerConfig& config, int64_t b,
+                  StageTimes* times)
+      : in_(in), config_(config), b_(b), codes_(fp8_tensor_cores(in, config)) {
+    Stopwatch prepare;
+    IndexerOperands keys;
+    prepare_operands(*in.k_index, b * in.keys, in.keys, in.dim, config, codes_, keys);
+    if (config.precision == Precision::f32) {
+      k_f32_.upload(keys.values_f32.data(), keys.values_f32.size());
+    } else if (codes_) {
+      k_codes_.upload(keys.codes.data(), keys.codes.size());
+    } else {
+      k_values_.upload(keys.values.data(), keys.values.size());
+    }
+    k_scales_.upload(keys.scales.data(), keys.scales.size());
+    if (times) times->add("prepare", prepare.seconds());
+  }
+
+  // Scores of rows [c0, c0 + rows) into scores [rows, keys] (device memory).
+  void score(int64_t c0, int64_t rows, float* scores, StageTimes* times) {
+    const int64_t H = in_.heads, d = in_.dim, Lk = in_.keys;
+    Stopwatch watch;
+    prepare_operands(*in_.q_index, (b_ * in_.queries + c0) * H, rows * H, d, config_, codes_,
+                     queries_);
+    w_.resize(static_cast<size_t>(rows * H));
+    to_f32(*in_.weights, (b_ * in_.queries + c0) * H, rows * H, w_.data());
+    for (int64_t i = 0; i < rows * H; ++i) w_[i] *= config_.weight_scale * queries_.scales[i];
+    weights_.upload(w_.data(), w_.size());
+    if (times) times->add("prepare", watch.seconds());
+    watch = Stopwatch();
+    if (config_.precision == Precision::f32) {
+      q_f32_.upload(queries_.values_f32.data(), queries_.values_f32.size());
+      launch_indexer_f32(q_f32_.get(), weights_.get(), k_f32_.get(), static_cast<int>(rows),
+                         static_cast<int>(H), static_cast<int>(d), static_cast<int>(Lk),
+                         in_.position(c0), scores, Lk, nullptr);
+    } else if (codes_) {
+      q_codes_.upload(queries_.codes.data(), queries_.codes.size());
+      launch_indexer_fp8(q_codes_.get(), weights_.get(), k_codes_.get(), k_scales_.get(),
+                         static_cast<int>(rows), static_cast<int>(Lk), in_.position(c0), scores, Lk,
+                         nullptr);
+    } else {
+      q_values_.upload(queries_.values.data(), queries_.values.size());
+      launch_indexer_bf16(q_values_.get(), weights_.get(), k_values_.get(), k_scales_.get(),
+                          static_cast<int>(rows), static_cast<int>(H), static_cast<int>(d),
+                          static_cast<int>(Lk), in_.position(c0), scores, Lk, nullptr);
+    }
+    check(cudaDeviceSynchronize(), "indexer kernel");
+    if (times) times->add("score", watch.seconds());
+  }
+
+ private:
+  const IndexerInputs& in_;
+  const IndexerConfig& config_;
+  int64_t b_;
+  bool codes_;
+  IndexerOperands queries_;
+  std::vector<float> w_;
+  DeviceBuffer<uint8_t> k_codes_, q_codes_;
+  DeviceBuffer<__nv_bfloat16> k_values_, q_values_;
+  DeviceBuffer<float> k_f32_, k_scales_, q_f32_, weights_;
+};
+
+// Query rows per chunk of indexer scores: 512 MB of them.
+int64_t score_chunk(const IndexerInputs& in) {
+  return std::clamp<int64_t>((512 << 20) / std::max<int64_t>(in.keys * 4, 1), 1, 1 << 16);
+}
+
 // Streams the indexer's score rows of one batch element in chunks that fit the GPU, handing
 // each chunk (device pointer, rows) to `use`.
 template <typename Use>
 void score_chunks(const IndexerInputs& in, const IndexerConfig& config, int64_t b,
                   StageTimes* times, Use use) {
-  const int64_t H = in.heads, d = in.dim, Lk = in.keys;
-  const bool codes = fp8_tensor_cores(in, config);
-  Stopwatch prepare;
-  IndexerOperands keys;
-  prepare_operands(*in.k_index, b * Lk, Lk, d, config, codes, keys);
-  DeviceBuffer<uint8_t> k_codes, q_codes;
-  DeviceBuffer<__nv_bfloat16> k_values;
-  DeviceBuffer<float> k_f32, k_scales(static_cast<size_t>(Lk)), q_f32, weights, scores;
-  DeviceBuffer<__nv_bfloat16> q_values;
-  if (config.precision == Precision::f32) {
-    k_f32.upload(keys.values_f32.data(), keys.values_f32.size());
-  } else if (codes) {
-    k_codes.upload(keys.codes.data(), keys.codes.size());
-    k_scales.upload(keys.scales.data(), keys.scales.size());
-  } else {
-    k_values.upload(keys.values.data(), keys.values.size());
-    k_scales.upload(keys.scales.data(), keys.scales.size());
-  }
-  if (times) times->add("prepare", prepare.seconds());
-  const int64_t chunk = std::clamp<int64_t>((512 << 20) / std::max<int64_t>(Lk * 4, 1), 1, 1 << 16);
-  scores.resize(static_cast<size_t>(std::min(chunk, in.queries) * Lk));
-  IndexerOperands queries;
-  std::vector<float> w(static_cast<size_t>(chunk * H));
+  IndexerOnDevice indexer(in, config, b, times);
+  const int64_t chunk = score_chunk(in);
+  DeviceBuffer<float> scores(static_cast<size_t>(std::min(chunk, in.queries) * in.keys));
   for (int64_t c0 = 0; c0 < in.queries; c0 += chunk) {
     const int64_t rows = std::min(chunk, in.queries - c0);
-    Stopwatch watch;
-    prepare_operands(*in.q_index, (b * in.queries + c0) * H, rows * H, d, config, codes, queries);
-    to_f32(*in.weights, (b * in.queries + c0) * H, rows * H, w.data());
-    for (int64_t i = 0; i < rows * H; ++i) w[i] *= config.weight_scale * queries.scales[i];
-    weights.upload(w.data(), static_cast<size_t>(rows * H));
-    if (times) times->add("prepare", watch.seconds());
-    watch = Stopwatch();
-    if (config.precision == Precision::f32) {
-      q_f32.upload(queries.values_f32.data(), queries.values_f32.size());
-      launch_indexer_f32(q_f32.get(), weights.get(), k_f32.get(), static_cast<int>(rows),
-                         static_cast<int>(H), static_cast<int>(d), static_cast<int>(Lk),
-                         in.position(c0), scores.get(), Lk, nullptr);
-    } else if (codes) {
-      q_codes.upload(queries.codes.data(), queries.codes.size());
-      launch_indexer_fp8(q_codes.get(), weights.get(), k_codes.get(), k_scales.get(),
-                         static_cast<int>(rows), static_cast<int>(Lk), in.position(c0),
-                         scores.get(), Lk, nullptr);
-    } else {
-      q_values.upload(queries.values.data(), queries.values.size());
-      launch_indexer_bf16(q_values.get(), weights.get(), k_values.get(), k_scales.get(),
-                          static_cast<int>(rows), static_cast<int>(H), static_cast<int>(d),
-                          static_cast<int>(Lk), in.position(c0), scores.get(), Lk, nullptr);
-    }
-    check(cudaDeviceSynchronize(), "indexer kernel");
-    if (times) times->add("score", watch.seconds());
+    indexer.score(c0, rows, scores.get(), times);
     use(c0, rows, scores.get());
   }
 }
+
+// MQA attention of one batch element on the GPU: the latent rows uploaded once (bf16), then
+// blocks of query rows attended over selections or densely, results copied back to the host.
+class AttentionOnDevice {
+ public:
+  AttentionOnDevice(const AttentionInputs& in, float scale, int64_t b)
+      : in_(in), scale_(scale), b_(b) {
+    if (!in.latent) bad_usage("the CUDA attention supports the MQA layout (--kv) only");
+    upload_bf16(*in.k, b * in.keys * in.d_qk, in.keys * in.d_qk, kv_);
+  }
+
+  // Rows [c0, c0 + rows): out [rows, H, d_v] and lse [rows, H] on the host, over indices
+  // [rows, k] (host, -1 skipped) or, with indices == nullptr, every visible key.
+  void attend(int64_t c0, int64_t rows, const int32_t* indices, int64_t k, float* out, float* lse) {
+    upload_queries(c0, rows);
+    if (indices) idx_.upload(indices, static_cast<size_t>(rows * k));
+    out_.resize(static_cast<size_t>(rows * in_.heads * in_.d_v));
+    lse_.resize(static_cast<size_t>(rows * in_.heads));
+    launch_mqa_attention(q_.get(), kv_.get(), indices ? idx_.get() : nullptr, static_cast<int>(k),
+                         static_cast<int>(rows), static_cast<int>(in_.heads),
+                         static_cast<int>(in_.d_qk), static_cast<int>(in_.d_v),
+                         static_cast<int>(in_.keys), in_.position(c0), scale_, out_.get(),
+                         lse_.get(), nullptr);
+    check(cudaDeviceSynchronize(), "attention kernel");
+    out_.download(out, static_cast<size_t>(rows * in_.heads * in_.d_v));
+    lse_.download(lse, static_cast<size_t>(rows * in_.heads));
+  }
+
+  // After a dense attend() of the same rows: the head-averaged dense probabilities
+  // p [rows, stride] (Eq. 3's target) on the host, for s <= t (later entries unspecified).
+  void dense_probabilities(int64_t c0, int64_t rows, float* p, int64_t stride) {
+    const int64_t groups = (in_.heads + 63) / 64;
+    partial_.resize(static_cast<size_t>(groups * rows * stride));
+    launch_dense_probabilities(q_.get(), kv_.get(), static_cast<int>(rows),
+                               static_cast<int>(in_.heads), static_cast<int>(in_.d_qk),
+                               in_.position(c0), scale_, lse_.get(), partial_.get(), stride,
+                               nullptr);
+    check(cudaDeviceSynchronize(), "dense probability kernel");
+    host_partial_.resize(static_cast<size_t>(groups * rows * stride));
+    partial_.download(host_partial_.data(), host_partial_.size());
+    const float inverse = 1.0f / static_cast<float>(in_.heads);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t visible = in_.position(c0 + r) + 1;
+      for (int64_t s = 0; s < visible; ++s) {
+        float sum = 0.0f;
+        for (int64_t g = 0; g < groups; ++g) sum += host_partial_[(g * rows + r) * stride + s];
+        p[r * stride + s] = sum * inverse;
+      }
+    }
+  }
+
+ private:
+  void upload_bf16(const Tensor& t, int64_t offset, int64_t count,
+                   DeviceBuffer<__nv_bfloat16>& dst) {
+    staging_.resize(static_cast<size_t>(count));
+    to_f32(t, offset, count, staging_.data());
+    converted_.resize(staging_.size());
+    for (size_t i = 0; i < staging_.size(); ++i) converted_[i] = as_bf16(staging_[i]);
+    dst.upload(converted_.data(), converted_.size());
+  }
+  void upload_queries(int64_t c0, int64_t rows) {
+    if (c0 == queries_at_ && rows == queries_rows_) return;
+    upload_bf16(*in_.q, (b_ * in_.queries + c0) * in_.heads * in_.d_qk, rows * in_.heads * in_.d_qk,
+                q_);
+    queries_at_ = c0;
+    queries_rows_ = rows;
+  }
+
+  const AttentionInputs& in_;
+  float scale_;
+  int64_t b_;
+  int64_t queries_at_ = -1, queries_rows_ = 0;
+  std::vector<float> staging_, host_partial_;
+  std::vector<__nv_bfloat16> converted_;
+  DeviceBuffer<__nv_bfloat16> kv_, q_;
+  DeviceBuffer<int32_t> idx_;
+  DeviceBuffer<float> out_, lse_, partial_;
+};
 
 }  // namespace
 
@@ -244,58 +350,67 @@ void select_from_indexer(const IndexerInputs& in, const IndexerConfig& config, i
 
 void sparse_attention(const AttentionInputs& in, const Tensor* indices, float scale,
                       const AttentionSink& sink, StageTimes* times) {
-  if (!in.latent) bad_usage("the CUDA attention supports the MQA layout (--kv) only");
   const int64_t k = indices ? indices->shape.back() : 0;
   const int64_t chunk =
       std::clamp<int64_t>((256 << 20) / std::max<int64_t>(in.heads * in.d_qk * 2, 1), 1, 1 << 16);
-  DeviceBuffer<__nv_bfloat16> kv, q;
-  DeviceBuffer<int32_t> idx;
-  DeviceBuffer<float> out, lse;
-  std::vector<float> staging;
-  std::vector<__nv_bfloat16> converted;
   std::vector<int64_t> wide;
   std::vector<int32_t> narrow;
-  std::vector<float> host_out, host_lse;
-  auto upload_bf16 = [&](const Tensor& t, int64_t offset, int64_t count,
-                         DeviceBuffer<__nv_bfloat16>& dst) {
-    staging.resize(static_cast<size_t>(count));
-    to_f32(t, offset, count, staging.data());
-    converted.resize(staging.size());
-    for (size_t i = 0; i < staging.size(); ++i) converted[i] = as_bf16(staging[i]);
-    dst.upload(converted.data(), converted.size());
-  };
+  std::vector<float> out, lse;
   for (int64_t b = 0; b < in.batch; ++b) {
     Stopwatch load;
-    upload_bf16(*in.k, b * in.keys * in.d_qk, in.keys * in.d_qk, kv);
+    AttentionOnDevice attention(in, scale, b);
     if (times) times->add("load", load.seconds());
     for (int64_t c0 = 0; c0 < in.queries; c0 += chunk) {
       const int64_t rows = std::min(chunk, in.queries - c0);
       Stopwatch watch;
-      upload_bf16(*in.q, (b * in.queries + c0) * in.heads * in.d_qk, rows * in.heads * in.d_qk, q);
       if (indices) {
         wide.resize(static_cast<size_t>(rows * k));
         to_i64(*indices, (b * in.queries + c0) * k, rows * k, wide.data());
         narrow.assign(wide.begin(), wide.end());
-        idx.upload(narrow.data(), narrow.size());
       }
       out.resize(static_cast<size_t>(rows * in.heads * in.d_v));
       lse.resize(static_cast<size_t>(rows * in.heads));
-      if (times) times->add("load", watch.seconds());
-      watch = Stopwatch();
-      launch_mqa_attention(q.get(), kv.get(), indices ? idx.get() : nullptr, static_cast<int>(k),
-                           static_cast<int>(rows), static_cast<int>(in.heads),
-                           static_cast<int>(in.d_qk), static_cast<int>(in.d_v),
-                           static_cast<int>(in.keys), in.position(c0), scale, out.get(), lse.get(),
-                           nullptr);
-      check(cudaDeviceSynchronize(), "attention kernel");
+      attention.attend(c0, rows, indices ? narrow.data() : nullptr, k, out.data(), lse.data());
       if (times) times->add("attend", watch.seconds());
-      host_out.resize(static_cast<size_t>(rows * in.heads * in.d_v));
-      host_lse.resize(static_cast<size_t>(rows * in.heads));
-      out.download(host_out.data(), host_out.size());
-      lse.download(host_lse.data(), host_lse.size());
-      sink({b, c0, rows, in.heads, in.d_v, host_out.data(), host_lse.data()});
+      sink({b, c0, rows, in.heads, in.d_v, out.data(), lse.data()});
     }
   }
+}
+
+struct CompareEngine::State {
+  State(const AttentionInputs& attention, const IndexerInputs* indexer, const IndexerConfig& config,
+        float scale, int64_t b)
+      : attention_device(attention, scale, b) {
+    if (indexer) indexer_device.emplace(*indexer, config, b, nullptr);
+  }
+  AttentionOnDevice attention_device;
+  std::optional<IndexerOnDevice> indexer_device;
+  DeviceBuffer<float> scores;
+};
+
+CompareEngine::CompareEngine(const AttentionInputs& attention, const IndexerInputs* indexer,
+                             const IndexerConfig& config, float scale, int64_t b) {
+  if (indexer) check_indexer_shape(*indexer, config);
+  state_ = std::make_unique<State>(attention, indexer, config, scale, b);
+}
+
+CompareEngine::~CompareEngine() = default;
+
+void CompareEngine::scores(int64_t c0, int64_t rows, int64_t keys, float* out) {
+  state_->scores.resize(static_cast<size_t>(rows * keys));
+  state_->indexer_device->score(c0, rows, state_->scores.get(), nullptr);
+  state_->scores.download(out, static_cast<size_t>(rows * keys));
+}
+
+void CompareEngine::attend(int64_t c0, int64_t rows, const int32_t* indices, int64_t k, float* out,
+                           float* lse) {
+  state_->attention_device.attend(c0, rows, indices, k, out, lse);
+}
+
+void CompareEngine::dense(int64_t c0, int64_t rows, float* out, float* lse, float* p,
+                          int64_t stride) {
+  state_->attention_device.attend(c0, rows, nullptr, 0, out, lse);
+  state_->attention_device.dense_probabilities(c0, rows, p, stride);
 }
 
 }  // namespace dsa::cuda

@@ -58,4 +58,13 @@ void launch_mqa_attention(const __nv_bfloat16* q, const __nv_bfloat16* kv, const
                           int64_t first_position, float scale, float* out, float* lse,
                           cudaStream_t stream, const AttentionBatch& batch = {});
 
+// Dense probabilities summed over heads (dsa-compare's reference p, times H), for MLA's shapes
+// (d_qk 512 or 576): partial [ceil(H / 64), rows, stride], one slice per group of 64 heads,
+// partial[g][r][s] = sum over the group's heads h of exp(scale q[r, h] . kv[s] - lse[r, h]) for
+// s <= first_position + r (entries past it are not written); lse [rows, H] the dense attention's.
+void launch_dense_probabilities(const __nv_bfloat16* q, const __nv_bfloat16* kv, int rows,
+                                int heads, int d_qk, int64_t first_position, float scale,
+                                const float* lse, float* partial, int64_t stride,
+                                cudaStream_t stream);
+
 }  // namespace dsa::cuda

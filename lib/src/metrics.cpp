@@ -11,6 +11,10 @@
 #include "dsa/error.hpp"
 #include "dsa/topk.hpp"
 
+#ifdef DSA_HAVE_CUDA
+#include "cuda_backend.hpp"
+#endif
+
 namespace dsa {
 
 namespace {
@@ -103,6 +107,361 @@ void validate(const CompareInputs& in) {
   }
 }
 
+// S_t of one row, its first `valid` entries >= 0: the indexer's top `width` of score (Eq. 2),
+// or the precomputed selection's row (its -1 entries dropped).
+int64_t select_row(const CompareInputs& in, int64_t row, const float* score, int64_t visible,
+                   int64_t width, int32_t* sel, float* sel_scores, TopkScratch& scratch,
+                   std::vector<int64_t>& index_row) {
+  if (score) {
+    select_topk_row(score, visible, width, sel, sel_scores, scratch);
+  } else {
+    index_row.resize(static_cast<std::size_t>(width));
+    to_i64(*in.indices, row * width, width, index_row.data());
+    int64_t n = 0;
+    for (int64_t s : index_row) {
+      if (s >= 0) sel[n++] = static_cast<int32_t>(s);
+    }
+  }
+  int64_t valid = 0;
+  while (valid < width && sel[valid] >= 0) ++valid;
+  return valid;
+}
+
+// The per-(row, head) output metrics at one k, and the dense mass the selection holds; returns
+// the squared error and the squared norm of the dense output.
+std::pair<double, double> head_metrics(const float* sparse, const float* dense, int64_t d_v,
+                                       double mass, Fidelity& f, std::size_t at) {
+  double err = 0, ref = 0, own = 0, dot = 0;
+  for (int64_t c = 0; c < d_v; ++c) {
+    err += (double(sparse[c]) - dense[c]) * (double(sparse[c]) - dense[c]);
+    ref += double(dense[c]) * dense[c];
+    own += double(sparse[c]) * sparse[c];
+    dot += double(sparse[c]) * dense[c];
+  }
+  f.mass_recall_head[at] = static_cast<float>(mass);
+  f.out_rel_err[at] = static_cast<float>(
+      ref > 0 ? std::sqrt(err / ref) : (err > 0 ? std::numeric_limits<double>::infinity() : 0.0));
+  f.out_cosine[at] = static_cast<float>(ref > 0 && own > 0 ? dot / std::sqrt(ref * own)
+                                                           : (ref == own ? 1.0 : 0.0));
+  return {err, ref};
+}
+
+// Sums over rows that compare_attention reduces at the end, in row order.
+struct Totals {
+  std::vector<double> error_squares, reference_squares;  // [k, row]
+  std::vector<int64_t> needle_counts;                    // [k]: (needles, selected)
+  std::vector<double> sparse_positions;                  // [k]
+};
+
+// What row_metrics reuses between rows.
+struct RowScratch {
+  std::vector<int64_t> marks;  // [Lk]: the stamp of the row and k that selected s
+  int64_t stamp = 0;
+  std::vector<int32_t> oracle;
+  std::vector<float> oracle_scores;
+  TopkScratch topk;
+};
+
+// The metrics of row `row` (position t) on the head-summed dense distribution p and, with the
+// indexer's scores, its KL losses (Eq. 3, 4): mass and top-k recall and needles at each k.
+void row_metrics(const CompareInputs& in, Comparison& out, int64_t row, int64_t t, const float* p,
+                 const float* score, const int32_t* sel, int64_t valid,
+                 const std::vector<std::pair<int64_t, int64_t>>& needles, RowScratch& scratch,
+                 std::vector<int64_t>& needle_counts) {
+  const int64_t visible = t + 1;
+  if (score) {  // Eq. 3
+    out.kl_dense[row] = static_cast<float>(kl_to_softmax(
+        visible, 1.0, [&](int64_t s) { return double(p[s]); },
+        [&](int64_t s) { return double(score[s]); }));
+  }
+  const auto first_needle =
+      std::lower_bound(needles.begin(), needles.end(), std::make_pair(t, int64_t{-1}));
+  for (std::size_t ki = 0; ki < in.topk.size(); ++ki) {
+    Fidelity& f = out.per_k[ki];
+    const int64_t k = in.topk[ki];
+    const int64_t n = std::min(k, valid);
+    ++scratch.stamp;
+    double mass = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      scratch.marks[sel[j]] = scratch.stamp;
+      mass += p[sel[j]];
+    }
+    f.mass_recall[row] = static_cast<float>(mass);
+    scratch.oracle.resize(static_cast<std::size_t>(k));
+    scratch.oracle_scores.resize(static_cast<std::size_t>(k));
+    select_topk_row(p, visible, k, scratch.oracle.data(), scratch.oracle_scores.data(),
+                    scratch.topk);
+    int64_t hits = 0;
+    for (int64_t j = 0; j < std::min(k, visible); ++j)
+      hits += scratch.marks[scratch.oracle[j]] == scratch.stamp;
+    f.topk_recall[row] = static_cast<float>(double(hits) / double(std::min(k, visible)));
+    if (score) {  // Eq. 4
+      f.kl_sparse[row] = static_cast<float>(kl_to_softmax(
+          n, mass, [&](int64_t j) { return double(p[sel[j]]); },
+          [&](int64_t j) { return double(score[sel[j]]); }));
+    }
+    for (auto it = first_needle; it != needles.end() && it->first == t; ++it) {
+      ++needle_counts[2 * ki];
+      needle_counts[2 * ki + 1] += scratch.marks[it->second] == scratch.stamp;
+    }
+  }
+}
+// compare_attention on the CPU: blocks of `block` query rows per task, dense probabilities
+// through Eigen one kv head group at a time.
+void compare_on_cpu(const CompareInputs& in, Comparison& out,
+                    const std::vector<std::pair<int64_t, int64_t>>& needles, int64_t width,
+                    int64_t block, Totals& totals, std::vector<ThreadClock>& clocks,
+                    StageTimes* times) {
+  const AttentionInputs& a = in.attention;
+  const int64_t H = a.heads, group = a.heads / a.kv_heads, Lk = a.keys, Lq = a.queries;
+  const auto n_k = static_cast<int64_t>(in.topk.size());
+  const int64_t rows = out.rows();
+  auto& error_squares = totals.error_squares;
+  auto& reference_squares = totals.reference_squares;
+  auto& needle_counts = totals.needle_counts;
+  auto& sparse_positions = totals.sparse_positions;
+  for (int64_t b = 0; b < a.batch; ++b) {
+    Stopwatch load;
+    const detail::KeyValues kv(a, b);
+    std::optional<IndexerKernel> kernel;
+    if (in.indexer) kernel.emplace(*in.indexer, in.indexer_config, b);
+    if (times) times->add("load", load.seconds());
+    Stopwatch compare_watch;
+#pragma omp parallel
+    {
+      ThreadClock& clock = clocks[static_cast<std::size_t>(omp_get_thread_num())];
+      std::vector<float> scores, p_sum, selected_scores;
+      std::vector<int32_t> selection;
+      std::vector<int64_t> selected, index_row;
+      RowScratch row_scratch;
+      row_scratch.marks.assign(static_cast<std::size_t>(Lk), -1);
+      std::vector<float> sparse_out, sparse_lse, dense_out;
+      detail::AttendScratch attend_scratch;
+      RowMatrix q_row(H, a.d_qk), q_group, probs;
+      RowMatrix dense_group;
+      std::vector<int64_t> local_needles(needle_counts.size(), 0);
+      std::vector<double> local_sparse_positions(sparse_positions.size(), 0.0);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t r0 = 0; r0 < Lq; r0 += block) {
+        const int64_t n_rows = std::min(block, Lq - r0);
+        const int64_t visible_end = a.position(r0 + n_rows - 1) + 1;
+        Stopwatch watch;
+        if (kernel) {
+          scores.resize(static_cast<std::size_t>(n_rows * Lk));
+          kernel->score_rows(r0, n_rows, scores.data(), Lk);
+        }
+        clock.score += watch.seconds();
+        // Selections of every row, sparse outputs at every k.
+        watch = Stopwatch();
+        selection.assign(static_cast<std::size_t>(n_rows * width), -1);
+        selected_scores.resize(static_cast<std::size_t>(n_rows * width));
+        std::vector<int64_t> valid(static_cast<std::size_t>(n_rows), 0);
+        for (int64_t r = 0; r < n_rows; ++r) {
+          valid[r] = select_row(in, b * Lq + r0 + r, kernel ? scores.data() + r * Lk : nullptr,
+                                a.position(r0 + r) + 1, width, selection.data() + r * width,
+                                selected_scores.data() + r * width, row_scratch.topk, index_row);
+        }
+        clock.select += watch.seconds();
+        watch = Stopwatch();
+        sparse_out.resize(static_cast<std::size_t>(n_k * n_rows * H * a.d_v));
+        sparse_lse.resize(static_cast<std::size_t>(n_k * n_rows * H));
+        for (int64_t r = 0; r < n_rows; ++r) {
+          to_f32(*a.q, (b * Lq + r0 + r) * H * a.d_qk, H * a.d_qk, q_row.data());
+          selected.assign(selection.begin() + r * width, selection.begin() + r * width + valid[r]);
+          for (int64_t ki = 0; ki < n_k; ++ki) {
+            const int64_t n = std::min(in.topk[ki], valid[r]);
+            detail::attend_selected(a, kv, q_row, selected.data(), n, in.scale,
+                                    sparse_out.data() + (ki * n_rows + r) * H * a.d_v,
+                                    sparse_lse.data() + (ki * n_rows + r) * H, attend_scratch);
+            local_sparse_positions[ki] += static_cast<double>(n);
+          }
+        }
+        clock.sparse += watch.seconds();
+        // Dense attention probabilities, one kv head group at a time.
+        p_sum.assign(static_cast<std::size_t>(n_rows * visible_end), 0.0f);
+        dense_out.resize(static_cast<std::size_t>(n_rows * H * a.d_v));
+        for (int64_t g = 0; g < a.kv_heads; ++g) {
+          watch = Stopwatch();
+          q_group.resize(n_rows * group, a.d_qk);
+          for (int64_t r = 0; r < n_rows; ++r) {
+            to_f32(*a.q, ((b * Lq + r0 + r) * H + g * group) * a.d_qk, group * a.d_qk,
+                   q_group.row(r * group).data());
+          }
+          const Strided keys(kv.key(0, g, a.d_qk), visible_end, a.d_qk,
+                             Eigen::OuterStride<>(kv.k_stride));
+          const Strided values(kv.value(0, g, a.d_v), visible_end, a.d_v,
+                               Eigen::OuterStride<>(kv.v_stride));
+          probs.noalias() = in.scale * (q_group * keys.transpose());
+          for (int64_t i = 0; i < n_rows * group; ++i) {
+            const int64_t visible = a.position(r0 + i / group) + 1;
+            float* p = probs.row(i).data();
+            detail::softmax_row(p, visible);
+            std::fill(p + visible, p + visible_end, 0.0f);
+          }
+          dense_group.noalias() = probs * values;
+          for (int64_t i = 0; i < n_rows * group; ++i) {
+            const int64_t r = i / group, h = g * group + i % group;
+            std::copy_n(dense_group.row(i).data(), a.d_v, dense_out.data() + (r * H + h) * a.d_v);
+            const float* p = probs.row(i).data();
+            float* sum = p_sum.data() + r * visible_end;
+            for (int64_t s = 0; s < visible_end; ++s) sum[s] += p[s] / static_cast<float>(H);
+          }
+          clock.dense += watch.seconds();
+          // Per-head metrics need this group's probabilities.
+          watch = Stopwatch();
+          for (int64_t i = 0; i < n_rows * group; ++i) {
+            const int64_t r = i / group, h = g * group + i % group;
+            const int64_t row = b * Lq + r0 + r;
+            const float* p = probs.row(i).data();
+            const float* dense = dense_out.data() + (r * H + h) * a.d_v;
+            for (int64_t ki = 0; ki < n_k; ++ki) {
+              Fidelity& f = out.per_k[ki];
+              const int64_t n = std::min(in.topk[ki], valid[r]);
+              double mass = 0;
+              for (int64_t j = 0; j < n; ++j) mass += p[selection[r * width + j]];
+              const float* sparse = sparse_out.data() + ((ki * n_rows + r) * H + h) * a.d_v;
+              const auto [err, ref] = head_metrics(sparse, dense, a.d_v, mass, f,
+                                                   static_cast<std::size_t>(row * H + h));
+              error_squares[ki * rows + row] += err;
+              reference_squares[ki * rows + row] += ref;
+            }
+          }
+          clock.metrics += watch.seconds();
+        }
+        // Metrics on the head-summed distribution p (and the indexer's KL losses).
+        watch = Stopwatch();
+        for (int64_t r = 0; r < n_rows; ++r) {
+          row_metrics(in, out, b * Lq + r0 + r, a.position(r0 + r), p_sum.data() + r * visible_end,
+                      kernel ? scores.data() + r * Lk : nullptr, selection.data() + r * width,
+                      valid[r], needles, row_scratch, local_needles);
+        }
+        clock.metrics += watch.seconds();
+      }
+#pragma omp critical
+      {
+        for (std::size_t i = 0; i < needle_counts.size(); ++i) needle_counts[i] += local_needles[i];
+        for (int64_t ki = 0; ki < n_k; ++ki) sparse_positions[ki] += local_sparse_positions[ki];
+      }
+    }
+    if (times) times->add("compare", compare_watch.seconds());
+  }
+}
+
+// compare_attention's arithmetic on the GPU (MQA, d_qk 512 or 576, d_v 512) in chunks of query
+// rows: indexer scores, sparse attention at each k, dense attention and the head-averaged dense
+// probabilities. Selections and metrics are the CPU's functions; the mass of head h on S_t is
+// read off the two softmax normalizers, sum over s in S_t of p_h[s] = exp(lse_sparse -
+// lse_dense).
+void compare_on_gpu(const CompareInputs& in, Comparison& out,
+                    const std::vector<std::pair<int64_t, int64_t>>& needles, int64_t width,
+                    Totals& totals, ThreadClock& clock, StageTimes* times) {
+#ifdef DSA_HAVE_CUDA
+  const AttentionInputs& a = in.attention;
+  if (!a.latent || (a.d_qk != 512 && a.d_qk != 576) || a.d_v != 512) {
+    bad_usage(
+        "dsa-compare on the GPU needs MLA's latent layout (--kv, d_qk 512 or 576, --dv 512), got "
+        "{}d_qk {} and d_v {}",
+        a.latent ? "" : "separate k and v, ", a.d_qk, a.d_v);
+  }
+  const int64_t H = a.heads, Lk = a.keys, Lq = a.queries, d_v = a.d_v;
+  const auto n_k = static_cast<int64_t>(in.topk.size());
+  const int64_t rows = out.rows();
+  // Host memory per row: scores and p, and the outputs at every k and dense.
+  const int64_t per_row = 8 * Lk + 4 * (n_k + 1) * H * (d_v + 1) + 8 * width;
+  const int64_t chunk = std::clamp<int64_t>((1LL << 30) / per_row, 1, 4096);
+  std::vector<float> scores, p, dense_out, dense_lse, sparse_out, sparse_lse, selected_scores;
+  std::vector<int32_t> selection, prefix;
+  std::vector<int64_t> valid;
+  for (int64_t b = 0; b < a.batch; ++b) {
+    Stopwatch load;
+    cuda::CompareEngine engine(a, in.indexer ? &*in.indexer : nullptr, in.indexer_config, in.scale,
+                               b);
+    if (times) times->add("load", load.seconds());
+    Stopwatch compare_watch;
+    for (int64_t c0 = 0; c0 < Lq; c0 += chunk) {
+      const int64_t n_rows = std::min(chunk, Lq - c0);
+      Stopwatch watch;
+      if (in.indexer) {
+        scores.resize(static_cast<std::size_t>(n_rows * Lk));
+        engine.scores(c0, n_rows, Lk, scores.data());
+      }
+      clock.score += watch.seconds();
+      watch = Stopwatch();
+      selection.assign(static_cast<std::size_t>(n_rows * width), -1);
+      selected_scores.resize(selection.size());
+      valid.resize(static_cast<std::size_t>(n_rows));
+#pragma omp parallel
+      {
+        TopkScratch scratch;
+        std::vector<int64_t> index_row;
+#pragma omp for schedule(dynamic, 16)
+        for (int64_t r = 0; r < n_rows; ++r) {
+          valid[r] = select_row(in, b * Lq + c0 + r, in.indexer ? scores.data() + r * Lk : nullptr,
+                                a.position(c0 + r) + 1, width, selection.data() + r * width,
+                                selected_scores.data() + r * width, scratch, index_row);
+        }
+      }
+      clock.select += watch.seconds();
+      watch = Stopwatch();
+      sparse_out.resize(static_cast<std::size_t>(n_k * n_rows * H * d_v));
+      sparse_lse.resize(static_cast<std::size_t>(n_k * n_rows * H));
+      for (int64_t ki = 0; ki < n_k; ++ki) {
+        const int64_t k = in.topk[ki];
+        prefix.resize(static_cast<std::size_t>(n_rows * k));
+        for (int64_t r = 0; r < n_rows; ++r) {
+          std::copy_n(selection.begin() + r * width, k, prefix.begin() + r * k);
+          totals.sparse_positions[ki] += static_cast<double>(std::min(k, valid[r]));
+        }
+        engine.attend(c0, n_rows, prefix.data(), k, sparse_out.data() + ki * n_rows * H * d_v,
+                      sparse_lse.data() + ki * n_rows * H);
+      }
+      clock.sparse += watch.seconds();
+      watch = Stopwatch();
+      dense_out.resize(static_cast<std::size_t>(n_rows * H * d_v));
+      dense_lse.resize(static_cast<std::size_t>(n_rows * H));
+      p.resize(static_cast<std::size_t>(n_rows * Lk));
+      engine.dense(c0, n_rows, dense_out.data(), dense_lse.data(), p.data(), Lk);
+      clock.dense += watch.seconds();
+      watch = Stopwatch();
+#pragma omp parallel
+      {
+        RowScratch scratch;
+        scratch.marks.assign(static_cast<std::size_t>(Lk), -1);
+        std::vector<int64_t> local_needles(totals.needle_counts.size(), 0);
+#pragma omp for schedule(dynamic, 16)
+        for (int64_t r = 0; r < n_rows; ++r) {
+          const int64_t row = b * Lq + c0 + r;
+          for (int64_t ki = 0; ki < n_k; ++ki) {
+            for (int64_t h = 0; h < H; ++h) {
+              const double sparse_lse_h = sparse_lse[(ki * n_rows + r) * H + h];
+              const double mass =
+                  std::isinf(sparse_lse_h) ? 0.0 : std::exp(sparse_lse_h - dense_lse[r * H + h]);
+              const auto [err, ref] =
+                  head_metrics(sparse_out.data() + ((ki * n_rows + r) * H + h) * d_v,
+                               dense_out.data() + (r * H + h) * d_v, d_v, mass, out.per_k[ki],
+                               static_cast<std::size_t>(row * H + h));
+              totals.error_squares[ki * rows + row] += err;
+              totals.reference_squares[ki * rows + row] += ref;
+            }
+          }
+          row_metrics(in, out, row, a.position(c0 + r), p.data() + r * Lk,
+                      in.indexer ? scores.data() + r * Lk : nullptr, selection.data() + r * width,
+                      valid[r], needles, scratch, local_needles);
+        }
+#pragma omp critical
+        for (std::size_t i = 0; i < local_needles.size(); ++i)
+          totals.needle_counts[i] += local_needles[i];
+      }
+      clock.metrics += watch.seconds();
+    }
+    if (times) times->add("compare", compare_watch.seconds());
+  }
+#else
+  (void)in, (void)out, (void)needles, (void)width, (void)totals, (void)clock, (void)times;
+  fail(ExitCode::runtime, "this build of dsa has no CUDA backend");
+#endif
+}
+
 }  // namespace
 
 Summary summarize(const std::vector<double>& values) {
@@ -178,192 +537,16 @@ Comparison compare_attention(const CompareInputs& in, StageTimes* times) {
   std::vector<ThreadClock> clocks(static_cast<std::size_t>(max_threads()));
   // Squared output errors and norms per (k, row), summed in row order at the end so the
   // global ratios do not depend on how rows were spread over threads.
-  std::vector<double> error_squares(static_cast<std::size_t>(n_k * rows), 0.0);
-  std::vector<double> reference_squares(error_squares.size(), 0.0);
-  std::vector<int64_t> needle_counts(static_cast<std::size_t>(2 * n_k), 0);
-  std::vector<double> sparse_positions(static_cast<std::size_t>(n_k), 0.0);
+  Totals totals;
+  totals.error_squares.assign(static_cast<std::size_t>(n_k * rows), 0.0);
+  totals.reference_squares = totals.error_squares;
+  totals.needle_counts.assign(static_cast<std::size_t>(2 * n_k), 0);
+  totals.sparse_positions.assign(static_cast<std::size_t>(n_k), 0.0);
 
-  for (int64_t b = 0; b < a.batch; ++b) {
-    Stopwatch load;
-    const detail::KeyValues kv(a, b);
-    std::optional<IndexerKernel> kernel;
-    if (in.indexer) kernel.emplace(*in.indexer, in.indexer_config, b);
-    if (times) times->add("load", load.seconds());
-    Stopwatch compare_watch;
-#pragma omp parallel
-    {
-      ThreadClock& clock = clocks[static_cast<std::size_t>(omp_get_thread_num())];
-      std::vector<float> scores, p_sum, selected_scores, oracle_scores;
-      std::vector<int32_t> selection, oracle;
-      std::vector<int64_t> selected, marks(static_cast<std::size_t>(Lk), -1), index_row;
-      std::vector<float> sparse_out, sparse_lse, dense_out;
-      TopkScratch topk_scratch;
-      detail::AttendScratch attend_scratch;
-      RowMatrix q_row(H, a.d_qk), q_group, probs;
-      RowMatrix dense_group;
-      std::vector<int64_t> local_needles(needle_counts.size(), 0);
-      std::vector<double> local_sparse_positions(sparse_positions.size(), 0.0);
-      int64_t stamp = 0;
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t r0 = 0; r0 < Lq; r0 += block) {
-        const int64_t n_rows = std::min(block, Lq - r0);
-        const int64_t visible_end = a.position(r0 + n_rows - 1) + 1;
-        Stopwatch watch;
-        if (kernel) {
-          scores.resize(static_cast<std::size_t>(n_rows * Lk));
-          kernel->score_rows(r0, n_rows, scores.data(), Lk);
-        }
-        clock.score += watch.seconds();
-        // Selections of every row, sparse outputs at every k.
-        watch = Stopwatch();
-        selection.assign(static_cast<std::size_t>(n_rows * width), -1);
-        selected_scores.resize(static_cast<std::size_t>(n_rows * width));
-        std::vector<int64_t> valid(static_cast<std::size_t>(n_rows), 0);
-        for (int64_t r = 0; r < n_rows; ++r) {
-          int32_t* sel = selection.data() + r * width;
-          if (kernel) {
-            select_topk_row(scores.data() + r * Lk, a.position(r0 + r) + 1, width, sel,
-                            selected_scores.data() + r * width, topk_scratch);
-          } else {
-            index_row.resize(static_cast<std::size_t>(width));
-            to_i64(*in.indices, (b * Lq + r0 + r) * width, width, index_row.data());
-            int64_t n = 0;
-            for (int64_t s : index_row) {
-              if (s >= 0) sel[n++] = static_cast<int32_t>(s);
-            }
-          }
-          while (valid[r] < width && sel[valid[r]] >= 0) ++valid[r];
-        }
-        clock.select += watch.seconds();
-        watch = Stopwatch();
-        sparse_out.resize(static_cast<std::size_t>(n_k * n_rows * H * a.d_v));
-        sparse_lse.resize(static_cast<std::size_t>(n_k * n_rows * H));
-        for (int64_t r = 0; r < n_rows; ++r) {
-          to_f32(*a.q, (b * Lq + r0 + r) * H * a.d_qk, H * a.d_qk, q_row.data());
-          selected.assign(selection.begin() + r * width, selection.begin() + r * width + valid[r]);
-          for (int64_t ki = 0; ki < n_k; ++ki) {
-            const int64_t n = std::min(in.topk[ki], valid[r]);
-            detail::attend_selected(a, kv, q_row, selected.data(), n, in.scale,
-                                    sparse_out.data() + (ki * n_rows + r) * H * a.d_v,
-                                    sparse_lse.data() + (ki * n_rows + r) * H, attend_scratch);
-            local_sparse_positions[ki] += static_cast<double>(n);
-          }
-        }
-        clock.sparse += watch.seconds();
-        // Dense attention probabilities, one kv head group at a time.
-        p_sum.assign(static_cast<std::size_t>(n_rows * visible_end), 0.0f);
-        dense_out.resize(static_cast<std::size_t>(n_rows * H * a.d_v));
-        for (int64_t g = 0; g < a.kv_heads; ++g) {
-          watch = Stopwatch();
-          q_group.resize(n_rows * group, a.d_qk);
-          for (int64_t r = 0; r < n_rows; ++r) {
-            to_f32(*a.q, ((b * Lq + r0 + r) * H + g * group) * a.d_qk, group * a.d_qk,
-                   q_group.row(r * group).data());
-          }
-          const Strided keys(kv.key(0, g, a.d_qk), visible_end, a.d_qk,
-                             Eigen::OuterStride<>(kv.k_stride));
-          const Strided values(kv.value(0, g, a.d_v), visible_end, a.d_v,
-                               Eigen::OuterStride<>(kv.v_stride));
-          probs.noalias() = in.scale * (q_group * keys.transpose());
-          for (int64_t i = 0; i < n_rows * group; ++i) {
-            const int64_t visible = a.position(r0 + i / group) + 1;
-            float* p = probs.row(i).data();
-            detail::softmax_row(p, visible);
-            std::fill(p + visible, p + visible_end, 0.0f);
-          }
-          dense_group.noalias() = probs * values;
-          for (int64_t i = 0; i < n_rows * group; ++i) {
-            const int64_t r = i / group, h = g * group + i % group;
-            std::copy_n(dense_group.row(i).data(), a.d_v, dense_out.data() + (r * H + h) * a.d_v);
-            const float* p = probs.row(i).data();
-            float* sum = p_sum.data() + r * visible_end;
-            for (int64_t s = 0; s < visible_end; ++s) sum[s] += p[s] / static_cast<float>(H);
-          }
-          clock.dense += watch.seconds();
-          // Per-head metrics need this group's probabilities.
-          watch = Stopwatch();
-          for (int64_t i = 0; i < n_rows * group; ++i) {
-            const int64_t r = i / group, h = g * group + i % group;
-            const int64_t row = b * Lq + r0 + r;
-            const float* p = probs.row(i).data();
-            const float* dense = dense_out.data() + (r * H + h) * a.d_v;
-            for (int64_t ki = 0; ki < n_k; ++ki) {
-              Fidelity& f = out.per_k[ki];
-              const int64_t n = std::min(in.topk[ki], valid[r]);
-              double mass = 0;
-              for (int64_t j = 0; j < n; ++j) mass += p[selection[r * width + j]];
-              const float* sparse = sparse_out.data() + ((ki * n_rows + r) * H + h) * a.d_v;
-              double err = 0, ref = 0, own = 0, dot = 0;
-              for (int64_t c = 0; c < a.d_v; ++c) {
-                err += (double(sparse[c]) - dense[c]) * (double(sparse[c]) - dense[c]);
-                ref += double(dense[c]) * dense[c];
-                own += double(sparse[c]) * sparse[c];
-                dot += double(sparse[c]) * dense[c];
-              }
-              const std::size_t at = static_cast<std::size_t>(row * H + h);
-              f.mass_recall_head[at] = static_cast<float>(mass);
-              f.out_rel_err[at] = static_cast<float>(
-                  ref > 0 ? std::sqrt(err / ref)
-                          : (err > 0 ? std::numeric_limits<double>::infinity() : 0.0));
-              f.out_cosine[at] = static_cast<float>(ref > 0 && own > 0 ? dot / std::sqrt(ref * own)
-                                                                       : (ref == own ? 1.0 : 0.0));
-              error_squares[ki * rows + row] += err;
-              reference_squares[ki * rows + row] += ref;
-            }
-          }
-          clock.metrics += watch.seconds();
-        }
-        // Metrics on the head-summed distribution p (and the indexer's KL losses).
-        watch = Stopwatch();
-        for (int64_t r = 0; r < n_rows; ++r) {
-          const int64_t row = b * Lq + r0 + r, t = a.position(r0 + r), visible = t + 1;
-          const float* p = p_sum.data() + r * visible_end;
-          const float* score = kernel ? scores.data() + r * Lk : nullptr;
-          if (kernel) {  // Eq. 3
-            out.kl_dense[row] = static_cast<float>(kl_to_softmax(
-                visible, 1.0, [&](int64_t s) { return double(p[s]); },
-                [&](int64_t s) { return double(score[s]); }));
-          }
-          const auto first_needle =
-              std::lower_bound(needles.begin(), needles.end(), std::make_pair(t, int64_t{-1}));
-          for (int64_t ki = 0; ki < n_k; ++ki) {
-            Fidelity& f = out.per_k[ki];
-            const int64_t k = in.topk[ki];
-            const int64_t n = std::min(k, valid[r]);
-            const int32_t* sel = selection.data() + r * width;
-            ++stamp;
-            double mass = 0;
-            for (int64_t j = 0; j < n; ++j) {
-              marks[sel[j]] = stamp;
-              mass += p[sel[j]];
-            }
-            f.mass_recall[row] = static_cast<float>(mass);
-            oracle.resize(static_cast<std::size_t>(k));
-            oracle_scores.resize(static_cast<std::size_t>(k));
-            select_topk_row(p, visible, k, oracle.data(), oracle_scores.data(), topk_scratch);
-            int64_t hits = 0;
-            for (int64_t j = 0; j < std::min(k, visible); ++j) hits += marks[oracle[j]] == stamp;
-            f.topk_recall[row] = static_cast<float>(double(hits) / double(std::min(k, visible)));
-            if (kernel) {  // Eq. 4
-              f.kl_sparse[row] = static_cast<float>(kl_to_softmax(
-                  n, mass, [&](int64_t j) { return double(p[sel[j]]); },
-                  [&](int64_t j) { return double(score[sel[j]]); }));
-            }
-            for (auto it = first_needle; it != needles.end() && it->first == t; ++it) {
-              ++local_needles[2 * ki];
-              local_needles[2 * ki + 1] += marks[it->second] == stamp;
-            }
-          }
-        }
-        clock.metrics += watch.seconds();
-      }
-#pragma omp critical
-      {
-        for (std::size_t i = 0; i < needle_counts.size(); ++i) needle_counts[i] += local_needles[i];
-        for (int64_t ki = 0; ki < n_k; ++ki) sparse_positions[ki] += local_sparse_positions[ki];
-      }
-    }
-    if (times) times->add("compare", compare_watch.seconds());
+  if (in.device == Device::cuda) {
+    compare_on_gpu(in, out, needles, width, totals, clocks.front(), times);
+  } else {
+    compare_on_cpu(in, out, needles, width, block, totals, clocks, times);
   }
   double visible_total = 0;
   for (int64_t t = 0; t < Lq; ++t) visible_total += static_cast<double>(a.position(t) + 1);
@@ -375,7 +558,8 @@ Comparison compare_attention(const CompareInputs& in, StageTimes* times) {
   for (int64_t ki = 0; ki < n_k; ++ki) {
     Fidelity& f = out.per_k[ki];
     for (int64_t row = 0; row < rows; ++row) {
-      const double err = error_squares[ki * rows + row], ref = reference_squares[ki * rows + row];
+      const double err = totals.error_squares[ki * rows + row],
+                   ref = totals.reference_squares[ki * rows + row];
       if (out.position(row) + 1 > f.k) {
         f.error_squares_sparse += err;
         f.reference_squares_sparse += ref;
@@ -383,9 +567,9 @@ Comparison compare_attention(const CompareInputs& in, StageTimes* times) {
       f.error_squares_all += err;
       f.reference_squares_all += ref;
     }
-    f.needles = needle_counts[2 * ki];
-    f.needles_selected = needle_counts[2 * ki + 1];
-    f.sparse_flops = 2.0 * sparse_positions[ki] * static_cast<double>(H * (a.d_qk + a.d_v));
+    f.needles = totals.needle_counts[2 * ki];
+    f.needles_selected = totals.needle_counts[2 * ki + 1];
+    f.sparse_flops = 2.0 * totals.sparse_positions[ki] * static_cast<double>(H * (a.d_qk + a.d_v));
   }
   ThreadClock total;
   for (const ThreadClock& c : clocks) {

@@ -43,6 +43,10 @@ struct CompareInputs {
   // Ascending k values; with the indexer, S_t at each k is the prefix of the selection at the
   // largest. With a precomputed selection: exactly one k, its width.
   std::vector<int64_t> topk = {2048};
+  // Where the arithmetic runs; Device::cuda needs MLA's latent inputs (d_qk 512 or 576, d_v
+  // 512) and computes the selections and metrics on the CPU from the GPU's scores, outputs and
+  // dense probabilities.
+  Device device = Device::cpu;
 };
 
 // Per-row metrics at one k. Row r is (batch r / Lq, query r % Lq); per-head vectors are
