@@ -141,31 +141,35 @@ TEST(Cuda, SelectionMatchesTheCpuExceptAmongNearTies) {
   }
 }
 
+// Small integers: exact in bf16, so scores tie exactly and often. With `crowded`, nine keys in
+// ten are all ones and tie in every row.
+void expect_ties_like_the_cpu(int64_t L, int64_t k, bool crowded, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  const int64_t H = 4, d = 16;
+  Tensor q = make_tensor(DType::f32, {L, H, d}), kk = make_tensor(DType::f32, {L, d}),
+         w = make_tensor(DType::f32, {L, H});
+  for (int64_t i = 0; i < q.numel(); ++i) mutable_data<float>(q)[i] = static_cast<float>(rng() % 3);
+  for (int64_t s = 0; s < L; ++s) {
+    const bool ones = crowded && rng() % 10 != 0;
+    for (int64_t c = 0; c < d; ++c)
+      mutable_data<float>(kk)[s * d + c] = ones ? 1.0f : static_cast<float>(rng() % 2);
+  }
+  for (int64_t i = 0; i < w.numel(); ++i) mutable_data<float>(w)[i] = 1.0f;
+  IndexerConfig config;
+  config.precision = Precision::bf16;
+  const IndexerInputs in = make_indexer_inputs(q, kk, w, config);
+  EXPECT_EQ(selection_on(in, config, k, Device::cuda), selection_on(in, config, k, Device::cpu));
+}
+
 TEST(Cuda, ExactTiesAreBrokenByPositionLikeTheCpu) {
   SKIP_WITHOUT_GPU();
-  // Small integers: exact in bf16, so scores tie exactly and often. At L = 12000 more entries
-  // tie at the threshold than the top-k keeps in shared memory: the radix fallback.
-  std::mt19937_64 rng(3);
-  for (const auto& [L, k] : {std::pair<int64_t, int64_t>{300, 32}, {12000, 2048}}) {
-    const int64_t H = 4, d = 16;
-    Tensor q = make_tensor(DType::f32, {L, H, d}), kk = make_tensor(DType::f32, {L, d}),
-           w = make_tensor(DType::f32, {L, H});
-    for (int64_t i = 0; i < q.numel(); ++i)
-      mutable_data<float>(q)[i] = static_cast<float>(rng() % 3);
-    // At L = 12000 nine keys in ten are all ones: they tie in every row.
-    for (int64_t s = 0; s < L; ++s) {
-      const bool ones = L > 1000 && rng() % 10 != 0;
-      for (int64_t c = 0; c < d; ++c)
-        mutable_data<float>(kk)[s * d + c] = ones ? 1.0f : static_cast<float>(rng() % 2);
-    }
-    for (int64_t i = 0; i < w.numel(); ++i) mutable_data<float>(w)[i] = 1.0f;
-    IndexerConfig config;
-    config.precision = Precision::bf16;
-    const IndexerInputs in = make_indexer_inputs(q, kk, w, config);
-    const auto cpu = selection_on(in, config, k, Device::cpu),
-               gpu = selection_on(in, config, k, Device::cuda);
-    EXPECT_EQ(gpu, cpu) << "L " << L;
-  }
+  expect_ties_like_the_cpu(300, 32, false, 3);
+}
+
+TEST(Cuda, CrowdedTiesTakeTheRadixFallback) {
+  SKIP_WITHOUT_GPU();
+  // More entries tie at the threshold than the top-k keeps in shared memory.
+  expect_ties_like_the_cpu(12000, 2048, true, 4);
 }
 
 struct Result {
