@@ -63,7 +63,11 @@ IndexerWeights random_indexer_weights(int64_t d_model, int64_t heads, int64_t di
   auto uniform = [&] { return (static_cast<double>(engine() >> 11) * 0x1p-52 - 1.0) * bound; };
   for (double& x : w.wq) x = uniform();
   for (double& x : w.wk) x = uniform();
-  for (double& x : w.weights_proj) x = uniform();
+  // The released model multiplies w by H_I^-0.5 d_I^-0.5 when it scores; we fold that factor
+  // into the start instead, so the first scores are O(1). A positive factor on w leaves the
+  // ranking, and so the random indexer's selection, unchanged.
+  const double fold = 1.0 / std::sqrt(static_cast<double>(heads * dim));
+  for (double& x : w.weights_proj) x = uniform() * fold;
   w.k_norm_weight.assign(count(dim), 1.0);
   return w;
 }
