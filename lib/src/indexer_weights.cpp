@@ -92,6 +92,10 @@ std::vector<Tensor> indexer_weight_tensors(const IndexerWeights& w, const std::s
 
 IndexerWeights read_indexer_weights(const std::string& path, const std::string& prefix) {
   const IndexerWeightNames names = indexer_weight_names(prefix);
+  if (format_of(path) != FileFormat::safetensors) {
+    bad_input("{}: indexer weights must be a .safetensors file holding {}, {}, {}, {} and {}", path,
+              names.wq, names.wk, names.k_norm_weight, names.k_norm_bias, names.weights_proj);
+  }
   // wk fixes d_I and d_model, weights_proj H_I; wq_b must then be [H_I * d_I, d_model].
   const Tensor wk = read_tensor(path + ":" + names.wk);
   if (wk.rank() != 2) {
