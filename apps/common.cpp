@@ -203,12 +203,16 @@ void check_binary_output(const std::string& path) {
   }
 }
 
-void finish_report(nlohmann::json report, const StageTimes& times, double total_seconds,
-                   const CommonOptions& options) {
+void add_timings(nlohmann::json& report, const StageTimes& times, double total_seconds) {
   nlohmann::json timings = times.to_json();
   timings["total"] = total_seconds * 1e3;
   report["timings_ms"] = timings;
   report["peak_rss_bytes"] = peak_rss_bytes();
+}
+
+void finish_report(nlohmann::json report, const StageTimes& times, double total_seconds,
+                   const CommonOptions& options) {
+  add_timings(report, times, total_seconds);
   if (options.quiet && options.report.empty()) return;
   emit_report(report, options.report);
 }

@@ -87,6 +87,8 @@ void check_single_stdout(const std::vector<std::string>& paths);
 // Usage error when a binary tensor would go to a terminal.
 void check_binary_output(const std::string& path);
 
+// Adds timings (timings_ms, with the total) and peak memory to a report.
+void add_timings(nlohmann::json& report, const StageTimes& times, double total_seconds);
 // Adds timings, peak memory and writes the report (to --report FILE or stderr).
 void finish_report(nlohmann::json report, const StageTimes& times, double total_seconds,
                    const CommonOptions& options);

@@ -8,22 +8,6 @@
 #include "dsa/indexer_weights.hpp"
 #include "dsa/io.hpp"
 
-namespace {
-
-nlohmann::json number_or_null(double x) {
-  return std::isnan(x) ? nlohmann::json(nullptr) : nlohmann::json(x);
-}
-
-nlohmann::json evaluation_json(const dsa::FitEvaluation& e) {
-  return {{"step", e.step},
-          {"rows", e.rows},
-          {"mass_recall", number_or_null(e.mass_recall)},
-          {"topk_recall", number_or_null(e.topk_recall)},
-          {"kl_dense", number_or_null(e.kl_dense)}};
-}
-
-}  // namespace
-
 int main(int argc, char** argv) {
   CLI::App app(
       "Fits the lightning indexer's projections (wq_b, wk, k_norm, weights_proj) from hidden "
@@ -140,19 +124,14 @@ int main(int argc, char** argv) {
         {"scale", main.scale},
         {"indexer",
          {{"d_model", weights.d_model}, {"heads", weights.heads}, {"dim", weights.dim}}}};
-    report["rows"] = {{"train", log.train_rows}, {"holdout", log.holdout_rows}};
-    report["loss"] = nlohmann::json::array();
-    for (double l : log.loss) report["loss"].push_back(number_or_null(l));
-    report["evaluations"] = nlohmann::json::array();
-    for (const dsa::FitEvaluation& e : log.evaluations) {
-      report["evaluations"].push_back(evaluation_json(e));
-    }
+    report.update(dsa::fit_log_json(log));
     report["outputs"] = nlohmann::json::array();
     for (const dsa::Tensor& t : dsa::indexer_weight_tensors(weights, prefix)) {
       report["outputs"].push_back(
           {{"path", common.output + ":" + t.name}, {"shape", t.shape}, {"dtype", "f32"}});
     }
     if (log_file) {
+      dsa::app::add_timings(report, times, total.seconds());
       log_file->write(report.dump(1) + "\n");
       log_file->commit();
     }

@@ -267,6 +267,21 @@ FitEvaluation evaluate_indexer(const FitData& data, const IndexerWeights& weight
   return e;
 }
 
+nlohmann::json fit_log_json(const FitLog& log) {
+  nlohmann::json out = {{"rows", {{"train", log.train_rows}, {"holdout", log.holdout_rows}}},
+                        {"loss", nlohmann::json::array()},
+                        {"evaluations", nlohmann::json::array()}};
+  for (double l : log.loss) out["loss"].push_back(number_or_null(l));
+  for (const FitEvaluation& e : log.evaluations) {
+    out["evaluations"].push_back({{"step", e.step},
+                                  {"rows", e.rows},
+                                  {"mass_recall", number_or_null(e.mass_recall)},
+                                  {"topk_recall", number_or_null(e.topk_recall)},
+                                  {"kl_dense", number_or_null(e.kl_dense)}});
+  }
+  return out;
+}
+
 FitLog fit_indexer(const FitData& data, IndexerWeights& weights, const FitOptions& o,
                    const std::function<void(const FitEvaluation&, double loss)>& progress) {
   const int64_t L = data.attention.queries;

@@ -28,10 +28,6 @@ double percentile(const std::vector<double>& sorted, double q) {
   return sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - static_cast<double>(lo));
 }
 
-nlohmann::json number_or_null(double x) {
-  return std::isnan(x) ? nlohmann::json(nullptr) : nlohmann::json(x);
-}
-
 // Stage timers of one thread, summed into the comparison at the end.
 struct ThreadClock {
   double score = 0, select = 0, dense = 0, sparse = 0, metrics = 0;

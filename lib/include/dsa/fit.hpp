@@ -10,6 +10,8 @@
 #include <functional>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "dsa/attention.hpp"
 #include "dsa/indexer_weights.hpp"
 #include "dsa/tensor.hpp"
@@ -70,6 +72,9 @@ struct FitLog {
   std::vector<double> loss;  // per step, on that step's rows (before the update)
   std::vector<FitEvaluation> evaluations;
 };
+
+// The log's "rows", "loss" and "evaluations" (schema dsa-fit/1); undefined values as null.
+nlohmann::json fit_log_json(const FitLog& log);
 
 // Trains `weights` in place. `progress` (may be empty) sees every evaluation as it is made.
 // Deterministic given the options and the starting weights, at any thread count.
