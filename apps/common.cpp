@@ -197,6 +197,12 @@ void check_single_stdout(const std::vector<std::string>& paths) {
   if (n > 1) bad_usage("only one output can go to stdout ('-')");
 }
 
+void check_safetensors_output(const std::string& path, const std::string& holds) {
+  if (path == "-" || format_of(path) != FileFormat::safetensors) {
+    bad_usage("-o must name a .safetensors file ({}), got '{}'", holds, path);
+  }
+}
+
 void check_binary_output(const std::string& path) {
   if (path == "-" && isatty(STDOUT_FILENO)) {
     bad_usage("refusing to write a binary tensor to a terminal: use -o FILE or a pipe");

@@ -84,6 +84,8 @@ int run(CLI::App& app, int argc, char** argv, const CommonOptions& options,
 void check_single_stdin(const std::vector<std::string>& paths);
 // Usage error unless at most one of the given outputs is `-` (stdout carries one stream).
 void check_single_stdout(const std::vector<std::string>& paths);
+// Usage error unless -o names a .safetensors file; `holds` says what it is for.
+void check_safetensors_output(const std::string& path, const std::string& holds);
 // Usage error when a binary tensor would go to a terminal.
 void check_binary_output(const std::string& path);
 

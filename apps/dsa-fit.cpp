@@ -58,10 +58,7 @@ int main(int argc, char** argv) {
 
   return dsa::app::run(app, argc, argv, common, [&] {
     dsa::Stopwatch total;
-    if (common.output == "-" || dsa::format_of(common.output) != dsa::FileFormat::safetensors) {
-      dsa::bad_usage("-o must name a .safetensors file for the indexer weights, got '{}'",
-                     common.output);
-    }
+    dsa::app::check_safetensors_output(common.output, "the indexer weights");
     if (topk && stage != "sparse") dsa::bad_usage("--topk applies to --stage sparse only");
     fit.stage = stage == "sparse" ? dsa::FitStage::sparse : dsa::FitStage::warmup;
     fit.topk = topk.value_or(2048);

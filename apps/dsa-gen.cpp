@@ -3,7 +3,6 @@
 #include <optional>
 
 #include "common.hpp"
-#include "dsa/error.hpp"
 #include "dsa/io.hpp"
 #include "dsa/precision.hpp"
 #include "dsa/workload.hpp"
@@ -91,10 +90,7 @@ int main(int argc, char** argv) {
 
   return dsa::app::run(app, argc, argv, common, [&] {
     dsa::Stopwatch total;
-    if (common.output == "-" || dsa::format_of(common.output) != dsa::FileFormat::safetensors) {
-      dsa::bad_usage("-o must name a .safetensors file (it holds all six tensors), got '{}'",
-                     common.output);
-    }
+    dsa::app::check_safetensors_output(common.output, "it holds every tensor");
     dsa::WorkloadConfig config = dsa::workload_preset(preset);
     override_with(config.length, length);
     override_with(config.heads, heads);
