@@ -269,26 +269,5 @@ TEST(Fit, BadInputsAreReported) {
   EXPECT_THROW(project_indexer(p.hidden, wrong), Error);
 }
 
-TEST(IndexerWeights, ProjectionMatchesTheReferenceAndRoundTrips) {
-  const Problem p = make_problem(12, 6, 13);
-  const IndexerWeights w = test_weights(6, 2, 4, 14);
-  const IndexerProjection proj = project_indexer(p.hidden, w);
-  EXPECT_EQ(proj.q_index.shape, (Shape{12, 2, 4}));
-  EXPECT_EQ(proj.k_index.shape, (Shape{12, 4}));
-  EXPECT_EQ(proj.weights.shape, (Shape{12, 2}));
-  const std::vector<double> expected_scores = [&] {
-    double smallest = 1e300;
-    return reference_scores_from_hidden(p, w, 11, &smallest);
-  }();
-  const std::vector<double> scores = test::reference_scores(
-      f32(proj.q_index) + 11 * 8, f32(proj.k_index), f32(proj.weights) + 11 * 2, 1, 12, 2, 4);
-  for (int64_t s = 0; s < 12; ++s) EXPECT_NEAR(scores[s], expected_scores[s], 1e-4);
-  const std::vector<Tensor> tensors =
-      indexer_weight_tensors(w, "model.layers.0.self_attn.indexer.");
-  EXPECT_EQ(tensors[0].name, "model.layers.0.self_attn.indexer.wq_b.weight");
-  EXPECT_EQ(tensors[0].shape, (Shape{8, 6}));
-  EXPECT_EQ(tensors[3].name, "model.layers.0.self_attn.indexer.k_norm.bias");
-}
-
 }  // namespace
 }  // namespace dsa

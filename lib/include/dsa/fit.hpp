@@ -37,8 +37,9 @@ FitData make_fit_data(const Tensor& hidden, const AttentionInputs& attention, fl
 // with respect to every weight when `gradient` is not null (resized to the weights' sizes).
 // Sparse stage: S_t is the top-k of the f32-rounded I[t,:] (the selection dsa-select makes);
 // `selection` [rows.size(), k] (-1 padded) is filled with it, or, when it comes in non-empty,
-// used as S_t (held fixed). Query blocks run in parallel; the result does not depend on the
-// thread count. Memory: a block of rows times L, never L x L.
+// used as S_t (held fixed). Blocks of 8 query rows run in parallel; the result does not depend
+// on the thread count. Memory: O(L (d_model + d_I)) for the keys, 8 H_I L scores per thread and
+// an L x d_I key gradient per block of rows; never L x L.
 double indexer_loss(const FitData& data, const IndexerWeights& weights,
                     const std::vector<int64_t>& rows, FitStage stage, int64_t topk,
                     IndexerWeights* gradient, std::vector<int32_t>* selection = nullptr);
