@@ -266,6 +266,9 @@ TEST(Fit, BadInputsAreReported) {
   }
   const IndexerWeights wrong = random_indexer_weights(7, 2, 4, 1);
   EXPECT_THROW(indexer_loss(p.data(), wrong, {3}, FitStage::warmup, 0, nullptr), Error);
+  const IndexerWeights right = random_indexer_weights(6, 2, 4, 1);
+  EXPECT_THROW(indexer_loss(p.data(), right, {16}, FitStage::warmup, 0, nullptr), Error);
+  EXPECT_THROW(indexer_loss(p.data(), right, {}, FitStage::warmup, 0, nullptr), Error);
   EXPECT_THROW(project_indexer(p.hidden, wrong), Error);
 }
 

@@ -90,6 +90,9 @@ double indexer_loss(const FitData& data, const IndexerWeights& w, const std::vec
               data.hidden->dim(1), D);
   }
   if (n == 0) bad_usage("the loss needs at least one query row");
+  for (int64_t t : rows) {
+    if (t < 0 || t >= a.queries) bad_usage("query row {} is not in [0, L = {})", t, a.queries);
+  }
   if (stage == FitStage::sparse && topk < 1) bad_usage("k must be at least 1, got {}", topk);
   const bool fixed = selection && !selection->empty();
   if (fixed && static_cast<int64_t>(selection->size()) != n * topk) {
