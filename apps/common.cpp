@@ -9,6 +9,7 @@
 #include <fmt/format.h>
 
 #include "dsa/error.hpp"
+#include "dsa/indexer_weights.hpp"
 #include "dsa/io.hpp"
 #include "dsa/parallel.hpp"
 #include "dsa/precision.hpp"
@@ -67,6 +68,55 @@ nlohmann::json indexer_config_json(const IndexerConfig& config) {
           {"quant_block", config.quant_block},
           {"weight_scale", config.weight_scale},
           {"query_block", config.query_block}};
+}
+
+std::vector<CLI::Option*> add_indexer_tensor_options(CLI::App& app, IndexerTensorOptions& options,
+                                                     const std::string& mode) {
+  auto* q =
+      app.add_option("--q-index", options.q_index, "Indexer queries q_I [B?, Lq, H_I, d_I]" + mode);
+  auto* k = app.add_option("--k-index", options.k_index, "Indexer keys k_I [B?, Lk, d_I]" + mode);
+  auto* w = app.add_option("--weights", options.weights, "Per-head weights w [B?, Lq, H_I]" + mode);
+  auto* hidden = app.add_option("--hidden", options.hidden,
+                                "Hidden states h [B?, L, d_model]: q_I, k_I and w projected by "
+                                "--indexer-weights" +
+                                    mode);
+  auto* weights = app.add_option("--indexer-weights", options.indexer_weights,
+                                 "Indexer projections (.safetensors: wq_b.weight, wk.weight, "
+                                 "k_norm.weight, k_norm.bias, weights_proj.weight, as dsa-fit "
+                                 "writes)" +
+                                     mode);
+  auto* prefix = app.add_option("--indexer-prefix", options.prefix,
+                                "Prefix of those tensor names, e.g. "
+                                "model.layers.3.self_attn.indexer.");
+  q->needs(k)->needs(w);
+  k->needs(q);
+  w->needs(q);
+  hidden->needs(weights)->excludes(q)->excludes(k)->excludes(w);
+  weights->needs(hidden);
+  prefix->needs(weights);
+  return {q, k, w, hidden, weights, prefix};
+}
+
+IndexerTensors load_indexer_tensors(const IndexerTensorOptions& options) {
+  IndexerTensors out;
+  if (!options.hidden.empty()) {
+    out.read.push_back(read_tensor(options.hidden));
+    const IndexerProjection p =
+        project_indexer(out.read[0], read_indexer_weights(options.indexer_weights, options.prefix));
+    out.q_index = p.q_index;
+    out.k_index = p.k_index;
+    out.weights = p.weights;
+  } else {
+    if (options.q_index.empty()) {
+      bad_usage("give --q-index, --k-index and --weights, or --hidden and --indexer-weights");
+    }
+    out.read = {read_tensor(options.q_index), read_tensor(options.k_index),
+                read_tensor(options.weights)};
+    out.q_index = out.read[0];
+    out.k_index = out.read[1];
+    out.weights = out.read[2];
+  }
+  return out;
 }
 
 void add_attention_options(CLI::App& app, AttentionOptions& options) {
@@ -147,18 +197,28 @@ void check_single_stdout(const std::vector<std::string>& paths) {
   if (n > 1) bad_usage("only one output can go to stdout ('-')");
 }
 
+void check_safetensors_output(const std::string& path, const std::string& holds) {
+  if (path == "-" || format_of(path) != FileFormat::safetensors) {
+    bad_usage("-o must name a .safetensors file ({}), got '{}'", holds, path);
+  }
+}
+
 void check_binary_output(const std::string& path) {
   if (path == "-" && isatty(STDOUT_FILENO)) {
     bad_usage("refusing to write a binary tensor to a terminal: use -o FILE or a pipe");
   }
 }
 
-void finish_report(nlohmann::json report, const StageTimes& times, double total_seconds,
-                   const CommonOptions& options) {
+void add_timings(nlohmann::json& report, const StageTimes& times, double total_seconds) {
   nlohmann::json timings = times.to_json();
   timings["total"] = total_seconds * 1e3;
   report["timings_ms"] = timings;
   report["peak_rss_bytes"] = peak_rss_bytes();
+}
+
+void finish_report(nlohmann::json report, const StageTimes& times, double total_seconds,
+                   const CommonOptions& options) {
+  add_timings(report, times, total_seconds);
   if (options.quiet && options.report.empty()) return;
   emit_report(report, options.report);
 }

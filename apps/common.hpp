@@ -40,6 +40,23 @@ std::vector<CLI::Option*> add_indexer_options(CLI::App& app, IndexerOptions& opt
 IndexerConfig indexer_config(const IndexerOptions& options, const Tensor& q_index);
 nlohmann::json indexer_config_json(const IndexerConfig& config);
 
+// The indexer's inputs: --q-index, --k-index and --weights, or --hidden with
+// --indexer-weights (and --indexer-prefix), from which the library projects them.
+struct IndexerTensorOptions {
+  std::string q_index, k_index, weights, hidden, indexer_weights, prefix;
+  bool given() const { return !q_index.empty() || !hidden.empty(); }
+};
+// Returns every option it adds; `mode` ends each help text (e.g. " (fused mode)").
+std::vector<CLI::Option*> add_indexer_tensor_options(CLI::App& app, IndexerTensorOptions& options,
+                                                     const std::string& mode = "");
+// The tensors as read (for the report) and q_index, k_index, weights (projected from the
+// hidden states when those were given). Usage error unless exactly one way was given.
+struct IndexerTensors {
+  std::vector<Tensor> read;
+  Tensor q_index, k_index, weights;
+};
+IndexerTensors load_indexer_tensors(const IndexerTensorOptions& options);
+
 // --q, --kv/--dv or --k/--v, --scale: the attention inputs of dsa-attend and dsa-compare.
 struct AttentionOptions {
   std::string q, kv, k, v;
@@ -67,9 +84,13 @@ int run(CLI::App& app, int argc, char** argv, const CommonOptions& options,
 void check_single_stdin(const std::vector<std::string>& paths);
 // Usage error unless at most one of the given outputs is `-` (stdout carries one stream).
 void check_single_stdout(const std::vector<std::string>& paths);
+// Usage error unless -o names a .safetensors file; `holds` says what it is for.
+void check_safetensors_output(const std::string& path, const std::string& holds);
 // Usage error when a binary tensor would go to a terminal.
 void check_binary_output(const std::string& path);
 
+// Adds timings (timings_ms, with the total) and peak memory to a report.
+void add_timings(nlohmann::json& report, const StageTimes& times, double total_seconds);
 // Adds timings, peak memory and writes the report (to --report FILE or stderr).
 void finish_report(nlohmann::json report, const StageTimes& times, double total_seconds,
                    const CommonOptions& options);

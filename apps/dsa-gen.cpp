@@ -3,7 +3,6 @@
 #include <optional>
 
 #include "common.hpp"
-#include "dsa/error.hpp"
 #include "dsa/io.hpp"
 #include "dsa/precision.hpp"
 #include "dsa/workload.hpp"
@@ -27,7 +26,8 @@ nlohmann::json config_json(const dsa::WorkloadConfig& c) {
           {"noise", c.noise},
           {"rank", c.rank},
           {"indexer_noise", c.indexer_noise},
-          {"seed", c.seed}};
+          {"seed", c.seed},
+          {"hidden", c.hidden}};
 }
 
 dsa::Tensor to_bf16(const dsa::Tensor& tensor) {
@@ -48,12 +48,13 @@ void override_with(T& field, const std::optional<T>& value) {
 int main(int argc, char** argv) {
   CLI::App app(
       "Deterministic synthetic DSA workload: q, kv, q_index, k_index, weights and the needle "
-      "pairs, in one .safetensors file.",
+      "pairs (with --hidden also hidden states and the indexer projections), in one "
+      ".safetensors file.",
       "dsa-gen");
   dsa::app::CommonOptions common;
   std::string preset = "small", dtype = "f32";
   std::optional<int64_t> length, heads, d_qk, d_v, indexer_heads, indexer_dim, sinks, window,
-      needles, needle_distance, rank;
+      needles, needle_distance, rank, hidden;
   std::optional<double> sink_logit, local_logit, needle_logit, noise, indexer_noise;
   std::optional<uint64_t> seed;
   app.add_option("--preset", preset, "Sizes to start from: small or v32 (the flags override it)")
@@ -78,6 +79,10 @@ int main(int argc, char** argv) {
   app.add_option("--indexer-noise", indexer_noise,
                  "Indexer noise relative to the RMS of q_index and k_index (default 0)");
   app.add_option("--seed", seed, "Random seed (default 0)");
+  app.add_option("--hidden", hidden,
+                 "Also write hidden states [L, D_MODEL] and the indexer projections of them "
+                 "(wq_b.weight, wk.weight, k_norm.*, weights_proj.weight) that give q_index, "
+                 "k_index and weights");
   app.add_option("--dtype", dtype, "Dtype of the floating-point tensors: f32 or bf16")
       ->check(CLI::IsMember({"f32", "bf16"}))
       ->capture_default_str();
@@ -85,10 +90,7 @@ int main(int argc, char** argv) {
 
   return dsa::app::run(app, argc, argv, common, [&] {
     dsa::Stopwatch total;
-    if (common.output == "-" || dsa::format_of(common.output) != dsa::FileFormat::safetensors) {
-      dsa::bad_usage("-o must name a .safetensors file (it holds all six tensors), got '{}'",
-                     common.output);
-    }
+    dsa::app::check_safetensors_output(common.output, "it holds every tensor");
     dsa::WorkloadConfig config = dsa::workload_preset(preset);
     override_with(config.length, length);
     override_with(config.heads, heads);
@@ -107,13 +109,19 @@ int main(int argc, char** argv) {
     override_with(config.rank, rank);
     override_with(config.indexer_noise, indexer_noise);
     override_with(config.seed, seed);
+    override_with(config.hidden, hidden);
     config = dsa::resolve_workload_config(config);
 
     dsa::StageTimes times;
     dsa::Stopwatch generate;
     dsa::Workload w = dsa::generate_workload(config);
+    if (config.hidden > 0 && dtype == "bf16") dsa::narrow_hidden_workload(w, dsa::DType::bf16);
     times.add("generate", generate.seconds());
     std::vector<dsa::Tensor> tensors = {w.q, w.kv, w.q_index, w.k_index, w.weights, w.needles};
+    if (config.hidden > 0) {
+      tensors.push_back(w.hidden);
+      for (dsa::Tensor& t : dsa::indexer_weight_tensors(w.indexer)) tensors.push_back(t);
+    }
     w = {};  // each f32 tensor now lives only in `tensors`: its bf16 copy frees it
     if (dtype == "bf16") {
       dsa::Stopwatch convert;

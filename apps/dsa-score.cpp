@@ -10,10 +10,8 @@ int main(int argc, char** argv) {
       "dsa-score");
   dsa::app::CommonOptions common;
   dsa::app::IndexerOptions indexer;
-  std::string q_path, k_path, w_path;
-  app.add_option("--q-index", q_path, "Indexer queries q_I [B?, Lq, H_I, d_I]")->required();
-  app.add_option("--k-index", k_path, "Indexer keys k_I [B?, Lk, d_I]")->required();
-  app.add_option("--weights", w_path, "Per-head weights w [B?, Lq, H_I]")->required();
+  dsa::app::IndexerTensorOptions tensors;
+  dsa::app::add_indexer_tensor_options(app, tensors);
   std::string device = "cpu";
   dsa::app::add_indexer_options(app, indexer);
   dsa::app::add_device_option(app, device);
@@ -21,12 +19,12 @@ int main(int argc, char** argv) {
 
   return dsa::app::run(app, argc, argv, common, [&] {
     dsa::Stopwatch total;
-    dsa::app::check_single_stdin({q_path, k_path, w_path});
+    dsa::app::check_single_stdin({tensors.q_index, tensors.k_index, tensors.weights, tensors.hidden,
+                                  tensors.indexer_weights});
     dsa::app::check_binary_output(common.output);
     dsa::app::check_single_stdout({common.output, common.report});
-    const dsa::Tensor q = dsa::read_tensor(q_path);
-    const dsa::Tensor k = dsa::read_tensor(k_path);
-    const dsa::Tensor w = dsa::read_tensor(w_path);
+    const dsa::app::IndexerTensors in = dsa::app::load_indexer_tensors(tensors);
+    const dsa::Tensor &q = in.q_index, &k = in.k_index, &w = in.weights;
     dsa::IndexerConfig config = dsa::app::indexer_config(indexer, q);
     config.device = dsa::resolve_device(device);
     const dsa::IndexerInputs inputs = dsa::make_indexer_inputs(q, k, w, config);
@@ -48,7 +46,8 @@ int main(int argc, char** argv) {
 
     nlohmann::json report = dsa::report_header("dsa-score", argc, argv);
     report["device"] = dsa::device_description(config.device);
-    report["inputs"] = {dsa::tensor_json(q), dsa::tensor_json(k), dsa::tensor_json(w)};
+    for (const dsa::Tensor& t : in.read) report["inputs"].push_back(dsa::tensor_json(t));
+    if (!tensors.hidden.empty()) report["indexer_weights"] = tensors.indexer_weights;
     report["indexer"] = dsa::app::indexer_config_json(config);
     report["outputs"] = {{{"path", common.output}, {"shape", shape}, {"dtype", "f32"}}};
     dsa::app::finish_report(report, times, total.seconds(), common);

@@ -13,19 +13,14 @@ int main(int argc, char** argv) {
       "dsa-select");
   dsa::app::CommonOptions common;
   dsa::app::IndexerOptions indexer;
-  std::string scores_path, q_path, k_path, w_path, format;
+  std::string scores_path, format;
+  dsa::app::IndexerTensorOptions tensors;
   int64_t topk = 2048;
   auto* scores_opt =
       app.add_option("--scores", scores_path, "Score matrix I [B?, Lq, Lk] (from dsa-score)");
-  auto* q_opt =
-      app.add_option("--q-index", q_path, "Indexer queries q_I [B?, Lq, H_I, d_I] (fused mode)");
-  auto* k_opt = app.add_option("--k-index", k_path, "Indexer keys k_I [B?, Lk, d_I] (fused mode)");
-  auto* w_opt =
-      app.add_option("--weights", w_path, "Per-head weights w [B?, Lq, H_I] (fused mode)");
-  scores_opt->excludes(q_opt)->excludes(k_opt)->excludes(w_opt);
-  q_opt->needs(k_opt)->needs(w_opt);
-  k_opt->needs(q_opt);
-  w_opt->needs(q_opt);
+  for (auto* option : dsa::app::add_indexer_tensor_options(app, tensors, " (fused mode)")) {
+    scores_opt->excludes(option);
+  }
   app.add_option("-k,--topk", topk, "Entries selected per query")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
@@ -40,11 +35,14 @@ int main(int argc, char** argv) {
 
   return dsa::app::run(app, argc, argv, common, [&] {
     dsa::Stopwatch total;
-    if (scores_path.empty() && q_path.empty()) {
-      dsa::bad_usage("give either --scores or --q-index, --k-index and --weights");
+    if (scores_path.empty() && !tensors.given()) {
+      dsa::bad_usage(
+          "give either --scores, or --q-index, --k-index and --weights, or --hidden and "
+          "--indexer-weights");
     }
     const bool fused = scores_path.empty();
-    dsa::app::check_single_stdin({scores_path, q_path, k_path, w_path});
+    dsa::app::check_single_stdin({scores_path, tensors.q_index, tensors.k_index, tensors.weights,
+                                  tensors.hidden, tensors.indexer_weights});
     const bool jsonl =
         format.empty()
             ? common.output.size() > 6 && common.output.substr(common.output.size() - 6) == ".jsonl"
@@ -55,11 +53,14 @@ int main(int argc, char** argv) {
     nlohmann::json report = dsa::report_header("dsa-select", argc, argv);
     std::vector<dsa::Tensor> inputs;
     if (fused) {
-      inputs = {dsa::read_tensor(q_path), dsa::read_tensor(k_path), dsa::read_tensor(w_path)};
+      dsa::app::IndexerTensors in = dsa::app::load_indexer_tensors(tensors);
+      for (const auto& t : in.read) report["inputs"].push_back(dsa::tensor_json(t));
+      if (!tensors.hidden.empty()) report["indexer_weights"] = tensors.indexer_weights;
+      inputs = {in.q_index, in.k_index, in.weights};
     } else {
       inputs = {dsa::read_tensor(scores_path)};
+      report["inputs"].push_back(dsa::tensor_json(inputs[0]));
     }
-    for (const auto& t : inputs) report["inputs"].push_back(dsa::tensor_json(t));
 
     // Output shape [B?, Lq, K] from the inputs' shapes, validated by the library below.
     dsa::IndexerConfig config;

@@ -39,6 +39,19 @@ class RunFailure(Exception):
     pass
 
 
+def require_jsonschema(script):
+    """The jsonschema module with draft 2020-12 support; exits 77 (skipped) without it."""
+    try:
+        import jsonschema
+    except ImportError:
+        jsonschema = None
+    if jsonschema is None or not hasattr(jsonschema, "Draft202012Validator"):
+        print(f"{script}: jsonschema with draft 2020-12 support is not available; skipping",
+              file=sys.stderr)
+        sys.exit(77)
+    return jsonschema
+
+
 def run_tool(bindir, tool, args, expect_rc=0, quiet=True):
     """Runs bindir/tool with args (and -q), raising RunFailure on an unexpected exit status."""
     cmd = [os.path.join(bindir, tool)] + [str(a) for a in args] + (["-q"] if quiet else [])

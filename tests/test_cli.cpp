@@ -280,5 +280,103 @@ TEST_F(Cli, CompareReportsEveryKAndTheNeedlesOfAGeneratedWorkload) {
             3);
 }
 
+// dsa-fit on a generated workload with hidden states: the weights it writes feed dsa-score and
+// dsa-select, the log has the loss per step and the held-out metrics, and two runs agree.
+TEST_F(Cli, FitWritesWeightsThatScoreAndSelectRead) {
+  ASSERT_EQ(run("dsa-gen --length 200 --needles 2 --needle-distance 40 --hidden 200 -q "
+                "-o g.safetensors")
+                .code,
+            0);
+  const std::string inputs =
+      "--hidden g.safetensors:hidden --q g.safetensors:q "
+      "--kv g.safetensors:kv --dv 48";
+  const std::string fit = "dsa-fit " + inputs +
+                          " --indexer-heads 2 --indexer-dim 8 --steps 6 --batch-rows 16 "
+                          "--eval-every 3 --eval-topk 16 --lr 1e-2 -q";
+  ASSERT_EQ(run(fit + " --threads 1 -o fit.safetensors --log log.json").code, 0);
+  ASSERT_EQ(run(fit + " --threads 2 -o again.safetensors").code, 0);
+  EXPECT_EQ(slurp(dir_ / "fit.safetensors"), slurp(dir_ / "again.safetensors"));
+  EXPECT_EQ(safetensors_names(path("fit.safetensors")),
+            (std::vector<std::string>{"wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias",
+                                      "weights_proj.weight"}));
+  const auto log = nlohmann::json::parse(slurp(dir_ / "log.json"));
+  EXPECT_EQ(log["schema"], "dsa-fit/1");
+  EXPECT_EQ(log["loss"].size(), 6u);
+  ASSERT_EQ(log["evaluations"].size(), 3u);  // steps 0, 3, 6
+  EXPECT_EQ(log["evaluations"][2]["step"], 6);
+  EXPECT_EQ(log["rows"]["holdout"], 50);
+  EXPECT_TRUE(log["evaluations"][0]["topk_recall"].is_number());
+  // The sparse stage from the warm-up's weights.
+  ASSERT_EQ(run("dsa-fit " + inputs +
+                " --init fit.safetensors --stage sparse -k 8 --steps 2 --batch-rows 8 -q "
+                "-o sparse.safetensors")
+                .code,
+            0);
+  // The fitted weights drive the indexer tools.
+  const Outcome scored =
+      run("dsa-score --hidden g.safetensors:hidden --indexer-weights "
+          "sparse.safetensors -q -o s.npy");
+  ASSERT_EQ(scored.code, 0) << scored.err;
+  EXPECT_EQ(read_tensor(path("s.npy")).shape, (Shape{200, 200}));
+  ASSERT_EQ(run("dsa-select --hidden g.safetensors:hidden --indexer-weights sparse.safetensors "
+                "-k 4 -q -o sel.npy")
+                .code,
+            0);
+  EXPECT_EQ(read_tensor(path("sel.npy")).shape, (Shape{200, 4}));
+  // dsa-gen's own projections give exactly its q_index, k_index and weights.
+  ASSERT_EQ(run("dsa-score --hidden g.safetensors:hidden --indexer-weights g.safetensors -q "
+                "-o from_hidden.npy")
+                .code,
+            0);
+  ASSERT_EQ(run("dsa-score --q-index g.safetensors:q_index --k-index g.safetensors:k_index "
+                "--weights g.safetensors:weights -q -o from_tensors.npy")
+                .code,
+            0);
+  EXPECT_EQ(slurp(dir_ / "from_hidden.npy"), slurp(dir_ / "from_tensors.npy"));
+}
+
+TEST_F(Cli, FitBadInputsExitWithOneLineAndNoOutput) {
+  write("h.npy", make_tensor(DType::f32, {23, 6}, "h"));
+  write("h24.npy", make_tensor(DType::f32, {24, 6}, "h"));
+  const std::string attention = " --q qa.npy --kv kv.npy --dv 10";
+  // Hidden states of another length than q.
+  Outcome r = run("dsa-fit --hidden h.npy" + attention + " -o out.safetensors --log log.json");
+  EXPECT_EQ(r.code, 3);
+  EXPECT_NE(r.err.find("h.npy (hidden): expected floating point [L = 24, d_model]"),
+            std::string::npos)
+      << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  // A weights file without the projections.
+  r = run("dsa-fit --hidden h24.npy" + attention + " --init bad.safetensors -o out.safetensors");
+  EXPECT_EQ(r.code, 3);
+  write_safetensors(path("bad.safetensors"), {make_tensor(DType::f32, {8, 6}, "wk.weight")});
+  r = run("dsa-fit --hidden h24.npy" + attention + " --init bad.safetensors -o out.safetensors");
+  EXPECT_EQ(r.code, 3);
+  EXPECT_NE(r.err.find("has no tensor 'weights_proj.weight'"), std::string::npos) << r.err;
+  r = run("dsa-score --hidden h24.npy --indexer-weights bad.safetensors -o s.npy");
+  EXPECT_EQ(r.code, 3);
+  EXPECT_NE(r.err.find("bad.safetensors"), std::string::npos) << r.err;
+  // Weights for another d_model.
+  write_safetensors(
+      path("wide.safetensors"),
+      {make_tensor(DType::f32, {4, 7}, "wq_b.weight"), make_tensor(DType::f32, {2, 7}, "wk.weight"),
+       make_tensor(DType::f32, {2}, "k_norm.weight"), make_tensor(DType::f32, {2}, "k_norm.bias"),
+       make_tensor(DType::f32, {2, 7}, "weights_proj.weight")});
+  r = run("dsa-fit --hidden h24.npy" + attention + " --init wide.safetensors -o out.safetensors");
+  EXPECT_EQ(r.code, 3);
+  EXPECT_NE(r.err.find("d_model 7"), std::string::npos) << r.err;
+  r = run("dsa-select --hidden h24.npy --indexer-weights wide.safetensors -k 2 -o s.npy");
+  EXPECT_EQ(r.code, 3);
+  // Usage errors.
+  EXPECT_EQ(run("dsa-fit --hidden h24.npy" + attention + " -o out.npy").code, 2);
+  EXPECT_EQ(run("dsa-fit --hidden h24.npy" + attention + " -k 4 -o out.safetensors").code, 2);
+  EXPECT_EQ(run("dsa-fit --hidden h24.npy" + attention + " --holdout 1 -o out.safetensors").code,
+            2);
+  EXPECT_EQ(run("dsa-fit --hidden h24.npy" + attention + " --lr 0 -o out.safetensors").code, 2);
+  EXPECT_EQ(run("dsa-score --hidden h24.npy -o s.npy").code, 2);
+  expect_only({"q.npy", "k.npy", "w.npy", "qa.npy", "kv.npy", "h.npy", "h24.npy", "bad.safetensors",
+               "wide.safetensors"});
+}
+
 }  // namespace
 }  // namespace dsa

@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 
 #include "dsa/error.hpp"
+#include "dsa/indexer_weights.hpp"
 #include "dsa/io.hpp"
 #include "dsa/parallel.hpp"
 #include "dsa/precision.hpp"
@@ -204,6 +205,44 @@ TEST(Workload, FingerprintIsStable) {
   c.needle_min_distance = 40;
   c.indexer_noise = 0.25;
   EXPECT_EQ(fingerprint(generate_workload(c)), 0x6baad508172f929aULL);
+}
+
+// Hidden mode: the indexer tensors are exactly the projections of the hidden states, the main
+// tensors are those of the same config without it, and the result does not depend on threads.
+TEST(Workload, HiddenStatesProjectToTheIndexer) {
+  WorkloadConfig c = small_config(160, 5);
+  c.needle_min_distance = 40;
+  c.indexer_heads = 6;  // more indexer heads than main heads: head j copies j mod H
+  c.indexer_noise = 0.3;
+  c.hidden = (1 + 4) * 32 + 3;
+  set_threads(1);
+  const Workload w = generate_workload(c);
+  set_threads(2);
+  const Workload again = generate_workload(c);
+  set_threads(0);
+  EXPECT_EQ(w.hidden.shape, (Shape{160, c.hidden}));
+  EXPECT_EQ(w.indexer.wq.size(), static_cast<std::size_t>(6 * 32 * c.hidden));
+  const IndexerProjection p = project_indexer(w.hidden, w.indexer);
+  EXPECT_TRUE(same_bytes(w.q_index, p.q_index));
+  EXPECT_TRUE(same_bytes(w.k_index, p.k_index));
+  EXPECT_TRUE(same_bytes(w.weights, p.weights));
+  EXPECT_TRUE(same_bytes(w.hidden, again.hidden));
+  EXPECT_EQ(fingerprint(w), fingerprint(again));
+  WorkloadConfig plain = c;
+  plain.hidden = 0;
+  const Workload without = generate_workload(plain);
+  EXPECT_TRUE(same_bytes(w.q, without.q));
+  EXPECT_TRUE(same_bytes(w.kv, without.kv));
+  EXPECT_FALSE(same_bytes(w.k_index, without.k_index));  // layer-normed keys
+  // Every projected key has the LayerNorm's mean beta = 0 and the RMS gamma.
+  const float* k = f32(w.k_index);
+  double mean = 0;
+  for (int64_t e = 0; e < 32; ++e) mean += k[7 * 32 + e];
+  EXPECT_NEAR(mean / 32, 0.0, 1e-5);
+  // The weights are scale / H_I, as without hidden states.
+  EXPECT_NEAR(f32(w.weights)[11], f32(without.weights)[11], 1e-6);
+  c.hidden = (1 + 4) * 32;
+  EXPECT_THROW(generate_workload(c), Error);
 }
 
 // The isotropic noise alone (every logit 0): Gaussian with the requested std.
@@ -499,6 +538,25 @@ TEST_F(Gen, Bf16KeepsNeedlesInt32) {
   }
 }
 
+TEST_F(Gen, HiddenStatesInBf16StayExact) {
+  ASSERT_EQ(run("dsa-gen --length 96 --needles 2 --needle-distance 20 --hidden 200 --dtype bf16 "
+                "-q -o w.safetensors"),
+            0)
+      << err_;
+  EXPECT_EQ(safetensors_names(path("w.safetensors")),
+            (std::vector<std::string>{"q", "kv", "q_index", "k_index", "weights", "needles",
+                                      "hidden", "wq_b.weight", "wk.weight", "k_norm.weight",
+                                      "k_norm.bias", "weights_proj.weight"}));
+  const Tensor hidden = read_tensor(path("w.safetensors:hidden"));
+  EXPECT_EQ(hidden.dtype, DType::bf16);
+  const IndexerProjection p = project_indexer(hidden, read_indexer_weights(path("w.safetensors")));
+  const Tensor q_index = read_tensor(path("w.safetensors:q_index"));
+  const auto* bits = reinterpret_cast<const uint16_t*>(q_index.data);
+  for (int64_t i = 0; i < q_index.numel(); ++i) {
+    ASSERT_EQ(bits[i], f32_to_bf16(f32(p.q_index)[i])) << i;
+  }
+}
+
 TEST_F(Gen, UsageErrorsLeaveNoOutput) {
   EXPECT_EQ(run("dsa-gen -o - >/dev/null"), 2);
   EXPECT_NE(err_.find(".safetensors"), std::string::npos) << err_;
@@ -510,6 +568,8 @@ TEST_F(Gen, UsageErrorsLeaveNoOutput) {
   EXPECT_NE(err_.find("rank 40"), std::string::npos) << err_;
   EXPECT_EQ(std::count(err_.begin(), err_.end(), '\n'), 1) << err_;
   EXPECT_EQ(run("dsa-gen --length 0 -o w.safetensors"), 2);
+  EXPECT_EQ(run("dsa-gen --hidden 64 -o w.safetensors"), 2);
+  EXPECT_NE(err_.find("hidden (d_model) 64"), std::string::npos) << err_;
   EXPECT_TRUE(fs::is_empty(dir_));
 }
 

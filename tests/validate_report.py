@@ -30,18 +30,14 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pycheck import Checks, RunFailure  # noqa: E402
+from pycheck import Checks, RunFailure, require_jsonschema  # noqa: E402
 
 try:
     import numpy as np
-    import jsonschema
 except ImportError as e:
     print(f"validate_report: {e.name} is not available; skipping", file=sys.stderr)
     sys.exit(77)
-
-if not hasattr(jsonschema, "Draft202012Validator"):
-    print("validate_report: jsonschema without draft 2020-12 support; skipping", file=sys.stderr)
-    sys.exit(77)
+jsonschema = require_jsonschema("validate_report")
 
 
 CHECKS = Checks()

@@ -10,6 +10,7 @@
 #include "chunks.hpp"
 #include "dsa/error.hpp"
 #include "dsa/topk.hpp"
+#include "target.hpp"
 
 #ifdef DSA_HAVE_CUDA
 #include "cuda_backend.hpp"
@@ -29,10 +30,6 @@ double percentile(const std::vector<double>& sorted, double q) {
   const auto lo = static_cast<std::size_t>(std::floor(pos));
   const std::size_t hi = std::min(lo + 1, sorted.size() - 1);
   return sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - static_cast<double>(lo));
-}
-
-nlohmann::json number_or_null(double x) {
-  return std::isnan(x) ? nlohmann::json(nullptr) : nlohmann::json(x);
 }
 
 // Stage timers of one thread, summed into the comparison at the end.
@@ -232,7 +229,7 @@ void compare_on_cpu(const CompareInputs& in, Comparison& out,
       ThreadClock& clock = clocks[static_cast<std::size_t>(omp_get_thread_num())];
       std::vector<float> scores, p_sum, selected_scores;
       std::vector<int32_t> selection;
-      std::vector<int64_t> selected, index_row;
+      std::vector<int64_t> selected, index_row, block_rows;
       RowScratch row_scratch;
       row_scratch.marks.assign(static_cast<std::size_t>(Lk), -1);
       std::vector<float> sparse_out, sparse_lse, dense_out;
@@ -280,24 +277,14 @@ void compare_on_cpu(const CompareInputs& in, Comparison& out,
         // Dense attention probabilities, one kv head group at a time.
         p_sum.assign(static_cast<std::size_t>(n_rows * visible_end), 0.0f);
         dense_out.resize(static_cast<std::size_t>(n_rows * H * a.d_v));
+        block_rows.resize(static_cast<std::size_t>(n_rows));
+        for (int64_t r = 0; r < n_rows; ++r) block_rows[r] = r0 + r;
         for (int64_t g = 0; g < a.kv_heads; ++g) {
           watch = Stopwatch();
-          q_group.resize(n_rows * group, a.d_qk);
-          for (int64_t r = 0; r < n_rows; ++r) {
-            to_f32(*a.q, ((b * Lq + r0 + r) * H + g * group) * a.d_qk, group * a.d_qk,
-                   q_group.row(r * group).data());
-          }
-          const Strided keys(kv.key(0, g, a.d_qk), visible_end, a.d_qk,
-                             Eigen::OuterStride<>(kv.k_stride));
+          detail::group_probabilities(a, kv, b, block_rows.data(), n_rows, g, visible_end, in.scale,
+                                      q_group, probs);
           const Strided values(kv.value(0, g, a.d_v), visible_end, a.d_v,
                                Eigen::OuterStride<>(kv.v_stride));
-          probs.noalias() = in.scale * (q_group * keys.transpose());
-          for (int64_t i = 0; i < n_rows * group; ++i) {
-            const int64_t visible = a.position(r0 + i / group) + 1;
-            float* p = probs.row(i).data();
-            detail::softmax_row(p, visible);
-            std::fill(p + visible, p + visible_end, 0.0f);
-          }
           dense_group.noalias() = probs * values;
           for (int64_t i = 0; i < n_rows * group; ++i) {
             const int64_t r = i / group, h = g * group + i % group;
@@ -463,6 +450,44 @@ void compare_on_gpu(const CompareInputs& in, Comparison& out,
 }
 
 }  // namespace
+
+namespace detail {
+
+void group_probabilities(const AttentionInputs& a, const KeyValues& kv, int64_t b,
+                         const int64_t* rows, int64_t n_rows, int64_t g, int64_t visible_end,
+                         float scale, RowMatrix& q_group, RowMatrix& probs) {
+  const int64_t H = a.heads, group = a.heads / a.kv_heads;
+  q_group.resize(n_rows * group, a.d_qk);
+  for (int64_t r = 0; r < n_rows; ++r) {
+    to_f32(*a.q, ((b * a.queries + rows[r]) * H + g * group) * a.d_qk, group * a.d_qk,
+           q_group.row(r * group).data());
+  }
+  const Strided keys(kv.key(0, g, a.d_qk), visible_end, a.d_qk, Eigen::OuterStride<>(kv.k_stride));
+  probs.noalias() = scale * (q_group * keys.transpose());
+  for (int64_t i = 0; i < n_rows * group; ++i) {
+    const int64_t visible = a.position(rows[i / group]) + 1;
+    float* p = probs.row(i).data();
+    softmax_row(p, visible);
+    std::fill(p + visible, p + visible_end, 0.0f);
+  }
+}
+
+void attention_target(const AttentionInputs& a, const KeyValues& kv, int64_t b, const int64_t* rows,
+                      int64_t n_rows, int64_t visible_end, float scale, float* out) {
+  const int64_t group = a.heads / a.kv_heads;
+  RowMatrix q_group, probs;
+  std::fill(out, out + n_rows * visible_end, 0.0f);
+  for (int64_t g = 0; g < a.kv_heads; ++g) {
+    group_probabilities(a, kv, b, rows, n_rows, g, visible_end, scale, q_group, probs);
+    for (int64_t i = 0; i < n_rows * group; ++i) {
+      const float* p = probs.row(i).data();
+      float* sum = out + (i / group) * visible_end;
+      for (int64_t s = 0; s < visible_end; ++s) sum[s] += p[s] / static_cast<float>(a.heads);
+    }
+  }
+}
+
+}  // namespace detail
 
 Summary summarize(const std::vector<double>& values) {
   Summary s;

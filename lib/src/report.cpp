@@ -3,6 +3,7 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <cstdio>
 
 #include "dsa/error.hpp"
@@ -14,6 +15,10 @@ namespace dsa {
 
 std::string version() {
   return kVersion;
+}
+
+nlohmann::json number_or_null(double x) {
+  return std::isnan(x) ? nlohmann::json(nullptr) : nlohmann::json(x);
 }
 
 void StageTimes::add(const std::string& stage, double seconds) {

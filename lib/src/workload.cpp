@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "dsa/error.hpp"
+#include "dsa/precision.hpp"
 
 namespace dsa {
 
@@ -17,7 +18,7 @@ constexpr double kLn2 = 0.69314718055994530942;
 constexpr double kSqrtHalf = 0.70710678118654752440;
 
 // Independent random streams: one for the setup, one per row of each tensor's noise.
-enum class Stream : uint64_t { setup = 1, q = 2, kv = 3, q_index = 4, k_index = 5 };
+enum class Stream : uint64_t { setup = 1, q = 2, kv = 3, q_index = 4, k_index = 5, hidden = 6 };
 
 uint64_t splitmix64(uint64_t x) {
   x += 0x9e3779b97f4a7c15ULL;
@@ -291,6 +292,72 @@ double sum_in_order(const std::vector<double>& values) {
   return sum;
 }
 
+// Hidden states whose projections are the indexer (see the header). coefficients [L, width]
+// holds U^T kv[t] and U^T q[t, h < H'] per token; the noise is added to it in place.
+void add_hidden_states(const WorkloadConfig& c, const Structure& st,
+                       std::vector<double>& coefficients, Workload& w) {
+  const int64_t L = c.length, D = c.hidden, r = st.rank, H_I = c.indexer_heads, d_I = c.indexer_dim;
+  const int64_t heads = std::min(c.heads, H_I), width = (1 + heads) * r, one = width;
+  std::vector<double> key_squares(static_cast<std::size_t>(L)),
+      query_squares(static_cast<std::size_t>(L));
+  for (int64_t t = 0; t < L; ++t) {
+    const double* z = coefficients.data() + t * width;
+    key_squares[t] = dot(z, z, r);
+    query_squares[t] = dot(z + r, z + r, heads * r);
+  }
+  const double key_rms = std::sqrt(sum_in_order(key_squares) / static_cast<double>(L * r));
+  const double query_rms =
+      std::sqrt(sum_in_order(query_squares) / static_cast<double>(L * heads * r));
+  Random setup(c.seed, Stream::hidden, L);
+  const std::vector<double> mix = random_orthonormal_rows(D, D, setup);  // O: z = O h
+  w.hidden = make_tensor(DType::f32, {L, D}, "hidden");
+  float* hidden = mutable_data<float>(w.hidden);
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < L; ++t) {
+    Random random(c.seed, Stream::hidden, t);
+    std::vector<double> z(static_cast<std::size_t>(D));
+    double* coefficient = coefficients.data() + t * width;
+    for (int64_t i = 0; i < width; ++i) {
+      coefficient[i] += c.indexer_noise * (i < r ? key_rms : query_rms) * random.normal();
+      z[i] = coefficient[i];
+    }
+    z[one] = 1.0;
+    for (int64_t i = one + 1; i < D; ++i) z[i] = query_rms * random.normal();
+    key_squares[t] = dot(coefficient, coefficient, r);
+    for (int64_t d = 0; d < D; ++d) {
+      double sum = 0;
+      for (int64_t i = 0; i < D; ++i) sum += mix[i * D + d] * z[i];
+      hidden[t * D + d] = static_cast<float>(sum);
+    }
+  }
+  // Projections: a row i of O read back from h, mapped through R.
+  IndexerWeights& x = w.indexer;
+  x = zero_indexer_weights(D, H_I, d_I);
+  auto through_index_map = [&](int64_t first, int64_t e, double* out) {
+    for (int64_t d = 0; d < D; ++d) {
+      double sum = 0;
+      for (int64_t i = 0; i < r; ++i) sum += st.index_map[i * d_I + e] * mix[(first + i) * D + d];
+      out[d] = static_cast<float>(sum);
+    }
+  };
+  for (int64_t e = 0; e < d_I; ++e) through_index_map(0, e, x.wk.data() + e * D);
+  for (int64_t j = 0; j < H_I; ++j) {
+    for (int64_t e = 0; e < d_I; ++e) {
+      through_index_map(r + (j % c.heads) * r, e, x.wq.data() + (j * d_I + e) * D);
+    }
+  }
+  // |(U^T kv) R| = |U^T kv|: gamma restores the keys' overall RMS after the LayerNorm.
+  const double gamma = std::sqrt(sum_in_order(key_squares) / static_cast<double>(L * d_I));
+  x.k_norm_weight.assign(static_cast<std::size_t>(d_I), static_cast<float>(gamma));
+  const double weight = 1.0 / std::sqrt(static_cast<double>(c.d_qk)) / static_cast<double>(H_I);
+  for (int64_t j = 0; j < H_I; ++j) {
+    for (int64_t d = 0; d < D; ++d) {
+      x.weights_proj[j * D + d] = static_cast<float>(weight * mix[one * D + d]);
+    }
+  }
+  project_workload_indexer(w);
+}
+
 }  // namespace
 
 WorkloadConfig workload_preset(const std::string& name) {
@@ -347,6 +414,12 @@ WorkloadConfig resolve_workload_config(const WorkloadConfig& config) {
     bad_usage("workload: rank {} must not exceed indexer_dim {} nor d_qk {}", c.rank, c.indexer_dim,
               c.d_qk);
   }
+  if (c.hidden < 0) bad_usage("workload: hidden must be non-negative, got {}", c.hidden);
+  const int64_t needed = (1 + std::min(c.heads, c.indexer_heads)) * c.rank + 1;
+  if (c.hidden > 0 && c.hidden < needed) {
+    bad_usage("workload: hidden (d_model) {} must be at least (1 + min(H, H_I)) * rank + 1 = {}",
+              c.hidden, needed);
+  }
   return c;
 }
 
@@ -370,6 +443,9 @@ Workload generate_workload(const WorkloadConfig& config) {
   float* kv = mutable_data<float>(w.kv);
   float* q_index = mutable_data<float>(w.q_index);
   float* k_index = mutable_data<float>(w.k_index);
+  // Hidden mode: every token's U^T kv[t] and U^T q[t, h < min(H, H_I)], [L, (1 + H') r].
+  const int64_t projected_heads = std::min(H, H_I), width = (1 + projected_heads) * r;
+  std::vector<double> coefficients_of(static_cast<std::size_t>(c.hidden > 0 ? L * width : 0));
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < L; ++t) {
     std::vector<double> coefficients(static_cast<std::size_t>(r));
@@ -380,12 +456,16 @@ Workload generate_workload(const WorkloadConfig& config) {
     make_row(st, c.d_qk, st.key_coefficients.data() + t * r, c.noise, key_noise, kv + t * c.d_qk,
              projections.data());
     k_index_squares[t] = index_row(st, d_I, projections.data(), k_index + t * d_I);
+    double* hidden_coefficients = c.hidden > 0 ? coefficients_of.data() + t * width : nullptr;
+    if (hidden_coefficients) std::copy_n(projections.data(), r, hidden_coefficients);
     Random query_noise(c.seed, Stream::q, t);
     for (int64_t h = 0; h < H; ++h) {
       query_coefficients(st, t, h, coefficients.data());
       make_row(st, c.d_qk, coefficients.data(), c.noise, query_noise, q + (t * H + h) * c.d_qk,
                h < projected ? projections.data() + h * r : nullptr);
     }
+    if (hidden_coefficients)
+      std::copy_n(projections.data(), projected * r, hidden_coefficients + r);
     q_index_squares[t] = 0;
     for (int64_t j = 0; j < H_I; ++j) {
       q_index_squares[t] +=
@@ -402,7 +482,25 @@ Workload generate_workload(const WorkloadConfig& config) {
   const float weight =
       static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.d_qk)) / static_cast<double>(H_I));
   std::fill_n(mutable_data<float>(w.weights), L * H_I, weight);
+  if (c.hidden > 0) add_hidden_states(c, st, coefficients_of, w);
   return w;
+}
+
+void narrow_hidden_workload(Workload& w, DType dtype) {
+  if (dtype != DType::bf16) bad_usage("hidden workloads narrow to bf16 only");
+  float* h = mutable_data<float>(w.hidden);
+  for (int64_t i = 0; i < w.hidden.numel(); ++i) h[i] = round_to_bf16(h[i]);
+  for (std::vector<double>* p : parameters(w.indexer)) {
+    for (double& x : *p) x = round_to_bf16(static_cast<float>(x));
+  }
+  project_workload_indexer(w);
+}
+
+void project_workload_indexer(Workload& w) {
+  IndexerProjection p = project_indexer(w.hidden, w.indexer);
+  w.q_index = std::move(p.q_index);
+  w.k_index = std::move(p.k_index);
+  w.weights = std::move(p.weights);
 }
 
 }  // namespace dsa

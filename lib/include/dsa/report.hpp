@@ -37,6 +37,7 @@ class StageTimes {
 };
 
 nlohmann::json tensor_json(const Tensor& tensor);  // {"name", "shape", "dtype"}
+nlohmann::json number_or_null(double x);           // NaN (undefined) as null
 int64_t peak_rss_bytes();
 
 // The fields every report carries; the app adds its own.

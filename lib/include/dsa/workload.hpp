@@ -29,6 +29,17 @@
 //   I[t,s] (Eq. 1) is the mean over indexer heads of ReLU(structured logit): in logit units,
 //   which keeps softmax(I) comparable with the attention distribution (Eq. 3).
 //
+// - Hidden states (hidden > 0, d_model): the indexer above, restated as projections of
+//   hidden states h [L, d_model] (dsa/indexer_weights.hpp), so "the indexer that generated the
+//   data" is a set of weights dsa-fit can be compared with. Per token, z = [U^T kv[t] (r) ;
+//   U^T q[t, h] for h < min(H, H_I) (r each) ; 1 ; padding], the structure coefficients plus
+//   Gaussian noise of std `indexer_noise` × (their RMS) (the quality dial, in h instead of in
+//   q_I and k_I), the padding N(0, RMS^2); h = M z with M a random orthogonal matrix.
+//   wq_b maps h to (U^T q[t, j mod H]) R, wk to (U^T kv[t]) R, k_norm is gamma = RMS of those
+//   keys, beta = 0 (so keys keep their overall scale but lose their per-token norm and mean),
+//   weights_proj gives the constant scale / H_I. q_index, k_index and weights are then exactly
+//   project_indexer(hidden, indexer) of the f32 tensors. Needs d_model >= (1 + min(H, H_I)) r + 1.
+//
 // Determinism: the same config gives bit-identical tensors on every machine and with every
 // thread count. Random numbers come from std::mt19937_64 (its output is fixed by the standard),
 // one stream for the setup and one per tensor row (seeded from the seed, the tensor and the
@@ -42,6 +53,7 @@
 #include <cstdint>
 #include <string>
 
+#include "dsa/indexer_weights.hpp"
 #include "dsa/tensor.hpp"
 
 namespace dsa {
@@ -64,6 +76,7 @@ struct WorkloadConfig {
   int64_t rank = 0;                 // r, the structure subspace; 0: min(indexer_dim, 32)
   double indexer_noise = 0.0;       // relative std of the noise added to q_I and k_I
   uint64_t seed = 0;
+  int64_t hidden = 0;  // d_model of hidden states and indexer projections; 0: none
 };
 
 // "small": L 1024, H 4, d_qk 64, d_v 48, H_I 8, d_I 32 (the defaults above).
@@ -82,9 +95,20 @@ struct Workload {
   Tensor k_index;  // f32 [L, d_I]
   Tensor weights;  // f32 [L, H_I], all scale / H_I
   Tensor needles;  // i32 [N, 2]: (query position t, key position s), sorted by t; N may be 0
+  // With config.hidden > 0 only:
+  Tensor hidden;           // f32 [L, d_model]
+  IndexerWeights indexer;  // values exact in f32; q_index, k_index, weights project from hidden
 };
 
-// Tensors named "q", "kv", "q_index", "k_index", "weights", "needles".
+// Tensors named "q", "kv", "q_index", "k_index", "weights", "needles" (and "hidden").
 Workload generate_workload(const WorkloadConfig& config);
+
+// q_index, k_index and weights recomputed from the hidden states and the indexer weights
+// (project_indexer).
+void project_workload_indexer(Workload& workload);
+// Rounds the hidden states and the indexer weights to `dtype` (bf16) and reprojects, so that a
+// file written in that dtype still holds exactly what its projections give (up to the final
+// rounding of q_index, k_index and weights).
+void narrow_hidden_workload(Workload& workload, DType dtype);
 
 }  // namespace dsa

@@ -1,0 +1,23 @@
+// Internal: the main attention's probabilities in blocks of query rows, shared by
+// dsa-compare's metrics and the indexer's training target (metrics.cpp, fit.cpp).
+#pragma once
+
+#include <cstdint>
+
+#include "attention_kernels.hpp"
+
+namespace dsa::detail {
+
+// Softmax probabilities (scale · q · k) of the `group` query heads of kv head g for query rows
+// rows[0..n_rows) of batch element b, over keys [0, visible_end), zero beyond each row's
+// position: probs [n_rows * group, visible_end]. q_group is scratch.
+void group_probabilities(const AttentionInputs& a, const KeyValues& kv, int64_t b,
+                         const int64_t* rows, int64_t n_rows, int64_t g, int64_t visible_end,
+                         float scale, RowMatrix& q_group, RowMatrix& probs);
+
+// DESIGN.md's target p[t,:] of those rows: the probabilities summed over the H heads and
+// L1-normalized (divided by H), [n_rows, visible_end] into out.
+void attention_target(const AttentionInputs& a, const KeyValues& kv, int64_t b, const int64_t* rows,
+                      int64_t n_rows, int64_t visible_end, float scale, float* out);
+
+}  // namespace dsa::detail
