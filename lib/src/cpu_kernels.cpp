@@ -1,0 +1,87 @@
+#include "cpu_kernels.hpp"
+
+#include <atomic>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include <fmt/ranges.h>
+
+#include "dsa/error.hpp"
+#include "dsa/parallel.hpp"
+
+namespace dsa {
+
+namespace detail {
+
+namespace generic {
+extern const CpuKernels kernels;
+}
+#ifdef DSA_HAVE_X86_KERNELS
+namespace avx2 {
+extern const CpuKernels kernels;
+}
+namespace avx512 {
+extern const CpuKernels kernels;
+}
+#endif
+
+}  // namespace detail
+
+namespace {
+
+using detail::CpuKernels;
+
+// Widest first.
+std::vector<const CpuKernels*> runnable_kernels() {
+  std::vector<const CpuKernels*> sets;
+#ifdef DSA_HAVE_X86_KERNELS
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("fma")) {
+    sets.push_back(&detail::avx512::kernels);
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    sets.push_back(&detail::avx2::kernels);
+#endif
+  sets.push_back(&detail::generic::kernels);
+  return sets;
+}
+
+const CpuKernels* find_kernels(const std::string& name) {
+  for (const CpuKernels* set : runnable_kernels())
+    if (name == set->name) return set;
+  bad_usage("CPU kernels '{}' do not run on this CPU (it runs: {})", name,
+            fmt::join(available_cpu_kernels(), ", "));
+}
+
+std::atomic<const CpuKernels*>& chosen() {
+  static std::atomic<const CpuKernels*> kernels = [] {
+    const char* name = std::getenv("DSA_CPU_KERNELS");
+    return name && *name ? find_kernels(name) : runnable_kernels().front();
+  }();
+  return kernels;
+}
+
+}  // namespace
+
+const detail::CpuKernels& detail::cpu_kernels() {
+  return *chosen().load(std::memory_order_relaxed);
+}
+
+std::vector<std::string> available_cpu_kernels() {
+  std::vector<std::string> names;
+  for (const CpuKernels* set : runnable_kernels()) names.emplace_back(set->name);
+  return names;
+}
+
+std::string cpu_kernels_name() {
+  return detail::cpu_kernels().name;
+}
+
+void set_cpu_kernels(const std::string& name) {
+  chosen().store(find_kernels(name), std::memory_order_relaxed);
+}
+
+}  // namespace dsa
