@@ -3,7 +3,8 @@
 #define DSA_KERNELS_NAME "avx2"
 #define DSA_INDEX_HEADS 4
 #define DSA_INDEX_PANELS 1
-#define DSA_QK_KEYS 6
+#define DSA_QK_KEYS 3
+#define DSA_QK_SPLIT 2
 #define DSA_PV_HEADS 2
 #define DSA_PV_VECTORS 2
 #include "cpu_kernels.inc"

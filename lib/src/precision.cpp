@@ -1,6 +1,7 @@
 #include "dsa/precision.hpp"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -103,7 +104,9 @@ uint8_t f32_to_e4m3(float x) {
   return sign | static_cast<uint8_t>(code);
 }
 
-float e4m3_to_f32(uint8_t bits) {
+namespace {
+
+float decode_e4m3(uint8_t bits) {
   const bool negative = bits & 0x80;
   const int exponent = (bits >> 3) & 0xf;
   const int mantissa = bits & 7;
@@ -116,6 +119,22 @@ float e4m3_to_f32(uint8_t bits) {
     magnitude = std::ldexp(static_cast<float>(8 + mantissa), exponent - 10);
   }
   return negative ? -magnitude : magnitude;
+}
+
+// All 256 values, decoded once: the fp8 indexer converts every element of every row.
+const std::array<float, 256>& e4m3_values() {
+  static const std::array<float, 256> values = [] {
+    std::array<float, 256> v;
+    for (int bits = 0; bits < 256; ++bits) v[bits] = decode_e4m3(static_cast<uint8_t>(bits));
+    return v;
+  }();
+  return values;
+}
+
+}  // namespace
+
+float e4m3_to_f32(uint8_t bits) {
+  return e4m3_values()[bits];
 }
 
 float fp8_block_scale(float amax, bool ue8m0) {
