@@ -147,11 +147,30 @@ float fp8_block_scale(float amax, bool ue8m0) {
   return scale;
 }
 
+namespace {
+
+// e4m3_to_f32(f32_to_e4m3(x)) without the code: the same rounding done in f32 arithmetic.
+float round_to_e4m3(float x) {
+  const float a = std::fabs(x);
+  if (!(a <= kE4M3Max)) return std::isnan(x) ? x : std::copysign(kE4M3Max, x);
+  float rounded;
+  if (a < 0.015625f) {
+    rounded = (a + 16384.0f) - 16384.0f;  // to a multiple of 2^-9 (the subnormals), ties to even
+  } else {
+    uint32_t b = bits_of(a);  // keep 3 mantissa bits, ties to even; a carry bumps the exponent
+    b = (b + 0x7ffff + ((b >> 20) & 1)) & 0xfff00000u;
+    rounded = float_of(b);
+  }
+  return std::copysign(rounded, x);
+}
+
+}  // namespace
+
 float fp8_quantize_block(float* x, int64_t n, bool ue8m0) {
   float amax = 0.0f;
   for (int64_t i = 0; i < n; ++i) amax = std::fmax(amax, std::fabs(x[i]));
   const float scale = fp8_block_scale(amax, ue8m0);
-  for (int64_t i = 0; i < n; ++i) x[i] = e4m3_to_f32(f32_to_e4m3(x[i] / scale));
+  for (int64_t i = 0; i < n; ++i) x[i] = round_to_e4m3(x[i] / scale);
   return scale;
 }
 
