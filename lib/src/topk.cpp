@@ -4,6 +4,7 @@
 #include <array>
 #include <cmath>
 #include <cstring>
+#include <iterator>
 #include <limits>
 
 #include "chunks.hpp"
@@ -34,21 +35,32 @@ void check_k(int64_t k) {
 }
 
 // The k-th largest of keys (1 <= k <= keys.size()) by radix selection on 11, 11 and 10 bits:
-// each pass counts the candidates' digits and keeps those in the digit holding the k-th.
-// Returns it, with `k` left as the number of picks among the keys equal to it. Clobbers keys.
-uint32_t kth_largest(std::vector<uint32_t>& keys, int64_t& k) {
+// each pass counts the candidates' digits and keeps those in the digit holding the k-th (the
+// first pass reads keys, the others the few candidates). Returns it, with `k` left as the number
+// of picks among the keys equal to it.
+uint32_t kth_largest(const std::vector<uint32_t>& keys, int64_t& k,
+                     std::vector<uint32_t>& candidates) {
   uint32_t prefix = 0;
   int shift = 32;
   std::array<int64_t, 2048> counts;
+  const std::vector<uint32_t>* source = &keys;
   for (const int bits : {11, 11, 10}) {
     shift -= bits;
     const uint32_t mask = (1u << bits) - 1;
     std::fill_n(counts.begin(), mask + 1, 0);
-    for (const uint32_t key : keys) ++counts[(key >> shift) & mask];
+    for (const uint32_t key : *source) ++counts[(key >> shift) & mask];
     uint32_t digit = mask;
     while (counts[digit] < k) k -= counts[digit--];
     prefix |= digit << shift;
-    std::erase_if(keys, [&](uint32_t key) { return ((key >> shift) & mask) != digit; });
+    const uint32_t high = prefix >> shift;  // every digit so far
+    auto other = [&](uint32_t key) { return key >> shift != high; };
+    if (source == &keys) {
+      candidates.clear();
+      std::remove_copy_if(keys.begin(), keys.end(), std::back_inserter(candidates), other);
+      source = &candidates;
+    } else {
+      std::erase_if(candidates, other);
+    }
   }
   return prefix;
 }
@@ -84,9 +96,9 @@ void select_topk_row(const float* scores, int64_t visible, int64_t k, int32_t* i
     keys.resize(static_cast<std::size_t>(visible));
     for (int64_t s = 0; s < visible; ++s) keys[s] = rank_key(scores[s]);
     int64_t equal_needed = k;
-    const uint32_t threshold = kth_largest(keys, equal_needed);
+    const uint32_t threshold = kth_largest(keys, equal_needed, scratch.candidates);
     for (int64_t s = 0; s < visible; ++s) {
-      const uint32_t key = rank_key(scores[s]);
+      const uint32_t key = keys[s];
       if (key > threshold || (key == threshold && equal_needed-- > 0)) pick(key, s);
     }
   }

@@ -13,7 +13,7 @@ namespace dsa {
 
 // Buffers one thread reuses from row to row.
 struct TopkScratch {
-  std::vector<uint32_t> keys;
+  std::vector<uint32_t> keys, candidates;
   std::vector<uint64_t> picked, buffer;
 };
 
