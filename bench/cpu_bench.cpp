@@ -54,11 +54,29 @@ double median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
+struct Timing {
+  double wall = 0, cpu = 0;  // seconds: medians over the repeats
+};
+
+// Runs `run` `repeats` times; the medians of its wall and CPU seconds.
+template <typename Run>
+Timing measure(int repeats, Run&& run) {
+  std::vector<double> wall, cpu;
+  for (int r = 0; r < repeats; ++r) {
+    const bench::Clock clock;
+    run();
+    wall.push_back(clock.wall());
+    cpu.push_back(clock.cpu());
+  }
+  return {median(wall), median(cpu)};
+}
+
 struct Row {
   std::string kernel;
   int threads;
-  double seconds, gflop;  // gflop 0: not an arithmetic kernel
-  double ceiling;         // GFLOP/s of the matching GEMM, same thread count
+  Timing time;
+  double gflop = 0;     // 0: not an arithmetic kernel
+  bench::Rate ceiling;  // the matching GEMM, measured right after the kernel
 };
 
 Options parse(int argc, char** argv) {
@@ -122,15 +140,19 @@ int main(int argc, char** argv) {
   const AttentionSink discard = [](const AttentionBlock&) {};
 
   std::vector<Row> rows;
+  auto print = [](const Row& r) {
+    fmt::print(stderr, "  {} ({} threads): {:.3f} s, {:.3f} CPU-s\n", r.kernel, r.threads,
+               r.time.wall, r.time.cpu);
+  };
+  // A GEMM of the kernel's inner dimension right after each kernel: on a shared machine the
+  // ratio then compares rates measured under the same load.
+  auto add = [&](std::string kernel, int threads, Timing time, double gflop, int64_t depth) {
+    const bench::Rate ceiling = gflop > 0 ? bench::gemm_rate(1024, 2048, depth, 1.0) : bench::Rate{};
+    rows.push_back({std::move(kernel), threads, time, gflop, ceiling});
+    print(rows.back());
+  };
   for (const int threads : o.threads) {
     set_threads(threads);
-    const double ceiling_index = bench::gemm_gflops(1024, 2048, o.index_dim, 1.0);
-    const double ceiling_attention = bench::gemm_gflops(1024, 2048, o.d_qk, 1.0);
-    rows.push_back({fmt::format("gemm f32, depth {}", o.index_dim), threads, 0, 0, ceiling_index});
-    rows.push_back({fmt::format("gemm f32, depth {}", o.d_qk), threads, 0, 0, ceiling_attention});
-    fmt::print(stderr, "threads {}: GEMM {:.1f} GFLOP/s (depth {}), {:.1f} (depth {})\n", threads,
-               ceiling_index, o.index_dim, ceiling_attention, o.d_qk);
-
     for (const bool fp8 : {false, true}) {
       IndexerConfig config;
       if (fp8) {
@@ -138,75 +160,76 @@ int main(int argc, char** argv) {
         config.hadamard = true;
         config.ue8m0 = true;
       }
-      std::vector<double> score, select, total;
-      for (int r = 0; r < o.repeats; ++r) {
+      // The fused run's stages split its wall time (and, in proportion, its CPU time).
+      std::vector<double> score, select;
+      const Timing total = measure(o.repeats, [&] {
         StageTimes times;
-        const Stopwatch watch;
         select_from_indexer(index_inputs, config, k, keep, &times);
-        total.push_back(watch.seconds());
         score.push_back(times.get("score"));
         select.push_back(times.get("select"));
-      }
+      });
+      const double share = median(score) / (median(score) + median(select));
       const std::string name = fp8 ? "indexer fp8 (hadamard, ue8m0)" : "indexer f32";
-      rows.push_back({name, threads, median(score), index_gflop, ceiling_index});
-      rows.push_back({"top-k after " + name, threads, median(select), 0, 0});
-      fmt::print(stderr, "  {}: score {:.3f} s, top-k {:.3f} s\n", name, median(score),
-                 median(select));
-      if (fp8) rows.push_back({"DSA select (fp8 indexer + top-k)", threads, median(total), 0, 0});
+      add(name, threads, {median(score), total.cpu * share}, index_gflop, o.index_dim);
+      add("top-k after " + name, threads, {median(select), total.cpu * (1 - share)}, 0, 0);
+      if (fp8) add("DSA select (fp8 indexer + top-k)", threads, total, 0, 0);
     }
-    std::vector<double> sparse, dense;
-    for (int r = 0; r < o.repeats; ++r) {
-      Stopwatch watch;
+    const Timing select = rows.back().time;
+    const Timing sparse = measure(o.repeats, [&] {
       sparse_attention(attention, indices, scale, discard, nullptr);
-      sparse.push_back(watch.seconds());
-    }
-    rows.push_back({"sparse attention", threads, median(sparse), per_key * selected,
-                    ceiling_attention});
-    fmt::print(stderr, "  sparse attention {:.3f} s\n", median(sparse));
-    const double pipeline = rows[rows.size() - 2].seconds + median(sparse);
-    rows.push_back({"DSA pipeline (select + sparse attention)", threads, pipeline, 0, 0});
+    });
+    add("sparse attention", threads, sparse, per_key * selected, o.d_qk);
+    add("DSA pipeline (select + sparse attention)", threads,
+        {select.wall + sparse.wall, select.cpu + sparse.cpu}, 0, 0);
     if (o.dense) {
-      for (int r = 0; r < o.repeats; ++r) {
-        Stopwatch watch;
+      const Timing dense = measure(o.repeats, [&] {
         dense_attention(attention, scale, discard, nullptr);
-        dense.push_back(watch.seconds());
-      }
-      rows.push_back({"dense attention", threads, median(dense), per_key * pairs,
-                      ceiling_attention});
-      fmt::print(stderr, "  dense attention {:.3f} s\n", median(dense));
+      });
+      add("dense attention", threads, dense, per_key * pairs, o.d_qk);
     }
   }
 
   fmt::print("\nL = {}, H = {}, d_qk/d_v = {}/{}, H_I x d_I = {} x {}, k = {}; median of {}\n", L,
              o.heads, o.d_qk, o.d_v, o.index_heads, o.index_dim, k, o.repeats);
-  fmt::print("{:<44} {:>3} {:>10} {:>9} {:>8}\n", "kernel", "thr", "seconds", "GFLOP/s", "of GEMM");
+  fmt::print("GFLOP/s over wall time, and per CPU-second (one busy core); GEMM: an f32 product of\n"
+             "the kernel's inner dimension (d_I or d_qk) measured right after it, same threads\n");
+  fmt::print("{:<42} {:>3} {:>8} {:>8} {:>8} {:>8} {:>6} {:>8} {:>6}\n", "kernel", "thr", "seconds",
+             "CPU-s", "GFLOP/s", "GEMM", "ratio", "per CPU", "ratio");
   nlohmann::json out = nlohmann::json::array();
   for (const Row& r : rows) {
-    const double rate = r.seconds > 0 && r.gflop > 0 ? r.gflop / r.seconds : r.ceiling;
-    const std::string ratio =
-        r.gflop > 0 ? fmt::format("{:.0f}%", 100.0 * rate / r.ceiling) : std::string();
-    fmt::print("{:<44} {:>3} {:>10} {:>9} {:>8}\n", r.kernel, r.threads,
-               r.seconds > 0 ? fmt::format("{:.3f}", r.seconds) : "", rate > 0 ? fmt::format("{:.1f}", rate) : "", ratio);
-    out.push_back({{"kernel", r.kernel},
-                   {"threads", r.threads},
-                   {"seconds", r.seconds},
-                   {"gflops", rate},
-                   {"ceiling_gflops", r.ceiling}});
+    std::string rates;
+    nlohmann::json entry = {{"kernel", r.kernel},
+                            {"threads", r.threads},
+                            {"seconds", r.time.wall},
+                            {"cpu_seconds", r.time.cpu}};
+    if (r.gflop > 0) {
+      const double wall = r.gflop / r.time.wall, cpu = r.gflop / r.time.cpu;
+      rates = fmt::format(" {:>8.1f} {:>8.1f} {:>5.0f}% {:>8.1f} {:>5.0f}%", wall, r.ceiling.wall,
+                          100 * wall / r.ceiling.wall, cpu, 100 * cpu / r.ceiling.cpu);
+      entry.update({{"gflops", wall},
+                    {"gflops_per_cpu_second", cpu},
+                    {"gemm_gflops", r.ceiling.wall},
+                    {"gemm_gflops_per_cpu_second", r.ceiling.cpu}});
+    }
+    fmt::print("{:<42} {:>3} {:>8.3f} {:>8.3f}{}\n", r.kernel, r.threads, r.time.wall, r.time.cpu,
+               rates);
+    out.push_back(entry);
   }
   // The ratios the targets name, per thread count.
   for (const int threads : o.threads) {
     auto find = [&](const std::string& name) {
       for (const Row& r : rows)
-        if (r.threads == threads && r.kernel == name) return r.seconds;
-      return 0.0;
+        if (r.threads == threads && r.kernel == name) return r.time;
+      return Timing{};
     };
-    const double index = find("indexer fp8 (hadamard, ue8m0)");
-    const double topk = find("top-k after indexer fp8 (hadamard, ue8m0)");
-    const double pipeline = find("DSA pipeline (select + sparse attention)");
-    const double dense = find("dense attention");
-    fmt::print("threads {}: top-k / indexer {:.1f}%", threads, 100.0 * topk / index);
-    if (dense > 0) {
-      fmt::print(", dense / pipeline {:.2f}x (FLOP ratio {:.2f}x)", dense / pipeline,
+    const Timing index = find("indexer fp8 (hadamard, ue8m0)");
+    const Timing topk = find("top-k after indexer fp8 (hadamard, ue8m0)");
+    const Timing pipeline = find("DSA pipeline (select + sparse attention)");
+    const Timing dense = find("dense attention");
+    fmt::print("threads {}: top-k / fp8 indexer {:.1f}%", threads, 100.0 * topk.wall / index.wall);
+    if (dense.wall > 0) {
+      fmt::print(", dense / pipeline {:.2f}x wall, {:.2f}x CPU (FLOP ratio {:.2f}x)",
+                 dense.wall / pipeline.wall, dense.cpu / pipeline.cpu,
                  per_key * pairs / (per_key * selected + index_gflop));
     }
     fmt::print("\n");

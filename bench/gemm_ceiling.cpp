@@ -3,17 +3,31 @@
 // here, so none of these instantiations can merge with the library's (portable) ones.
 #include "gemm_ceiling.hpp"
 
+#include <time.h>
+
 #include <Eigen/Core>
 #include <omp.h>
 
-#include "dsa/report.hpp"
-
 namespace dsa::bench {
 
-double gemm_gflops(int64_t m, int64_t n, int64_t depth, double seconds) {
+namespace {
+
+double now(clockid_t clock) {
+  timespec t;
+  clock_gettime(clock, &t);
+  return static_cast<double>(t.tv_sec) + 1e-9 * static_cast<double>(t.tv_nsec);
+}
+
+}  // namespace
+
+Clock::Clock() : wall_start_(now(CLOCK_MONOTONIC)), cpu_start_(now(CLOCK_PROCESS_CPUTIME_ID)) {}
+double Clock::wall() const { return now(CLOCK_MONOTONIC) - wall_start_; }
+double Clock::cpu() const { return now(CLOCK_PROCESS_CPUTIME_ID) - cpu_start_; }
+
+Rate gemm_rate(int64_t m, int64_t n, int64_t depth, double seconds) {
   const int threads = omp_get_max_threads();
   int64_t repeats = 0;
-  double elapsed = 0;
+  double elapsed = 0, cpu = 0;
 #pragma omp parallel num_threads(threads)
   {
     // One independent product per thread: the rate every core can sustain at once.
@@ -22,7 +36,7 @@ double gemm_gflops(int64_t m, int64_t n, int64_t depth, double seconds) {
     Eigen::MatrixXf c(static_cast<int>(m), static_cast<int>(n));
     c.noalias() = a * b;  // warm-up
 #pragma omp barrier
-    const Stopwatch watch;
+    Clock clock;
     int64_t done = 0;
     bool more = true;
     while (more) {
@@ -30,15 +44,19 @@ double gemm_gflops(int64_t m, int64_t n, int64_t depth, double seconds) {
       ++done;
 #pragma omp barrier
 #pragma omp single
-      elapsed = watch.seconds();
+      {
+        elapsed = clock.wall();
+        cpu = clock.cpu();
+      }
       more = elapsed < seconds;
 #pragma omp barrier
     }
 #pragma omp master
     repeats = done;
   }
-  return 2.0 * static_cast<double>(m * n * depth) * static_cast<double>(repeats * threads) /
-         elapsed / 1e9;
+  const double gflop = 2.0 * static_cast<double>(m * n * depth) *
+                       static_cast<double>(repeats * threads) / 1e9;
+  return {gflop / elapsed, gflop / cpu};
 }
 
 }  // namespace dsa::bench

@@ -15,12 +15,14 @@ HI, DI, DQK, DV = 64, 128, 576, 512
 
 
 def timed(fn, repeats):
-    times = []
+    """Medians of wall and CPU seconds (every thread of the process)."""
+    wall, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return sorted(wall)[len(wall) // 2], sorted(cpu)[len(cpu) // 2]
 
 
 def plain_dsa(qi, ki, w, q, kv, topk, scale, block):
@@ -93,31 +95,33 @@ def main():
         torch.set_num_threads(threads)
         n = 2048
         a, b = rand(n, n), rand(n, n)
-        gemm = timed(lambda: a @ b, 5)
+        gemm, gemm_cpu = timed(lambda: a @ b, 5)
         results.append({"kernel": "torch f32 matmul 2048^3", "threads": threads, "seconds": gemm,
-                        "gflops": 2.0 * n**3 / gemm / 1e9})
+                        "cpu_seconds": gemm_cpu, "gflops": 2.0 * n**3 / gemm / 1e9})
         with torch.no_grad():
-            s = timed(lambda: plain_dsa(qi, ki, w, q, kv, k, scale, index_block), args.repeats)
+            s, c = timed(lambda: plain_dsa(qi, ki, w, q, kv, k, scale, index_block), args.repeats)
             results.append({"kernel": "torch plain DSA pipeline", "threads": threads, "seconds": s,
-                            "gflops": dsa_flops / s / 1e9})
+                            "cpu_seconds": c, "gflops": dsa_flops / s / 1e9})
             if not args.no_dense:
-                s = timed(lambda: dense(q, kv, scale, dense_block), args.repeats)
+                s, c = timed(lambda: dense(q, kv, scale, dense_block), args.repeats)
                 results.append({"kernel": "torch dense attention", "threads": threads,
-                                "seconds": s, "gflops": dense_flops / s / 1e9})
+                                "seconds": s, "cpu_seconds": c, "gflops": dense_flops / s / 1e9})
         for r in results[-3:]:
             if r["threads"] == threads:
                 print(json.dumps(r), flush=True)
 
     print(f"\ntorch {torch.__version__}, L = {L}, H = {H}, k = {k}; median of {args.repeats}")
-    print(f"{'kernel':<44} {'thr':>3} {'seconds':>10} {'GFLOP/s':>9}")
+    print(f"{'kernel':<44} {'thr':>3} {'seconds':>10} {'CPU-s':>10} {'GFLOP/s':>9}")
     for r in results:
-        print(f"{r['kernel']:<44} {r['threads']:>3} {r['seconds']:>10.3f} {r['gflops']:>9.1f}")
+        print(f"{r['kernel']:<44} {r['threads']:>3} {r['seconds']:>10.3f} "
+              f"{r['cpu_seconds']:>10.3f} {r['gflops']:>9.1f}")
     if args.ours:
         with open(args.ours) as f:
             ours = json.load(f)
         if ours["L"] != L or ours["heads"] != H or ours["topk"] != k:
             raise SystemExit(f"{args.ours} measured other sizes: {ours['L']}, {ours['heads']}")
-        print("\nside by side (speed-up of dsa over torch, same L and threads)")
+        print("\nside by side: speed-up of dsa over torch, same L and threads, in wall time and in "
+              "CPU time")
         for r in results:
             if r["kernel"] == "torch f32 matmul 2048^3":
                 continue
@@ -126,7 +130,9 @@ def main():
             for o in ours["results"]:
                 if o["kernel"] == mine and o["threads"] == r["threads"]:
                     print(f"{mine:<44} {r['threads']:>3} dsa {o['seconds']:.3f} s, "
-                          f"torch {r['seconds']:.3f} s: {r['seconds'] / o['seconds']:.2f}x")
+                          f"torch {r['seconds']:.3f} s: {r['seconds'] / o['seconds']:.2f}x; "
+                          f"CPU {o['cpu_seconds']:.3f} / {r['cpu_seconds']:.3f} s: "
+                          f"{r['cpu_seconds'] / o['cpu_seconds']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"L": L, "heads": H, "topk": k, "torch": torch.__version__,

@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include <fmt/format.h>
 #include <fmt/ranges.h>
 
 #include "dsa/error.hpp"
@@ -56,10 +57,18 @@ const CpuKernels* find_kernels(const std::string& name) {
             fmt::join(available_cpu_kernels(), ", "));
 }
 
+// The first use may be on any thread, inside a parallel loop: a bad DSA_CPU_KERNELS is reported
+// on stderr, not thrown.
 std::atomic<const CpuKernels*>& chosen() {
   static std::atomic<const CpuKernels*> kernels = [] {
+    const std::vector<const CpuKernels*> sets = runnable_kernels();
     const char* name = std::getenv("DSA_CPU_KERNELS");
-    return name && *name ? find_kernels(name) : runnable_kernels().front();
+    if (!name || !*name) return sets.front();
+    for (const CpuKernels* set : sets)
+      if (std::string(name) == set->name) return set;
+    fmt::print(stderr, "dsa: DSA_CPU_KERNELS={} does not run on this CPU (it runs: {}); using {}\n",
+               name, fmt::join(available_cpu_kernels(), ", "), sets.front()->name);
+    return sets.front();
   }();
   return kernels;
 }
