@@ -97,6 +97,30 @@ TEST(E4M3, MatchesExhaustiveNearestOnRandomValues) {
   }
 }
 
+// The block quantizer rounds in f32 arithmetic; it must give exactly the value of the code.
+TEST(E4M3, BlockQuantizerGivesTheValueOfTheCodeForEveryInput) {
+  std::vector<float> inputs = {0.0f, -0.0f, 448.0f, -448.0f, std::ldexp(1.0f, -10),
+                               std::ldexp(7.5f, -9)};
+  for (uint32_t bits = 0; bits <= 0x43e00000u; bits += 0x1357) {  // |x| up to 448, both signs
+    inputs.push_back(std::bit_cast<float>(bits));
+    inputs.push_back(-std::bit_cast<float>(bits));
+  }
+  for (int code = 0; code < 256; ++code) {  // the codes and the midpoints between them
+    const float v = e4m3_to_f32(static_cast<uint8_t>(code));
+    inputs.push_back(v);
+    inputs.push_back(std::nextafter(v, INFINITY));
+    inputs.push_back(std::nextafter(v, -INFINITY));
+  }
+  for (const float x : inputs) {
+    // 448 in the block makes the scale exactly 1, so the block's values are the codes' values.
+    float block[2] = {448.0f, x};
+    if (!(std::fabs(x) <= 448.0f)) continue;  // would change the block's scale
+    ASSERT_EQ(fp8_quantize_block(block, 2, false), 1.0f);
+    const float expected = e4m3_to_f32(f32_to_e4m3(x));
+    ASSERT_EQ(std::bit_cast<uint32_t>(block[1]), std::bit_cast<uint32_t>(expected)) << x;
+  }
+}
+
 TEST(BF16, RoundsToNearestEven) {
   std::mt19937_64 rng(2);
   for (int i = 0; i < 100000; ++i) {

@@ -62,6 +62,24 @@ TEST(SelectTopkRow, MatchesFullSortOnRandomRows) {
   }
 }
 
+// Long rows whose scores agree in their high bits (1 + small steps, some equal, some negative),
+// so the radix selection needs all of its passes to find the k-th.
+TEST(SelectTopkRow, MatchesFullSortOnLongRowsOfCloseScores) {
+  std::mt19937_64 rng(2);
+  for (int trial = 0; trial < 12; ++trial) {
+    const int64_t n = 2000 + static_cast<int64_t>(rng() % 20000);
+    const int64_t k = 1 + static_cast<int64_t>(rng() % 3000);
+    std::vector<float> scores(static_cast<std::size_t>(n));
+    std::vector<double> as_double(scores.size());
+    for (int64_t s = 0; s < n; ++s) {
+      const float step = std::ldexp(static_cast<float>(rng() % 5000), -22);
+      scores[s] = (trial % 3 == 0 ? -1.0f : 1.0f) + step;
+      as_double[s] = scores[s];
+    }
+    ASSERT_EQ(topk(scores, k), test::reference_topk(as_double.data(), n, k)) << "trial " << trial;
+  }
+}
+
 Tensor score_tensor(Shape shape, std::mt19937_64& rng) {
   Tensor t = test::random_tensor(std::move(shape), rng, 1.0f, "scores");
   // Integer-valued scores: many ties, so the tie order is exercised.

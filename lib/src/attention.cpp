@@ -9,6 +9,7 @@
 
 #include "attention_kernels.hpp"
 #include "chunks.hpp"
+#include "cpu_kernels.hpp"
 #ifdef DSA_HAVE_CUDA
 #include "cuda_backend.hpp"
 #endif
@@ -39,28 +40,73 @@ float softmax_row(float* row, int64_t n) {
   return m + std::log(sum);
 }
 
+namespace {
+
+// Rows' running softmax states live in the scratch: row r of a call at index r.
+void start_rows(const AttentionInputs& in, int64_t rows, int64_t lanes, AttendScratch& scratch) {
+  const int64_t group = in.heads / in.kv_heads;
+  scratch.acc.assign(static_cast<std::size_t>(rows * group * in.d_v), 0.0f);
+  scratch.max.assign(static_cast<std::size_t>(rows * lanes), -std::numeric_limits<float>::infinity());
+  scratch.sum.assign(static_cast<std::size_t>(rows * lanes), 0.0f);
+  scratch.logits.resize(static_cast<std::size_t>(kAttendTile * lanes));
+}
+
+AttendState row_state(const AttentionInputs& in, int64_t row, int64_t lanes,
+                      AttendScratch& scratch) {
+  const int64_t group = in.heads / in.kv_heads;
+  return {scratch.acc.data() + row * group * in.d_v, scratch.max.data() + row * lanes,
+          scratch.sum.data() + row * lanes};
+}
+
+// q of one kv group's heads [group, d_qk] into the kernels' layout [d_qk, lanes], times scale.
+void pack_query(const float* q, int64_t group, int64_t d_qk, int64_t lanes, float scale,
+                float* packed) {
+  std::fill(packed, packed + d_qk * lanes, 0.0f);
+  for (int64_t h = 0; h < group; ++h)
+    for (int64_t i = 0; i < d_qk; ++i) packed[i * lanes + h] = scale * q[h * d_qk + i];
+}
+
+void finish_row(const AttendState& state, int64_t group, int64_t d_v, float* out, float* lse) {
+  for (int64_t h = 0; h < group; ++h) {
+    const float inv = 1.0f / state.sum[h];
+    for (int64_t c = 0; c < d_v; ++c) out[h * d_v + c] = state.acc[h * d_v + c] * inv;
+    lse[h] = state.max[h] + std::log(state.sum[h]);
+  }
+}
+
+int64_t padded_heads(int64_t group) {
+  return ceil_div(group, kHeadLanes) * kHeadLanes;
+}
+
+}  // namespace
+
 void attend_selected(const AttentionInputs& in, const KeyValues& kv, const RowMatrix& q,
                      const int64_t* selected, int64_t n, float scale, float* out, float* lse,
                      AttendScratch& scratch) {
-  const int64_t group = in.heads / in.kv_heads;
+  const int64_t group = in.heads / in.kv_heads, lanes = padded_heads(group);
   if (n == 0) {
     std::fill(out, out + in.heads * in.d_v, 0.0f);
     std::fill(lse, lse + in.heads, -std::numeric_limits<float>::infinity());
     return;
   }
+  const CpuKernels& kernels = cpu_kernels();
+  scratch.q.resize(static_cast<std::size_t>(in.d_qk * lanes));
+  scratch.keys.resize(kAttendTile);
+  scratch.values.resize(kAttendTile);
   for (int64_t g = 0; g < in.kv_heads; ++g) {
-    scratch.keys.resize(n, in.d_qk);
-    scratch.values.resize(n, in.d_v);
-    for (int64_t i = 0; i < n; ++i) {
-      std::copy_n(kv.key(selected[i], g, in.d_qk), in.d_qk, scratch.keys.row(i).data());
-      std::copy_n(kv.value(selected[i], g, in.d_v), in.d_v, scratch.values.row(i).data());
+    pack_query(q.row(g * group).data(), group, in.d_qk, lanes, scale, scratch.q.data());
+    start_rows(in, 1, lanes, scratch);
+    const AttendState state = row_state(in, 0, lanes, scratch);
+    for (int64_t i0 = 0; i0 < n; i0 += kAttendTile) {
+      const int64_t tile = std::min(kAttendTile, n - i0);
+      for (int64_t i = 0; i < tile; ++i) {
+        scratch.keys[i] = kv.key(selected[i0 + i], g, in.d_qk);
+        scratch.values[i] = kv.value(selected[i0 + i], g, in.d_v);
+      }
+      kernels.attend_tile({scratch.q.data(), group, lanes, in.d_qk, in.d_v, scratch.keys.data(),
+                           scratch.values.data(), tile, scratch.logits.data(), state});
     }
-    scratch.logits.noalias() = scale * (q.middleRows(g * group, group) * scratch.keys.transpose());
-    for (int64_t h = 0; h < group; ++h) {
-      lse[g * group + h] = softmax_row(scratch.logits.row(h).data(), n);
-    }
-    scratch.out.noalias() = scratch.logits * scratch.values;
-    std::copy_n(scratch.out.data(), group * in.d_v, out + g * group * in.d_v);
+    finish_row(state, group, in.d_v, out + g * group * in.d_v, lse + g * group);
   }
 }
 
@@ -71,11 +117,13 @@ namespace {
 using detail::AttendScratch;
 using detail::KeyValues;
 using detail::RowMatrix;
-using Strided = Eigen::Map<const RowMatrix, 0, Eigen::OuterStride<>>;
+using detail::finish_row;
+using detail::pack_query;
+using detail::padded_heads;
+using detail::row_state;
+using detail::start_rows;
 
-constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kQueryBlock = 16;
-constexpr int64_t kKeyTile = 128;
 
 void require_floating(const Tensor& t, const char* role) {
   if (!is_floating(t.dtype)) {
@@ -265,63 +313,44 @@ void dense_attention(const AttentionInputs& in, float scale, const AttentionSink
   if (device == Device::cuda) return cuda::sparse_attention(in, nullptr, scale, sink, times);
 #endif
   (void)device;
-  const int64_t group = in.heads / in.kv_heads;
+  const int64_t group = in.heads / in.kv_heads, lanes = padded_heads(group);
+  const int64_t tile_keys = detail::kAttendTile;
   for_each_chunk(
       in, kQueryBlock, sink, times, "attend",
       [&](const KeyValues& kv, int64_t b, int64_t row_begin, int64_t rows, float* out, float* lse) {
-        const int64_t n_rows = rows * group;  // (query, head of the group) pairs
-        RowMatrix q(n_rows, in.d_qk), acc(n_rows, in.d_v), logits, keys, values;
-        std::vector<float> row_max(n_rows), row_sum(n_rows);
+        const detail::CpuKernels& kernels = detail::cpu_kernels();
+        AttendScratch scratch;
         std::vector<float> q_row(static_cast<std::size_t>(in.heads * in.d_qk));
+        std::vector<float> packed(static_cast<std::size_t>(rows * in.d_qk * lanes));
         const int64_t visible_end = in.position(row_begin + rows - 1) + 1;
+        scratch.keys.resize(tile_keys);
+        scratch.values.resize(tile_keys);
         for (int64_t g = 0; g < in.kv_heads; ++g) {
           for (int64_t r = 0; r < rows; ++r) {
             to_f32(*in.q, (b * in.queries + row_begin + r) * in.heads * in.d_qk, in.heads * in.d_qk,
                    q_row.data());
-            for (int64_t h = 0; h < group; ++h) {
-              std::copy_n(q_row.data() + (g * group + h) * in.d_qk, in.d_qk,
-                          q.row(r * group + h).data());
+            pack_query(q_row.data() + g * group * in.d_qk, group, in.d_qk, lanes, scale,
+                       packed.data() + r * in.d_qk * lanes);
+          }
+          start_rows(in, rows, lanes, scratch);
+          // Key tiles outermost: a tile is read once from memory for all rows of the block.
+          for (int64_t s0 = 0; s0 < visible_end; s0 += tile_keys) {
+            const int64_t tile = std::min(tile_keys, visible_end - s0);
+            for (int64_t i = 0; i < tile; ++i) {
+              scratch.keys[i] = kv.key(s0 + i, g, in.d_qk);
+              scratch.values[i] = kv.value(s0 + i, g, in.d_v);
+            }
+            for (int64_t r = 0; r < rows; ++r) {
+              const int64_t n = std::min(tile, in.position(row_begin + r) + 1 - s0);
+              if (n <= 0) continue;
+              kernels.attend_tile({packed.data() + r * in.d_qk * lanes, group, lanes, in.d_qk,
+                                   in.d_v, scratch.keys.data(), scratch.values.data(), n,
+                                   scratch.logits.data(), row_state(in, r, lanes, scratch)});
             }
           }
-          acc.setZero();
-          std::fill(row_max.begin(), row_max.end(), kMinusInf);
-          std::fill(row_sum.begin(), row_sum.end(), 0.0f);
-          for (int64_t s0 = 0; s0 < visible_end; s0 += kKeyTile) {
-            const int64_t tile = std::min(kKeyTile, visible_end - s0);
-            const Strided tile_keys(kv.key(s0, g, in.d_qk), tile, in.d_qk,
-                                    Eigen::OuterStride<>(kv.k_stride));
-            const Strided tile_values(kv.value(s0, g, in.d_v), tile, in.d_v,
-                                      Eigen::OuterStride<>(kv.v_stride));
-            logits.noalias() = scale * (q * tile_keys.transpose());
-            for (int64_t i = 0; i < n_rows; ++i) {
-              const int64_t t = in.position(row_begin + i / group);
-              float* l = logits.row(i).data();
-              const int64_t valid = std::clamp<int64_t>(t - s0 + 1, 0, tile);
-              float m = row_max[i];
-              for (int64_t s = 0; s < valid; ++s) m = std::max(m, l[s]);
-              if (valid == 0) {
-                std::fill(l, l + tile, 0.0f);
-                continue;
-              }
-              const float correction = std::exp(row_max[i] - m);  // online softmax rescale
-              float sum = 0.0f;
-              for (int64_t s = 0; s < valid; ++s) {
-                l[s] = std::exp(l[s] - m);
-                sum += l[s];
-              }
-              std::fill(l + valid, l + tile, 0.0f);
-              row_sum[i] = row_sum[i] * correction + sum;
-              row_max[i] = m;
-              acc.row(i) *= correction;
-            }
-            acc.noalias() += logits * tile_values;
-          }
-          for (int64_t i = 0; i < n_rows; ++i) {
-            const int64_t r = i / group, h = g * group + i % group;
-            const float inv = 1.0f / row_sum[i];
-            float* dst = out + (r * in.heads + h) * in.d_v;
-            for (int64_t c = 0; c < in.d_v; ++c) dst[c] = acc(i, c) * inv;
-            lse[r * in.heads + h] = row_max[i] + std::log(row_sum[i]);
+          for (int64_t r = 0; r < rows; ++r) {
+            finish_row(row_state(in, r, lanes, scratch), group, in.d_v,
+                       out + (r * in.heads + g * group) * in.d_v, lse + r * in.heads + g * group);
           }
         }
       });

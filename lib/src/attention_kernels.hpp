@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 #include <Eigen/Core>
 
@@ -29,9 +30,11 @@ struct KeyValues {
   }
 };
 
-// Buffers one thread reuses from row to row.
+// Buffers one thread reuses from row to row: queries packed for the kernels (cpu_kernels.hpp),
+// the running softmax state of each row, a tile's logits and its key and value rows.
 struct AttendScratch {
-  RowMatrix keys, values, logits, out;
+  std::vector<float> q, acc, max, sum, logits;
+  std::vector<const float*> keys, values;
 };
 
 // Attention of one query row q [H, d_qk] over the n positions in `selected` (all heads):

@@ -6,6 +6,7 @@
 #include <Eigen/Core>
 
 #include "chunks.hpp"
+#include "cpu_kernels.hpp"
 #ifdef DSA_HAVE_CUDA
 #include "cuda_backend.hpp"
 #endif
@@ -16,9 +17,6 @@ namespace dsa {
 namespace {
 
 using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-using ConstRowMap = Eigen::Map<const RowMatrix>;
-
-constexpr int64_t kKeyTile = 256;
 
 void require_floating(const Tensor& t, const char* role) {
   if (!is_floating(t.dtype)) {
@@ -103,10 +101,17 @@ void prepare_indexer_rows(float* rows, int64_t count, int64_t dim, const Indexer
 IndexerKernel::IndexerKernel(const IndexerInputs& inputs, const IndexerConfig& config,
                              int64_t batch)
     : inputs_(inputs), config_(config), batch_(batch) {
-  const int64_t n = inputs.keys * inputs.dim;
-  keys_.resize(static_cast<std::size_t>(n));
-  to_f32(*inputs.k_index, batch * n, n, keys_.data());
-  prepare_indexer_rows(keys_.data(), inputs.keys, inputs.dim, config);
+  using detail::kPanel;
+  const int64_t d = inputs.dim, n = inputs.keys * d;
+  std::vector<float> keys(static_cast<std::size_t>(n));
+  to_f32(*inputs.k_index, batch * n, n, keys.data());
+  prepare_indexer_rows(keys.data(), inputs.keys, d, config);
+  // Panels of kPanel keys, element-major, so the kernels read one element of kPanel keys at once.
+  panels_.assign(static_cast<std::size_t>(detail::ceil_div(inputs.keys, kPanel) * kPanel * d), 0);
+  for (int64_t s = 0; s < inputs.keys; ++s) {
+    float* panel = panels_.data() + s / kPanel * d * kPanel + s % kPanel;
+    for (int64_t i = 0; i < d; ++i) panel[i * kPanel] = keys[s * d + i];
+  }
 }
 
 void IndexerKernel::score_rows(int64_t row_begin, int64_t rows, float* out, int64_t stride) const {
@@ -117,27 +122,14 @@ void IndexerKernel::score_rows(int64_t row_begin, int64_t rows, float* out, int6
   RowMatrix w(rows, H);
   to_f32(*inputs_.weights, (batch_ * inputs_.queries + row_begin) * H, rows * H, w.data());
   w *= config_.weight_scale;
-
-  constexpr float minus_inf = -std::numeric_limits<float>::infinity();
-  const int64_t visible_end = inputs_.position(row_begin + rows - 1) + 1;
-  RowMatrix logits;
-  Eigen::Array<float, 1, Eigen::Dynamic> acc;
-  for (int64_t s0 = 0; s0 < visible_end; s0 += kKeyTile) {
-    const int64_t tile = std::min(kKeyTile, visible_end - s0);
-    const ConstRowMap keys(keys_.data() + s0 * d, tile, d);
-    logits.noalias() = q * keys.transpose();  // [rows * H_I, tile]
-    for (int64_t r = 0; r < rows; ++r) {
-      acc.setZero(tile);
-      for (int64_t j = 0; j < H; ++j) {  // Eq. 1: weighted sum over heads of ReLU(q . k)
-        acc += w(r, j) * logits.row(r * H + j).array().max(0.0f);
-      }
-      float* dst = out + r * stride + s0;
-      const int64_t last = inputs_.position(row_begin + r);
-      for (int64_t s = 0; s < tile; ++s) dst[s] = s0 + s <= last ? acc[s] : minus_inf;
-    }
+  std::vector<int64_t> visible(static_cast<std::size_t>(rows));
+  for (int64_t r = 0; r < rows; ++r) visible[r] = inputs_.position(row_begin + r) + 1;
+  detail::cpu_kernels().indexer_scores({q.data(), w.data(), panels_.data(), visible.data(), rows, H,
+                                        d, out, stride});
+  for (int64_t r = 0; r < rows; ++r) {
+    std::fill(out + r * stride + visible[r], out + r * stride + Lk,
+              -std::numeric_limits<float>::infinity());
   }
-  for (int64_t r = 0; r < rows; ++r)
-    std::fill(out + r * stride + visible_end, out + r * stride + Lk, minus_inf);
 }
 
 void indexer_scores(const IndexerInputs& inputs, const IndexerConfig& config,

@@ -1,6 +1,7 @@
 #include "dsa/precision.hpp"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -103,7 +104,9 @@ uint8_t f32_to_e4m3(float x) {
   return sign | static_cast<uint8_t>(code);
 }
 
-float e4m3_to_f32(uint8_t bits) {
+namespace {
+
+float decode_e4m3(uint8_t bits) {
   const bool negative = bits & 0x80;
   const int exponent = (bits >> 3) & 0xf;
   const int mantissa = bits & 7;
@@ -118,6 +121,22 @@ float e4m3_to_f32(uint8_t bits) {
   return negative ? -magnitude : magnitude;
 }
 
+// All 256 values, decoded once: the fp8 indexer converts every element of every row.
+const std::array<float, 256>& e4m3_values() {
+  static const std::array<float, 256> values = [] {
+    std::array<float, 256> v;
+    for (int bits = 0; bits < 256; ++bits) v[bits] = decode_e4m3(static_cast<uint8_t>(bits));
+    return v;
+  }();
+  return values;
+}
+
+}  // namespace
+
+float e4m3_to_f32(uint8_t bits) {
+  return e4m3_values()[bits];
+}
+
 float fp8_block_scale(float amax, bool ue8m0) {
   float scale = std::max(amax, 1e-4f) / kE4M3Max;
   if (ue8m0) {
@@ -128,11 +147,30 @@ float fp8_block_scale(float amax, bool ue8m0) {
   return scale;
 }
 
+namespace {
+
+// e4m3_to_f32(f32_to_e4m3(x)) without the code: the same rounding done in f32 arithmetic.
+float round_to_e4m3(float x) {
+  const float a = std::fabs(x);
+  if (!(a <= kE4M3Max)) return std::isnan(x) ? x : std::copysign(kE4M3Max, x);
+  float rounded;
+  if (a < 0.015625f) {
+    rounded = (a + 16384.0f) - 16384.0f;  // to a multiple of 2^-9 (the subnormals), ties to even
+  } else {
+    uint32_t b = bits_of(a);  // keep 3 mantissa bits, ties to even; a carry bumps the exponent
+    b = (b + 0x7ffff + ((b >> 20) & 1)) & 0xfff00000u;
+    rounded = float_of(b);
+  }
+  return std::copysign(rounded, x);
+}
+
+}  // namespace
+
 float fp8_quantize_block(float* x, int64_t n, bool ue8m0) {
   float amax = 0.0f;
   for (int64_t i = 0; i < n; ++i) amax = std::fmax(amax, std::fabs(x[i]));
   const float scale = fp8_block_scale(amax, ue8m0);
-  for (int64_t i = 0; i < n; ++i) x[i] = e4m3_to_f32(f32_to_e4m3(x[i] / scale));
+  for (int64_t i = 0; i < n; ++i) x[i] = round_to_e4m3(x[i] / scale);
   return scale;
 }
 

@@ -1,7 +1,10 @@
 #include "dsa/topk.hpp"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
+#include <cstring>
+#include <iterator>
 #include <limits>
 
 #include "chunks.hpp"
@@ -16,18 +19,64 @@ namespace {
 
 constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
 
-float rank_key(float score) {
-  return std::isnan(score) ? kMinusInf : score;
-}
-
-// Descending score, then ascending position (Eq. 2's deterministic order).
-bool before(const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
-  return a.first > b.first || (a.first == b.first && a.second < b.second);
+// Order-preserving map of a score to an unsigned key: a larger score has a larger key; NaN ranks
+// like -inf and -0 like +0, as the float comparisons of Eq. 2 would have them.
+uint32_t rank_key(float score) {
+  if (std::isnan(score)) score = kMinusInf;
+  if (score == 0.0f) score = 0.0f;
+  uint32_t bits;
+  std::memcpy(&bits, &score, sizeof bits);
+  return bits & 0x80000000u ? ~bits : bits | 0x80000000u;
 }
 
 void check_k(int64_t k) {
   if (k < 1) bad_usage("--topk must be at least 1, got {}", k);
   if (k > std::numeric_limits<int32_t>::max()) bad_usage("--topk {} is too large", k);
+}
+
+// The k-th largest of keys (1 <= k <= keys.size()) by radix selection on 11, 11 and 10 bits:
+// each pass counts the candidates' digits and keeps those in the digit holding the k-th (the
+// first pass reads keys, the others the few candidates). Returns it, with `k` left as the number
+// of picks among the keys equal to it.
+uint32_t kth_largest(const std::vector<uint32_t>& keys, int64_t& k,
+                     std::vector<uint32_t>& candidates) {
+  uint32_t prefix = 0;
+  int shift = 32;
+  std::array<int64_t, 2048> counts;
+  const std::vector<uint32_t>* source = &keys;
+  for (const int bits : {11, 11, 10}) {
+    shift -= bits;
+    const uint32_t mask = (1u << bits) - 1;
+    std::fill_n(counts.begin(), mask + 1, 0);
+    for (const uint32_t key : *source) ++counts[(key >> shift) & mask];
+    uint32_t digit = mask;
+    while (counts[digit] < k) k -= counts[digit--];
+    prefix |= digit << shift;
+    const uint32_t high = prefix >> shift;  // every digit so far
+    auto other = [&](uint32_t key) { return key >> shift != high; };
+    if (source == &keys) {
+      candidates.clear();
+      std::remove_copy_if(keys.begin(), keys.end(), std::back_inserter(candidates), other);
+      source = &candidates;
+    } else {
+      std::erase_if(candidates, other);
+    }
+  }
+  return prefix;
+}
+
+// Sorts (~key << 32 | position) entries by their upper half, stably: least significant byte
+// first. The entries arrive in ascending position, so equal keys keep that order (Eq. 2's tie rule).
+void sort_by_key(std::vector<uint64_t>& entries, std::vector<uint64_t>& buffer) {
+  buffer.resize(entries.size());
+  for (int shift = 32; shift < 64; shift += 8) {
+    std::array<std::size_t, 257> offsets{};
+    for (const uint64_t e : entries) ++offsets[((e >> shift) & 255) + 1];
+    if (std::find(offsets.begin() + 1, offsets.end(), entries.size()) != offsets.end()) continue;
+    for (int d = 0; d < 256; ++d) offsets[d + 1] += offsets[d];
+    for (const uint64_t e : entries) buffer[offsets[(e >> shift) & 255]++] = e;
+    entries.swap(buffer);
+  }
 }
 
 }  // namespace
@@ -36,32 +85,29 @@ void select_topk_row(const float* scores, int64_t visible, int64_t k, int32_t* i
                      float* selected_scores, TopkScratch& scratch) {
   auto& picked = scratch.picked;
   picked.clear();
+  auto pick = [&](uint32_t key, int64_t s) {
+    picked.push_back(static_cast<uint64_t>(~key) << 32 | static_cast<uint64_t>(s));
+  };
   if (visible <= k) {
-    for (int64_t s = 0; s < visible; ++s)
-      picked.emplace_back(rank_key(scores[s]), static_cast<int32_t>(s));
+    for (int64_t s = 0; s < visible; ++s) pick(rank_key(scores[s]), s);
   } else {
-    // The k-th largest key is the threshold: take everything above it, then the lowest
-    // positions among those equal to it.
+    // Everything above the k-th largest key, then the lowest positions among those equal to it.
     auto& keys = scratch.keys;
     keys.resize(static_cast<std::size_t>(visible));
     for (int64_t s = 0; s < visible; ++s) keys[s] = rank_key(scores[s]);
-    std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.end(), std::greater<float>());
-    const float threshold = keys[k - 1];
-    int64_t above = 0;
-    for (int64_t s = 0; s < visible; ++s) above += rank_key(scores[s]) > threshold;
-    int64_t equal_needed = k - above;
+    int64_t equal_needed = k;
+    const uint32_t threshold = kth_largest(keys, equal_needed, scratch.candidates);
     for (int64_t s = 0; s < visible; ++s) {
-      const float key = rank_key(scores[s]);
-      if (key > threshold || (key == threshold && equal_needed-- > 0)) {
-        picked.emplace_back(key, static_cast<int32_t>(s));
-      }
+      const uint32_t key = keys[s];
+      if (key > threshold || (key == threshold && equal_needed-- > 0)) pick(key, s);
     }
   }
-  std::sort(picked.begin(), picked.end(), before);
+  sort_by_key(picked, scratch.buffer);
   const auto n = static_cast<int64_t>(picked.size());
   for (int64_t i = 0; i < n; ++i) {
-    indices[i] = picked[i].second;
-    selected_scores[i] = scores[picked[i].second];
+    const auto s = static_cast<int32_t>(picked[i] & 0xffffffffu);
+    indices[i] = s;
+    selected_scores[i] = scores[s];
   }
   std::fill(indices + n, indices + k, -1);
   std::fill(selected_scores + n, selected_scores + k, kMinusInf);
@@ -141,17 +187,32 @@ void select_from_indexer(const IndexerInputs& inputs, const IndexerConfig& confi
       scores.resize(static_cast<std::size_t>(rows * inputs.keys));
       indices.resize(static_cast<std::size_t>(rows * k));
       selected.resize(static_cast<std::size_t>(rows * k));
-      Stopwatch score_watch;
-#pragma omp parallel for schedule(dynamic, 1)
-      for (int64_t r0 = 0; r0 < rows; r0 += block) {
-        kernel.score_rows(c0 + r0, std::min(block, rows - r0), scores.data() + r0 * inputs.keys,
-                          inputs.keys);
+      // Each task scores a block and selects its rows while the scores are still in cache.
+      // The chunk's wall time is split between the stages as the threads' own clocks split it.
+      double score_seconds = 0, select_seconds = 0;
+      const Stopwatch watch;
+#pragma omp parallel reduction(+ : score_seconds, select_seconds)
+      {
+        TopkScratch scratch;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t r0 = 0; r0 < rows; r0 += block) {
+          const int64_t n = std::min(block, rows - r0);
+          const Stopwatch score_watch;
+          kernel.score_rows(c0 + r0, n, scores.data() + r0 * inputs.keys, inputs.keys);
+          score_seconds += score_watch.seconds();
+          const Stopwatch select_watch;
+          for (int64_t r = r0; r < r0 + n; ++r) {
+            select_topk_row(scores.data() + r * inputs.keys, inputs.position(c0 + r) + 1, k,
+                            indices.data() + r * k, selected.data() + r * k, scratch);
+          }
+          select_seconds += select_watch.seconds();
+        }
       }
-      if (times) times->add("score", score_watch.seconds());
-      Stopwatch select_watch;
-      select_chunk(scores.data(), rows, inputs.keys, inputs.position(c0), k, indices.data(),
-                   selected.data());
-      if (times) times->add("select", select_watch.seconds());
+      if (times) {
+        const double wall = watch.seconds(), busy = std::max(score_seconds + select_seconds, 1e-30);
+        times->add("score", wall * score_seconds / busy);
+        times->add("select", wall * select_seconds / busy);
+      }
       sink({b, c0, rows, k, indices.data(), selected.data()});
     }
   }

@@ -50,7 +50,7 @@ class IndexerKernel {
   const IndexerInputs& inputs_;
   IndexerConfig config_;
   int64_t batch_;
-  std::vector<float> keys_;  // [Lk, d_I], prepared
+  std::vector<float> panels_;  // the prepared keys, packed for the CPU kernels
 };
 
 // Applies the precision pipeline to rows of length dim: Hadamard (if set), then bf16

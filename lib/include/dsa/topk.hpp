@@ -3,7 +3,6 @@
 
 #include <cstdint>
 #include <functional>
-#include <utility>
 #include <vector>
 
 #include "dsa/indexer.hpp"
@@ -14,13 +13,13 @@ namespace dsa {
 
 // Buffers one thread reuses from row to row.
 struct TopkScratch {
-  std::vector<float> keys;
-  std::vector<std::pair<float, int32_t>> picked;
+  std::vector<uint32_t> keys, candidates;
+  std::vector<uint64_t> picked, buffer;
 };
 
 // One row: scores[0..visible) are the candidates. Writes k indices in descending score order,
 // equal scores lower position first, NaN ranked like -inf; a row with fewer than k candidates
-// is padded with -1 (score -inf). O(visible) expected time, plus O(k log k) to order the result.
+// is padded with -1 (score -inf). O(visible + k) time: radix selection, then a radix sort.
 void select_topk_row(const float* scores, int64_t visible, int64_t k, int32_t* indices,
                      float* selected_scores, TopkScratch& scratch);
 
