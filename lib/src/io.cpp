@@ -618,11 +618,7 @@ void write_safetensors(const std::string& path, const std::vector<Tensor>& tenso
 
 // --- token files -----------------------------------------------------------------------------
 
-namespace {
-
-TokenFile read_jsonl_tokens(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) bad_input("cannot open '{}': {}", path, errno_text());
+TokenFile parse_jsonl_tokens(std::istream& in, const std::string& path) {
   struct Row {
     int64_t batch;
     int64_t position;
@@ -648,8 +644,11 @@ TokenFile read_jsonl_tokens(const std::string& path) {
     }
     Row row{0, j["t"].get<int64_t>(), {}};
     if (j.contains("b")) {
-      if (!j["b"].is_number_unsigned())
-        bad_input("{}:{}: \"b\" must be a non-negative integer", path, line_number);
+      // Bounded, so that the batch count (the largest "b" + 1) neither wraps nor overflows.
+      if (!j["b"].is_number_unsigned() ||
+          j["b"].get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<int32_t>::max())) {
+        bad_input("{}:{}: \"b\" must be an integer in [0, 2^31)", path, line_number);
+      }
       row.batch = j["b"].get<int64_t>();
       batched = true;
     }
@@ -691,10 +690,12 @@ TokenFile read_jsonl_tokens(const std::string& path) {
   return out;
 }
 
-}  // namespace
-
 TokenFile read_token_file(const std::string& spec) {
-  if (ends_with(spec, ".jsonl")) return read_jsonl_tokens(spec);
+  if (ends_with(spec, ".jsonl")) {
+    std::ifstream in(spec);
+    if (!in) bad_input("cannot open '{}': {}", spec, errno_text());
+    return parse_jsonl_tokens(in, spec);
+  }
   TokenFile out;
   out.indices = read_tensor(spec);
   const DType d = out.indices.dtype;

@@ -92,6 +92,7 @@ T load(const std::byte* p) {
 }  // namespace
 
 void to_f32(const Tensor& tensor, int64_t offset, int64_t count, float* out) {
+  if (count == 0) return;  // `out` may be null then, which memcpy does not allow
   const std::size_t size = dtype_size(tensor.dtype);
   const std::byte* p = tensor.data + static_cast<std::size_t>(offset) * size;
   switch (tensor.dtype) {

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <iosfwd>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -83,6 +84,8 @@ struct TokenFile {
   std::vector<int64_t> positions;  // empty for .npy / .safetensors
 };
 TokenFile read_token_file(const std::string& spec);
+// The .jsonl parser over any stream; `name` is used in messages.
+TokenFile parse_jsonl_tokens(std::istream& in, const std::string& name);
 
 // One line per query: {"b":…, "t":…, "indices":[…], "scores":[…]} ("b" only when batched);
 // padding (-1) is left out.
