@@ -119,6 +119,7 @@ int run(CLI::App& app, int argc, char** argv, const CommonOptions& options,
     const int code = app.exit(e);  // prints help/version or the usage error
     return code == 0 ? 0 : static_cast<int>(ExitCode::usage);
   }
+  install_signal_cleanup();
   try {
     set_threads(options.threads);
     body();
