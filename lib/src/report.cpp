@@ -40,7 +40,10 @@ nlohmann::json StageTimes::to_json() const {
 }
 
 nlohmann::json tensor_json(const Tensor& tensor) {
-  return {{"name", tensor.name}, {"shape", tensor.shape}, {"dtype", dtype_name(tensor.dtype)}};
+  nlohmann::json out = {
+      {"name", tensor.name}, {"shape", tensor.shape}, {"dtype", dtype_name(tensor.dtype)}};
+  if (is_floating(tensor.dtype)) out["non_finite"] = count_non_finite(tensor);
+  return out;
 }
 
 int64_t peak_rss_bytes() {

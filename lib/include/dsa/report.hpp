@@ -36,7 +36,9 @@ class StageTimes {
   std::vector<std::pair<std::string, double>> stages_;
 };
 
-nlohmann::json tensor_json(const Tensor& tensor);  // {"name", "shape", "dtype"}
+// {"name", "shape", "dtype"}, and for a floating-point tensor "non_finite": its count of NaN
+// and infinite values.
+nlohmann::json tensor_json(const Tensor& tensor);
 int64_t peak_rss_bytes();
 
 // The fields every report carries; the app adds its own.
