@@ -35,30 +35,23 @@ run_one() {
     -artifact_prefix="$build/artifacts/$target/" \
     "$build/corpus/$target" "$seeds/$kind" >"$build/logs/$target.log" 2>&1
 }
-declare -A status
-running=()
+# One target per background job, JOBS at a time; each job's exit status in logs/TARGET.status.
 for target in "${targets[@]}"; do
-  run_one "$target" &
-  running+=("$!:$target")
-  if [ ${#running[@]} -ge "$jobs" ]; then
-    entry=${running[0]}
-    running=("${running[@]:1}")
-    wait "${entry%%:*}" && status[${entry#*:}]=0 || status[${entry#*:}]=$?
-  fi
+  while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do sleep 1; done
+  (run_one "$target" && echo 0 || echo $?) >"$build/logs/$target.status" &
 done
-for entry in "${running[@]}"; do
-  wait "${entry%%:*}" && status[${entry#*:}]=0 || status[${entry#*:}]=$?
-done
+wait
 
 found=0
 for target in "${targets[@]}"; do
   done_line=$(grep -E '^#[0-9]+[[:space:]]+DONE' "$build/logs/$target.log" | tail -1 || true)
   execs=$(grep -E '^stat::number_of_executed_units' "$build/logs/$target.log" | awk '{print $2}')
-  if [ "${status[$target]}" -eq 0 ]; then
+  status=$(cat "$build/logs/$target.status")
+  if [ "$status" -eq 0 ]; then
     echo "fuzz: $target: ${execs:-?} executions in ${seconds} s, no finding (${done_line})"
   else
     found=1
-    echo "fuzz: $target: FOUND something (exit ${status[$target]}): see $build/logs/$target.log" \
+    echo "fuzz: $target: FOUND something (exit $status): see $build/logs/$target.log" \
       "and $build/artifacts/$target/" >&2
   fi
 done
