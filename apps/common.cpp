@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <charconv>
 #include <cmath>
 #include <cstdio>
 #include <exception>
@@ -16,6 +17,18 @@
 
 namespace dsa::app {
 
+CLI::Validator integer_at_least(int64_t min) {
+  return CLI::Validator(
+      [min](std::string& text) {
+        int64_t value = 0;
+        const char* end = text.data() + text.size();
+        const auto [stop, error] = std::from_chars(text.data(), end, value);
+        if (error == std::errc() && stop == end && value >= min) return std::string();
+        return fmt::format("must be an integer >= {}, got {}", min, text);
+      },
+      fmt::format("INT>={}", min));
+}
+
 void add_common_options(CLI::App& app, CommonOptions& options) {
   app.set_version_flag("--version", version());
   app.add_option("-o,--output", options.output,
@@ -23,7 +36,7 @@ void add_common_options(CLI::App& app, CommonOptions& options) {
       ->capture_default_str();
   app.add_option("--threads", options.threads,
                  "CPU threads (default: OMP_NUM_THREADS or all cores)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(integer_at_least(0));
   app.add_option("--report", options.report, "Write the JSON run report to FILE instead of stderr");
   app.add_flag("-q,--quiet", options.quiet, "Print no report on stderr");
 }
@@ -40,7 +53,7 @@ std::vector<CLI::Option*> add_indexer_options(CLI::App& app, IndexerOptions& opt
                    "H_I^-0.5 * d_I^-0.5"),
       app.add_option("--query-block", options.query_block,
                      "Query rows scored together (the last bits of the scores depend on it)")
-          ->check(CLI::PositiveNumber)
+          ->check(integer_at_least(1))
           ->capture_default_str()};
 }
 
@@ -166,9 +179,11 @@ int run(CLI::App& app, int argc, char** argv, const CommonOptions& options,
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    const int code = app.exit(e);  // prints help/version or the usage error
-    return code == 0 ? 0 : static_cast<int>(ExitCode::usage);
+    if (e.get_exit_code() == 0) return app.exit(e);  // --help, --version
+    std::fprintf(stderr, "%s: error: %s (see %s --help)\n", tool.c_str(), e.what(), tool.c_str());
+    return static_cast<int>(ExitCode::usage);
   }
+  install_signal_cleanup();
   try {
     set_threads(options.threads);
     body();

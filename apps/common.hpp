@@ -25,6 +25,10 @@ struct CommonOptions {
 
 void add_common_options(CLI::App& app, CommonOptions& options);
 
+// An integer option's check: "--topk: must be an integer >= 1, got 0" (CLI11's PositiveNumber
+// says "Value 0 not in range 0.000000 to 1.797693e+308").
+CLI::Validator integer_at_least(int64_t min);
+
 // --precision, --hadamard, --ue8m0, --raw-weights, --query-block.
 struct IndexerOptions {
   std::string precision = "f32";

@@ -31,13 +31,13 @@ int main(int argc, char** argv) {
   ki_opt->needs(qi_opt);
   w_opt->needs(qi_opt);
   auto* k_flag = app.add_option("-k,--topk", topk, "Entries selected per query")
-                     ->check(CLI::PositiveNumber)
+                     ->check(dsa::app::integer_at_least(1))
                      ->capture_default_str()
                      ->excludes(idx_opt);
   auto* sweep_opt =
       app.add_option("--sweep-topk", sweep, "Several k in one pass: 256,512,1024,2048")
           ->delimiter(',')
-          ->check(CLI::PositiveNumber)
+          ->check(dsa::app::integer_at_least(1))
           ->excludes(k_flag)
           ->excludes(idx_opt);
   (void)sweep_opt;
@@ -49,7 +49,7 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", dsa::version());
   app.add_option("-o,--output", common.output, "The JSON report (default stdout)");
   app.add_option("--threads", common.threads, "CPU threads (default: OMP_NUM_THREADS or all cores)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(dsa::app::integer_at_least(0));
 
   return dsa::app::run(app, argc, argv, common, [&] {
     dsa::Stopwatch total;

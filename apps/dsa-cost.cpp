@@ -34,16 +34,16 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(int64_t{1}, dsa::kMaxCostPosition))
       ->capture_default_str();
   app.add_option("--step", step, "Positions 0, STEP, 2 STEP, ... up to --max-context")
-      ->check(CLI::PositiveNumber)
+      ->check(dsa::app::integer_at_least(1))
       ->capture_default_str();
   app.add_option("--batch", workload.decode_batch,
                  "Decode: sequences per step (they share one read of the weights)")
-      ->check(CLI::PositiveNumber)
+      ->check(dsa::app::integer_at_least(1))
       ->capture_default_str();
   app.add_option("--prefill-chunk", workload.prefill_chunk,
                  "Prefill: tokens per step (they share one read of the weights and of each "
                  "layer's cached keys)")
-      ->check(CLI::PositiveNumber)
+      ->check(dsa::app::integer_at_least(1))
       ->capture_default_str();
   app.add_option("--set", overrides,
                  "Override one field: hardware.FIELD=VALUE, dense.FIELD=VALUE or dsa.FIELD=VALUE "
@@ -64,7 +64,7 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", dsa::version());
   app.add_option("--threads", common.threads,
                  "CPU threads for --calibrate (default: OMP_NUM_THREADS or all cores)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(dsa::app::integer_at_least(0));
 
   return dsa::app::run(app, argc, argv, common, [&] {
     dsa::Stopwatch total;

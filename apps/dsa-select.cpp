@@ -22,7 +22,7 @@ int main(int argc, char** argv) {
     scores_opt->excludes(option);
   }
   app.add_option("-k,--topk", topk, "Entries selected per query")
-      ->check(CLI::PositiveNumber)
+      ->check(dsa::app::integer_at_least(1))
       ->capture_default_str();
   app.add_option("--format", format,
                  "Output format: npy or jsonl (default: from the output's "

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Installs what dsa builds and tests with, from Debian's packages. Idempotent; run as root.
+# --fuzz also installs what scripts/fuzz.sh needs: clang with its libFuzzer and OpenMP.
 set -euo pipefail
 
 packages=(
@@ -8,6 +9,9 @@ packages=(
   python3-numpy  # the independent NumPy cross-check test
   python3-jsonschema  # the dsa-compare report schema test
 )
+if [ "${1:-}" = "--fuzz" ]; then
+  packages+=(clang-14 libclang-rt-14-dev libomp-14-dev)
+fi
 
 missing=()
 for p in "${packages[@]}"; do

@@ -1,77 +1,23 @@
 // The binaries as a user runs them: pipelines, formats, reports, exit codes, and no output
 // left behind by a failed run.
 #include <gtest/gtest.h>
-#include <sys/wait.h>
 
-#include <unistd.h>
-#include <cstdio>
 #include <cstring>
-#include <filesystem>
 #include <fstream>
 #include <random>
-#include <sstream>
 
 #include <nlohmann/json.hpp>
 
+#include "cli.hpp"
 #include "dsa/io.hpp"
 #include "reference.hpp"
-#include "temp_dir.hpp"
 
 namespace dsa {
 namespace {
 
-namespace fs = std::filesystem;
-
-struct Outcome {
-  int code;
-  std::string out;  // stdout
-  std::string err;  // stderr
-};
-
-std::string slurp(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
-class Cli : public test::TempDirTest {
- protected:
-  void SetUp() override {
-    TempDirTest::SetUp();
-    std::mt19937_64 rng(42);
-    write("q.npy", test::random_tensor({24, 4, 16}, rng));
-    write("k.npy", test::random_tensor({24, 16}, rng));
-    write("w.npy", test::random_tensor({24, 4}, rng));
-    write("qa.npy", test::random_tensor({24, 3, 20}, rng));
-    write("kv.npy", test::random_tensor({24, 20}, rng));
-  }
-
-  void write(const std::string& name, const Tensor& t) { write_tensor(path(name), t); }
-
-  // Runs a shell command line in the test directory with the binaries on PATH.
-  Outcome run(const std::string& command) const {
-    const std::string line = "cd '" + dir_.string() +
-                             "' && export PATH='" DSA_APPS_DIR "':$PATH && " + command +
-                             " >stdout.txt 2>stderr.txt";
-    const int status = std::system(line.c_str());
-    Outcome r{WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(dir_ / "stdout.txt"),
-              slurp(dir_ / "stderr.txt")};
-    fs::remove(dir_ / "stdout.txt");
-    fs::remove(dir_ / "stderr.txt");
-    return r;
-  }
-
-  // No file other than the expected ones (in particular no temporary output) is left.
-  void expect_only(std::vector<std::string> names) const {
-    std::vector<std::string> present;
-    for (const auto& e : fs::directory_iterator(dir_))
-      present.push_back(e.path().filename().string());
-    std::sort(present.begin(), present.end());
-    std::sort(names.begin(), names.end());
-    EXPECT_EQ(present, names);
-  }
-};
+using test::Cli;
+using test::Outcome;
+using test::slurp;
 
 const std::string kIndexer = "--q-index q.npy --k-index k.npy --weights w.npy";
 
@@ -83,16 +29,6 @@ TEST_F(Cli, PipelineEqualsFusedSelection) {
   const Tensor t = read_tensor(path("fused.npy"));
   EXPECT_EQ(t.dtype, DType::i32);
   EXPECT_EQ(t.shape, (Shape{24, 8}));
-}
-
-TEST_F(Cli, PrecisionModesAndThreadsAreDeterministic) {
-  for (const std::string flags : {"", "--precision bf16", "--precision fp8 --ue8m0 --hadamard"}) {
-    ASSERT_EQ(run("dsa-select " + kIndexer + " " + flags + " -k 5 --threads 1 -q -o one.npy").code,
-              0);
-    ASSERT_EQ(run("dsa-select " + kIndexer + " " + flags + " -k 5 --threads 2 -q -o two.npy").code,
-              0);
-    EXPECT_EQ(slurp(dir_ / "one.npy"), slurp(dir_ / "two.npy")) << flags;
-  }
 }
 
 TEST_F(Cli, JsonlSelectionMatchesNpyAndFeedsAttention) {

@@ -205,6 +205,12 @@ const Field<Spec>* find_field(const std::vector<Field<Spec>>& fields, const std:
   return nullptr;
 }
 
+// A value for a message: a string from --set need not be valid UTF-8 (a file's is, or it fails
+// to parse), and dump() would throw on it.
+std::string json_text(const nlohmann::json& value) {
+  return value.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+}
+
 template <typename Spec>
 void set_field(Spec& spec, const Field<Spec>& field, const nlohmann::json& value,
                const std::string& origin) {
@@ -213,7 +219,7 @@ void set_field(Spec& spec, const Field<Spec>& field, const nlohmann::json& value
         using T = std::remove_reference_t<decltype(spec.*member)>;
         const auto wrong = [&](const char* expected) {
           bad_usage("{}: field \"{}\" must be {}, got {}", origin, field.name, expected,
-                    value.dump());
+                    json_text(value));
         };
         if constexpr (std::is_same_v<T, std::string>) {
           if (!value.is_string()) wrong("a string");
@@ -242,7 +248,9 @@ nlohmann::json spec_json(const Spec& spec, const std::vector<Field<Spec>>& field
 
 void check_range(bool ok, const std::string& origin, const char* field, const char* expected,
                  const nlohmann::json& value) {
-  if (!ok) bad_usage("{}: field \"{}\" must be {}, got {}", origin, field, expected, value.dump());
+  if (!ok) {
+    bad_usage("{}: field \"{}\" must be {}, got {}", origin, field, expected, json_text(value));
+  }
 }
 
 void validate(const HardwareSpec& h, const std::string& origin) {

@@ -1,13 +1,17 @@
 #include "dsa/io.hpp"
 
 #include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cmath>
+#include <csignal>
 #include <cstring>
 #include <fstream>
 #include <iostream>
@@ -519,9 +523,82 @@ Tensor read_tensor(const std::string& spec) {
 
 // --- outputs -------------------------------------------------------------------------------
 
+namespace {
+
+// The temporary files of the OutputFiles alive now, for the signal handler: fixed slots of
+// lock-free atomics, since a handler may neither allocate nor take a lock.
+constexpr int kCleanupSignals[] = {SIGINT, SIGTERM, SIGHUP, SIGPIPE};
+std::atomic<const char*> temp_files[16];
+static_assert(std::atomic<const char*>::is_always_lock_free);
+
+bool register_temp_file(const char* path) {
+  for (auto& slot : temp_files) {
+    const char* empty = nullptr;
+    if (slot.compare_exchange_strong(empty, path)) return true;
+  }
+  return false;
+}
+
+void unregister_temp_file(const char* path) {
+  for (auto& slot : temp_files) {
+    const char* expected = path;
+    slot.compare_exchange_strong(expected, nullptr);
+  }
+}
+
+// Async-signal-safe: unlink(2) and raise(3) only. SA_RESETHAND has restored the default
+// action, which ends the process by the same signal once the handler returns.
+extern "C" void remove_temp_files_and_reraise(int signal) {
+  for (auto& slot : temp_files) {
+    if (const char* path = slot.load()) ::unlink(path);
+  }
+  ::raise(signal);
+}
+
+// Blocks the cleanup signals while alive, so a temporary file is never created unregistered.
+class CleanupSignalsBlocked {
+ public:
+  CleanupSignalsBlocked() {
+    sigset_t set;
+    sigemptyset(&set);
+    for (int signal : kCleanupSignals) sigaddset(&set, signal);
+    pthread_sigmask(SIG_BLOCK, &set, &old_);
+  }
+  ~CleanupSignalsBlocked() { pthread_sigmask(SIG_SETMASK, &old_, nullptr); }
+
+ private:
+  sigset_t old_;
+};
+
+}  // namespace
+
+void install_signal_cleanup() {
+  for (int signal : kCleanupSignals) {
+    struct sigaction old {};
+    sigaction(signal, nullptr, &old);
+    if (old.sa_handler == SIG_IGN) continue;  // nohup and `cmd &` keep theirs
+    struct sigaction action {};
+    action.sa_handler = remove_temp_files_and_reraise;
+    sigemptyset(&action.sa_mask);
+    action.sa_flags = SA_RESETHAND;
+    sigaction(signal, &action, nullptr);
+  }
+  std::signal(SIGXFSZ, SIG_IGN);
+}
+
 OutputFile::OutputFile(const std::string& path) : path_(path) {
   if (path == "-") {
     file_ = stdout;
+    return;
+  }
+  struct stat st {};
+  const bool exists = ::stat(path.c_str(), &st) == 0;
+  if (exists && S_ISDIR(st.st_mode))
+    fail(ExitCode::usage, "output path '{}' names a directory", path);
+  if (exists && !S_ISREG(st.st_mode)) {
+    // A device, FIFO or /dev/fd/N: written in place (renaming over it would replace it).
+    file_ = std::fopen(path.c_str(), "wb");
+    if (file_ == nullptr) fail(ExitCode::runtime, "cannot write '{}': {}", path, errno_text());
     return;
   }
   const std::size_t slash = path.rfind('/');
@@ -531,9 +608,16 @@ OutputFile::OutputFile(const std::string& path) : path_(path) {
   const std::string temp = fmt::format("{}.{}.tmp.XXXXXX", dir, base);
   std::vector<char> name(temp.begin(), temp.end());
   name.push_back('\0');
+  const CleanupSignalsBlocked blocked;
   const int fd = ::mkstemp(name.data());
   if (fd < 0) fail(ExitCode::runtime, "cannot write '{}': {}", path, errno_text());
   temp_path_ = name.data();
+  if (!register_temp_file(temp_path_.c_str())) {
+    ::close(fd);
+    ::unlink(temp_path_.c_str());
+    fail(ExitCode::runtime, "cannot write '{}': more than {} outputs open at once", path,
+         std::size(temp_files));
+  }
   const mode_t mask = ::umask(0);
   ::umask(mask);
   ::fchmod(fd, 0666 & ~mask);
@@ -542,7 +626,10 @@ OutputFile::OutputFile(const std::string& path) : path_(path) {
 
 OutputFile::~OutputFile() {
   if (file_ != nullptr && file_ != stdout) std::fclose(file_);
-  if (!committed_ && !temp_path_.empty()) ::unlink(temp_path_.c_str());
+  if (!temp_path_.empty()) {
+    if (!committed_) ::unlink(temp_path_.c_str());
+    unregister_temp_file(temp_path_.c_str());
+  }
 }
 
 void OutputFile::write(const void* data, std::size_t size) {
@@ -559,7 +646,7 @@ void OutputFile::commit() {
     const int rc = std::fclose(file_);
     file_ = nullptr;
     if (rc != 0) fail(ExitCode::runtime, "cannot write '{}': {}", path_, errno_text());
-    if (std::rename(temp_path_.c_str(), path_.c_str()) != 0) {
+    if (!temp_path_.empty() && std::rename(temp_path_.c_str(), path_.c_str()) != 0) {
       fail(ExitCode::runtime, "cannot write '{}': {}", path_, errno_text());
     }
   }
@@ -618,11 +705,7 @@ void write_safetensors(const std::string& path, const std::vector<Tensor>& tenso
 
 // --- token files -----------------------------------------------------------------------------
 
-namespace {
-
-TokenFile read_jsonl_tokens(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) bad_input("cannot open '{}': {}", path, errno_text());
+TokenFile parse_jsonl_tokens(std::istream& in, const std::string& path) {
   struct Row {
     int64_t batch;
     int64_t position;
@@ -648,8 +731,11 @@ TokenFile read_jsonl_tokens(const std::string& path) {
     }
     Row row{0, j["t"].get<int64_t>(), {}};
     if (j.contains("b")) {
-      if (!j["b"].is_number_unsigned())
-        bad_input("{}:{}: \"b\" must be a non-negative integer", path, line_number);
+      // Bounded, so that the batch count (the largest "b" + 1) neither wraps nor overflows.
+      if (!j["b"].is_number_unsigned() ||
+          j["b"].get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<int32_t>::max())) {
+        bad_input("{}:{}: \"b\" must be an integer in [0, 2^31)", path, line_number);
+      }
       row.batch = j["b"].get<int64_t>();
       batched = true;
     }
@@ -691,10 +777,12 @@ TokenFile read_jsonl_tokens(const std::string& path) {
   return out;
 }
 
-}  // namespace
-
 TokenFile read_token_file(const std::string& spec) {
-  if (ends_with(spec, ".jsonl")) return read_jsonl_tokens(spec);
+  if (ends_with(spec, ".jsonl")) {
+    std::ifstream in(spec);
+    if (!in) bad_input("cannot open '{}': {}", spec, errno_text());
+    return parse_jsonl_tokens(in, spec);
+  }
   TokenFile out;
   out.indices = read_tensor(spec);
   const DType d = out.indices.dtype;

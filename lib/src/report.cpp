@@ -45,7 +45,10 @@ nlohmann::json StageTimes::to_json() const {
 }
 
 nlohmann::json tensor_json(const Tensor& tensor) {
-  return {{"name", tensor.name}, {"shape", tensor.shape}, {"dtype", dtype_name(tensor.dtype)}};
+  nlohmann::json out = {
+      {"name", tensor.name}, {"shape", tensor.shape}, {"dtype", dtype_name(tensor.dtype)}};
+  if (is_floating(tensor.dtype)) out["non_finite"] = count_non_finite(tensor);
+  return out;
 }
 
 int64_t peak_rss_bytes() {
@@ -64,14 +67,16 @@ nlohmann::json report_header(const std::string& tool, int argc, const char* cons
 }
 
 void emit_report(const nlohmann::json& report, const std::string& path) {
+  // The command line and file names need not be valid UTF-8: such bytes become U+FFFD.
+  const auto text = [&](int indent) {
+    return report.dump(indent, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
+  };
   if (path.empty()) {
-    const std::string text = report.dump(isatty(STDERR_FILENO) ? 2 : -1) + "\n";
-    std::fputs(text.c_str(), stderr);
+    std::fputs(text(isatty(STDERR_FILENO) ? 2 : -1).c_str(), stderr);
     return;
   }
   OutputFile file(path);
-  const int indent = path == "-" && !isatty(STDOUT_FILENO) ? -1 : 2;
-  file.write(report.dump(indent) + "\n");
+  file.write(text(path == "-" && !isatty(STDOUT_FILENO) ? -1 : 2));
   file.commit();
 }
 

@@ -1,5 +1,7 @@
 #include "dsa/tensor.hpp"
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <limits>
 
@@ -92,6 +94,7 @@ T load(const std::byte* p) {
 }  // namespace
 
 void to_f32(const Tensor& tensor, int64_t offset, int64_t count, float* out) {
+  if (count == 0) return;  // `out` may be null then, which memcpy does not allow
   const std::size_t size = dtype_size(tensor.dtype);
   const std::byte* p = tensor.data + static_cast<std::size_t>(offset) * size;
   switch (tensor.dtype) {
@@ -145,6 +148,20 @@ void to_i64(const Tensor& tensor, int64_t offset, int64_t count, int64_t* out) {
       bad_input("{}: expected an integer tensor (i32, i64 or u8), got {}", tensor.name,
                 dtype_name(tensor.dtype));
   }
+}
+
+int64_t count_non_finite(const Tensor& tensor) {
+  if (!is_floating(tensor.dtype)) return 0;
+  constexpr int64_t kChunk = 1 << 16;
+  const int64_t n = tensor.numel();
+  int64_t count = 0;
+#pragma omp parallel for schedule(static) reduction(+ : count)
+  for (int64_t begin = 0; begin < n; begin += kChunk) {
+    const int64_t size = std::min(kChunk, n - begin);
+    const F32Buffer values(tensor, begin, size);
+    for (int64_t i = 0; i < size; ++i) count += !std::isfinite(values.data()[i]);
+  }
+  return count;
 }
 
 F32Buffer::F32Buffer(const Tensor& tensor, int64_t offset, int64_t count) {

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <iosfwd>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -36,8 +37,10 @@ Tensor parse_safetensors(const std::byte* bytes, std::size_t size, const std::st
 std::vector<std::string> safetensors_names(const std::string& path);
 
 // A file that appears under its name only after commit(): written to a temporary file in the
-// same directory and renamed. Destroyed without commit(), the temporary file is removed.
-// Path `-` writes straight to stdout.
+// same directory and renamed. Destroyed without commit(), the temporary file is removed, and so
+// it is when a signal ends the process (install_signal_cleanup). Path `-` writes straight to
+// stdout, and a path that is not a regular file (a device such as /dev/null, a FIFO, /dev/fd/N)
+// is written in place.
 class OutputFile {
  public:
   explicit OutputFile(const std::string& path);
@@ -56,6 +59,12 @@ class OutputFile {
   std::FILE* file_ = nullptr;
   bool committed_ = false;
 };
+
+// Makes SIGINT, SIGTERM, SIGHUP and SIGPIPE remove the temporary files of the OutputFiles
+// alive, then end the process by the same signal (a shell reports 128 + its number: 130 for
+// SIGINT); a signal that was ignored stays ignored. Also ignores SIGXFSZ, so that a write past
+// the file size limit fails with EFBIG and is reported like a full disk. The apps call it first.
+void install_signal_cleanup();
 
 // Streams one tensor whose dtype and shape are known up front: the header first, then the
 // data in row-major order through write(); commit() checks that every byte arrived.
@@ -83,6 +92,8 @@ struct TokenFile {
   std::vector<int64_t> positions;  // empty for .npy / .safetensors
 };
 TokenFile read_token_file(const std::string& spec);
+// The .jsonl parser over any stream; `name` is used in messages.
+TokenFile parse_jsonl_tokens(std::istream& in, const std::string& name);
 
 // One line per query: {"b":…, "t":…, "indices":[…], "scores":[…]} ("b" only when batched);
 // padding (-1) is left out.

@@ -36,8 +36,10 @@ class StageTimes {
   std::vector<std::pair<std::string, double>> stages_;
 };
 
-nlohmann::json tensor_json(const Tensor& tensor);  // {"name", "shape", "dtype"}
-nlohmann::json number_or_null(double x);           // NaN (undefined) as null
+// {"name", "shape", "dtype"}, and for a floating-point tensor "non_finite": its count of NaN
+// and infinite values.
+nlohmann::json tensor_json(const Tensor& tensor);
+nlohmann::json number_or_null(double x);  // NaN (undefined) as null
 int64_t peak_rss_bytes();
 
 // The fields every report carries; the app adds its own.

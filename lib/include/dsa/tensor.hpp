@@ -52,6 +52,10 @@ std::vector<float> to_f32(const Tensor& tensor);
 // Reads integer tensors (i32, i64, u8) as int64.
 void to_i64(const Tensor& tensor, int64_t offset, int64_t count, int64_t* out);
 
+// How many elements are NaN or infinite once converted to f32 (0 for integer tensors): the
+// reports flag them, since they propagate through the arithmetic (man dsa(7)).
+int64_t count_non_finite(const Tensor& tensor);
+
 // f32 rows of a tensor without copying when it already holds contiguous f32.
 class F32Buffer {
  public:
