@@ -87,12 +87,18 @@ Options parse(int argc, char** argv) {
       if (i + 1 >= argc) throw std::runtime_error("missing value after " + a);
       return argv[++i];
     };
-    if (a == "--L") o.L = std::stoll(next());
-    else if (a == "--heads") o.heads = std::stoll(next());
-    else if (a == "--topk") o.topk = std::stoll(next());
-    else if (a == "--repeats") o.repeats = std::stoi(next());
-    else if (a == "--no-dense") o.dense = false;
-    else if (a == "--json") o.json = next();
+    if (a == "--L")
+      o.L = std::stoll(next());
+    else if (a == "--heads")
+      o.heads = std::stoll(next());
+    else if (a == "--topk")
+      o.topk = std::stoll(next());
+    else if (a == "--repeats")
+      o.repeats = std::stoi(next());
+    else if (a == "--no-dense")
+      o.dense = false;
+    else if (a == "--json")
+      o.json = next();
     else if (a == "--threads") {
       o.threads.clear();
       std::string list = next();
@@ -147,7 +153,8 @@ int main(int argc, char** argv) {
   // A GEMM of the kernel's inner dimension right after each kernel: on a shared machine the
   // ratio then compares rates measured under the same load.
   auto add = [&](std::string kernel, int threads, Timing time, double gflop, int64_t depth) {
-    const bench::Rate ceiling = gflop > 0 ? bench::gemm_rate(1024, 2048, depth, 1.0) : bench::Rate{};
+    const bench::Rate ceiling =
+        gflop > 0 ? bench::gemm_rate(1024, 2048, depth, 1.0) : bench::Rate{};
     rows.push_back({std::move(kernel), threads, time, gflop, ceiling});
     print(rows.back());
   };
@@ -175,24 +182,23 @@ int main(int argc, char** argv) {
       if (fp8) add("DSA select (fp8 indexer + top-k)", threads, total, 0, 0);
     }
     const Timing select = rows.back().time;
-    const Timing sparse = measure(o.repeats, [&] {
-      sparse_attention(attention, indices, scale, discard, nullptr);
-    });
+    const Timing sparse =
+        measure(o.repeats, [&] { sparse_attention(attention, indices, scale, discard, nullptr); });
     add("sparse attention", threads, sparse, per_key * selected, o.d_qk);
     add("DSA pipeline (select + sparse attention)", threads,
         {select.wall + sparse.wall, select.cpu + sparse.cpu}, 0, 0);
     if (o.dense) {
-      const Timing dense = measure(o.repeats, [&] {
-        dense_attention(attention, scale, discard, nullptr);
-      });
+      const Timing dense =
+          measure(o.repeats, [&] { dense_attention(attention, scale, discard, nullptr); });
       add("dense attention", threads, dense, per_key * pairs, o.d_qk);
     }
   }
 
   fmt::print("\nL = {}, H = {}, d_qk/d_v = {}/{}, H_I x d_I = {} x {}, k = {}; median of {}\n", L,
              o.heads, o.d_qk, o.d_v, o.index_heads, o.index_dim, k, o.repeats);
-  fmt::print("GFLOP/s over wall time, and per CPU-second (one busy core); GEMM: an f32 product of\n"
-             "the kernel's inner dimension (d_I or d_qk) measured right after it, same threads\n");
+  fmt::print(
+      "GFLOP/s over wall time, and per CPU-second (one busy core); GEMM: an f32 product of\n"
+      "the kernel's inner dimension (d_I or d_qk) measured right after it, same threads\n");
   fmt::print("{:<42} {:>3} {:>8} {:>8} {:>8} {:>8} {:>6} {:>8} {:>6}\n", "kernel", "thr", "seconds",
              "CPU-s", "GFLOP/s", "GEMM", "ratio", "per CPU", "ratio");
   nlohmann::json out = nlohmann::json::array();
@@ -235,9 +241,9 @@ int main(int argc, char** argv) {
     fmt::print("\n");
   }
   if (!o.json.empty()) {
-    std::ofstream(o.json) << nlohmann::json{{"L", L}, {"heads", o.heads}, {"topk", k},
-                                            {"results", out}}.dump(2)
-                          << "\n";
+    std::ofstream(o.json)
+        << nlohmann::json{{"L", L}, {"heads", o.heads}, {"topk", k}, {"results", out}}.dump(2)
+        << "\n";
   }
   return 0;
 }

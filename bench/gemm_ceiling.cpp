@@ -5,8 +5,8 @@
 
 #include <time.h>
 
-#include <Eigen/Core>
 #include <omp.h>
+#include <Eigen/Core>
 
 namespace dsa::bench {
 
@@ -21,8 +21,12 @@ double now(clockid_t clock) {
 }  // namespace
 
 Clock::Clock() : wall_start_(now(CLOCK_MONOTONIC)), cpu_start_(now(CLOCK_PROCESS_CPUTIME_ID)) {}
-double Clock::wall() const { return now(CLOCK_MONOTONIC) - wall_start_; }
-double Clock::cpu() const { return now(CLOCK_PROCESS_CPUTIME_ID) - cpu_start_; }
+double Clock::wall() const {
+  return now(CLOCK_MONOTONIC) - wall_start_;
+}
+double Clock::cpu() const {
+  return now(CLOCK_PROCESS_CPUTIME_ID) - cpu_start_;
+}
 
 Rate gemm_rate(int64_t m, int64_t n, int64_t depth, double seconds) {
   const int threads = omp_get_max_threads();
@@ -54,8 +58,8 @@ Rate gemm_rate(int64_t m, int64_t n, int64_t depth, double seconds) {
 #pragma omp master
     repeats = done;
   }
-  const double gflop = 2.0 * static_cast<double>(m * n * depth) *
-                       static_cast<double>(repeats * threads) / 1e9;
+  const double gflop =
+      2.0 * static_cast<double>(m * n * depth) * static_cast<double>(repeats * threads) / 1e9;
   return {gflop / elapsed, gflop / cpu};
 }
 

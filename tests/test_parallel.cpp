@@ -61,17 +61,20 @@ std::vector<float> indexer_scores(const IndexerProblem& p, int64_t query_block) 
   IndexerConfig config;
   config.query_block = query_block;
   std::vector<float> scores;
-  indexer_scores(p.inputs, config, [&](const ScoreBlock& b) {
-    scores.insert(scores.end(), b.scores, b.scores + b.rows * b.keys);
-  }, nullptr);
+  indexer_scores(
+      p.inputs, config,
+      [&](const ScoreBlock& b) {
+        scores.insert(scores.end(), b.scores, b.scores + b.rows * b.keys);
+      },
+      nullptr);
   return scores;
 }
 
 TEST_F(CpuKernels, EverySetMatchesTheFp64IndexerWhateverTheThreadsAndBlocks) {
   const IndexerProblem p = indexer_problem(3);
   const IndexerInputs& in = p.inputs;
-  const auto ref = test::reference_scores(f32(p.q), f32(p.k), f32(p.w), in.queries, in.keys,
-                                          in.heads, in.dim);
+  const auto ref =
+      test::reference_scores(f32(p.q), f32(p.k), f32(p.w), in.queries, in.keys, in.heads, in.dim);
   for (const std::string& set : available_cpu_kernels()) {
     SCOPED_TRACE(set);
     set_cpu_kernels(set);
@@ -156,7 +159,8 @@ void expect_matches_reference(const AttentionProblem& p, const Output& got, bool
   const int64_t k = p.indices.shape.back();
   const float* kv = f32(p.k);
   const float* values = in.latent ? kv : f32(p.v);
-  const int64_t k_stride = in.kv_heads * in.d_qk, v_stride = in.latent ? in.d_qk : in.kv_heads * in.d_v;
+  const int64_t k_stride = in.kv_heads * in.d_qk,
+                v_stride = in.latent ? in.d_qk : in.kv_heads * in.d_v;
   auto key = [&](int64_t s, int64_t g) { return kv + s * k_stride + g * in.d_qk; };
   auto value = [&](int64_t s, int64_t g) { return values + s * v_stride + g * in.d_v; };
   const auto* indices = reinterpret_cast<const int32_t*>(p.indices.data);
@@ -167,9 +171,8 @@ void expect_matches_reference(const AttentionProblem& p, const Output& got, bool
       const int64_t s = dense ? i : indices[t * k + i];
       if (s >= 0) selected.push_back(s);
     }
-    test::reference_attention_row(f32(p.q) + t * in.heads * in.d_qk, in.heads, in.kv_heads,
-                                  in.d_qk, in.d_v, selected, default_scale(in.d_qk), key, value,
-                                  out, lse);
+    test::reference_attention_row(f32(p.q) + t * in.heads * in.d_qk, in.heads, in.kv_heads, in.d_qk,
+                                  in.d_v, selected, default_scale(in.d_qk), key, value, out, lse);
     for (int64_t h = 0; h < in.heads; ++h) {
       ASSERT_NEAR(got.lse[t * in.heads + h], lse[h], 1e-5 * std::max(1.0, std::fabs(lse[h])));
       for (int64_t c = 0; c < in.d_v; ++c) {

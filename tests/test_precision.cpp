@@ -99,8 +99,8 @@ TEST(E4M3, MatchesExhaustiveNearestOnRandomValues) {
 
 // The block quantizer rounds in f32 arithmetic; it must give exactly the value of the code.
 TEST(E4M3, BlockQuantizerGivesTheValueOfTheCodeForEveryInput) {
-  std::vector<float> inputs = {0.0f, -0.0f, 448.0f, -448.0f, std::ldexp(1.0f, -10),
-                               std::ldexp(7.5f, -9)};
+  std::vector<float> inputs = {
+      0.0f, -0.0f, 448.0f, -448.0f, std::ldexp(1.0f, -10), std::ldexp(7.5f, -9)};
   for (uint32_t bits = 0; bits <= 0x43e00000u; bits += 0x1357) {  // |x| up to 448, both signs
     inputs.push_back(std::bit_cast<float>(bits));
     inputs.push_back(-std::bit_cast<float>(bits));

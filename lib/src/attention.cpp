@@ -46,7 +46,8 @@ namespace {
 void start_rows(const AttentionInputs& in, int64_t rows, int64_t lanes, AttendScratch& scratch) {
   const int64_t group = in.heads / in.kv_heads;
   scratch.acc.assign(static_cast<std::size_t>(rows * group * in.d_v), 0.0f);
-  scratch.max.assign(static_cast<std::size_t>(rows * lanes), -std::numeric_limits<float>::infinity());
+  scratch.max.assign(static_cast<std::size_t>(rows * lanes),
+                     -std::numeric_limits<float>::infinity());
   scratch.sum.assign(static_cast<std::size_t>(rows * lanes), 0.0f);
   scratch.logits.resize(static_cast<std::size_t>(kAttendTile * lanes));
 }
@@ -115,12 +116,12 @@ void attend_selected(const AttentionInputs& in, const KeyValues& kv, const RowMa
 namespace {
 
 using detail::AttendScratch;
-using detail::KeyValues;
-using detail::RowMatrix;
 using detail::finish_row;
+using detail::KeyValues;
 using detail::pack_query;
 using detail::padded_heads;
 using detail::row_state;
+using detail::RowMatrix;
 using detail::start_rows;
 
 constexpr int64_t kQueryBlock = 16;

@@ -1,4 +1,5 @@
-// The CPU kernels for any CPU: the compiler's baseline instruction set (SSE2 on x86-64); register tiles sized for its vector registers.
+// The CPU kernels for any CPU: the compiler's baseline instruction set (SSE2 on x86-64); register
+// tiles sized for its vector registers.
 #define DSA_KERNELS generic
 #define DSA_KERNELS_NAME "generic"
 #define DSA_INDEX_HEADS 2

@@ -124,8 +124,8 @@ void IndexerKernel::score_rows(int64_t row_begin, int64_t rows, float* out, int6
   w *= config_.weight_scale;
   std::vector<int64_t> visible(static_cast<std::size_t>(rows));
   for (int64_t r = 0; r < rows; ++r) visible[r] = inputs_.position(row_begin + r) + 1;
-  detail::cpu_kernels().indexer_scores({q.data(), w.data(), panels_.data(), visible.data(), rows, H,
-                                        d, out, stride});
+  detail::cpu_kernels().indexer_scores(
+      {q.data(), w.data(), panels_.data(), visible.data(), rows, H, d, out, stride});
   for (int64_t r = 0; r < rows; ++r) {
     std::fill(out + r * stride + visible[r], out + r * stride + Lk,
               -std::numeric_limits<float>::infinity());

@@ -66,7 +66,8 @@ uint32_t kth_largest(const std::vector<uint32_t>& keys, int64_t& k,
 }
 
 // Sorts (~key << 32 | position) entries by their upper half, stably: least significant byte
-// first. The entries arrive in ascending position, so equal keys keep that order (Eq. 2's tie rule).
+// first. The entries arrive in ascending position, so equal keys keep that order (Eq. 2's tie
+// rule).
 void sort_by_key(std::vector<uint64_t>& entries, std::vector<uint64_t>& buffer) {
   buffer.resize(entries.size());
   for (int shift = 32; shift < 64; shift += 8) {
