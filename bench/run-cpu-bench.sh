@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CPU benchmark and its PyTorch peer in one run, same sizes and thread counts, then both side
-# by side (bench/CPU_NOTES.md). Needs a build (scripts/build.sh) and scripts/install-bench-deps.sh.
+# by side (bench/CPU_NOTES.md). Needs a build (scripts/build.sh) and scripts/install-deps.sh --bench.
 # Usage: bash bench/run-cpu-bench.sh [L] [THREADS] [OUT_DIR]     e.g. 32768 2
 set -euo pipefail
 cd "$(dirname "$0")/.."

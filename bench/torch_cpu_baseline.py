@@ -4,7 +4,7 @@ causal attention (two GEMMs and a softmax per block: torch 1.13 has no
 scaled_dot_product_attention), both in blocks of queries so that memory stays bounded, plus
 torch's own f32 GEMM rate. With --ours FILE (dsa-cpu-bench --json FILE, same L and threads) prints both side by
 side. Usage: /usr/bin/python3 bench/torch_cpu_baseline.py --L 8192 --threads 1,2 [--ours F]
-Needs Debian's python3-torch (scripts/install-bench-deps.sh)."""
+Needs Debian's python3-torch (scripts/install-deps.sh --bench)."""
 import argparse
 import json
 import time

@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Installs what dsa builds and tests with, from Debian's packages. Idempotent; run as root.
 # --fuzz also installs what scripts/fuzz.sh needs: clang with its libFuzzer and OpenMP.
+# --bench also installs the CPU benchmark's PyTorch peer (bench/torch_cpu_baseline.py): Debian's
+# python3-torch, and OpenBLAS for its matrix products (without it torch uses the reference BLAS,
+# about 1 GFLOP/s; bench/run-cpu-bench.sh points torch at OpenBLAS's OpenMP build). Neither is
+# on CI's path (.ci/run).
 set -euo pipefail
 
 packages=(
@@ -9,9 +13,13 @@ packages=(
   python3-numpy  # the independent NumPy cross-check test
   python3-jsonschema  # the dsa-compare report schema test
 )
-if [ "${1:-}" = "--fuzz" ]; then
-  packages+=(clang-14 libclang-rt-14-dev libomp-14-dev)
-fi
+for option in "$@"; do
+  case "$option" in
+    --fuzz) packages+=(clang-14 libclang-rt-14-dev libomp-14-dev) ;;
+    --bench) packages+=(python3-torch libopenblas0-openmp) ;;
+    *) echo "install-deps: unknown option $option (--fuzz, --bench)" >&2; exit 2 ;;
+  esac
+done
 
 missing=()
 for p in "${packages[@]}"; do
