@@ -15,27 +15,26 @@ namespace {
 
 using dsa::cuda::check;
 
+// A hash of (i, seed) mapped to [-1, 1): random-looking inputs, the same on every run.
+__device__ float uniform(int64_t i, uint32_t seed) {
+  uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
+  h ^= h >> 15;
+  h *= 2246822519u;
+  h ^= h >> 13;
+  return (h & 0xffff) / 32768.0f - 1.0f;
+}
+
 __global__ void fill_bf16(__nv_bfloat16* x, int64_t n, uint32_t seed, float amplitude) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
-    h ^= h >> 15;
-    h *= 2246822519u;
-    h ^= h >> 13;
-    x[i] = __float2bfloat16(amplitude * ((h & 0xffff) / 32768.0f - 1.0f));
-  }
+       i += int64_t(gridDim.x) * blockDim.x)
+    x[i] = __float2bfloat16(amplitude * uniform(i, seed));
 }
 
 // e4m3 codes of amplitude * uniform(-1, 1): what fp8 block quantization gives for amplitude 448.
 __global__ void fill_e4m3(uint8_t* x, int64_t n, uint32_t seed, float amplitude) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
-    h ^= h >> 15;
-    h *= 2246822519u;
-    h ^= h >> 13;
-    x[i] = __nv_fp8_e4m3(amplitude * ((h & 0xffff) / 32768.0f - 1.0f)).__x;
-  }
+       i += int64_t(gridDim.x) * blockDim.x)
+    x[i] = __nv_fp8_e4m3(amplitude * uniform(i, seed)).__x;
 }
 
 __global__ void fill_f32(float* x, int64_t n, float value) {

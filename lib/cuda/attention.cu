@@ -220,6 +220,19 @@ struct TileLayout {
   }
 };
 
+// Starts copying query row r's heads h0 .. h0 + 63 (zeros past the last head) into the
+// swizzled tile at shared address q_s, `threads` threads sharing the work.
+__device__ void fetch_query_heads(uint32_t q_s, const __nv_bfloat16* q, int64_t r, int heads,
+                                  int h0, int d_qk, int threads) {
+  const int chunks = d_qk / 8;
+  for (int i = threadIdx.x; i < kTileHeads * chunks; i += threads) {
+    const int h = i / chunks, c = i % chunks;
+    const bool valid = h0 + h < heads;
+    const __nv_bfloat16* source = valid ? q + (r * heads + h0 + h) * d_qk + c * 8 : q;
+    wgmma::copy_async_16(q_s + wgmma::swizzled_offset(kTileHeads, h, c * 8), source, valid);
+  }
+}
+
 template <int D_QK>
 __global__ void __launch_bounds__(kTileThreads, 1)
     mla_wgmma_kernel(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kv,
@@ -254,14 +267,7 @@ __global__ void __launch_bounds__(kTileThreads, 1)
   const int64_t entries = indices ? k : position + 1;
   const int64_t tiles = (entries + kTileKeys - 1) / kTileKeys;
 
-  for (int i = tid; i < kTileHeads * chunks; i += kTileThreads) {
-    const int h = i / chunks, c = i % chunks;
-    const bool valid = h0 + h < heads;
-    const __nv_bfloat16* source =
-        valid ? q + (static_cast<int64_t>(r) * heads + h0 + h) * d_qk + c * 8 : q;
-    wg::copy_async_16(wg::shared_address(q_s) + wg::swizzled_offset(kTileHeads, h, c * 8), source,
-                      valid);
-  }
+  fetch_query_heads(wg::shared_address(q_s), q, r, heads, h0, d_qk, kTileThreads);
   // Starts gathering tile `tile` of the selection into buffer `buffer`: 4 threads per key.
   auto fetch = [&](int64_t tile, int buffer) {
     const int j = tid / 4;
@@ -300,7 +306,8 @@ __global__ void __launch_bounds__(kTileThreads, 1)
     wg::fence();
 #pragma unroll
     for (int step = 0; step < d_qk / 16; ++step) {
-      const uint32_t offset = step / 4 * (kTileKeys * 128) + step % 4 * 32;
+      // Columns 16 step .. 16 step + 15 of a 64-row tile, the queries' and the keys' alike.
+      const uint32_t offset = wg::swizzled_offset(kTileKeys, 0, step * 16);
       wg::wgmma_m64n32_kmajor(s, wg::descriptor(q_base + offset, 16, 1024),
                               wg::descriptor(k_base + offset, 16, 1024), step > 0);
     }
@@ -442,13 +449,7 @@ __global__ void __launch_bounds__(128, 1)
   const int64_t position = first_position + r;
   const int64_t tiles = (position + kTileKeys) / kTileKeys;
 
-  for (int i = tid; i < kTileHeads * chunks; i += 128) {
-    const int h = i / chunks, c = i % chunks;
-    const bool valid = h0 + h < heads;
-    const __nv_bfloat16* source =
-        valid ? q + (static_cast<int64_t>(r) * heads + h0 + h) * D_QK + c * 8 : q;
-    wg::copy_async_16(q_s + wg::swizzled_offset(kTileHeads, h, c * 8), source, valid);
-  }
+  fetch_query_heads(q_s, q, r, heads, h0, D_QK, 128);
   auto fetch = [&](int64_t tile) {
     const uint32_t base = k_s + static_cast<uint32_t>(tile % 2) * kTileBytes;
     for (int i = tid; i < kTileKeys * chunks; i += 128) {
@@ -482,7 +483,8 @@ __global__ void __launch_bounds__(128, 1)
     wg::fence();
 #pragma unroll
     for (int step = 0; step < D_QK / 16; ++step) {
-      const uint32_t offset = step / 4 * (kTileKeys * 128) + step % 4 * 32;
+      // Columns 16 step .. 16 step + 15 of a 64-row tile, the queries' and the keys' alike.
+      const uint32_t offset = wg::swizzled_offset(kTileKeys, 0, step * 16);
       wg::wgmma_m64n64_kmajor(logit, wg::descriptor(a + offset, 16, 1024),
                               wg::descriptor(q_s + offset, 16, 1024), step > 0);
     }
