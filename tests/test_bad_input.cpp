@@ -61,7 +61,7 @@ TEST_F(BadInput, EmptyFile) {
   std::ofstream(path("empty.npy")).close();
   expect_failure(run("dsa-score --q-index empty.npy --k-index k.npy --weights w.npy -o s.npy"), 3,
                  {"'empty.npy' is empty"}, {"empty.npy"});
-  const Outcome piped = run("dsa-select --scores - -k 4 -o s.npy </dev/null");
+  const Outcome piped = run("printf '' | dsa-select --scores - -k 4 -o s.npy");
   expect_failure(piped, 3, {"<stdin> is empty"}, {"empty.npy"});
 }
 

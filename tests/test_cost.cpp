@@ -506,7 +506,7 @@ TEST_F(CostCli, CsvAndJsonAgree) {
   EXPECT_TRUE(prefill["dsa_costlier_below"].is_number_integer());
   EXPECT_EQ(prefill["max_position"], 131072);
   // The summary lines on stderr state the crossover and the ratio at 128K.
-  ASSERT_EQ(run("dsa-cost --step 65536 -o /dev/null"), 0);
+  ASSERT_EQ(run("dsa-cost --step 65536 -o curves.json"), 0);
   const std::string err = slurp("stderr.txt");
   EXPECT_NE(err.find("prefill: DSA costs more below position"), std::string::npos) << err;
   EXPECT_NE(err.find("decode: DSA costs more below position"), std::string::npos) << err;
@@ -514,7 +514,7 @@ TEST_F(CostCli, CsvAndJsonAgree) {
 }
 
 TEST_F(CostCli, PlotIsWellFormedSvg) {
-  ASSERT_EQ(run("dsa-cost --hardware H200 --plot plot.svg -q -o /dev/null"), 0);
+  ASSERT_EQ(run("dsa-cost --hardware H200 --plot plot.svg -q -o curves.json"), 0);
   const std::string svg = slurp("plot.svg");
   for (const char* text :
        {"Prefill", "Decode", "context position (K tokens)", "cost per million tokens ($)",
