@@ -4,10 +4,12 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <numeric>
 #include <random>
 
+#include "../lib/src/chunks.hpp"
 #include "dsa/attention.hpp"
 #include "dsa/error.hpp"
 #include "dsa/indexer.hpp"
@@ -198,6 +200,33 @@ TEST_F(CpuKernels, EverySetMatchesTheFp64AttentionWhateverTheThreads) {
       }
     }
   }
+}
+
+// The host-side helper of the CUDA backend: every item exactly once, in ranges of the grain,
+// for ranges that do and do not divide n, and a range's exception reaches the caller.
+TEST_F(CpuKernels, ParallelRangesCoverEveryItemOnceAndRethrow) {
+  set_threads(2);
+  for (const int64_t n : {0, 1, 7, 256, 1000}) {
+    for (const int64_t grain : {1, 3, 256, 5000}) {
+      SCOPED_TRACE("n " + std::to_string(n) + " grain " + std::to_string(grain));
+      std::vector<std::atomic<int>> seen(static_cast<std::size_t>(n));
+      std::atomic<int> calls{0};
+      detail::parallel_ranges(n, grain, [&](int64_t begin, int64_t end) {
+        EXPECT_LT(begin, end);
+        EXPECT_LE(end - begin, grain);
+        EXPECT_EQ(begin % grain, 0);
+        for (int64_t i = begin; i < end; ++i) ++seen[i];
+        ++calls;
+      });
+      for (int64_t i = 0; i < n; ++i) EXPECT_EQ(seen[i], 1) << i;
+      EXPECT_EQ(calls, (n + grain - 1) / grain);
+    }
+  }
+  EXPECT_THROW(detail::parallel_ranges(100, 10,
+                                       [](int64_t begin, int64_t) {
+                                         if (begin == 50) throw Error(ExitCode::bad_input, "range 50");
+                                       }),
+               Error);
 }
 
 }  // namespace

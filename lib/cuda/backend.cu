@@ -10,6 +10,7 @@
 
 #include <fmt/format.h>
 
+#include "chunks.hpp"
 #include "cuda_backend.hpp"
 #include "dsa/error.hpp"
 #include "dsa/precision.hpp"
@@ -56,6 +57,11 @@ class DeviceBuffer {
   size_t capacity_ = 0;
 };
 
+// Host rows (indexer operands, probability rows) per parallel range, and elements per range of
+// a bf16 conversion.
+constexpr int64_t kHostRows = 256;
+constexpr int64_t kHostElements = 1 << 18;
+
 __nv_bfloat16 as_bf16(float x) {
   const uint16_t bits = f32_to_bf16(x);
   __nv_bfloat16 out;
@@ -78,34 +84,41 @@ bool fp8_tensor_cores(const IndexerInputs& in, const IndexerConfig& config) {
   return config.precision == Precision::fp8 && in.heads == 64 && in.dim == 128;
 }
 
+// Rows are independent: they are prepared in parallel ranges on the host's threads.
 void prepare_operands(const Tensor& tensor, int64_t offset, int64_t count, int64_t dim,
                       const IndexerConfig& config, bool codes, IndexerOperands& out) {
   std::vector<float> rows(static_cast<size_t>(count * dim));
-  to_f32(tensor, offset * dim, count * dim, rows.data());
   out.scales.assign(static_cast<size_t>(count), 1.0f);
   if (config.precision == Precision::f32) {
-    prepare_indexer_rows(rows.data(), count, dim, config);
-    out.values_f32 = std::move(rows);
-    return;
-  }
-  if (codes) {
+    out.codes.clear();
+    out.values.clear();
+  } else if (codes) {
     out.codes.resize(rows.size());
   } else {
     out.values.resize(rows.size());
   }
-  for (int64_t r = 0; r < count; ++r) {
-    float* row = rows.data() + r * dim;
-    if (config.hadamard) hadamard_transform(row, dim);
-    if (config.precision == Precision::fp8)
-      out.scales[r] = fp8_quantize_block(row, dim, config.ue8m0);
-    for (int64_t i = 0; i < dim; ++i) {
-      if (codes) {
-        out.codes[r * dim + i] = f32_to_e4m3(row[i]);
-      } else {
-        out.values[r * dim + i] = as_bf16(row[i]);
+  detail::parallel_ranges(count, kHostRows, [&](int64_t begin, int64_t end) {
+    float* first = rows.data() + begin * dim;
+    to_f32(tensor, (offset + begin) * dim, (end - begin) * dim, first);
+    if (config.precision == Precision::f32) {
+      prepare_indexer_rows(first, end - begin, dim, config);
+      return;
+    }
+    for (int64_t r = begin; r < end; ++r) {
+      float* row = rows.data() + r * dim;
+      if (config.hadamard) hadamard_transform(row, dim);
+      if (config.precision == Precision::fp8)
+        out.scales[r] = fp8_quantize_block(row, dim, config.ue8m0);
+      for (int64_t i = 0; i < dim; ++i) {
+        if (codes) {
+          out.codes[r * dim + i] = f32_to_e4m3(row[i]);
+        } else {
+          out.values[r * dim + i] = as_bf16(row[i]);
+        }
       }
     }
-  }
+  });
+  if (config.precision == Precision::f32) out.values_f32 = std::move(rows);
 }
 
 void check_indexer_shape(const IndexerInputs& in, const IndexerConfig& config) {
@@ -247,23 +260,27 @@ class AttentionOnDevice {
     host_partial_.resize(static_cast<size_t>(groups * rows * stride));
     partial_.download(host_partial_.data(), host_partial_.size());
     const float inverse = 1.0f / static_cast<float>(in_.heads);
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t visible = in_.position(c0 + r) + 1;
-      for (int64_t s = 0; s < visible; ++s) {
-        float sum = 0.0f;
-        for (int64_t g = 0; g < groups; ++g) sum += host_partial_[(g * rows + r) * stride + s];
-        p[r * stride + s] = sum * inverse;
+    detail::parallel_ranges(rows, kHostRows, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t visible = in_.position(c0 + r) + 1;
+        for (int64_t s = 0; s < visible; ++s) {
+          float sum = 0.0f;
+          for (int64_t g = 0; g < groups; ++g) sum += host_partial_[(g * rows + r) * stride + s];
+          p[r * stride + s] = sum * inverse;
+        }
       }
-    }
+    });
   }
 
  private:
   void upload_bf16(const Tensor& t, int64_t offset, int64_t count,
                    DeviceBuffer<__nv_bfloat16>& dst) {
     staging_.resize(static_cast<size_t>(count));
-    to_f32(t, offset, count, staging_.data());
     converted_.resize(staging_.size());
-    for (size_t i = 0; i < staging_.size(); ++i) converted_[i] = as_bf16(staging_[i]);
+    detail::parallel_ranges(count, kHostElements, [&](int64_t begin, int64_t end) {
+      to_f32(t, offset + begin, end - begin, staging_.data() + begin);
+      for (int64_t i = begin; i < end; ++i) converted_[i] = as_bf16(staging_[i]);
+    });
     dst.upload(converted_.data(), converted_.size());
   }
   void upload_queries(int64_t c0, int64_t rows) {

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 
 #include "dsa/parallel.hpp"
 
@@ -15,6 +16,12 @@ inline int64_t chunk_rows(int64_t block, int64_t bytes_per_row, int64_t budget_b
   const int64_t affordable = budget_bytes / std::max<int64_t>(bytes_per_row, 1);
   return std::max(block, std::min(wanted, affordable / block * block));
 }
+
+// body(begin, end) over [0, n) in ranges of `grain` items on the OpenMP threads; each item must
+// be independent of the others, so the result does not depend on the thread count. Callable
+// from code that is not built with OpenMP (the CUDA backend's host side). The first exception
+// a range throws is rethrown here once every thread has stopped.
+void parallel_ranges(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& body);
 
 inline int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
