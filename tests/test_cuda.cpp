@@ -63,7 +63,9 @@ TEST(Cuda, IndexerScoresMatchTheCpu) {
                                IndexerCase{129, 129, 8, 64, 16, Precision::fp8, false},
                                IndexerCase{50, 80, 3, 20, 8, Precision::f32, false},
                                IndexerCase{1, 5000, 64, 128, 64, Precision::fp8, false},
-                               IndexerCase{77, 3000, 64, 128, 64, Precision::fp8, true}}) {
+                               IndexerCase{77, 3000, 64, 128, 64, Precision::fp8, true},
+                               IndexerCase{130, 130, 64, 128, 64, Precision::fp8, false},
+                               IndexerCase{131, 131, 64, 128, 64, Precision::fp8, true}}) {
     const Tensor q = test::random_tensor({c.queries, c.heads, c.dim}, rng);
     const Tensor k = test::random_tensor({c.keys, c.dim}, rng);
     const Tensor w = test::random_tensor({c.queries, c.heads}, rng);

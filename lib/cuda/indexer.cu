@@ -132,26 +132,33 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// The fp8 indexer on Hopper (H_I = 64, d_I = 128): one warpgroup per block of 2 queries, whose
-// 128 (query, head) rows are the B operand of wgmma (e4m3, in shared memory); each tile of 64
-// keys is the A operand, so the logits come out transposed, a key per accumulator row and a
-// (query, head) per column. A thread holds 16 heads of each query for two keys: the weighted
-// ReLU sum over the heads is 16 fused multiply-adds and two shuffles across the lane quad, in
-// registers. Key tiles arrive through cp.async, kKeyStages deep.
+// The fp8 indexer on Hopper (H_I = 64, d_I = 128): per block, GROUPS warpgroups of 2 queries
+// each, whose 128 (query, head) rows are the B operand of wgmma (e4m3, in shared memory); each
+// tile of 64 keys is the A operand, shared by the warpgroups of the block (one copy of the keys
+// from L2 feeds 2 GROUPS queries), so the logits come out transposed, a key per accumulator row
+// and a (query, head) per column. A thread holds 16 heads of each query for two keys: the
+// weighted ReLU sum over the heads is 16 fused multiply-adds and two shuffles across the lane
+// quad, in registers. Key tiles arrive through cp.async, kKeyStages deep.
 constexpr int kFp8Heads = 64;
 constexpr int kFp8Dim = 128;
-constexpr int kFp8Rows = 128;  // (query, head) rows: 2 queries
+constexpr int kFp8Rows = 128;  // (query, head) rows per warpgroup: 2 queries
 constexpr int kFp8Queries = kFp8Rows / kFp8Heads;
 constexpr int kKeyStages = 4;
-constexpr int kFp8Threads = 128;
-constexpr size_t kFp8Smem = 1024 + kFp8Rows * kFp8Dim + kKeyStages * kKeyTile * kFp8Dim;
+constexpr uint32_t kFp8TileBytes = kKeyTile * kFp8Dim;
 
-__global__ void __launch_bounds__(kFp8Threads, 3)
+template <int GROUPS>
+constexpr size_t fp8_smem() {
+  return 1024 + GROUPS * kFp8Rows * kFp8Dim + kKeyStages * kFp8TileBytes;
+}
+
+template <int GROUPS>
+__global__ void __launch_bounds__(128 * GROUPS, GROUPS == 1 ? 3 : 2)
     indexer_fp8_kernel(const uint8_t* __restrict__ q, const float* __restrict__ w,
                        const uint8_t* __restrict__ k, const float* __restrict__ k_scale, int rows,
                        int keys, int64_t first_position, float* __restrict__ scores, int64_t stride,
                        IndexerBatch batch, int key_span) {
   namespace wg = wgmma;
+  constexpr int threads = 128 * GROUPS;
   q += blockIdx.z * batch.q;
   w += blockIdx.z * batch.w;
   k += blockIdx.z * batch.k;
@@ -159,21 +166,27 @@ __global__ void __launch_bounds__(kFp8Threads, 3)
   scores += blockIdx.z * batch.scores;
   extern __shared__ unsigned char smem_raw[];
   const uint32_t raw = wg::shared_address(smem_raw);
-  const uint32_t q_s = raw + (1024 - raw % 1024) % 1024;  // 128 rows x 128 bytes, swizzled
-  const uint32_t k_s = q_s + kFp8Rows * kFp8Dim;          // kKeyStages tiles of 64 x 128 bytes
-  constexpr uint32_t kTileBytes = kKeyTile * kFp8Dim;
+  // GROUPS query tiles of 128 rows x 128 bytes, swizzled, then kKeyStages tiles of 64 x 128.
+  const uint32_t q_s = raw + (1024 - raw % 1024) % 1024;
+  const uint32_t k_s = q_s + GROUPS * kFp8Rows * kFp8Dim;
 
-  const int q0 = blockIdx.x * kFp8Queries;
+  // The longest rows (the last queries of a causal prefill) first, so the short ones fill the
+  // tail of the launch.
+  const int block_q0 = (gridDim.x - 1 - blockIdx.x) * GROUPS * kFp8Queries;
+  const int block_end = min(rows, block_q0 + GROUPS * kFp8Queries);
+  const int tid = threadIdx.x, group = tid / 128, warp = tid % 128 / 32, lane = tid % 32;
+  const int q0 = block_q0 + group * kFp8Queries;  // this warpgroup's queries
   const int q_end = min(rows, q0 + kFp8Queries);
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int pair = 2 * (lane % 4);
   const int key0 = warp * 16 + lane / 4, key1 = key0 + 8;  // this thread's rows of a tile
+  // Lane 4i + c of the quad writes query c / 2, key row c % 2 of each tile.
+  const int query = (lane % 4) / 2, which = lane % 2;
 
-  for (int i = tid; i < kFp8Rows * 8; i += kFp8Threads) {
-    const int row = i / 8, c = i % 8;
-    const bool valid = q0 + row / kFp8Heads < q_end;
+  for (int i = tid; i < GROUPS * kFp8Rows * 8; i += threads) {
+    const int row = i / 8, c = i % 8;  // row of the block's query tiles
+    const bool valid = block_q0 + row / kFp8Heads < block_end;
     const uint8_t* source =
-        valid ? q + (static_cast<int64_t>(q0) * kFp8Heads + row) * kFp8Dim + c * 16 : q;
+        valid ? q + (static_cast<int64_t>(block_q0) * kFp8Heads + row) * kFp8Dim + c * 16 : q;
     wg::copy_async_16(q_s + row * 128 + ((c ^ (row % 8)) * 16), source, valid);
   }
   // The weight of each (query, head) column this thread holds: n-group n, element e.
@@ -188,15 +201,17 @@ __global__ void __launch_bounds__(kFp8Threads, 3)
   }
   const int64_t key_begin = static_cast<int64_t>(blockIdx.y) * key_span;
   const int64_t key_end = min(static_cast<int64_t>(keys), key_begin + key_span);
-  const int64_t visible_end = min(key_end, first_position + q_end);
+  // Keys visible to the block's last query, and to this warpgroup's last.
+  const int64_t visible_end = min(key_end, first_position + block_end);
+  const int64_t group_visible_end = min(key_end, first_position + max(q_end, q0));
   const int64_t tiles =
       visible_end > key_begin ? (visible_end - key_begin + kKeyTile - 1) / kKeyTile : 0;
   // Starts copying tile `tile` into its stage (zeros past the last key); always commits a group
   // so that the wait counts below stay uniform.
   auto fetch = [&](int64_t tile) {
     if (tile < tiles) {
-      const uint32_t base = k_s + static_cast<uint32_t>(tile % kKeyStages) * kTileBytes;
-      for (int i = tid; i < kKeyTile * 8; i += kFp8Threads) {
+      const uint32_t base = k_s + static_cast<uint32_t>(tile % kKeyStages) * kFp8TileBytes;
+      for (int i = tid; i < kKeyTile * 8; i += threads) {
         const int j = i / 8, c = i % 8;
         const int64_t s = key_begin + tile * kKeyTile + j;
         wg::copy_async_16(base + j * 128 + ((c ^ (j % 8)) * 16),
@@ -208,18 +223,26 @@ __global__ void __launch_bounds__(kFp8Threads, 3)
 #pragma unroll
   for (int t = 0; t < kKeyStages - 1; ++t) fetch(t);
 
+  const uint32_t b = q_s + group * kFp8Rows * kFp8Dim;
   for (int64_t tile = 0; tile < tiles; ++tile) {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(kKeyStages - 2) : "memory");
     wg::fence_shared_for_tensor_cores();
     __syncthreads();  // the tile is in; every thread is done with the stage fetched next
     fetch(tile + kKeyStages - 1);
+    const int64_t tile_begin = key_begin + tile * kKeyTile;
+    // A warpgroup whose queries see none of this tile (the block's first queries near the
+    // diagonal, or no queries at all) skips it.
+    if (tile_begin >= group_visible_end) continue;
+    // The key's scale is loaded while the tensor cores run.
+    const int64_t s = tile_begin + (which ? key1 : key0);
+    const float key_scale = s < visible_end ? k_scale[s] : 0.0f;
     float logit[kFp8Rows / 2];
-    const uint32_t a = k_s + static_cast<uint32_t>(tile % kKeyStages) * kTileBytes;
+    const uint32_t a = k_s + static_cast<uint32_t>(tile % kKeyStages) * kFp8TileBytes;
     wg::fence();
 #pragma unroll
     for (int step = 0; step < kFp8Dim / 32; ++step) {
       wg::wgmma_m64n128_e4m3(logit, wg::descriptor(a + step * 32, 16, 1024),
-                             wg::descriptor(q_s + step * 32, 16, 1024), step > 0);
+                             wg::descriptor(b + step * 32, 16, 1024), step > 0);
     }
     wg::commit();
     wg::wait<0>();
@@ -241,20 +264,24 @@ __global__ void __launch_bounds__(kFp8Threads, 3)
         sum[i][1] += __shfl_xor_sync(0xffffffffu, sum[i][1], m);
       }
     }
-    // Lane 4i + c of the quad writes query c / 2, key row c % 2.
-    const int query = (lane % 4) / 2, which = lane % 2;
     const float value =
         query == 0 ? (which ? sum[0][1] : sum[0][0]) : (which ? sum[1][1] : sum[1][0]);
-    const int64_t s = key_begin + tile * kKeyTile + (which ? key1 : key0);
     if (q0 + query < q_end && s < visible_end) {
       const int64_t position = first_position + q0 + query;
       scores[static_cast<int64_t>(q0 + query) * stride + s] =
-          s <= position ? value * k_scale[s] : -INFINITY;
+          s <= position ? value * key_scale : -INFINITY;
     }
   }
   asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+  // -inf past what this warpgroup wrote: keys its queries do not see (the tiles it skipped,
+  // the block's tiles past the visible keys, and any keys the block never read).
+  const int64_t written_end =
+      group_visible_end > key_begin
+          ? key_begin + (group_visible_end - key_begin + kKeyTile - 1) / kKeyTile * kKeyTile
+          : key_begin;
+  const int64_t tail = max(key_begin, min(written_end, visible_end));
   for (int local = 0; local < q_end - q0; ++local) {
-    for (int64_t s = max(visible_end, key_begin) + tid; s < key_end; s += kFp8Threads)
+    for (int64_t s = tail + tid % 128; s < key_end; s += 128)
       scores[(q0 + local) * stride + s] = -INFINITY;
   }
 }
@@ -321,14 +348,23 @@ void launch_indexer_fp8(const uint8_t* q, const float* w, const uint8_t* k, cons
                         int rows, int keys, int64_t first_position, float* scores, int64_t stride,
                         cudaStream_t stream, const IndexerBatch& batch) {
   if (rows == 0 || batch.count == 0) return;
-  check(cudaFuncSetAttribute(indexer_fp8_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(kFp8Smem)),
-        "cudaFuncSetAttribute(indexer fp8)");
-  const int query_blocks = (rows + kFp8Queries - 1) / kFp8Queries;
-  const int key_span = key_span_for(query_blocks * batch.count, keys);
-  const dim3 grid(query_blocks, (std::max(keys, 1) + key_span - 1) / key_span, batch.count);
-  indexer_fp8_kernel<<<grid, kFp8Threads, kFp8Smem, stream>>>(
-      q, w, k, k_scale, rows, keys, first_position, scores, stride, batch, key_span);
+  // Two warpgroups (4 queries) share each key tile, unless there are too few queries (decode).
+  auto launch = [&](auto kernel, int groups, size_t smem) {
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(smem)),
+          "cudaFuncSetAttribute(indexer fp8)");
+    const int per_block = groups * kFp8Queries;
+    const int query_blocks = (rows + per_block - 1) / per_block;
+    const int key_span = key_span_for(query_blocks * batch.count, keys);
+    const dim3 grid(query_blocks, (std::max(keys, 1) + key_span - 1) / key_span, batch.count);
+    kernel<<<grid, 128 * groups, smem, stream>>>(q, w, k, k_scale, rows, keys, first_position,
+                                                 scores, stride, batch, key_span);
+  };
+  if (rows > kFp8Queries) {
+    launch(indexer_fp8_kernel<2>, 2, fp8_smem<2>());
+  } else {
+    launch(indexer_fp8_kernel<1>, 1, fp8_smem<1>());
+  }
   check(cudaGetLastError(), "indexer fp8 kernel launch");
 }
 
