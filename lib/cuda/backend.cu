@@ -89,13 +89,12 @@ void prepare_operands(const Tensor& tensor, int64_t offset, int64_t count, int64
                       const IndexerConfig& config, bool codes, IndexerOperands& out) {
   std::vector<float> rows(static_cast<size_t>(count * dim));
   out.scales.assign(static_cast<size_t>(count), 1.0f);
-  if (config.precision == Precision::f32) {
-    out.codes.clear();
-    out.values.clear();
-  } else if (codes) {
-    out.codes.resize(rows.size());
-  } else {
-    out.values.resize(rows.size());
+  if (config.precision != Precision::f32) {
+    if (codes) {
+      out.codes.resize(rows.size());
+    } else {
+      out.values.resize(rows.size());
+    }
   }
   detail::parallel_ranges(count, kHostRows, [&](int64_t begin, int64_t end) {
     float* first = rows.data() + begin * dim;

@@ -3,6 +3,7 @@
 #include <mma.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "dsa/error.hpp"
 #include "kernels.cuh"
@@ -349,7 +350,10 @@ void launch_indexer_fp8(const uint8_t* q, const float* w, const uint8_t* k, cons
                         cudaStream_t stream, const IndexerBatch& batch) {
   if (rows == 0 || batch.count == 0) return;
   // Two warpgroups (4 queries) share each key tile, unless there are too few queries (decode).
-  auto launch = [&](auto kernel, int groups, size_t smem) {
+  auto launch = [&](auto warpgroups) {
+    constexpr int groups = decltype(warpgroups)::value;
+    const auto kernel = indexer_fp8_kernel<groups>;
+    constexpr size_t smem = fp8_smem<groups>();
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                static_cast<int>(smem)),
           "cudaFuncSetAttribute(indexer fp8)");
@@ -361,9 +365,9 @@ void launch_indexer_fp8(const uint8_t* q, const float* w, const uint8_t* k, cons
                                                  scores, stride, batch, key_span);
   };
   if (rows > kFp8Queries) {
-    launch(indexer_fp8_kernel<2>, 2, fp8_smem<2>());
+    launch(std::integral_constant<int, 2>{});
   } else {
-    launch(indexer_fp8_kernel<1>, 1, fp8_smem<1>());
+    launch(std::integral_constant<int, 1>{});
   }
   check(cudaGetLastError(), "indexer fp8 kernel launch");
 }
