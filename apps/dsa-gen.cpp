@@ -1,8 +1,12 @@
 // dsa-gen: a deterministic synthetic workload (main attention with sinks, a local window and
 // far needles, plus a noisy indexer view of it) in one .safetensors file.
+#include <algorithm>
 #include <optional>
 
+#include <fmt/ranges.h>
+
 #include "common.hpp"
+#include "dsa/error.hpp"
 #include "dsa/io.hpp"
 #include "dsa/precision.hpp"
 #include "dsa/workload.hpp"
@@ -53,6 +57,7 @@ int main(int argc, char** argv) {
       "dsa-gen");
   dsa::app::CommonOptions common;
   std::string preset = "small", dtype = "f32";
+  std::vector<std::string> only;
   std::optional<int64_t> length, heads, d_qk, d_v, indexer_heads, indexer_dim, sinks, window,
       needles, needle_distance, rank, hidden;
   std::optional<double> sink_logit, local_logit, needle_logit, noise, indexer_noise;
@@ -86,6 +91,9 @@ int main(int argc, char** argv) {
   app.add_option("--dtype", dtype, "Dtype of the floating-point tensors: f32 or bf16")
       ->check(CLI::IsMember({"f32", "bf16"}))
       ->capture_default_str();
+  app.add_option("--only", only,
+                 "Write only these tensors, by name (e.g. hidden,q,kv); default: every one")
+      ->delimiter(',');
   dsa::app::add_common_options(app, common);
 
   return dsa::app::run(app, argc, argv, common, [&] {
@@ -121,6 +129,19 @@ int main(int argc, char** argv) {
     if (config.hidden > 0) {
       tensors.push_back(w.hidden);
       for (dsa::Tensor& t : dsa::indexer_weight_tensors(w.indexer)) tensors.push_back(t);
+    }
+    if (!only.empty()) {
+      std::vector<std::string> names;
+      for (const dsa::Tensor& t : tensors) names.push_back(t.name);
+      for (const std::string& name : only) {
+        if (std::find(names.begin(), names.end(), name) == names.end()) {
+          dsa::bad_usage("--only: this workload has no tensor '{}' (it has: {})", name,
+                         fmt::join(names, ", "));
+        }
+      }
+      std::erase_if(tensors, [&](const dsa::Tensor& t) {
+        return std::find(only.begin(), only.end(), t.name) == only.end();
+      });
     }
     w = {};  // each f32 tensor now lives only in `tensors`: its bf16 copy frees it
     if (dtype == "bf16") {

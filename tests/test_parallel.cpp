@@ -224,7 +224,8 @@ TEST_F(CpuKernels, ParallelRangesCoverEveryItemOnceAndRethrow) {
   }
   EXPECT_THROW(detail::parallel_ranges(100, 10,
                                        [](int64_t begin, int64_t) {
-                                         if (begin == 50) throw Error(ExitCode::bad_input, "range 50");
+                                         if (begin == 50)
+                                           throw Error(ExitCode::bad_input, "range 50");
                                        }),
                Error);
 }

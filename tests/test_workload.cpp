@@ -557,6 +557,24 @@ TEST_F(Gen, HiddenStatesInBf16StayExact) {
   }
 }
 
+TEST_F(Gen, OnlyWritesTheNamedTensorsWithTheSameBytes) {
+  const std::string gen =
+      "dsa-gen --length 96 --needles 2 --needle-distance 20 --hidden 200 "
+      "--dtype bf16 -q ";
+  ASSERT_EQ(run(gen + "-o all.safetensors"), 0) << err_;
+  ASSERT_EQ(run(gen + "--only wk.weight,q,hidden -o part.safetensors"), 0) << err_;
+  // In the workload's order, whatever the order asked.
+  EXPECT_EQ(safetensors_names(path("part.safetensors")),
+            (std::vector<std::string>{"q", "hidden", "wk.weight"}));
+  for (const std::string name : {"q", "hidden", "wk.weight"}) {
+    const Tensor all = read_tensor(path("all.safetensors:" + name));
+    const Tensor part = read_tensor(path("part.safetensors:" + name));
+    EXPECT_EQ(part.shape, all.shape) << name;
+    EXPECT_EQ(part.dtype, all.dtype) << name;
+    EXPECT_EQ(std::memcmp(part.data, all.data, all.nbytes()), 0) << name;
+  }
+}
+
 TEST_F(Gen, UsageErrorsLeaveNoOutput) {
   EXPECT_EQ(run("dsa-gen -o -"), 2);
   EXPECT_NE(err_.find(".safetensors"), std::string::npos) << err_;
@@ -570,6 +588,13 @@ TEST_F(Gen, UsageErrorsLeaveNoOutput) {
   EXPECT_EQ(run("dsa-gen --length 0 -o w.safetensors"), 2);
   EXPECT_EQ(run("dsa-gen --hidden 64 -o w.safetensors"), 2);
   EXPECT_NE(err_.find("hidden (d_model) 64"), std::string::npos) << err_;
+  // wq_b.weight exists only with --hidden.
+  EXPECT_EQ(run("dsa-gen --only q,wq_b.weight -o w.safetensors"), 2);
+  EXPECT_NE(err_.find("--only: this workload has no tensor 'wq_b.weight' (it has: q, kv, "
+                      "q_index, k_index, weights, needles)"),
+            std::string::npos)
+      << err_;
+  EXPECT_EQ(std::count(err_.begin(), err_.end(), '\n'), 1) << err_;
   EXPECT_TRUE(fs::is_empty(dir_));
 }
 
