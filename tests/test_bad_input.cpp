@@ -65,6 +65,45 @@ TEST_F(BadInput, EmptyFile) {
   expect_failure(piped, 3, {"<stdin> is empty"}, {"empty.npy"});
 }
 
+TEST_F(BadInput, EndlessStreams) {
+  // A stream is checked as it is read and read no further than its header declares, plus the
+  // one byte that must not be there: read whole, these would never end. `timeout` makes a
+  // regression fail (exit 124) instead of hanging.
+  const std::string score = "timeout 10 dsa-score --k-index k.npy --weights w.npy -o s.npy ";
+  expect_failure(run(score + "--q-index /dev/zero"), 3,
+                 {"/dev/zero: neither a .npy nor a .safetensors file"});
+  expect_failure(
+      run("cat q.npy /dev/zero | " + score + "--q-index -"), 3,
+      {"<stdin>: the stream holds more than the 6144 bytes of data its header declares"});
+  write_safetensors(path("q.safetensors"), {read_tensor(path("q.npy"))});
+  expect_failure(run("cat q.safetensors /dev/zero | " + score + "--q-index -"), 3,
+                 {"<stdin>: the stream holds more than the 6144 bytes of data its header declares"},
+                 {"q.safetensors"});
+  // A header declaring more data than memory can hold (1 PiB): refused before any is read.
+  std::string header = test::slurp(dir_ / "q.npy");
+  header.resize(header.size() - 6144);
+  header.replace(header.find("(24, 4, 16)"), 11, "(4398046511104, 4, 16)");
+  header.erase(header.size() - 12, 11);  // as much padding as the shape grew
+  std::ofstream(path("huge.npy"), std::ios::binary) << header;
+  expect_failure(run("cat huge.npy /dev/zero | " + score + "--q-index -"), 3,
+                 {"<stdin>: header declares 1125899906842624 bytes of data, more than the",
+                  "bytes of memory a stream is read into"},
+                 {"q.safetensors", "huge.npy"});
+}
+
+TEST_F(BadInput, StreamsThatEndWithTheirDataAreRead) {
+  const std::string score = " dsa-score --k-index k.npy --weights w.npy -q --q-index ";
+  ASSERT_EQ(run(score + "q.npy -o file.npy").code, 0);
+  const Outcome npy = run("cat q.npy | timeout 10" + score + "- -o npy.npy");
+  ASSERT_EQ(npy.code, 0) << npy.err;
+  write_safetensors(path("q.safetensors"), {read_tensor(path("q.npy"))});
+  const Outcome safetensors = run("cat q.safetensors | timeout 10" + score + "- -o st.npy");
+  ASSERT_EQ(safetensors.code, 0) << safetensors.err;
+  const std::string expected = test::slurp(dir_ / "file.npy");
+  EXPECT_EQ(test::slurp(dir_ / "npy.npy"), expected);
+  EXPECT_EQ(test::slurp(dir_ / "st.npy"), expected);
+}
+
 TEST_F(BadInput, TruncatedData) {
   const std::string full = test::slurp(dir_ / "q.npy");
   std::ofstream(path("cut.npy"), std::ios::binary) << full.substr(0, full.size() - 10);

@@ -5,15 +5,19 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
 #include <limits>
+#include <mutex>
 #include <random>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 #include "dsa/error.hpp"
@@ -577,6 +581,133 @@ TEST_F(Io, SafetensorsHeaderFramingIsChecked) {
   EXPECT_TRUE(fails_with_bad_input([&] { read_tensor(no_tensors); }, {no_tensors, "0 tensors"}));
   EXPECT_TRUE(fails_with_bad_input([&] { safetensors_names(path("absent.safetensors")); },
                                    {path("absent.safetensors")}));
+}
+
+// --- streams -------------------------------------------------------------------------------------
+
+// A pipe, read as /dev/fd/N, whose writer sends `bytes` (few enough for the pipe's buffer) and
+// then, if `held_open`, keeps the stream open, as an endless one would, until the reader is done
+// or 10 seconds pass: a reader that waits for more than it should is caught by the latter.
+class PipeStream {
+ public:
+  PipeStream(std::string bytes, bool held_open) {
+    int ends[2];
+    if (::pipe(ends) != 0) throw std::runtime_error("pipe failed");
+    read_end_ = ends[0];
+    writer_ = std::thread([this, bytes = std::move(bytes), held_open, write_end = ends[1]] {
+      for (std::size_t sent = 0; sent < bytes.size();) {
+        const ssize_t n = ::write(write_end, bytes.data() + sent, bytes.size() - sent);
+        if (n <= 0) break;
+        sent += static_cast<std::size_t>(n);
+      }
+      if (held_open) {
+        std::unique_lock<std::mutex> lock(mutex_);
+        gave_up_ = !reader_done_changed_.wait_for(lock, std::chrono::seconds(10),
+                                                  [this] { return reader_done_; });
+      }
+      ::close(write_end);
+    });
+  }
+  PipeStream(const PipeStream&) = delete;
+  PipeStream& operator=(const PipeStream&) = delete;
+  ~PipeStream() { finish(); }
+
+  std::string path() const { return "/dev/fd/" + std::to_string(read_end_); }
+
+  // Ends the stream; false when the writer had given up waiting for the reader.
+  bool reader_was_in_time() {
+    finish();
+    return !gave_up_;
+  }
+
+ private:
+  void finish() {
+    if (!writer_.joinable()) return;
+    {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      reader_done_ = true;
+    }
+    reader_done_changed_.notify_one();
+    writer_.join();
+    ::close(read_end_);
+  }
+
+  int read_end_ = -1;
+  std::thread writer_;
+  std::mutex mutex_;
+  std::condition_variable reader_done_changed_;
+  bool reader_done_ = false;
+  bool gave_up_ = false;
+};
+
+TEST_F(Io, StreamsOfEitherFormatAreRead) {
+  const std::string npy = npy_bytes(3, "{'descr': '<f4', 'fortran_order': False, 'shape': (3,), }",
+                                    f32_data({1, 2, 3}));
+  PipeStream npy_stream(npy, false);
+  EXPECT_EQ(to_f32(read_tensor(npy_stream.path())), (std::vector<float>{1, 2, 3}));
+  const std::string safetensors = safetensors_bytes(
+      R"({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}})", f32_data({5, 6}));
+  PipeStream safetensors_stream(safetensors, false);
+  const Tensor a = read_tensor(safetensors_stream.path());
+  EXPECT_EQ(a.name, safetensors_stream.path() + ":a");
+  EXPECT_EQ(to_f32(a), (std::vector<float>{5, 6}));
+  PipeStream names_stream(safetensors, false);
+  EXPECT_EQ(safetensors_names(names_stream.path()), std::vector<std::string>{"a"});
+}
+
+TEST_F(Io, StreamCutShortGetsTheMessagesOfAFileCutShort) {
+  const std::string whole = npy_f32_bytes("(3, 4)", 48);
+  PipeStream empty("", false);
+  EXPECT_TRUE(fails_with_bad_input([&] { read_tensor(empty.path()); }, {"is empty"}));
+  PipeStream header_cut(whole.substr(0, 40), false);
+  EXPECT_TRUE(fails_with_bad_input([&] { read_tensor(header_cut.path()); },
+                                   {header_cut.path(), "truncated .npy header"}));
+  PipeStream data_cut(whole.substr(0, whole.size() - 4), false);
+  EXPECT_TRUE(fails_with_bad_input([&] { read_tensor(data_cut.path()); },
+                                   {data_cut.path(), "48 bytes", "but the file holds 44 bytes"}));
+  PipeStream safetensors_cut(
+      safetensors_bytes(R"({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}})",
+                        std::string(12, '\0')),
+      false);
+  EXPECT_TRUE(fails_with_bad_input([&] { read_tensor(safetensors_cut.path()); },
+                                   {safetensors_cut.path(), "outside the 12 bytes"}));
+}
+
+TEST_F(Io, StreamIsCheckedBeforeItEnds) {
+  // Each stream stays open after its bytes: every verdict must come from what was read so far.
+  const std::string npy = npy_f32_bytes("(3,)", 12);
+  const std::string safetensors = safetensors_bytes(
+      R"({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}})", f32_data({5, 6}));
+  const std::vector<std::pair<std::string, std::vector<std::string>>> cases = {
+      {std::string(64, '\0'), {"neither a .npy nor a .safetensors file"}},
+      {"hello, world\n", {"neither a .npy nor a .safetensors file"}},
+      {npy + "more", {"the stream holds more than the 12 bytes of data its header declares"}},
+      {safetensors + npy, {"the stream holds more than the 8 bytes of data its header declares"}},
+      {std::string("\x93NUMPY\x02\0", 8) + little_endian(2u << 20, 4) + "{'descr'",
+       {".npy header of 2097152 bytes is larger than the 1048576 allowed"}},
+      {little_endian(200ull << 20, 8) + "{}", {".safetensors header of", "larger than"}},
+      {npy_bytes(1, "{'descr': '<f4', 'shape': (2,), }", ""), {"malformed .npy header"}},
+      {npy_f32_bytes("(1125899906842624,)", 0), {"bytes of memory a stream is read into"}},
+      {safetensors_bytes(R"({"a": {"dtype": "U8", "shape": [1152921504606846976], "data_offsets": )"
+                         R"([0, 1152921504606846976]}})",
+                         ""),
+       {"header declares 1152921504606846976 bytes of data"}},
+  };
+  for (const auto& [bytes, needles] : cases) {
+    SCOPED_TRACE(needles.front());
+    PipeStream stream(bytes, true);
+    try {
+      read_tensor(stream.path());
+      ADD_FAILURE() << "read";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ExitCode::bad_input);
+      const std::string message = e.what();
+      EXPECT_EQ(message.rfind(stream.path(), 0), 0u) << message;
+      for (const auto& needle : needles)
+        EXPECT_NE(message.find(needle), std::string::npos) << message;
+    }
+    EXPECT_TRUE(stream.reader_was_in_time()) << "the reader waited for the stream to end";
+  }
 }
 
 // --- outputs -----------------------------------------------------------------------------------

@@ -16,7 +16,9 @@
 #include <fstream>
 #include <iostream>
 #include <iterator>
+#include <limits>
 #include <map>
+#include <memory>
 #include <optional>
 #include <tuple>
 
@@ -55,17 +57,6 @@ int64_t header_numel(const Shape& shape, const std::string& where) {
   } catch (const Error& e) {
     bad_input("{}: {}", where, e.what());
   }
-}
-
-// Bytes of a whole stream, kept alive by a shared buffer.
-std::shared_ptr<std::vector<std::byte>> slurp(std::FILE* file, const std::string& name) {
-  auto buffer = std::make_shared<std::vector<std::byte>>();
-  std::byte chunk[1 << 16];
-  std::size_t n;
-  while ((n = std::fread(chunk, 1, sizeof chunk, file)) > 0)
-    buffer->insert(buffer->end(), chunk, chunk + n);
-  if (std::ferror(file)) bad_input("{}: read error: {}", name, errno_text());
-  return buffer;
 }
 
 // --- npy header: a Python dict literal -------------------------------------------------
@@ -290,8 +281,16 @@ FileFormat format_of(const std::string& path) {
   return ends_with(path, ".safetensors") ? FileFormat::safetensors : FileFormat::npy;
 }
 
-Tensor parse_npy(const std::byte* bytes, std::size_t size, const std::string& name,
-                 std::shared_ptr<const void> keep) {
+namespace {
+
+// Where an npy header lies, from the file's first 12 bytes at most: magic, version and the
+// header's length, bounded before the header is read.
+struct NpyHeaderBounds {
+  std::size_t begin, end;
+};
+
+NpyHeaderBounds npy_header_bounds(const std::byte* bytes, std::size_t size,
+                                  const std::string& name) {
   if (size < 10) bad_input("{}: truncated .npy file ({} bytes)", name, size);
   if (std::memcmp(bytes, kNpyMagic.data(), kNpyMagic.size()) != 0) {
     bad_input("{}: not a .npy file (bad magic)", name);
@@ -305,8 +304,16 @@ Tensor parse_npy(const std::byte* bytes, std::size_t size, const std::string& na
     bad_input("{}: .npy header of {} bytes is larger than the {} allowed", name, header_size,
               kMaxNpyHeader);
   }
-  if (prefix + header_size > size) bad_input("{}: truncated .npy header", name);
-  const std::string_view text(reinterpret_cast<const char*>(bytes + prefix), header_size);
+  return {prefix, prefix + header_size};
+}
+
+// The dtype and shape an npy header declares; its data begins at `data_start`.
+Tensor npy_header_tensor(const std::byte* bytes, std::size_t size, const std::string& name,
+                         std::size_t* data_start) {
+  const NpyHeaderBounds bounds = npy_header_bounds(bytes, size, name);
+  if (bounds.end > size) bad_input("{}: truncated .npy header", name);
+  const std::string_view text(reinterpret_cast<const char*>(bytes + bounds.begin),
+                              bounds.end - bounds.begin);
   const NpyHeader header = HeaderParser(text, name).parse();
 
   Tensor tensor;
@@ -317,7 +324,17 @@ Tensor parse_npy(const std::byte* bytes, std::size_t size, const std::string& na
     bad_input("{}: Fortran-ordered arrays are not supported (save with np.ascontiguousarray)",
               name);
   }
-  const std::size_t available = size - prefix - header_size;
+  *data_start = bounds.end;
+  return tensor;
+}
+
+}  // namespace
+
+Tensor parse_npy(const std::byte* bytes, std::size_t size, const std::string& name,
+                 std::shared_ptr<const void> keep) {
+  std::size_t data_start = 0;
+  Tensor tensor = npy_header_tensor(bytes, size, name, &data_start);
+  const std::size_t available = size - data_start;
   const int64_t numel = header_numel(tensor.shape, name);
   if (static_cast<uint64_t>(numel) > available / dtype_size(tensor.dtype) + 1 ||
       tensor.nbytes() != available) {
@@ -325,7 +342,7 @@ Tensor parse_npy(const std::byte* bytes, std::size_t size, const std::string& na
               dtype_name(tensor.dtype), shape_string(tensor.shape),
               static_cast<uint64_t>(numel) * dtype_size(tensor.dtype), available);
   }
-  tensor.data = bytes + prefix + header_size;
+  tensor.data = bytes + data_start;
   tensor.storage = std::move(keep);
   return tensor;
 }
@@ -339,25 +356,33 @@ struct SafetensorsEntry {
   uint64_t begin, end;
 };
 
-std::vector<SafetensorsEntry> safetensors_entries(const std::byte* bytes, std::size_t size,
-                                                  const std::string& name,
-                                                  std::size_t* data_start) {
+// The length of a safetensors header, from the file's first 8 bytes, bounded before the header
+// is read.
+uint64_t safetensors_header_size(const std::byte* bytes, std::size_t size,
+                                 const std::string& name) {
   if (size < 8) bad_input("{}: truncated .safetensors file ({} bytes)", name, size);
   const uint64_t header_size = read_le(bytes, 8);
   if (header_size > kMaxSafetensorsHeader) {
     bad_input("{}: .safetensors header of {} bytes is larger than the {} allowed", name,
               header_size, kMaxSafetensorsHeader);
   }
-  if (8 + header_size > size) bad_input("{}: truncated .safetensors header", name);
+  return header_size;
+}
+
+// The entries of the `header_size` bytes of JSON at `header_bytes`, each checked against the
+// `data_size` bytes of data that follow it.
+std::vector<SafetensorsEntry> safetensors_header_entries(const std::byte* header_bytes,
+                                                         uint64_t header_size, uint64_t data_size,
+                                                         const std::string& name) {
   nlohmann::ordered_json header;
   try {
-    header = nlohmann::ordered_json::parse(reinterpret_cast<const char*>(bytes + 8),
-                                           reinterpret_cast<const char*>(bytes + 8 + header_size));
+    header =
+        nlohmann::ordered_json::parse(reinterpret_cast<const char*>(header_bytes),
+                                      reinterpret_cast<const char*>(header_bytes + header_size));
   } catch (const nlohmann::json::exception& e) {
     bad_input("{}: .safetensors header is not valid JSON: {}", name, e.what());
   }
   if (!header.is_object()) bad_input("{}: .safetensors header is not a JSON object", name);
-  const uint64_t data_size = size - 8 - header_size;
   std::vector<SafetensorsEntry> entries;
   for (const auto& [key, value] : header.items()) {
     if (key == "__metadata__") continue;
@@ -416,8 +441,16 @@ std::vector<SafetensorsEntry> safetensors_entries(const std::byte* bytes, std::s
                 sorted[i]->name);
     }
   }
-  *data_start = 8 + header_size;
   return entries;
+}
+
+std::vector<SafetensorsEntry> safetensors_entries(const std::byte* bytes, std::size_t size,
+                                                  const std::string& name,
+                                                  std::size_t* data_start) {
+  const uint64_t header_size = safetensors_header_size(bytes, size, name);
+  if (8 + header_size > size) bad_input("{}: truncated .safetensors header", name);
+  *data_start = 8 + header_size;
+  return safetensors_header_entries(bytes + 8, header_size, size - 8 - header_size, name);
 }
 
 struct Mapping {
@@ -426,11 +459,96 @@ struct Mapping {
   std::shared_ptr<const void> keep;
 };
 
-Mapping map_file(const std::string& path) {
-  if (path == "-") {
-    auto buffer = slurp(stdin, "<stdin>");
-    return {buffer->data(), buffer->size(), buffer};
+bool looks_like_npy(const std::byte* bytes, std::size_t size) {
+  return size >= kNpyMagic.size() && std::memcmp(bytes, kNpyMagic.data(), kNpyMagic.size()) == 0;
+}
+
+bool looks_like_safetensors(const std::byte* bytes, std::size_t size) {
+  return size >= 9 && static_cast<char>(bytes[8]) == '{';  // the JSON header's opening brace
+}
+
+// Reads from `file` until `buffer` holds `size` bytes or the stream ends; the buffer grows by
+// doubling but never beyond `size`, so a header that overstates its data costs no memory
+// until the data arrives.
+void read_up_to(std::FILE* file, std::vector<std::byte>& buffer, std::size_t size,
+                const std::string& name) {
+  while (buffer.size() < size) {
+    const std::size_t had = buffer.size();
+    const std::size_t chunk = std::min<std::size_t>(size - had, 1 << 20);
+    if (buffer.capacity() < had + chunk) {
+      buffer.reserve(std::min(size, std::max(had + chunk, 2 * had)));
+    }
+    buffer.resize(had + chunk);
+    const std::size_t n = std::fread(buffer.data() + had, 1, chunk, file);
+    buffer.resize(had + n);
+    if (n < chunk) {
+      if (std::ferror(file)) bad_input("{}: read error: {}", name, errno_text());
+      return;
+    }
   }
+}
+
+uint64_t physical_memory() {
+  const long pages = ::sysconf(_SC_PHYS_PAGES), page_size = ::sysconf(_SC_PAGE_SIZE);
+  if (pages <= 0 || page_size <= 0) return std::numeric_limits<uint64_t>::max();
+  return static_cast<uint64_t>(pages) * static_cast<uint64_t>(page_size);
+}
+
+// A stream (stdin, a pipe, a device) has no size to check and cannot be mapped, and it may
+// never end (/dev/zero): it is read part by part, each checked before the next is read (the
+// format, the header's length, the header), then exactly the data its header declares and one
+// byte more, which must not be there. Bytes that are neither format, or a stream cut short,
+// come back as they are, for read_tensor and the parsers to report as they do for a file.
+Mapping read_stream(std::FILE* file, const std::string& name) {
+  auto buffer = std::make_shared<std::vector<std::byte>>();
+  std::vector<std::byte>& bytes = *buffer;
+  const auto so_far = [&]() -> Mapping { return {bytes.data(), bytes.size(), buffer}; };
+  constexpr uint64_t kUnbounded = std::numeric_limits<uint64_t>::max();
+  read_up_to(file, bytes, 9, name);  // enough to tell the formats apart
+  std::size_t data_start = 0;
+  uint64_t data_size = 0;
+  if (looks_like_npy(bytes.data(), bytes.size())) {
+    // The longest prefix (v2, v3); no valid v1 file ends within its first 12 bytes either.
+    read_up_to(file, bytes, 12, name);
+    const std::size_t header_end = npy_header_bounds(bytes.data(), bytes.size(), name).end;
+    read_up_to(file, bytes, header_end, name);
+    if (bytes.size() < header_end) return so_far();
+    const Tensor header = npy_header_tensor(bytes.data(), bytes.size(), name, &data_start);
+    const auto numel = static_cast<uint64_t>(header_numel(header.shape, name));
+    const uint64_t item = dtype_size(header.dtype);
+    data_size = numel > kUnbounded / item ? kUnbounded : numel * item;
+  } else if (looks_like_safetensors(bytes.data(), bytes.size())) {
+    const uint64_t header_size = safetensors_header_size(bytes.data(), bytes.size(), name);
+    data_start = 8 + header_size;
+    read_up_to(file, bytes, data_start, name);
+    if (bytes.size() < data_start) return so_far();
+    // The data is yet to come: its size is the largest end offset.
+    for (const auto& entry :
+         safetensors_header_entries(bytes.data() + 8, header_size, kUnbounded, name)) {
+      data_size = std::max(data_size, entry.end);
+    }
+  } else {
+    return so_far();
+  }
+  const uint64_t memory = physical_memory();
+  if (data_size > memory - data_start) {
+    bad_input(
+        "{}: header declares {} bytes of data, more than the {} bytes of memory a stream "
+        "is read into",
+        name, data_size, memory);
+  }
+  const std::size_t end = data_start + data_size;
+  read_up_to(file, bytes, end, name);
+  if (bytes.size() > end || (bytes.size() == end && std::fgetc(file) != EOF)) {
+    bad_input("{}: the stream holds more than the {} bytes of data its header declares", name,
+              data_size);
+  }
+  if (std::ferror(file)) bad_input("{}: read error: {}", name, errno_text());
+  return so_far();
+}
+
+Mapping map_file(const std::string& path) {
+  if (path == "-") return read_stream(stdin, "<stdin>");
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) bad_input("cannot open '{}': {}", path, errno_text());
   struct stat st {};
@@ -442,11 +560,13 @@ Mapping map_file(const std::string& path) {
     ::close(fd);
     bad_input("'{}' is a directory, not a tensor file", path);
   }
-  if (!S_ISREG(st.st_mode)) {  // a pipe or process substitution: read it whole
-    std::FILE* file = ::fdopen(fd, "rb");
-    auto buffer = slurp(file, path);
-    std::fclose(file);
-    return {buffer->data(), buffer->size(), buffer};
+  if (!S_ISREG(st.st_mode)) {  // a pipe, a device or process substitution
+    const std::unique_ptr<std::FILE, int (*)(std::FILE*)> file(::fdopen(fd, "rb"), std::fclose);
+    if (file == nullptr) {
+      ::close(fd);
+      bad_input("cannot open '{}': {}", path, errno_text());
+    }
+    return read_stream(file.get(), path);
   }
   const auto size = static_cast<std::size_t>(st.st_size);
   if (size == 0) {
@@ -459,11 +579,6 @@ Mapping map_file(const std::string& path) {
   std::shared_ptr<const void> keep(addr,
                                    [size](const void* p) { ::munmap(const_cast<void*>(p), size); });
   return {static_cast<const std::byte*>(addr), size, keep};
-}
-
-bool looks_like_npy(const Mapping& m) {
-  return m.size >= kNpyMagic.size() &&
-         std::memcmp(m.bytes, kNpyMagic.data(), kNpyMagic.size()) == 0;
 }
 
 }  // namespace
@@ -509,12 +624,12 @@ Tensor read_tensor(const std::string& spec) {
   const TensorSpec parsed = spec == "-" ? TensorSpec{"-", ""} : parse_tensor_spec(spec);
   const std::string name = parsed.path == "-" ? "<stdin>" : parsed.path;
   const Mapping m = map_file(parsed.path);
-  if (looks_like_npy(m)) {
+  if (looks_like_npy(m.bytes, m.size)) {
     if (!parsed.tensor.empty())
       bad_input("{} is a .npy file: it has no tensor '{}'", name, parsed.tensor);
     return parse_npy(m.bytes, m.size, name, m.keep);
   }
-  if (m.size >= 9 && static_cast<char>(m.bytes[8]) == '{') {
+  if (looks_like_safetensors(m.bytes, m.size)) {
     return parse_safetensors(m.bytes, m.size, name, parsed.tensor, m.keep);
   }
   if (m.size == 0) bad_input("{} is empty", name);

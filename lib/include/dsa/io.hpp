@@ -23,7 +23,9 @@ TensorSpec parse_tensor_spec(const std::string& spec);
 enum class FileFormat { npy, safetensors };
 FileFormat format_of(const std::string& path);  // by extension; `-` and others are npy
 
-// Reads a tensor. Regular files are memory-mapped; `-` reads an npy stream from stdin.
+// Reads a tensor. Regular files are memory-mapped; `-` (stdin) and other streams (pipes,
+// devices) are read part by part, the format and header checked first, and no further than the
+// data the header declares: a stream that holds more (an endless one) is bad input.
 // Every malformed file is an Error(bad_input) naming the file and what was wrong.
 Tensor read_tensor(const std::string& spec);
 
