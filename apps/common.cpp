@@ -49,15 +49,15 @@ std::vector<CLI::Option*> add_indexer_options(CLI::App& app, IndexerOptions& opt
       app.add_flag("--hadamard", options.hadamard, "Rotate q_I and k_I by a Hadamard matrix first"),
       app.add_flag("--ue8m0", options.ue8m0, "fp8: round block scales up to powers of two"),
       app.add_flag("--raw-weights", options.raw_weights,
-                   "The weights are raw weights_proj outputs: multiply them by "
-                   "H_I^-0.5 * d_I^-0.5"),
+                   "The weights are raw weights_proj outputs: apply the released code's "
+                   "bf16(w * H_I^-0.5) * d_I^-0.5"),
       app.add_option("--query-block", options.query_block,
                      "Query rows scored together (the last bits of the scores depend on it)")
           ->check(integer_at_least(1))
           ->capture_default_str()};
 }
 
-IndexerConfig indexer_config(const IndexerOptions& options, const Tensor& q_index) {
+IndexerConfig indexer_config(const IndexerOptions& options) {
   IndexerConfig config;
   config.precision = parse_precision(options.precision);
   if (options.ue8m0 && config.precision != Precision::fp8) {
@@ -65,12 +65,8 @@ IndexerConfig indexer_config(const IndexerOptions& options, const Tensor& q_inde
   }
   config.hadamard = options.hadamard;
   config.ue8m0 = options.ue8m0;
+  config.raw_weights = options.raw_weights;
   config.query_block = options.query_block;
-  if (options.raw_weights && q_index.rank() >= 2) {
-    const int64_t heads = q_index.dim(q_index.rank() - 2), dim = q_index.dim(q_index.rank() - 1);
-    config.weight_scale =
-        static_cast<float>(1.0 / std::sqrt(static_cast<double>(heads) * static_cast<double>(dim)));
-  }
   return config;
 }
 
@@ -79,7 +75,7 @@ nlohmann::json indexer_config_json(const IndexerConfig& config) {
           {"hadamard", config.hadamard},
           {"ue8m0", config.ue8m0},
           {"quant_block", config.quant_block},
-          {"weight_scale", config.weight_scale},
+          {"raw_weights", config.raw_weights},
           {"query_block", config.query_block}};
 }
 
@@ -144,15 +140,13 @@ void add_attention_options(CLI::App& app, AttentionOptions& options) {
   v->needs(k);
   dv->needs(kv);
   app.add_option("--scale", options.scale,
-                 "Softmax scale, finite and positive (default d_qk^-0.5)");
+                 "Softmax scale: a finite positive number, default (d_qk^-0.5) or deepseek-v3.2 "
+                 "(the released model's 192^-0.5 * mscale^2 = 0.1352337788608801)");
 }
 
 void load_attention(const AttentionOptions& options, AttentionTensors& out) {
   out.tensors.reserve(3);
   if (options.kv.empty() && options.k.empty()) bad_usage("give either --kv or --k and --v");
-  if (options.scale && !(std::isfinite(*options.scale) && *options.scale > 0)) {
-    bad_usage("--scale must be finite and positive, got {}", *options.scale);
-  }
   out.tensors.clear();
   out.tensors.push_back(read_tensor(options.q));
   if (!options.kv.empty()) {
@@ -163,7 +157,7 @@ void load_attention(const AttentionOptions& options, AttentionTensors& out) {
     out.tensors.push_back(read_tensor(options.v));
     out.inputs = make_mha_inputs(out.tensors[0], out.tensors[1], out.tensors[2]);
   }
-  out.scale = options.scale.value_or(default_scale(out.inputs.d_qk));
+  out.scale = resolve_softmax_scale(options.scale, out.inputs.d_qk);
 }
 
 void add_device_option(CLI::App& app, std::string& device) {

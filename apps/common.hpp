@@ -39,9 +39,7 @@ struct IndexerOptions {
 };
 // Returns the options, so a mode that has no indexer can exclude them.
 std::vector<CLI::Option*> add_indexer_options(CLI::App& app, IndexerOptions& options);
-// The config for these indexer queries [B?, Lq, H_I, d_I] (--raw-weights scales w by
-// H_I^-0.5 d_I^-0.5).
-IndexerConfig indexer_config(const IndexerOptions& options, const Tensor& q_index);
+IndexerConfig indexer_config(const IndexerOptions& options);
 nlohmann::json indexer_config_json(const IndexerConfig& config);
 
 // The indexer's inputs: --q-index, --k-index and --weights, or --hidden with
@@ -65,14 +63,14 @@ IndexerTensors load_indexer_tensors(const IndexerTensorOptions& options);
 struct AttentionOptions {
   std::string q, kv, k, v;
   int64_t d_v = 512;
-  std::optional<float> scale;
+  std::string scale;  // resolve_softmax_scale's text: a number, default or deepseek-v3.2
 };
 void add_attention_options(CLI::App& app, AttentionOptions& options);
 // The tensors read once, and the validated inputs that point into them.
 struct AttentionTensors {
   std::vector<Tensor> tensors;  // q, then kv or k and v
   AttentionInputs inputs;
-  float scale = 1.0f;
+  SoftmaxScale scale;
 };
 void load_attention(const AttentionOptions& options, AttentionTensors& out);
 

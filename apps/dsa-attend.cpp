@@ -21,6 +21,11 @@ int main(int argc, char** argv) {
   auto* idx_opt = app.add_option("--indices", indices_path,
                                  "Selected indices [B?, Lq, K] (.npy, .safetensors or .jsonl)");
   auto* dense_opt = app.add_flag("--dense", dense, "Full causal attention (the baseline) instead");
+  bool future_as_padding = false;
+  app.add_flag("--future-as-padding", future_as_padding,
+               "Entries beyond their query's position count as -1 padding (the released code's "
+               "top-k of rows with fewer than K visible tokens), instead of an error")
+      ->needs(idx_opt);
   idx_opt->excludes(dense_opt);
   app.add_option("--lse", lse_path, "Also write the log-sum-exp [B?, Lq, H] (natural log) to FILE");
   dsa::app::add_common_options(app, common);
@@ -45,10 +50,15 @@ int main(int argc, char** argv) {
     std::optional<dsa::TokenFile> tokens;
     if (!dense) {
       tokens = dsa::read_token_file(indices_path);
+      if (future_as_padding) {
+        dsa::DroppedIndices kept = dsa::drop_future_indices(inputs, tokens->indices);
+        tokens->indices = std::move(kept.indices);
+        report["future_entries_dropped"] = kept.dropped;
+      }
       dsa::validate_indices(inputs, tokens->indices, tokens->positions);
       report["inputs"].push_back(dsa::tensor_json(tokens->indices));
     }
-    const float softmax_scale = loaded.scale;
+    const float softmax_scale = loaded.scale.value;
 
     dsa::Shape out_shape = {inputs.queries, inputs.heads, inputs.d_v};
     dsa::Shape lse_shape = {inputs.queries, inputs.heads};
@@ -79,6 +89,7 @@ int main(int argc, char** argv) {
     report["mode"] = dense ? "dense" : "sparse";
     report["layout"] = inputs.latent ? "mqa" : "mha";
     report["scale"] = softmax_scale;
+    report["scale_rule"] = loaded.scale.rule;
     report["outputs"] = {{{"path", common.output}, {"shape", out_shape}, {"dtype", "f32"}}};
     if (lse)
       report["outputs"].push_back({{"path", lse_path}, {"shape", lse_shape}, {"dtype", "f32"}});

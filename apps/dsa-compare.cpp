@@ -12,7 +12,7 @@ int main(int argc, char** argv) {
   CLI::App app(
       "Fidelity of DSA against dense attention (DESIGN.md section 2): output error and "
       "cosine, attention mass and oracle top-k recall, the indexer's KL losses (Eq. 3, "
-      "4), needle recall; JSON report (schema dsa-compare/1).",
+      "4), needle recall; JSON report (schema dsa-compare/2).",
       "dsa-compare");
   dsa::app::CommonOptions common;
   dsa::app::IndexerOptions indexer;
@@ -27,6 +27,11 @@ int main(int argc, char** argv) {
   auto* w_opt = app.add_option("--weights", w_path, "Indexer weights w [B?, Lq, H_I]");
   auto* idx_opt = app.add_option("--indices", indices_path,
                                  "A precomputed selection [B?, Lq, K] instead of the indexer");
+  bool future_as_padding = false;
+  app.add_flag("--future-as-padding", future_as_padding,
+               "With --indices: entries beyond their query's position count as -1 padding (the "
+               "released code's top-k of rows with fewer than K visible tokens)")
+      ->needs(idx_opt);
   qi_opt->needs(ki_opt)->needs(w_opt)->excludes(idx_opt);
   ki_opt->needs(qi_opt);
   w_opt->needs(qi_opt);
@@ -67,20 +72,25 @@ int main(int argc, char** argv) {
     inputs.device = dsa::resolve_device(device);
     report["device"] = dsa::device_description(inputs.device);
     inputs.attention = loaded.inputs;
-    inputs.scale = loaded.scale;
+    inputs.scale = loaded.scale.value;
     for (const auto& t : loaded.tensors) report["inputs"].push_back(dsa::tensor_json(t));
     std::vector<dsa::Tensor> indexer_tensors;
     std::optional<dsa::TokenFile> tokens;
     if (!q_index_path.empty()) {
       indexer_tensors = {dsa::read_tensor(q_index_path), dsa::read_tensor(k_index_path),
                          dsa::read_tensor(w_path)};
-      inputs.indexer_config = dsa::app::indexer_config(indexer, indexer_tensors[0]);
+      inputs.indexer_config = dsa::app::indexer_config(indexer);
       inputs.indexer = dsa::make_indexer_inputs(indexer_tensors[0], indexer_tensors[1],
                                                 indexer_tensors[2], inputs.indexer_config);
       for (const auto& t : indexer_tensors) report["inputs"].push_back(dsa::tensor_json(t));
       inputs.topk = sweep.empty() ? std::vector<int64_t>{topk} : sweep;
     } else {
       tokens = dsa::read_token_file(indices_path);
+      if (future_as_padding) {
+        dsa::DroppedIndices kept = dsa::drop_future_indices(inputs.attention, tokens->indices);
+        tokens->indices = std::move(kept.indices);
+        report["future_entries_dropped"] = kept.dropped;
+      }
       inputs.indices = &tokens->indices;
       inputs.positions = tokens->positions;
       inputs.topk = {tokens->indices.shape.back()};
@@ -102,6 +112,7 @@ int main(int argc, char** argv) {
                        {"d_v", a.d_v}};
     report["layout"] = a.latent ? "mqa" : "mha";
     report["scale"] = inputs.scale;
+    report["scale_rule"] = loaded.scale.rule;
     report["selection"] = inputs.indexer ? "indexer" : "indices";
     if (inputs.indexer) {
       report["shape"]["indexer_heads"] = inputs.indexer->heads;

@@ -53,7 +53,7 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--eval-topk", fit.eval_topk, "k of the held-out mass_recall and topk_recall")
       ->capture_default_str();
-  app.add_option("--log", log_path, "Write the training log (JSON, schema dsa-fit/1) to FILE");
+  app.add_option("--log", log_path, "Write the training log (JSON, schema dsa-fit/2) to FILE");
   dsa::app::add_common_options(app, common);
 
   return dsa::app::run(app, argc, argv, common, [&] {
@@ -75,7 +75,7 @@ int main(int argc, char** argv) {
     const dsa::Tensor hidden = dsa::read_tensor(hidden_path);
     dsa::app::AttentionTensors main;
     dsa::app::load_attention(attention, main);
-    const dsa::FitData data = dsa::make_fit_data(hidden, main.inputs, main.scale);
+    const dsa::FitData data = dsa::make_fit_data(hidden, main.inputs, main.scale.value);
     dsa::IndexerWeights weights =
         init_path.empty()
             ? dsa::random_indexer_weights(hidden.dim(1), indexer_heads, indexer_dim, fit.seed)
@@ -118,7 +118,8 @@ int main(int argc, char** argv) {
         {"eval_every", fit.eval_every},
         {"eval_topk", fit.eval_topk},
         {"init", init_path.empty() ? nlohmann::json("random") : nlohmann::json(init_path)},
-        {"scale", main.scale},
+        {"scale", main.scale.value},
+        {"scale_rule", main.scale.rule},
         {"indexer",
          {{"d_model", weights.d_model}, {"heads", weights.heads}, {"dim", weights.dim}}}};
     report.update(dsa::fit_log_json(log));

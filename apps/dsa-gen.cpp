@@ -6,6 +6,7 @@
 #include <fmt/ranges.h>
 
 #include "common.hpp"
+#include "dsa/attention.hpp"
 #include "dsa/error.hpp"
 #include "dsa/io.hpp"
 #include "dsa/precision.hpp"
@@ -31,7 +32,8 @@ nlohmann::json config_json(const dsa::WorkloadConfig& c) {
           {"rank", c.rank},
           {"indexer_noise", c.indexer_noise},
           {"seed", c.seed},
-          {"hidden", c.hidden}};
+          {"hidden", c.hidden},
+          {"scale", c.scale}};
 }
 
 dsa::Tensor to_bf16(const dsa::Tensor& tensor) {
@@ -62,6 +64,7 @@ int main(int argc, char** argv) {
       needles, needle_distance, rank, hidden;
   std::optional<double> sink_logit, local_logit, needle_logit, noise, indexer_noise;
   std::optional<uint64_t> seed;
+  std::optional<std::string> scale;
   app.add_option("--preset", preset, "Sizes to start from: small or v32 (the flags override it)")
       ->check(CLI::IsMember({"small", "v32"}))
       ->capture_default_str();
@@ -84,6 +87,9 @@ int main(int argc, char** argv) {
   app.add_option("--indexer-noise", indexer_noise,
                  "Indexer noise relative to the RMS of q_index and k_index (default 0)");
   app.add_option("--seed", seed, "Random seed (default 0)");
+  app.add_option("--scale", scale,
+                 "Softmax scale the logits are built for: a number, default (d_qk^-0.5) or "
+                 "deepseek-v3.2 (the v32 preset's)");
   app.add_option("--hidden", hidden,
                  "Also write hidden states [L, D_MODEL] and the indexer projections of them "
                  "(wq_b.weight, wk.weight, k_norm.*, weights_proj.weight) that give q_index, "
@@ -118,6 +124,14 @@ int main(int argc, char** argv) {
     override_with(config.indexer_noise, indexer_noise);
     override_with(config.seed, seed);
     override_with(config.hidden, hidden);
+    std::string scale_rule = preset == "v32" ? "deepseek-v3.2" : "d_qk^-0.5";
+    if (scale) {
+      const dsa::SoftmaxScale s = dsa::resolve_softmax_scale(*scale, config.d_qk);
+      scale_rule = s.rule;
+      config.scale = s.rule == "deepseek-v3.2" ? dsa::deepseek_v32_softmax_scale()
+                     : s.rule == "given"       ? s.value
+                                               : 0.0;
+    }
     config = dsa::resolve_workload_config(config);
 
     dsa::StageTimes times;
@@ -158,6 +172,7 @@ int main(int argc, char** argv) {
     nlohmann::json report = dsa::report_header("dsa-gen", argc, argv);
     report["preset"] = preset;
     report["config"] = config_json(config);
+    report["config"]["scale_rule"] = scale_rule;
     report["inputs"] = nlohmann::json::array();
     report["outputs"] = nlohmann::json::array();
     for (const dsa::Tensor& t : tensors) {

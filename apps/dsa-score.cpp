@@ -25,7 +25,7 @@ int main(int argc, char** argv) {
     dsa::app::check_single_stdout({common.output, common.report});
     const dsa::app::IndexerTensors in = dsa::app::load_indexer_tensors(tensors);
     const dsa::Tensor &q = in.q_index, &k = in.k_index, &w = in.weights;
-    dsa::IndexerConfig config = dsa::app::indexer_config(indexer, q);
+    dsa::IndexerConfig config = dsa::app::indexer_config(indexer);
     config.device = dsa::resolve_device(device);
     const dsa::IndexerInputs inputs = dsa::make_indexer_inputs(q, k, w, config);
 

@@ -67,7 +67,7 @@ int main(int argc, char** argv) {
     dsa::IndexerInputs indexer_inputs;
     dsa::Shape shape;
     if (fused) {
-      config = dsa::app::indexer_config(indexer, inputs[0]);
+      config = dsa::app::indexer_config(indexer);
       config.device = dsa::resolve_device(device);
       report["device"] = dsa::device_description(config.device);
       indexer_inputs = dsa::make_indexer_inputs(inputs[0], inputs[1], inputs[2], config);

@@ -7,7 +7,9 @@ shapes from L=1 to L=300), writes them as .npy (f32, f16, bfloat16 '<V2') and .s
 their outputs with references computed here in float64:
 
   * dsa-score: f32, bf16, fp8 (block scales, optionally ue8m0), --hadamard, --raw-weights;
-    relative error against the row's max |I|, -inf exactly where s > Lk - Lq + t.
+    relative error against the row's max |I|, -inf exactly where s > Lk - Lq + t. The precision
+    pipeline follows the released DeepSeek-V3.2-Exp indexer (see ref_index_inputs and
+    ref_weights; tests/released_indexer_check.py transcribes the released code itself).
   * dsa-select: from --scores (must equal the exact top-k of the binary's own scores), fused
     (must equal the pipeline exactly), -o .jsonl; index sets against the float64 reference,
     where near-ties (within 1e-5 of the row's max |I|) may go either way.
@@ -111,8 +113,9 @@ def e4m3_round(y):
 
 
 def fp8_scale(amax, ue8m0):
-    """Block scale in float32: max(amax, 1e-4) / 448, optionally rounded up to a power of two."""
-    s = np.maximum(np.asarray(amax, dtype=F32), F32(1e-4)) / F32(448.0)
+    """Block scale in float32: max(amax, 1e-4) times float32(1/448) (a product, as the released
+    act_quant computes it, not a division by 448), optionally rounded up to a power of two."""
+    s = np.maximum(np.asarray(amax, dtype=F32), F32(1e-4)) * F32(1.0 / 448.0)
     s = s.astype(F32)
     if ue8m0:
         m, e = np.frexp(s.astype(F64))                # s = m * 2^e, m in [0.5, 1)
@@ -120,23 +123,33 @@ def fp8_scale(amax, ue8m0):
     return s
 
 
-def fp8_fake_quant(x, ue8m0, block=128):
-    """Per 128-element block of each row (last axis): dequantized float32 values code*scale."""
+def fp8_quant(x, ue8m0, block=128):
+    """Per 128-element block of each row (last axis): the e4m3 code values (float32) and the
+    block scales (float32, [..., number of blocks])."""
     x = np.asarray(x, dtype=F32)
-    out = np.empty_like(x)
+    codes = np.empty_like(x)
     d = x.shape[-1]
+    scales = []
     for begin in range(0, d, block):
         xb = x[..., begin:begin + block]
         amax = np.max(np.abs(xb), axis=-1, keepdims=True)
         scale = fp8_scale(amax, ue8m0)
-        q = e4m3_round((xb / scale).astype(F32))      # f32 division, then e4m3 rounding
-        out[..., begin:begin + block] = q.astype(F32) * scale   # f32 product
-    return out
+        codes[..., begin:begin + block] = e4m3_round((xb / scale).astype(F32))  # f32 division, e4m3
+        scales.append(scale)
+    return codes, np.concatenate(scales, axis=-1)
+
+
+def fp8_fake_quant(x, ue8m0, block=128):
+    """Per 128-element block of each row (last axis): dequantized float32 values code*scale."""
+    codes, scales = fp8_quant(x, ue8m0, block)
+    d = codes.shape[-1]
+    per_element = np.repeat(scales, block, axis=-1)[..., :d]
+    return (codes * per_element).astype(F32)                  # f32 product
 
 
 def hadamard_f32(x):
     """Orthonormal Sylvester Walsh-Hadamard transform along the last axis (n a power of two),
-    float32 butterflies, then times float32(1/sqrt(n))."""
+    float32 butterflies, then times float32(1/sqrt(n)) (1/sqrt(n) in double, then rounded)."""
     x = np.asarray(x, dtype=F32)
     n = x.shape[-1]
     lead = x.shape[:-1]
@@ -147,7 +160,7 @@ def hadamard_f32(x):
         a, b = y[..., 0, :], y[..., 1, :]
         y = np.stack([a + b, a - b], axis=-2).reshape(lead + (n,))
         h *= 2
-    return (y * (F32(1.0) / np.sqrt(F32(n)))).astype(F32)
+    return (y * F32(1.0 / np.sqrt(float(n)))).astype(F32)
 
 
 def sylvester(n):
@@ -175,7 +188,9 @@ def self_checks():
         got = float(round_bf16(np.array([x], dtype=F32))[0])
         if got != want:
             problems.append(f"bf16({x}) = {got}, expected {want}")
-    if float(fp8_scale(np.array(448.0), False)) != 1.0 or float(fp8_scale(np.array(0.0), False)) != F32(F32(1e-4) / F32(448)):
+    if float(fp8_scale(np.array(448.0), False)) != 1.0 or \
+            float(fp8_scale(np.array(0.0), False)) != F32(F32(1e-4) * F32(1.0 / 448.0)) or \
+            float(fp8_scale(np.array(3.0), False)) != float(F32(F32(3.0) * F32(1.0 / 448.0))):
         problems.append("fp8 scale")
     if float(fp8_scale(np.array(449.0), True)) != 2.0 or float(fp8_scale(np.array(448.0), True)) != 1.0:
         problems.append("ue8m0 scale")
@@ -279,30 +294,61 @@ def load_npy(path, dtype, shape, what):
 # References (float64)
 
 def ref_index_inputs(q, k, precision, hadamard, ue8m0):
+    """The rows as the scoring sees them, float64, with the per-row scales (float32, [...]):
+      f32:  the rows (rotated in f32 if hadamard); scales 1.
+      bf16: rotated (if hadamard), rounded to bf16; scales 1.
+      fp8:  rotated (if hadamard), rounded to bf16 (the released rotate_activation returns bf16
+            and act_quant reads bf16), block-quantized (fp8_quant). A row of ONE block (d <= 128,
+            DSA's d_I = 128) keeps its e4m3 code values and its block scale, which the score
+            multiplies in after the dot product as the released fp8_index does; a row of several
+            blocks holds the dequantized values code * block scale (f32) and scale 1."""
     q = np.asarray(q, dtype=F32)
     k = np.asarray(k, dtype=F32)
     if hadamard:
         q, k = hadamard_f32(q), hadamard_f32(k)
-    if precision == "bf16":
+    if precision != "f32":
         q, k = round_bf16(q), round_bf16(k)
-    elif precision == "fp8":
-        q, k = fp8_fake_quant(q, ue8m0), fp8_fake_quant(k, ue8m0)
-    return q.astype(F64), k.astype(F64)
+    qs = np.ones(q.shape[:-1], dtype=F32)
+    ks = np.ones(k.shape[:-1], dtype=F32)
+    if precision == "fp8":
+        if q.shape[-1] <= 128:
+            q, qs = fp8_quant(q, ue8m0)
+            k, ks = fp8_quant(k, ue8m0)
+            qs, ks = qs[..., 0], ks[..., 0]
+        else:
+            q, k = fp8_fake_quant(q, ue8m0), fp8_fake_quant(k, ue8m0)
+    return q.astype(F64), k.astype(F64), qs, ks
+
+
+def ref_weights(w, q_scales, dim, raw_weights):
+    """The per-head factors w' [B, Lq, H] (float32) the scores multiply ReLU(q . k) by:
+    w * q_scale, or with --raw-weights (w are raw weights_proj outputs) the released
+    Indexer.forward steps, in float32: float32(bf16(float32(w) * float32(H_I**-0.5))), then
+    times q_scale, then times float32(d_I**-0.5). q_scales [B, Lq, H] is 1 outside fp8 and for
+    rows of several blocks."""
+    w = np.asarray(w, dtype=F32)
+    if not raw_weights:
+        return (w * q_scales).astype(F32)
+    heads = w.shape[-1]
+    w = round_bf16((w * F32(heads ** -0.5)).astype(F32))
+    w = (w * q_scales).astype(F32)
+    return (w * F32(dim ** -0.5)).astype(F32)
 
 
 def ref_scores(q, k, w, precision="f32", hadamard=False, ue8m0=False, raw_weights=False):
     """q [B,Lq,H,d], k [B,Lk,d], w [B,Lq,H] -> (I [B,Lq,Lk] float64 with -inf where s > pos,
-    norm [B,Lq,1]). norm is the row's max over visible s of sum_j |w[t,j]| ReLU(q_I[t,j].k_I[s]),
-    which is >= the row's max |I| and, unlike it, does not shrink when the heads' terms cancel
-    (a row with a single visible key can have |I| far below its terms)."""
-    qd, kd = ref_index_inputs(q, k, precision, hadamard, ue8m0)
-    wd = np.asarray(w, dtype=F32).astype(F64)
-    if raw_weights:
-        wd = wd * (q.shape[-2] * q.shape[-1]) ** -0.5
+    norm [B,Lq,1]). I[t,s] = k_scale[s] * sum_j w'[t,j] ReLU(q_I[t,j] . k_I[s]) with the rows,
+    scales and w' of ref_index_inputs / ref_weights. norm is the row's max over visible s of
+    k_scale[s] sum_j |w'[t,j]| ReLU(q_I[t,j].k_I[s]), which is >= the row's max |I| and, unlike
+    it, does not shrink when the heads' terms cancel (a row with a single visible key can have
+    |I| far below its terms)."""
+    qd, kd, qs, ks = ref_index_inputs(q, k, precision, hadamard, ue8m0)
+    wd = ref_weights(w, qs, q.shape[-1], raw_weights).astype(F64)
     dots = np.einsum("bthd,bsd->bths", qd, kd)
     relu = np.maximum(dots, 0.0)
-    scores = np.einsum("bth,bths->bts", wd, relu)
-    magnitude = np.einsum("bth,bths->bts", np.abs(wd), relu)
+    ksd = ks.astype(F64)[:, None, :]
+    scores = np.einsum("bth,bths->bts", wd, relu) * ksd
+    magnitude = np.einsum("bth,bths->bts", np.abs(wd), relu) * ksd
     lq, lk = q.shape[1], k.shape[1]
     pos = lk - lq + np.arange(lq)
     mask = np.arange(lk)[None, :] > pos[:, None]

@@ -27,8 +27,7 @@ inline const float* f32(const Tensor& t) {
 
 // Eq. 1 in fp64 for one batch element: I [Lq, Lk], -inf where s > position.
 inline std::vector<double> reference_scores(const float* q, const float* k, const float* w,
-                                            int64_t Lq, int64_t Lk, int64_t H, int64_t d,
-                                            double weight_scale = 1.0) {
+                                            int64_t Lq, int64_t Lk, int64_t H, int64_t d) {
   std::vector<double> I(static_cast<std::size_t>(Lq * Lk),
                         -std::numeric_limits<double>::infinity());
   for (int64_t t = 0; t < Lq; ++t) {
@@ -38,7 +37,7 @@ inline std::vector<double> reference_scores(const float* q, const float* k, cons
       for (int64_t j = 0; j < H; ++j) {
         double dot = 0;
         for (int64_t c = 0; c < d; ++c) dot += double(q[(t * H + j) * d + c]) * k[s * d + c];
-        sum += double(w[t * H + j]) * weight_scale * std::max(0.0, dot);
+        sum += double(w[t * H + j]) * std::max(0.0, dot);
       }
       I[t * Lk + s] = sum;
     }

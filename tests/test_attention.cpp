@@ -249,6 +249,50 @@ TEST(ValidateIndices, RejectsFutureRepeatedNegativeAndMisshapenIndices) {
   expect_rejected(p->inputs, indices({6, -1, 7, 0, 8, 1, 9, 2}, {4, 2}), {6, 7, 8, 8}, "t = 8");
 }
 
+TEST(DropFutureIndices, TurnsOnlyVisibleFuturePositionsIntoPadding) {
+  const Layout l = {2, 3, 8, 2, 1, 4, 4, true, true};  // decode: rows at positions 5..7
+  const auto p = make_problem(l, 11);
+  Tensor t = make_tensor(DType::i32, {2, 3, 3}, "released.npy");
+  const std::vector<int32_t> given = {5, 6, 7, 0, 7, -1, 7,  6, 1,   // batch 0
+                                      8, 6, 2, 3, 9, 6,  -4, 0, 7};  // batch 1
+  std::copy(given.begin(), given.end(), mutable_data<int32_t>(t));
+  const DroppedIndices kept = drop_future_indices(p->inputs, t);
+  EXPECT_EQ(kept.indices.dtype, DType::i64);
+  EXPECT_EQ(kept.indices.shape, t.shape);
+  EXPECT_EQ(kept.indices.name, "released.npy");
+  // 8 and 9 are beyond Lk = 8 and -4 is negative: kept, for validate_indices to reject.
+  const std::vector<int64_t> expected = {5, -1, -1, 0, -1, -1, 7,  6, 1,
+                                         8, -1, 2,  3, 9,  6,  -4, 0, 7};
+  std::vector<int64_t> got(expected.size());
+  to_i64(kept.indices, 0, kept.indices.numel(), got.data());
+  EXPECT_EQ(got, expected);
+  EXPECT_EQ(kept.dropped, 4);
+}
+
+TEST(SoftmaxScale, NamedNumberedAndDefault) {
+  EXPECT_EQ(resolve_softmax_scale("", 64).value, 0.125f);
+  EXPECT_EQ(resolve_softmax_scale("default", 576).value, default_scale(576));
+  EXPECT_EQ(resolve_softmax_scale("default", 576).rule, "d_qk^-0.5");
+  // The released MLA: 192^-0.5 * (0.1 ln 40 + 1)^2, computed independently here in fp64.
+  const double mscale = 0.1 * std::log(40.0) + 1.0;
+  EXPECT_NEAR(deepseek_v32_softmax_scale(), mscale * mscale / std::sqrt(192.0), 1e-16);
+  EXPECT_EQ(deepseek_v32_softmax_scale(), 0.1352337788608801);
+  const SoftmaxScale v32 = resolve_softmax_scale("deepseek-v3.2", 576);
+  EXPECT_EQ(v32.value, static_cast<float>(0.1352337788608801));
+  EXPECT_EQ(v32.rule, "deepseek-v3.2");
+  EXPECT_EQ(resolve_softmax_scale("0.25", 576).value, 0.25f);
+  EXPECT_EQ(resolve_softmax_scale("0.25", 576).rule, "given");
+  for (const char* bad : {"0", "-1", "nan", "inf", "1e400", "deepseek-v3", "0.1x", " 1"}) {
+    try {
+      resolve_softmax_scale(bad, 64);
+      ADD_FAILURE() << "accepted " << bad;
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ExitCode::usage) << bad;
+      EXPECT_NE(std::string(e.what()).find("--scale"), std::string::npos) << e.what();
+    }
+  }
+}
+
 TEST(AttentionInputs, RejectsMismatchedShapes) {
   std::mt19937_64 rng(11);
   const Tensor q = test::random_tensor({5, 4, 8}, rng, 1, "q.npy");

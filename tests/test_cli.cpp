@@ -74,6 +74,58 @@ TEST_F(Cli, AttendWritesOutputAndLseAndDenseEqualsFullSelection) {
   for (int64_t i = 0; i < sl.numel(); ++i) ASSERT_NEAR(test::f32(sl)[i], test::f32(dl)[i], 1e-4);
 }
 
+// Issue 12: the released code's top-k puts masked future positions into rows with fewer than k
+// visible tokens; --future-as-padding takes them as padding, without it they are an error.
+TEST_F(Cli, FutureEntriesArePaddingOnlyWhenAsked) {
+  Tensor released = make_tensor(DType::i64, {24, 4}, "released");
+  for (int64_t t = 0; t < 24; ++t) {
+    for (int64_t i = 0; i < 4; ++i) mutable_data<int64_t>(released)[t * 4 + i] = (t + i) % 24;
+  }
+  write("released.npy", released);
+  const std::string attend = "dsa-attend --q qa.npy --kv kv.npy --dv 12 --indices ";
+  const Outcome strict = run(attend + "released.npy -o r.npy -q");
+  EXPECT_EQ(strict.code, 3);
+  EXPECT_NE(strict.err.find("entries must be -1 or in [0, 0]"), std::string::npos) << strict.err;
+  EXPECT_FALSE(std::filesystem::exists(path("r.npy")));
+  const Outcome padded = run(attend + "released.npy --future-as-padding -o r.npy --report r.json");
+  ASSERT_EQ(padded.code, 0) << padded.err;
+  // The same rows with those entries written as -1 give the same bits.
+  for (int64_t t = 0; t < 24; ++t) {
+    for (int64_t i = 0; i < 4; ++i) {
+      int64_t& s = mutable_data<int64_t>(released)[t * 4 + i];
+      if (s > t) s = -1;
+    }
+  }
+  write("padded.npy", released);
+  ASSERT_EQ(run(attend + "padded.npy -o p.npy -q").code, 0);
+  EXPECT_EQ(slurp(path("r.npy")), slurp(path("p.npy")));
+  // The report counts every entry s > t.
+  int64_t dropped = 0;
+  for (int64_t t = 0; t < 24; ++t) {
+    for (int64_t i = 0; i < 4; ++i) dropped += (t + i) % 24 > t;
+  }
+  EXPECT_EQ(nlohmann::json::parse(slurp(path("r.json")))["future_entries_dropped"], dropped);
+}
+
+TEST_F(Cli, NamedScaleIsTheModelsAndReportsSayWhichScale) {
+  const std::string attend = "dsa-attend --q qa.npy --kv kv.npy --dv 12 --dense -o d.npy ";
+  ASSERT_EQ(run(attend + "--scale deepseek-v3.2 --report named.json").code, 0);
+  const std::string named = slurp(path("d.npy"));
+  ASSERT_EQ(run(attend + "--scale 0.1352337788608801 --report given.json").code, 0);
+  EXPECT_EQ(slurp(path("d.npy")), named);
+  ASSERT_EQ(run(attend + "--report default.json").code, 0);
+  EXPECT_NE(slurp(path("d.npy")), named);
+  const auto report = [&](const char* name) { return nlohmann::json::parse(slurp(path(name))); };
+  EXPECT_EQ(report("named.json")["scale_rule"], "deepseek-v3.2");
+  EXPECT_EQ(report("given.json")["scale_rule"], "given");
+  EXPECT_EQ(report("default.json")["scale_rule"], "d_qk^-0.5");
+  EXPECT_FLOAT_EQ(report("named.json")["scale"].get<float>(), 0.13523378f);
+  const Outcome bad = run(attend + "--scale deepseek");
+  EXPECT_EQ(bad.code, 2);
+  EXPECT_NE(bad.err.find("expected a number, default or deepseek-v3.2"), std::string::npos)
+      << bad.err;
+}
+
 TEST_F(Cli, SafetensorsInputsByName) {
   std::vector<Tensor> tensors = {read_tensor(path("q.npy")), read_tensor(path("k.npy")),
                                  read_tensor(path("w.npy"))};
@@ -179,7 +231,7 @@ TEST_F(Cli, CompareReportsEveryKAndTheNeedlesOfAGeneratedWorkload) {
       run("dsa-compare " + inputs + " --needles " + w + ":needles --sweep-topk 16,64 --threads 1");
   ASSERT_EQ(r.code, 0) << r.err;
   const auto report = nlohmann::json::parse(r.out);
-  EXPECT_EQ(report["schema"], "dsa-compare/1");
+  EXPECT_EQ(report["schema"], "dsa-compare/2");
   ASSERT_EQ(report["results"].size(), 2u);
   EXPECT_EQ(report["results"][0]["k"], 16);
   EXPECT_EQ(report["results"][0]["rows"]["exact"], 16);
@@ -236,7 +288,7 @@ TEST_F(Cli, FitWritesWeightsThatScoreAndSelectRead) {
             (std::vector<std::string>{"wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias",
                                       "weights_proj.weight"}));
   const auto log = nlohmann::json::parse(slurp(dir_ / "log.json"));
-  EXPECT_EQ(log["schema"], "dsa-fit/1");
+  EXPECT_EQ(log["schema"], "dsa-fit/2");
   EXPECT_EQ(log["loss"].size(), 6u);
   ASSERT_EQ(log["evaluations"].size(), 3u);  // steps 0, 3, 6
   EXPECT_EQ(log["evaluations"][2]["step"], 6);

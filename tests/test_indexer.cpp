@@ -56,6 +56,18 @@ std::vector<float> all_scores(const Inputs& in, const IndexerConfig& config) {
   return out;
 }
 
+// The weights as the scoring applies them, without the q scales (the reference dequantizes):
+// as given, or for raw weights_proj outputs bf16(w · f32(H_I^-0.5)) · f32(d_I^-0.5).
+std::vector<float> reference_weights(const Tensor& w, int64_t heads, int64_t dim,
+                                     const IndexerConfig& config) {
+  std::vector<float> out = to_f32(w);
+  if (!config.raw_weights) return out;
+  const auto head_factor = static_cast<float>(1.0 / std::sqrt(double(heads)));
+  const auto dim_factor = static_cast<float>(1.0 / std::sqrt(double(dim)));
+  for (float& x : out) x = round_to_bf16(x * head_factor) * dim_factor;
+  return out;
+}
+
 // Applies `round` to a copy of q and k (as the precision modes do) and compares the scores
 // with the fp64 reference on the rounded values.
 template <typename Round>
@@ -64,13 +76,13 @@ void expect_matches_reference(const Problem& p, const IndexerConfig& config, Rou
   const Inputs in = make_inputs(p, seed);
   const std::vector<float> got = all_scores(in, config);
   std::vector<float> q = to_f32(in.q), k = to_f32(in.k);
+  const std::vector<float> w = reference_weights(in.w, p.heads, p.dim, config);
   round(q.data(), p.batch * p.queries * p.heads);
   round(k.data(), p.batch * p.keys);
   for (int64_t b = 0; b < p.batch; ++b) {
-    const auto ref =
-        test::reference_scores(q.data() + b * p.queries * p.heads * p.dim,
-                               k.data() + b * p.keys * p.dim, f32(in.w) + b * p.queries * p.heads,
-                               p.queries, p.keys, p.heads, p.dim, config.weight_scale);
+    const auto ref = test::reference_scores(
+        q.data() + b * p.queries * p.heads * p.dim, k.data() + b * p.keys * p.dim,
+        w.data() + b * p.queries * p.heads, p.queries, p.keys, p.heads, p.dim);
     for (int64_t t = 0; t < p.queries; ++t) {
       double row_max = 0;
       for (int64_t s = 0; s < p.keys; ++s) {
@@ -108,11 +120,18 @@ TEST(Indexer, F32MatchesFp64Reference) {
   }
 }
 
-TEST(Indexer, WeightScaleMultipliesTheWeights) {
-  IndexerConfig config;
-  config.weight_scale = 0.125f;
-  expect_matches_reference(
-      {1, 9, 12, 4, 16, false}, config, [&](float*, int64_t) {}, 20);
+// H_I = 3 and 5: H_I^-0.5 is not a power of two, so its bf16 rounding shows (issue 12).
+TEST(Indexer, RawWeightsFollowTheReleasedSteps) {
+  for (const Problem& p : {Problem{1, 9, 12, 3, 16, false}, Problem{2, 7, 11, 5, 32, true},
+                           Problem{1, 9, 12, 4, 16, false}}) {
+    IndexerConfig config;
+    config.raw_weights = true;
+    expect_matches_reference(
+        p, config, [&](float*, int64_t) {}, 20);
+  }
+  // A weight whose product with 3^-0.5 is not a bf16 value: the rounding is visible.
+  const auto third = static_cast<float>(1.0 / std::sqrt(3.0));
+  EXPECT_NE(round_to_bf16(1.1f * third), 1.1f * third);
 }
 
 TEST(Indexer, Bf16RoundsQueriesAndKeys) {
@@ -139,6 +158,7 @@ TEST(Indexer, Fp8QuantizesEveryBlockOfEveryRow) {
         expect_matches_reference(
             p, config,
             [&](float* x, int64_t rows) {
+              for (int64_t i = 0; i < rows * p.dim; ++i) x[i] = round_to_bf16(x[i]);
               for (int64_t r = 0; r < rows; ++r) {
                 for (int64_t b0 = 0; b0 < p.dim; b0 += block) {
                   const int64_t n = std::min(block, p.dim - b0);
@@ -155,6 +175,35 @@ TEST(Indexer, Fp8QuantizesEveryBlockOfEveryRow) {
             },
             40);
       }
+    }
+  }
+}
+
+// The released order (issue 12): rotate in f32, round to bf16, then quantize; raw weights.
+TEST(Indexer, Fp8RotatesRoundsToBf16ThenQuantizes) {
+  for (bool ue8m0 : {false, true}) {
+    IndexerConfig config;
+    config.precision = Precision::fp8;
+    config.hadamard = config.raw_weights = true;
+    config.ue8m0 = ue8m0;
+    for (const Problem& p : {Problem{1, 40, 40, 6, 128, false}, Problem{2, 3, 30, 4, 64, true}}) {
+      expect_matches_reference(
+          p, config,
+          [&](float* x, int64_t rows) {
+            for (int64_t r = 0; r < rows; ++r) {
+              float* row = x + r * p.dim;
+              hadamard_transform(row, p.dim);
+              float amax = 0;
+              for (int64_t i = 0; i < p.dim; ++i) {
+                row[i] = round_to_bf16(row[i]);
+                amax = std::max(amax, std::fabs(row[i]));
+              }
+              const float scale = fp8_block_scale(amax, ue8m0);
+              for (int64_t i = 0; i < p.dim; ++i)
+                row[i] = e4m3_to_f32(f32_to_e4m3(row[i] / scale)) * scale;
+            }
+          },
+          45);
     }
   }
 }

@@ -5,10 +5,14 @@
 #include <algorithm>
 #include <bit>
 #include <cmath>
+#include <cstdlib>
+#include <filesystem>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "dsa/error.hpp"
+#include "dsa/io.hpp"
 #include "dsa/precision.hpp"
 
 namespace dsa {
@@ -173,8 +177,9 @@ TEST(F16, EveryCodeRoundTripsAndRandomValuesRoundToNearestEven) {
 }
 
 TEST(Fp8Scale, ClampsAndRoundsToPowersOfTwo) {
-  EXPECT_EQ(fp8_block_scale(0.0f, false), 1e-4f / 448.0f);
-  EXPECT_EQ(fp8_block_scale(448.0f, false), 1.0f);
+  EXPECT_EQ(kE4M3MaxInverse, 0x1.24924ap-9f);  // 1/448 rounded to f32
+  EXPECT_EQ(fp8_block_scale(0.0f, false), 1e-4f * kE4M3MaxInverse);
+  EXPECT_EQ(fp8_block_scale(448.0f, false), 448.0f * kE4M3MaxInverse);
   EXPECT_EQ(fp8_block_scale(448.0f, true), 1.0f);
   EXPECT_EQ(fp8_block_scale(449.0f, true), 2.0f);
   std::mt19937_64 rng(4);
@@ -183,12 +188,27 @@ TEST(Fp8Scale, ClampsAndRoundsToPowersOfTwo) {
     const float amax = std::exp2(exponent(rng));
     const float s = fp8_block_scale(amax, false);
     const float p = fp8_block_scale(amax, true);
-    EXPECT_EQ(s, amax / 448.0f);
+    EXPECT_EQ(s, static_cast<float>(double(amax) * double(kE4M3MaxInverse)));
     int e;
     EXPECT_EQ(std::frexp(p, &e), 0.5f) << "not a power of two: " << p;
     EXPECT_GE(p, s);
     EXPECT_LT(p, 2 * s);
   }
+}
+
+// The released act_quant multiplies by f32(1/448); dividing by 448 differs in the last bit for
+// about half of the bf16 amax values in [1, 512), and the scale follows the multiply for each.
+TEST(Fp8Scale, MultipliesByTheF32InverseAsTheReleasedCodeDoes) {
+  int differ = 0, total = 0;
+  for (uint32_t bits = 0x3f80; bits < 0x4400; ++bits) {  // bf16 amax in [1, 512)
+    const float amax = bf16_to_f32(static_cast<uint16_t>(bits));
+    const float released = static_cast<float>(double(amax) * double(kE4M3MaxInverse));
+    ASSERT_EQ(fp8_block_scale(amax, false), released) << amax;
+    differ += released != amax / 448.0f;
+    ++total;
+  }
+  EXPECT_GT(differ, total / 5) << "the two rules should differ often";
+  EXPECT_LT(differ, total * 3 / 4);
 }
 
 TEST(Fp8FakeQuantize, QuantizesEachBlockWithItsOwnScale) {
@@ -245,6 +265,53 @@ TEST(Hadamard, MatchesTheExplicitOrthonormalMatrix) {
   EXPECT_TRUE(is_power_of_two(128));
   EXPECT_FALSE(is_power_of_two(96));
   EXPECT_FALSE(is_power_of_two(0));
+}
+
+// PyTorch's own conversions, written by tests/torch_rounding_check.py (where torch is installed)
+// into the folder DSA_TORCH_ROUNDING names: x.npy (f32 inputs) and per device (cpu, cuda)
+// bf16_DEVICE.npy (i32: the bits of x.to(torch.bfloat16)) and e4m3_DEVICE.npy (u8: the codes of
+// x.clamp(-448, 448).to(torch.float8_e4m3fn), the released act_quant's conversion).
+TEST(TorchRounding, Bf16AndE4m3AgreeWithPyTorch) {
+  const char* folder = std::getenv("DSA_TORCH_ROUNDING");
+  if (!folder) GTEST_SKIP() << "DSA_TORCH_ROUNDING is not set (tests/torch_rounding_check.py)";
+  const std::filesystem::path dir(folder);
+  const Tensor x = read_tensor((dir / "x.npy").string());
+  ASSERT_EQ(x.dtype, DType::f32);
+  const auto* values = reinterpret_cast<const float*>(x.data);
+  int devices = 0;
+  for (const std::string device : {"cpu", "cuda"}) {
+    if (!std::filesystem::exists(dir / ("bf16_" + device + ".npy"))) continue;
+    ++devices;
+    const Tensor bf16 = read_tensor((dir / ("bf16_" + device + ".npy")).string());
+    const Tensor e4m3 = read_tensor((dir / ("e4m3_" + device + ".npy")).string());
+    ASSERT_EQ(bf16.numel(), x.numel());
+    ASSERT_EQ(e4m3.numel(), x.numel());
+    std::vector<int64_t> bf16_bits(static_cast<std::size_t>(x.numel()));
+    to_i64(bf16, 0, x.numel(), bf16_bits.data());
+    const auto* codes = reinterpret_cast<const uint8_t*>(e4m3.data);
+    int64_t bf16_differ = 0, e4m3_differ = 0;
+    for (int64_t i = 0; i < x.numel(); ++i) {
+      const float v = values[i];
+      const auto theirs = static_cast<uint16_t>(bf16_bits[i]);
+      const bool bf16_same =
+          std::isnan(v) ? std::isnan(bf16_to_f32(theirs)) : f32_to_bf16(v) == theirs;
+      const bool e4m3_same =
+          std::isnan(v) ? std::isnan(e4m3_to_f32(codes[i])) : f32_to_e4m3(v) == codes[i];
+      if (!bf16_same && bf16_differ++ < 5) {
+        ADD_FAILURE() << device << " bf16 of " << v << ": ours " << f32_to_bf16(v) << ", torch "
+                      << theirs;
+      }
+      if (!e4m3_same && e4m3_differ++ < 5) {
+        ADD_FAILURE() << device << " e4m3 of " << v << ": ours " << int(f32_to_e4m3(v))
+                      << ", torch " << int(codes[i]);
+      }
+    }
+    EXPECT_EQ(bf16_differ, 0) << device << " of " << x.numel();
+    EXPECT_EQ(e4m3_differ, 0) << device << " of " << x.numel();
+    std::printf("TorchRounding: %s: %lld values, bf16 and e4m3 identical to torch\n",
+                device.c_str(), static_cast<long long>(x.numel()));
+  }
+  EXPECT_GT(devices, 0) << "no bf16_*.npy in " << folder;
 }
 
 TEST(PrecisionNames, ParseAndPrint) {

@@ -152,7 +152,9 @@ TEST(Workload, ShapesOfBothPresets) {
       EXPECT_EQ(tensors[i].name, names[i]);
       if (i < 5) EXPECT_EQ(tensors[i].dtype, DType::f32) << names[i];
     }
-    const float weight = static_cast<float>(1.0 / std::sqrt(double(d)) / double(H_I));
+    // The weights are scale / H_I: d_qk^-0.5 for small, DeepSeek-V3.2's own for v32.
+    const double scale = preset == "v32" ? 0.1352337788608801 : 1.0 / std::sqrt(double(d));
+    const float weight = static_cast<float>(scale / double(H_I));
     for (int64_t i = 0; i < L * H_I; ++i) ASSERT_EQ(f32(w.weights)[i], weight);
     for (int64_t i = 0; i < w.q.numel(); ++i) ASSERT_TRUE(std::isfinite(f32(w.q)[i]));
     // small: needles need t - s >= 256 and s >= 4, so t in [260, 300); v32 has the same

@@ -63,7 +63,7 @@ def main():
     broken = {"field removed": lambda r: r.pop("loss"),
               "wrong type": lambda r: r["rows"].update(train="90"),
               "extra field": lambda r: r.update(extra=1),
-              "wrong schema": lambda r: r.update(schema="dsa-fit/2"),
+              "wrong schema": lambda r: r.update(schema="dsa-fit/1"),
               "recall above 1": lambda r: r["evaluations"][0].update(topk_recall=1.5)}
     for name, damage in broken.items():
         report = copy.deepcopy(warmup)

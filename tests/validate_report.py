@@ -177,8 +177,8 @@ def main():
         CHECKS.record("schema is a valid draft 2020-12 schema", False, e.message)
         print(f"{CHECKS.passed} passed, {len(CHECKS.failed)} failed")
         return 1
-    CHECKS.record("schema pins dsa-compare/1",
-                  schema.get("properties", {}).get("schema", {}).get("const") == "dsa-compare/1")
+    CHECKS.record("schema pins dsa-compare/2",
+                  schema.get("properties", {}).get("schema", {}).get("const") == "dsa-compare/2")
     validator = jsonschema.Draft202012Validator(schema)
 
     d = sample
@@ -277,7 +277,7 @@ def main():
             ("command as a string", mutate(base, ["command"], "set", "dsa-compare --q q.npy")),
             ("out_rel_err_global.all as a string", mutate(base, s0 + ["out_rel_err_global", "all"], "set", "0.1")),
             ("kl_sparse null in indexer mode", mutate(base, s0 + ["kl_sparse"], "set", None)),
-            ("schema dsa-compare/2", mutate(base, ["schema"], "set", "dsa-compare/2")),
+            ("schema dsa-compare/1", mutate(base, ["schema"], "set", "dsa-compare/1")),
             ("an extra top-level field", mutate(base, ["outputs"], "set", [])),
             ("an extra summary field", mutate(base, s0 + ["topk_recall", "exact", "p95"], "set", 1.0)),
             ("topk_recall above 1", mutate(base, s0 + ["topk_recall", "sparse", "max"], "set", 1.5)),

@@ -99,21 +99,13 @@ void prepare_operands(const Tensor& tensor, int64_t offset, int64_t count, int64
   detail::parallel_ranges(count, kHostRows, [&](int64_t begin, int64_t end) {
     float* first = rows.data() + begin * dim;
     to_f32(tensor, (offset + begin) * dim, (end - begin) * dim, first);
-    if (config.precision == Precision::f32) {
-      prepare_indexer_rows(first, end - begin, dim, config);
-      return;
-    }
-    for (int64_t r = begin; r < end; ++r) {
-      float* row = rows.data() + r * dim;
-      if (config.hadamard) hadamard_transform(row, dim);
-      if (config.precision == Precision::fp8)
-        out.scales[r] = fp8_quantize_block(row, dim, config.ue8m0);
-      for (int64_t i = 0; i < dim; ++i) {
-        if (codes) {
-          out.codes[r * dim + i] = f32_to_e4m3(row[i]);
-        } else {
-          out.values[r * dim + i] = as_bf16(row[i]);
-        }
+    prepare_indexer_rows(first, end - begin, dim, config, out.scales.data() + begin);
+    if (config.precision == Precision::f32) return;
+    for (int64_t i = begin * dim; i < end * dim; ++i) {
+      if (codes) {
+        out.codes[i] = f32_to_e4m3(rows[i]);
+      } else {
+        out.values[i] = as_bf16(rows[i]);
       }
     }
   });
@@ -163,7 +155,7 @@ class IndexerOnDevice {
                      queries_);
     w_.resize(static_cast<size_t>(rows * H));
     to_f32(*in_.weights, (b_ * in_.queries + c0) * H, rows * H, w_.data());
-    for (int64_t i = 0; i < rows * H; ++i) w_[i] *= config_.weight_scale * queries_.scales[i];
+    indexer_head_weights(w_.data(), queries_.scales.data(), rows * H, H, d, config_, w_.data());
     weights_.upload(w_.data(), w_.size());
     if (times) times->add("prepare", watch.seconds());
     watch = Stopwatch();

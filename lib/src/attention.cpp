@@ -1,6 +1,7 @@
 #include "dsa/attention.hpp"
 
 #include <algorithm>
+#include <charconv>
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -244,6 +245,32 @@ float default_scale(int64_t d_qk) {
   return 1.0f / std::sqrt(static_cast<float>(d_qk));
 }
 
+double deepseek_v32_softmax_scale() {
+  // Python's math.log(40) and 192 ** -0.5, written out so that no libm function (whose last bit
+  // may differ between C libraries) enters a number that workloads are generated from.
+  const double ln_rope_factor = 3.6888794541139363;
+  const double mscale = 0.1 * 1.0 * ln_rope_factor + 1.0;  // 0.1 * args.mscale * ln(40) + 1
+  return 0.07216878364870322 * mscale * mscale;
+}
+
+SoftmaxScale resolve_softmax_scale(const std::string& text, int64_t d_qk) {
+  if (text.empty() || text == "default") return {default_scale(d_qk), "d_qk^-0.5"};
+  if (text == "deepseek-v3.2") {
+    return {static_cast<float>(deepseek_v32_softmax_scale()), "deepseek-v3.2"};
+  }
+  double value = 0;
+  const char* end = text.data() + text.size();
+  const auto [stop, error] = std::from_chars(text.data(), end, value);
+  if (error != std::errc() || stop != end) {
+    bad_usage("--scale: expected a number, default or deepseek-v3.2, got '{}'", text);
+  }
+  const auto scale = static_cast<float>(value);
+  if (!(std::isfinite(scale) && scale > 0)) {
+    bad_usage("--scale must be finite and positive, got {}", text);
+  }
+  return {scale, "given"};
+}
+
 void validate_indices(const AttentionInputs& in, const Tensor& indices,
                       const std::vector<int64_t>& positions) {
   Shape expected = {in.queries};
@@ -281,6 +308,24 @@ void validate_indices(const AttentionInputs& in, const Tensor& indices,
       seen[s] = r;
     }
   }
+}
+
+DroppedIndices drop_future_indices(const AttentionInputs& in, const Tensor& indices) {
+  if (indices.rank() < 1) return {indices, 0};
+  DroppedIndices out{make_tensor(DType::i64, indices.shape, indices.name), 0};
+  const int64_t k = indices.shape.back(), rows = k == 0 ? 0 : indices.numel() / k;
+  int64_t* row = mutable_data<int64_t>(out.indices);
+  for (int64_t r = 0; r < rows; ++r, row += k) {
+    to_i64(indices, r * k, k, row);
+    const int64_t t = in.position(r % std::max<int64_t>(in.queries, 1));
+    for (int64_t i = 0; i < k; ++i) {
+      if (row[i] > t && row[i] < in.keys) {
+        row[i] = -1;
+        ++out.dropped;
+      }
+    }
+  }
+  return out;
 }
 
 void sparse_attention(const AttentionInputs& in, const Tensor& indices, float scale,

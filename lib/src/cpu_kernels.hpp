@@ -12,10 +12,11 @@ namespace dsa::detail {
 inline constexpr int64_t kPanel = 16;
 
 struct IndexerScoreArgs {
-  const float* q;          // [rows, H_I, d_I], prepared
-  const float* weights;    // [rows, H_I], weight_scale applied
-  const float* panels;     // packed keys
-  const int64_t* visible;  // [rows]: row r scores keys [0, visible[r])
+  const float* q;           // [rows, H_I, d_I], prepared
+  const float* weights;     // [rows, H_I]: indexer_head_weights, q's scales folded in
+  const float* panels;      // packed keys
+  const float* key_scales;  // [panels * kPanel]: each key's scale, applied after the head sum
+  const int64_t* visible;   // [rows]: row r scores keys [0, visible[r])
   int64_t rows, heads, dim;
   float* out;  // row r at out + r * stride; entries at or beyond visible[r] are left alone
   int64_t stride;
@@ -43,8 +44,9 @@ inline constexpr int64_t kHeadLanes = 16;
 
 struct CpuKernels {
   const char* name;
-  // Eq. 1 over packed keys: out[r, s] = sum_j w[r, j] * ReLU(q[r, j] . k[s]) for s < visible[r];
-  // heads summed in order, so a row's scores do not depend on the other rows of the call.
+  // Eq. 1 over packed keys: out[r, s] = key_scale[s] * sum_j w[r, j] * ReLU(q[r, j] . k[s]) for
+  // s < visible[r] (the released fp8_index's order); heads summed in order, so a row's scores do
+  // not depend on the other rows of the call.
   void (*indexer_scores)(const IndexerScoreArgs& args);
   // One tile of keys into a row's online softmax: rescales acc and sum by exp(old - new max).
   void (*attend_tile)(const AttendTileArgs& args);

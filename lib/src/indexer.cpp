@@ -1,6 +1,7 @@
 #include "dsa/indexer.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 
 #include <Eigen/Core>
@@ -81,20 +82,34 @@ IndexerInputs make_indexer_inputs(const Tensor& q_index, const Tensor& k_index,
   return in;
 }
 
-void prepare_indexer_rows(float* rows, int64_t count, int64_t dim, const IndexerConfig& config) {
+void prepare_indexer_rows(float* rows, int64_t count, int64_t dim, const IndexerConfig& config,
+                          float* scales) {
+  const bool code_values = config.precision == Precision::fp8 && dim <= config.quant_block;
   for (int64_t r = 0; r < count; ++r) {
     float* row = rows + r * dim;
+    scales[r] = 1.0f;
     if (config.hadamard) hadamard_transform(row, dim);
-    switch (config.precision) {
-      case Precision::f32:
-        break;
-      case Precision::bf16:
-        for (int64_t i = 0; i < dim; ++i) row[i] = round_to_bf16(row[i]);
-        break;
-      case Precision::fp8:
-        fp8_fake_quantize(row, dim, config.quant_block, config.ue8m0, row);
-        break;
+    if (config.precision == Precision::f32) continue;
+    for (int64_t i = 0; i < dim; ++i) row[i] = round_to_bf16(row[i]);
+    if (code_values) {
+      scales[r] = fp8_quantize_block(row, dim, config.ue8m0);
+    } else if (config.precision == Precision::fp8) {
+      fp8_fake_quantize(row, dim, config.quant_block, config.ue8m0, row);
     }
+  }
+}
+
+void indexer_head_weights(const float* w, const float* q_scales, int64_t count, int64_t heads,
+                          int64_t dim, const IndexerConfig& config, float* out) {
+  if (!config.raw_weights) {
+    for (int64_t i = 0; i < count; ++i) out[i] = w[i] * q_scales[i];
+    return;
+  }
+  // Python's n ** -0.5 in double, then f32 as PyTorch applies a scalar to a bf16 or f32 tensor.
+  const auto head_factor = static_cast<float>(std::pow(static_cast<double>(heads), -0.5));
+  const auto dim_factor = static_cast<float>(std::pow(static_cast<double>(dim), -0.5));
+  for (int64_t i = 0; i < count; ++i) {
+    out[i] = round_to_bf16(w[i] * head_factor) * q_scales[i] * dim_factor;
   }
 }
 
@@ -103,11 +118,13 @@ IndexerKernel::IndexerKernel(const IndexerInputs& inputs, const IndexerConfig& c
     : inputs_(inputs), config_(config), batch_(batch) {
   using detail::kPanel;
   const int64_t d = inputs.dim, n = inputs.keys * d;
+  const int64_t padded = detail::ceil_div(inputs.keys, kPanel) * kPanel;
   std::vector<float> keys(static_cast<std::size_t>(n));
   to_f32(*inputs.k_index, batch * n, n, keys.data());
-  prepare_indexer_rows(keys.data(), inputs.keys, d, config);
+  key_scales_.assign(static_cast<std::size_t>(padded), 1.0f);
+  prepare_indexer_rows(keys.data(), inputs.keys, d, config, key_scales_.data());
   // Panels of kPanel keys, element-major, so the kernels read one element of kPanel keys at once.
-  panels_.assign(static_cast<std::size_t>(detail::ceil_div(inputs.keys, kPanel) * kPanel * d), 0);
+  panels_.assign(static_cast<std::size_t>(padded * d), 0);
   for (int64_t s = 0; s < inputs.keys; ++s) {
     float* panel = panels_.data() + s / kPanel * d * kPanel + s % kPanel;
     for (int64_t i = 0; i < d; ++i) panel[i * kPanel] = keys[s * d + i];
@@ -118,14 +135,15 @@ void IndexerKernel::score_rows(int64_t row_begin, int64_t rows, float* out, int6
   const int64_t H = inputs_.heads, d = inputs_.dim, Lk = inputs_.keys;
   RowMatrix q(rows * H, d);
   to_f32(*inputs_.q_index, (batch_ * inputs_.queries + row_begin) * H * d, rows * H * d, q.data());
-  prepare_indexer_rows(q.data(), rows * H, d, config_);
-  RowMatrix w(rows, H);
+  std::vector<float> q_scales(static_cast<std::size_t>(rows * H));
+  prepare_indexer_rows(q.data(), rows * H, d, config_, q_scales.data());
+  std::vector<float> w(static_cast<std::size_t>(rows * H));
   to_f32(*inputs_.weights, (batch_ * inputs_.queries + row_begin) * H, rows * H, w.data());
-  w *= config_.weight_scale;
+  indexer_head_weights(w.data(), q_scales.data(), rows * H, H, d, config_, w.data());
   std::vector<int64_t> visible(static_cast<std::size_t>(rows));
   for (int64_t r = 0; r < rows; ++r) visible[r] = inputs_.position(row_begin + r) + 1;
-  detail::cpu_kernels().indexer_scores(
-      {q.data(), w.data(), panels_.data(), visible.data(), rows, H, d, out, stride});
+  detail::cpu_kernels().indexer_scores({q.data(), w.data(), panels_.data(), key_scales_.data(),
+                                        visible.data(), rows, H, d, out, stride});
   for (int64_t r = 0; r < rows; ++r) {
     std::fill(out + r * stride + visible[r], out + r * stride + Lk,
               -std::numeric_limits<float>::infinity());

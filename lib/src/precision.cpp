@@ -138,7 +138,7 @@ float e4m3_to_f32(uint8_t bits) {
 }
 
 float fp8_block_scale(float amax, bool ue8m0) {
-  float scale = std::max(amax, 1e-4f) / kE4M3Max;
+  float scale = std::max(amax, 1e-4f) * kE4M3MaxInverse;
   if (ue8m0) {
     uint32_t b = bits_of(scale);
     if (b & 0x7fffff) b = (b & 0xff800000) + 0x800000;  // round up to the next power of two
@@ -198,7 +198,7 @@ void hadamard_transform(float* x, int64_t n) {
       }
     }
   }
-  const float scale = 1.0f / std::sqrt(static_cast<float>(n));
+  const auto scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(n)));
   for (int64_t i = 0; i < n; ++i) x[i] *= scale;
 }
 

@@ -6,6 +6,7 @@
 #include <random>
 #include <vector>
 
+#include "dsa/attention.hpp"
 #include "dsa/error.hpp"
 #include "dsa/precision.hpp"
 
@@ -161,7 +162,7 @@ Structure make_structure(const WorkloadConfig& c) {
   st.local_pairs = (r - 1) / 4;
   st.needle_begin = st.local_begin + 2 * st.local_pairs;
   st.needle_dims = r - st.needle_begin;
-  const double scale = 1.0 / std::sqrt(static_cast<double>(c.d_qk));
+  const double scale = c.scale;
   st.sink_amplitude = std::sqrt(c.sink_logit / scale);
   st.local_amplitude = std::sqrt(c.local_logit / (scale * static_cast<double>(st.local_pairs)));
   st.needle_amplitude = std::sqrt(c.needle_logit / scale);
@@ -349,7 +350,7 @@ void add_hidden_states(const WorkloadConfig& c, const Structure& st,
   // |(U^T kv) R| = |U^T kv|: gamma restores the keys' overall RMS after the LayerNorm.
   const double gamma = std::sqrt(sum_in_order(key_squares) / static_cast<double>(L * d_I));
   x.k_norm_weight.assign(static_cast<std::size_t>(d_I), static_cast<float>(gamma));
-  const double weight = 1.0 / std::sqrt(static_cast<double>(c.d_qk)) / static_cast<double>(H_I);
+  const double weight = c.scale / static_cast<double>(H_I);
   for (int64_t j = 0; j < H_I; ++j) {
     for (int64_t d = 0; d < D; ++d) {
       x.weights_proj[j * D + d] = static_cast<float>(weight * mix[one * D + d]);
@@ -370,6 +371,7 @@ WorkloadConfig workload_preset(const std::string& name) {
     config.d_v = 512;
     config.indexer_heads = 64;
     config.indexer_dim = 128;
+    config.scale = deepseek_v32_softmax_scale();
     return config;
   }
   bad_usage("unknown workload preset '{}' (expected small or v32)", name);
@@ -415,6 +417,9 @@ WorkloadConfig resolve_workload_config(const WorkloadConfig& config) {
               c.d_qk);
   }
   if (c.hidden < 0) bad_usage("workload: hidden must be non-negative, got {}", c.hidden);
+  if (c.scale == 0) c.scale = 1.0 / std::sqrt(static_cast<double>(c.d_qk));
+  if (!(std::isfinite(c.scale) && c.scale > 0))
+    bad_usage("workload: scale must be finite and positive, got {}", c.scale);
   const int64_t needed = (1 + std::min(c.heads, c.indexer_heads)) * c.rank + 1;
   if (c.hidden > 0 && c.hidden < needed) {
     bad_usage("workload: hidden (d_model) {} must be at least (1 + min(H, H_I)) * rank + 1 = {}",
@@ -479,8 +484,7 @@ Workload generate_workload(const WorkloadConfig& config) {
     add_noise(w.q_index, L * H_I, d_I, c.indexer_noise * q_rms, c.seed, Stream::q_index);
     add_noise(w.k_index, L, d_I, c.indexer_noise * k_rms, c.seed, Stream::k_index);
   }
-  const float weight =
-      static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.d_qk)) / static_cast<double>(H_I));
+  const auto weight = static_cast<float>(c.scale / static_cast<double>(H_I));
   std::fill_n(mutable_data<float>(w.weights), L * H_I, weight);
   if (c.hidden > 0) add_hidden_states(c, st, coefficients_of, w);
   return w;

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <string>
 #include <vector>
 
 #include "dsa/device.hpp"
@@ -29,6 +30,21 @@ AttentionInputs make_mha_inputs(const Tensor& q, const Tensor& k, const Tensor& 
 
 float default_scale(int64_t d_qk);  // d_qk^-0.5
 
+// DeepSeek-V3.2's softmax scale as its released MLA computes it (inference/model.py):
+// qk_head_dim^-0.5 with qk_head_dim = 128 + 64 = 192, times mscale^2, mscale = 0.1 · ln(40) + 1
+// (YaRN, rope_factor 40, max_seq_len > original_seq_len), in double: 0.1352337788608801. The
+// absorbed 576-wide decode path multiplies by the same number. docs/DESIGN.md section 1.
+double deepseek_v32_softmax_scale();
+
+// A softmax scale and the rule it came from, as every report states it.
+struct SoftmaxScale {
+  float value = 1.0f;
+  std::string rule;  // "d_qk^-0.5", "deepseek-v3.2" or "given"
+};
+// The scale a --scale argument names: empty or "default" gives d_qk^-0.5, "deepseek-v3.2" the
+// model's own, a number itself (finite and positive). Anything else is Error(usage).
+SoftmaxScale resolve_softmax_scale(const std::string& text, int64_t d_qk);
+
 struct AttentionBlock {
   int64_t batch, row_begin, rows, heads, d_v;
   const float* out;  // [rows, H, d_v]
@@ -40,6 +56,16 @@ using AttentionSink = std::function<void(const AttentionBlock&)>;
 // (0 <= s <= t), no entry twice in a row; `positions` (from .jsonl) must match the rows.
 void validate_indices(const AttentionInputs& inputs, const Tensor& indices,
                       const std::vector<int64_t>& positions);
+
+// A copy of indices (i64) in which entries beyond their query's position (t < s < Lk) are -1
+// padding, and how many were: the released code's top-k over a row with fewer than k visible
+// tokens returns masked future positions, which its causal mask then removes (inference/model.py
+// MLA.forward, index_mask += mask). Other entries are kept for validate_indices to judge.
+struct DroppedIndices {
+  Tensor indices;
+  int64_t dropped = 0;
+};
+DroppedIndices drop_future_indices(const AttentionInputs& inputs, const Tensor& indices);
 
 // o[t,h] = sum_{s in S_t} softmax_s(scale * q[t,h] . k_s) v_s over the given indices.
 void sparse_attention(const AttentionInputs& inputs, const Tensor& indices, float scale,

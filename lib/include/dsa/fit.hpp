@@ -18,7 +18,7 @@
 
 namespace dsa {
 
-inline constexpr const char* kFitSchema = "dsa-fit/1";
+inline constexpr const char* kFitSchema = "dsa-fit/2";
 
 enum class FitStage { warmup, sparse };
 
@@ -74,7 +74,7 @@ struct FitLog {
   std::vector<FitEvaluation> evaluations;
 };
 
-// The log's "rows", "loss" and "evaluations" (schema dsa-fit/1); undefined values as null.
+// The log's "rows", "loss" and "evaluations" (schema dsa-fit/2); undefined values as null.
 nlohmann::json fit_log_json(const FitLog& log);
 
 // Trains `weights` in place. `progress` (may be empty) sees every evaluation as it is made.

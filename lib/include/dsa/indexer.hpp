@@ -17,7 +17,7 @@ struct IndexerConfig {
   bool hadamard = false;      // rotate q_I and k_I along d_I before rounding/quantizing
   bool ue8m0 = false;         // fp8 scales rounded up to powers of two
   int64_t quant_block = 128;  // fp8: one scale per this many elements of a row
-  float weight_scale = 1.0f;  // multiplies w (e.g. H_I^-0.5 * d_I^-0.5 for raw weights_proj)
+  bool raw_weights = false;   // w are raw weights_proj outputs: the released factors apply
   int64_t query_block = 16;   // query rows scored together
   Device device = Device::cpu;
 };
@@ -50,12 +50,30 @@ class IndexerKernel {
   const IndexerInputs& inputs_;
   IndexerConfig config_;
   int64_t batch_;
-  std::vector<float> panels_;  // the prepared keys, packed for the CPU kernels
+  std::vector<float> panels_;      // the prepared keys, packed for the CPU kernels
+  std::vector<float> key_scales_;  // prepare_indexer_rows's scale of each key (padded with 1)
 };
 
-// Applies the precision pipeline to rows of length dim: Hadamard (if set), then bf16
-// rounding or fp8 quantize-dequantize. The CPU fp8 reference for every backend.
-void prepare_indexer_rows(float* rows, int64_t count, int64_t dim, const IndexerConfig& config);
+// Applies the precision pipeline to rows of length dim, in the released code's order
+// (DeepSeek-V3.2-Exp inference/model.py Indexer.forward; docs/DESIGN.md section 1):
+//   1. the Hadamard rotation (if set), in f32;
+//   2. bf16 and fp8: rounding to bf16 (the released rotate_activation returns bf16, and its
+//      act_quant reads bf16);
+//   3. fp8: block quantization to e4m3 (fp8_block_scale: amax · f32(1/448), or ue8m0).
+// Where an fp8 row is one block (dim <= quant_block, DSA's d_I = 128), the row keeps the values
+// of its e4m3 codes and scales[r] its scale, which the scoring multiplies in after the dot product
+// as the released fp8_index does (q's into the weights, k's into the head sum); rows of several
+// blocks hold the values the codes stand for, with scales[r] = 1. Outside fp8 scales[r] = 1.
+// The reference for every backend.
+void prepare_indexer_rows(float* rows, int64_t count, int64_t dim, const IndexerConfig& config,
+                          float* scales);
+
+// The weight of head j in Eq. 1 as the scoring applies it, for count = rows * heads entries:
+// out = w * q_scale, or with config.raw_weights (w are weights_proj outputs) the released steps
+// (Indexer.forward): bf16(w · f32(H_I^-0.5)), then · q_scale, then · f32(d_I^-0.5), in f32.
+// q_scales are prepare_indexer_rows's scales of the query rows (one per row and head).
+void indexer_head_weights(const float* w, const float* q_scales, int64_t count, int64_t heads,
+                          int64_t dim, const IndexerConfig& config, float* out);
 
 struct ScoreBlock {
   int64_t batch, row_begin, rows, keys;

@@ -16,7 +16,7 @@
 
 namespace dsa {
 
-inline constexpr const char* kCompareSchema = "dsa-compare/1";
+inline constexpr const char* kCompareSchema = "dsa-compare/2";
 
 // Aggregate of a metric over rows. NaN values (undefined metrics) are left out of every field
 // and counted apart; percentiles interpolate linearly between order statistics (NumPy's

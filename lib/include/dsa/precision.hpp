@@ -28,8 +28,13 @@ inline constexpr float kE4M3Max = 448.0f;
 uint8_t f32_to_e4m3(float x);
 float e4m3_to_f32(uint8_t bits);
 
-// Quantization scale of one block: amax clamped below at 1e-4 (DeepSeek's act_quant), divided
-// by 448, optionally rounded up to a power of two (`ue8m0`, as the released model does).
+// 1/448 rounded to f32: the released act_quant multiplies by this constant rather than divide by
+// 448 (the two differ in the last bit for about a third of bf16 amax values).
+inline constexpr float kE4M3MaxInverse = static_cast<float>(1.0 / 448.0);
+
+// Quantization scale of one block, as the released act_quant computes it: amax clamped below at
+// 1e-4, times kE4M3MaxInverse in f32, optionally rounded up to a power of two (`ue8m0`, the
+// released model's scale_fmt: 2^ceil(log2) of that product, read off its bits).
 float fp8_block_scale(float amax, bool ue8m0);
 
 // Quantizes one block x[0..n) in place: each element becomes the value of its e4m3 code (of
@@ -41,7 +46,9 @@ float fp8_quantize_block(float* x, int64_t n, bool ue8m0);
 void fp8_fake_quantize(const float* x, int64_t n, int64_t block, bool ue8m0, float* out);
 
 // In-place orthonormal Walsh-Hadamard transform (Sylvester order, scaled by n^-0.5);
-// n must be a power of two. Dot products are unchanged in exact arithmetic.
+// n must be a power of two. Dot products are unchanged in exact arithmetic. As the released
+// rotate_activation (fast_hadamard_transform) does: radix-2 butterflies in f32, strides 1, 2, 4,
+// ..., then one multiply by f32(n^-0.5); its bf16 rounding is the caller's (indexer.hpp).
 void hadamard_transform(float* x, int64_t n);
 bool is_power_of_two(int64_t n);
 

@@ -2,7 +2,7 @@
 // attention has (sinks, a local window, far "needles"), plus an indexer that sees a noisy view
 // of that structure.
 //
-// How a workload is built (scale = d_qk^-0.5, the main attention's default softmax scale):
+// How a workload is built (scale: the main attention's softmax scale, d_qk^-0.5 unless set):
 // - Structure subspace: a random orthonormal basis U [d_qk, r] (Gram-Schmidt on Gaussian
 //   vectors). Every main query and key is U · (structure coefficients) + isotropic Gaussian
 //   noise of std `noise` in all d_qk dimensions. The r coefficients split into 1 sink
@@ -77,14 +77,16 @@ struct WorkloadConfig {
   double indexer_noise = 0.0;       // relative std of the noise added to q_I and k_I
   uint64_t seed = 0;
   int64_t hidden = 0;  // d_model of hidden states and indexer projections; 0: none
+  double scale = 0;    // the softmax scale the logits are built for; 0: d_qk^-0.5
 };
 
 // "small": L 1024, H 4, d_qk 64, d_v 48, H_I 8, d_I 32 (the defaults above).
-// "v32": DeepSeek-V3.2 sizes, L 16384, H 128, d_qk 576, d_v 512, H_I 64, d_I 128.
+// "v32": DeepSeek-V3.2 sizes, L 16384, H 128, d_qk 576, d_v 512, H_I 64, d_I 128, and its
+// softmax scale (deepseek_v32_softmax_scale, dsa/attention.hpp: what --scale deepseek-v3.2 gives).
 // Anything else is Error(usage).
 WorkloadConfig workload_preset(const std::string& name);
 
-// The config with its automatic values filled in (rank, needle_min_distance); throws
+// The config with its automatic values filled in (rank, needle_min_distance, scale); throws
 // Error(usage) naming the field when a value is out of range.
 WorkloadConfig resolve_workload_config(const WorkloadConfig& config);
 
