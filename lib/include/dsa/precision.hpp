@@ -29,7 +29,7 @@ uint8_t f32_to_e4m3(float x);
 float e4m3_to_f32(uint8_t bits);
 
 // 1/448 rounded to f32: the released act_quant multiplies by this constant rather than divide by
-// 448 (the two differ in the last bit for about a third of bf16 amax values).
+// 448 (the two differ in the last bit for about half of the bf16 amax values).
 inline constexpr float kE4M3MaxInverse = static_cast<float>(1.0 / 448.0);
 
 // Quantization scale of one block, as the released act_quant computes it: amax clamped below at
