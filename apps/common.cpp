@@ -167,6 +167,11 @@ void add_device_option(CLI::App& app, std::string& device) {
       ->capture_default_str();
 }
 
+void report_device(nlohmann::json& report, const DeviceChoice& choice) {
+  report["device"] = device_description(choice.device);
+  if (!choice.note.empty()) report["device_note"] = choice.note;
+}
+
 int run(CLI::App& app, int argc, char** argv, const CommonOptions& options,
         const std::function<void()>& body) {
   const std::string tool = app.get_name();

@@ -76,6 +76,8 @@ void load_attention(const AttentionOptions& options, AttentionTensors& out);
 
 // --device cpu|cuda|auto (default cpu).
 void add_device_option(CLI::App& app, std::string& device);
+// The report's "device", and "device_note" when --device auto fell back to the CPU.
+void report_device(nlohmann::json& report, const DeviceChoice& choice);
 
 // Parses argv, applies --threads, runs body, maps every failure to its documented exit code
 // with a one-line message on stderr. Returns the process exit code.

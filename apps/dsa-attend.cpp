@@ -41,11 +41,12 @@ int main(int argc, char** argv) {
     dsa::app::check_single_stdout({common.output, lse_path, common.report});
 
     nlohmann::json report = dsa::report_header("dsa-attend", argc, argv);
-    const dsa::Device device = dsa::resolve_device(device_name);
-    report["device"] = dsa::device_description(device);
     dsa::app::AttentionTensors loaded;
     dsa::app::load_attention(attention, loaded);
     const dsa::AttentionInputs& inputs = loaded.inputs;
+    const dsa::DeviceChoice choice = dsa::choose_device(device_name, inputs);
+    const dsa::Device device = choice.device;
+    dsa::app::report_device(report, choice);
     for (const auto& t : loaded.tensors) report["inputs"].push_back(dsa::tensor_json(t));
     std::optional<dsa::TokenFile> tokens;
     if (!dense) {

@@ -69,8 +69,6 @@ int main(int argc, char** argv) {
     dsa::app::AttentionTensors loaded;
     dsa::app::load_attention(attention, loaded);
     dsa::CompareInputs inputs;
-    inputs.device = dsa::resolve_device(device);
-    report["device"] = dsa::device_description(inputs.device);
     inputs.attention = loaded.inputs;
     inputs.scale = loaded.scale.value;
     for (const auto& t : loaded.tensors) report["inputs"].push_back(dsa::tensor_json(t));
@@ -103,6 +101,9 @@ int main(int argc, char** argv) {
       report["inputs"].push_back(dsa::tensor_json(*needles));
     }
     const dsa::AttentionInputs& a = inputs.attention;
+    const dsa::DeviceChoice choice = dsa::choose_device(device, inputs);
+    inputs.device = choice.device;
+    dsa::app::report_device(report, choice);
 
     dsa::StageTimes times;
     const dsa::Comparison comparison = dsa::compare_attention(inputs, &times);

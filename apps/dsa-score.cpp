@@ -26,8 +26,9 @@ int main(int argc, char** argv) {
     const dsa::app::IndexerTensors in = dsa::app::load_indexer_tensors(tensors);
     const dsa::Tensor &q = in.q_index, &k = in.k_index, &w = in.weights;
     dsa::IndexerConfig config = dsa::app::indexer_config(indexer);
-    config.device = dsa::resolve_device(device);
     const dsa::IndexerInputs inputs = dsa::make_indexer_inputs(q, k, w, config);
+    const dsa::DeviceChoice choice = dsa::choose_device(device, inputs, config);
+    config.device = choice.device;
 
     dsa::Shape shape = {inputs.queries, inputs.keys};
     if (inputs.batched) shape.insert(shape.begin(), inputs.batch);
@@ -45,7 +46,7 @@ int main(int argc, char** argv) {
     writer.commit();
 
     nlohmann::json report = dsa::report_header("dsa-score", argc, argv);
-    report["device"] = dsa::device_description(config.device);
+    dsa::app::report_device(report, choice);
     for (const dsa::Tensor& t : in.read) report["inputs"].push_back(dsa::tensor_json(t));
     if (!tensors.hidden.empty()) report["indexer_weights"] = tensors.indexer_weights;
     report["indexer"] = dsa::app::indexer_config_json(config);

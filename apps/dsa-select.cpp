@@ -68,9 +68,10 @@ int main(int argc, char** argv) {
     dsa::Shape shape;
     if (fused) {
       config = dsa::app::indexer_config(indexer);
-      config.device = dsa::resolve_device(device);
-      report["device"] = dsa::device_description(config.device);
       indexer_inputs = dsa::make_indexer_inputs(inputs[0], inputs[1], inputs[2], config);
+      const dsa::DeviceChoice choice = dsa::choose_device(device, indexer_inputs, config, topk);
+      config.device = choice.device;
+      dsa::app::report_device(report, choice);
       shape = {indexer_inputs.queries, topk};
       if (indexer_inputs.batched) shape.insert(shape.begin(), indexer_inputs.batch);
       report["indexer"] = dsa::app::indexer_config_json(config);

@@ -126,6 +126,21 @@ TEST_F(Cli, NamedScaleIsTheModelsAndReportsSayWhichScale) {
       << bad.err;
 }
 
+// --device auto runs each operation on the GPU only where the CUDA backend takes its inputs; MHA
+// inputs (or a machine without a GPU) run on the CPU, and the report says why.
+TEST_F(Cli, DeviceAutoFallsBackToTheCpuAndSaysWhy) {
+  std::mt19937_64 rng(43);
+  write("mk.npy", test::random_tensor({24, 1, 20}, rng));
+  write("mv.npy", test::random_tensor({24, 1, 8}, rng));
+  const Outcome r =
+      run("dsa-attend --q qa.npy --k mk.npy --v mv.npy --dense --device auto "
+          "-o d.npy --report r.json");
+  ASSERT_EQ(r.code, 0) << r.err;
+  const auto report = nlohmann::json::parse(slurp(path("r.json")));
+  EXPECT_EQ(report["device"], "cpu");
+  EXPECT_NE(report["device_note"].get<std::string>().find("ran on the CPU"), std::string::npos);
+}
+
 TEST_F(Cli, SafetensorsInputsByName) {
   std::vector<Tensor> tensors = {read_tensor(path("q.npy")), read_tensor(path("k.npy")),
                                  read_tensor(path("w.npy"))};

@@ -323,5 +323,53 @@ TEST(Cuda, DeviceSelection) {
   if (!cuda_available()) EXPECT_THROW(resolve_device("cuda"), Error);
 }
 
+// Per operation: "auto" takes the GPU only where the CUDA backend accepts the inputs, "cuda"
+// on inputs it cannot take fails before any work, naming the limit (issue 13).
+TEST(Cuda, EachOperationAsksTheBackendFirst) {
+  std::mt19937_64 rng(90);
+  const Tensor q = test::random_tensor({8, 4, 32}, rng, 1, "q.npy");
+  const Tensor k = test::random_tensor({8, 2, 32}, rng, 1, "k.npy");
+  const Tensor v = test::random_tensor({8, 2, 32}, rng, 1, "v.npy");
+  const AttentionInputs mha = make_mha_inputs(q, k, v);
+  const DeviceChoice cpu = choose_device("cpu", mha);
+  EXPECT_EQ(cpu.device, Device::cpu);
+  EXPECT_EQ(cpu.note, "");
+  const DeviceChoice automatic = choose_device("auto", mha);
+  EXPECT_EQ(automatic.device, Device::cpu);
+  EXPECT_NE(automatic.note.find("ran on the CPU"), std::string::npos) << automatic.note;
+  try {
+    choose_device("cuda", mha);
+    ADD_FAILURE() << "accepted";
+  } catch (const Error& e) {
+    // Without a GPU: runtime, saying why; with one: usage, naming the limit.
+    EXPECT_EQ(e.code(), cuda_available() ? ExitCode::usage : ExitCode::runtime) << e.what();
+    if (cuda_available())
+      EXPECT_NE(std::string(e.what()).find("latent layout"), std::string::npos) << e.what();
+  }
+  SKIP_WITHOUT_GPU();
+  // MLA's latent layout is taken; an indexer shape the kernels do not cover is not.
+  const Tensor kv = test::random_tensor({8, 32}, rng, 1, "kv.npy");
+  EXPECT_EQ(choose_device("auto", make_mqa_inputs(q, kv, 16)).device, Device::cuda);
+  const Tensor qi = test::random_tensor({8, 3, 24}, rng, 1, "qi.npy");
+  const Tensor ki = test::random_tensor({8, 24}, rng, 1, "ki.npy");
+  const Tensor wi = test::random_tensor({8, 3}, rng, 1, "wi.npy");
+  IndexerConfig bf16;
+  bf16.precision = Precision::bf16;
+  const IndexerInputs odd = make_indexer_inputs(qi, ki, wi, bf16);
+  const DeviceChoice fallback = choose_device("auto", odd, bf16, 4);
+  EXPECT_EQ(fallback.device, Device::cpu);
+  EXPECT_NE(fallback.note.find("H_I dividing 128"), std::string::npos) << fallback.note;
+  EXPECT_THROW(choose_device("cuda", odd, bf16, 4), Error);
+  IndexerConfig f32;
+  EXPECT_EQ(choose_device("auto", make_indexer_inputs(qi, ki, wi, f32), f32, 9000)
+                    .note.find("k <= 8192") != std::string::npos,
+            true);
+  // The public functions ask too: a shape the GPU cannot take fails before any work.
+  bf16.device = Device::cuda;
+  EXPECT_THROW(indexer_scores(
+                   odd, bf16, [](const ScoreBlock&) { FAIL() << "ran"; }, nullptr),
+               Error);
+}
+
 }  // namespace
 }  // namespace dsa

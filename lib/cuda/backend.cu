@@ -10,8 +10,8 @@
 
 #include <fmt/format.h>
 
+#include "backend.hpp"
 #include "chunks.hpp"
-#include "cuda_backend.hpp"
 #include "dsa/error.hpp"
 #include "dsa/precision.hpp"
 #include "kernels.cuh"
@@ -112,18 +112,50 @@ void prepare_operands(const Tensor& tensor, int64_t offset, int64_t count, int64
   if (config.precision == Precision::f32) out.values_f32 = std::move(rows);
 }
 
-void check_indexer_shape(const IndexerInputs& in, const IndexerConfig& config) {
-  if (config.precision == Precision::f32) return;
+// The backend's limits (Backend::check): every shape the kernels below cannot take.
+std::string indexer_limit(const IndexerInputs& in, const IndexerConfig& config) {
+  if (config.precision == Precision::f32) return "";
   if (128 % in.heads != 0 || in.dim % 16 != 0 || in.dim > 256) {
-    bad_usage(
+    return fmt::format(
         "the CUDA indexer needs H_I dividing 128 and d_I a multiple of 16 up to 256, got H_I = {}, "
         "d_I = {}",
         in.heads, in.dim);
   }
   if (config.precision == Precision::fp8 && in.dim > config.quant_block) {
-    bad_usage("the CUDA fp8 indexer needs one scale block per row (d_I <= {}), got d_I = {}",
-              config.quant_block, in.dim);
+    return fmt::format(
+        "the CUDA fp8 indexer needs one scale block per row (d_I <= {}), got d_I = {}",
+        config.quant_block, in.dim);
   }
+  return "";
+}
+
+std::string attention_limit(const AttentionInputs& in, bool dense_probabilities) {
+  if (!in.latent) return "the CUDA attention supports MLA's latent layout (--kv) only";
+  if (in.d_qk % 16 != 0 || in.d_v % 16 != 0 || in.d_v > in.d_qk || in.d_qk > 576 || in.d_v > 512) {
+    return fmt::format(
+        "the CUDA attention needs d_qk and d_v multiples of 16 with d_v <= d_qk <= 576 and d_v <= "
+        "512, got d_qk {} and d_v {}",
+        in.d_qk, in.d_v);
+  }
+  if (dense_probabilities && ((in.d_qk != 512 && in.d_qk != 576) || in.d_v != 512)) {
+    return fmt::format(
+        "dsa-compare on the GPU needs MLA's latent layout with d_qk 512 or 576 and d_v 512, got "
+        "d_qk {} and d_v {}",
+        in.d_qk, in.d_v);
+  }
+  return "";
+}
+
+std::string check_operation(const detail::Operation& op) {
+  if (op.indexer) {
+    std::string why = indexer_limit(*op.indexer, *op.indexer_config);
+    if (!why.empty()) return why;
+  }
+  if (op.topk > kMaxTopk) {
+    return fmt::format("the CUDA top-k handles k <= {}, got {}", kMaxTopk, op.topk);
+  }
+  if (op.attention) return attention_limit(*op.attention, op.dense_probabilities);
+  return "";
 }
 
 // The indexer of one batch element on the GPU: the keys prepared and uploaded once, then
@@ -217,7 +249,6 @@ class AttentionOnDevice {
  public:
   AttentionOnDevice(const AttentionInputs& in, float scale, int64_t b)
       : in_(in), scale_(scale), b_(b) {
-    if (!in.latent) bad_usage("the CUDA attention supports the MQA layout (--kv) only");
     upload_bf16(*in.k, b * in.keys * in.d_qk, in.keys * in.d_qk, kv_);
   }
 
@@ -293,8 +324,6 @@ class AttentionOnDevice {
   DeviceBuffer<float> out_, lse_, partial_;
 };
 
-}  // namespace
-
 std::string unavailable_reason() {
   int count = 0;
   const cudaError_t status = cudaGetDeviceCount(&count);
@@ -316,8 +345,7 @@ std::string describe() {
 }
 
 void indexer_scores(const IndexerInputs& in, const IndexerConfig& config,
-                    const std::function<void(const ScoreBlock&)>& sink, StageTimes* times) {
-  check_indexer_shape(in, config);
+                    const detail::ScoreSink& sink, StageTimes* times) {
   std::vector<float> host;
   for (int64_t b = 0; b < in.batch; ++b) {
     score_chunks(in, config, b, times, [&](int64_t c0, int64_t rows, const float* scores) {
@@ -331,7 +359,6 @@ void indexer_scores(const IndexerInputs& in, const IndexerConfig& config,
 
 void select_from_indexer(const IndexerInputs& in, const IndexerConfig& config, int64_t k,
                          const SelectionSink& sink, StageTimes* times) {
-  check_indexer_shape(in, config);
   DeviceBuffer<int32_t> indices;
   DeviceBuffer<float> values;
   std::vector<int32_t> host_indices;
@@ -385,40 +412,50 @@ void sparse_attention(const AttentionInputs& in, const Tensor* indices, float sc
   }
 }
 
-struct CompareEngine::State {
-  State(const AttentionInputs& attention, const IndexerInputs* indexer, const IndexerConfig& config,
-        float scale, int64_t b)
-      : attention_device(attention, scale, b) {
-    if (indexer) indexer_device.emplace(*indexer, config, b, nullptr);
+class DeviceCompareEngine : public detail::CompareEngine {
+ public:
+  DeviceCompareEngine(const AttentionInputs& attention, const IndexerInputs* indexer,
+                      const IndexerConfig& config, float scale, int64_t b)
+      : attention_device_(attention, scale, b) {
+    if (indexer) indexer_device_.emplace(*indexer, config, b, nullptr);
   }
-  AttentionOnDevice attention_device;
-  std::optional<IndexerOnDevice> indexer_device;
-  DeviceBuffer<float> scores;
+
+  void scores(int64_t c0, int64_t rows, int64_t keys, float* out) override {
+    scores_.resize(static_cast<size_t>(rows * keys));
+    indexer_device_->score(c0, rows, scores_.get(), nullptr);
+    scores_.download(out, static_cast<size_t>(rows * keys));
+  }
+
+  void attend(int64_t c0, int64_t rows, const int32_t* indices, int64_t k, float* out,
+              float* lse) override {
+    attention_device_.attend(c0, rows, indices, k, out, lse);
+  }
+
+  void dense(int64_t c0, int64_t rows, float* out, float* lse, float* p, int64_t stride) override {
+    attention_device_.attend(c0, rows, nullptr, 0, out, lse);
+    attention_device_.dense_probabilities(c0, rows, p, stride);
+  }
+
+ private:
+  AttentionOnDevice attention_device_;
+  std::optional<IndexerOnDevice> indexer_device_;
+  DeviceBuffer<float> scores_;
 };
 
-CompareEngine::CompareEngine(const AttentionInputs& attention, const IndexerInputs* indexer,
-                             const IndexerConfig& config, float scale, int64_t b) {
-  if (indexer) check_indexer_shape(*indexer, config);
-  state_ = std::make_unique<State>(attention, indexer, config, scale, b);
+std::unique_ptr<detail::CompareEngine> compare_engine(const AttentionInputs& attention,
+                                                      const IndexerInputs* indexer,
+                                                      const IndexerConfig& config, float scale,
+                                                      int64_t b) {
+  return std::make_unique<DeviceCompareEngine>(attention, indexer, config, scale, b);
 }
 
-CompareEngine::~CompareEngine() = default;
+}  // namespace
 
-void CompareEngine::scores(int64_t c0, int64_t rows, int64_t keys, float* out) {
-  state_->scores.resize(static_cast<size_t>(rows * keys));
-  state_->indexer_device->score(c0, rows, state_->scores.get(), nullptr);
-  state_->scores.download(out, static_cast<size_t>(rows * keys));
-}
-
-void CompareEngine::attend(int64_t c0, int64_t rows, const int32_t* indices, int64_t k, float* out,
-                           float* lse) {
-  state_->attention_device.attend(c0, rows, indices, k, out, lse);
-}
-
-void CompareEngine::dense(int64_t c0, int64_t rows, float* out, float* lse, float* p,
-                          int64_t stride) {
-  state_->attention_device.attend(c0, rows, nullptr, 0, out, lse);
-  state_->attention_device.dense_probabilities(c0, rows, p, stride);
+const detail::Backend& backend() {
+  static const detail::Backend table{Device::cuda,     unavailable_reason, describe,
+                                     check_operation,  indexer_scores,     select_from_indexer,
+                                     sparse_attention, compare_engine};
+  return table;
 }
 
 }  // namespace dsa::cuda

@@ -40,7 +40,8 @@ void launch_indexer_f32(const float* q, const float* w, const float* k, int rows
 
 // Top-k of every row (Eq. 2): row r sees scores[r, 0 .. first_position + r]; indices [rows, k]
 // in descending score, ties lower position first, NaN ranked like -inf, -1 padding; values
-// the selected scores (-inf for padding). k <= 8192.
+// the selected scores (-inf for padding). k <= kMaxTopk.
+inline constexpr int kMaxTopk = 8192;
 void launch_topk(const float* scores, int64_t stride, int rows, int64_t first_position, int keys,
                  int k, int32_t* indices, float* values, cudaStream_t stream);
 

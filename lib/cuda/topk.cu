@@ -186,7 +186,7 @@ __global__ void __launch_bounds__(kThreads, 3)
 void launch_topk(const float* scores, int64_t stride, int rows, int64_t first_position, int keys,
                  int k, int32_t* indices, float* values, cudaStream_t stream) {
   if (rows == 0) return;
-  if (k > 8192) fail(ExitCode::usage, "the CUDA top-k handles k <= 8192, got {}", k);
+  if (k > kMaxTopk) fail(ExitCode::usage, "the CUDA top-k handles k <= {}, got {}", kMaxTopk, k);
   const size_t smem = static_cast<size_t>(kCandidates) * sizeof(uint64_t);
   check(cudaFuncSetAttribute(topk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(smem)),

@@ -9,11 +9,9 @@
 #include <Eigen/Core>
 
 #include "attention_kernels.hpp"
+#include "backend.hpp"
 #include "chunks.hpp"
 #include "cpu_kernels.hpp"
-#ifdef DSA_HAVE_CUDA
-#include "cuda_backend.hpp"
-#endif
 #include "dsa/error.hpp"
 
 namespace dsa {
@@ -328,12 +326,10 @@ DroppedIndices drop_future_indices(const AttentionInputs& in, const Tensor& indi
   return out;
 }
 
-void sparse_attention(const AttentionInputs& in, const Tensor& indices, float scale,
-                      const AttentionSink& sink, StageTimes* times, Device device) {
-#ifdef DSA_HAVE_CUDA
-  if (device == Device::cuda) return cuda::sparse_attention(in, &indices, scale, sink, times);
-#endif
-  (void)device;
+namespace {
+
+void cpu_sparse_attention(const AttentionInputs& in, const Tensor& indices, float scale,
+                          const AttentionSink& sink, StageTimes* times) {
   const int64_t k = indices.shape.back();
   for_each_chunk(
       in, kQueryBlock, sink, times, "attend",
@@ -353,12 +349,8 @@ void sparse_attention(const AttentionInputs& in, const Tensor& indices, float sc
       });
 }
 
-void dense_attention(const AttentionInputs& in, float scale, const AttentionSink& sink,
-                     StageTimes* times, Device device) {
-#ifdef DSA_HAVE_CUDA
-  if (device == Device::cuda) return cuda::sparse_attention(in, nullptr, scale, sink, times);
-#endif
-  (void)device;
+void cpu_dense_attention(const AttentionInputs& in, float scale, const AttentionSink& sink,
+                         StageTimes* times) {
   const int64_t group = in.heads / in.kv_heads, lanes = padded_heads(group);
   const int64_t tile_keys = detail::kAttendTile;
   for_each_chunk(
@@ -400,6 +392,29 @@ void dense_attention(const AttentionInputs& in, float scale, const AttentionSink
           }
         }
       });
+}
+
+}  // namespace
+
+void detail::cpu_attention(const AttentionInputs& in, const Tensor* indices, float scale,
+                           const AttentionSink& sink, StageTimes* times) {
+  if (indices) {
+    cpu_sparse_attention(in, *indices, scale, sink, times);
+  } else {
+    cpu_dense_attention(in, scale, sink, times);
+  }
+}
+
+void sparse_attention(const AttentionInputs& in, const Tensor& indices, float scale,
+                      const AttentionSink& sink, StageTimes* times, Device device) {
+  detail::backend(device, {nullptr, nullptr, 0, &in, false})
+      .attention(in, &indices, scale, sink, times);
+}
+
+void dense_attention(const AttentionInputs& in, float scale, const AttentionSink& sink,
+                     StageTimes* times, Device device) {
+  detail::backend(device, {nullptr, nullptr, 0, &in, false})
+      .attention(in, nullptr, scale, sink, times);
 }
 
 }  // namespace dsa

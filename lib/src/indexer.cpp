@@ -6,11 +6,9 @@
 
 #include <Eigen/Core>
 
+#include "backend.hpp"
 #include "chunks.hpp"
 #include "cpu_kernels.hpp"
-#ifdef DSA_HAVE_CUDA
-#include "cuda_backend.hpp"
-#endif
 #include "dsa/error.hpp"
 
 namespace dsa {
@@ -152,9 +150,12 @@ void IndexerKernel::score_rows(int64_t row_begin, int64_t rows, float* out, int6
 
 void indexer_scores(const IndexerInputs& inputs, const IndexerConfig& config,
                     const std::function<void(const ScoreBlock&)>& sink, StageTimes* times) {
-#ifdef DSA_HAVE_CUDA
-  if (config.device == Device::cuda) return cuda::indexer_scores(inputs, config, sink, times);
-#endif
+  detail::backend(config.device, {&inputs, &config, 0, nullptr, false})
+      .indexer_scores(inputs, config, sink, times);
+}
+
+void detail::cpu_indexer_scores(const IndexerInputs& inputs, const IndexerConfig& config,
+                                const ScoreSink& sink, StageTimes* times) {
   const int64_t block = std::max<int64_t>(1, config.query_block);
   const int64_t chunk = detail::chunk_rows(block, inputs.keys * 4);
   std::vector<float> scores;

@@ -12,9 +12,7 @@
 #include "dsa/topk.hpp"
 #include "target.hpp"
 
-#ifdef DSA_HAVE_CUDA
-#include "cuda_backend.hpp"
-#endif
+#include "backend.hpp"
 
 namespace dsa {
 
@@ -334,22 +332,29 @@ void compare_on_cpu(const CompareInputs& in, Comparison& out,
   }
 }
 
-// compare_attention's arithmetic on the GPU (MQA, d_qk 512 or 576, d_v 512) in chunks of query
-// rows: indexer scores, sparse attention at each k, dense attention and the head-averaged dense
-// probabilities. Selections and metrics are the CPU's functions; the mass of head h on S_t is
-// read off the two softmax normalizers, sum over s in S_t of p_h[s] = exp(lse_sparse -
-// lse_dense).
-void compare_on_gpu(const CompareInputs& in, Comparison& out,
-                    const std::vector<std::pair<int64_t, int64_t>>& needles, int64_t width,
-                    Totals& totals, ThreadClock& clock, StageTimes* times) {
-#ifdef DSA_HAVE_CUDA
-  const AttentionInputs& a = in.attention;
-  if (!a.latent || (a.d_qk != 512 && a.d_qk != 576) || a.d_v != 512) {
-    bad_usage(
-        "dsa-compare on the GPU needs MLA's latent layout (--kv, d_qk 512 or 576, --dv 512), got "
-        "{}d_qk {} and d_v {}",
-        a.latent ? "" : "separate k and v, ", a.d_qk, a.d_v);
+// compare_attention's arithmetic on a backend's CompareEngine (the GPU: MQA, d_qk 512 or 576,
+// d_v 512) in chunks of query rows: indexer scores, sparse attention at each k, dense attention
+// and the head-averaged dense probabilities. Selections and metrics are the CPU's functions
+// (top-k runs on the host here: the metrics need each row's whole score row and p on the host
+// anyway, and the host's selection is the reference the GPU's own top-k is tested against); the
+// mass of head h on S_t is read off the two softmax normalizers, sum over s in S_t of p_h[s] =
+// exp(lse_sparse - lse_dense). What compare_attention asks of a backend. The selection runs on the
+// host (compare_on_engine says why), so no top-k limit applies.
+detail::Operation compare_operation(const CompareInputs& in) {
+  detail::Operation op;
+  if (in.indexer) {
+    op.indexer = &*in.indexer;
+    op.indexer_config = &in.indexer_config;
   }
+  op.attention = &in.attention;
+  op.dense_probabilities = true;
+  return op;
+}
+
+void compare_on_engine(const detail::Backend& backend, const CompareInputs& in, Comparison& out,
+                       const std::vector<std::pair<int64_t, int64_t>>& needles, int64_t width,
+                       Totals& totals, ThreadClock& clock, StageTimes* times) {
+  const AttentionInputs& a = in.attention;
   const int64_t H = a.heads, Lk = a.keys, Lq = a.queries, d_v = a.d_v;
   const auto n_k = static_cast<int64_t>(in.topk.size());
   const int64_t rows = out.rows();
@@ -361,8 +366,8 @@ void compare_on_gpu(const CompareInputs& in, Comparison& out,
   std::vector<int64_t> valid;
   for (int64_t b = 0; b < a.batch; ++b) {
     Stopwatch load;
-    cuda::CompareEngine engine(a, in.indexer ? &*in.indexer : nullptr, in.indexer_config, in.scale,
-                               b);
+    const std::unique_ptr<detail::CompareEngine> engine = backend.compare_engine(
+        a, in.indexer ? &*in.indexer : nullptr, in.indexer_config, in.scale, b);
     if (times) times->add("load", load.seconds());
     Stopwatch compare_watch;
     for (int64_t c0 = 0; c0 < Lq; c0 += chunk) {
@@ -370,7 +375,7 @@ void compare_on_gpu(const CompareInputs& in, Comparison& out,
       Stopwatch watch;
       if (in.indexer) {
         scores.resize(static_cast<std::size_t>(n_rows * Lk));
-        engine.scores(c0, n_rows, Lk, scores.data());
+        engine->scores(c0, n_rows, Lk, scores.data());
       }
       clock.score += watch.seconds();
       watch = Stopwatch();
@@ -399,15 +404,15 @@ void compare_on_gpu(const CompareInputs& in, Comparison& out,
           std::copy_n(selection.begin() + r * width, k, prefix.begin() + r * k);
           totals.sparse_positions[ki] += static_cast<double>(std::min(k, valid[r]));
         }
-        engine.attend(c0, n_rows, prefix.data(), k, sparse_out.data() + ki * n_rows * H * d_v,
-                      sparse_lse.data() + ki * n_rows * H);
+        engine->attend(c0, n_rows, prefix.data(), k, sparse_out.data() + ki * n_rows * H * d_v,
+                       sparse_lse.data() + ki * n_rows * H);
       }
       clock.sparse += watch.seconds();
       watch = Stopwatch();
       dense_out.resize(static_cast<std::size_t>(n_rows * H * d_v));
       dense_lse.resize(static_cast<std::size_t>(n_rows * H));
       p.resize(static_cast<std::size_t>(n_rows * Lk));
-      engine.dense(c0, n_rows, dense_out.data(), dense_lse.data(), p.data(), Lk);
+      engine->dense(c0, n_rows, dense_out.data(), dense_lse.data(), p.data(), Lk);
       clock.dense += watch.seconds();
       watch = Stopwatch();
 #pragma omp parallel
@@ -443,51 +448,9 @@ void compare_on_gpu(const CompareInputs& in, Comparison& out,
     }
     if (times) times->add("compare", compare_watch.seconds());
   }
-#else
-  (void)in, (void)out, (void)needles, (void)width, (void)totals, (void)clock, (void)times;
-  fail(ExitCode::runtime, "this build of dsa has no CUDA backend");
-#endif
 }
 
 }  // namespace
-
-namespace detail {
-
-void group_probabilities(const AttentionInputs& a, const KeyValues& kv, int64_t b,
-                         const int64_t* rows, int64_t n_rows, int64_t g, int64_t visible_end,
-                         float scale, RowMatrix& q_group, RowMatrix& probs) {
-  const int64_t H = a.heads, group = a.heads / a.kv_heads;
-  q_group.resize(n_rows * group, a.d_qk);
-  for (int64_t r = 0; r < n_rows; ++r) {
-    to_f32(*a.q, ((b * a.queries + rows[r]) * H + g * group) * a.d_qk, group * a.d_qk,
-           q_group.row(r * group).data());
-  }
-  const Strided keys(kv.key(0, g, a.d_qk), visible_end, a.d_qk, Eigen::OuterStride<>(kv.k_stride));
-  probs.noalias() = scale * (q_group * keys.transpose());
-  for (int64_t i = 0; i < n_rows * group; ++i) {
-    const int64_t visible = a.position(rows[i / group]) + 1;
-    float* p = probs.row(i).data();
-    softmax_row(p, visible);
-    std::fill(p + visible, p + visible_end, 0.0f);
-  }
-}
-
-void attention_target(const AttentionInputs& a, const KeyValues& kv, int64_t b, const int64_t* rows,
-                      int64_t n_rows, int64_t visible_end, float scale, float* out) {
-  const int64_t group = a.heads / a.kv_heads;
-  RowMatrix q_group, probs;
-  std::fill(out, out + n_rows * visible_end, 0.0f);
-  for (int64_t g = 0; g < a.kv_heads; ++g) {
-    group_probabilities(a, kv, b, rows, n_rows, g, visible_end, scale, q_group, probs);
-    for (int64_t i = 0; i < n_rows * group; ++i) {
-      const float* p = probs.row(i).data();
-      float* sum = out + (i / group) * visible_end;
-      for (int64_t s = 0; s < visible_end; ++s) sum[s] += p[s] / static_cast<float>(a.heads);
-    }
-  }
-}
-
-}  // namespace detail
 
 Summary summarize(const std::vector<double>& values) {
   Summary s;
@@ -568,8 +531,9 @@ Comparison compare_attention(const CompareInputs& in, StageTimes* times) {
   totals.needle_counts.assign(static_cast<std::size_t>(2 * n_k), 0);
   totals.sparse_positions.assign(static_cast<std::size_t>(n_k), 0.0);
 
-  if (in.device == Device::cuda) {
-    compare_on_gpu(in, out, needles, width, totals, clocks.front(), times);
+  const detail::Backend& backend = detail::backend(in.device, compare_operation(in));
+  if (backend.compare_engine) {
+    compare_on_engine(backend, in, out, needles, width, totals, clocks.front(), times);
   } else {
     compare_on_cpu(in, out, needles, width, block, totals, clocks, times);
   }
@@ -696,6 +660,10 @@ nlohmann::json comparison_json(const Comparison& c) {
     results.push_back(entry);
   }
   return results;
+}
+
+DeviceChoice choose_device(const std::string& name, const CompareInputs& inputs) {
+  return detail::choose_device(name, compare_operation(inputs));
 }
 
 }  // namespace dsa

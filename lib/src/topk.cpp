@@ -7,10 +7,8 @@
 #include <iterator>
 #include <limits>
 
+#include "backend.hpp"
 #include "chunks.hpp"
-#ifdef DSA_HAVE_CUDA
-#include "cuda_backend.hpp"
-#endif
 #include "dsa/error.hpp"
 
 namespace dsa {
@@ -170,10 +168,12 @@ void select_from_scores(const Tensor& scores, int64_t k, const SelectionSink& si
 void select_from_indexer(const IndexerInputs& inputs, const IndexerConfig& config, int64_t k,
                          const SelectionSink& sink, StageTimes* times) {
   check_k(k);
-#ifdef DSA_HAVE_CUDA
-  if (config.device == Device::cuda)
-    return cuda::select_from_indexer(inputs, config, k, sink, times);
-#endif
+  detail::backend(config.device, {&inputs, &config, k, nullptr, false})
+      .select_from_indexer(inputs, config, k, sink, times);
+}
+
+void detail::cpu_select_from_indexer(const IndexerInputs& inputs, const IndexerConfig& config,
+                                     int64_t k, const SelectionSink& sink, StageTimes* times) {
   const int64_t block = std::max<int64_t>(1, config.query_block);
   const int64_t chunk = detail::chunk_rows(block, inputs.keys * 4 + k * 8);
   std::vector<float> scores;

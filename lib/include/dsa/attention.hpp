@@ -67,6 +67,9 @@ struct DroppedIndices {
 };
 DroppedIndices drop_future_indices(const AttentionInputs& inputs, const Tensor& indices);
 
+// Where --device `name` runs attention on these inputs (choose_device in indexer.hpp says how).
+DeviceChoice choose_device(const std::string& name, const AttentionInputs& inputs);
+
 // o[t,h] = sum_{s in S_t} softmax_s(scale * q[t,h] . k_s) v_s over the given indices.
 void sparse_attention(const AttentionInputs& inputs, const Tensor& indices, float scale,
                       const AttentionSink& sink, StageTimes* times, Device device = Device::cpu);

@@ -8,10 +8,17 @@ namespace dsa {
 enum class Device { cpu, cuda };
 
 // "cpu", "cuda" or "auto" (the GPU when this build has the CUDA backend and a GPU is there).
-// "cuda" without a usable GPU is an Error(runtime) saying why.
+// "cuda" without a usable GPU is an Error(runtime) saying why. An operation's own choose_device
+// (indexer.hpp, attention.hpp, metrics.hpp) also asks the backend whether it takes the inputs.
 Device resolve_device(const std::string& name);
 bool cuda_available();
 // "cpu" or e.g. "cuda:0 NVIDIA H100 80GB HBM3 (132 SMs)".
 std::string device_description(Device device);
+
+// Where an operation runs, and with --device auto why it runs on the CPU (empty otherwise).
+struct DeviceChoice {
+  Device device = Device::cpu;
+  std::string note;
+};
 
 }  // namespace dsa

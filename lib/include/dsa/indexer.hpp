@@ -83,4 +83,11 @@ struct ScoreBlock {
 void indexer_scores(const IndexerInputs& inputs, const IndexerConfig& config,
                     const std::function<void(const ScoreBlock&)>& sink, StageTimes* times);
 
+// Where --device `name` runs the indexer on these inputs (and, with topk > 0, its top-k
+// selection): dsa/device.hpp's rules, asking the backend first whether it takes the shapes.
+// "cuda" on inputs the GPU cannot take is Error(usage) naming the limit, before any work;
+// "auto" then runs on the CPU and says so in the note.
+DeviceChoice choose_device(const std::string& name, const IndexerInputs& inputs,
+                           const IndexerConfig& config, int64_t topk = 0);
+
 }  // namespace dsa

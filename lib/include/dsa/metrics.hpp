@@ -75,6 +75,10 @@ struct Comparison {
 // Dense and sparse attention in blocks of queries, never more than a few rows of L scores.
 Comparison compare_attention(const CompareInputs& inputs, StageTimes* times);
 
+// Where --device `name` runs the comparison on these inputs (choose_device in indexer.hpp says
+// how; the GPU needs MLA's latent layout with d_qk 512 or 576 and d_v 512).
+DeviceChoice choose_device(const std::string& name, const CompareInputs& inputs);
+
 // The report's "results": per k, each metric summarized over rows with t + 1 > k ("sparse")
 // and apart over rows with t + 1 <= k ("exact"), buckets by position, needle recall.
 nlohmann::json comparison_json(const Comparison& comparison);

@@ -1,0 +1,86 @@
+// Internal: the operations a backend implements, as one table per backend (ggml's backend
+// interface, htslib's hFILE_backend): the public functions of indexer.hpp, topk.hpp,
+// attention.hpp and metrics.hpp pick a backend through the registry (device.cpp, the one file
+// that knows which backends this build has) and call its entry. A new operation is a new entry
+// here, implemented by every backend or refused by its `check`.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "dsa/attention.hpp"
+#include "dsa/device.hpp"
+#include "dsa/indexer.hpp"
+#include "dsa/topk.hpp"
+
+namespace dsa::detail {
+
+// What an operation is about to run on, for Backend::check; unset parts are not run.
+struct Operation {
+  const IndexerInputs* indexer = nullptr;
+  const IndexerConfig* indexer_config = nullptr;
+  int64_t topk = 0;  // the largest k selected on the backend (0: none)
+  const AttentionInputs* attention = nullptr;
+  bool dense_probabilities = false;  // dsa-compare's head-averaged dense distribution p
+};
+
+// dsa-compare's arithmetic for one batch element, in blocks of query rows [c0, c0 + rows),
+// results on the host; the selections and the metrics stay in metrics.cpp.
+class CompareEngine {
+ public:
+  virtual ~CompareEngine() = default;
+  // Indexer scores out [rows, keys] (Eq. 1, -inf where s > t).
+  virtual void scores(int64_t c0, int64_t rows, int64_t keys, float* out) = 0;
+  // Attention over indices [rows, k] (-1 skipped): out [rows, H, d_v], lse [rows, H].
+  virtual void attend(int64_t c0, int64_t rows, const int32_t* indices, int64_t k, float* out,
+                      float* lse) = 0;
+  // Dense attention out and lse, and the head-averaged dense probabilities p [rows, stride].
+  virtual void dense(int64_t c0, int64_t rows, float* out, float* lse, float* p,
+                     int64_t stride) = 0;
+};
+
+using ScoreSink = std::function<void(const ScoreBlock&)>;
+
+struct Backend {
+  Device device;
+  std::string (*unavailable)();  // empty when it can compute on this machine, else why not
+  std::string (*describe)();     // "cpu", "cuda:0 NVIDIA H200 (132 SMs)"
+  // Empty when the backend takes these inputs, else one line naming the limit; asked before any
+  // work starts, so no entry below throws for a shape.
+  std::string (*check)(const Operation& op);
+  void (*indexer_scores)(const IndexerInputs& inputs, const IndexerConfig& config,
+                         const ScoreSink& sink, StageTimes* times);
+  void (*select_from_indexer)(const IndexerInputs& inputs, const IndexerConfig& config, int64_t k,
+                              const SelectionSink& sink, StageTimes* times);
+  // Over indices [B?, Lq, K] (-1 skipped), or over every visible key when indices is null.
+  void (*attention)(const AttentionInputs& inputs, const Tensor* indices, float scale,
+                    const AttentionSink& sink, StageTimes* times);
+  // Null where compare_attention runs its fused loop on the host (the CPU).
+  std::unique_ptr<CompareEngine> (*compare_engine)(const AttentionInputs& attention,
+                                                   const IndexerInputs* indexer,
+                                                   const IndexerConfig& config, float scale,
+                                                   int64_t b);
+};
+
+// The CPU's entries (indexer.cpp, topk.cpp, attention.cpp).
+void cpu_indexer_scores(const IndexerInputs& inputs, const IndexerConfig& config,
+                        const ScoreSink& sink, StageTimes* times);
+void cpu_select_from_indexer(const IndexerInputs& inputs, const IndexerConfig& config, int64_t k,
+                             const SelectionSink& sink, StageTimes* times);
+void cpu_attention(const AttentionInputs& inputs, const Tensor* indices, float scale,
+                   const AttentionSink& sink, StageTimes* times);
+
+// The backend that computes on `device` (Error(runtime) when this build has none).
+const Backend& backend(Device device);
+// The same, once it has said it takes `op` (else Error(usage) naming the limit, before any work).
+const Backend& backend(Device device, const Operation& op);
+
+// The device a --device name gives for `op`: "cpu"; "cuda", which fails before any work when
+// there is no usable GPU (Error(runtime)) or the CUDA backend refuses the inputs (Error(usage),
+// naming the limit); "auto", the GPU where it is usable and takes the inputs, else the CPU with a
+// note saying why.
+DeviceChoice choose_device(const std::string& name, const Operation& op);
+
+}  // namespace dsa::detail
