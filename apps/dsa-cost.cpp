@@ -3,6 +3,7 @@
 #include <cstdio>
 
 #include "common.hpp"
+#include "dsa/calibrate.hpp"
 #include "dsa/cost.hpp"
 #include "dsa/error.hpp"
 #include "dsa/io.hpp"

@@ -15,6 +15,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "dsa/calibrate.hpp"
 #include "dsa/cost.hpp"
 #include "dsa/error.hpp"
 

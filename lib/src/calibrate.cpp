@@ -1,5 +1,7 @@
 // --calibrate: this machine's achieved rates, measured with the toolkit's own kernels on small
 // random problems, to replace a preset's datasheet rates in the cost model (DESIGN.md §3).
+#include "dsa/calibrate.hpp"
+
 #include <algorithm>
 #include <cstring>
 #include <functional>
@@ -9,7 +11,6 @@
 #include <fmt/format.h>
 
 #include "dsa/attention.hpp"
-#include "dsa/cost.hpp"
 #include "dsa/indexer.hpp"
 #include "dsa/parallel.hpp"
 #include "dsa/report.hpp"

@@ -173,21 +173,6 @@ nlohmann::json model_json(const ModelSpec& model);
 void apply_override(const std::string& assignment, HardwareSpec& hardware, ModelSpec& dense,
                     ModelSpec& dsa);
 
-// Achieved rates of this machine, measured with the toolkit's own kernels (CPU).
-struct Calibration {
-  std::string device;                  // "cpu"
-  double attention_tflops = 0;         // dense_attention, MQA mode: replaces bf16_tflops
-  double indexer_tflops = 0;           // IndexerKernel::score_rows (a GEMM): replaces fp8_tflops
-  double sparse_attention_tflops = 0;  // sparse_attention: reported only
-  double memory_tb_s = 0;       // a parallel memcpy, read + write bytes: replaces memory_tb_s
-  nlohmann::json measurements;  // per kernel: problem, FLOPs or bytes, repeats, seconds
-};
-// About `seconds` of timing per kernel.
-Calibration calibrate(double seconds);
-// The hardware with the measured rates and efficiencies 1 (the rates are achieved ones).
-HardwareSpec calibrated_hardware(const HardwareSpec& hardware, const Calibration& calibration);
-nlohmann::json calibration_json(const Calibration& calibration);
-
 // The equations above as text: the report's "model" object.
 nlohmann::json cost_model_json();
 // The report's parts: per point every stage of every curve, and the summaries.
