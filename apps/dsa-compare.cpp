@@ -123,9 +123,9 @@ int main(int argc, char** argv) {
     report["results"] = dsa::comparison_json(comparison);
     report["flops"] = {{"indexer", comparison.indexer_flops},
                        {"dense_attention", comparison.dense_flops}};
-    nlohmann::json thread_ms = nlohmann::json::object();
-    for (const auto& [stage, seconds] : comparison.thread_seconds) thread_ms[stage] = seconds * 1e3;
-    report["thread_ms"] = thread_ms;
+    nlohmann::json stage_ms = nlohmann::json::object();
+    for (const auto& [stage, seconds] : comparison.stage_seconds) stage_ms[stage] = seconds * 1e3;
+    report["stage_ms"] = stage_ms;
     nlohmann::json timings = times.to_json();
     timings["total"] = total.seconds() * 1e3;
     report["timings_ms"] = timings;

@@ -454,7 +454,7 @@ std::unique_ptr<detail::CompareEngine> compare_engine(const AttentionInputs& att
 const detail::Backend& backend() {
   static const detail::Backend table{Device::cuda,     unavailable_reason, describe,
                                      check_operation,  indexer_scores,     select_from_indexer,
-                                     sparse_attention, compare_engine};
+                                     sparse_attention, int64_t{1} << 30,   compare_engine};
   return table;
 }
 

@@ -57,7 +57,9 @@ struct Backend {
   // Over indices [B?, Lq, K] (-1 skipped), or over every visible key when indices is null.
   void (*attention)(const AttentionInputs& inputs, const Tensor* indices, float scale,
                     const AttentionSink& sink, StageTimes* times);
-  // Null where compare_attention runs its fused loop on the host (the CPU).
+  // Host memory a chunk of compare_attention's rows may take: the GPU's launches want long
+  // chunks, the CPU's stages stay in less memory with short ones at no cost in time.
+  int64_t compare_chunk_bytes;
   std::unique_ptr<CompareEngine> (*compare_engine)(const AttentionInputs& attention,
                                                    const IndexerInputs* indexer,
                                                    const IndexerConfig& config, float scale,
@@ -71,6 +73,14 @@ void cpu_select_from_indexer(const IndexerInputs& inputs, const IndexerConfig& c
                              const SelectionSink& sink, StageTimes* times);
 void cpu_attention(const AttentionInputs& inputs, const Tensor* indices, float scale,
                    const AttentionSink& sink, StageTimes* times);
+
+// dsa-compare's CPU engine (compare_engine.cpp), and the rows of its dense blocks: chunks of
+// compare_attention are multiples of them, so that the same rows always share a product.
+std::unique_ptr<CompareEngine> cpu_compare_engine(const AttentionInputs& attention,
+                                                  const IndexerInputs* indexer,
+                                                  const IndexerConfig& config, float scale,
+                                                  int64_t b);
+int64_t cpu_compare_rows(const AttentionInputs& attention);
 
 // The backend that computes on `device` (Error(runtime) when this build has none).
 const Backend& backend(Device device);

@@ -25,7 +25,8 @@ const Backend& cpu_backend() {
                              cpu_indexer_scores,
                              cpu_select_from_indexer,
                              cpu_attention,
-                             nullptr};
+                             int64_t{64} << 20,
+                             cpu_compare_engine};
   return table;
 }
 

@@ -30,8 +30,8 @@ double percentile(const std::vector<double>& sorted, double q) {
   return sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - static_cast<double>(lo));
 }
 
-// Stage timers of one thread, summed into the comparison at the end.
-struct ThreadClock {
+// Wall-clock seconds of the comparison loop's stages (each runs on every thread).
+struct StageClock {
   double score = 0, select = 0, dense = 0, sparse = 0, metrics = 0;
 };
 
@@ -201,145 +201,8 @@ void row_metrics(const CompareInputs& in, Comparison& out, int64_t row, int64_t 
     }
   }
 }
-// compare_attention on the CPU: blocks of `block` query rows per task, dense probabilities
-// through Eigen one kv head group at a time.
-void compare_on_cpu(const CompareInputs& in, Comparison& out,
-                    const std::vector<std::pair<int64_t, int64_t>>& needles, int64_t width,
-                    int64_t block, Totals& totals, std::vector<ThreadClock>& clocks,
-                    StageTimes* times) {
-  const AttentionInputs& a = in.attention;
-  const int64_t H = a.heads, group = a.heads / a.kv_heads, Lk = a.keys, Lq = a.queries;
-  const auto n_k = static_cast<int64_t>(in.topk.size());
-  const int64_t rows = out.rows();
-  auto& error_squares = totals.error_squares;
-  auto& reference_squares = totals.reference_squares;
-  auto& needle_counts = totals.needle_counts;
-  auto& sparse_positions = totals.sparse_positions;
-  for (int64_t b = 0; b < a.batch; ++b) {
-    Stopwatch load;
-    const detail::KeyValues kv(a, b);
-    std::optional<IndexerKernel> kernel;
-    if (in.indexer) kernel.emplace(*in.indexer, in.indexer_config, b);
-    if (times) times->add("load", load.seconds());
-    Stopwatch compare_watch;
-#pragma omp parallel
-    {
-      ThreadClock& clock = clocks[static_cast<std::size_t>(omp_get_thread_num())];
-      std::vector<float> scores, p_sum, selected_scores;
-      std::vector<int32_t> selection;
-      std::vector<int64_t> selected, index_row, block_rows;
-      RowScratch row_scratch;
-      row_scratch.marks.assign(static_cast<std::size_t>(Lk), -1);
-      std::vector<float> sparse_out, sparse_lse, dense_out;
-      detail::AttendScratch attend_scratch;
-      RowMatrix q_row(H, a.d_qk), q_group, probs;
-      RowMatrix dense_group;
-      std::vector<int64_t> local_needles(needle_counts.size(), 0);
-      std::vector<double> local_sparse_positions(sparse_positions.size(), 0.0);
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t r0 = 0; r0 < Lq; r0 += block) {
-        const int64_t n_rows = std::min(block, Lq - r0);
-        const int64_t visible_end = a.position(r0 + n_rows - 1) + 1;
-        Stopwatch watch;
-        if (kernel) {
-          scores.resize(static_cast<std::size_t>(n_rows * Lk));
-          kernel->score_rows(r0, n_rows, scores.data(), Lk);
-        }
-        clock.score += watch.seconds();
-        // Selections of every row, sparse outputs at every k.
-        watch = Stopwatch();
-        selection.assign(static_cast<std::size_t>(n_rows * width), -1);
-        selected_scores.resize(static_cast<std::size_t>(n_rows * width));
-        std::vector<int64_t> valid(static_cast<std::size_t>(n_rows), 0);
-        for (int64_t r = 0; r < n_rows; ++r) {
-          valid[r] = select_row(in, b * Lq + r0 + r, kernel ? scores.data() + r * Lk : nullptr,
-                                a.position(r0 + r) + 1, width, selection.data() + r * width,
-                                selected_scores.data() + r * width, row_scratch.topk, index_row);
-        }
-        clock.select += watch.seconds();
-        watch = Stopwatch();
-        sparse_out.resize(static_cast<std::size_t>(n_k * n_rows * H * a.d_v));
-        sparse_lse.resize(static_cast<std::size_t>(n_k * n_rows * H));
-        for (int64_t r = 0; r < n_rows; ++r) {
-          to_f32(*a.q, (b * Lq + r0 + r) * H * a.d_qk, H * a.d_qk, q_row.data());
-          selected.assign(selection.begin() + r * width, selection.begin() + r * width + valid[r]);
-          for (int64_t ki = 0; ki < n_k; ++ki) {
-            const int64_t n = std::min(in.topk[ki], valid[r]);
-            detail::attend_selected(a, kv, q_row, selected.data(), n, in.scale,
-                                    sparse_out.data() + (ki * n_rows + r) * H * a.d_v,
-                                    sparse_lse.data() + (ki * n_rows + r) * H, attend_scratch);
-            local_sparse_positions[ki] += static_cast<double>(n);
-          }
-        }
-        clock.sparse += watch.seconds();
-        // Dense attention probabilities, one kv head group at a time.
-        p_sum.assign(static_cast<std::size_t>(n_rows * visible_end), 0.0f);
-        dense_out.resize(static_cast<std::size_t>(n_rows * H * a.d_v));
-        block_rows.resize(static_cast<std::size_t>(n_rows));
-        for (int64_t r = 0; r < n_rows; ++r) block_rows[r] = r0 + r;
-        for (int64_t g = 0; g < a.kv_heads; ++g) {
-          watch = Stopwatch();
-          detail::group_probabilities(a, kv, b, block_rows.data(), n_rows, g, visible_end, in.scale,
-                                      q_group, probs);
-          const Strided values(kv.value(0, g, a.d_v), visible_end, a.d_v,
-                               Eigen::OuterStride<>(kv.v_stride));
-          dense_group.noalias() = probs * values;
-          for (int64_t i = 0; i < n_rows * group; ++i) {
-            const int64_t r = i / group, h = g * group + i % group;
-            std::copy_n(dense_group.row(i).data(), a.d_v, dense_out.data() + (r * H + h) * a.d_v);
-            const float* p = probs.row(i).data();
-            float* sum = p_sum.data() + r * visible_end;
-            for (int64_t s = 0; s < visible_end; ++s) sum[s] += p[s] / static_cast<float>(H);
-          }
-          clock.dense += watch.seconds();
-          // Per-head metrics need this group's probabilities.
-          watch = Stopwatch();
-          for (int64_t i = 0; i < n_rows * group; ++i) {
-            const int64_t r = i / group, h = g * group + i % group;
-            const int64_t row = b * Lq + r0 + r;
-            const float* p = probs.row(i).data();
-            const float* dense = dense_out.data() + (r * H + h) * a.d_v;
-            for (int64_t ki = 0; ki < n_k; ++ki) {
-              Fidelity& f = out.per_k[ki];
-              const int64_t n = std::min(in.topk[ki], valid[r]);
-              double mass = 0;
-              for (int64_t j = 0; j < n; ++j) mass += p[selection[r * width + j]];
-              const float* sparse = sparse_out.data() + ((ki * n_rows + r) * H + h) * a.d_v;
-              const auto [err, ref] = head_metrics(sparse, dense, a.d_v, mass, f,
-                                                   static_cast<std::size_t>(row * H + h));
-              error_squares[ki * rows + row] += err;
-              reference_squares[ki * rows + row] += ref;
-            }
-          }
-          clock.metrics += watch.seconds();
-        }
-        // Metrics on the head-summed distribution p (and the indexer's KL losses).
-        watch = Stopwatch();
-        for (int64_t r = 0; r < n_rows; ++r) {
-          row_metrics(in, out, b * Lq + r0 + r, a.position(r0 + r), p_sum.data() + r * visible_end,
-                      kernel ? scores.data() + r * Lk : nullptr, selection.data() + r * width,
-                      valid[r], needles, row_scratch, local_needles);
-        }
-        clock.metrics += watch.seconds();
-      }
-#pragma omp critical
-      {
-        for (std::size_t i = 0; i < needle_counts.size(); ++i) needle_counts[i] += local_needles[i];
-        for (int64_t ki = 0; ki < n_k; ++ki) sparse_positions[ki] += local_sparse_positions[ki];
-      }
-    }
-    if (times) times->add("compare", compare_watch.seconds());
-  }
-}
-
-// compare_attention's arithmetic on a backend's CompareEngine (the GPU: MQA, d_qk 512 or 576,
-// d_v 512) in chunks of query rows: indexer scores, sparse attention at each k, dense attention
-// and the head-averaged dense probabilities. Selections and metrics are the CPU's functions
-// (top-k runs on the host here: the metrics need each row's whole score row and p on the host
-// anyway, and the host's selection is the reference the GPU's own top-k is tested against); the
-// mass of head h on S_t is read off the two softmax normalizers, sum over s in S_t of p_h[s] =
-// exp(lse_sparse - lse_dense). What compare_attention asks of a backend. The selection runs on the
-// host (compare_on_engine says why), so no top-k limit applies.
+// What compare_attention asks of a backend. The selection runs on the host (compare_on_engine
+// says why), so no top-k limit applies.
 detail::Operation compare_operation(const CompareInputs& in) {
   detail::Operation op;
   if (in.indexer) {
@@ -351,16 +214,26 @@ detail::Operation compare_operation(const CompareInputs& in) {
   return op;
 }
 
+// compare_attention on either device: the backend's CompareEngine computes, in chunks of query
+// rows, the indexer scores, sparse attention at each k, dense attention and the head-averaged
+// dense probabilities; the selections and metrics are computed here, on the host. Top-k runs on
+// the host too: the metrics need each row's whole score row and p on the host anyway, and the
+// host's selection is the reference the GPU's own top-k is tested against. The mass of head h on
+// S_t is read off the two softmax normalizers: sum over s in S_t of p_h[s] =
+// exp(lse_sparse - lse_dense).
 void compare_on_engine(const detail::Backend& backend, const CompareInputs& in, Comparison& out,
                        const std::vector<std::pair<int64_t, int64_t>>& needles, int64_t width,
-                       Totals& totals, ThreadClock& clock, StageTimes* times) {
+                       Totals& totals, StageClock& clock, StageTimes* times) {
   const AttentionInputs& a = in.attention;
   const int64_t H = a.heads, Lk = a.keys, Lq = a.queries, d_v = a.d_v;
   const auto n_k = static_cast<int64_t>(in.topk.size());
   const int64_t rows = out.rows();
   // Host memory per row: scores and p, and the outputs at every k and dense.
   const int64_t per_row = 8 * Lk + 4 * (n_k + 1) * H * (d_v + 1) + 8 * width;
-  const int64_t chunk = std::clamp<int64_t>((1LL << 30) / per_row, 1, 4096);
+  const int64_t rows_of_block = detail::cpu_compare_rows(a);
+  const int64_t chunk =
+      std::max(rows_of_block, std::clamp<int64_t>(backend.compare_chunk_bytes / per_row, 1, 4096) /
+                                  rows_of_block * rows_of_block);
   std::vector<float> scores, p, dense_out, dense_lse, sparse_out, sparse_lse, selected_scores;
   std::vector<int32_t> selection, prefix;
   std::vector<int64_t> valid;
@@ -491,7 +364,7 @@ nlohmann::json summary_json(const Summary& s) {
 Comparison compare_attention(const CompareInputs& in, StageTimes* times) {
   validate(in);
   const AttentionInputs& a = in.attention;
-  const int64_t H = a.heads, group = a.heads / a.kv_heads, Lk = a.keys, Lq = a.queries;
+  const int64_t H = a.heads, Lk = a.keys, Lq = a.queries;
   const int64_t k_max = in.topk.back();
   const auto n_k = static_cast<int64_t>(in.topk.size());
   Comparison out;
@@ -518,11 +391,8 @@ Comparison compare_attention(const CompareInputs& in, StageTimes* times) {
       needles.emplace_back(pairs[i], pairs[i + 1]);
     std::sort(needles.begin(), needles.end());
   }
-  // Rows per task: a few rows' worth of H x Lk probabilities per thread.
-  const int64_t block =
-      std::clamp<int64_t>((64 << 20) / std::max<int64_t>(1, group * Lk * 4), 1, 16);
   const int64_t width = in.indices ? in.indices->shape.back() : k_max;
-  std::vector<ThreadClock> clocks(static_cast<std::size_t>(max_threads()));
+  StageClock clock;
   // Squared output errors and norms per (k, row), summed in row order at the end so the
   // global ratios do not depend on how rows were spread over threads.
   Totals totals;
@@ -531,12 +401,8 @@ Comparison compare_attention(const CompareInputs& in, StageTimes* times) {
   totals.needle_counts.assign(static_cast<std::size_t>(2 * n_k), 0);
   totals.sparse_positions.assign(static_cast<std::size_t>(n_k), 0.0);
 
-  const detail::Backend& backend = detail::backend(in.device, compare_operation(in));
-  if (backend.compare_engine) {
-    compare_on_engine(backend, in, out, needles, width, totals, clocks.front(), times);
-  } else {
-    compare_on_cpu(in, out, needles, width, block, totals, clocks, times);
-  }
+  compare_on_engine(detail::backend(in.device, compare_operation(in)), in, out, needles, width,
+                    totals, clock, times);
   double visible_total = 0;
   for (int64_t t = 0; t < Lq; ++t) visible_total += static_cast<double>(a.position(t) + 1);
   visible_total *= static_cast<double>(a.batch);
@@ -560,19 +426,11 @@ Comparison compare_attention(const CompareInputs& in, StageTimes* times) {
     f.needles_selected = totals.needle_counts[2 * ki + 1];
     f.sparse_flops = 2.0 * totals.sparse_positions[ki] * static_cast<double>(H * (a.d_qk + a.d_v));
   }
-  ThreadClock total;
-  for (const ThreadClock& c : clocks) {
-    total.score += c.score;
-    total.select += c.select;
-    total.sparse += c.sparse;
-    total.dense += c.dense;
-    total.metrics += c.metrics;
-  }
-  out.thread_seconds = {{"score", total.score},
-                        {"select", total.select},
-                        {"sparse", total.sparse},
-                        {"dense", total.dense},
-                        {"metrics", total.metrics}};
+  out.stage_seconds = {{"score", clock.score},
+                       {"select", clock.select},
+                       {"sparse", clock.sparse},
+                       {"dense", clock.dense},
+                       {"metrics", clock.metrics}};
   return out;
 }
 

@@ -16,7 +16,7 @@ namespace detail {
 
 void group_probabilities(const AttentionInputs& a, const KeyValues& kv, int64_t b,
                          const int64_t* rows, int64_t n_rows, int64_t g, int64_t visible_end,
-                         float scale, RowMatrix& q_group, RowMatrix& probs) {
+                         float scale, RowMatrix& q_group, RowMatrix& probs, float* lse) {
   const int64_t H = a.heads, group = a.heads / a.kv_heads;
   q_group.resize(n_rows * group, a.d_qk);
   for (int64_t r = 0; r < n_rows; ++r) {
@@ -28,7 +28,8 @@ void group_probabilities(const AttentionInputs& a, const KeyValues& kv, int64_t 
   for (int64_t i = 0; i < n_rows * group; ++i) {
     const int64_t visible = a.position(rows[i / group]) + 1;
     float* p = probs.row(i).data();
-    softmax_row(p, visible);
+    const float normalizer = softmax_row(p, visible);
+    if (lse) lse[(i / group) * H + g * group + i % group] = normalizer;
     std::fill(p + visible, p + visible_end, 0.0f);
   }
 }

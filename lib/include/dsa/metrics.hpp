@@ -66,7 +66,7 @@ struct Comparison {
   std::vector<float> kl_dense;  // [rows]; empty without the indexer
   std::vector<Fidelity> per_k;
   double indexer_flops = 0, dense_flops = 0;
-  std::vector<std::pair<std::string, double>> thread_seconds;  // per stage, summed over threads
+  std::vector<std::pair<std::string, double>> stage_seconds;  // wall clock per stage
 
   int64_t rows() const { return batch * queries; }
   int64_t position(int64_t row) const { return keys - queries + row % queries; }
