@@ -15,7 +15,8 @@ for device in cpu cuda; do
   start=$(date +%s%N)
   "$bin/dsa-compare" --q "$w:q" --kv "$w:kv" --dv 512 --q-index "$w:q_index" \
     --k-index "$w:k_index" --weights "$w:weights" --needles "$w:needles" --precision fp8 \
-    --ue8m0 --hadamard --sweep-topk 512,2048 --device "$device" -o "$out/$device.json"
+    --ue8m0 --hadamard --scale deepseek-v3.2 --sweep-topk 512,2048 --device "$device" \
+    -o "$out/$device.json"
   end=$(date +%s%N)
   echo "$device: $(((end - start) / 1000000)) ms wall ($(nproc) host threads)"
 done
