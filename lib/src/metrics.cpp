@@ -4,15 +4,13 @@
 #include <cmath>
 #include <limits>
 
-#include <omp.h>
-
 #include "attention_kernels.hpp"
+#include "backend.hpp"
 #include "chunks.hpp"
 #include "dsa/error.hpp"
+#include "dsa/parallel.hpp"
 #include "dsa/topk.hpp"
 #include "target.hpp"
-
-#include "backend.hpp"
 
 namespace dsa {
 
@@ -230,10 +228,13 @@ void compare_on_engine(const detail::Backend& backend, const CompareInputs& in, 
   const int64_t rows = out.rows();
   // Host memory per row: scores and p, and the outputs at every k and dense.
   const int64_t per_row = 8 * Lk + 4 * (n_k + 1) * H * (d_v + 1) + 8 * width;
+  // At least four blocks of rows per thread, so that every stage keeps the threads busy; a
+  // multiple of the CPU engine's blocks (backend.hpp).
   const int64_t rows_of_block = detail::cpu_compare_rows(a);
+  const int64_t busy = 4 * static_cast<int64_t>(max_threads()) * rows_of_block;
   const int64_t chunk =
-      std::max(rows_of_block, std::clamp<int64_t>(backend.compare_chunk_bytes / per_row, 1, 4096) /
-                                  rows_of_block * rows_of_block);
+      std::clamp<int64_t>(std::max(backend.compare_chunk_bytes / per_row, busy), 1, 4096) /
+      rows_of_block * rows_of_block;
   std::vector<float> scores, p, dense_out, dense_lse, sparse_out, sparse_lse, selected_scores;
   std::vector<int32_t> selection, prefix;
   std::vector<int64_t> valid;
