@@ -54,7 +54,9 @@ struct CompareInputs {
 struct Fidelity {
   int64_t k = 0;
   std::vector<float> out_rel_err, out_cosine, mass_recall_head;  // [rows * H]
-  std::vector<float> mass_recall, topk_recall, kl_sparse;        // [rows]; kl NaN w/o indexer
+  // [rows]; kl_sparse (Eq. 4: KL(p[t,S_t] || softmax(I[t,S_t])), both renormalized on S_t) is
+  // NaN without the indexer.
+  std::vector<float> mass_recall, topk_recall, kl_sparse;
   int64_t needles = 0, needles_selected = 0;
   double error_squares_sparse = 0, reference_squares_sparse = 0;  // Frobenius, rows t+1 > k
   double error_squares_all = 0, reference_squares_all = 0;
@@ -63,7 +65,8 @@ struct Fidelity {
 
 struct Comparison {
   int64_t batch = 1, queries = 0, keys = 0, heads = 0;
-  std::vector<float> kl_dense;  // [rows]; empty without the indexer
+  // [rows]; Eq. 3: KL(p[t,:] || softmax(I[t,:])) over s <= t; empty without the indexer.
+  std::vector<float> kl_dense;
   std::vector<Fidelity> per_k;
   double indexer_flops = 0, dense_flops = 0;
   std::vector<std::pair<std::string, double>> stage_seconds;  // wall clock per stage
