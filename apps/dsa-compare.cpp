@@ -102,11 +102,10 @@ int main(int argc, char** argv) {
     }
     const dsa::AttentionInputs& a = inputs.attention;
     const dsa::DeviceChoice choice = dsa::choose_device(device, inputs);
-    inputs.device = choice.device;
     dsa::app::report_device(report, choice);
 
     dsa::StageTimes times;
-    const dsa::Comparison comparison = dsa::compare_attention(inputs, &times);
+    const dsa::Comparison comparison = dsa::compare_attention(inputs, &times, choice.device);
 
     report["shape"] = {{"batch", a.batch}, {"queries", a.queries},   {"keys", a.keys},
                        {"heads", a.heads}, {"kv_heads", a.kv_heads}, {"d_qk", a.d_qk},

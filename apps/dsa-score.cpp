@@ -28,7 +28,6 @@ int main(int argc, char** argv) {
     dsa::IndexerConfig config = dsa::app::indexer_config(indexer);
     const dsa::IndexerInputs inputs = dsa::make_indexer_inputs(q, k, w, config);
     const dsa::DeviceChoice choice = dsa::choose_device(device, inputs, config);
-    config.device = choice.device;
 
     dsa::Shape shape = {inputs.queries, inputs.keys};
     if (inputs.batched) shape.insert(shape.begin(), inputs.batch);
@@ -42,7 +41,7 @@ int main(int argc, char** argv) {
                        static_cast<std::size_t>(block.rows * block.keys) * sizeof(float));
           times.add("write", write.seconds());
         },
-        &times);
+        &times, choice.device);
     writer.commit();
 
     nlohmann::json report = dsa::report_header("dsa-score", argc, argv);

@@ -64,13 +64,14 @@ int main(int argc, char** argv) {
 
     // Output shape [B?, Lq, K] from the inputs' shapes, validated by the library below.
     dsa::IndexerConfig config;
+    dsa::Device compute_device = dsa::Device::cpu;
     dsa::IndexerInputs indexer_inputs;
     dsa::Shape shape;
     if (fused) {
       config = dsa::app::indexer_config(indexer);
       indexer_inputs = dsa::make_indexer_inputs(inputs[0], inputs[1], inputs[2], config);
       const dsa::DeviceChoice choice = dsa::choose_device(device, indexer_inputs, config, topk);
-      config.device = choice.device;
+      compute_device = choice.device;
       dsa::app::report_device(report, choice);
       shape = {indexer_inputs.queries, topk};
       if (indexer_inputs.batched) shape.insert(shape.begin(), indexer_inputs.batch);
@@ -105,7 +106,7 @@ int main(int argc, char** argv) {
       times.add("write", write.seconds());
     };
     if (fused) {
-      dsa::select_from_indexer(indexer_inputs, config, topk, sink, &times);
+      dsa::select_from_indexer(indexer_inputs, config, topk, sink, &times, compute_device);
     } else {
       dsa::select_from_scores(inputs[0], topk, sink, &times);
     }

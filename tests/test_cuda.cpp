@@ -29,8 +29,7 @@ struct IndexerCase {
   bool hadamard;
 };
 
-std::vector<float> scores_on(const IndexerInputs& in, IndexerConfig config, Device device) {
-  config.device = device;
+std::vector<float> scores_on(const IndexerInputs& in, const IndexerConfig& config, Device device) {
   std::vector<float> out(static_cast<std::size_t>(in.batch * in.queries * in.keys));
   indexer_scores(
       in, config,
@@ -38,20 +37,19 @@ std::vector<float> scores_on(const IndexerInputs& in, IndexerConfig config, Devi
         std::copy_n(b.scores, b.rows * b.keys,
                     out.begin() + (b.batch * in.queries + b.row_begin) * in.keys);
       },
-      nullptr);
+      nullptr, device);
   return out;
 }
 
-std::vector<int32_t> selection_on(const IndexerInputs& in, IndexerConfig config, int64_t k,
+std::vector<int32_t> selection_on(const IndexerInputs& in, const IndexerConfig& config, int64_t k,
                                   Device device) {
-  config.device = device;
   std::vector<int32_t> out(static_cast<std::size_t>(in.batch * in.queries * k));
   select_from_indexer(
       in, config, k,
       [&](const SelectionBlock& b) {
         std::copy_n(b.indices, b.rows * k, out.begin() + (b.batch * in.queries + b.row_begin) * k);
       },
-      nullptr);
+      nullptr, device);
   return out;
 }
 
@@ -284,8 +282,7 @@ TEST(Cuda, CompareOnTheGpuAgreesWithTheCpu) {
   in.needles = &needles;
   in.topk = {64, 150};
   const Comparison cpu = compare_attention(in, nullptr);
-  in.device = Device::cuda;
-  const Comparison gpu = compare_attention(in, nullptr);
+  const Comparison gpu = compare_attention(in, nullptr, Device::cuda);
   ASSERT_EQ(gpu.kl_dense.size(), cpu.kl_dense.size());
   for (std::size_t r = 0; r < cpu.kl_dense.size(); ++r)
     ASSERT_NEAR(gpu.kl_dense[r], cpu.kl_dense[r], 1e-3 + 1e-2 * std::fabs(cpu.kl_dense[r])) << r;
@@ -365,9 +362,8 @@ TEST(Cuda, EachOperationAsksTheBackendFirst) {
                     .note.find("k <= 8192") != std::string::npos,
             true);
   // The public functions ask too: a shape the GPU cannot take fails before any work.
-  bf16.device = Device::cuda;
   EXPECT_THROW(indexer_scores(
-                   odd, bf16, [](const ScoreBlock&) { FAIL() << "ran"; }, nullptr),
+                   odd, bf16, [](const ScoreBlock&) { FAIL() << "ran"; }, nullptr, Device::cuda),
                Error);
 }
 

@@ -149,8 +149,9 @@ void IndexerKernel::score_rows(int64_t row_begin, int64_t rows, float* out, int6
 }
 
 void indexer_scores(const IndexerInputs& inputs, const IndexerConfig& config,
-                    const std::function<void(const ScoreBlock&)>& sink, StageTimes* times) {
-  detail::backend(config.device, {&inputs, &config, 0, nullptr, false})
+                    const std::function<void(const ScoreBlock&)>& sink, StageTimes* times,
+                    Device device) {
+  detail::backend(device, {&inputs, &config, 0, nullptr, false})
       .indexer_scores(inputs, config, sink, times);
 }
 

@@ -362,7 +362,7 @@ nlohmann::json summary_json(const Summary& s) {
           {"max", number_or_null(s.max)}};
 }
 
-Comparison compare_attention(const CompareInputs& in, StageTimes* times) {
+Comparison compare_attention(const CompareInputs& in, StageTimes* times, Device device) {
   validate(in);
   const AttentionInputs& a = in.attention;
   const int64_t H = a.heads, Lk = a.keys, Lq = a.queries;
@@ -402,8 +402,8 @@ Comparison compare_attention(const CompareInputs& in, StageTimes* times) {
   totals.needle_counts.assign(static_cast<std::size_t>(2 * n_k), 0);
   totals.sparse_positions.assign(static_cast<std::size_t>(n_k), 0.0);
 
-  compare_on_engine(detail::backend(in.device, compare_operation(in)), in, out, needles, width,
-                    totals, clock, times);
+  compare_on_engine(detail::backend(device, compare_operation(in)), in, out, needles, width, totals,
+                    clock, times);
   double visible_total = 0;
   for (int64_t t = 0; t < Lq; ++t) visible_total += static_cast<double>(a.position(t) + 1);
   visible_total *= static_cast<double>(a.batch);

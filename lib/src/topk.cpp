@@ -166,9 +166,9 @@ void select_from_scores(const Tensor& scores, int64_t k, const SelectionSink& si
 }
 
 void select_from_indexer(const IndexerInputs& inputs, const IndexerConfig& config, int64_t k,
-                         const SelectionSink& sink, StageTimes* times) {
+                         const SelectionSink& sink, StageTimes* times, Device device) {
   check_k(k);
-  detail::backend(config.device, {&inputs, &config, k, nullptr, false})
+  detail::backend(device, {&inputs, &config, k, nullptr, false})
       .select_from_indexer(inputs, config, k, sink, times);
 }
 

@@ -19,7 +19,6 @@ struct IndexerConfig {
   int64_t quant_block = 128;  // fp8: one scale per this many elements of a row
   bool raw_weights = false;   // w are raw weights_proj outputs: the released factors apply
   int64_t query_block = 16;   // query rows scored together
-  Device device = Device::cpu;
 };
 
 // Shapes of validated indexer inputs: q_I [B?, Lq, H_I, d_I], k_I [B?, Lk, d_I],
@@ -79,9 +78,11 @@ struct ScoreBlock {
   int64_t batch, row_begin, rows, keys;
   const float* scores;  // [rows, keys]
 };
-// The full causal score matrix, streamed in blocks of query rows (for small L).
+// The full causal score matrix, streamed in blocks of query rows (for small L). Every operation
+// takes its device the same way, as its last parameter (choose_device gives it for a --device).
 void indexer_scores(const IndexerInputs& inputs, const IndexerConfig& config,
-                    const std::function<void(const ScoreBlock&)>& sink, StageTimes* times);
+                    const std::function<void(const ScoreBlock&)>& sink, StageTimes* times,
+                    Device device = Device::cpu);
 
 // Where --device `name` runs the indexer on these inputs (and, with topk > 0, its top-k
 // selection): dsa/device.hpp's rules, asking the backend first whether it takes the shapes.

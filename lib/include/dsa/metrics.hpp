@@ -43,10 +43,6 @@ struct CompareInputs {
   // Ascending k values; with the indexer, S_t at each k is the prefix of the selection at the
   // largest. With a precomputed selection: exactly one k, its width.
   std::vector<int64_t> topk = {2048};
-  // Where the arithmetic runs; Device::cuda needs MLA's latent inputs (d_qk 512 or 576, d_v
-  // 512) and computes the selections and metrics on the CPU from the GPU's scores, outputs and
-  // dense probabilities.
-  Device device = Device::cpu;
 };
 
 // Per-row metrics at one k. Row r is (batch r / Lq, query r % Lq); per-head vectors are
@@ -75,8 +71,11 @@ struct Comparison {
   int64_t position(int64_t row) const { return keys - queries + row % queries; }
 };
 
-// Dense and sparse attention in blocks of queries, never more than a few rows of L scores.
-Comparison compare_attention(const CompareInputs& inputs, StageTimes* times);
+// Dense and sparse attention in blocks of queries, never more than a few rows of L scores. On
+// Device::cuda (MLA's latent inputs, d_qk 512 or 576, d_v 512) the GPU computes the scores,
+// outputs and dense probabilities, and the host the selections and the metrics.
+Comparison compare_attention(const CompareInputs& inputs, StageTimes* times,
+                             Device device = Device::cpu);
 
 // Where --device `name` runs the comparison on these inputs (choose_device in indexer.hpp says
 // how; the GPU needs MLA's latent layout with d_qk 512 or 576 and d_v 512).

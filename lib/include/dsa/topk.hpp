@@ -36,6 +36,6 @@ void select_from_scores(const Tensor& scores, int64_t k, const SelectionSink& si
 
 // Fused: scores a block of queries, selects, hands the block on; never stores Lq x Lk.
 void select_from_indexer(const IndexerInputs& inputs, const IndexerConfig& config, int64_t k,
-                         const SelectionSink& sink, StageTimes* times);
+                         const SelectionSink& sink, StageTimes* times, Device device = Device::cpu);
 
 }  // namespace dsa
