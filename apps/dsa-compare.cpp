@@ -17,24 +17,19 @@ int main(int argc, char** argv) {
   dsa::app::CommonOptions common;
   dsa::app::IndexerOptions indexer;
   dsa::app::AttentionOptions attention;
-  std::string q_index_path, k_index_path, w_path, indices_path, needles_path;
+  dsa::app::IndexerTensorOptions tensors;
+  std::string indices_path, needles_path;
   int64_t topk = 2048;
   std::vector<int64_t> sweep;
   dsa::app::add_attention_options(app, attention);
-  auto* qi_opt =
-      app.add_option("--q-index", q_index_path, "Indexer queries q_I [B?, Lq, H_I, d_I]");
-  auto* ki_opt = app.add_option("--k-index", k_index_path, "Indexer keys k_I [B?, Lk, d_I]");
-  auto* w_opt = app.add_option("--weights", w_path, "Indexer weights w [B?, Lq, H_I]");
   auto* idx_opt = app.add_option("--indices", indices_path,
                                  "A precomputed selection [B?, Lq, K] instead of the indexer");
+  for (auto* option : dsa::app::add_indexer_tensor_options(app, tensors)) option->excludes(idx_opt);
   bool future_as_padding = false;
   app.add_flag("--future-as-padding", future_as_padding,
                "With --indices: entries beyond their query's position count as -1 padding (the "
                "released code's top-k of rows with fewer than K visible tokens)")
       ->needs(idx_opt);
-  qi_opt->needs(ki_opt)->needs(w_opt)->excludes(idx_opt);
-  ki_opt->needs(qi_opt);
-  w_opt->needs(qi_opt);
   auto* k_flag = app.add_option("-k,--topk", topk, "Entries selected per query")
                      ->check(dsa::app::integer_at_least(1))
                      ->capture_default_str()
@@ -58,11 +53,14 @@ int main(int argc, char** argv) {
 
   return dsa::app::run(app, argc, argv, common, [&] {
     dsa::Stopwatch total;
-    if (q_index_path.empty() && indices_path.empty()) {
-      dsa::bad_usage("give the indexer (--q-index, --k-index, --weights) or --indices");
+    if (!tensors.given() && indices_path.empty()) {
+      dsa::bad_usage(
+          "give the indexer (--q-index, --k-index and --weights, or --hidden and "
+          "--indexer-weights) or --indices");
     }
-    dsa::app::check_single_stdin({attention.q, attention.kv, attention.k, attention.v, q_index_path,
-                                  k_index_path, w_path, indices_path, needles_path});
+    dsa::app::check_single_stdin({attention.q, attention.kv, attention.k, attention.v,
+                                  tensors.q_index, tensors.k_index, tensors.weights, tensors.hidden,
+                                  tensors.indexer_weights, indices_path, needles_path});
 
     nlohmann::json report = dsa::report_header("dsa-compare", argc, argv);
     report["schema"] = dsa::kCompareSchema;
@@ -72,15 +70,16 @@ int main(int argc, char** argv) {
     inputs.attention = loaded.inputs;
     inputs.scale = loaded.scale.value;
     for (const auto& t : loaded.tensors) report["inputs"].push_back(dsa::tensor_json(t));
-    std::vector<dsa::Tensor> indexer_tensors;
+    std::optional<dsa::app::IndexerTensors> indexer_tensors;
     std::optional<dsa::TokenFile> tokens;
-    if (!q_index_path.empty()) {
-      indexer_tensors = {dsa::read_tensor(q_index_path), dsa::read_tensor(k_index_path),
-                         dsa::read_tensor(w_path)};
+    if (tensors.given()) {
+      indexer_tensors = dsa::app::load_indexer_tensors(tensors);
+      const dsa::app::IndexerTensors& x = *indexer_tensors;
       inputs.indexer_config = dsa::app::indexer_config(indexer);
-      inputs.indexer = dsa::make_indexer_inputs(indexer_tensors[0], indexer_tensors[1],
-                                                indexer_tensors[2], inputs.indexer_config);
-      for (const auto& t : indexer_tensors) report["inputs"].push_back(dsa::tensor_json(t));
+      inputs.indexer =
+          dsa::make_indexer_inputs(x.q_index, x.k_index, x.weights, inputs.indexer_config);
+      for (const auto& t : x.read) report["inputs"].push_back(dsa::tensor_json(t));
+      if (!tensors.hidden.empty()) report["indexer_weights"] = tensors.indexer_weights;
       inputs.topk = sweep.empty() ? std::vector<int64_t>{topk} : sweep;
     } else {
       tokens = dsa::read_token_file(indices_path);

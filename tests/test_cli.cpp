@@ -285,6 +285,28 @@ TEST_F(Cli, CompareReportsEveryKAndTheNeedlesOfAGeneratedWorkload) {
 
 // dsa-fit on a generated workload with hidden states: the weights it writes feed dsa-score and
 // dsa-select, the log has the loss per step and the held-out metrics, and two runs agree.
+// dsa-compare reads its indexer through the options dsa-score and dsa-select share: with
+// --hidden it measures the selection dsa-select --hidden makes.
+TEST_F(Cli, CompareTakesHiddenStatesLikeSelect) {
+  ASSERT_EQ(run("dsa-gen --length 160 --needles 2 --needle-distance 40 --hidden 200 -q "
+                "-o g.safetensors")
+                .code,
+            0);
+  const std::string attention = "dsa-compare --q g.safetensors:q --kv g.safetensors:kv --dv 48 ";
+  const std::string hidden = "--hidden g.safetensors:hidden --indexer-weights g.safetensors";
+  ASSERT_EQ(run(attention + hidden + " -k 24 -o hidden.json").code, 0);
+  ASSERT_EQ(run("dsa-select " + hidden + " -k 24 -q -o sel.npy").code, 0);
+  ASSERT_EQ(run(attention + "--indices sel.npy -o indices.json").code, 0);
+  const auto a = nlohmann::json::parse(slurp(path("hidden.json")));
+  const auto b = nlohmann::json::parse(slurp(path("indices.json")));
+  EXPECT_EQ(a["indexer_weights"], "g.safetensors");
+  EXPECT_EQ(a["results"][0]["mass_recall"], b["results"][0]["mass_recall"]);
+  EXPECT_EQ(a["results"][0]["topk_recall"], b["results"][0]["topk_recall"]);
+  const Outcome both = run(attention + hidden + " --indices sel.npy -o x.json");
+  EXPECT_EQ(both.code, 2);
+  EXPECT_FALSE(std::filesystem::exists(path("x.json")));
+}
+
 TEST_F(Cli, FitWritesWeightsThatScoreAndSelectRead) {
   ASSERT_EQ(run("dsa-gen --length 200 --needles 2 --needle-distance 40 --hidden 200 -q "
                 "-o g.safetensors")
