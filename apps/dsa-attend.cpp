@@ -61,12 +61,8 @@ int main(int argc, char** argv) {
     }
     const float softmax_scale = loaded.scale.value;
 
-    dsa::Shape out_shape = {inputs.queries, inputs.heads, inputs.d_v};
-    dsa::Shape lse_shape = {inputs.queries, inputs.heads};
-    if (inputs.batched) {
-      out_shape.insert(out_shape.begin(), inputs.batch);
-      lse_shape.insert(lse_shape.begin(), inputs.batch);
-    }
+    const dsa::Shape out_shape = dsa::attention_output_shape(inputs);
+    const dsa::Shape lse_shape = dsa::attention_lse_shape(inputs);
     dsa::StageTimes times;
     dsa::TensorWriter out(common.output, dsa::DType::f32, out_shape);
     std::optional<dsa::TensorWriter> lse;

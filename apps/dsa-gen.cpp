@@ -9,7 +9,6 @@
 #include "dsa/attention.hpp"
 #include "dsa/error.hpp"
 #include "dsa/io.hpp"
-#include "dsa/precision.hpp"
 #include "dsa/workload.hpp"
 
 namespace {
@@ -34,14 +33,6 @@ nlohmann::json config_json(const dsa::WorkloadConfig& c) {
           {"seed", c.seed},
           {"hidden", c.hidden},
           {"scale", c.scale}};
-}
-
-dsa::Tensor to_bf16(const dsa::Tensor& tensor) {
-  dsa::Tensor out = dsa::make_tensor(dsa::DType::bf16, tensor.shape, tensor.name);
-  const float* in = reinterpret_cast<const float*>(tensor.data);
-  uint16_t* bits = dsa::mutable_data<uint16_t>(out);
-  for (int64_t i = 0; i < tensor.numel(); ++i) bits[i] = dsa::f32_to_bf16(in[i]);
-  return out;
 }
 
 template <typename T>
@@ -161,7 +152,7 @@ int main(int argc, char** argv) {
     if (dtype == "bf16") {
       dsa::Stopwatch convert;
       for (dsa::Tensor& t : tensors) {
-        if (t.dtype == dsa::DType::f32) t = to_bf16(t);  // the needles stay i32
+        if (t.dtype == dsa::DType::f32) t = dsa::to_bf16(t);  // the needles stay i32
       }
       times.add("convert", convert.seconds());
     }

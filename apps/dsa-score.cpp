@@ -29,8 +29,7 @@ int main(int argc, char** argv) {
     const dsa::IndexerInputs inputs = dsa::make_indexer_inputs(q, k, w, config);
     const dsa::DeviceChoice choice = dsa::choose_device(device, inputs, config);
 
-    dsa::Shape shape = {inputs.queries, inputs.keys};
-    if (inputs.batched) shape.insert(shape.begin(), inputs.batch);
+    const dsa::Shape shape = dsa::score_shape(inputs);
     dsa::StageTimes times;
     dsa::TensorWriter writer(common.output, dsa::DType::f32, shape);
     dsa::indexer_scores(

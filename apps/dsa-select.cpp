@@ -62,7 +62,6 @@ int main(int argc, char** argv) {
       report["inputs"].push_back(dsa::tensor_json(inputs[0]));
     }
 
-    // Output shape [B?, Lq, K] from the inputs' shapes, validated by the library below.
     dsa::IndexerConfig config;
     dsa::Device compute_device = dsa::Device::cpu;
     dsa::IndexerInputs indexer_inputs;
@@ -73,12 +72,10 @@ int main(int argc, char** argv) {
       const dsa::DeviceChoice choice = dsa::choose_device(device, indexer_inputs, config, topk);
       compute_device = choice.device;
       dsa::app::report_device(report, choice);
-      shape = {indexer_inputs.queries, topk};
-      if (indexer_inputs.batched) shape.insert(shape.begin(), indexer_inputs.batch);
+      shape = dsa::selection_shape(indexer_inputs, topk);
       report["indexer"] = dsa::app::indexer_config_json(config);
-    } else if (inputs[0].rank() >= 2) {
-      shape = inputs[0].shape;
-      shape.back() = topk;
+    } else {
+      shape = dsa::selection_shape(inputs[0], topk);
     }
     const bool batched = shape.size() == 3;
 
@@ -91,12 +88,10 @@ int main(int argc, char** argv) {
       if (!tensor_out && !jsonl) tensor_out.emplace(common.output, dsa::DType::i32, shape);
       if (jsonl) {
         std::string text;
-        const int64_t first = shape[batched ? 1 : 0];
-        const int64_t keys = fused ? indexer_inputs.keys : inputs[0].shape.back();
         for (int64_t r = 0; r < block.rows; ++r) {
-          text += dsa::jsonl_selection_line(
-              block.batch, batched, keys - first + block.row_begin + r, block.indices + r * block.k,
-              block.scores + r * block.k, block.k);
+          text += dsa::jsonl_selection_line(block.batch, batched, block.first_position + r,
+                                            block.indices + r * block.k, block.scores + r * block.k,
+                                            block.k);
         }
         jsonl_out->write(text);
       } else {

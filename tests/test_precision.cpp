@@ -144,6 +144,27 @@ TEST(BF16, RoundsToNearestEven) {
   EXPECT_EQ(f32_to_bf16(1.0f + 3 * std::ldexp(1.0f, -8)), 0x3f82);  // tie to even (up)
 }
 
+TEST(BF16, ToBf16RoundsEveryElementOfATensor) {
+  Tensor t = make_tensor(DType::f32, {3, 70000}, "x");
+  std::mt19937_64 rng(7);
+  std::normal_distribution<float> normal(0.0f, 10.0f);
+  float* x = mutable_data<float>(t);
+  for (int64_t i = 0; i < t.numel(); ++i) x[i] = normal(rng);
+  x[5] = NAN;
+  const Tensor b = to_bf16(t);
+  EXPECT_EQ(b.dtype, DType::bf16);
+  EXPECT_EQ(b.shape, t.shape);
+  EXPECT_EQ(b.name, "x");
+  const auto* bits = reinterpret_cast<const uint16_t*>(b.data);
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    if (i == 5) {
+      EXPECT_TRUE(std::isnan(bf16_to_f32(bits[i])));
+    } else {
+      ASSERT_EQ(bits[i], f32_to_bf16(x[i])) << i;
+    }
+  }
+}
+
 TEST(F16, EveryCodeRoundTripsAndRandomValuesRoundToNearestEven) {
   std::vector<std::pair<double, uint16_t>> finite;  // positive finite halves, ascending
   for (uint32_t code = 0; code < 0x10000; ++code) {

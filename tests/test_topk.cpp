@@ -96,6 +96,7 @@ TEST(SelectFromScores, DecodeRowsSeeOnlyTheirPrefixAndBatchesAreIndependent) {
   select_from_scores(
       scores, k,
       [&](const SelectionBlock& b) {
+        EXPECT_EQ(b.first_position, Lk - Lq + b.row_begin);
         std::copy_n(b.indices, b.rows * k, got.begin() + (b.batch * Lq + b.row_begin) * k);
       },
       nullptr);
@@ -166,6 +167,7 @@ TEST(SelectFromIndexer, FusedEqualsScoresThenSelect) {
     select_from_indexer(
         inputs, config, c.k,
         [&](const SelectionBlock& b) {
+          EXPECT_EQ(b.first_position, c.Lk - c.Lq + b.row_begin);
           std::copy_n(b.indices, b.rows * c.k,
                       fused.begin() + (b.batch * c.Lq + b.row_begin) * c.k);
           std::copy_n(b.scores, b.rows * c.k,

@@ -378,7 +378,7 @@ void select_from_indexer(const IndexerInputs& in, const IndexerConfig& config, i
       host_values.resize(n);
       indices.download(host_indices.data(), n);
       values.download(host_values.data(), n);
-      sink({b, c0, rows, k, host_indices.data(), host_values.data()});
+      sink({b, c0, rows, k, host_indices.data(), host_values.data(), in.position(c0)});
     });
   }
 }

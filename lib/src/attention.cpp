@@ -239,6 +239,18 @@ AttentionInputs make_mha_inputs(const Tensor& q, const Tensor& k, const Tensor& 
   return in;
 }
 
+Shape attention_output_shape(const AttentionInputs& in) {
+  Shape shape = {in.queries, in.heads, in.d_v};
+  if (in.batched) shape.insert(shape.begin(), in.batch);
+  return shape;
+}
+
+Shape attention_lse_shape(const AttentionInputs& in) {
+  Shape shape = {in.queries, in.heads};
+  if (in.batched) shape.insert(shape.begin(), in.batch);
+  return shape;
+}
+
 float default_scale(int64_t d_qk) {
   return 1.0f / std::sqrt(static_cast<float>(d_qk));
 }

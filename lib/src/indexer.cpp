@@ -148,6 +148,12 @@ void IndexerKernel::score_rows(int64_t row_begin, int64_t rows, float* out, int6
   }
 }
 
+Shape score_shape(const IndexerInputs& inputs) {
+  Shape shape = {inputs.queries, inputs.keys};
+  if (inputs.batched) shape.insert(shape.begin(), inputs.batch);
+  return shape;
+}
+
 void indexer_scores(const IndexerInputs& inputs, const IndexerConfig& config,
                     const std::function<void(const ScoreBlock&)>& sink, StageTimes* times,
                     Device device) {

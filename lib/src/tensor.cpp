@@ -131,6 +131,19 @@ std::vector<float> to_f32(const Tensor& tensor) {
   return out;
 }
 
+Tensor to_bf16(const Tensor& tensor) {
+  Tensor out = make_tensor(DType::bf16, tensor.shape, tensor.name);
+  uint16_t* bits = mutable_data<uint16_t>(out);
+  constexpr int64_t kRows = 1 << 16;
+  std::vector<float> values(static_cast<std::size_t>(std::min(tensor.numel(), kRows)));
+  for (int64_t i0 = 0; i0 < tensor.numel(); i0 += kRows) {
+    const int64_t n = std::min(kRows, tensor.numel() - i0);
+    to_f32(tensor, i0, n, values.data());
+    for (int64_t i = 0; i < n; ++i) bits[i0 + i] = f32_to_bf16(values[i]);
+  }
+  return out;
+}
+
 void to_i64(const Tensor& tensor, int64_t offset, int64_t count, int64_t* out) {
   const std::size_t size = dtype_size(tensor.dtype);
   const std::byte* p = tensor.data + static_cast<std::size_t>(offset) * size;

@@ -160,9 +160,21 @@ void select_from_scores(const Tensor& scores, int64_t k, const SelectionSink& si
       select_chunk(block.data(), rows, keys, keys - queries + c0, k, indices.data(),
                    selected.data());
       if (times) times->add("select", watch.seconds());
-      sink({b, c0, rows, k, indices.data(), selected.data()});
+      sink({b, c0, rows, k, indices.data(), selected.data(), keys - queries + c0});
     }
   }
+}
+
+Shape selection_shape(const IndexerInputs& inputs, int64_t k) {
+  Shape shape = {inputs.queries, k};
+  if (inputs.batched) shape.insert(shape.begin(), inputs.batch);
+  return shape;
+}
+
+Shape selection_shape(const Tensor& scores, int64_t k) {
+  Shape shape = scores.shape;
+  if (!shape.empty()) shape.back() = k;
+  return shape;
 }
 
 void select_from_indexer(const IndexerInputs& inputs, const IndexerConfig& config, int64_t k,
@@ -214,7 +226,7 @@ void detail::cpu_select_from_indexer(const IndexerInputs& inputs, const IndexerC
         times->add("score", wall * score_seconds / busy);
         times->add("select", wall * select_seconds / busy);
       }
-      sink({b, c0, rows, k, indices.data(), selected.data()});
+      sink({b, c0, rows, k, indices.data(), selected.data(), inputs.position(c0)});
     }
   }
 }

@@ -28,6 +28,10 @@ struct AttentionInputs {
 AttentionInputs make_mqa_inputs(const Tensor& q, const Tensor& kv, int64_t d_v);
 AttentionInputs make_mha_inputs(const Tensor& q, const Tensor& k, const Tensor& v);
 
+// [B?, Lq, H, d_v] and [B?, Lq, H]: the shapes of the attention output and its lse.
+Shape attention_output_shape(const AttentionInputs& inputs);
+Shape attention_lse_shape(const AttentionInputs& inputs);
+
 float default_scale(int64_t d_qk);  // d_qk^-0.5
 
 // DeepSeek-V3.2's softmax scale as its released MLA computes it (inference/model.py):

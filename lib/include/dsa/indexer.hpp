@@ -78,6 +78,9 @@ struct ScoreBlock {
   int64_t batch, row_begin, rows, keys;
   const float* scores;  // [rows, keys]
 };
+// [B?, Lq, Lk]: the shape of the score matrix of these inputs.
+Shape score_shape(const IndexerInputs& inputs);
+
 // The full causal score matrix, streamed in blocks of query rows (for small L). Every operation
 // takes its device the same way, as its last parameter (choose_device gives it for a --device).
 void indexer_scores(const IndexerInputs& inputs, const IndexerConfig& config,

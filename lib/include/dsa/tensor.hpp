@@ -49,6 +49,9 @@ T* mutable_data(Tensor& tensor) {
 void to_f32(const Tensor& tensor, int64_t offset, int64_t count, float* out);
 std::vector<float> to_f32(const Tensor& tensor);
 
+// The tensor's values rounded to bf16 (nearest even), same name and shape; floating dtypes only.
+Tensor to_bf16(const Tensor& tensor);
+
 // Reads integer tensors (i32, i64, u8) as int64.
 void to_i64(const Tensor& tensor, int64_t offset, int64_t count, int64_t* out);
 

@@ -27,8 +27,14 @@ struct SelectionBlock {
   int64_t batch, row_begin, rows, k;
   const int32_t* indices;  // [rows, k]
   const float* scores;     // [rows, k]
+  int64_t first_position;  // the position of query row row_begin (Lk - Lq + row_begin)
 };
 using SelectionSink = std::function<void(const SelectionBlock&)>;
+
+// [B?, Lq, k]: the shape of the selection from these indexer inputs, or from this score matrix
+// (its last dimension replaced; select_from_scores validates the rest).
+Shape selection_shape(const IndexerInputs& inputs, int64_t k);
+Shape selection_shape(const Tensor& scores, int64_t k);
 
 // From a score matrix [B?, Lq, Lk]; query row t sees s <= Lk - Lq + t.
 void select_from_scores(const Tensor& scores, int64_t k, const SelectionSink& sink,
