@@ -306,7 +306,7 @@ TEST(Cuda, CompareOnTheGpuAgreesWithTheCpu) {
   // Shapes outside MLA's: a usage error, not a wrong answer.
   in.attention = make_mqa_inputs(q, kv, 256);
   try {
-    compare_attention(in, nullptr);
+    compare_attention(in, nullptr, Device::cuda);
     ADD_FAILURE() << "d_v 256 ran on the GPU";
   } catch (const Error& e) {
     EXPECT_EQ(e.code(), ExitCode::usage) << e.what();
