@@ -240,15 +240,11 @@ AttentionInputs make_mha_inputs(const Tensor& q, const Tensor& k, const Tensor& 
 }
 
 Shape attention_output_shape(const AttentionInputs& in) {
-  Shape shape = {in.queries, in.heads, in.d_v};
-  if (in.batched) shape.insert(shape.begin(), in.batch);
-  return shape;
+  return with_batch({in.queries, in.heads, in.d_v}, in.batched, in.batch);
 }
 
 Shape attention_lse_shape(const AttentionInputs& in) {
-  Shape shape = {in.queries, in.heads};
-  if (in.batched) shape.insert(shape.begin(), in.batch);
-  return shape;
+  return with_batch({in.queries, in.heads}, in.batched, in.batch);
 }
 
 float default_scale(int64_t d_qk) {
@@ -283,8 +279,7 @@ SoftmaxScale resolve_softmax_scale(const std::string& text, int64_t d_qk) {
 
 void validate_indices(const AttentionInputs& in, const Tensor& indices,
                       const std::vector<int64_t>& positions) {
-  Shape expected = {in.queries};
-  if (in.batched) expected.insert(expected.begin(), in.batch);
+  const Shape expected = with_batch({in.queries}, in.batched, in.batch);
   const bool shape_ok = indices.rank() == static_cast<int64_t>(expected.size()) + 1 &&
                         std::equal(expected.begin(), expected.end(), indices.shape.begin());
   if (!shape_ok) {

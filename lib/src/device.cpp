@@ -68,7 +68,7 @@ DeviceChoice choose_device(const std::string& name, const Operation& op) {
       return {Device::cpu, "auto: " + cuda_unavailable_reason() + "; ran on the CPU"};
     return {Device::cpu, ""};
   }
-  const std::string limit = backend(Device::cuda).check(op);
+  const std::string limit = cuda_backend()->check(op);  // resolve_device found it usable
   if (limit.empty()) return {Device::cuda, ""};
   if (name == "cuda") fail(ExitCode::usage, "--device cuda: {}", limit);
   return {Device::cpu, "auto: " + limit + "; ran on the CPU"};

@@ -57,8 +57,7 @@ IndexerInputs make_indexer_inputs(const Tensor& q_index, const Tensor& k_index,
               shape_string(q_shape), shape_string(k_index.shape));
   }
   in.keys = k_index.dim(o);
-  Shape w_expected = {in.queries, in.heads};
-  if (in.batched) w_expected.insert(w_expected.begin(), in.batch);
+  const Shape w_expected = with_batch({in.queries, in.heads}, in.batched, in.batch);
   if (weights.shape != w_expected) {
     bad_input("{} (weights): expected shape {} to match {} {}, got {}", weights.name,
               shape_string(w_expected), q_index.name, shape_string(q_shape),
@@ -149,9 +148,7 @@ void IndexerKernel::score_rows(int64_t row_begin, int64_t rows, float* out, int6
 }
 
 Shape score_shape(const IndexerInputs& inputs) {
-  Shape shape = {inputs.queries, inputs.keys};
-  if (inputs.batched) shape.insert(shape.begin(), inputs.batch);
-  return shape;
+  return with_batch({inputs.queries, inputs.keys}, inputs.batched, inputs.batch);
 }
 
 void indexer_scores(const IndexerInputs& inputs, const IndexerConfig& config,

@@ -71,6 +71,11 @@ int64_t shape_numel(const Shape& shape) {
   return n;
 }
 
+Shape with_batch(Shape shape, bool batched, int64_t batch) {
+  if (batched) shape.insert(shape.begin(), batch);
+  return shape;
+}
+
 Tensor make_tensor(DType dtype, Shape shape, std::string name) {
   Tensor t;
   t.dtype = dtype;

@@ -166,9 +166,7 @@ void select_from_scores(const Tensor& scores, int64_t k, const SelectionSink& si
 }
 
 Shape selection_shape(const IndexerInputs& inputs, int64_t k) {
-  Shape shape = {inputs.queries, k};
-  if (inputs.batched) shape.insert(shape.begin(), inputs.batch);
-  return shape;
+  return with_batch({inputs.queries, k}, inputs.batched, inputs.batch);
 }
 
 Shape selection_shape(const Tensor& scores, int64_t k) {

@@ -37,6 +37,9 @@ struct Tensor {
   int64_t dim(int64_t i) const { return shape.at(static_cast<std::size_t>(i)); }
 };
 
+// The shape with a leading batch dimension of `batch` when `batched` (B? in the shapes above).
+Shape with_batch(Shape shape, bool batched, int64_t batch);
+
 // A tensor that owns a zero-filled buffer of the given dtype and shape.
 Tensor make_tensor(DType dtype, Shape shape, std::string name = {});
 template <typename T>
