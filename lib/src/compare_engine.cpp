@@ -6,14 +6,11 @@
 
 #include "attention_kernels.hpp"
 #include "backend.hpp"
-#include "chunks.hpp"
 #include "target.hpp"
 
 namespace dsa::detail {
 
 namespace {
-
-using Strided = Eigen::Map<const RowMatrix, 0, Eigen::OuterStride<>>;
 
 class CpuCompareEngine : public CompareEngine {
  public:

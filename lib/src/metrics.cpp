@@ -4,20 +4,14 @@
 #include <cmath>
 #include <limits>
 
-#include "attention_kernels.hpp"
 #include "backend.hpp"
-#include "chunks.hpp"
 #include "dsa/error.hpp"
 #include "dsa/parallel.hpp"
 #include "dsa/topk.hpp"
-#include "target.hpp"
 
 namespace dsa {
 
 namespace {
-
-using detail::RowMatrix;
-using Strided = Eigen::Map<const RowMatrix, 0, Eigen::OuterStride<>>;
 
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 

@@ -6,12 +6,6 @@
 
 namespace dsa {
 
-namespace {
-
-using Strided = Eigen::Map<const detail::RowMatrix, 0, Eigen::OuterStride<>>;
-
-}  // namespace
-
 namespace detail {
 
 void group_probabilities(const AttentionInputs& a, const KeyValues& kv, int64_t b,

@@ -8,6 +8,9 @@
 
 namespace dsa::detail {
 
+// Rows of f32 keys or values in place, `stride` floats apart.
+using Strided = Eigen::Map<const RowMatrix, 0, Eigen::OuterStride<>>;
+
 // Softmax probabilities (scale · q · k) of the `group` query heads of kv head g for query rows
 // rows[0..n_rows) of batch element b, over keys [0, visible_end), zero beyond each row's
 // position: probs [n_rows * group, visible_end]. q_group is scratch. With lse [n_rows, H], the
