@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdio>
 #include <exception>
+#include <limits>
 
 #include <fmt/format.h>
 
@@ -18,15 +19,55 @@
 namespace dsa::app {
 
 CLI::Validator integer_at_least(int64_t min) {
+  return integer_in(min, std::numeric_limits<int64_t>::max());
+}
+
+CLI::Validator integer_in(int64_t min, int64_t max) {
+  const bool bounded = max < std::numeric_limits<int64_t>::max();
   return CLI::Validator(
-      [min](std::string& text) {
+      [min, max](std::string& text) {
         int64_t value = 0;
         const char* end = text.data() + text.size();
         const auto [stop, error] = std::from_chars(text.data(), end, value);
-        if (error == std::errc() && stop == end && value >= min) return std::string();
+        const bool integer = error == std::errc() && stop == end;
+        if (integer && value >= min && value <= max) return std::string();
+        const bool beyond_int64 =
+            error == std::errc::result_out_of_range && stop == end && text[0] != '-';
+        if ((integer && value > max) || beyond_int64) {
+          return fmt::format("must be an integer <= {}, got {}", max, text);
+        }
         return fmt::format("must be an integer >= {}, got {}", min, text);
       },
-      fmt::format("INT>={}", min));
+      bounded ? fmt::format("INT in [{}, {}]", min, max) : fmt::format("INT>={}", min));
+}
+
+CLI::Validator number_between(double low, double high) {
+  const bool bounded = std::isfinite(high);
+  const std::string expected =
+      bounded ? fmt::format("in ({}, {})", low, high) : fmt::format("> {}", low);
+  return CLI::Validator(
+      [low, high, expected](std::string& text) {
+        double value = 0;
+        const char* end = text.data() + text.size();
+        const auto [stop, error] = std::from_chars(text.data(), end, value);
+        if (error == std::errc() && stop == end && value > low && value < high)
+          return std::string();
+        return fmt::format("must be a number {}, got {}", expected, text);
+      },
+      "NUMBER " + expected);
+}
+
+CLI::Validator softmax_scale_text() {
+  return CLI::Validator(
+      [](std::string& text) {
+        try {
+          resolve_softmax_scale(text, 1);  // d_qk only sets the default's value
+          return std::string();
+        } catch (const Error& e) {
+          return std::string(e.what());
+        }
+      },
+      "SCALE");
 }
 
 void add_common_options(CLI::App& app, CommonOptions& options) {
@@ -134,14 +175,17 @@ void add_attention_options(CLI::App& app, AttentionOptions& options) {
       "--kv", options.kv, "MQA latent cache kv [B?, Lk, d_qk]; values are its first --dv columns");
   auto* k = app.add_option("--k", options.k, "MHA/GQA keys k [B?, Lk, H_kv, d_qk]");
   auto* v = app.add_option("--v", options.v, "MHA/GQA values v [B?, Lk, H_kv, d_v]");
-  auto* dv = app.add_option("--dv", options.d_v, "Value width in MQA mode")->capture_default_str();
+  auto* dv = app.add_option("--dv", options.d_v, "Value width in MQA mode")
+                 ->check(integer_at_least(1))
+                 ->capture_default_str();
   kv->excludes(k)->excludes(v);
   k->needs(v);
   v->needs(k);
   dv->needs(kv);
   app.add_option("--scale", options.scale,
                  "Softmax scale: a finite positive number, default (d_qk^-0.5) or deepseek-v3.2 "
-                 "(the released model's 192^-0.5 * mscale^2 = 0.1352337788608801)");
+                 "(the released model's 192^-0.5 * mscale^2 = 0.1352337788608801)")
+      ->check(softmax_scale_text());
 }
 
 void load_attention(const AttentionOptions& options, AttentionTensors& out) {
@@ -151,7 +195,8 @@ void load_attention(const AttentionOptions& options, AttentionTensors& out) {
   out.tensors.push_back(read_tensor(options.q));
   if (!options.kv.empty()) {
     out.tensors.push_back(read_tensor(options.kv));
-    out.inputs = make_mqa_inputs(out.tensors[0], out.tensors[1], options.d_v);
+    out.inputs = naming_flag_in_usage_errors(
+        "--dv", [&] { return make_mqa_inputs(out.tensors[0], out.tensors[1], options.d_v); });
   } else {
     out.tensors.push_back(read_tensor(options.k));
     out.tensors.push_back(read_tensor(options.v));

@@ -2,15 +2,19 @@
 // Nothing numeric lives here.
 #pragma once
 
+#include <cstdint>
 #include <functional>
+#include <limits>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
 #include "dsa/attention.hpp"
+#include "dsa/error.hpp"
 #include "dsa/indexer.hpp"
 #include "dsa/report.hpp"
 
@@ -28,6 +32,39 @@ void add_common_options(CLI::App& app, CommonOptions& options);
 // An integer option's check: "--topk: must be an integer >= 1, got 0" (CLI11's PositiveNumber
 // says "Value 0 not in range 0.000000 to 1.797693e+308").
 CLI::Validator integer_at_least(int64_t min);
+// The same with an upper bound: "--topk: must be an integer <= 2147483647, got 3000000000".
+CLI::Validator integer_in(int64_t min, int64_t max);
+// The largest k of a top-k flag: the selected indices are int32.
+inline constexpr int64_t kLargestTopk = std::numeric_limits<int32_t>::max();
+// A real option's check on the open interval (low, high): "--holdout: must be a number in
+// (0, 1), got 1", or with high infinite "--lr: must be a number > 0, got 0".
+CLI::Validator number_between(double low, double high);
+// --scale's check by the library's own rule (resolve_softmax_scale), before any tensor is read:
+// "--scale: softmax scale: expected a number, default or deepseek-v3.2, got 'x'".
+CLI::Validator softmax_scale_text();
+
+// The library's messages name parameters and tensors, the apps' name flags: naming_flag runs
+// `call`, a library call given `flag`'s value, and rethrows an Error from it with the flag in
+// front ("--device: device cuda: no GPU found"), keeping its exit code.
+template <typename Call>
+decltype(auto) naming_flag(const std::string& flag, Call&& call) {
+  try {
+    return std::forward<Call>(call)();
+  } catch (const Error& e) {
+    throw Error(e.code(), flag + ": " + e.what());
+  }
+}
+// The same for a call whose bad-input errors are about its tensors: only its usage errors
+// (exit 2) are about the flag's value.
+template <typename Call>
+decltype(auto) naming_flag_in_usage_errors(const std::string& flag, Call&& call) {
+  try {
+    return std::forward<Call>(call)();
+  } catch (const Error& e) {
+    if (e.code() != ExitCode::usage) throw;
+    throw Error(e.code(), flag + ": " + e.what());
+  }
+}
 
 // --precision, --hadamard, --ue8m0, --raw-weights, --query-block.
 struct IndexerOptions {

@@ -44,7 +44,8 @@ int main(int argc, char** argv) {
     dsa::app::AttentionTensors loaded;
     dsa::app::load_attention(attention, loaded);
     const dsa::AttentionInputs& inputs = loaded.inputs;
-    const dsa::DeviceChoice choice = dsa::choose_device(device_name, inputs);
+    const dsa::DeviceChoice choice =
+        dsa::app::naming_flag("--device", [&] { return dsa::choose_device(device_name, inputs); });
     const dsa::Device device = choice.device;
     dsa::app::report_device(report, choice);
     for (const auto& t : loaded.tensors) report["inputs"].push_back(dsa::tensor_json(t));

@@ -31,13 +31,13 @@ int main(int argc, char** argv) {
                "released code's top-k of rows with fewer than K visible tokens)")
       ->needs(idx_opt);
   auto* k_flag = app.add_option("-k,--topk", topk, "Entries selected per query")
-                     ->check(dsa::app::integer_at_least(1))
+                     ->check(dsa::app::integer_in(1, dsa::app::kLargestTopk))
                      ->capture_default_str()
                      ->excludes(idx_opt);
   auto* sweep_opt =
       app.add_option("--sweep-topk", sweep, "Several k in one pass: 256,512,1024,2048")
           ->delimiter(',')
-          ->check(dsa::app::integer_at_least(1))
+          ->check(dsa::app::integer_in(1, dsa::app::kLargestTopk))
           ->excludes(k_flag)
           ->excludes(idx_opt);
   (void)sweep_opt;
@@ -76,8 +76,9 @@ int main(int argc, char** argv) {
       indexer_tensors = dsa::app::load_indexer_tensors(tensors);
       const dsa::app::IndexerTensors& x = *indexer_tensors;
       inputs.indexer_config = dsa::app::indexer_config(indexer);
-      inputs.indexer =
-          dsa::make_indexer_inputs(x.q_index, x.k_index, x.weights, inputs.indexer_config);
+      inputs.indexer = dsa::app::naming_flag_in_usage_errors("--hadamard", [&] {
+        return dsa::make_indexer_inputs(x.q_index, x.k_index, x.weights, inputs.indexer_config);
+      });
       for (const auto& t : x.read) report["inputs"].push_back(dsa::tensor_json(t));
       if (!tensors.hidden.empty()) report["indexer_weights"] = tensors.indexer_weights;
       inputs.topk = sweep.empty() ? std::vector<int64_t>{topk} : sweep;
@@ -100,7 +101,8 @@ int main(int argc, char** argv) {
       report["inputs"].push_back(dsa::tensor_json(*needles));
     }
     const dsa::AttentionInputs& a = inputs.attention;
-    const dsa::DeviceChoice choice = dsa::choose_device(device, inputs);
+    const dsa::DeviceChoice choice =
+        dsa::app::naming_flag("--device", [&] { return dsa::choose_device(device, inputs); });
     dsa::app::report_device(report, choice);
 
     dsa::StageTimes times;

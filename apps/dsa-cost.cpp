@@ -73,7 +73,8 @@ int main(int argc, char** argv) {
     nlohmann::json report = dsa::report_header("dsa-cost", argc, argv);
     report["schema"] = dsa::kCostSchema;
 
-    const dsa::PresetLibrary presets = dsa::find_presets(presets_flag);
+    dsa::PresetLibrary presets = dsa::find_presets(presets_flag);
+    presets.hint = "give --presets DIR or set DSA_PRESETS";
     dsa::HardwareSpec hardware = dsa::load_hardware(presets, hardware_name);
     dsa::ModelSpec dense = dsa::load_model(presets, dense_name);
     dsa::ModelSpec dsa_model = dsa::load_model(presets, dsa_name);
@@ -85,8 +86,10 @@ int main(int argc, char** argv) {
       report["calibration"] = dsa::calibration_json(calibration);
       times.add("calibrate", watch.seconds());
     }
-    for (const auto& assignment : overrides)
-      dsa::apply_override(assignment, hardware, dense, dsa_model);
+    for (const auto& assignment : overrides) {
+      dsa::app::naming_flag("--set",
+                            [&] { dsa::apply_override(assignment, hardware, dense, dsa_model); });
+    }
 
     dsa::Stopwatch watch;
     const dsa::CostCurves curves =

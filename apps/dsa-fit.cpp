@@ -1,5 +1,6 @@
 // dsa-fit: learns the lightning indexer's projections from hidden states so that it matches
 // the main attention: dense warm-up (Eq. 3) or sparse training on its own top-k (Eq. 4).
+#include <limits>
 #include <optional>
 
 #include "common.hpp"
@@ -27,7 +28,7 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"warmup", "sparse"}))
       ->capture_default_str();
   app.add_option("-k,--topk", topk, "Sparse stage: entries selected per query (default 2048)")
-      ->check(CLI::PositiveNumber);
+      ->check(dsa::app::integer_in(1, dsa::app::kLargestTopk));
   auto* init = app.add_option("--init", init_path,
                               "Start from these indexer weights (.safetensors); default: random");
   app.add_option("--indexer-heads", indexer_heads, "H_I of a random start")
@@ -40,18 +41,26 @@ int main(int argc, char** argv) {
       ->excludes(init);
   app.add_option("--prefix", prefix,
                  "Tensor name prefix read and written, e.g. model.layers.3.self_attn.indexer.");
-  app.add_option("--steps", fit.steps, "Adam steps")->capture_default_str();
-  app.add_option("--lr", fit.lr, "Adam learning rate")->capture_default_str();
+  app.add_option("--steps", fit.steps, "Adam steps")
+      ->check(dsa::app::integer_at_least(0))
+      ->capture_default_str();
+  app.add_option("--lr", fit.lr, "Adam learning rate")
+      ->check(dsa::app::number_between(0, std::numeric_limits<double>::infinity()))
+      ->capture_default_str();
   app.add_option("--batch-rows", fit.batch_rows, "Query rows sampled per step")
+      ->check(dsa::app::integer_at_least(1))
       ->capture_default_str();
   app.add_option("--holdout", fit.holdout,
                  "Fraction of positions held out (the last ones): evaluated, never trained on")
+      ->check(dsa::app::number_between(0, 1))
       ->capture_default_str();
   app.add_option("--seed", fit.seed, "Seed of the random start and of the row sampling")
       ->capture_default_str();
   app.add_option("--eval-every", fit.eval_every, "Held-out metrics every N steps")
+      ->check(dsa::app::integer_at_least(1))
       ->capture_default_str();
   app.add_option("--eval-topk", fit.eval_topk, "k of the held-out mass_recall and topk_recall")
+      ->check(dsa::app::integer_in(1, dsa::app::kLargestTopk))
       ->capture_default_str();
   app.add_option("--log", log_path, "Write the training log (JSON, schema dsa-fit/2) to FILE");
   dsa::app::add_common_options(app, common);
@@ -76,6 +85,9 @@ int main(int argc, char** argv) {
     dsa::app::AttentionTensors main;
     dsa::app::load_attention(attention, main);
     const dsa::FitData data = dsa::make_fit_data(hidden, main.inputs, main.scale.value);
+    // --holdout must leave training and held-out rows at this L; checked before any training.
+    dsa::app::naming_flag("--holdout",
+                          [&] { return dsa::fit_rows(data.attention.queries, fit.holdout); });
     dsa::IndexerWeights weights =
         init_path.empty()
             ? dsa::random_indexer_weights(hidden.dim(1), indexer_heads, indexer_dim, fit.seed)

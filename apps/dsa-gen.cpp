@@ -80,7 +80,8 @@ int main(int argc, char** argv) {
   app.add_option("--seed", seed, "Random seed (default 0)");
   app.add_option("--scale", scale,
                  "Softmax scale the logits are built for: a number, default (d_qk^-0.5) or "
-                 "deepseek-v3.2 (the v32 preset's)");
+                 "deepseek-v3.2 (the v32 preset's)")
+      ->check(dsa::app::softmax_scale_text());
   app.add_option("--hidden", hidden,
                  "Also write hidden states [L, D_MODEL] and the indexer projections of them "
                  "(wq_b.weight, wk.weight, k_norm.*, weights_proj.weight) that give q_index, "

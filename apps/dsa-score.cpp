@@ -26,8 +26,10 @@ int main(int argc, char** argv) {
     const dsa::app::IndexerTensors in = dsa::app::load_indexer_tensors(tensors);
     const dsa::Tensor &q = in.q_index, &k = in.k_index, &w = in.weights;
     dsa::IndexerConfig config = dsa::app::indexer_config(indexer);
-    const dsa::IndexerInputs inputs = dsa::make_indexer_inputs(q, k, w, config);
-    const dsa::DeviceChoice choice = dsa::choose_device(device, inputs, config);
+    const dsa::IndexerInputs inputs = dsa::app::naming_flag_in_usage_errors(
+        "--hadamard", [&] { return dsa::make_indexer_inputs(q, k, w, config); });
+    const dsa::DeviceChoice choice = dsa::app::naming_flag(
+        "--device", [&] { return dsa::choose_device(device, inputs, config); });
 
     const dsa::Shape shape = dsa::score_shape(inputs);
     dsa::StageTimes times;

@@ -22,7 +22,7 @@ int main(int argc, char** argv) {
     scores_opt->excludes(option);
   }
   app.add_option("-k,--topk", topk, "Entries selected per query")
-      ->check(dsa::app::integer_at_least(1))
+      ->check(dsa::app::integer_in(1, dsa::app::kLargestTopk))
       ->capture_default_str();
   app.add_option("--format", format,
                  "Output format: npy or jsonl (default: from the output's "
@@ -68,8 +68,11 @@ int main(int argc, char** argv) {
     dsa::Shape shape;
     if (fused) {
       config = dsa::app::indexer_config(indexer);
-      indexer_inputs = dsa::make_indexer_inputs(inputs[0], inputs[1], inputs[2], config);
-      const dsa::DeviceChoice choice = dsa::choose_device(device, indexer_inputs, config, topk);
+      indexer_inputs = dsa::app::naming_flag_in_usage_errors("--hadamard", [&] {
+        return dsa::make_indexer_inputs(inputs[0], inputs[1], inputs[2], config);
+      });
+      const dsa::DeviceChoice choice = dsa::app::naming_flag(
+          "--device", [&] { return dsa::choose_device(device, indexer_inputs, config, topk); });
       compute_device = choice.device;
       dsa::app::report_device(report, choice);
       shape = dsa::selection_shape(indexer_inputs, topk);

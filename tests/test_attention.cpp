@@ -288,7 +288,7 @@ TEST(SoftmaxScale, NamedNumberedAndDefault) {
       ADD_FAILURE() << "accepted " << bad;
     } catch (const Error& e) {
       EXPECT_EQ(e.code(), ExitCode::usage) << bad;
-      EXPECT_NE(std::string(e.what()).find("--scale"), std::string::npos) << e.what();
+      EXPECT_EQ(std::string(e.what()).rfind("softmax scale", 0), 0u) << e.what();
     }
   }
 }
@@ -310,7 +310,8 @@ TEST(AttentionInputs, RejectsMismatchedShapes) {
   const Tensor kv_short = test::random_tensor({4, 8}, rng, 1, "short.npy");
   expect_bad([&] { make_mqa_inputs(q, kv_short, 4); }, "short.npy");
   const Tensor kv = test::random_tensor({5, 8}, rng, 1, "kv.npy");
-  expect_bad([&] { make_mqa_inputs(q, kv, 9); }, "--dv", ExitCode::usage);
+  expect_bad([&] { make_mqa_inputs(q, kv, 9); }, "d_v must be in [1, d_qk = 8], got 9",
+             ExitCode::usage);
   const Tensor k3 = test::random_tensor({5, 3, 8}, rng, 1, "k3.npy"),
                v3 = test::random_tensor({5, 3, 2}, rng, 1, "v3.npy");
   expect_bad([&] { make_mha_inputs(q, k3, v3); }, "k3.npy");  // 3 kv heads do not divide 4

@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cli.hpp"
+#include "dsa/device.hpp"
 #include "dsa/io.hpp"
 #include "reference.hpp"
 
@@ -122,7 +123,9 @@ TEST_F(Cli, NamedScaleIsTheModelsAndReportsSayWhichScale) {
   EXPECT_FLOAT_EQ(report("named.json")["scale"].get<float>(), 0.13523378f);
   const Outcome bad = run(attend + "--scale deepseek");
   EXPECT_EQ(bad.code, 2);
-  EXPECT_NE(bad.err.find("expected a number, default or deepseek-v3.2"), std::string::npos)
+  EXPECT_NE(bad.err.find("--scale: softmax scale: expected a number, default or deepseek-v3.2, "
+                         "got 'deepseek'"),
+            std::string::npos)
       << bad.err;
 }
 
@@ -139,6 +142,40 @@ TEST_F(Cli, DeviceAutoFallsBackToTheCpuAndSaysWhy) {
   const auto report = nlohmann::json::parse(slurp(path("r.json")));
   EXPECT_EQ(report["device"], "cpu");
   EXPECT_NE(report["device_note"].get<std::string>().find("ran on the CPU"), std::string::npos);
+}
+
+// The library's messages name parameters and tensors; the tools put the flag in front, keeping
+// the exit code and the one line.
+TEST_F(Cli, ErrorsOfALibraryCallNameTheFlag) {
+  const auto expect_error = [&](const std::string& command, int code, const std::string& needle) {
+    const Outcome r = run(command);
+    EXPECT_EQ(r.code, code) << command << ": " << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+    EXPECT_NE(r.err.find(needle), std::string::npos) << r.err;
+  };
+  expect_error("dsa-attend --q qa.npy --kv kv.npy --dv 21 --dense -o o.npy", 2,
+               "dsa-attend: error: --dv: d_v must be in [1, d_qk = 20], got 21");
+  expect_error("dsa-attend --q qa.npy --kv kv.npy --dv 0 --dense -o o.npy", 2,
+               "--dv: must be an integer >= 1, got 0");
+  expect_error("dsa-gen --scale fast -o g.safetensors", 2,
+               "--scale: softmax scale: expected a number, default or deepseek-v3.2, got 'fast'");
+  expect_error("dsa-select " + kIndexer + " -k 3000000000 -o s.npy", 2,
+               "--topk: must be an integer <= 2147483647, got 3000000000");
+  expect_error("dsa-compare --q qa.npy --kv kv.npy --dv 12 " + kIndexer + " --sweep-topk 2,0", 2,
+               "--sweep-topk: must be an integer >= 1, got 0");
+  std::mt19937_64 rng(44);
+  write("w3.npy", test::random_tensor({24, 3}, rng));
+  expect_error("dsa-score --q-index qa.npy --k-index kv.npy --weights w3.npy --hadamard -o s.npy",
+               2, "--hadamard: the Hadamard rotation needs d_I to be a power of two, got 20");
+  // Without a GPU exit 1, with one exit 2 (MHA inputs): "--device" either way.
+  write("mk.npy", test::random_tensor({24, 1, 20}, rng));
+  write("mv.npy", test::random_tensor({24, 1, 8}, rng));
+  const Outcome cuda =
+      run("dsa-attend --q qa.npy --k mk.npy --v mv.npy --dense --device cuda -o d.npy");
+  EXPECT_EQ(cuda.code, cuda_available() ? 2 : 1) << cuda.err;
+  EXPECT_NE(cuda.err.find("dsa-attend: error: --device: device cuda: "), std::string::npos)
+      << cuda.err;
+  expect_only({"q.npy", "k.npy", "w.npy", "qa.npy", "kv.npy", "w3.npy", "mk.npy", "mv.npy"});
 }
 
 TEST_F(Cli, SafetensorsInputsByName) {
@@ -392,12 +429,24 @@ TEST_F(Cli, FitBadInputsExitWithOneLineAndNoOutput) {
   EXPECT_NE(r.err.find("d_model 7"), std::string::npos) << r.err;
   r = run("dsa-select --hidden h24.npy --indexer-weights wide.safetensors -k 2 -o s.npy");
   EXPECT_EQ(r.code, 3);
-  // Usage errors.
+  // Usage errors; the message names the flag.
   EXPECT_EQ(run("dsa-fit --hidden h24.npy" + attention + " -o out.npy").code, 2);
   EXPECT_EQ(run("dsa-fit --hidden h24.npy" + attention + " -k 4 -o out.safetensors").code, 2);
-  EXPECT_EQ(run("dsa-fit --hidden h24.npy" + attention + " --holdout 1 -o out.safetensors").code,
-            2);
-  EXPECT_EQ(run("dsa-fit --hidden h24.npy" + attention + " --lr 0 -o out.safetensors").code, 2);
+  const auto expect_usage = [&](const std::string& flags, const std::string& needle) {
+    const Outcome u = run("dsa-fit --hidden h24.npy" + attention + flags + " -o out.safetensors");
+    EXPECT_EQ(u.code, 2) << flags;
+    EXPECT_EQ(std::count(u.err.begin(), u.err.end(), '\n'), 1) << u.err;
+    EXPECT_NE(u.err.find(needle), std::string::npos) << u.err;
+  };
+  expect_usage(" --holdout 1", "--holdout: must be a number in (0, 1), got 1");
+  expect_usage(" --holdout 0.99",
+               "--holdout: fit: holdout 0.99 of L = 24 leaves no training or no held-out rows");
+  expect_usage(" --lr 0", "--lr: must be a number > 0, got 0");
+  expect_usage(" --steps=-1", "--steps: must be an integer >= 0, got -1");
+  expect_usage(" --batch-rows 0", "--batch-rows: must be an integer >= 1, got 0");
+  expect_usage(" --eval-every 0", "--eval-every: must be an integer >= 1, got 0");
+  expect_usage(" --eval-topk 0", "--eval-topk: must be an integer >= 1, got 0");
+  expect_usage(" --scale 0", "--scale: softmax scale must be finite and positive, got 0");
   EXPECT_EQ(run("dsa-score --hidden h24.npy -o s.npy").code, 2);
   expect_only({"q.npy", "k.npy", "w.npy", "qa.npy", "kv.npy", "h.npy", "h24.npy", "bad.safetensors",
                "wide.safetensors"});

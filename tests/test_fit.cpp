@@ -254,6 +254,35 @@ TEST(Fit, AdamLowersTheLossDeterministically) {
   EXPECT_LT(last, first);
 }
 
+// The held-out rows are the last ceil(holdout * L); a fraction that leaves none of either kind,
+// or bad options, are usage errors naming the option.
+TEST(Fit, HoldoutSplitAndBadOptions) {
+  EXPECT_EQ(fit_rows(96, 0.25).train, 72);
+  EXPECT_EQ(fit_rows(96, 0.25).holdout, 24);
+  EXPECT_EQ(fit_rows(24, 0.01).holdout, 1);
+  auto message = [](auto f) {
+    try {
+      f();
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ExitCode::usage);
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_EQ(message([] { fit_rows(24, 0.99); }),
+            "fit: holdout 0.99 of L = 24 leaves no training or no held-out rows");
+  EXPECT_EQ(message([] { fit_rows(24, 1); }), "fit: holdout must be a fraction in (0, 1), got 1");
+  const Problem p = make_problem(16, 6, 11);
+  IndexerWeights w = random_indexer_weights(6, 2, 4, 1);
+  FitOptions o;
+  o.lr = 0;
+  EXPECT_EQ(message([&] { fit_indexer(p.data(), w, o, {}); }), "fit: lr must be positive, got 0");
+  o = {};
+  o.steps = -1;
+  EXPECT_EQ(message([&] { fit_indexer(p.data(), w, o, {}); }),
+            "fit: steps must be non-negative, got -1");
+}
+
 TEST(Fit, BadInputsAreReported) {
   const Problem p = make_problem(16, 6, 11);
   const Tensor short_hidden = make_tensor(DType::f32, {15, 6}, "h.npy");

@@ -255,6 +255,8 @@ TEST(Indexer, RejectsMismatchedShapesNamingTheTensor) {
     FAIL();
   } catch (const Error& e) {
     EXPECT_EQ(e.code(), ExitCode::usage);
+    EXPECT_EQ(std::string(e.what()),
+              "the Hadamard rotation needs d_I to be a power of two, got 12");
   }
 }
 

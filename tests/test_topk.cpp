@@ -130,6 +130,14 @@ TEST(SelectFromScores, RejectsBadShapesAndK) {
     FAIL();
   } catch (const Error& e) {
     EXPECT_EQ(e.code(), ExitCode::usage);
+    EXPECT_EQ(std::string(e.what()), "top-k size k must be at least 1, got 0");
+  }
+  try {
+    select_from_scores(score_tensor({4, 4}, rng), int64_t{1} << 31, noop, nullptr);
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ExitCode::usage);
+    EXPECT_EQ(std::string(e.what()), "top-k size k = 2147483648 does not fit int32 indices");
   }
 }
 

@@ -206,7 +206,7 @@ AttentionInputs make_mqa_inputs(const Tensor& q, const Tensor& kv, int64_t d_v) 
   }
   in.keys = kv.dim(o);
   in.kv_heads = 1;
-  if (d_v < 1 || d_v > in.d_qk) bad_usage("--dv must be in [1, d_qk = {}], got {}", in.d_qk, d_v);
+  if (d_v < 1 || d_v > in.d_qk) bad_usage("d_v must be in [1, d_qk = {}], got {}", in.d_qk, d_v);
   in.d_v = d_v;
   check_lengths(in, kv);
   return in;
@@ -268,11 +268,11 @@ SoftmaxScale resolve_softmax_scale(const std::string& text, int64_t d_qk) {
   const char* end = text.data() + text.size();
   const auto [stop, error] = std::from_chars(text.data(), end, value);
   if (error != std::errc() || stop != end) {
-    bad_usage("--scale: expected a number, default or deepseek-v3.2, got '{}'", text);
+    bad_usage("softmax scale: expected a number, default or deepseek-v3.2, got '{}'", text);
   }
   const auto scale = static_cast<float>(value);
   if (!(std::isfinite(scale) && scale > 0)) {
-    bad_usage("--scale must be finite and positive, got {}", text);
+    bad_usage("softmax scale must be finite and positive, got {}", text);
   }
   return {scale, "given"};
 }

@@ -159,7 +159,7 @@ HardwareSpec calibrated_hardware(const HardwareSpec& hardware, const Calibration
   h.compute_efficiency = 1;
   h.memory_efficiency = 1;
   h.source = fmt::format(
-      "measured on this {} by dsa-cost --calibrate: bf16 rate = dense_attention, fp8 rate = "
+      "measured on this {} with the toolkit's kernels: bf16 rate = dense_attention, fp8 rate = "
       "the indexer's score_rows (f32 arithmetic on the CPU), bandwidth = a parallel memcpy; "
       "efficiencies 1 because the rates are achieved ones",
       calibration.device);

@@ -191,7 +191,7 @@ Spec spec_from_json(const nlohmann::json& json, const std::string& origin, const
   return spec;
 }
 
-nlohmann::json read_json_file(const fs::path& path, const char* hint = "") {
+nlohmann::json read_json_file(const fs::path& path, const std::string& hint = "") {
   std::ifstream in(path);
   if (!in) bad_input("{}: cannot read the file{}", path.string(), hint);
   std::stringstream text;
@@ -215,8 +215,7 @@ template <typename Spec>
 std::vector<Spec> read_presets(const PresetLibrary& presets, const std::string& kind,
                                const std::vector<Field<Spec>>& fields) {
   const fs::path path = presets.dir / (kind + ".json");
-  const nlohmann::json json =
-      read_json_file(path, " (the presets: give --presets DIR or set DSA_PRESETS)");
+  const nlohmann::json json = read_json_file(path, " (the presets: " + presets.hint + ")");
   const std::string origin = path.string();
   if (!json.is_object() || !json.contains(kind) || !json[kind].is_array()) {
     bad_usage("{}: expected an object with an array \"{}\"", origin, kind);
@@ -279,8 +278,8 @@ Spec load_spec(const PresetLibrary& presets, const std::string& kind,
 
 }  // namespace
 
-PresetLibrary find_presets(const std::string& flag) {
-  if (!flag.empty()) return {flag};
+PresetLibrary find_presets(const std::string& dir) {
+  if (!dir.empty()) return {dir};
   if (const char* env = std::getenv("DSA_PRESETS"); env && *env) return {env};
   std::error_code error;
   const fs::path exe = fs::read_symlink("/proc/self/exe", error);
@@ -325,29 +324,29 @@ nlohmann::json model_json(const ModelSpec& model) {
 
 void apply_override(const std::string& assignment, HardwareSpec& hardware, ModelSpec& dense,
                     ModelSpec& dsa) {
-  const std::string origin = "--set " + assignment;
   const auto eq = assignment.find('=');
   const auto dot = assignment.find('.');
   if (eq == std::string::npos || dot == std::string::npos || dot > eq) {
-    bad_usage("{}: expected KEY=VALUE with KEY hardware.FIELD, dense.FIELD or dsa.FIELD", origin);
+    bad_usage("{}: expected KEY=VALUE with KEY hardware.FIELD, dense.FIELD or dsa.FIELD",
+              assignment);
   }
   const std::string spec = assignment.substr(0, dot);
   const std::string field = assignment.substr(dot + 1, eq - dot - 1);
   const std::string text = assignment.substr(eq + 1);
-  if (field == "base") bad_usage("{}: \"base\" belongs in a file, not in --set", origin);
+  if (field == "base") bad_usage("{}: \"base\" belongs in a file, not in an override", assignment);
   // JSON when it parses (numbers, booleans, quoted strings), else the text as a string.
   nlohmann::json value = nlohmann::json::parse(text, nullptr, false);
   if (value.is_discarded()) value = text;
   const nlohmann::json object = {{field, value}};
   if (spec == "hardware") {
-    hardware = hardware_from_json(object, origin, &hardware);
+    hardware = hardware_from_json(object, assignment, &hardware);
   } else if (spec == "dense") {
-    dense = model_from_json(object, origin, &dense);
+    dense = model_from_json(object, assignment, &dense);
   } else if (spec == "dsa") {
-    dsa = model_from_json(object, origin, &dsa);
+    dsa = model_from_json(object, assignment, &dsa);
   } else {
-    bad_usage("{}: unknown \"{}\" (the keys are hardware.FIELD, dense.FIELD, dsa.FIELD)", origin,
-              spec);
+    bad_usage("{}: unknown \"{}\" (the keys are hardware.FIELD, dense.FIELD, dsa.FIELD)",
+              assignment, spec);
   }
 }
 

@@ -50,7 +50,7 @@ std::string cuda_unavailable_reason() {
 const Backend& backend(Device device) {
   if (device == Device::cpu) return cpu_backend();
   const std::string why = cuda_unavailable_reason();
-  if (!why.empty()) fail(ExitCode::runtime, "--device cuda: {}", why);
+  if (!why.empty()) fail(ExitCode::runtime, "device cuda: {}", why);
   return *cuda_backend();
 }
 
@@ -70,7 +70,7 @@ DeviceChoice choose_device(const std::string& name, const Operation& op) {
   }
   const std::string limit = cuda_backend()->check(op);  // resolve_device found it usable
   if (limit.empty()) return {Device::cuda, ""};
-  if (name == "cuda") fail(ExitCode::usage, "--device cuda: {}", limit);
+  if (name == "cuda") fail(ExitCode::usage, "device cuda: {}", limit);
   return {Device::cpu, "auto: " + limit + "; ran on the CPU"};
 }
 
@@ -85,7 +85,7 @@ Device resolve_device(const std::string& name) {
   if (name == "auto") return cuda_available() ? Device::cuda : Device::cpu;
   if (name == "cuda") {
     const std::string why = detail::cuda_unavailable_reason();
-    if (!why.empty()) fail(ExitCode::runtime, "--device cuda: {}", why);
+    if (!why.empty()) fail(ExitCode::runtime, "device cuda: {}", why);
     return Device::cuda;
   }
   bad_usage("unknown device '{}': expected cpu, cuda or auto", name);

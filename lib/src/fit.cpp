@@ -285,23 +285,30 @@ nlohmann::json fit_log_json(const FitLog& log) {
   return out;
 }
 
+FitRows fit_rows(int64_t L, double holdout) {
+  if (!(holdout > 0 && holdout < 1)) {
+    bad_usage("fit: holdout must be a fraction in (0, 1), got {}", holdout);
+  }
+  FitRows rows;
+  rows.holdout = static_cast<int64_t>(std::ceil(holdout * static_cast<double>(L)));
+  rows.train = L - rows.holdout;
+  if (rows.train < 1 || rows.holdout < 1) {
+    bad_usage("fit: holdout {} of L = {} leaves no training or no held-out rows", holdout, L);
+  }
+  return rows;
+}
+
 FitLog fit_indexer(const FitData& data, IndexerWeights& weights, const FitOptions& o,
                    const std::function<void(const FitEvaluation&, double loss)>& progress) {
-  const int64_t L = data.attention.queries;
-  if (o.steps < 0) bad_usage("--steps must be non-negative, got {}", o.steps);
-  if (!(o.lr > 0)) bad_usage("--lr must be positive, got {}", o.lr);
-  if (o.batch_rows < 1) bad_usage("--batch-rows must be at least 1, got {}", o.batch_rows);
-  if (!(o.holdout > 0 && o.holdout < 1)) {
-    bad_usage("--holdout must be a fraction in (0, 1), got {}", o.holdout);
-  }
-  if (o.eval_every < 1) bad_usage("--eval-every must be at least 1, got {}", o.eval_every);
-  if (o.eval_topk < 1) bad_usage("--eval-topk must be at least 1, got {}", o.eval_topk);
+  if (o.steps < 0) bad_usage("fit: steps must be non-negative, got {}", o.steps);
+  if (!(o.lr > 0)) bad_usage("fit: lr must be positive, got {}", o.lr);
+  if (o.batch_rows < 1) bad_usage("fit: batch_rows must be at least 1, got {}", o.batch_rows);
+  if (o.eval_every < 1) bad_usage("fit: eval_every must be at least 1, got {}", o.eval_every);
+  if (o.eval_topk < 1) bad_usage("fit: eval_topk must be at least 1, got {}", o.eval_topk);
+  const FitRows rows = fit_rows(data.attention.queries, o.holdout);
   FitLog log;
-  log.holdout_rows = static_cast<int64_t>(std::ceil(o.holdout * static_cast<double>(L)));
-  log.train_rows = L - log.holdout_rows;
-  if (log.train_rows < 1 || log.holdout_rows < 1) {
-    bad_usage("--holdout {} of L = {} leaves no training or no held-out rows", o.holdout, L);
-  }
+  log.train_rows = rows.train;
+  log.holdout_rows = rows.holdout;
   const int64_t batch = std::min(o.batch_rows, log.train_rows);
 
   std::mt19937_64 engine(o.seed);

@@ -73,7 +73,7 @@ IndexerInputs make_indexer_inputs(const Tensor& q_index, const Tensor& k_index,
     bad_input("{} (k_index): {} keys do not fit int32 indices", k_index.name, in.keys);
   }
   if (config.hadamard && !is_power_of_two(in.dim)) {
-    bad_usage("--hadamard needs d_I to be a power of two, got {}", in.dim);
+    bad_usage("the Hadamard rotation needs d_I to be a power of two, got {}", in.dim);
   }
   if (config.quant_block < 1) bad_usage("the fp8 block size must be positive");
   return in;

@@ -28,8 +28,10 @@ uint32_t rank_key(float score) {
 }
 
 void check_k(int64_t k) {
-  if (k < 1) bad_usage("--topk must be at least 1, got {}", k);
-  if (k > std::numeric_limits<int32_t>::max()) bad_usage("--topk {} is too large", k);
+  if (k < 1) bad_usage("top-k size k must be at least 1, got {}", k);
+  if (k > std::numeric_limits<int32_t>::max()) {
+    bad_usage("top-k size k = {} does not fit int32 indices", k);
+  }
 }
 
 // The k-th largest of keys (1 <= k <= keys.size()) by radix selection on 11, 11 and 10 bits:

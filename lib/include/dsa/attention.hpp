@@ -45,7 +45,7 @@ struct SoftmaxScale {
   float value = 1.0f;
   std::string rule;  // "d_qk^-0.5", "deepseek-v3.2" or "given"
 };
-// The scale a --scale argument names: empty or "default" gives d_qk^-0.5, "deepseek-v3.2" the
+// The softmax scale `text` names: empty or "default" gives d_qk^-0.5, "deepseek-v3.2" the
 // model's own, a number itself (finite and positive). Anything else is Error(usage).
 SoftmaxScale resolve_softmax_scale(const std::string& text, int64_t d_qk);
 

@@ -152,9 +152,11 @@ CostCurves cost_curves(const ModelSpec& dense, const ModelSpec& dsa, const Hardw
 // values out of range are usage errors naming the file (and preset) and the field.
 struct PresetLibrary {
   std::filesystem::path dir;  // holds hardware.json and models.json
+  // How to choose another directory, for the message when dir holds no presets.
+  std::string hint = "set DSA_PRESETS to another directory";
 };
-// --presets DIR, else $DSA_PRESETS, else the installed presets relative to the executable.
-PresetLibrary find_presets(const std::string& flag);
+// `dir` when not empty, else $DSA_PRESETS, else the installed presets relative to the executable.
+PresetLibrary find_presets(const std::string& dir);
 std::vector<std::string> preset_names(const PresetLibrary& presets, const std::string& kind);
 
 // NAME (a preset) or a path to a .json file (anything ending in .json or containing '/').
@@ -168,8 +170,9 @@ ModelSpec model_from_json(const nlohmann::json& json, const std::string& origin,
 nlohmann::json hardware_json(const HardwareSpec& hardware);
 nlohmann::json model_json(const ModelSpec& model);
 
-// --set KEY=VALUE with KEY hardware.FIELD, dense.FIELD or dsa.FIELD; VALUE is JSON (a
-// number, true/false, "text") or else taken as a string. Checked like a file's field.
+// One field overridden, KEY=VALUE with KEY hardware.FIELD, dense.FIELD or dsa.FIELD; VALUE is
+// JSON (a number, true/false, "text") or else taken as a string. Checked like a file's field;
+// messages start with the assignment.
 void apply_override(const std::string& assignment, HardwareSpec& hardware, ModelSpec& dense,
                     ModelSpec& dsa);
 

@@ -77,6 +77,13 @@ struct FitLog {
 // The log's "rows", "loss" and "evaluations" (schema dsa-fit/2); undefined values as null.
 nlohmann::json fit_log_json(const FitLog& log);
 
+// The query rows fit_indexer trains on (the first ones) and holds out (the last
+// ceil(holdout * L)). Error(usage) unless holdout is in (0, 1) and leaves at least one of each.
+struct FitRows {
+  int64_t train = 0, holdout = 0;
+};
+FitRows fit_rows(int64_t L, double holdout);
+
 // Trains `weights` in place. `progress` (may be empty) sees every evaluation as it is made.
 // Deterministic given the options and the starting weights, at any thread count.
 FitLog fit_indexer(const FitData& data, IndexerWeights& weights, const FitOptions& options,
