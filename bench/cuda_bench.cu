@@ -76,6 +76,38 @@ struct Timer {
   }
 };
 
+// The launch parameters of the benchmarks' kernels.
+template <typename T>
+dsa::cuda::IndexerParams<T> indexer(const T* q, const float* w, const T* k, const float* ks,
+                                    int rows, int heads, int dim, int64_t keys, int64_t c0,
+                                    float* scores) {
+  dsa::cuda::IndexerParams<T> p;
+  p.q = q, p.w = w, p.k = k, p.k_scale = ks, p.scores = scores;
+  p.rows = rows, p.heads = heads, p.dim = dim, p.keys = static_cast<int>(keys);
+  p.first_position = c0, p.stride = keys;
+  return p;
+}
+
+dsa::cuda::TopkParams topk(const float* scores, int rows, int64_t keys, int64_t c0, int k,
+                           int32_t* idx, float* vals) {
+  dsa::cuda::TopkParams p;
+  p.scores = scores, p.indices = idx, p.values = vals;
+  p.rows = rows, p.keys = static_cast<int>(keys), p.k = k;
+  p.first_position = c0, p.stride = keys;
+  return p;
+}
+
+dsa::cuda::AttentionParams attention(const __nv_bfloat16* q, const __nv_bfloat16* kv,
+                                     const int32_t* sel, int k, int rows, int heads, int d_qk,
+                                     int d_v, int64_t keys, int64_t c0, float scale, float* out,
+                                     float* lse) {
+  dsa::cuda::AttentionParams p;
+  p.q = q, p.kv = kv, p.indices = sel, p.out = out, p.lse = lse;
+  p.rows = rows, p.heads = heads, p.d_qk = d_qk, p.d_v = d_v, p.keys = static_cast<int>(keys);
+  p.k = k, p.first_position = c0, p.scale = scale;
+  return p;
+}
+
 void report(const char* what, int64_t L, double ms, double flops) {
   std::printf("{\"bench\":\"%s\",\"L\":%lld,\"ms\":%.3f,\"tflops\":%.1f}\n", what,
               static_cast<long long>(L), ms, flops / (ms * 1e-3) / 1e12);
@@ -116,8 +148,7 @@ int main(int argc, char** argv) {
       for (int64_t c0 = 0; c0 < L; c0 += chunk) {
         const int rows = static_cast<int>(std::min(chunk, L - c0));
         timer.begin();
-        dsa::cuda::launch_indexer_bf16(q, w, k, ks, rows, HI, DI, static_cast<int>(L), c0, scores,
-                                       L, nullptr);
+        dsa::cuda::launch_indexer(indexer(q, w, k, ks, rows, HI, DI, L, c0, scores));
         bf16_ms += timer.end_ms();
       }
       report("indexer_bf16", L, bf16_ms, 2.0 * causal_pairs * HI * DI);
@@ -126,11 +157,10 @@ int main(int argc, char** argv) {
     for (int64_t c0 = 0; c0 < L; c0 += chunk) {
       const int rows = static_cast<int>(std::min(chunk, L - c0));
       timer.begin();
-      dsa::cuda::launch_indexer_fp8(q8, w, k8, ks, rows, static_cast<int>(L), c0, scores, L,
-                                    nullptr);
+      dsa::cuda::launch_indexer(indexer(q8, w, k8, ks, rows, HI, DI, L, c0, scores));
       indexer_ms += timer.end_ms();
       timer.begin();
-      dsa::cuda::launch_topk(scores, L, rows, c0, static_cast<int>(L), K, idx, vals, nullptr);
+      dsa::cuda::launch_topk(topk(scores, rows, L, c0, K, idx, vals));
       topk_ms += timer.end_ms();
     }
     report("indexer", L, indexer_ms, 2.0 * causal_pairs * HI * DI);
@@ -153,14 +183,43 @@ int main(int argc, char** argv) {
       fill_indices<<<rows, 256>>>(sel, rows, K, c0);
       check(cudaDeviceSynchronize(), "fill indices");
       timer.begin();
-      dsa::cuda::launch_mqa_attention(qa, kv, sel, K, rows, H, DQK, DV, static_cast<int>(L), c0,
-                                      0.0417f, out, lse, nullptr);
+      dsa::cuda::launch_attention(
+          attention(qa, kv, sel, K, rows, H, DQK, DV, L, c0, 0.0417f, out, lse));
       attn_ms += timer.end_ms();
       for (int64_t r = 0; r < rows; ++r)
         attn_flops += 2.0 * H * (DQK + DV) * double(std::min<int64_t>(K, c0 + r + 1));
     }
     report("sparse_attention", L, attn_ms, attn_flops);
     report("dsa_prefill", L, indexer_ms + topk_ms + attn_ms, 0);
+
+    // dsa-compare's dense probabilities (the dense attention's lse is an input) over the last
+    // 256 query rows, and the same rows' sparse attention on the wmma kernel (d_qk = d_v = 256).
+    {
+      const int rows = static_cast<int>(std::min<int64_t>(256, L));
+      const int64_t c0 = L - rows;
+      auto* partial = device_alloc<float>(size_t(2) * rows * L);
+      fill_f32<<<1024, 256>>>(lse, int64_t(rows) * H, 8.0f);
+      check(cudaDeviceSynchronize(), "fill");
+      timer.begin();
+      dsa::cuda::DenseProbabilityParams dense;
+      dense.q = qa, dense.kv = kv, dense.lse = lse, dense.partial = partial;
+      dense.rows = rows, dense.heads = H, dense.d_qk = DQK;
+      dense.first_position = c0, dense.stride = L, dense.scale = 0.0417f;
+      dsa::cuda::launch_dense_probabilities(dense);
+      const double dense_ms = timer.end_ms();
+      double dense_pairs = 0;
+      for (int r = 0; r < rows; ++r) dense_pairs += double(c0 + r + 1);
+      report("dense_probabilities", L, dense_ms, 2.0 * H * DQK * dense_pairs);
+      fill_indices<<<rows, 256>>>(sel, rows, K, c0);
+      check(cudaDeviceSynchronize(), "fill indices");
+      const int d256 = 256;
+      timer.begin();
+      dsa::cuda::launch_attention(
+          attention(qa, kv, sel, K, rows, H, d256, d256, L, c0, 0.0625f, out, lse));
+      const double wmma_ms = timer.end_ms();
+      report("sparse_attention_d256", L, wmma_ms, 2.0 * rows * H * (2 * d256 + d256) * K);
+      cudaFree(partial);
+    }
     cudaFree(qa), cudaFree(kv), cudaFree(sel), cudaFree(out), cudaFree(lse);
   }
   // Decode: batch 32, one query each, context 131072.
@@ -185,24 +244,24 @@ int main(int argc, char** argv) {
     fill_f32<<<1024, 256>>>(w, B * HI, 1.0f / HI);
     fill_f32<<<1024, 256>>>(ks, B * L, 1.0f);
     check(cudaDeviceSynchronize(), "fill");
-    dsa::cuda::IndexerBatch ib;
-    ib.count = B;
-    ib.q = int64_t(HI) * DI, ib.w = HI, ib.k = L * DI, ib.k_scale = L, ib.scores = L;
-    dsa::cuda::AttentionBatch ab;
-    ab.count = B;
-    ab.q = int64_t(H) * DQK, ab.kv = L * DQK, ab.indices = K, ab.out = int64_t(H) * DV, ab.lse = H;
+    auto ib = indexer(q, w, k, ks, 1, HI, DI, L, L - 1, scores);
+    ib.sequences = B;
+    ib.q_step = int64_t(HI) * DI, ib.w_step = HI, ib.k_step = L * DI, ib.k_scale_step = L;
+    ib.scores_step = L;
+    auto ab = attention(qa, kv, idx, K, 1, H, DQK, DV, L, L - 1, 0.0417f, out, lse);
+    ab.sequences = B;
+    ab.q_step = int64_t(H) * DQK, ab.kv_step = L * DQK, ab.indices_step = K;
+    ab.out_step = int64_t(H) * DV, ab.lse_step = H;
     double best = 1e30, best_indexer = 1e30, best_topk = 1e30, best_attention = 1e30;
     for (int rep = 0; rep < 10; ++rep) {
       timer.begin();
-      dsa::cuda::launch_indexer_fp8(q, w, k, ks, 1, static_cast<int>(L), L - 1, scores, L, nullptr,
-                                    ib);
+      dsa::cuda::launch_indexer(ib);
       const double t_indexer = timer.end_ms();
       timer.begin();
-      dsa::cuda::launch_topk(scores, L, B, L - 1, static_cast<int>(L), K, idx, vals, nullptr);
+      dsa::cuda::launch_topk(topk(scores, B, L, L - 1, K, idx, vals));
       const double t_topk = timer.end_ms();
       timer.begin();
-      dsa::cuda::launch_mqa_attention(qa, kv, idx, K, 1, H, DQK, DV, static_cast<int>(L), L - 1,
-                                      0.0417f, out, lse, nullptr, ab);
+      dsa::cuda::launch_attention(ab);
       const double t_attention = timer.end_ms();
       if (t_indexer + t_topk + t_attention < best) {
         best = t_indexer + t_topk + t_attention;
@@ -217,13 +276,12 @@ int main(int argc, char** argv) {
       check(cudaMemcpy(out_batched.data(), out, out_batched.size() * 4, cudaMemcpyDeviceToHost),
             "copy");
       for (int b = 0; b < B; ++b) {
-        dsa::cuda::launch_indexer_fp8(q + size_t(b) * HI * DI, w + b * HI, k + size_t(b) * L * DI,
-                                      ks + b * L, 1, static_cast<int>(L), L - 1,
-                                      scores + size_t(b) * L, L, nullptr);
-        dsa::cuda::launch_mqa_attention(qa + size_t(b) * H * DQK, kv + size_t(b) * L * DQK,
-                                        idx + size_t(b) * K, K, 1, H, DQK, DV, static_cast<int>(L),
-                                        L - 1, 0.0417f, out + size_t(b) * H * DV, lse + b * H,
-                                        nullptr);
+        dsa::cuda::launch_indexer(indexer(q + size_t(b) * HI * DI, w + b * HI,
+                                          k + size_t(b) * L * DI, ks + b * L, 1, HI, DI, L, L - 1,
+                                          scores + size_t(b) * L));
+        dsa::cuda::launch_attention(attention(qa + size_t(b) * H * DQK, kv + size_t(b) * L * DQK,
+                                              idx + size_t(b) * K, K, 1, H, DQK, DV, L, L - 1,
+                                              0.0417f, out + size_t(b) * H * DV, lse + b * H));
       }
       check(cudaMemcpy(single.data(), scores, single.size() * 4, cudaMemcpyDeviceToHost), "copy");
       check(cudaMemcpy(out_single.data(), out, out_single.size() * 4, cudaMemcpyDeviceToHost),

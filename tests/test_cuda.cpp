@@ -281,35 +281,45 @@ TEST(Cuda, CompareOnTheGpuAgreesWithTheCpu) {
   in.indexer = make_indexer_inputs(q_index, k_index, weights, in.indexer_config);
   in.needles = &needles;
   in.topk = {64, 150};
-  const Comparison cpu = compare_attention(in, nullptr);
-  const Comparison gpu = compare_attention(in, nullptr, Device::cuda);
-  ASSERT_EQ(gpu.kl_dense.size(), cpu.kl_dense.size());
-  for (std::size_t r = 0; r < cpu.kl_dense.size(); ++r)
-    ASSERT_NEAR(gpu.kl_dense[r], cpu.kl_dense[r], 1e-3 + 1e-2 * std::fabs(cpu.kl_dense[r])) << r;
-  for (std::size_t ki = 0; ki < in.topk.size(); ++ki) {
-    const Fidelity &c = cpu.per_k[ki], &g = gpu.per_k[ki];
-    const double k = static_cast<double>(in.topk[ki]);
-    for (std::size_t r = 0; r < c.mass_recall.size(); ++r) {
-      ASSERT_NEAR(g.mass_recall[r], c.mass_recall[r], 5e-3) << "k " << k << " row " << r;
-      ASSERT_NEAR(g.topk_recall[r], c.topk_recall[r], 2.5 / k) << "k " << k << " row " << r;
-      ASSERT_NEAR(g.kl_sparse[r], c.kl_sparse[r], 1e-3 + 1e-2 * std::fabs(c.kl_sparse[r])) << r;
+  // The GPU's comparison agrees with the CPU's: on MLA's shape (the wgmma attention) and with
+  // d_v 256 (the wmma attention; the dense probabilities need only d_qk 512 or 576).
+  for (const int64_t values : {d_v, int64_t{256}}) {
+    SCOPED_TRACE(values);
+    in.attention = make_mqa_inputs(q, kv, values);
+    const Comparison cpu = compare_attention(in, nullptr);
+    const Comparison gpu = compare_attention(in, nullptr, Device::cuda);
+    ASSERT_EQ(gpu.kl_dense.size(), cpu.kl_dense.size());
+    for (std::size_t r = 0; r < cpu.kl_dense.size(); ++r)
+      ASSERT_NEAR(gpu.kl_dense[r], cpu.kl_dense[r], 1e-3 + 1e-2 * std::fabs(cpu.kl_dense[r])) << r;
+    for (std::size_t ki = 0; ki < in.topk.size(); ++ki) {
+      const Fidelity &c = cpu.per_k[ki], &g = gpu.per_k[ki];
+      const double k = static_cast<double>(in.topk[ki]);
+      for (std::size_t r = 0; r < c.mass_recall.size(); ++r) {
+        ASSERT_NEAR(g.mass_recall[r], c.mass_recall[r], 5e-3) << "k " << k << " row " << r;
+        ASSERT_NEAR(g.topk_recall[r], c.topk_recall[r], 2.5 / k) << "k " << k << " row " << r;
+        ASSERT_NEAR(g.kl_sparse[r], c.kl_sparse[r], 1e-3 + 1e-2 * std::fabs(c.kl_sparse[r])) << r;
+      }
+      for (std::size_t i = 0; i < c.out_rel_err.size(); ++i) {
+        ASSERT_NEAR(g.mass_recall_head[i], c.mass_recall_head[i], 5e-3) << i;
+        ASSERT_NEAR(g.out_cosine[i], c.out_cosine[i], 2e-3) << i;
+        ASSERT_NEAR(g.out_rel_err[i], c.out_rel_err[i], 5e-3 + 5e-2 * c.out_rel_err[i]) << i;
+      }
+      EXPECT_EQ(g.needles, c.needles);
+      EXPECT_EQ(g.needles_selected, c.needles_selected);
+      EXPECT_EQ(g.sparse_flops, c.sparse_flops);
     }
-    for (std::size_t i = 0; i < c.out_rel_err.size(); ++i) {
-      ASSERT_NEAR(g.mass_recall_head[i], c.mass_recall_head[i], 5e-3) << i;
-      ASSERT_NEAR(g.out_cosine[i], c.out_cosine[i], 2e-3) << i;
-      ASSERT_NEAR(g.out_rel_err[i], c.out_rel_err[i], 5e-3 + 5e-2 * c.out_rel_err[i]) << i;
-    }
-    EXPECT_EQ(g.needles, c.needles);
-    EXPECT_EQ(g.needles_selected, c.needles_selected);
-    EXPECT_EQ(g.sparse_flops, c.sparse_flops);
   }
-  // Shapes outside MLA's: a usage error, not a wrong answer.
-  in.attention = make_mqa_inputs(q, kv, 256);
+  // A d_qk the dense probabilities cannot take (the attention can): a usage error before any
+  // work, not a wrong answer.
+  const Tensor q_small = test::random_tensor({B, L, H, 192}, rng, 1.0f, "q"),
+               kv_small = test::random_tensor({B, L, 192}, rng, 1.0f, "kv");
+  in.attention = make_mqa_inputs(q_small, kv_small, 128);
   try {
     compare_attention(in, nullptr, Device::cuda);
-    ADD_FAILURE() << "d_v 256 ran on the GPU";
+    ADD_FAILURE() << "d_qk 192 ran on the GPU";
   } catch (const Error& e) {
     EXPECT_EQ(e.code(), ExitCode::usage) << e.what();
+    EXPECT_NE(std::string(e.what()).find("d_qk 512 or 576"), std::string::npos) << e.what();
   }
 }
 

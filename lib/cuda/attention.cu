@@ -1,11 +1,15 @@
 // MQA attention (MLA's latent cache) on the GPU, over selected entries or every visible one:
 // tiles of keys gathered into shared memory, q . k and p . v on the tensor cores, the softmax
-// statistics in f32.
+// statistics in f32 (online_softmax.cuh, shared by both kernels).
 #include <mma.h>
+
+#include <fmt/format.h>
 
 #include "dsa/error.hpp"
 #include "kernels.cuh"
 #include "mla_tiles.cuh"
+#include "online_softmax.cuh"
+#include "traits.cuh"
 #include "wgmma.cuh"
 
 namespace dsa::cuda {
@@ -14,59 +18,57 @@ namespace {
 
 using namespace nvcuda;
 
-// 64 query heads per block in 8 warps; keys in tiles of 32. Two passes over the selection:
-// the first finds each head's softmax max and sum, the second accumulates p . v with the final
-// max, so the 64 x d_v output stays in registers (16 accumulator tiles per warp) with no
-// rescaling. q . k is computed twice: 1.5x the arithmetic, none of the shared-memory traffic
-// of an accumulator that lives in shared memory.
-constexpr int kHeads = 64;
-constexpr int kKeyTile = 32;
-constexpr int kWarps = 8;
-constexpr int kThreads = 32 * kWarps;
-constexpr int kScoreStride = kKeyTile + 4;
-constexpr int kProbStride = kKeyTile + 8;
-constexpr int kMaxOutputTiles = 16;  // per warp: 64 heads x 512 values / 8 warps / 256
+// The wmma kernel (WmmaAttentionTraits): 64 query heads per block in 8 warps; keys in tiles of
+// 32. Two passes over the selection: the first finds each head's softmax max and sum, the
+// second accumulates p . v with the final max, so the 64 x d_v output stays in registers (16
+// accumulator tiles per warp) with no rescaling. q . k is computed twice: 1.5x the arithmetic,
+// none of the shared-memory traffic of an accumulator that lives in shared memory.
+using Wmma = WmmaAttentionTraits;
 
-struct Layout {
+struct WmmaLayout {
   int ld_qk;
-  size_t q, kv, score, prob, stage, bytes;
-  __host__ __device__ Layout(int d_qk) : ld_qk(d_qk + 8) {
+  size_t q, kv, score, prob, stage, stats, slot, bytes;
+  __host__ __device__ explicit WmmaLayout(int d_qk) : ld_qk(d_qk + 8) {
     q = 0;
-    kv = q + sizeof(__nv_bfloat16) * kHeads * ld_qk;
-    score = kv + sizeof(__nv_bfloat16) * kKeyTile * ld_qk;
-    prob = score + sizeof(float) * kHeads * kScoreStride;
-    stage = prob + sizeof(__nv_bfloat16) * kHeads * kProbStride;
-    bytes = stage + sizeof(float) * (kWarps * 16 * 16 + 2 * kHeads) + sizeof(int) * kKeyTile;
+    kv = q + sizeof(__nv_bfloat16) * Wmma::kHeads * ld_qk;
+    score = kv + sizeof(__nv_bfloat16) * Wmma::kKeyTile * ld_qk;
+    prob = score + sizeof(float) * Wmma::kHeads * Wmma::kScoreStride;
+    stage = prob + sizeof(__nv_bfloat16) * Wmma::kHeads * Wmma::kProbStride;
+    stats = stage + sizeof(float) * Wmma::kWarps * 16 * 16;
+    slot = stats + sizeof(OnlineSoftmax) * Wmma::kHeads;
+    bytes = slot + sizeof(int) * Wmma::kKeyTile;
   }
 };
 
-__global__ void __launch_bounds__(kThreads)
-    mqa_kernel(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kv,
-               const int32_t* __restrict__ indices, int k, int heads, int d_qk, int d_v, int keys,
-               int64_t first_position, float scale, float* __restrict__ out,
-               float* __restrict__ lse, AttentionBatch batch) {
-  q += blockIdx.z * batch.q;
-  kv += blockIdx.z * batch.kv;
-  if (indices) indices += blockIdx.z * batch.indices;
-  out += blockIdx.z * batch.out;
-  lse += blockIdx.z * batch.lse;
+__global__ void __launch_bounds__(Wmma::kThreads)
+    mqa_kernel(const __grid_constant__ AttentionParams p) {
+  const int z = blockIdx.z;
+  const __nv_bfloat16* __restrict__ q = p.q + z * p.q_step;
+  const __nv_bfloat16* __restrict__ kv = p.kv + z * p.kv_step;
+  const int32_t* __restrict__ indices = p.indices ? p.indices + z * p.indices_step : nullptr;
+  float* __restrict__ out = p.out + z * p.out_step;
+  float* __restrict__ lse = p.lse + z * p.lse_step;
+  const int k = p.k, heads = p.heads, d_qk = p.d_qk, d_v = p.d_v;
+  constexpr int kHeads = Wmma::kHeads, kKeyTile = Wmma::kKeyTile, kThreads = Wmma::kThreads;
+  constexpr int kScoreStride = Wmma::kScoreStride, kProbStride = Wmma::kProbStride;
+  constexpr int kMaxOutputTiles = Wmma::kMaxOutputTiles;
   extern __shared__ __align__(128) unsigned char smem[];
-  const Layout layout(d_qk);
+  const WmmaLayout layout(d_qk);
   auto* q_s = reinterpret_cast<__nv_bfloat16*>(smem + layout.q);
   auto* kv_s = reinterpret_cast<__nv_bfloat16*>(smem + layout.kv);
   auto* score_s = reinterpret_cast<float*>(smem + layout.score);
   auto* prob_s = reinterpret_cast<__nv_bfloat16*>(smem + layout.prob);
-  auto* stage = reinterpret_cast<float*>(smem + layout.stage);  // [warp][16 x 16]
-  float* row_max = stage + kWarps * 256;
-  float* row_sum = row_max + kHeads;
-  auto* slot = reinterpret_cast<int*>(row_sum + kHeads);
+  auto* stage = reinterpret_cast<float*>(smem + layout.stage);          // [warp][16 x 16]
+  auto* stats = reinterpret_cast<OnlineSoftmax*>(smem + layout.stats);  // [head]
+  auto* slot = reinterpret_cast<int*>(smem + layout.slot);
 
   const int r = blockIdx.x, h0 = blockIdx.y * kHeads;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int ld = layout.ld_qk;
   const int chunks = d_qk / 8;
-  const int64_t position = first_position + r;
+  const int64_t position = p.first_position + r;
   const int64_t entries = indices ? k : position + 1;
+  const float scale2 = p.scale * kLog2e;
 
   for (int i = tid; i < kHeads * chunks; i += kThreads) {
     const int h = i / chunks, c = i % chunks;
@@ -76,10 +78,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     reinterpret_cast<uint4*>(q_s + h * ld)[c] = v;
   }
-  for (int h = tid; h < kHeads; h += kThreads) {
-    row_max[h] = -INFINITY;
-    row_sum[h] = 0.0f;
-  }
+  for (int h = tid; h < kHeads; h += kThreads) stats[h] = OnlineSoftmax{};
 
   // Gathers tile e0 of the selection into kv_s and computes score_s = q_s . kv_s^T.
   auto load_and_score = [&](int64_t e0) {
@@ -118,19 +117,17 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t e0 = 0; e0 < entries; e0 += kKeyTile) {
     load_and_score(e0);
     if (tid < kHeads) {
-      const int h = tid;
-      float m = row_max[h];
+      const float* logits = score_s + tid * kScoreStride;
+      float tile_max = -INFINITY;
       for (int j = 0; j < kKeyTile; ++j) {
-        if (slot[j] >= 0) m = fmaxf(m, score_s[h * kScoreStride + j] * scale);
+        if (slot[j] >= 0) tile_max = fmaxf(tile_max, logits[j] * scale2);
       }
-      if (m != -INFINITY) {
-        float sum = row_sum[h] * __expf(row_max[h] - m);
-        for (int j = 0; j < kKeyTile; ++j) {
-          if (slot[j] >= 0) sum += __expf(score_s[h * kScoreStride + j] * scale - m);
-        }
-        row_sum[h] = sum;
-        row_max[h] = m;
+      OnlineSoftmax row = stats[tid];
+      row.advance(tile_max);
+      for (int j = 0; j < kKeyTile; ++j) {
+        if (slot[j] >= 0) row.sum += row.probability(logits[j] * scale2);
       }
+      stats[tid] = row;
     }
   }
   // Pass 2: out = sum_s exp(score - max) v_s, in registers. Warp w owns head tile w % 4 and
@@ -146,10 +143,9 @@ __global__ void __launch_bounds__(kThreads)
     load_and_score(e0);
     for (int i = tid; i < kHeads * kKeyTile; i += kThreads) {
       const int h = i / kKeyTile, j = i % kKeyTile;
-      const float p = slot[j] >= 0 && row_max[h] != -INFINITY
-                          ? __expf(score_s[h * kScoreStride + j] * scale - row_max[h])
-                          : 0.0f;
-      prob_s[h * kProbStride + j] = __float2bfloat16(p);
+      const float probability =
+          slot[j] >= 0 ? stats[h].probability(score_s[h * kScoreStride + j] * scale2) : 0.0f;
+      prob_s[h * kProbStride + j] = __float2bfloat16(probability);
     }
     __syncthreads();
     wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa[kKeyTile / 16];
@@ -180,7 +176,7 @@ __global__ void __launch_bounds__(kThreads)
         const int hl = i / 16, c = i % 16;
         const int h = head_tile * 16 + hl;
         if (h0 + h < heads) {
-          const float sum = row_sum[h];
+          const float sum = stats[h].sum;
           out[(static_cast<int64_t>(r) * heads + h0 + h) * d_v + (col0 + t) * 16 + c] =
               sum > 0 ? my_stage[i] / sum : 0.0f;
         }
@@ -190,86 +186,66 @@ __global__ void __launch_bounds__(kThreads)
   }
   for (int h = tid; h < kHeads; h += kThreads) {
     if (h0 + h >= heads) continue;
-    lse[static_cast<int64_t>(r) * heads + h0 + h] =
-        row_sum[h] > 0 ? row_max[h] + __logf(row_sum[h]) : -INFINITY;
+    lse[static_cast<int64_t>(r) * heads + h0 + h] = stats[h].lse(stats[h].sum);
   }
 }
 
-// The Hopper kernel for MLA's shapes (d_qk a multiple of 64 up to 576, d_v = 512): 64 heads of
-// one query row per block, two warpgroups, tiles of 64 selected keys gathered with cp.async
+// The Hopper kernel for MLA's shapes (MlaAttentionTraits: d_qk 512 or 576, d_v 512): 64 heads
+// of one query row per block, two warpgroups, tiles of 64 selected keys gathered with cp.async
 // into two swizzled buffers (the next tile arrives while this one is computed on). Per tile,
-// warpgroup g computes the scores of keys 32g .. 32g + 31 for all 64 heads (wgmma, Q and the
-// keys from shared memory), the two exchange their row maxima (online softmax, f32, base 2),
-// write P in bf16 to shared memory, and each accumulates P . V for its half of the 512 value
-// columns (wgmma, V read N-major from the same tile): 64 x 256 f32 in registers.
-struct TileLayout {
-  uint32_t q, kv, tile, p, max, sum, slot, bytes;  // kv + b * tile: buffer b of the keys
-  __host__ __device__ explicit TileLayout(int d_qk) {
-    tile = sizeof(__nv_bfloat16) * kTileKeys * d_qk;  // a multiple of 1024
-    q = 0;
-    kv = q + sizeof(__nv_bfloat16) * kTileHeads * d_qk;
-    p = kv + 2 * tile;
-    max = p + sizeof(__nv_bfloat16) * kTileHeads * kTileKeys;
-    sum = max + sizeof(float) * 2 * kTileHeads;
-    slot = sum + sizeof(float) * 2 * kTileHeads;
-    bytes = slot + sizeof(int) * 2 * kTileKeys + 1024;  // + the slack to align the base
-  }
-};
-
+// warpgroup g computes the scores of keys 32g .. 32g + 31 for all 64 heads (score_tile, Q and
+// the keys from shared memory), the two exchange their row maxima (online softmax, f32, base
+// 2), write P in bf16 to shared memory, and each accumulates P . V for its half of the 512
+// value columns (wgmma, V read N-major from the same tile): 64 x 256 f32 in registers.
 template <int D_QK>
-__global__ void __launch_bounds__(kTileThreads, 1)
-    mla_wgmma_kernel(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kv,
-                     const int32_t* __restrict__ indices, int k, int heads, int64_t first_position,
-                     float scale, float* __restrict__ out, float* __restrict__ lse,
-                     AttentionBatch batch) {
+__global__ void __launch_bounds__(MlaAttentionTraits<D_QK>::kThreads, 1)
+    mla_wgmma_kernel(const __grid_constant__ AttentionParams p) {
   namespace wg = wgmma;
-  q += blockIdx.z * batch.q;
-  kv += blockIdx.z * batch.kv;
-  if (indices) indices += blockIdx.z * batch.indices;
-  out += blockIdx.z * batch.out;
-  lse += blockIdx.z * batch.lse;
+  using Traits = MlaAttentionTraits<D_QK>;
+  using Tile = typename Traits::Tile;
+  using Layout = typename Traits::Layout;
+  constexpr int kHeads = Tile::kHeads, kKeys = Tile::kKeys, kHalfValues = Traits::kHalfValues;
+  const int z = blockIdx.z;
+  const __nv_bfloat16* __restrict__ q = p.q + z * p.q_step;
+  const __nv_bfloat16* __restrict__ kv = p.kv + z * p.kv_step;
+  const int32_t* __restrict__ indices = p.indices ? p.indices + z * p.indices_step : nullptr;
+  float* __restrict__ out = p.out + z * p.out_step;
+  float* __restrict__ lse = p.lse + z * p.lse_step;
+  const int k = p.k, heads = p.heads;
   extern __shared__ unsigned char smem_raw[];
   const uint32_t raw = wg::shared_address(smem_raw);
   unsigned char* smem = smem_raw + ((1024 - raw % 1024) % 1024);
-  constexpr int d_qk = D_QK;
-  const TileLayout layout(d_qk);
-  auto* q_s = reinterpret_cast<__nv_bfloat16*>(smem + layout.q);
-  unsigned char* p_s = smem + layout.p;
-  auto* max_s = reinterpret_cast<float*>(smem + layout.max);  // [warpgroup][head]
-  auto* sum_s = reinterpret_cast<float*>(smem + layout.sum);  // [warpgroup][head]
-  auto* slot_s = reinterpret_cast<int*>(smem + layout.slot);  // [buffer][key]
+  const uint32_t base = wg::shared_address(smem);
+  unsigned char* p_s = smem + Layout::p;
+  auto* max_s = reinterpret_cast<float*>(smem + Layout::max);  // [warpgroup][head]
+  auto* sum_s = reinterpret_cast<float*>(smem + Layout::sum);  // [warpgroup][head]
+  auto* slot_s = reinterpret_cast<int*>(smem + Layout::slot);  // [buffer][key]
 
   // The head groups of one row are neighbours in launch order: the second gathers from L2.
-  const int groups = (heads + kTileHeads - 1) / kTileHeads;
-  const int r = blockIdx.x / groups, h0 = blockIdx.x % groups * kTileHeads;
+  const int groups = (heads + kHeads - 1) / kHeads;
+  const int r = blockIdx.x / groups, h0 = blockIdx.x % groups * kHeads;
   const int tid = threadIdx.x, group = tid / 128, lane = tid % 32;
   const int row0 = (tid % 128) / 32 * 16 + lane / 4, row1 = row0 + 8;  // this thread's heads
   const int pair = 2 * (lane % 4);  // the first of this thread's two columns in each 8
-  const int chunks = d_qk / 8;
-  const int64_t position = first_position + r;
+  const int64_t position = p.first_position + r;
   const int64_t entries = indices ? k : position + 1;
-  const int64_t tiles = (entries + kTileKeys - 1) / kTileKeys;
+  const int64_t tiles = (entries + kKeys - 1) / kKeys;
 
-  fetch_query_heads(wg::shared_address(q_s), q, r, heads, h0, d_qk, kTileThreads);
-  // Starts gathering tile `tile` of the selection into buffer `buffer`: 4 threads per key.
+  fetch_query_heads<Tile, Traits::kThreads>(base + Layout::q, q, r, heads, h0);
+  // Starts gathering tile `tile` of the selection into buffer `buffer`.
   auto fetch = [&](int64_t tile, int buffer) {
-    const int j = tid / 4;
-    const int64_t e = tile * kTileKeys + j;
+    const int j = gathered_key<Traits::kThreads>();
+    const int64_t e = tile * kKeys + j;
     int s = -1;
     if (e < entries) s = indices ? indices[static_cast<int64_t>(r) * k + e] : static_cast<int>(e);
-    if (tid % 4 == 0) slot_s[buffer * kTileKeys + j] = s;
-    const __nv_bfloat16* row = kv + static_cast<int64_t>(s >= 0 ? s : 0) * d_qk;
-    const uint32_t base = wg::shared_address(smem + layout.kv + buffer * layout.tile);
-    for (int c = tid % 4; c < chunks; c += 4) {
-      wg::copy_async_16(base + wg::swizzled_offset(kTileKeys, j, c * 8), row + c * 8, s >= 0);
-    }
+    if (tid % (Traits::kThreads / kKeys) == 0) slot_s[buffer * kKeys + j] = s;
+    fetch_key_row<Tile, Traits::kThreads>(base + Layout::kv + buffer * Tile::kTileBytes, kv, s);
     wg::copy_async_commit();
   };
   if (tiles > 0) fetch(0, 0);
 
-  constexpr float kLog2e = 1.4426950408889634f;
-  const float scale2 = scale * kLog2e;
-  float max0 = -INFINITY, max1 = -INFINITY, sum0 = 0.0f, sum1 = 0.0f;  // base-2 running stats
+  const float scale2 = p.scale * kLog2e;
+  OnlineSoftmax softmax0, softmax1;  // rows row0 and row1: this thread's share of their sums
   float o[2 * kHalfValues / 4];
 #pragma unroll
   for (int i = 0; i < 2 * kHalfValues / 4; ++i) o[i] = 0.0f;
@@ -282,22 +258,11 @@ __global__ void __launch_bounds__(kTileThreads, 1)
     if (tile + 1 < tiles) fetch(tile + 1, buffer ^ 1);
 
     // S = Q . K^T for this warpgroup's 32 keys.
+    const uint32_t keys = base + Layout::kv + buffer * Tile::kTileBytes + group * 32 * 128;
     float s[16];
-    const uint32_t q_base = wg::shared_address(q_s);
-    const uint32_t k_base =
-        wg::shared_address(smem + layout.kv + buffer * layout.tile) + group * 32 * 128;
-    wg::fence();
-#pragma unroll
-    for (int step = 0; step < d_qk / 16; ++step) {
-      // Columns 16 step .. 16 step + 15 of a 64-row tile, the queries' and the keys' alike.
-      const uint32_t offset = wg::swizzled_offset(kTileKeys, 0, step * 16);
-      wg::wgmma_m64n32_kmajor(s, wg::descriptor(q_base + offset, 16, 1024),
-                              wg::descriptor(k_base + offset, 16, 1024), step > 0);
-    }
-    wg::commit();
-    wg::wait<0>();
+    score_tile<Tile, 32>(s, base + Layout::q, keys);
 
-    const int* slot = slot_s + buffer * kTileKeys + group * 32;
+    const int* slot = slot_s + buffer * kKeys + group * 32;
     float tile_max0 = -INFINITY, tile_max1 = -INFINITY;
 #pragma unroll
     for (int n = 0; n < 4; ++n) {
@@ -316,29 +281,23 @@ __global__ void __launch_bounds__(kTileThreads, 1)
       tile_max1 = fmaxf(tile_max1, __shfl_xor_sync(0xffffffffu, tile_max1, m));
     }
     if (lane % 4 == 0) {
-      max_s[group * kTileHeads + row0] = tile_max0;
-      max_s[group * kTileHeads + row1] = tile_max1;
+      max_s[group * kHeads + row0] = tile_max0;
+      max_s[group * kHeads + row1] = tile_max1;
     }
     __syncthreads();
-    const float new_max0 = fmaxf(max0, fmaxf(max_s[row0], max_s[kTileHeads + row0]));
-    const float new_max1 = fmaxf(max1, fmaxf(max_s[row1], max_s[kTileHeads + row1]));
-    const float base0 = new_max0 == -INFINITY ? 0.0f : new_max0;
-    const float base1 = new_max1 == -INFINITY ? 0.0f : new_max1;
-    const float alpha0 = exp2f(max0 - base0), alpha1 = exp2f(max1 - base1);
-    max0 = new_max0;
-    max1 = new_max1;
-    sum0 *= alpha0;
-    sum1 *= alpha1;
+    const float alpha0 = softmax0.advance(fmaxf(max_s[row0], max_s[kHeads + row0]));
+    const float alpha1 = softmax1.advance(fmaxf(max_s[row1], max_s[kHeads + row1]));
 #pragma unroll
     for (int n = 0; n < 4; ++n) {
-      const float p00 = exp2f(s[4 * n] - base0), p01 = exp2f(s[4 * n + 1] - base0);
-      const float p10 = exp2f(s[4 * n + 2] - base1), p11 = exp2f(s[4 * n + 3] - base1);
-      sum0 += p00 + p01;
-      sum1 += p10 + p11;
+      const float p00 = softmax0.probability(s[4 * n]), p01 = softmax0.probability(s[4 * n + 1]);
+      const float p10 = softmax1.probability(s[4 * n + 2]);
+      const float p11 = softmax1.probability(s[4 * n + 3]);
+      softmax0.sum += p00 + p01;
+      softmax1.sum += p10 + p11;
       const int column = group * 32 + n * 8 + pair;
-      *reinterpret_cast<__nv_bfloat162*>(p_s + wg::swizzled_offset(kTileHeads, row0, column)) =
+      *reinterpret_cast<__nv_bfloat162*>(p_s + wg::swizzled_offset(kHeads, row0, column)) =
           __floats2bfloat162_rn(p00, p01);
-      *reinterpret_cast<__nv_bfloat162*>(p_s + wg::swizzled_offset(kTileHeads, row1, column)) =
+      *reinterpret_cast<__nv_bfloat162*>(p_s + wg::swizzled_offset(kHeads, row1, column)) =
           __floats2bfloat162_rn(p10, p11);
     }
 #pragma unroll
@@ -352,35 +311,35 @@ __global__ void __launch_bounds__(kTileThreads, 1)
     __syncthreads();
 
     // O += P . V for this warpgroup's 256 value columns.
-    const uint32_t p_base = wg::shared_address(p_s);
+    const uint32_t p_base = base + Layout::p;
     const uint32_t v_base =
-        wg::shared_address(smem + layout.kv + buffer * layout.tile) + group * 4 * (kTileKeys * 128);
+        base + Layout::kv + buffer * Tile::kTileBytes + group * 4 * (kKeys * 128);
     wg::fence();
 #pragma unroll
-    for (int step = 0; step < kTileKeys / 16; ++step) {
+    for (int step = 0; step < kKeys / 16; ++step) {
       wg::wgmma_m64n256_nmajor(o, wg::descriptor(p_base + step * 32, 16, 1024),
-                               wg::descriptor(v_base + step * 16 * 128, kTileKeys * 128, 1024),
-                               true);
+                               wg::descriptor(v_base + step * 16 * 128, kKeys * 128, 1024), true);
     }
     wg::commit();
     wg::wait<0>();
   }
 
+  float sum0 = softmax0.sum, sum1 = softmax1.sum;
 #pragma unroll
   for (int m = 1; m <= 2; m *= 2) {
     sum0 += __shfl_xor_sync(0xffffffffu, sum0, m);
     sum1 += __shfl_xor_sync(0xffffffffu, sum1, m);
   }
   if (lane % 4 == 0) {
-    sum_s[group * kTileHeads + row0] = sum0;
-    sum_s[group * kTileHeads + row1] = sum1;
+    sum_s[group * kHeads + row0] = sum0;
+    sum_s[group * kHeads + row1] = sum1;
   }
   __syncthreads();
-  const float total0 = sum_s[row0] + sum_s[kTileHeads + row0];
-  const float total1 = sum_s[row1] + sum_s[kTileHeads + row1];
+  const float total0 = sum_s[row0] + sum_s[kHeads + row0];
+  const float total1 = sum_s[row1] + sum_s[kHeads + row1];
   const float inverse0 = total0 > 0 ? 1.0f / total0 : 0.0f;
   const float inverse1 = total1 > 0 ? 1.0f / total1 : 0.0f;
-  const int d_v = 2 * kHalfValues;
+  constexpr int d_v = Traits::kDv;
   float* out0 = out + (static_cast<int64_t>(r) * heads + h0 + row0) * d_v + group * kHalfValues;
   float* out1 = out + (static_cast<int64_t>(r) * heads + h0 + row1) * d_v + group * kHalfValues;
 #pragma unroll
@@ -395,51 +354,47 @@ __global__ void __launch_bounds__(kTileThreads, 1)
     }
   }
   if (group == 0 && lane % 4 == 0) {
-    constexpr float kLn2 = 0.6931471805599453f;
-    if (h0 + row0 < heads) {
-      lse[static_cast<int64_t>(r) * heads + h0 + row0] =
-          total0 > 0 ? max0 * kLn2 + __logf(total0) : -INFINITY;
-    }
-    if (h0 + row1 < heads) {
-      lse[static_cast<int64_t>(r) * heads + h0 + row1] =
-          total1 > 0 ? max1 * kLn2 + __logf(total1) : -INFINITY;
-    }
+    if (h0 + row0 < heads) lse[static_cast<int64_t>(r) * heads + h0 + row0] = softmax0.lse(total0);
+    if (h0 + row1 < heads) lse[static_cast<int64_t>(r) * heads + h0 + row1] = softmax1.lse(total1);
   }
 }
 
 }  // namespace
 
-void launch_mqa_attention(const __nv_bfloat16* q, const __nv_bfloat16* kv, const int32_t* indices,
-                          int k, int rows, int heads, int d_qk, int d_v, int keys,
-                          int64_t first_position, float scale, float* out, float* lse,
-                          cudaStream_t stream, const AttentionBatch& batch) {
-  if (rows == 0 || batch.count == 0) return;
-  if (d_qk % 16 != 0 || d_v % 16 != 0 || d_v > d_qk || d_qk > 576 || d_v > 512) {
-    fail(ExitCode::usage,
-         "the CUDA attention needs d_qk and d_v multiples of 16 with d_v <= d_qk <= 576 and d_v <= "
-         "512, got {} "
-         "and {}",
-         d_qk, d_v);
+std::string attention_limit(int d_qk, int d_v) {
+  if (d_qk % 16 != 0 || d_v % 16 != 0 || d_v > d_qk || d_qk > Wmma::kMaxDqk || d_v > Wmma::kMaxDv) {
+    return fmt::format(
+        "the CUDA attention needs d_qk and d_v multiples of 16 with d_v <= d_qk <= {} and d_v <= "
+        "{}, got d_qk {} and d_v {}",
+        Wmma::kMaxDqk, Wmma::kMaxDv, d_qk, d_v);
   }
-  if ((d_qk == 512 || d_qk == 576) && d_v == 2 * kHalfValues) {
-    const auto kernel = d_qk == 576 ? mla_wgmma_kernel<576> : mla_wgmma_kernel<512>;
-    const TileLayout layout(d_qk);
-    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  return "";
+}
+
+void launch_attention(const AttentionParams& p) {
+  if (p.rows == 0 || p.sequences == 0) return;
+  require(attention_limit(p.d_qk, p.d_v));
+  auto launch_wgmma = [&](auto kernel, auto traits) {
+    using Traits = decltype(traits);
+    constexpr uint32_t bytes = Traits::Layout::bytes;
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
+          "cudaFuncSetAttribute(attention)");
+    const int groups = (p.heads + Traits::kHeads - 1) / Traits::kHeads;
+    const dim3 grid(p.rows * groups, 1, p.sequences);
+    kernel<<<grid, Traits::kThreads, bytes, p.stream>>>(p);
+  };
+  if (p.d_qk == 576 && p.d_v == MlaAttentionTraits<576>::kDv) {
+    launch_wgmma(mla_wgmma_kernel<576>, MlaAttentionTraits<576>{});
+  } else if (p.d_qk == 512 && p.d_v == MlaAttentionTraits<512>::kDv) {
+    launch_wgmma(mla_wgmma_kernel<512>, MlaAttentionTraits<512>{});
+  } else {
+    const WmmaLayout layout(p.d_qk);
+    check(cudaFuncSetAttribute(mqa_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                static_cast<int>(layout.bytes)),
           "cudaFuncSetAttribute(attention)");
-    const dim3 grid(rows * ((heads + kTileHeads - 1) / kTileHeads), 1, batch.count);
-    kernel<<<grid, kTileThreads, layout.bytes, stream>>>(q, kv, indices, k, heads, first_position,
-                                                         scale, out, lse, batch);
-    check(cudaGetLastError(), "attention kernel launch");
-    return;
+    const dim3 grid(p.rows, (p.heads + Wmma::kHeads - 1) / Wmma::kHeads, p.sequences);
+    mqa_kernel<<<grid, Wmma::kThreads, layout.bytes, p.stream>>>(p);
   }
-  const Layout layout(d_qk);
-  check(cudaFuncSetAttribute(mqa_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(layout.bytes)),
-        "cudaFuncSetAttribute(attention)");
-  const dim3 grid(rows, (heads + kHeads - 1) / kHeads, batch.count);
-  mqa_kernel<<<grid, kThreads, layout.bytes, stream>>>(q, kv, indices, k, heads, d_qk, d_v, keys,
-                                                       first_position, scale, out, lse, batch);
   check(cudaGetLastError(), "attention kernel launch");
 }
 

@@ -15,12 +15,17 @@
 #include "dsa/error.hpp"
 #include "dsa/precision.hpp"
 #include "kernels.cuh"
+#include "traits.cuh"
 
 namespace dsa::cuda {
 
 void check(cudaError_t status, const char* what) {
   if (status != cudaSuccess)
     fail(ExitCode::runtime, "CUDA: {} failed: {}", what, cudaGetErrorString(status));
+}
+
+void require(const std::string& why) {
+  if (!why.empty()) fail(ExitCode::usage, "{}", why);
 }
 
 namespace {
@@ -112,15 +117,15 @@ void prepare_operands(const Tensor& tensor, int64_t offset, int64_t count, int64
   if (config.precision == Precision::f32) out.values_f32 = std::move(rows);
 }
 
-// The backend's limits (Backend::check): every shape the kernels below cannot take.
+// The backend's limits (Backend::check): what the kernels' *_limit functions say, for the
+// kernels these inputs would run, and what the operand preparation needs.
 std::string indexer_limit(const IndexerInputs& in, const IndexerConfig& config) {
   if (config.precision == Precision::f32) return "";
-  if (128 % in.heads != 0 || in.dim % 16 != 0 || in.dim > 256) {
-    return fmt::format(
-        "the CUDA indexer needs H_I dividing 128 and d_I a multiple of 16 up to 256, got H_I = {}, "
-        "d_I = {}",
-        in.heads, in.dim);
-  }
+  const std::string why =
+      fp8_tensor_cores(in, config)
+          ? indexer_fp8_limit(static_cast<int>(in.heads), static_cast<int>(in.dim))
+          : cuda::indexer_limit(static_cast<int>(in.heads), static_cast<int>(in.dim));
+  if (!why.empty()) return why;
   if (config.precision == Precision::fp8 && in.dim > config.quant_block) {
     return fmt::format(
         "the CUDA fp8 indexer needs one scale block per row (d_I <= {}), got d_I = {}",
@@ -130,20 +135,11 @@ std::string indexer_limit(const IndexerInputs& in, const IndexerConfig& config) 
 }
 
 std::string attention_limit(const AttentionInputs& in, bool dense_probabilities) {
-  if (!in.latent) return "the CUDA attention supports MLA's latent layout (--kv) only";
-  if (in.d_qk % 16 != 0 || in.d_v % 16 != 0 || in.d_v > in.d_qk || in.d_qk > 576 || in.d_v > 512) {
-    return fmt::format(
-        "the CUDA attention needs d_qk and d_v multiples of 16 with d_v <= d_qk <= 576 and d_v <= "
-        "512, got d_qk {} and d_v {}",
-        in.d_qk, in.d_v);
-  }
-  if (dense_probabilities && ((in.d_qk != 512 && in.d_qk != 576) || in.d_v != 512)) {
-    return fmt::format(
-        "dsa-compare on the GPU needs MLA's latent layout with d_qk 512 or 576 and d_v 512, got "
-        "d_qk {} and d_v {}",
-        in.d_qk, in.d_v);
-  }
-  return "";
+  if (!in.latent) return "the CUDA attention supports MLA's latent layout (one shared K/V) only";
+  const int d_qk = static_cast<int>(in.d_qk), d_v = static_cast<int>(in.d_v);
+  std::string why = cuda::attention_limit(d_qk, d_v);
+  if (why.empty() && dense_probabilities) why = dense_probabilities_limit(d_qk);
+  return why;
 }
 
 std::string check_operation(const detail::Operation& op) {
@@ -151,8 +147,9 @@ std::string check_operation(const detail::Operation& op) {
     std::string why = indexer_limit(*op.indexer, *op.indexer_config);
     if (!why.empty()) return why;
   }
-  if (op.topk > kMaxTopk) {
-    return fmt::format("the CUDA top-k handles k <= {}, got {}", kMaxTopk, op.topk);
+  if (op.topk > 0) {
+    std::string why = topk_limit(op.topk);
+    if (!why.empty()) return why;
   }
   if (op.attention) return attention_limit(*op.attention, op.dense_probabilities);
   return "";
@@ -181,7 +178,7 @@ class IndexerOnDevice {
 
   // Scores of rows [c0, c0 + rows) into scores [rows, keys] (device memory).
   void score(int64_t c0, int64_t rows, float* scores, StageTimes* times) {
-    const int64_t H = in_.heads, d = in_.dim, Lk = in_.keys;
+    const int64_t H = in_.heads, d = in_.dim;
     Stopwatch watch;
     prepare_operands(*in_.q_index, (b_ * in_.queries + c0) * H, rows * H, d, config_, codes_,
                      queries_);
@@ -193,25 +190,37 @@ class IndexerOnDevice {
     watch = Stopwatch();
     if (config_.precision == Precision::f32) {
       q_f32_.upload(queries_.values_f32.data(), queries_.values_f32.size());
-      launch_indexer_f32(q_f32_.get(), weights_.get(), k_f32_.get(), static_cast<int>(rows),
-                         static_cast<int>(H), static_cast<int>(d), static_cast<int>(Lk),
-                         in_.position(c0), scores, Lk, nullptr);
+      launch_indexer(params(q_f32_, k_f32_, c0, rows, scores));
     } else if (codes_) {
       q_codes_.upload(queries_.codes.data(), queries_.codes.size());
-      launch_indexer_fp8(q_codes_.get(), weights_.get(), k_codes_.get(), k_scales_.get(),
-                         static_cast<int>(rows), static_cast<int>(Lk), in_.position(c0), scores, Lk,
-                         nullptr);
+      launch_indexer(params(q_codes_, k_codes_, c0, rows, scores));
     } else {
       q_values_.upload(queries_.values.data(), queries_.values.size());
-      launch_indexer_bf16(q_values_.get(), weights_.get(), k_values_.get(), k_scales_.get(),
-                          static_cast<int>(rows), static_cast<int>(H), static_cast<int>(d),
-                          static_cast<int>(Lk), in_.position(c0), scores, Lk, nullptr);
+      launch_indexer(params(q_values_, k_values_, c0, rows, scores));
     }
     check(cudaDeviceSynchronize(), "indexer kernel");
     if (times) times->add("score", watch.seconds());
   }
 
  private:
+  template <typename T>
+  IndexerParams<T> params(const DeviceBuffer<T>& q, const DeviceBuffer<T>& k, int64_t c0,
+                          int64_t rows, float* scores) const {
+    IndexerParams<T> p;
+    p.q = q.get();
+    p.w = weights_.get();
+    p.k = k.get();
+    p.k_scale = k_scales_.get();
+    p.scores = scores;
+    p.rows = static_cast<int>(rows);
+    p.heads = static_cast<int>(in_.heads);
+    p.dim = static_cast<int>(in_.dim);
+    p.keys = static_cast<int>(in_.keys);
+    p.first_position = in_.position(c0);
+    p.stride = in_.keys;
+    return p;
+  }
+
   const IndexerInputs& in_;
   const IndexerConfig& config_;
   int64_t b_;
@@ -259,11 +268,21 @@ class AttentionOnDevice {
     if (indices) idx_.upload(indices, static_cast<size_t>(rows * k));
     out_.resize(static_cast<size_t>(rows * in_.heads * in_.d_v));
     lse_.resize(static_cast<size_t>(rows * in_.heads));
-    launch_mqa_attention(q_.get(), kv_.get(), indices ? idx_.get() : nullptr, static_cast<int>(k),
-                         static_cast<int>(rows), static_cast<int>(in_.heads),
-                         static_cast<int>(in_.d_qk), static_cast<int>(in_.d_v),
-                         static_cast<int>(in_.keys), in_.position(c0), scale_, out_.get(),
-                         lse_.get(), nullptr);
+    AttentionParams p;
+    p.q = q_.get();
+    p.kv = kv_.get();
+    p.indices = indices ? idx_.get() : nullptr;
+    p.out = out_.get();
+    p.lse = lse_.get();
+    p.rows = static_cast<int>(rows);
+    p.heads = static_cast<int>(in_.heads);
+    p.d_qk = static_cast<int>(in_.d_qk);
+    p.d_v = static_cast<int>(in_.d_v);
+    p.keys = static_cast<int>(in_.keys);
+    p.k = static_cast<int>(k);
+    p.first_position = in_.position(c0);
+    p.scale = scale_;
+    launch_attention(p);
     check(cudaDeviceSynchronize(), "attention kernel");
     out_.download(out, static_cast<size_t>(rows * in_.heads * in_.d_v));
     lse_.download(lse, static_cast<size_t>(rows * in_.heads));
@@ -272,12 +291,21 @@ class AttentionOnDevice {
   // After a dense attend() of the same rows: the head-averaged dense probabilities
   // p [rows, stride] (Eq. 3's target) on the host, for s <= t (later entries unspecified).
   void dense_probabilities(int64_t c0, int64_t rows, float* p, int64_t stride) {
-    const int64_t groups = (in_.heads + 63) / 64;
+    constexpr int64_t group = MlaTileTraits<512>::kHeads;  // heads per partial slice
+    const int64_t groups = (in_.heads + group - 1) / group;
     partial_.resize(static_cast<size_t>(groups * rows * stride));
-    launch_dense_probabilities(q_.get(), kv_.get(), static_cast<int>(rows),
-                               static_cast<int>(in_.heads), static_cast<int>(in_.d_qk),
-                               in_.position(c0), scale_, lse_.get(), partial_.get(), stride,
-                               nullptr);
+    DenseProbabilityParams params;
+    params.q = q_.get();
+    params.kv = kv_.get();
+    params.lse = lse_.get();
+    params.partial = partial_.get();
+    params.rows = static_cast<int>(rows);
+    params.heads = static_cast<int>(in_.heads);
+    params.d_qk = static_cast<int>(in_.d_qk);
+    params.first_position = in_.position(c0);
+    params.stride = stride;
+    params.scale = scale_;
+    launch_dense_probabilities(params);
     check(cudaDeviceSynchronize(), "dense probability kernel");
     host_partial_.resize(static_cast<size_t>(groups * rows * stride));
     partial_.download(host_partial_.data(), host_partial_.size());
@@ -369,9 +397,16 @@ void select_from_indexer(const IndexerInputs& in, const IndexerConfig& config, i
       const size_t n = static_cast<size_t>(rows * k);
       indices.resize(n);
       values.resize(n);
-      launch_topk(scores, in.keys, static_cast<int>(rows), in.position(c0),
-                  static_cast<int>(in.keys), static_cast<int>(k), indices.get(), values.get(),
-                  nullptr);
+      TopkParams p;
+      p.scores = scores;
+      p.indices = indices.get();
+      p.values = values.get();
+      p.rows = static_cast<int>(rows);
+      p.keys = static_cast<int>(in.keys);
+      p.k = static_cast<int>(k);
+      p.first_position = in.position(c0);
+      p.stride = in.keys;
+      launch_topk(p);
       check(cudaDeviceSynchronize(), "top-k kernel");
       if (times) times->add("select", watch.seconds());
       host_indices.resize(n);

@@ -5,8 +5,11 @@
 #include <algorithm>
 #include <type_traits>
 
+#include <fmt/format.h>
+
 #include "dsa/error.hpp"
 #include "kernels.cuh"
+#include "traits.cuh"
 #include "wgmma.cuh"
 
 namespace dsa::cuda {
@@ -15,24 +18,29 @@ namespace {
 
 using namespace nvcuda;
 
-constexpr int kRows = 128;     // (query, head) rows per block: 128 / H queries
-constexpr int kKeyTile = 64;   // keys per step
-constexpr int kThreads = 128;  // 4 warps, 32 rows each
-constexpr int kLogitStride = kKeyTile + 4;
+using Bf16 = IndexerBf16Traits;
+constexpr int kRows = Bf16::kRows;  // (query, head) rows per block: 128 / H queries
+constexpr int kKeyTile = Bf16::kKeyTile;
+constexpr int kThreads = Bf16::kThreads;  // 4 warps, 32 rows each
+constexpr int kLogitStride = Bf16::kLogitStride;
+
+// The pointers of sequence z = blockIdx.z of a batched launch, read from the kernel's
+// parameters in place (__grid_constant__): no copy of the struct in registers or the stack.
+#define DSA_INDEXER_SEQUENCE(T, p)                                    \
+  const int64_t z = blockIdx.z;                                       \
+  const T* __restrict__ q = p.q + z * p.q_step;                       \
+  const float* __restrict__ w = p.w + z * p.w_step;                   \
+  const T* __restrict__ k = p.k + z * p.k_step;                       \
+  const float* __restrict__ k_scale = p.k_scale + z * p.k_scale_step; \
+  float* __restrict__ scores = p.scores + z * p.scores_step
 
 __global__ void __launch_bounds__(kThreads)
-    indexer_bf16_kernel(const __nv_bfloat16* __restrict__ q, const float* __restrict__ w,
-                        const __nv_bfloat16* __restrict__ k, const float* __restrict__ k_scale,
-                        int rows, int heads, int dim, int keys, int64_t first_position,
-                        float* __restrict__ scores, int64_t stride, IndexerBatch batch,
-                        int key_span) {
-  q += blockIdx.z * batch.q;
-  w += blockIdx.z * batch.w;
-  k += blockIdx.z * batch.k;
-  k_scale += blockIdx.z * batch.k_scale;
-  scores += blockIdx.z * batch.scores;
+    indexer_bf16_kernel(const __grid_constant__ IndexerParams<__nv_bfloat16> p, int key_span) {
+  DSA_INDEXER_SEQUENCE(__nv_bfloat16, p);
+  const int rows = p.rows, heads = p.heads, dim = p.dim, keys = p.keys;
+  const int64_t first_position = p.first_position, stride = p.stride;
   extern __shared__ __align__(128) unsigned char smem[];
-  const int ld = dim + 8;  // bf16 row stride in shared memory (a multiple of 8, off the banks)
+  const int ld = Bf16::row_stride(dim);
   auto* q_s = reinterpret_cast<__nv_bfloat16*>(smem);
   auto* k_buffers = q_s + kRows * ld;  // two key tiles: one computed on, one arriving
   auto* logits = reinterpret_cast<float*>(k_buffers + 2 * kKeyTile * ld);
@@ -140,31 +148,19 @@ __global__ void __launch_bounds__(kThreads)
 // and a (query, head) per column. A thread holds 16 heads of each query for two keys: the
 // weighted ReLU sum over the heads is 16 fused multiply-adds and two shuffles across the lane
 // quad, in registers. Key tiles arrive through cp.async, kKeyStages deep.
-constexpr int kFp8Heads = 64;
-constexpr int kFp8Dim = 128;
-constexpr int kFp8Rows = 128;  // (query, head) rows per warpgroup: 2 queries
-constexpr int kFp8Queries = kFp8Rows / kFp8Heads;
-constexpr int kKeyStages = 4;
-constexpr uint32_t kFp8TileBytes = kKeyTile * kFp8Dim;
-
 template <int GROUPS>
-constexpr size_t fp8_smem() {
-  return 1024 + GROUPS * kFp8Rows * kFp8Dim + kKeyStages * kFp8TileBytes;
-}
-
-template <int GROUPS>
-__global__ void __launch_bounds__(128 * GROUPS, GROUPS == 1 ? 3 : 2)
-    indexer_fp8_kernel(const uint8_t* __restrict__ q, const float* __restrict__ w,
-                       const uint8_t* __restrict__ k, const float* __restrict__ k_scale, int rows,
-                       int keys, int64_t first_position, float* __restrict__ scores, int64_t stride,
-                       IndexerBatch batch, int key_span) {
+__global__ void __launch_bounds__(IndexerFp8Traits<GROUPS>::kThreads, GROUPS == 1 ? 3 : 2)
+    indexer_fp8_kernel(const __grid_constant__ IndexerParams<uint8_t> p, int key_span) {
   namespace wg = wgmma;
-  constexpr int threads = 128 * GROUPS;
-  q += blockIdx.z * batch.q;
-  w += blockIdx.z * batch.w;
-  k += blockIdx.z * batch.k;
-  k_scale += blockIdx.z * batch.k_scale;
-  scores += blockIdx.z * batch.scores;
+  using Traits = IndexerFp8Traits<GROUPS>;
+  constexpr int threads = Traits::kThreads;
+  constexpr int kFp8Heads = Traits::kHeads, kFp8Dim = Traits::kDim, kFp8Rows = Traits::kRows;
+  constexpr int kFp8Queries = Traits::kQueries, kKeyStages = Traits::kStages;
+  constexpr uint32_t kFp8TileBytes = Traits::kTileBytes;
+  static_assert(Traits::kKeyTile == kKeyTile, "the fp8 and bf16 indexers split keys alike");
+  DSA_INDEXER_SEQUENCE(uint8_t, p);
+  const int rows = p.rows, keys = p.keys;
+  const int64_t first_position = p.first_position, stride = p.stride;
   extern __shared__ unsigned char smem_raw[];
   const uint32_t raw = wg::shared_address(smem_raw);
   // GROUPS query tiles of 128 rows x 128 bytes, swizzled, then kKeyStages tiles of 64 x 128.
@@ -287,10 +283,14 @@ __global__ void __launch_bounds__(128 * GROUPS, GROUPS == 1 ? 3 : 2)
   }
 }
 
-__global__ void indexer_f32_kernel(const float* __restrict__ q, const float* __restrict__ w,
-                                   const float* __restrict__ k, int heads, int dim, int keys,
-                                   int64_t first_position, float* __restrict__ scores,
-                                   int64_t stride) {
+__global__ void __launch_bounds__(IndexerF32Traits::kThreads)
+    indexer_f32_kernel(const __grid_constant__ IndexerParams<float> p) {
+  const float* __restrict__ q = p.q;
+  const float* __restrict__ w = p.w;
+  const float* __restrict__ k = p.k;
+  float* __restrict__ scores = p.scores;
+  const int heads = p.heads, dim = p.dim, keys = p.keys;
+  const int64_t first_position = p.first_position, stride = p.stride;
   extern __shared__ float q_row[];  // [H, d] of this query
   const int r = blockIdx.x;
   for (int i = threadIdx.x; i < heads * dim; i += blockDim.x)
@@ -325,64 +325,75 @@ int key_span_for(int query_blocks, int keys) {
 
 }  // namespace
 
-void launch_indexer_bf16(const __nv_bfloat16* q, const float* w, const __nv_bfloat16* k,
-                         const float* k_scale, int rows, int heads, int dim, int keys,
-                         int64_t first_position, float* scores, int64_t stride, cudaStream_t stream,
-                         const IndexerBatch& batch) {
-  if (rows == 0 || batch.count == 0) return;
-  const int ld = dim + 8;
-  const size_t smem = (kRows + 2 * kKeyTile) * ld * sizeof(__nv_bfloat16) +
-                      (kRows * kLogitStride + kRows + 2 * kKeyTile) * sizeof(float);
+std::string indexer_limit(int heads, int dim) {
+  if (heads < 1 || Bf16::kRows % heads != 0 || dim % 16 != 0 || dim > 256) {
+    return fmt::format(
+        "the CUDA indexer needs H_I dividing {} and d_I a multiple of 16 up to 256, got H_I = {}, "
+        "d_I = {}",
+        Bf16::kRows, heads, dim);
+  }
+  return "";
+}
+
+std::string indexer_fp8_limit(int heads, int dim) {
+  using Traits = IndexerFp8Traits<1>;
+  if (heads != Traits::kHeads || dim != Traits::kDim) {
+    return fmt::format(
+        "the CUDA fp8 tensor-core indexer needs H_I = {} and d_I = {}, got {} and {}",
+        Traits::kHeads, Traits::kDim, heads, dim);
+  }
+  return "";
+}
+
+void launch_indexer(const IndexerParams<__nv_bfloat16>& p) {
+  if (p.rows == 0 || p.sequences == 0) return;
+  require(indexer_limit(p.heads, p.dim));
+  const size_t smem = Bf16::smem(p.dim);
   check(cudaFuncSetAttribute(indexer_bf16_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(smem)),
         "cudaFuncSetAttribute(indexer)");
-  const int per_block = kRows / heads;
-  const int query_blocks = (rows + per_block - 1) / per_block;
-  const int key_span = key_span_for(query_blocks * batch.count, keys);
-  const dim3 grid(query_blocks, (std::max(keys, 1) + key_span - 1) / key_span, batch.count);
-  indexer_bf16_kernel<<<grid, kThreads, smem, stream>>>(
-      q, w, k, k_scale, rows, heads, dim, keys, first_position, scores, stride, batch, key_span);
+  const int per_block = kRows / p.heads;
+  const int query_blocks = (p.rows + per_block - 1) / per_block;
+  const int key_span = key_span_for(query_blocks * p.sequences, p.keys);
+  const dim3 grid(query_blocks, (std::max(p.keys, 1) + key_span - 1) / key_span, p.sequences);
+  indexer_bf16_kernel<<<grid, kThreads, smem, p.stream>>>(p, key_span);
   check(cudaGetLastError(), "indexer kernel launch");
 }
 
-void launch_indexer_fp8(const uint8_t* q, const float* w, const uint8_t* k, const float* k_scale,
-                        int rows, int keys, int64_t first_position, float* scores, int64_t stride,
-                        cudaStream_t stream, const IndexerBatch& batch) {
-  if (rows == 0 || batch.count == 0) return;
+void launch_indexer(const IndexerParams<uint8_t>& p) {
+  if (p.rows == 0 || p.sequences == 0) return;
+  require(indexer_fp8_limit(p.heads, p.dim));
   // Two warpgroups (4 queries) share each key tile, unless there are too few queries (decode).
-  auto launch = [&](auto warpgroups) {
-    constexpr int groups = decltype(warpgroups)::value;
-    const auto kernel = indexer_fp8_kernel<groups>;
-    constexpr size_t smem = fp8_smem<groups>();
+  auto launch = [&](auto traits) {
+    using Traits = decltype(traits);
+    const auto kernel = indexer_fp8_kernel<Traits::kGroups>;
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(smem)),
+                               static_cast<int>(Traits::kSmem)),
           "cudaFuncSetAttribute(indexer fp8)");
-    const int per_block = groups * kFp8Queries;
-    const int query_blocks = (rows + per_block - 1) / per_block;
-    const int key_span = key_span_for(query_blocks * batch.count, keys);
-    const dim3 grid(query_blocks, (std::max(keys, 1) + key_span - 1) / key_span, batch.count);
-    kernel<<<grid, 128 * groups, smem, stream>>>(q, w, k, k_scale, rows, keys, first_position,
-                                                 scores, stride, batch, key_span);
+    const int per_block = Traits::kGroups * Traits::kQueries;
+    const int query_blocks = (p.rows + per_block - 1) / per_block;
+    const int key_span = key_span_for(query_blocks * p.sequences, p.keys);
+    const dim3 grid(query_blocks, (std::max(p.keys, 1) + key_span - 1) / key_span, p.sequences);
+    kernel<<<grid, Traits::kThreads, Traits::kSmem, p.stream>>>(p, key_span);
   };
-  if (rows > kFp8Queries) {
-    launch(std::integral_constant<int, 2>{});
+  if (p.rows > IndexerFp8Traits<1>::kQueries) {
+    launch(IndexerFp8Traits<2>{});
   } else {
-    launch(std::integral_constant<int, 1>{});
+    launch(IndexerFp8Traits<1>{});
   }
   check(cudaGetLastError(), "indexer fp8 kernel launch");
 }
 
-void launch_indexer_f32(const float* q, const float* w, const float* k, int rows, int heads,
-                        int dim, int keys, int64_t first_position, float* scores, int64_t stride,
-                        cudaStream_t stream) {
-  if (rows == 0 || keys == 0) return;
-  const size_t smem = static_cast<size_t>(heads) * dim * sizeof(float);
+void launch_indexer(const IndexerParams<float>& p) {
+  if (p.rows == 0 || p.keys == 0) return;
+  if (p.sequences != 1) fail(ExitCode::usage, "the CUDA f32 indexer takes one sequence a launch");
+  const size_t smem = static_cast<size_t>(p.heads) * p.dim * sizeof(float);
   check(cudaFuncSetAttribute(indexer_f32_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(smem)),
         "cudaFuncSetAttribute(indexer f32)");
-  const dim3 grid(rows, (keys + 255) / 256);
-  indexer_f32_kernel<<<grid, 256, smem, stream>>>(q, w, k, heads, dim, keys, first_position, scores,
-                                                  stride);
+  constexpr int threads = IndexerF32Traits::kThreads;
+  const dim3 grid(p.rows, (p.keys + threads - 1) / threads);
+  indexer_f32_kernel<<<grid, threads, smem, p.stream>>>(p);
   check(cudaGetLastError(), "indexer f32 kernel launch");
 }
 

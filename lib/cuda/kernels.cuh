@@ -1,4 +1,8 @@
-// Internal: the CUDA kernels on device pointers, used by backend.cu and by bench/.
+// Internal: the CUDA kernels on device pointers, used by backend.cu and by bench/. Each kernel
+// takes one params struct (pointers, shapes, strides, stream) and reads its tile sizes from a
+// traits struct (traits.cuh). What shapes a kernel takes is said once, by its *_limit function:
+// the backend's check (Backend::check, DESIGN.md §5) asks it before any work, and the launcher
+// asks it again before a launch.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -11,61 +15,87 @@ namespace dsa::cuda {
 
 // Throws dsa::Error(runtime) naming the call when a CUDA call failed.
 void check(cudaError_t status, const char* what);
+// Throws dsa::Error(usage) with `why` unless it is empty (a *_limit's answer).
+void require(const std::string& why);
 
 // Indexer scores (Eq. 1) of `rows` query rows at positions first_position + r against keys
-// [0, keys), on the tensor cores: q [rows, H, d] and k [keys, d] hold the values the
-// precision pipeline produced (bf16-rounded, or the e4m3 codes' values, exact in bf16);
-// w [rows, H] is the weight times the query row's fp8 scale, k_scale [keys] the key's.
-// The per-head logits stay in shared memory. scores [rows, stride], -inf where s > t.
-// Needs 128 % H == 0 and d % 16 == 0, d <= 256.
-// Several sequences in one launch (decode batches): sequence z reads and writes at these
-// element offsets from each pointer.
-struct IndexerBatch {
-  int count = 1;
-  int64_t q = 0, w = 0, k = 0, k_scale = 0, scores = 0;
+// [0, keys): q [rows, heads, dim] and k [keys, dim] hold the values the precision pipeline
+// produced (T = bf16: bf16-rounded, or the e4m3 codes' values, exact in bf16; T = uint8_t: the
+// e4m3 codes, on Hopper's fp8 tensor cores; T = float: the f32 mode on the CUDA cores); w
+// [rows, heads] is the weight times the query row's fp8 scale, k_scale [keys] the key's (unused
+// in f32). scores [rows, stride], -inf where s > t. Several sequences in one launch (decode
+// batches): sequence z reads and writes at the *_step element offsets from each pointer.
+template <typename T>
+struct IndexerParams {
+  const T* q = nullptr;
+  const float* w = nullptr;
+  const T* k = nullptr;
+  const float* k_scale = nullptr;
+  float* scores = nullptr;
+  int rows = 0, heads = 0, dim = 0, keys = 0;
+  int64_t first_position = 0, stride = 0;
+  int sequences = 1;
+  int64_t q_step = 0, w_step = 0, k_step = 0, k_scale_step = 0, scores_step = 0;
+  cudaStream_t stream = nullptr;
 };
-void launch_indexer_bf16(const __nv_bfloat16* q, const float* w, const __nv_bfloat16* k,
-                         const float* k_scale, int rows, int heads, int dim, int keys,
-                         int64_t first_position, float* scores, int64_t stride, cudaStream_t stream,
-                         const IndexerBatch& batch = {});
-// The fp8 path on Hopper's fp8 tensor cores for DSA's indexer shape (H = 64, d = 128): q and k
-// hold the e4m3 codes, w and k_scale as above (the scales of the fp8 blocks).
-void launch_indexer_fp8(const uint8_t* q, const float* w, const uint8_t* k, const float* k_scale,
-                        int rows, int keys, int64_t first_position, float* scores, int64_t stride,
-                        cudaStream_t stream, const IndexerBatch& batch = {});
-// The same in f32 on the CUDA cores (the f32 precision mode).
-void launch_indexer_f32(const float* q, const float* w, const float* k, int rows, int heads,
-                        int dim, int keys, int64_t first_position, float* scores, int64_t stride,
-                        cudaStream_t stream);
+// bf16 and f32: 128 % heads == 0, dim % 16 == 0, dim <= 256 (bf16). fp8: heads 64, dim 128.
+std::string indexer_limit(int heads, int dim);
+std::string indexer_fp8_limit(int heads, int dim);
+void launch_indexer(const IndexerParams<__nv_bfloat16>& p);
+void launch_indexer(const IndexerParams<uint8_t>& p);
+void launch_indexer(const IndexerParams<float>& p);  // one sequence
 
-// Top-k of every row (Eq. 2): row r sees scores[r, 0 .. first_position + r]; indices [rows, k]
-// in descending score, ties lower position first, NaN ranked like -inf, -1 padding; values
-// the selected scores (-inf for padding). k <= kMaxTopk.
-inline constexpr int kMaxTopk = 8192;
-void launch_topk(const float* scores, int64_t stride, int rows, int64_t first_position, int keys,
-                 int k, int32_t* indices, float* values, cudaStream_t stream);
-
-// MQA attention of `rows` query rows: q [rows, H, d_qk] bf16, kv [keys, d_qk] bf16 (values its
-// first d_v columns), over indices [rows, k] (-1 skipped) or, with indices == nullptr, over
-// every s <= first_position + r (dense). out [rows, H, d_v] f32, lse [rows, H] (natural log;
-// -inf and zeros for a row that selects nothing). d_qk, d_v multiples of 16, d_v <= d_qk <= 576,
-// d_v <= 512.
-struct AttentionBatch {
-  int count = 1;
-  int64_t q = 0, kv = 0, indices = 0, out = 0, lse = 0;
+// Top-k of every row (Eq. 2): row r sees scores[r, 0 .. min(keys, first_position + r + 1));
+// indices [rows, k] in descending score, ties lower position first, NaN ranked like -inf, -1
+// padding; values the selected scores (-inf for padding).
+struct TopkParams {
+  const float* scores = nullptr;
+  int32_t* indices = nullptr;
+  float* values = nullptr;
+  int rows = 0, keys = 0, k = 0;
+  int64_t first_position = 0, stride = 0;
+  cudaStream_t stream = nullptr;
 };
-void launch_mqa_attention(const __nv_bfloat16* q, const __nv_bfloat16* kv, const int32_t* indices,
-                          int k, int rows, int heads, int d_qk, int d_v, int keys,
-                          int64_t first_position, float scale, float* out, float* lse,
-                          cudaStream_t stream, const AttentionBatch& batch = {});
+std::string topk_limit(int64_t k);
+void launch_topk(const TopkParams& p);
 
-// Dense probabilities summed over heads (dsa-compare's reference p, times H), for MLA's shapes
-// (d_qk 512 or 576): partial [ceil(H / 64), rows, stride], one slice per group of 64 heads,
-// partial[g][r][s] = sum over the group's heads h of exp(scale q[r, h] . kv[s] - lse[r, h]) for
-// s <= first_position + r (entries past it are not written); lse [rows, H] the dense attention's.
-void launch_dense_probabilities(const __nv_bfloat16* q, const __nv_bfloat16* kv, int rows,
-                                int heads, int d_qk, int64_t first_position, float scale,
-                                const float* lse, float* partial, int64_t stride,
-                                cudaStream_t stream);
+// MQA attention of `rows` query rows: q [rows, heads, d_qk] bf16, kv [keys, d_qk] bf16 (values
+// its first d_v columns), over indices [rows, k] (-1 skipped) or, with indices == nullptr, over
+// every s <= first_position + r (dense). out [rows, heads, d_v] f32, lse [rows, heads] (natural
+// log; -inf and zeros for a row that selects nothing). Batched like IndexerParams.
+struct AttentionParams {
+  const __nv_bfloat16* q = nullptr;
+  const __nv_bfloat16* kv = nullptr;
+  const int32_t* indices = nullptr;
+  float* out = nullptr;
+  float* lse = nullptr;
+  int rows = 0, heads = 0, d_qk = 0, d_v = 0, keys = 0, k = 0;
+  int64_t first_position = 0;
+  float scale = 1.0f;
+  int sequences = 1;
+  int64_t q_step = 0, kv_step = 0, indices_step = 0, out_step = 0, lse_step = 0;
+  cudaStream_t stream = nullptr;
+};
+// d_qk and d_v multiples of 16, d_v <= d_qk <= 576, d_v <= 512.
+std::string attention_limit(int d_qk, int d_v);
+void launch_attention(const AttentionParams& p);
+
+// Dense probabilities summed over heads (dsa-compare's reference p, times H), for MLA's shapes:
+// partial [ceil(heads / 64), rows, stride], one slice per group of 64 heads, partial[g][r][s] =
+// sum over the group's heads h of exp(scale q[r, h] . kv[s] - lse[r, h]) for s <= first_position
+// + r (entries past it are not written); lse [rows, heads] the dense attention's.
+struct DenseProbabilityParams {
+  const __nv_bfloat16* q = nullptr;
+  const __nv_bfloat16* kv = nullptr;
+  const float* lse = nullptr;
+  float* partial = nullptr;
+  int rows = 0, heads = 0, d_qk = 0;
+  int64_t first_position = 0, stride = 0;
+  float scale = 1.0f;
+  cudaStream_t stream = nullptr;
+};
+// d_qk 512 or 576.
+std::string dense_probabilities_limit(int d_qk);
+void launch_dense_probabilities(const DenseProbabilityParams& p);
 
 }  // namespace dsa::cuda

@@ -1,31 +1,69 @@
 // Internal: what the MLA kernels on 64-head tiles share (attention.cu's wgmma attention and
-// dense_probabilities.cu): the tile sizes and the query-tile loader.
+// dense_probabilities.cu): the query-tile loader, the key-row gather and the one QK^T tile loop.
 #pragma once
 
 #include <cuda_bf16.h>
 
 #include <cstdint>
 
+#include "traits.cuh"
 #include "wgmma.cuh"
 
 namespace dsa::cuda {
 
-constexpr int kTileHeads = 64;
-constexpr int kTileKeys = 64;
-constexpr int kTileThreads = 256;
-constexpr int kHalfValues = 256;
-
 // Starts copying query row r's heads h0 .. h0 + 63 (zeros past the last head) into the
-// swizzled tile at shared address q_s, `threads` threads sharing the work.
-inline __device__ void fetch_query_heads(uint32_t q_s, const __nv_bfloat16* q, int64_t r, int heads,
-                                         int h0, int d_qk, int threads) {
-  const int chunks = d_qk / 8;
-  for (int i = threadIdx.x; i < kTileHeads * chunks; i += threads) {
-    const int h = i / chunks, c = i % chunks;
+// swizzled tile at shared address q_s, THREADS threads sharing the work.
+template <typename Tile, int THREADS>
+__device__ void fetch_query_heads(uint32_t q_s, const __nv_bfloat16* q, int64_t r, int heads,
+                                  int h0) {
+  for (int i = threadIdx.x; i < Tile::kHeads * Tile::kChunks; i += THREADS) {
+    const int h = i / Tile::kChunks, c = i % Tile::kChunks;
     const bool valid = h0 + h < heads;
-    const __nv_bfloat16* source = valid ? q + (r * heads + h0 + h) * d_qk + c * 8 : q;
-    wgmma::copy_async_16(q_s + wgmma::swizzled_offset(kTileHeads, h, c * 8), source, valid);
+    const __nv_bfloat16* source = valid ? q + (r * heads + h0 + h) * Tile::kDqk + c * 8 : q;
+    wgmma::copy_async_16(q_s + wgmma::swizzled_offset(Tile::kHeads, h, c * 8), source, valid);
   }
+}
+
+// The key of a 64-key tile this thread gathers: THREADS / 64 threads per key.
+template <int THREADS>
+__device__ __forceinline__ int gathered_key() {
+  return threadIdx.x / (THREADS / 64);
+}
+
+// Starts copying kv row s (zeros when s < 0) into row gathered_key() of the swizzled key tile at
+// shared address tile, the key's threads sharing its 16-byte pieces. The caller commits.
+template <typename Tile, int THREADS>
+__device__ void fetch_key_row(uint32_t tile, const __nv_bfloat16* kv, int s) {
+  constexpr int per_key = THREADS / Tile::kKeys;
+  const int j = gathered_key<THREADS>();
+  const __nv_bfloat16* row = kv + static_cast<int64_t>(s >= 0 ? s : 0) * Tile::kDqk;
+  for (int c = threadIdx.x % per_key; c < Tile::kChunks; c += per_key) {
+    wgmma::copy_async_16(tile + wgmma::swizzled_offset(Tile::kKeys, j, c * 8), row + c * 8, s >= 0);
+  }
+}
+
+// acc = A . B^T over the D_QK columns, on one warpgroup's tensor cores: A 64 rows and B N rows
+// (32 or 64) of swizzled K-major tiles at shared addresses a and b (the queries and the keys,
+// either way round). Returns when the accumulator is ready.
+template <typename Tile, int N>
+__device__ __forceinline__ void score_tile(float (&acc)[N / 2], uint32_t a, uint32_t b) {
+  static_assert(N == 32 || N == 64, "score_tile: N is 32 or 64");
+  static_assert(Tile::kHeads == Tile::kKeys, "score_tile: query and key tiles of one height");
+  wgmma::fence();
+#pragma unroll
+  for (int step = 0; step < Tile::kDqk / 16; ++step) {
+    // Columns 16 step .. 16 step + 15 of a 64-row tile, the queries' and the keys' alike.
+    const uint32_t offset = wgmma::swizzled_offset(Tile::kKeys, 0, step * 16);
+    const uint64_t da = wgmma::descriptor(a + offset, 16, 1024);
+    const uint64_t db = wgmma::descriptor(b + offset, 16, 1024);
+    if constexpr (N == 32) {
+      wgmma::wgmma_m64n32_kmajor(acc, da, db, step > 0);
+    } else {
+      wgmma::wgmma_m64n64_kmajor(acc, da, db, step > 0);
+    }
+  }
+  wgmma::commit();
+  wgmma::wait<0>();
 }
 
 }  // namespace dsa::cuda

@@ -1,16 +1,18 @@
 // Top-k selection on the GPU (Eq. 2): per row, the entries above a threshold estimated from a
 // sample, sorted in shared memory (or, when the estimate misses, an exact radix select), in
 // descending score and ascending position among equal scores.
+#include <fmt/format.h>
 #include <cub/block/block_scan.cuh>
 
 #include "dsa/error.hpp"
 #include "kernels.cuh"
+#include "traits.cuh"
 
 namespace dsa::cuda {
 
 namespace {
 
-constexpr int kThreads = 512;
+constexpr int kThreads = TopkTraits::kThreads;
 
 // Order-preserving map of a float to uint32 (larger float, larger key); NaN ranks like -inf.
 __device__ uint32_t rank_key(float x) {
@@ -59,12 +61,13 @@ __device__ void sort_descending(uint64_t* pairs, int size) {
 // position), and the first k are the selection. Rows of at most 2k entries take them all.
 // When the threshold passed fewer than k entries or more than kCandidates (a crowded score:
 // many ties), the row falls back to an exact radix select, 8 bits per pass over the row.
-constexpr int kCandidates = 8192;
-constexpr int kSample = 2048;
+constexpr int kCandidates = TopkTraits::kCandidates;
+constexpr int kSample = TopkTraits::kSample;
 
-__global__ void __launch_bounds__(kThreads, 3)
-    topk_kernel(const float* __restrict__ scores, int64_t stride, int64_t first_position, int keys,
-                int k, int32_t* __restrict__ indices, float* __restrict__ values) {
+__global__ void __launch_bounds__(kThreads, 3) topk_kernel(const __grid_constant__ TopkParams p) {
+  const int k = p.k;
+  int32_t* __restrict__ indices = p.indices;
+  float* __restrict__ values = p.values;
   extern __shared__ uint64_t pairs[];  // [kCandidates]: the sample, the candidates, or the k
   __shared__ uint32_t histogram[256];
   __shared__ uint32_t threshold, candidate_count, chosen_prefix, still_needed, taken_above;
@@ -72,8 +75,8 @@ __global__ void __launch_bounds__(kThreads, 3)
   __shared__ typename Scan::TempStorage scan_storage;
 
   const int r = blockIdx.x, tid = threadIdx.x;
-  const float* row = scores + r * stride;
-  const int n = static_cast<int>(min(static_cast<int64_t>(keys), first_position + r + 1));
+  const float* __restrict__ row = p.scores + r * p.stride;
+  const int n = static_cast<int>(min(static_cast<int64_t>(p.keys), p.first_position + r + 1));
   if (tid == 0) threshold = candidate_count = taken_above = 0;
   if (n > 2 * k) {
     for (int j = tid; j < kSample; j += kThreads) {
@@ -183,19 +186,23 @@ __global__ void __launch_bounds__(kThreads, 3)
 
 }  // namespace
 
-void launch_topk(const float* scores, int64_t stride, int rows, int64_t first_position, int keys,
-                 int k, int32_t* indices, float* values, cudaStream_t stream) {
-  if (rows == 0) return;
-  if (k > kMaxTopk) fail(ExitCode::usage, "the CUDA top-k handles k <= {}, got {}", kMaxTopk, k);
-  const size_t smem = static_cast<size_t>(kCandidates) * sizeof(uint64_t);
+std::string topk_limit(int64_t k) {
+  if (k > TopkTraits::kMaxK) {
+    return fmt::format("the CUDA top-k handles k <= {}, got {}", TopkTraits::kMaxK, k);
+  }
+  return "";
+}
+
+void launch_topk(const TopkParams& p) {
+  if (p.rows == 0) return;
+  require(topk_limit(p.k));
   check(cudaFuncSetAttribute(topk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(smem)),
+                             static_cast<int>(TopkTraits::kSmem)),
         "cudaFuncSetAttribute(topk)");
   check(cudaFuncSetAttribute(topk_kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                              cudaSharedmemCarveoutMaxShared),
         "cudaFuncSetAttribute(topk carveout)");
-  topk_kernel<<<rows, kThreads, smem, stream>>>(scores, stride, first_position, keys, k, indices,
-                                                values);
+  topk_kernel<<<p.rows, kThreads, TopkTraits::kSmem, p.stream>>>(p);
   check(cudaGetLastError(), "top-k kernel launch");
 }
 

@@ -1,0 +1,112 @@
+// Internal: the tile sizes of every CUDA kernel, one traits struct per kernel (as FlashMLA's
+// config.h), read by the kernel and by its launcher alike.
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace dsa::cuda {
+
+// The bf16 (and f32-value) indexer on wmma: 128 (query, head) rows per block (128 / H
+// queries), tiles of 64 keys double-buffered, 4 warps of 32 rows each.
+struct IndexerBf16Traits {
+  static constexpr int kRows = 128;
+  static constexpr int kKeyTile = 64;
+  static constexpr int kThreads = 128;
+  static constexpr int kLogitStride = kKeyTile + 4;
+  static constexpr int row_stride(int dim) { return dim + 8; }  // bf16, off the banks
+  static constexpr size_t smem(int dim) {
+    return (kRows + 2 * kKeyTile) * row_stride(dim) * sizeof(__nv_bfloat16) +
+           (kRows * kLogitStride + kRows + 2 * kKeyTile) * sizeof(float);
+  }
+};
+
+// The fp8 indexer on Hopper's fp8 wgmma at DSA's shape (H_I 64, d_I 128): GROUPS warpgroups of
+// 2 queries (128 (query, head) rows) per block share each tile of 64 keys, kStages deep.
+template <int GROUPS>
+struct IndexerFp8Traits {
+  static constexpr int kGroups = GROUPS;
+  static constexpr int kThreads = 128 * GROUPS;
+  static constexpr int kHeads = 64;
+  static constexpr int kDim = 128;
+  static constexpr int kRows = 128;
+  static constexpr int kQueries = kRows / kHeads;  // per warpgroup
+  static constexpr int kKeyTile = 64;
+  static constexpr int kStages = 4;
+  static constexpr uint32_t kTileBytes = kKeyTile * kDim;
+  static constexpr size_t kSmem = 1024 + GROUPS * kRows * kDim + kStages * kTileBytes;
+};
+
+// The f32 indexer on the CUDA cores: one query row per block along x, 256 keys along y.
+struct IndexerF32Traits {
+  static constexpr int kThreads = 256;
+};
+
+// Top-k: 512 threads per row; a sample of 2048 scores sets the threshold, at most 8192
+// candidates are sorted in shared memory, so k is at most that.
+struct TopkTraits {
+  static constexpr int kThreads = 512;
+  static constexpr int kCandidates = 8192;
+  static constexpr int kSample = 2048;
+  static constexpr int kMaxK = kCandidates;
+  static constexpr size_t kSmem = kCandidates * sizeof(uint64_t);
+};
+
+// MLA on 64-head tiles (the wgmma attention and the dense probabilities): 64 heads of one query
+// row against tiles of 64 keys, both swizzled K-major in shared memory.
+template <int D_QK>
+struct MlaTileTraits {
+  static constexpr int kDqk = D_QK;
+  static constexpr int kHeads = 64;
+  static constexpr int kKeys = 64;
+  static constexpr int kChunks = D_QK / 8;  // 16-byte pieces of a row
+  static constexpr uint32_t kTileBytes = kKeys * D_QK * sizeof(__nv_bfloat16);
+  static constexpr uint32_t kQueryBytes = kHeads * D_QK * sizeof(__nv_bfloat16);
+};
+
+// The wgmma attention (d_qk 512 or 576, d_v 512): two warpgroups, each the scores of 32 keys
+// and P . V for half of the 512 value columns; two key buffers.
+template <int D_QK>
+struct MlaAttentionTraits : MlaTileTraits<D_QK> {
+  using Tile = MlaTileTraits<D_QK>;
+  static constexpr int kThreads = 256;
+  static constexpr int kHalfValues = 256;
+  static constexpr int kDv = 2 * kHalfValues;
+  struct Layout {  // byte offsets from the 1024-aligned base; kv + b * kTileBytes: buffer b
+    static constexpr uint32_t q = 0;
+    static constexpr uint32_t kv = q + Tile::kQueryBytes;
+    static constexpr uint32_t p = kv + 2 * Tile::kTileBytes;
+    static constexpr uint32_t max = p + sizeof(__nv_bfloat16) * Tile::kHeads * Tile::kKeys;
+    static constexpr uint32_t sum = max + sizeof(float) * 2 * Tile::kHeads;
+    static constexpr uint32_t slot = sum + sizeof(float) * 2 * Tile::kHeads;
+    static constexpr uint32_t bytes = slot + sizeof(int) * 2 * Tile::kKeys + 1024;  // + slack
+  };
+};
+
+// The dense probabilities: one warpgroup, keys as the A operand (a key per accumulator row), the
+// 64 heads' queries as B; two key buffers.
+template <int D_QK>
+struct DenseProbabilityTraits : MlaTileTraits<D_QK> {
+  using Tile = MlaTileTraits<D_QK>;
+  static constexpr int kThreads = 128;
+  static constexpr size_t kSmem = 1024 + Tile::kQueryBytes + 2 * Tile::kTileBytes;
+};
+
+// The attention on wmma for the other shapes (d_qk, d_v multiples of 16 up to 576 and 512): 64
+// heads per block in 8 warps, tiles of 32 keys, two passes over the selection (the softmax
+// statistics, then P . V with the final max, 16 accumulator tiles per warp in registers).
+struct WmmaAttentionTraits {
+  static constexpr int kHeads = 64;
+  static constexpr int kKeyTile = 32;
+  static constexpr int kWarps = 8;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kScoreStride = kKeyTile + 4;
+  static constexpr int kProbStride = kKeyTile + 8;
+  static constexpr int kMaxOutputTiles = 16;  // per warp: 64 heads x 512 values / 8 warps / 256
+  static constexpr int kMaxDqk = 576;
+  static constexpr int kMaxDv = 512;
+};
+
+}  // namespace dsa::cuda
