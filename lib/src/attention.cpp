@@ -10,6 +10,7 @@
 
 #include "attention_kernels.hpp"
 #include "backend.hpp"
+#include "checks.hpp"
 #include "chunks.hpp"
 #include "cpu_kernels.hpp"
 #include "dsa/error.hpp"
@@ -125,12 +126,7 @@ using detail::start_rows;
 
 constexpr int64_t kQueryBlock = 16;
 
-void require_floating(const Tensor& t, const char* role) {
-  if (!is_floating(t.dtype)) {
-    bad_input("{} ({}): expected a floating-point tensor, got {}", t.name, role,
-              dtype_name(t.dtype));
-  }
-}
+using detail::require_floating;
 
 AttentionInputs common_query_shape(const Tensor& q) {
   require_floating(q, "q");

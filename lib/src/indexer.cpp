@@ -7,6 +7,7 @@
 #include <Eigen/Core>
 
 #include "backend.hpp"
+#include "checks.hpp"
 #include "chunks.hpp"
 #include "cpu_kernels.hpp"
 #include "dsa/error.hpp"
@@ -17,12 +18,7 @@ namespace {
 
 using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
-void require_floating(const Tensor& t, const char* role) {
-  if (!is_floating(t.dtype)) {
-    bad_input("{} ({}): expected a floating-point tensor, got {}", t.name, role,
-              dtype_name(t.dtype));
-  }
-}
+using detail::require_floating;
 
 }  // namespace
 

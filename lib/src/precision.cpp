@@ -183,6 +183,51 @@ void fp8_fake_quantize(const float* x, int64_t n, int64_t block, bool ue8m0, flo
   }
 }
 
+float e2m1_round(float x) {
+  const float a = std::fabs(x);
+  if (std::isnan(x)) return x;
+  // Midpoints between neighbours; at a tie the neighbour with an even mantissa wins (0, 1, 2, 4
+  // are even; 0.5, 1.5, 3, 6 odd), so ties at 0.25, 1.25, 2.5, 5 go down, at 0.75, 1.75, 3.5 up.
+  float r;
+  if (a <= 0.25f) {
+    r = 0.0f;
+  } else if (a < 0.75f) {
+    r = 0.5f;
+  } else if (a <= 1.25f) {
+    r = 1.0f;
+  } else if (a < 1.75f) {
+    r = 1.5f;
+  } else if (a <= 2.5f) {
+    r = 2.0f;
+  } else if (a < 3.5f) {
+    r = 3.0f;
+  } else if (a <= 5.0f) {
+    r = 4.0f;
+  } else {
+    r = kE2M1Max;
+  }
+  return std::copysign(r, x);
+}
+
+float fp4_block_scale(float amax) {
+  constexpr float kFloor = 6.0f * 0x1p-126f;
+  constexpr float kInverse = static_cast<float>(1.0 / 6.0);
+  float scale = std::max(amax, kFloor) * kInverse;
+  uint32_t b = bits_of(scale);
+  if (b & 0x7fffff) b = (b & 0xff800000) + 0x800000;  // round up to the next power of two
+  return float_of(b);
+}
+
+void fp4_fake_quantize(const float* x, int64_t n, int64_t block, float* out) {
+  for (int64_t begin = 0; begin < n; begin += block) {
+    const int64_t end = std::min(n, begin + block);
+    float amax = 0.0f;
+    for (int64_t i = begin; i < end; ++i) amax = std::max(amax, std::fabs(x[i]));
+    const float scale = fp4_block_scale(amax);
+    for (int64_t i = begin; i < end; ++i) out[i] = e2m1_round(x[i] / scale) * scale;
+  }
+}
+
 bool is_power_of_two(int64_t n) {
   return n > 0 && (n & (n - 1)) == 0;
 }

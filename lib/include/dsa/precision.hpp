@@ -45,6 +45,20 @@ float fp8_quantize_block(float* x, int64_t n, bool ue8m0);
 // (code * scale, f32) to out; x and out may alias. Returns nothing: the scales are implied.
 void fp8_fake_quantize(const float* x, int64_t n, int64_t block, bool ue8m0, float* out);
 
+// float4 e2m1 (DeepSeek-V4's indexer cache): values 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their
+// negatives. Conversion rounds to nearest even (0.25 -> 0, 0.75 -> 1, 2.5 -> 2, 5 -> 4) and
+// saturates at +-6 (PTX cvt.rn.satfinite.e2m1x2.f32); NaN stays NaN in e2m1_round.
+inline constexpr float kE2M1Max = 6.0f;
+float e2m1_round(float x);  // the e2m1 value nearest x
+
+// The released fp4_act_quant's scale of one block (DeepSeek-V4 inference/kernel.py): amax clamped
+// below at 6 * 2^-126, times f32(1/6), rounded up to a power of two (ue8m0).
+float fp4_block_scale(float amax);
+
+// x[0..n) through e2m1 in blocks of `block` elements (the released code uses 32), written back
+// dequantized (e2m1 value * scale, exact in bf16) to out; x and out may alias.
+void fp4_fake_quantize(const float* x, int64_t n, int64_t block, float* out);
+
 // In-place orthonormal Walsh-Hadamard transform (Sylvester order, scaled by n^-0.5);
 // n must be a power of two. Dot products are unchanged in exact arithmetic. As the released
 // rotate_activation (fast_hadamard_transform) does: radix-2 butterflies in f32, strides 1, 2, 4,

@@ -1,0 +1,65 @@
+// DeepSeek-V4's attention (inference/model.py Attention.forward with kernel.py sparse_attn): one
+// softmax per head over a sliding window of raw tokens and compressed entries, with a learned
+// sink in the denominator; docs/DESIGN.md section 6. CSA (ratio 4): the window and the entries the
+// indexer selected; HCA (ratio 128): the window and every visible entry; SWA: the window alone.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "dsa/attention.hpp"
+#include "dsa/device.hpp"
+#include "dsa/report.hpp"
+#include "dsa/tensor.hpp"
+
+namespace dsa {
+
+enum class V4Attention { swa, csa, hca };
+V4Attention parse_v4_attention(const std::string& text);  // "swa", "csa", "hca"; Error(usage)
+std::string v4_attention_name(V4Attention kind);
+int64_t v4_compress_ratio(V4Attention kind);  // 0, 4, 128
+
+// Validated inputs. q [B?, Lq, H, d]; kv [B?, T, d], the raw tokens' cache entries (keys and
+// values alike: K = V); compressed [B?, N, d] (not for SWA); sink [H] (optional: none adds
+// nothing to the denominator). Query row r sits at position T - Lq + r; entry j is visible to
+// the query at t when j < floor((t + 1) / ratio), its window is tokens max(0, t - window + 1) .. t.
+struct CompressedAttentionInputs {
+  const Tensor* q = nullptr;
+  const Tensor* kv = nullptr;
+  const Tensor* compressed = nullptr;
+  const Tensor* sink = nullptr;
+  V4Attention kind = V4Attention::csa;
+  bool batched = false;
+  int64_t ratio = 4, window = 128;
+  int64_t batch = 1, queries = 0, tokens = 0, entries = 0, heads = 0, dim = 0;
+
+  int64_t position(int64_t row) const { return tokens - queries + row; }
+  int64_t visible_entries(int64_t row) const;
+};
+CompressedAttentionInputs make_compressed_attention_inputs(const Tensor& q, const Tensor& kv,
+                                                           const Tensor* compressed,
+                                                           const Tensor* sink, V4Attention kind,
+                                                           int64_t window);
+
+// [B?, Lq, H, d] and [B?, Lq, H].
+Shape compressed_attention_output_shape(const CompressedAttentionInputs& inputs);
+Shape compressed_attention_lse_shape(const CompressedAttentionInputs& inputs);
+
+// Checks a CSA selection [B?, Lq, K] of compressed entries: every entry -1 or visible to its
+// query (0 <= j < floor((t + 1) / ratio)), none twice in a row.
+void validate_compressed_indices(const CompressedAttentionInputs& inputs, const Tensor& indices);
+
+// Where --device `name` runs this attention (choose_device in indexer.hpp says how).
+DeviceChoice choose_device(const std::string& name, const CompressedAttentionInputs& inputs);
+
+// o[t,h] = sum_u p_u key_u with p_u = exp(l_u) / (exp(sink_h) + sum_v exp(l_v)),
+// l_u = scale q[t,h] . key_u, over the window and the compressed entries: for CSA those of
+// `indices` (validated; null: every visible entry, the selection that loses nothing), for HCA
+// every visible entry (indices must be null), for SWA none. Window tokens and entries that cover
+// them both count (the released code does not remove either). o is before the released code's
+// inverse RoPE. lse = log(exp(sink_h) + sum_u exp(l_u)): the whole denominator.
+void compressed_attention(const CompressedAttentionInputs& inputs, const Tensor* indices,
+                          float scale, const AttentionSink& sink, StageTimes* times,
+                          Device device = Device::cpu);
+
+}  // namespace dsa

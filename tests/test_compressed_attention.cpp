@@ -1,0 +1,197 @@
+// DeepSeek-V4's attention over a window and compressed entries with a sink
+// (compressed_attention.hpp) against an fp64 reference, and its edge cases.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <set>
+#include <vector>
+
+#include "dsa/compressed_attention.hpp"
+#include "dsa/error.hpp"
+#include "reference.hpp"
+
+using namespace dsa;
+
+namespace {
+
+struct Result {
+  std::vector<float> out, lse;
+};
+
+Result run(const CompressedAttentionInputs& in, const Tensor* indices, float scale) {
+  Result r;
+  compressed_attention(
+      in, indices, scale,
+      [&](const AttentionBlock& b) {
+        EXPECT_EQ(static_cast<int64_t>(r.lse.size()),
+                  (b.batch * in.queries + b.row_begin) * in.heads);
+        r.out.insert(r.out.end(), b.out, b.out + b.rows * b.heads * b.d_v);
+        r.lse.insert(r.lse.end(), b.lse, b.lse + b.rows * b.heads);
+      },
+      nullptr);
+  return r;
+}
+
+// fp64: per row the window tokens and the given entries (all visible ones when `all`).
+Result reference(const CompressedAttentionInputs& in, const std::vector<std::vector<int64_t>>& sel,
+                 bool all, double scale) {
+  const int64_t H = in.heads, d = in.dim;
+  const float* q = test::f32(*in.q);
+  const float* kv = test::f32(*in.kv);
+  const float* c = in.compressed ? test::f32(*in.compressed) : nullptr;
+  Result r;
+  for (int64_t b = 0; b < in.batch; ++b) {
+    for (int64_t row = 0; row < in.queries; ++row) {
+      const int64_t t = in.position(row);
+      std::vector<const float*> keys;
+      for (int64_t s = std::max<int64_t>(0, t - in.window + 1); s <= t; ++s) {
+        keys.push_back(kv + (b * in.tokens + s) * d);
+      }
+      if (all) {
+        for (int64_t j = 0; j < in.visible_entries(row); ++j)
+          keys.push_back(c + (b * in.entries + j) * d);
+      } else if (!sel.empty()) {
+        for (int64_t j : sel[b * in.queries + row]) {
+          if (j >= 0) keys.push_back(c + (b * in.entries + j) * d);
+        }
+      }
+      for (int64_t h = 0; h < H; ++h) {
+        const float* qh = q + ((b * in.queries + row) * H + h) * d;
+        std::vector<double> logit;
+        for (const float* k : keys) {
+          double dot = 0;
+          for (int64_t e = 0; e < d; ++e) dot += double(qh[e]) * k[e];
+          logit.push_back(scale * dot);
+        }
+        const double sink = in.sink ? test::f32(*in.sink)[h] : -INFINITY;
+        double top = sink;
+        for (double l : logit) top = std::max(top, l);
+        double total = std::exp(sink - top);
+        for (double& l : logit) total += (l = std::exp(l - top));
+        std::vector<double> o(static_cast<std::size_t>(d), 0.0);
+        for (std::size_t u = 0; u < keys.size(); ++u) {
+          for (int64_t e = 0; e < d; ++e) o[e] += logit[u] / total * keys[u][e];
+        }
+        for (double v : o) r.out.push_back(static_cast<float>(v));
+        r.lse.push_back(static_cast<float>(top + std::log(total)));
+      }
+    }
+  }
+  return r;
+}
+
+void expect_near(const Result& got, const Result& want, double tolerance) {
+  ASSERT_EQ(got.out.size(), want.out.size());
+  ASSERT_EQ(got.lse.size(), want.lse.size());
+  for (std::size_t i = 0; i < want.out.size(); ++i) {
+    ASSERT_NEAR(got.out[i], want.out[i], tolerance * (1 + std::fabs(want.out[i]))) << i;
+  }
+  for (std::size_t i = 0; i < want.lse.size(); ++i) {
+    ASSERT_NEAR(got.lse[i], want.lse[i], tolerance * (1 + std::fabs(want.lse[i]))) << i;
+  }
+}
+
+}  // namespace
+
+TEST(CompressedAttention, CsaHcaAndSwaMatchTheFp64Reference) {
+  std::mt19937_64 rng(31);
+  const int64_t B = 2, T = 300, Lq = 160, H = 4, d = 64, window = 32;
+  const Tensor q = test::random_tensor({B, Lq, H, d}, rng, 0.5f, "q");
+  const Tensor kv = test::random_tensor({B, T, d}, rng, 1.0f, "kv");
+  const Tensor sink = test::random_tensor({H}, rng, 1.0f, "sink");
+  const float scale = 1.0f / std::sqrt(float(d));
+  // CSA: a random selection of up to 12 visible entries per row, -1 padded.
+  const Tensor c4 = test::random_tensor({B, T / 4, d}, rng, 1.0f, "compressed");
+  const CompressedAttentionInputs csa =
+      make_compressed_attention_inputs(q, kv, &c4, &sink, V4Attention::csa, window);
+  const int64_t k = 12;
+  Tensor indices = make_tensor(DType::i32, {B, Lq, k}, "indices");
+  std::vector<std::vector<int64_t>> sel;
+  for (int64_t r = 0; r < B * Lq; ++r) {
+    std::vector<int64_t> visible;
+    for (int64_t j = 0; j < csa.visible_entries(r % Lq); ++j) visible.push_back(j);
+    std::shuffle(visible.begin(), visible.end(), rng);
+    visible.resize(std::min<std::size_t>(visible.size(), k));
+    visible.resize(k, -1);
+    sel.push_back(visible);
+    for (int64_t i = 0; i < k; ++i) mutable_data<int32_t>(indices)[r * k + i] = int32_t(visible[i]);
+  }
+  expect_near(run(csa, &indices, scale), reference(csa, sel, false, scale), 2e-5);
+  // CSA without a selection: every visible entry (the reference that loses nothing to selection).
+  expect_near(run(csa, nullptr, scale), reference(csa, {}, true, scale), 2e-5);
+  // HCA: ratio 128, every visible entry.
+  const Tensor c128 = test::random_tensor({B, T / 128, d}, rng, 1.0f, "compressed");
+  const CompressedAttentionInputs hca =
+      make_compressed_attention_inputs(q, kv, &c128, &sink, V4Attention::hca, window);
+  EXPECT_EQ(hca.visible_entries(0), (T - Lq + 1) / 128);
+  expect_near(run(hca, nullptr, scale), reference(hca, {}, true, scale), 2e-5);
+  // SWA without a sink: plain softmax over the window.
+  const CompressedAttentionInputs swa =
+      make_compressed_attention_inputs(q, kv, nullptr, nullptr, V4Attention::swa, window);
+  expect_near(run(swa, nullptr, scale), reference(swa, {}, false, scale), 2e-5);
+}
+
+TEST(CompressedAttention, TheSinkOnlyEnlargesTheDenominator) {
+  // One token, one entry-free row: with sink a, o = v e^l / (e^a + e^l), lse = log(e^a + e^l).
+  Tensor q = make_tensor(DType::f32, {1, 1, 2}, "q"), kv = make_tensor(DType::f32, {1, 2}, "kv");
+  Tensor sink = make_tensor(DType::f32, {1}, "sink");
+  mutable_data<float>(q)[0] = 1.0f;
+  mutable_data<float>(kv)[0] = 2.0f;
+  mutable_data<float>(kv)[1] = 3.0f;
+  mutable_data<float>(sink)[0] = 0.5f;
+  const CompressedAttentionInputs in =
+      make_compressed_attention_inputs(q, kv, nullptr, &sink, V4Attention::swa, 128);
+  const Result r = run(in, nullptr, 1.0f);
+  const double l = 2.0, a = 0.5, p = std::exp(l) / (std::exp(a) + std::exp(l));
+  EXPECT_NEAR(r.out[0], p * 2, 1e-6);
+  EXPECT_NEAR(r.out[1], p * 3, 1e-6);
+  EXPECT_NEAR(r.lse[0], std::log(std::exp(a) + std::exp(l)), 1e-6);
+}
+
+TEST(CompressedAttention, VisibilityWindowsAndBadSelections) {
+  std::mt19937_64 rng(2);
+  const int64_t T = 12, H = 1, d = 8;
+  const Tensor q = test::random_tensor({T, H, d}, rng, 1.0f, "q.npy");
+  const Tensor kv = test::random_tensor({T, d}, rng, 1.0f, "kv.npy");
+  const Tensor c = test::random_tensor({T / 4, d}, rng, 1.0f, "c.npy");
+  const CompressedAttentionInputs in =
+      make_compressed_attention_inputs(q, kv, &c, nullptr, V4Attention::csa, 4);
+  // Entry j is visible once its window is complete: t >= 4 j + 3.
+  EXPECT_EQ(in.visible_entries(2), 0);
+  EXPECT_EQ(in.visible_entries(3), 1);
+  EXPECT_EQ(in.visible_entries(6), 1);
+  EXPECT_EQ(in.visible_entries(7), 2);
+  const auto message = [&](const std::vector<int32_t>& row_values, int64_t row) {
+    Tensor idx = make_tensor(DType::i32, {T, 2}, "sel.npy");
+    for (int64_t i = 0; i < 2 * T; ++i) mutable_data<int32_t>(idx)[i] = -1;
+    for (int i = 0; i < 2; ++i) mutable_data<int32_t>(idx)[row * 2 + i] = row_values[i];
+    try {
+      run(in, &idx, 1.0f);
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ExitCode::bad_input);
+      return std::string(e.what());
+    }
+    return std::string("accepted");
+  };
+  EXPECT_EQ(message({0, -1}, 3), "accepted");
+  EXPECT_NE(message({1, -1}, 6).find("selects entry 1: entries must be -1 or in [0, 1)"),
+            std::string::npos);
+  EXPECT_NE(message({0, 0}, 9).find("selects entry 0 twice"), std::string::npos);
+  // Shapes name the tensor.
+  const Tensor c_bad = test::random_tensor({T / 4 + 1, d}, rng, 1.0f, "c.npy");
+  try {
+    make_compressed_attention_inputs(q, kv, &c_bad, nullptr, V4Attention::csa, 4);
+    ADD_FAILURE() << "accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("c.npy (compressed): expected shape [3, 8]"),
+              std::string::npos)
+        << e.what();
+  }
+  EXPECT_THROW(make_compressed_attention_inputs(q, kv, nullptr, nullptr, V4Attention::hca, 4),
+               Error);
+  const Tensor sink3 = test::random_tensor({3}, rng, 1.0f, "sink.npy");
+  EXPECT_THROW(make_compressed_attention_inputs(q, kv, nullptr, &sink3, V4Attention::swa, 4),
+               Error);
+  EXPECT_THROW(parse_v4_attention("dense"), Error);
+}
