@@ -205,6 +205,56 @@ void load_attention(const AttentionOptions& options, AttentionTensors& out) {
   out.scale = resolve_softmax_scale(options.scale, out.inputs.d_qk);
 }
 
+std::vector<CLI::Option*> add_v4_attention_options(CLI::App& app, V4AttentionOptions& options) {
+  auto* kind =
+      app.add_option("--attention", options.attention,
+                     "DeepSeek-V4's attention: csa (window + selected compressed entries), "
+                     "hca (window + every visible entry) or swa (the window alone), with "
+                     "its sink; --kv holds the raw tokens")
+          ->check(CLI::IsMember({"swa", "csa", "hca"}));
+  auto* compressed = app.add_option("--compressed", options.compressed,
+                                    "Compressed entries [B?, floor(T / ratio), d] (dsa-compress)");
+  auto* sink = app.add_option("--sink", options.sink,
+                              "Per-head sink logits [H] (f32; a checkpoint's "
+                              "layers.N.attn.attn_sink); none: no sink");
+  auto* window = app.add_option("--window", options.window, "Raw tokens t - W + 1 .. t attended")
+                     ->check(integer_at_least(1))
+                     ->capture_default_str();
+  for (auto* option : {compressed, sink, window}) option->needs(kind);
+  return {kind, compressed, sink, window};
+}
+
+void load_v4_attention(const AttentionOptions& attention, const V4AttentionOptions& options,
+                       V4AttentionTensors& out) {
+  if (attention.kv.empty() || !attention.k.empty()) {
+    bad_usage("--attention reads the raw tokens from --kv (K = V), not --k and --v");
+  }
+  const V4Attention kind = parse_v4_attention(options.attention);
+  if (kind != V4Attention::swa && options.compressed.empty()) {
+    bad_usage("--attention {} needs --compressed", options.attention);
+  }
+  if (kind == V4Attention::swa && !options.compressed.empty()) {
+    bad_usage("--attention swa attends over the window alone: drop --compressed");
+  }
+  out.tensors.clear();
+  out.tensors.reserve(4);  // the inputs point into it
+  out.tensors.push_back(read_tensor(attention.q));
+  out.tensors.push_back(read_tensor(attention.kv));
+  const Tensor* compressed = nullptr;
+  const Tensor* sink = nullptr;
+  if (!options.compressed.empty()) {
+    out.tensors.push_back(read_tensor(options.compressed));
+    compressed = &out.tensors.back();
+  }
+  if (!options.sink.empty()) {
+    out.tensors.push_back(read_tensor(options.sink));
+    sink = &out.tensors.back();
+  }
+  out.inputs = make_compressed_attention_inputs(out.tensors[0], out.tensors[1], compressed, sink,
+                                                kind, options.window);
+  out.scale = resolve_softmax_scale(attention.scale, out.inputs.dim);
+}
+
 void add_device_option(CLI::App& app, std::string& device) {
   app.add_option("--device", device,
                  "Where to compute: cpu, cuda or auto (the GPU when there is one)")

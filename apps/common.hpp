@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 
 #include "dsa/attention.hpp"
+#include "dsa/compressed_attention.hpp"
 #include "dsa/error.hpp"
 #include "dsa/indexer.hpp"
 #include "dsa/report.hpp"
@@ -110,6 +111,23 @@ struct AttentionTensors {
   SoftmaxScale scale;
 };
 void load_attention(const AttentionOptions& options, AttentionTensors& out);
+
+// --attention swa|csa|hca with --compressed, --sink and --window: DeepSeek-V4's attention over
+// a window of raw tokens (--kv) and compressed entries (compressed_attention.hpp).
+struct V4AttentionOptions {
+  std::string attention, compressed, sink;
+  int64_t window = 128;
+};
+// The options; the first is --attention, which the others need.
+std::vector<CLI::Option*> add_v4_attention_options(CLI::App& app, V4AttentionOptions& options);
+struct V4AttentionTensors {
+  std::vector<Tensor> tensors;  // q, kv, then compressed and sink where given
+  CompressedAttentionInputs inputs;
+  SoftmaxScale scale;
+};
+// Reads --q, --kv, --compressed and --sink (AttentionOptions' --k, --v and --dv do not apply).
+void load_v4_attention(const AttentionOptions& attention, const V4AttentionOptions& options,
+                       V4AttentionTensors& out);
 
 // --device cpu|cuda|auto (default cpu).
 void add_device_option(CLI::App& app, std::string& device);

@@ -1,4 +1,5 @@
-// dsa-attend: attention over the selected entries (DSA), or dense causal attention (--dense).
+// dsa-attend: attention over the selected entries (DSA), or dense causal attention (--dense);
+// with --attention, DeepSeek-V4's attention over a window and compressed entries with a sink.
 #include <optional>
 
 #include "common.hpp"
@@ -28,12 +29,20 @@ int main(int argc, char** argv) {
       ->needs(idx_opt);
   idx_opt->excludes(dense_opt);
   app.add_option("--lse", lse_path, "Also write the log-sum-exp [B?, Lq, H] (natural log) to FILE");
+  dsa::app::V4AttentionOptions v4;
+  dsa::app::add_v4_attention_options(app, v4);
   dsa::app::add_common_options(app, common);
 
   return dsa::app::run(app, argc, argv, common, [&] {
     dsa::Stopwatch total;
-    if (indices_path.empty() && !dense)
+    if (v4.attention.empty() && indices_path.empty() && !dense)
       dsa::bad_usage("give --indices, or --dense for full attention");
+    if (v4.attention == "csa" && indices_path.empty() && !dense)
+      dsa::bad_usage(
+          "--attention csa: give --indices (the selection), or --dense for every "
+          "visible entry");
+    if (dense && (v4.attention == "hca" || v4.attention == "swa"))
+      dsa::bad_usage("--attention {} has no selection to replace: drop --dense", v4.attention);
     dsa::app::check_single_stdin(
         {attention.q, attention.kv, attention.k, attention.v, indices_path});
     dsa::app::check_binary_output(common.output);
@@ -41,6 +50,65 @@ int main(int argc, char** argv) {
     dsa::app::check_single_stdout({common.output, lse_path, common.report});
 
     nlohmann::json report = dsa::report_header("dsa-attend", argc, argv);
+    dsa::StageTimes times;
+    std::optional<dsa::TensorWriter> out, lse;
+    auto sink = [&](const dsa::AttentionBlock& block) {
+      dsa::Stopwatch write;
+      out->write(block.out,
+                 static_cast<std::size_t>(block.rows * block.heads * block.d_v) * sizeof(float));
+      if (lse)
+        lse->write(block.lse, static_cast<std::size_t>(block.rows * block.heads) * sizeof(float));
+      times.add("write", write.seconds());
+    };
+    const auto open_outputs = [&](const dsa::Shape& out_shape, const dsa::Shape& lse_shape) {
+      out.emplace(common.output, dsa::DType::f32, out_shape);
+      if (!lse_path.empty()) lse.emplace(lse_path, dsa::DType::f32, lse_shape);
+      report["outputs"] = {{{"path", common.output}, {"shape", out_shape}, {"dtype", "f32"}}};
+      if (lse)
+        report["outputs"].push_back({{"path", lse_path}, {"shape", lse_shape}, {"dtype", "f32"}});
+    };
+    const auto commit = [&] {
+      out->commit();
+      if (lse) lse->commit();
+    };
+
+    if (!v4.attention.empty()) {  // DeepSeek-V4: window + compressed entries + sink
+      if (future_as_padding) dsa::bad_usage("--future-as-padding is for V3.2 selections");
+      dsa::app::V4AttentionTensors loaded;
+      dsa::app::load_v4_attention(attention, v4, loaded);
+      const dsa::CompressedAttentionInputs& inputs = loaded.inputs;
+      const dsa::DeviceChoice choice = dsa::app::naming_flag(
+          "--device", [&] { return dsa::choose_device(device_name, inputs); });
+      dsa::app::report_device(report, choice);
+      for (const auto& t : loaded.tensors) report["inputs"].push_back(dsa::tensor_json(t));
+      std::optional<dsa::TokenFile> tokens;
+      if (inputs.kind == dsa::V4Attention::csa && !dense) {
+        tokens = dsa::read_token_file(indices_path);
+        dsa::validate_compressed_indices(inputs, tokens->indices, tokens->positions);
+        report["inputs"].push_back(dsa::tensor_json(tokens->indices));
+      } else if (!indices_path.empty()) {
+        dsa::bad_usage(
+            "--attention {} attends {}: it takes no --indices", v4.attention,
+            inputs.kind == dsa::V4Attention::hca ? "every visible entry" : "the window alone");
+      }
+      open_outputs(dsa::compressed_attention_output_shape(inputs),
+                   dsa::compressed_attention_lse_shape(inputs));
+      dsa::compressed_attention(inputs, tokens ? &tokens->indices : nullptr, loaded.scale.value,
+                                sink, &times, choice.device);
+      commit();
+      report["mode"] = inputs.kind == dsa::V4Attention::csa
+                           ? (dense ? "csa-every-visible-entry" : "csa")
+                           : dsa::v4_attention_name(inputs.kind);
+      report["layout"] = "v4";
+      report["window"] = inputs.window;
+      report["compress_ratio"] = inputs.ratio;
+      report["sink"] = inputs.sink != nullptr;
+      report["scale"] = loaded.scale.value;
+      report["scale_rule"] = loaded.scale.rule;
+      dsa::app::finish_report(report, times, total.seconds(), common);
+      return;
+    }
+
     dsa::app::AttentionTensors loaded;
     dsa::app::load_attention(attention, loaded);
     const dsa::AttentionInputs& inputs = loaded.inputs;
@@ -62,35 +130,18 @@ int main(int argc, char** argv) {
     }
     const float softmax_scale = loaded.scale.value;
 
-    const dsa::Shape out_shape = dsa::attention_output_shape(inputs);
-    const dsa::Shape lse_shape = dsa::attention_lse_shape(inputs);
-    dsa::StageTimes times;
-    dsa::TensorWriter out(common.output, dsa::DType::f32, out_shape);
-    std::optional<dsa::TensorWriter> lse;
-    if (!lse_path.empty()) lse.emplace(lse_path, dsa::DType::f32, lse_shape);
-    auto sink = [&](const dsa::AttentionBlock& block) {
-      dsa::Stopwatch write;
-      out.write(block.out,
-                static_cast<std::size_t>(block.rows * block.heads * block.d_v) * sizeof(float));
-      if (lse)
-        lse->write(block.lse, static_cast<std::size_t>(block.rows * block.heads) * sizeof(float));
-      times.add("write", write.seconds());
-    };
+    open_outputs(dsa::attention_output_shape(inputs), dsa::attention_lse_shape(inputs));
     if (dense) {
       dsa::dense_attention(inputs, softmax_scale, sink, &times, device);
     } else {
       dsa::sparse_attention(inputs, tokens->indices, softmax_scale, sink, &times, device);
     }
-    out.commit();
-    if (lse) lse->commit();
+    commit();
 
     report["mode"] = dense ? "dense" : "sparse";
     report["layout"] = inputs.latent ? "mqa" : "mha";
     report["scale"] = softmax_scale;
     report["scale_rule"] = loaded.scale.rule;
-    report["outputs"] = {{{"path", common.output}, {"shape", out_shape}, {"dtype", "f32"}}};
-    if (lse)
-      report["outputs"].push_back({{"path", lse_path}, {"shape", lse_shape}, {"dtype", "f32"}});
     dsa::app::finish_report(report, times, total.seconds(), common);
   });
 }

@@ -165,13 +165,21 @@ Shape compressed_attention_lse_shape(const CompressedAttentionInputs& in) {
   return with_batch({in.queries, in.heads}, in.batched, in.batch);
 }
 
-void validate_compressed_indices(const CompressedAttentionInputs& in, const Tensor& indices) {
+void validate_compressed_indices(const CompressedAttentionInputs& in, const Tensor& indices,
+                                 const std::vector<int64_t>& positions) {
   const Shape expected = with_batch({in.queries}, in.batched, in.batch);
   if (indices.rank() != static_cast<int64_t>(expected.size()) + 1 ||
       !std::equal(expected.begin(), expected.end(), indices.shape.begin())) {
     bad_input("{} (indices): expected shape [{}{}, K] to match {} {}, got {}", indices.name,
               in.batched ? fmt::format("{}, ", in.batch) : "", in.queries, in.q->name,
               shape_string(in.q->shape), shape_string(indices.shape));
+  }
+  for (std::size_t r = 0; r < positions.size(); ++r) {
+    const int64_t t = in.position(static_cast<int64_t>(r) % in.queries);
+    if (positions[r] != t) {
+      bad_input("{}: row {} has t = {} but that row's query is at position {}", indices.name, r,
+                positions[r], t);
+    }
   }
   const int64_t k = indices.shape.back();
   std::vector<int64_t> row(static_cast<std::size_t>(k));

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "dsa/attention.hpp"
 #include "dsa/device.hpp"
@@ -46,8 +47,10 @@ Shape compressed_attention_output_shape(const CompressedAttentionInputs& inputs)
 Shape compressed_attention_lse_shape(const CompressedAttentionInputs& inputs);
 
 // Checks a CSA selection [B?, Lq, K] of compressed entries: every entry -1 or visible to its
-// query (0 <= j < floor((t + 1) / ratio)), none twice in a row.
-void validate_compressed_indices(const CompressedAttentionInputs& inputs, const Tensor& indices);
+// query (0 <= j < floor((t + 1) / ratio)), none twice in a row; `positions` (from .jsonl) must
+// match the rows.
+void validate_compressed_indices(const CompressedAttentionInputs& inputs, const Tensor& indices,
+                                 const std::vector<int64_t>& positions = {});
 
 // Where --device `name` runs this attention (choose_device in indexer.hpp says how).
 DeviceChoice choose_device(const std::string& name, const CompressedAttentionInputs& inputs);

@@ -1,0 +1,147 @@
+// dsa-compress and dsa-attend --attention (DeepSeek-V4) on the command line: they compute what
+// the library does, read a checkpoint's names, and fail cleanly.
+#include <gtest/gtest.h>
+
+#include "cli.hpp"
+#include "dsa/compressed_attention.hpp"
+#include "dsa/compressor.hpp"
+#include "dsa/io.hpp"
+
+using namespace dsa;
+using namespace dsa::test;
+
+namespace {
+
+class V4Cli : public Cli {
+ protected:
+  void SetUp() override {
+    Cli::SetUp();
+    std::mt19937_64 rng(14);
+    // A CSA layer's compressor (d 128 so that its e4m3 blocks fit: 64 non-RoPE dims) and an
+    // HCA one, under checkpoint names.
+    std::vector<Tensor> layer = {
+        random_tensor({256, D}, rng, 0.3f, "layers.2.attn.compressor.wkv.weight"),
+        random_tensor({256, D}, rng, 0.3f, "layers.2.attn.compressor.wgate.weight"),
+        random_tensor({4, 256}, rng, 1.0f, "layers.2.attn.compressor.ape"),
+        random_tensor({128}, rng, 0.1f, "layers.2.attn.compressor.norm.weight"),
+        random_tensor({128, D}, rng, 0.3f, "layers.3.attn.compressor.wkv.weight"),
+        random_tensor({128, D}, rng, 0.3f, "layers.3.attn.compressor.wgate.weight"),
+        random_tensor({128, 128}, rng, 1.0f, "layers.3.attn.compressor.ape"),
+        random_tensor({128}, rng, 0.1f, "layers.3.attn.compressor.norm.weight"),
+        random_tensor({H}, rng, 1.0f, "layers.3.attn.attn_sink")};
+    write_safetensors(path("model.safetensors"), layer);
+    write("x.npy", random_tensor({T, D}, rng, 1.0f));
+    write("q4.npy", random_tensor({Lq, H, 128}, rng, 0.3f));
+    write("kv4.npy", random_tensor({T, 128}, rng, 1.0f));
+  }
+  static constexpr int64_t T = 300, D = 32, H = 4, Lq = 40;
+};
+
+}  // namespace
+
+TEST_F(V4Cli, CompressThenAttendAsTheLibraryDoes) {
+  for (const char* precision : {"f32", "released"}) {
+    SCOPED_TRACE(precision);
+    const Outcome c = run(std::string("dsa-compress --x x.npy --weights model.safetensors --prefix "
+                                      "layers.3.attn.compressor --ratio 128 --precision ") +
+                          precision + " -o c.npy --report c.json");
+    ASSERT_EQ(c.code, 0) << c.err;
+    const Tensor got = read_tensor(path("c.npy"));
+    ASSERT_EQ(got.shape, (Shape{T / 128, 128}));
+    // The library on the same tensors.
+    const Tensor x = read_tensor(path("x.npy"));
+    const std::string file = path("model.safetensors") + ":layers.3.attn.compressor.";
+    const Tensor wkv = read_tensor(file + "wkv.weight"), wgate = read_tensor(file + "wgate.weight"),
+                 ape = read_tensor(file + "ape"), norm = read_tensor(file + "norm.weight");
+    CompressorConfig config;
+    config.ratio = 128;
+    config.numerics = parse_v4_numerics(precision);
+    config.rope = deepseek_v4_rope(128);
+    const CompressorInputs in = make_compressor_inputs(x, {&wkv, &wgate, &ape, &norm}, config);
+    std::vector<float> want;
+    compress(
+        in, config,
+        [&](const CompressedBlock& b) {
+          want.insert(want.end(), b.values, b.values + b.entries * b.dim);
+        },
+        nullptr);
+    ASSERT_EQ(std::vector<float>(f32(got), f32(got) + got.numel()), want);
+    const auto report = nlohmann::json::parse(slurp(path("c.json")));
+    EXPECT_EQ(report["compressor"]["entries"], T / 128);
+    EXPECT_EQ(report["compressor"]["precision"], precision);
+  }
+  // HCA attention over them with the checkpoint's sink.
+  const Outcome a =
+      run("dsa-attend --attention hca --q q4.npy --kv kv4.npy --compressed c.npy "
+          "--sink model.safetensors:layers.3.attn.attn_sink -o o.npy --lse l.npy "
+          "--report a.json");
+  ASSERT_EQ(a.code, 0) << a.err;
+  const Tensor q = read_tensor(path("q4.npy")), kv = read_tensor(path("kv4.npy"));
+  const Tensor c = read_tensor(path("c.npy"));
+  const Tensor sink = read_tensor(path("model.safetensors") + ":layers.3.attn.attn_sink");
+  const CompressedAttentionInputs in =
+      make_compressed_attention_inputs(q, kv, &c, &sink, V4Attention::hca, 128);
+  std::vector<float> out, lse;
+  compressed_attention(
+      in, nullptr, 1.0f / std::sqrt(128.0f),
+      [&](const AttentionBlock& b) {
+        out.insert(out.end(), b.out, b.out + b.rows * b.heads * b.d_v);
+        lse.insert(lse.end(), b.lse, b.lse + b.rows * b.heads);
+      },
+      nullptr);
+  const Tensor o = read_tensor(path("o.npy")), l = read_tensor(path("l.npy"));
+  EXPECT_EQ(o.shape, (Shape{Lq, H, 128}));
+  EXPECT_EQ(std::vector<float>(f32(o), f32(o) + o.numel()), out);
+  EXPECT_EQ(std::vector<float>(f32(l), f32(l) + l.numel()), lse);
+  const auto report = nlohmann::json::parse(slurp(path("a.json")));
+  EXPECT_EQ(report["mode"], "hca");
+  EXPECT_EQ(report["compress_ratio"], 128);
+  EXPECT_EQ(report["sink"], true);
+  EXPECT_EQ(report["scale_rule"], "d_qk^-0.5");
+}
+
+TEST_F(V4Cli, CsaTakesASelectionOfVisibleEntries) {
+  ASSERT_EQ(run("dsa-compress --x x.npy --weights model.safetensors --prefix "
+                "layers.2.attn.compressor -o c4.npy -q")
+                .code,
+            0);
+  // Row r (t = 260 + r) selects entries 0 and 64 + r / 4 (visible: j < (t + 1) / 4).
+  Tensor sel = make_tensor(DType::i64, {Lq, 2}, "sel");
+  for (int64_t r = 0; r < Lq; ++r) {
+    mutable_data<int64_t>(sel)[2 * r] = 0;
+    mutable_data<int64_t>(sel)[2 * r + 1] = 64 + r / 4;
+  }
+  write("sel.npy", sel);
+  const Outcome ok =
+      run("dsa-attend --attention csa --q q4.npy --kv kv4.npy --compressed c4.npy "
+          "--indices sel.npy -o o.npy -q");
+  ASSERT_EQ(ok.code, 0) << ok.err;
+  mutable_data<int64_t>(sel)[1] = 66;  // row 0 (t = 260) sees entries < 65
+  write("bad.npy", sel);
+  const Outcome bad =
+      run("dsa-attend --attention csa --q q4.npy --kv kv4.npy --compressed c4.npy "
+          "--indices bad.npy -o out.npy -q");
+  EXPECT_EQ(bad.code, 3);
+  EXPECT_NE(bad.err.find("bad.npy: row 0 (query position 260) selects entry 66"), std::string::npos)
+      << bad.err;
+  const Outcome none =
+      run("dsa-attend --attention csa --q q4.npy --kv kv4.npy --compressed c4.npy "
+          "-o out.npy");
+  EXPECT_EQ(none.code, 2);
+  EXPECT_NE(none.err.find("--indices"), std::string::npos) << none.err;
+  // Compressed entries of the wrong length name the file.
+  const Outcome shape =
+      run("dsa-attend --attention hca --q q4.npy --kv kv4.npy --compressed "
+          "c4.npy -o out.npy");
+  EXPECT_EQ(shape.code, 3);
+  EXPECT_NE(shape.err.find("c4.npy (compressed): expected shape [2, 128]"), std::string::npos)
+      << shape.err;
+  const Outcome missing =
+      run("dsa-compress --x x.npy --weights model.safetensors --prefix "
+          "layers.9.attn.compressor -o out.npy");
+  EXPECT_EQ(missing.code, 3) << missing.err;
+  EXPECT_NE(missing.err.find("layers.9.attn.compressor.wkv.weight"), std::string::npos)
+      << missing.err;
+  expect_only({"qa.npy", "kv.npy", "q.npy", "k.npy", "w.npy", "model.safetensors", "x.npy",
+               "q4.npy", "kv4.npy", "c4.npy", "sel.npy", "bad.npy", "o.npy"});
+}
