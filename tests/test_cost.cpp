@@ -1,18 +1,23 @@
 // The cost model of DESIGN.md section 3 against hand-computed counts, its properties
-// (monotone, dense = DSA below k without an indexer, the crossover), the preset loader and
-// --set, and dsa-cost as a user runs it (JSON and CSV agree, the SVG is XML).
+// (monotone, dense = DSA below k without an indexer, the crossover), the layer schedules of
+// DeepSeek-V4 (per layer by hand and against a token-by-token fp64 count; the presets at 1M
+// tokens), the preset loader and --set, and dsa-cost as a user runs it (JSON and CSV agree,
+// the SVG is XML, several models compared to 1,048,576 tokens).
 #include <gtest/gtest.h>
 
 #include <sys/wait.h>
 #include "temp_dir.hpp"
 
 #include <unistd.h>
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <random>
 #include <sstream>
 
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include "dsa/calibrate.hpp"
@@ -200,6 +205,237 @@ TEST(TokenCost, DenseEqualsDsaBelowKWithoutIndexer) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Layer schedules (compress_ratios: SWA, CSA, HCA).
+
+// tiny_dsa's shapes (E = 5·2 = 10 bytes and 2·2·(5 + 4) = 36 FLOPs per entry, 2·3·4 = 24 FLOPs
+// and 6 bytes per indexer key, k = 8) with a window of 4 and one layer of each kind:
+// SWA, CSA (ratio 4), HCA (ratio 8), and a second CSA layer.
+ModelSpec tiny_hybrid() {
+  ModelSpec m = tiny_dsa();
+  m.name = "tiny-hybrid";
+  m.layers = 4;
+  m.topk = 3;
+  m.short_prefill_mha = false;
+  m.compress_ratios = {0, 4, 8, 4};
+  m.window = 4;
+  m.csa_ratio = 4;
+  return m;
+}
+
+void expect_layer(const LayerFootprint& f, double window, double compressed, double attended,
+                  double indexed, double attention_flops, double indexer_flops, double kv,
+                  double kv_per_token) {
+  SCOPED_TRACE(layer_kind_name(f.group.kind));
+  expect_close(f.window_entries, window);
+  expect_close(f.compressed_entries, compressed);
+  expect_close(f.attended_entries, attended);
+  expect_close(f.indexed_keys, indexed);
+  expect_close(f.attention_flops, attention_flops);
+  expect_close(f.indexer_flops, indexer_flops);
+  expect_close(f.kv_cache_bytes, kv);
+  expect_close(f.kv_bytes_per_token, kv_per_token);
+}
+
+TEST(CostSchedule, GroupsByKindAndRatio) {
+  const std::vector<LayerGroup> g = layer_schedule(tiny_hybrid());
+  ASSERT_EQ(g.size(), 3u);
+  EXPECT_EQ(g[0].kind, LayerKind::swa);
+  EXPECT_EQ(g[0].count, 1);
+  EXPECT_EQ(g[1].kind, LayerKind::csa);
+  EXPECT_EQ(g[1].compress_ratio, 4);
+  EXPECT_EQ(g[1].count, 2);
+  EXPECT_EQ(g[2].kind, LayerKind::hca);
+  EXPECT_EQ(g[2].compress_ratio, 8);
+  EXPECT_EQ(attention_label(tiny_hybrid()), "SWA+CSA+HCA");
+  // Two HCA ratios are two groups of one kind, ascending.
+  ModelSpec two = tiny_hybrid();
+  two.compress_ratios = {128, 4, 64, 128};
+  const std::vector<LayerGroup> h = layer_schedule(two);
+  ASSERT_EQ(h.size(), 3u);
+  EXPECT_EQ(h[1].compress_ratio, 64);
+  EXPECT_EQ(h[2].compress_ratio, 128);
+  EXPECT_EQ(h[2].count, 2);
+  EXPECT_EQ(attention_label(two), "CSA+HCA");
+  // A uniform model is one MLA group.
+  const std::vector<LayerGroup> u = layer_schedule(tiny_dsa());
+  ASSERT_EQ(u.size(), 1u);
+  EXPECT_EQ(u[0].kind, LayerKind::mla);
+  EXPECT_EQ(u[0].count, 2);
+  EXPECT_EQ(attention_label(tiny_dsa()), "DSA");
+  EXPECT_EQ(attention_label(tiny_dense()), "dense MLA");
+
+  // The presets: DeepSeek-V4's compress_ratios without the MTP layer's.
+  const auto counts = [](const std::string& name) {
+    std::vector<std::pair<std::string, int64_t>> out;
+    for (const LayerGroup& group : layer_schedule(load_model(kPresets, name)))
+      out.emplace_back(layer_kind_name(group.kind), group.count);
+    return out;
+  };
+  using Counts = std::vector<std::pair<std::string, int64_t>>;
+  EXPECT_EQ(counts("DeepSeek-V4-Flash"), (Counts{{"swa", 2}, {"csa", 21}, {"hca", 20}}));
+  EXPECT_EQ(counts("DeepSeek-V4-Pro"), (Counts{{"csa", 30}, {"hca", 31}}));
+  EXPECT_EQ(counts("DeepSeek-V3.2"), (Counts{{"mla", 61}}));
+}
+
+TEST(CostLayerFootprint, CountsByHand) {
+  const ModelSpec m = tiny_hybrid();
+  const std::vector<LayerGroup> g = layer_schedule(m);
+  // x = 21: window 4; CSA c = 5, of which k = 3 selected; HCA c = 2.
+  expect_layer(layer_footprint(m, g[0], 21), 4, 0, 4, 0, 144, 0, 40, 0);
+  expect_layer(layer_footprint(m, g[1], 21), 4, 5, 7, 5, 252, 120, 4 * 10 + 5 * 16, 16.0 / 4);
+  expect_layer(layer_footprint(m, g[2], 21), 4, 2, 6, 0, 216, 0, 4 * 10 + 2 * 10, 10.0 / 8);
+  // x = 3: the window is not full, no block is complete.
+  expect_layer(layer_footprint(m, g[1], 3), 3, 0, 3, 0, 108, 0, 30, 4);
+  // x = 0: nothing.
+  expect_layer(layer_footprint(m, g[2], 0), 0, 0, 0, 0, 0, 0, 0, 1.25);
+  // MLA: DSA over x keys, dense over x entries.
+  const LayerGroup mla{LayerKind::mla, 0, 2};
+  expect_layer(layer_footprint(tiny_dsa(), mla, 20), 0, 20, 8, 20, 288, 480, 20 * 16, 16);
+  expect_layer(layer_footprint(tiny_dense(), mla, 20), 0, 20, 20, 0, 720, 0, 200, 10);
+
+  // The model: SWA + 2 CSA + HCA, plus 2 FLOPs per activated parameter.
+  const TokenFootprint t = token_footprint(m, 21);
+  ASSERT_EQ(t.layers.size(), 3u);
+  expect_close(t.attention_flops, 144 + 2 * (252 + 120) + 216);
+  expect_close(t.flops, 144 + 2 * (252 + 120) + 216 + 2000);
+  expect_close(t.kv_cache_bytes, 40 + 2 * 120 + 60);
+  expect_close(t.kv_bytes_per_token, 2 * 4 + 1.25);
+}
+
+// What one layer of ratio r attends and holds at position x, by walking the x earlier tokens:
+// the last `window` of them, and the blocks of r tokens that end at or before x (the indexer
+// scores all of them, the attention reads the best topk of them or every one).
+struct ReferenceLayer {
+  double attention_flops = 0, indexer_flops = 0, kv_cache_bytes = 0;
+};
+ReferenceLayer reference_layer(const ModelSpec& m, int64_t ratio, int64_t x) {
+  const bool csa = ratio > 0 && ratio == m.csa_ratio;
+  const double entry = static_cast<double>(m.d_qk) * m.kv_bytes;
+  int64_t window = 0, blocks = 0;
+  for (int64_t s = 0; s < x; ++s) {
+    if (s >= x - m.window) ++window;
+    if (ratio > 0 && (s + 1) % ratio == 0) ++blocks;  // block s/r is complete at token s
+  }
+  const int64_t attended = window + (csa ? std::min(blocks, m.topk) : blocks);
+  ReferenceLayer r;
+  r.attention_flops =
+      static_cast<double>(2 * m.heads * (m.d_qk + m.d_v)) * static_cast<double>(attended);
+  r.indexer_flops = csa ? static_cast<double>(2 * m.indexer_heads * m.indexer_dim * blocks) : 0.0;
+  r.kv_cache_bytes = static_cast<double>(window) * entry +
+                     static_cast<double>(blocks) * (entry + (csa ? m.indexer_key_bytes : 0.0));
+  return r;
+}
+
+TEST(CostLayerFootprint, MatchesTokenByTokenCountOnRandomSchedules) {
+  std::mt19937_64 random(20251201);
+  const int64_t ratios[] = {0, 1, 2, 3, 4, 8, 16, 128};
+  for (int trial = 0; trial < 200; ++trial) {
+    ModelSpec m = tiny_dsa();
+    m.short_prefill_mha = false;
+    m.heads = 1 + static_cast<int64_t>(random() % 8);
+    m.d_qk = 1 + static_cast<int64_t>(random() % 64);
+    m.d_v = 1 + static_cast<int64_t>(random() % 64);
+    m.kv_bytes = 0.5 + static_cast<double>(random() % 8) / 4;
+    m.indexer_heads = static_cast<int64_t>(random() % 5);
+    m.indexer_dim = 1 + static_cast<int64_t>(random() % 16);
+    m.indexer_key_bytes = static_cast<double>(random() % 40);
+    m.topk = 1 + static_cast<int64_t>(random() % 20);
+    m.window = 1 + static_cast<int64_t>(random() % 40);
+    m.csa_ratio = ratios[random() % std::size(ratios)];
+    m.layers = 1 + static_cast<int64_t>(random() % 7);
+    m.compress_ratios.clear();
+    for (int64_t i = 0; i < m.layers; ++i)
+      m.compress_ratios.push_back(ratios[random() % std::size(ratios)]);
+    const int64_t x = static_cast<int64_t>(random() % 700);
+    double attention = 0, kv = 0;
+    for (const int64_t ratio : m.compress_ratios) {
+      const ReferenceLayer r = reference_layer(m, ratio, x);
+      attention += r.attention_flops + r.indexer_flops;
+      kv += r.kv_cache_bytes;
+    }
+    const TokenFootprint t = token_footprint(m, x);
+    SCOPED_TRACE(::testing::Message() << "trial " << trial << " x=" << x);
+    expect_close(t.attention_flops, attention);
+    expect_close(t.kv_cache_bytes, kv);
+    expect_close(t.flops, attention + 2 * m.activated_params);
+    // The decode stages count the same FLOPs.
+    double flops = 0;
+    for (const auto& s : token_cost(m, tiny_hardware(), kTinyWorkload, Phase::decode, x).stages)
+      flops += s.flops;
+    expect_close(flops, t.flops);
+  }
+}
+
+TEST(TokenCost, HybridStagesByHand) {
+  const TokenCost c = token_cost(tiny_hybrid(), tiny_hardware(), kTinyWorkload, Phase::decode, 21);
+  // swa attention; csa indexer, topk, attention; hca attention; rest.
+  ASSERT_EQ(c.stages.size(), 6u);
+  expect_stage(c.stages[0], "attention", "mqa", 144, 40, 1.44e-10, 1.6e-10);
+  EXPECT_EQ(c.stages[0].layers.kind, LayerKind::swa);
+  // 2 CSA layers: 5 keys of 6 bytes, 5 scores of 4 bytes, 7 entries of 10 bytes each.
+  expect_stage(c.stages[1], "indexer", "", 240, 60, 1.2e-10, 2.4e-10);
+  expect_stage(c.stages[2], "topk", "", 0, 40, 0, 1.6e-10);
+  expect_stage(c.stages[3], "attention", "mqa", 504, 140, 5.04e-10, 5.6e-10);
+  EXPECT_EQ(c.stages[3].layers.kind, LayerKind::csa);
+  EXPECT_EQ(c.stages[3].layers.count, 2);
+  expect_stage(c.stages[4], "attention", "mqa", 216, 60, 2.16e-10, 2.4e-10);
+  EXPECT_EQ(c.stages[4].layers.compress_ratio, 8);
+  expect_stage(c.stages[5], "rest", "", 2000, 250, 1e-9, 1e-9);
+  EXPECT_EQ(c.stages[5].layers.count, 0);
+
+  // Prefill (chunk 10): the window and HCA entries, and the indexer keys, are read once per
+  // chunk; CSA's 3 selected entries per token.
+  const TokenCost p = token_cost(tiny_hybrid(), tiny_hardware(), kTinyWorkload, Phase::prefill, 21);
+  ASSERT_EQ(p.stages.size(), 6u);
+  expect_stage(p.stages[0], "attention", "mqa", 144, 4, 1.44e-10, 1.6e-11);
+  expect_stage(p.stages[1], "indexer", "", 240, 6, 1.2e-10, 2.4e-11);
+  expect_stage(p.stages[2], "topk", "", 0, 40, 0, 1.6e-10);
+  expect_stage(p.stages[3], "attention", "mqa", 504, 2 * (4 + 30), 5.04e-10, 2.72e-10);
+  expect_stage(p.stages[4], "attention", "mqa", 216, 6, 2.16e-10, 2.4e-11);
+}
+
+// The DeepSeek-V4 paper's Figure 1 setting: one token at 2^20 against DeepSeek-V3.2, the
+// per-layer terms of docs/DESIGN.md section 3 computed here by hand.
+TEST(CostFootprint, DeepSeekV4AgainstV32AtOneMillion) {
+  const int64_t x = int64_t{1} << 20;
+  const double X = static_cast<double>(x);
+  const TokenFootprint v32 = token_footprint(load_model(kPresets, "DeepSeek-V3.2"), x);
+  const TokenFootprint pro = token_footprint(load_model(kPresets, "DeepSeek-V4-Pro"), x);
+  const TokenFootprint flash = token_footprint(load_model(kPresets, "DeepSeek-V4-Flash"), x);
+  // Bytes per token: V3.2 61·(656 + 132); CSA (584 + 68)/4 = 163; HCA 584/128.
+  expect_close(v32.kv_bytes_per_token, 61.0 * (656 + 132));
+  expect_close(pro.kv_bytes_per_token, 30 * 163.0 + 31 * 584.0 / 128);
+  expect_close(flash.kv_bytes_per_token, 21 * 163.0 + 20 * 584.0 / 128);
+  // The cache also holds each layer's window of 128 entries of 584 bytes.
+  expect_close(v32.kv_cache_bytes, 61.0 * (656 + 132) * X);
+  expect_close(pro.kv_cache_bytes, (30 * 163.0 + 31 * 584.0 / 128) * X + 61 * 128 * 584.0);
+  expect_close(flash.kv_cache_bytes, (21 * 163.0 + 20 * 584.0 / 128) * X + 43 * 128 * 584.0);
+  // FLOPs: 2·n_h·(512 + 512) per attended entry; the indexer 2·64·128 per scored key.
+  const double v32_attention = 61 * (2.0 * 64 * 128 * X + 2.0 * 128 * (576 + 512) * 2048);
+  const double pro_entry = 2.0 * 128 * 1024, flash_entry = 2.0 * 64 * 1024;
+  const double indexer = 2.0 * 64 * 128 * (X / 4);
+  const double pro_attention =
+      30 * (pro_entry * (128 + 1024) + indexer) + 31 * pro_entry * (128 + X / 128);
+  const double flash_attention = 2 * flash_entry * 128 +
+                                 21 * (flash_entry * (128 + 512) + indexer) +
+                                 20 * flash_entry * (128 + X / 128);
+  expect_close(v32.attention_flops, v32_attention);
+  expect_close(pro.attention_flops, pro_attention);
+  expect_close(flash.attention_flops, flash_attention);
+  expect_close(v32.flops, v32_attention + 2 * 37.85e9);
+  expect_close(pro.flops, pro_attention + 2 * 49e9);
+  expect_close(flash.flops, flash_attention + 2 * 13e9);
+  // Against the paper's Figure 1: KV cache 9.5x (Pro) and 13.7x (Flash) smaller, within 0.5%;
+  // FLOPs 3.7x lower (Pro), within 3.5%; FLOPs 9.8x lower (Flash) is 8.29x here, and the
+  // attention alone 9.51x.
+  EXPECT_NEAR(v32.kv_cache_bytes / pro.kv_cache_bytes, 9.5, 0.5e-2 * 9.5);
+  EXPECT_NEAR(v32.kv_cache_bytes / flash.kv_cache_bytes, 13.7, 0.5e-2 * 13.7);
+  EXPECT_NEAR(v32.flops / pro.flops, 3.7, 3.5e-2 * 3.7);
+  EXPECT_NEAR(v32.flops / flash.flops, 8.29, 0.005);
+  EXPECT_NEAR(v32.attention_flops / flash.attention_flops, 9.51, 0.005);
+}
+
 // The crossover by its definition, position by position.
 std::optional<int64_t> brute_crossover(const ModelSpec& dense, const ModelSpec& dsa,
                                        const HardwareSpec& h, const Workload& w, Phase phase,
@@ -316,7 +552,8 @@ class Specs : public test::TempDirTest {
 TEST_F(Specs, PresetsLoadAndRoundTrip) {
   EXPECT_EQ(preset_names(kPresets, "hardware"), (std::vector<std::string>{"H800", "H100", "H200"}));
   EXPECT_EQ(preset_names(kPresets, "models"),
-            (std::vector<std::string>{"DeepSeek-V3.1-Terminus", "DeepSeek-V3.2-Exp"}));
+            (std::vector<std::string>{"DeepSeek-V3.1-Terminus", "DeepSeek-V3.2-Exp",
+                                      "DeepSeek-V3.2", "DeepSeek-V4-Pro", "DeepSeek-V4-Flash"}));
   const HardwareSpec h800 = load_hardware(kPresets, "h800");  // names match in any case
   EXPECT_EQ(h800.name, "H800");
   EXPECT_EQ(h800.price_per_gpu_hour, 2.0);
@@ -338,6 +575,91 @@ TEST_F(Specs, PresetsLoadAndRoundTrip) {
   EXPECT_EQ(model_json(load_model(kPresets, path)), model_json(v32));
   const std::string hpath = write("h.json", hardware_json(h800).dump());
   EXPECT_EQ(hardware_json(load_hardware(kPresets, hpath)), hardware_json(h800));
+  // So do the V4 presets, schedule and all.
+  for (const char* name : {"DeepSeek-V4-Flash", "DeepSeek-V4-Pro"}) {
+    const ModelSpec v4 = load_model(kPresets, name);
+    EXPECT_EQ(v4.window, 128);
+    EXPECT_EQ(v4.csa_ratio, 4);
+    EXPECT_EQ(static_cast<int64_t>(v4.compress_ratios.size()), v4.layers);
+    const std::string v4_path = write("v4.json", model_json(v4).dump());
+    EXPECT_EQ(model_json(load_model(kPresets, v4_path)), model_json(v4));
+  }
+  EXPECT_EQ(load_model(kPresets, "DeepSeek-V4-Flash").compress_ratios, ([] {
+              std::vector<int64_t> r = {0, 0};
+              for (int i = 0; i < 20; ++i) r.insert(r.end(), {4, 128});
+              r.push_back(4);
+              return r;
+            }()));
+}
+
+TEST_F(Specs, FilesWithoutASchedule) {
+  // A complete file written before compress_ratios existed (dsa-cost/1's model fields) loads as
+  // the same uniform model.
+  nlohmann::json old = model_json(load_model(kPresets, "DeepSeek-V3.2-Exp"));
+  for (const char* field : {"compress_ratios", "window", "csa_ratio"}) old.erase(field);
+  const ModelSpec m = load_model(kPresets, write("old.json", old.dump()));
+  EXPECT_TRUE(m.compress_ratios.empty());
+  EXPECT_EQ(m.window, 0);
+  EXPECT_EQ(model_json(m), model_json(load_model(kPresets, "DeepSeek-V3.2-Exp")));
+  // A schedule on a V3 base, by file and by --set.
+  const ModelSpec h = load_model(
+      kPresets, write("h.json", R"({"base": "DeepSeek-V3.2", "layers": 3, "compress_ratios":
+        [0, 4, 128], "window": 64, "csa_ratio": 4, "short_prefill_mha": false})"));
+  EXPECT_EQ(attention_label(h), "SWA+CSA+HCA");
+  HardwareSpec hw = load_hardware(kPresets, "H800");
+  ModelSpec dense = load_model(kPresets, "DeepSeek-V3.1-Terminus");
+  ModelSpec v4 = load_model(kPresets, "DeepSeek-V4-Flash");
+  apply_override("dsa.window=256", hw, dense, v4);
+  EXPECT_EQ(v4.window, 256);
+  ModelSpec pro = load_model(kPresets, "DeepSeek-V4-Pro");
+  std::vector<NamedModel> keys = {{"DeepSeek-V4-Pro", &pro}, {"DeepSeek-V4-Flash", &v4}};
+  apply_override("deepseek-v4-pro.topk=2048", hw, keys);  // the key in any case
+  EXPECT_EQ(pro.topk, 2048);
+  const std::string ratios =
+      "DeepSeek-V4-Flash.compress_ratios=" + nlohmann::json(std::vector<int64_t>(43, 128)).dump();
+  apply_override(ratios, hw, keys);
+  EXPECT_EQ(attention_label(v4), "HCA");
+  const auto [code, message] = error_of([&] { apply_override("dense.topk=1", hw, keys); });
+  EXPECT_EQ(code, ExitCode::usage);
+  EXPECT_NE(message.find("the keys are hardware.FIELD, DeepSeek-V4-Pro.FIELD or "
+                         "DeepSeek-V4-Flash.FIELD"),
+            std::string::npos)
+      << message;
+}
+
+TEST_F(Specs, BadSchedulesNameTheFieldOnOneLine) {
+  const auto expect_usage = [&](const std::string& json, const std::string& needle) {
+    const std::string path = write("bad.json", json);
+    const auto [code, message] = error_of([&] { load_model(kPresets, path); });
+    EXPECT_EQ(code, ExitCode::usage) << json;
+    EXPECT_EQ(message.rfind(path + ": ", 0), 0u) << message;
+    EXPECT_NE(message.find(needle), std::string::npos) << message;
+    EXPECT_EQ(message.find('\n'), std::string::npos) << message;
+  };
+  const std::string flash = R"({"base": "DeepSeek-V4-Flash", )";
+  std::vector<int64_t> with_mtp = load_model(kPresets, "DeepSeek-V4-Flash").compress_ratios;
+  with_mtp.push_back(0);
+  expect_usage(flash + R"("compress_ratios": )" + nlohmann::json(with_mtp).dump() + "}",
+               "field \"compress_ratios\" must be one ratio per layer, 43");
+  expect_usage(flash + R"("layers": 1, "compress_ratios": [-4]})",
+               "field \"compress_ratios\" must be ratios of at least 0");
+  expect_usage(flash + R"("compress_ratios": "4,128"})",
+               "field \"compress_ratios\" must be an array of integers");
+  expect_usage(flash + R"("layers": 2, "compress_ratios": [4, 1.5]})",
+               "field \"compress_ratios\" must be an array of integers");
+  expect_usage(flash + R"("window": 0})", "field \"window\" must be at least 1 with");
+  expect_usage(flash + R"("topk": 0})", "field \"topk\" must be at least 1 with CSA layers");
+  expect_usage(flash + R"("short_prefill_mha": true})", "field \"short_prefill_mha\" must be");
+  expect_usage(flash + R"("csa_ratio": -1})", "field \"csa_ratio\" must be at least 0");
+  expect_usage(R"({"base": "DeepSeek-V3.2", "window": 128})",
+               "field \"window\" must be 0 without compress_ratios");
+  expect_usage(R"({"base": "DeepSeek-V3.2", "csa_ratio": 4})",
+               "field \"csa_ratio\" must be 0 without compress_ratios");
+  // Without a CSA layer, topk may be 0 (HCA and SWA only).
+  EXPECT_EQ(error_of([&] {
+              load_model(kPresets, write("hca.json", flash + R"("csa_ratio": 0, "topk": 0})"));
+            }).first,
+            ExitCode::ok);
 }
 
 TEST_F(Specs, UserFileWithBaseOverridesFields) {
@@ -570,6 +892,142 @@ TEST_F(CostCli, FailuresExitWithTheirCodeAndLeaveNoFile) {
   EXPECT_EQ(
       run("DSA_PRESETS='" DSA_TESTS_DIR "/../data/presets' dsa-cost --step 65536 -q -o out.json"),
       0);
+}
+
+TEST_F(CostCli, ComparesModelsToOneMillionTokens) {
+  const std::string models =
+      "DeepSeek-V3.1-Terminus,DeepSeek-V3.2-Exp,DeepSeek-V3.2,DeepSeek-V4-Pro,DeepSeek-V4-Flash";
+  ASSERT_EQ(run("dsa-cost --compare-models " + models +
+                " --baseline deepseek-v3.2 --max-context 1048576 --plot fig.svg -o fig.json"),
+            0);
+  const std::string err = slurp("stderr.txt");
+  const nlohmann::json report = nlohmann::json::parse(slurp("fig.json"));
+  EXPECT_EQ(report["schema"], "dsa-cost/2");
+  EXPECT_FALSE(report.contains("points"));
+  const auto& c = report["comparison"];
+  EXPECT_EQ(c["baseline"], "DeepSeek-V3.2");
+  ASSERT_EQ(c["models"].size(), 5u);
+  EXPECT_EQ(c["models"][4]["compress_ratios"].size(), 43u);
+  const auto& points = c["points"];
+  ASSERT_EQ(points.size(), 257u);  // 0, 4096, ..., 1048576
+  EXPECT_EQ(points.back()["position"], 1048576);
+  const auto& at_max = c["at_max_context"];
+  EXPECT_EQ(at_max["position"], 1048576);
+  for (std::size_t i = 0; i < 5; ++i) {
+    const auto& row = at_max["models"][i];
+    const auto& point = points.back()["models"][i];
+    EXPECT_EQ(row["name"], c["models"][i]["name"]);
+    EXPECT_EQ(row["flops"], point["flops"]);
+    EXPECT_EQ(row["kv_cache_bytes"], point["kv_cache_bytes"]);
+    // The decode stages add up to the token's FLOPs, the layer groups to its cache.
+    double flops = 0, kv = 0;
+    for (const auto& s : row["decode"]["stages"]) flops += s["flops"].get<double>();
+    for (const auto& l : row["layers"])
+      kv += l["layers"].get<double>() * l["kv_cache_bytes"].get<double>();
+    expect_close(flops, row["flops"].get<double>());
+    expect_close(kv, row["kv_cache_bytes"].get<double>());
+  }
+  // The closing note states the baseline's KV cache and FLOPs over each model's, as in the JSON.
+  for (const char* name : {"DeepSeek-V4-Pro", "DeepSeek-V4-Flash"}) {
+    const auto& rows = at_max["models"];
+    const auto row =
+        *std::find_if(rows.begin(), rows.end(), [&](const auto& r) { return r["name"] == name; });
+    const auto& over = row["baseline_over"];
+    for (const std::string text :
+         {fmt::format("{}: KV cache", name),
+          fmt::format("{:.2f}x smaller", over["kv_cache_bytes"].get<double>()),
+          fmt::format("{:.2f}x lower", over["flops"].get<double>()),
+          fmt::format("attention alone {:.2f}x lower", over["attention_flops"].get<double>())}) {
+      EXPECT_NE(err.find(text), std::string::npos) << text << "\n" << err;
+    }
+    EXPECT_GT(over["kv_cache_bytes"].get<double>(), 9);
+  }
+  EXPECT_NE(err.find("DeepSeek-V3.2 (baseline)"), std::string::npos) << err;
+  // Position 0: no cache, no ratio.
+  EXPECT_TRUE(points[0]["models"][3]["baseline_over"]["kv_cache_bytes"].is_null());
+
+  // The CSV holds the same numbers, one row per position and model.
+  ASSERT_EQ(run("dsa-cost --compare-models " + models +
+                " --baseline DeepSeek-V3.2 --max-context 1048576 --format csv -q -o fig.csv"),
+            0);
+  std::istringstream csv(slurp("fig.csv"));
+  std::string line;
+  std::getline(csv, line);
+  EXPECT_EQ(line,
+            "position,model,flops,attention_flops,kv_cache_bytes,prefill_usd_per_mtok,"
+            "decode_usd_per_mtok,baseline_over_flops,baseline_over_attention_flops,"
+            "baseline_over_kv_cache_bytes,baseline_over_prefill_cost,baseline_over_decode_cost");
+  std::size_t rows = 0;
+  for (; std::getline(csv, line); ++rows) {
+    const auto& p = points[rows / 5]["models"][rows % 5];
+    std::vector<std::string> fields;
+    std::istringstream in(line);
+    for (std::string f; std::getline(in, f, ',');) fields.push_back(f);
+    ASSERT_GE(fields.size(), 11u) << line;
+    EXPECT_EQ(fields[1], p["name"].get<std::string>());
+    EXPECT_EQ(std::stod(fields[2]), p["flops"].get<double>());
+    EXPECT_EQ(std::stod(fields[4]), p["kv_cache_bytes"].get<double>());
+    EXPECT_EQ(std::stod(fields[6]), p["decode_usd_per_million_tokens"].get<double>());
+    if (!p["baseline_over"]["kv_cache_bytes"].is_null())
+      EXPECT_EQ(std::stod(fields[9]), p["baseline_over"]["kv_cache_bytes"].get<double>());
+  }
+  EXPECT_EQ(rows, 5 * points.size());
+
+  const std::string svg = slurp("fig.svg");
+  for (const char* text :
+       {"Prefill", "Decode", "FLOPs of one decode token", "KV cache of the sequence", "GiB",
+        "DeepSeek-V4-Flash (SWA+CSA+HCA)", "DeepSeek-V4-Pro (CSA+HCA)", "DeepSeek-V3.2 (baseline)",
+        "x smaller", "1024"}) {
+    EXPECT_NE(svg.find(text), std::string::npos) << text;
+  }
+}
+
+TEST_F(CostCli, V4AgainstDenseToOneMillionTokens) {
+  ASSERT_EQ(run("dsa-cost --dsa-model DeepSeek-V4-Flash --max-context 1048576 --step 65536 "
+                "--plot flash.svg -o flash.json"),
+            0);
+  const nlohmann::json report = nlohmann::json::parse(slurp("flash.json"));
+  EXPECT_EQ(report["models"]["dsa"]["window"], 128);
+  EXPECT_EQ(report["points"].size(), 17u);
+  EXPECT_EQ(report["points"].back()["position"], 1048576);
+  std::vector<std::string> kinds;
+  for (const auto& s : report["points"].back()["decode"]["dsa"]["stages"])
+    kinds.push_back(s.value("layer_kind", "") + ":" + s["stage"].get<std::string>());
+  EXPECT_EQ(kinds, (std::vector<std::string>{"swa:attention", "csa:indexer", "csa:topk",
+                                             "csa:attention", "hca:attention", ":rest"}));
+  EXPECT_NE(slurp("flash.svg").find("DeepSeek-V4-Flash (SWA+CSA+HCA)"), std::string::npos);
+  EXPECT_NE(slurp("stderr.txt").find("at 1048576"), std::string::npos) << slurp("stderr.txt");
+}
+
+TEST_F(CostCli, CompareFailures) {
+  const auto one_line_error = [&](const std::string& needle) {
+    const std::string err = slurp("stderr.txt");
+    EXPECT_EQ(err.rfind("dsa-cost: error: ", 0), 0u) << err;
+    EXPECT_EQ(err.find('\n'), err.size() - 1) << err;
+    EXPECT_NE(err.find(needle), std::string::npos) << err;
+  };
+  write("bad.json", R"({"base": "DeepSeek-V4-Pro", "compress_ratios": [4, 128]})");
+  EXPECT_EQ(run("dsa-cost --dsa-model bad.json -o out.json"), 2);
+  one_line_error("bad.json: field \"compress_ratios\" must be one ratio per layer, 61");
+  EXPECT_EQ(run("dsa-cost --compare-models DeepSeek-V3.2,bad.json -o out.json"), 2);
+  one_line_error("must be one ratio per layer");
+  EXPECT_EQ(run("dsa-cost --compare-models DeepSeek-V3.2,DeepSeek-V4-Pro --baseline GPT "
+                "-o out.json"),
+            2);
+  one_line_error("--baseline: no model named \"GPT\" among DeepSeek-V3.2, DeepSeek-V4-Pro");
+  EXPECT_EQ(run("dsa-cost --compare-models DeepSeek-V3.2,deepseek-v3.2 -o out.json"), 2);
+  one_line_error("two models are named \"DeepSeek-V3.2\"");
+  EXPECT_EQ(run("dsa-cost --compare-models DeepSeek-V3.2 --set dsa.topk=1 -o out.json"), 2);
+  one_line_error("--set: dsa.topk=1: unknown \"dsa\"");
+  EXPECT_EQ(run("dsa-cost --baseline DeepSeek-V3.2 -o out.json"), 2);
+  EXPECT_EQ(run("dsa-cost --compare-models DeepSeek-V3.2 --dsa-model DeepSeek-V4-Pro -o out.json"),
+            2);
+  EXPECT_FALSE(fs::exists(dir_ / "out.json"));
+  // --set names a compared model by its name.
+  ASSERT_EQ(run("dsa-cost --compare-models DeepSeek-V3.2,DeepSeek-V4-Pro --step 65536 "
+                "--set DeepSeek-V4-Pro.topk=2048 -q -o out.json"),
+            0);
+  EXPECT_EQ(nlohmann::json::parse(slurp("out.json"))["comparison"]["models"][1]["topk"], 2048);
 }
 
 }  // namespace

@@ -28,7 +28,10 @@ namespace {
 template <typename Spec>
 struct Field {
   const char* name;
-  std::variant<std::string Spec::*, double Spec::*, int64_t Spec::*, bool Spec::*> member;
+  std::variant<std::string Spec::*, double Spec::*, int64_t Spec::*, bool Spec::*,
+               std::vector<int64_t> Spec::*>
+      member;
+  bool optional = false;  // absent from a file: the default of Spec{}
 };
 
 const std::vector<Field<HardwareSpec>>& hardware_fields() {
@@ -65,7 +68,10 @@ const std::vector<Field<ModelSpec>>& model_fields() {
                                                {"score_bytes", &M::score_bytes},
                                                {"topk", &M::topk},
                                                {"short_prefill_mha", &M::short_prefill_mha},
-                                               {"source", &M::source}};
+                                               {"source", &M::source},
+                                               {"compress_ratios", &M::compress_ratios, true},
+                                               {"window", &M::window, true},
+                                               {"csa_ratio", &M::csa_ratio, true}};
   return fields;
 }
 
@@ -108,6 +114,12 @@ void set_field(Spec& spec, const Field<Spec>& field, const nlohmann::json& value
         } else if constexpr (std::is_same_v<T, int64_t>) {
           if (!value.is_number_integer()) wrong("an integer");
           spec.*member = value.get<int64_t>();
+        } else if constexpr (std::is_same_v<T, std::vector<int64_t>>) {
+          const bool integers =
+              value.is_array() && std::all_of(value.begin(), value.end(),
+                                              [](const auto& v) { return v.is_number_integer(); });
+          if (!integers) wrong("an array of integers");
+          spec.*member = value.get<std::vector<int64_t>>();
         } else {
           if (!value.is_number() || !std::isfinite(value.get<double>())) wrong("a number");
           spec.*member = value.get<double>();
@@ -144,6 +156,36 @@ void validate(const HardwareSpec& h, const std::string& origin) {
               "in (0, 1]", h.memory_efficiency);
 }
 
+// compress_ratios, window and csa_ratio: absent, or a schedule every layer of which attends
+// something.
+void validate_schedule(const ModelSpec& m, const std::string& origin) {
+  check_range(m.window >= 0, origin, "window", "at least 0", m.window);
+  check_range(m.csa_ratio >= 0, origin, "csa_ratio", "at least 0 (0: no CSA layers)", m.csa_ratio);
+  if (m.compress_ratios.empty()) {
+    check_range(m.window == 0, origin, "window", "0 without compress_ratios", m.window);
+    check_range(m.csa_ratio == 0, origin, "csa_ratio", "0 without compress_ratios", m.csa_ratio);
+    return;
+  }
+  const auto count = [&](auto&& rule) {
+    return std::count_if(m.compress_ratios.begin(), m.compress_ratios.end(), rule);
+  };
+  const std::string per_layer = fmt::format(
+      "one ratio per layer, {} (\"layers\"; a config.json's list ends with the MTP layer's, "
+      "which is not counted)",
+      m.layers);
+  check_range(static_cast<int64_t>(m.compress_ratios.size()) == m.layers, origin, "compress_ratios",
+              per_layer.c_str(), m.compress_ratios);
+  check_range(count([](int64_t r) { return r < 0; }) == 0, origin, "compress_ratios",
+              "ratios of at least 0 (0: sliding window only)", m.compress_ratios);
+  check_range(m.window >= 1 || count([](int64_t r) { return r == 0; }) == 0, origin, "window",
+              "at least 1 with sliding-window layers (ratio 0)", m.window);
+  check_range(
+      m.topk >= 1 || m.csa_ratio == 0 || count([&](int64_t r) { return r == m.csa_ratio; }) == 0,
+      origin, "topk", "at least 1 with CSA layers (ratio csa_ratio)", m.topk);
+  check_range(!m.short_prefill_mha, origin, "short_prefill_mha",
+              "false with compress_ratios (the layers have no MHA mode)", m.short_prefill_mha);
+}
+
 void validate(const ModelSpec& m, const std::string& origin) {
   const auto precision = [&](const std::string& p, const char* field) {
     check_range(p == "bf16" || p == "fp8", origin, field, "\"bf16\" or \"fp8\"", p);
@@ -167,6 +209,7 @@ void validate(const ModelSpec& m, const std::string& origin) {
   precision(m.indexer_precision, "indexer_precision");
   check_range(m.score_bytes >= 0, origin, "score_bytes", "at least 0", m.score_bytes);
   check_range(m.topk >= 0, origin, "topk", "at least 0 (0: dense)", m.topk);
+  validate_schedule(m, origin);
 }
 
 template <typename Spec>
@@ -185,7 +228,8 @@ Spec spec_from_json(const nlohmann::json& json, const std::string& origin, const
   }
   if (!base) {
     for (const auto& f : fields)
-      if (!json.contains(f.name)) bad_usage("{}: missing field \"{}\"", origin, f.name);
+      if (!f.optional && !json.contains(f.name))
+        bad_usage("{}: missing field \"{}\"", origin, f.name);
   }
   validate(spec, origin);
   return spec;
@@ -322,32 +366,50 @@ nlohmann::json model_json(const ModelSpec& model) {
   return spec_json(model, model_fields());
 }
 
-void apply_override(const std::string& assignment, HardwareSpec& hardware, ModelSpec& dense,
-                    ModelSpec& dsa) {
+std::size_t model_index(const std::vector<ModelSpec>& models, const std::string& name) {
+  std::string names;
+  for (std::size_t i = 0; i < models.size(); ++i) {
+    if (same_name(models[i].name, name)) return i;
+    names += (names.empty() ? "" : ", ") + models[i].name;
+  }
+  bad_usage("no model named \"{}\" among {}", name, names);
+}
+
+void apply_override(const std::string& assignment, HardwareSpec& hardware,
+                    const std::vector<NamedModel>& models) {
+  std::string keys = "hardware.FIELD";
+  for (std::size_t i = 0; i < models.size(); ++i)
+    keys += (i + 1 == models.size() ? " or " : ", ") + models[i].key + ".FIELD";
   const auto eq = assignment.find('=');
-  const auto dot = assignment.find('.');
-  if (eq == std::string::npos || dot == std::string::npos || dot > eq) {
-    bad_usage("{}: expected KEY=VALUE with KEY hardware.FIELD, dense.FIELD or dsa.FIELD",
-              assignment);
+  // The last '.' before '=': model names have dots ("DeepSeek-V3.2-Exp"), fields none.
+  const auto dot = eq == std::string::npos ? eq : assignment.rfind('.', eq);
+  if (eq == std::string::npos || dot == std::string::npos) {
+    bad_usage("{}: expected KEY=VALUE with KEY {}", assignment, keys);
   }
   const std::string spec = assignment.substr(0, dot);
   const std::string field = assignment.substr(dot + 1, eq - dot - 1);
   const std::string text = assignment.substr(eq + 1);
   if (field == "base") bad_usage("{}: \"base\" belongs in a file, not in an override", assignment);
-  // JSON when it parses (numbers, booleans, quoted strings), else the text as a string.
+  // JSON when it parses (numbers, booleans, quoted strings, arrays), else the text as a string.
   nlohmann::json value = nlohmann::json::parse(text, nullptr, false);
   if (value.is_discarded()) value = text;
   const nlohmann::json object = {{field, value}};
   if (spec == "hardware") {
     hardware = hardware_from_json(object, assignment, &hardware);
-  } else if (spec == "dense") {
-    dense = model_from_json(object, assignment, &dense);
-  } else if (spec == "dsa") {
-    dsa = model_from_json(object, assignment, &dsa);
-  } else {
-    bad_usage("{}: unknown \"{}\" (the keys are hardware.FIELD, dense.FIELD, dsa.FIELD)",
-              assignment, spec);
+    return;
   }
+  for (const NamedModel& m : models) {
+    if (same_name(m.key, spec)) {
+      *m.model = model_from_json(object, assignment, m.model);
+      return;
+    }
+  }
+  bad_usage("{}: unknown \"{}\" (the keys are {})", assignment, spec, keys);
+}
+
+void apply_override(const std::string& assignment, HardwareSpec& hardware, ModelSpec& dense,
+                    ModelSpec& dsa) {
+  apply_override(assignment, hardware, {{"dense", &dense}, {"dsa", &dsa}});
 }
 
 }  // namespace dsa

@@ -1,7 +1,11 @@
-// Outputs: the report's JSON parts, the CSV, the SVG plot and the one-line summaries.
+// Outputs: the report's JSON parts, the CSV, the SVG plots and the one-line summaries, of two
+// models' curves and of a comparison of several.
 #include "dsa/cost.hpp"
 
 #include <cmath>
+#include <functional>
+#include <iterator>
+#include <optional>
 
 #include <fmt/format.h>
 
@@ -10,6 +14,15 @@
 namespace dsa {
 
 namespace {
+
+// The layers a stage or a footprint covers: kind, count, and the ratio of compressed ones.
+void add_layers(nlohmann::json& j, const LayerGroup& group) {
+  j["layer_kind"] = layer_kind_name(group.kind);
+  j["layers"] = group.count;
+  if (group.kind == LayerKind::csa || group.kind == LayerKind::hca) {
+    j["compress_ratio"] = group.compress_ratio;
+  }
+}
 
 nlohmann::json token_json(const TokenCost& cost) {
   nlohmann::json stages = nlohmann::json::array();
@@ -23,6 +36,7 @@ nlohmann::json token_json(const TokenCost& cost) {
                         {"bound", s.memory_seconds > s.compute_seconds ? "memory" : "compute"}};
     if (!s.mode.empty()) j["mode"] = s.mode;
     if (!s.precision.empty()) j["precision"] = s.precision;
+    if (s.layers.count > 0) add_layers(j, s.layers);
     stages.push_back(j);
   }
   return {{"seconds", cost.seconds},
@@ -49,6 +63,30 @@ std::string dollars(double usd) {
   return usd >= 1 ? fmt::format("${:.2f}", usd) : fmt::format("${:.3f}", usd);
 }
 
+// "9.55x smaller", "1.46x larger", "equal" (to two decimals).
+std::string times(double ratio, const char* less, const char* more) {
+  if (fmt::format("{:.2f}", ratio) == "1.00") return "equal";
+  return ratio > 1 ? fmt::format("{:.2f}x {}", ratio, less)
+                   : fmt::format("{:.2f}x {}", 1 / ratio, more);
+}
+
+// An end label: three significant digits, or the integer part from 1000 on.
+std::string short_number(double value) {
+  return value >= 1000 ? fmt::format("{:.0f}", value) : fmt::format("{:.3g}", value);
+}
+
+// The baseline's value over a model's: 9.55 is "9.55 times smaller"; none for a value of 0.
+std::optional<double> over(double baseline, double value) {
+  if (!(value > 0)) return std::nullopt;
+  return baseline / value;
+}
+
+nlohmann::json optional_json(const std::optional<double>& value) {
+  return value ? nlohmann::json(*value) : nlohmann::json();
+}
+
+constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+
 // Round K-token ticks for a position axis: a power-of-two step, about eight of them.
 std::vector<double> position_ticks(double max_k) {
   const double step = std::exp2(std::round(std::log2(max_k / 8)));
@@ -63,21 +101,40 @@ std::vector<double> position_ticks(double max_k) {
 
 nlohmann::json cost_model_json() {
   return {{"reference", "DESIGN.md section 3; man dsa-cost"},
-          {"position", "x = the number of earlier tokens the token attends to; m = min(x, topk)"},
+          {"position",
+           "x = the number of earlier tokens the token attends to; m = min(x, topk); "
+           "E = d_qk*kv_bytes, one cached entry as stored; with compress_ratios, per layer of "
+           "ratio r: w_x = min(x, window), c = floor(x/r)"},
+          {"layers",
+           {{"mla",
+             "no compress_ratios: every layer; attends x entries (topk 0) or m (DSA, whose "
+             "indexer scores x keys)"},
+            {"swa", "ratio 0: attends w_x entries"},
+            {"csa",
+             "ratio csa_ratio: the indexer scores c keys, the attention reads w_x + min(topk, c) "
+             "entries"},
+            {"hca", "any other ratio: attends w_x + c entries"}}},
           {"stages",
            {{"indexer",
-             "flops 2*L*H_I*d_I*x at indexer_precision; bytes L*x*indexer_key_bytes "
-             "(prefill: / prefill_chunk)"},
-            {"topk", "flops 0; bytes L*x*score_bytes (one read of the score row)"},
+             "per group of n layers: flops 2*n*H_I*d_I*(keys scored) at indexer_precision; bytes "
+             "n*(keys scored)*indexer_key_bytes (prefill: / prefill_chunk)"},
+            {"topk", "flops 0; bytes n*(keys scored)*score_bytes (one read of the score row)"},
             {"attention",
-             "dense prefill mha: flops 2*L*H*(d_qk_mha+d_v_mha)*x, bytes "
-             "L*x*d_qk*kv_bytes/prefill_chunk; dense decode mqa: flops "
-             "2*L*H*(d_qk+d_v)*x, bytes L*x*d_qk*kv_bytes; DSA mqa over m entries: "
-             "flops 2*L*H*(d_qk+d_v)*m, bytes L*m*d_qk*kv_bytes; DSA prefill with "
-             "short_prefill_mha: the faster of that and dense mha"},
+             "mla dense prefill mha: flops 2*n*H*(d_qk_mha+d_v_mha)*x, bytes "
+             "n*x*E/prefill_chunk; mla dense decode mqa: flops 2*n*H*(d_qk+d_v)*x, bytes n*x*E; "
+             "DSA mqa over m entries: flops 2*n*H*(d_qk+d_v)*m, bytes n*m*E; DSA prefill with "
+             "short_prefill_mha: the faster of that and dense mha; swa, csa, hca mqa over their "
+             "entries: flops 2*n*H*(d_qk+d_v) per entry, bytes E per entry, in prefill / "
+             "prefill_chunk but for CSA's selected ones"},
             {"rest",
              "flops 2*activated_params at weight_precision; bytes "
              "activated_params*weight_bytes / (prefill_chunk or decode_batch)"}}},
+          {"footprint",
+           "flops: a decode token's, the stages' sum (attention_flops without the rest); "
+           "kv_cache_bytes of the x earlier tokens, per layer: mla x*(E + indexer_key_bytes if "
+           "topk > 0), swa w_x*E, csa w_x*E + c*(E + indexer_key_bytes), hca w_x*E + c*E; "
+           "kv_bytes_per_token: per layer mla E (+ indexer_key_bytes), csa "
+           "(E + indexer_key_bytes)/r, hca E/r, swa 0"},
           {"time",
            "per stage max(flops/(peak*1e12*compute_efficiency), "
            "bytes/(memory_tb_s*1e12*memory_efficiency)); summed over the stages"},
@@ -142,8 +199,8 @@ std::string cost_plot_svg(const CostCurves& curves, const ModelSpec& dense, cons
     panel.y_label = "cost per million tokens ($)";
     panel.y_tick_prefix = "$";
     panel.x_ticks = position_ticks(max_k);
-    PlotSeries a{dense.name + (dense.topk > 0 ? " (DSA)" : " (dense MLA)"), "#1f77b4", {}, {}, {}};
-    PlotSeries b{dsa.name + (dsa.topk > 0 ? " (DSA)" : " (dense MLA)"), "#ff7f0e", {}, {}, {}};
+    PlotSeries a{dense.name + " (" + attention_label(dense) + ")", "#1f77b4", {}, {}, {}};
+    PlotSeries b{dsa.name + " (" + attention_label(dsa) + ")", "#ff7f0e", {}, {}, {}};
     for (const auto& p : curves.points) {
       const double x = static_cast<double>(p.position) / 1024.0;
       a.x.push_back(x);
@@ -162,6 +219,213 @@ std::string cost_plot_svg(const CostCurves& curves, const ModelSpec& dense, cons
     plot.panels.push_back(panel);
   }
   return render_svg(plot);
+}
+
+namespace {
+
+struct Ratios {
+  std::optional<double> flops, attention_flops, kv_cache_bytes, prefill_cost, decode_cost;
+};
+
+// The baseline's over the model's; the costs by time, so that a price of 0 still has them.
+Ratios baseline_over(const ComparedToken& baseline, const ComparedToken& model) {
+  return {over(baseline.footprint.flops, model.footprint.flops),
+          over(baseline.footprint.attention_flops, model.footprint.attention_flops),
+          over(baseline.footprint.kv_cache_bytes, model.footprint.kv_cache_bytes),
+          over(baseline.prefill.seconds, model.prefill.seconds),
+          over(baseline.decode.seconds, model.decode.seconds)};
+}
+
+nlohmann::json row_json(const ModelComparison& c, const ComparisonPoint& p, std::size_t i) {
+  const ComparedToken& t = p.models[i];
+  const Ratios r = baseline_over(p.models[c.baseline], t);
+  return {{"name", c.models[i].name},
+          {"flops", t.footprint.flops},
+          {"attention_flops", t.footprint.attention_flops},
+          {"kv_cache_bytes", t.footprint.kv_cache_bytes},
+          {"prefill_usd_per_million_tokens", t.prefill.usd_per_million},
+          {"decode_usd_per_million_tokens", t.decode.usd_per_million},
+          {"baseline_over",
+           {{"flops", optional_json(r.flops)},
+            {"attention_flops", optional_json(r.attention_flops)},
+            {"kv_cache_bytes", optional_json(r.kv_cache_bytes)},
+            {"prefill_cost", optional_json(r.prefill_cost)},
+            {"decode_cost", optional_json(r.decode_cost)}}}};
+}
+
+nlohmann::json layer_json(const LayerFootprint& f) {
+  nlohmann::json j = nlohmann::json::object();
+  add_layers(j, f.group);
+  j["window_entries"] = f.window_entries;
+  j["compressed_entries"] = f.compressed_entries;
+  j["attended_entries"] = f.attended_entries;
+  j["indexed_keys"] = f.indexed_keys;
+  j["attention_flops"] = f.attention_flops;
+  j["indexer_flops"] = f.indexer_flops;
+  j["kv_cache_bytes"] = f.kv_cache_bytes;
+  j["kv_bytes_per_token"] = f.kv_bytes_per_token;
+  return j;
+}
+
+std::string csv_field(const std::optional<double>& value) {
+  return value ? fmt::format("{}", *value) : "";
+}
+
+// RFC 4180: a name with a comma, a quote or a line break is quoted, its quotes doubled.
+std::string csv_text(const std::string& text) {
+  if (text.find_first_of(",\"\r\n") == std::string::npos) return text;
+  std::string quoted = "\"";
+  for (const char c : text) quoted += c == '"' ? std::string("\"\"") : std::string(1, c);
+  return quoted + "\"";
+}
+
+}  // namespace
+
+nlohmann::json comparison_json(const ModelComparison& c) {
+  nlohmann::json models = nlohmann::json::array();
+  for (const ModelSpec& m : c.models) models.push_back(model_json(m));
+  const ComparisonPoint& last = c.points.back();
+  nlohmann::json at_max = nlohmann::json::array();
+  for (std::size_t i = 0; i < c.models.size(); ++i) {
+    const ComparedToken& t = last.models[i];
+    nlohmann::json row = row_json(c, last, i);
+    row["kv_bytes_per_token"] = t.footprint.kv_bytes_per_token;
+    row["baseline_over"]["kv_bytes_per_token"] = optional_json(
+        over(last.models[c.baseline].footprint.kv_bytes_per_token, t.footprint.kv_bytes_per_token));
+    row["layers"] = nlohmann::json::array();
+    for (const LayerFootprint& f : t.footprint.layers) row["layers"].push_back(layer_json(f));
+    row["prefill"] = token_json(t.prefill);
+    row["decode"] = token_json(t.decode);
+    at_max.push_back(row);
+  }
+  nlohmann::json points = nlohmann::json::array();
+  for (const ComparisonPoint& p : c.points) {
+    nlohmann::json rows = nlohmann::json::array();
+    for (std::size_t i = 0; i < c.models.size(); ++i) rows.push_back(row_json(c, p, i));
+    points.push_back({{"position", p.position}, {"models", rows}});
+  }
+  return {{"baseline", c.models[c.baseline].name},
+          {"models", models},
+          {"at_max_context", {{"position", last.position}, {"models", at_max}}},
+          {"points", points}};
+}
+
+std::string comparison_csv(const ModelComparison& c) {
+  std::string csv =
+      "position,model,flops,attention_flops,kv_cache_bytes,prefill_usd_per_mtok,"
+      "decode_usd_per_mtok,baseline_over_flops,baseline_over_attention_flops,"
+      "baseline_over_kv_cache_bytes,baseline_over_prefill_cost,baseline_over_decode_cost\n";
+  for (const ComparisonPoint& p : c.points) {
+    for (std::size_t i = 0; i < c.models.size(); ++i) {
+      const ComparedToken& t = p.models[i];
+      const Ratios r = baseline_over(p.models[c.baseline], t);
+      csv += fmt::format("{},{},{},{},{},{},{},{},{},{},{},{}\n", p.position,
+                         csv_text(c.models[i].name), t.footprint.flops, t.footprint.attention_flops,
+                         t.footprint.kv_cache_bytes, t.prefill.usd_per_million,
+                         t.decode.usd_per_million, csv_field(r.flops), csv_field(r.attention_flops),
+                         csv_field(r.kv_cache_bytes), csv_field(r.prefill_cost),
+                         csv_field(r.decode_cost));
+    }
+  }
+  return csv;
+}
+
+std::string comparison_plot_svg(const ModelComparison& c, const HardwareSpec& hardware,
+                                const Workload& workload) {
+  static const char* const kColors[] = {"#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+                                        "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"};
+  std::string names;
+  for (const ModelSpec& m : c.models) names += (names.empty() ? "" : ", ") + m.name;
+  Plot plot;
+  plot.title = "Per token by context position: " + names;
+  plot.subtitle = fmt::format(
+      "{} at ${:g}/GPU-hour; decode batch {}, prefill chunk {} tokens; ratios against {}; "
+      "roofline model (dsa-cost)",
+      hardware.name, hardware.price_per_gpu_hour, workload.decode_batch, workload.prefill_chunk,
+      c.models[c.baseline].name);
+  plot.panel_width = 460;
+  const ComparisonPoint& last = c.points.back();
+  const double max_k = static_cast<double>(last.position) / 1024.0;
+  struct View {
+    const char *title, *y_label, *prefix;
+    std::function<double(const ComparedToken&)> value;
+    std::function<std::string(double)> end_label;
+    // The legend's ratio at the longest position, or none (the cost panels).
+    const char *less, *more;
+    std::function<std::optional<double>(const Ratios&)> ratio;
+  };
+  const std::vector<View> views = {
+      {"Prefill", "cost per million tokens ($)", "$",
+       [](const ComparedToken& t) { return t.prefill.usd_per_million; }, dollars, nullptr, nullptr,
+       nullptr},
+      {"Decode", "cost per million tokens ($)", "$",
+       [](const ComparedToken& t) { return t.decode.usd_per_million; }, dollars, nullptr, nullptr,
+       nullptr},
+      {"FLOPs of one decode token", "GFLOP", "",
+       [](const ComparedToken& t) { return t.footprint.flops / 1e9; }, short_number, "lower",
+       "higher", [](const Ratios& r) { return r.flops; }},
+      {"KV cache of the sequence", "GiB", "",
+       [](const ComparedToken& t) { return t.footprint.kv_cache_bytes / kGiB; }, short_number,
+       "smaller", "larger", [](const Ratios& r) { return r.kv_cache_bytes; }}};
+  for (const View& view : views) {
+    PlotPanel panel;
+    panel.title = view.title;
+    panel.x_label = "context position (K tokens)";
+    panel.y_label = view.y_label;
+    panel.y_tick_prefix = view.prefix;
+    panel.x_ticks = position_ticks(max_k);
+    for (std::size_t i = 0; i < c.models.size(); ++i) {
+      const ModelSpec& m = c.models[i];
+      PlotSeries s{m.name, kColors[i % std::size(kColors)], {}, {}, {}};
+      if (!view.ratio) {
+        s.label += " (" + attention_label(m) + ")";
+      } else if (i == c.baseline) {
+        s.label += " (baseline)";
+      } else if (const auto r =
+                     view.ratio(baseline_over(last.models[c.baseline], last.models[i]))) {
+        s.label += ": " + times(*r, view.less, view.more);
+      }
+      for (const ComparisonPoint& p : c.points) {
+        s.x.push_back(static_cast<double>(p.position) / 1024.0);
+        s.y.push_back(view.value(p.models[i]));
+      }
+      s.end_label = view.end_label(s.y.back());
+      panel.series.push_back(s);
+    }
+    plot.panels.push_back(panel);
+  }
+  return render_svg(plot);
+}
+
+std::vector<std::string> comparison_summary_lines(const ModelComparison& c) {
+  const ComparisonPoint& last = c.points.back();
+  const ComparedToken& base = last.models[c.baseline];
+  std::vector<std::string> lines = {fmt::format(
+      "at {} ({}) {} (baseline): KV cache {:.4g} GiB ({:.6g} B per token), {:.5g} GFLOP per "
+      "token (attention {:.5g}), decode {} per million tokens",
+      last.position, kilo(static_cast<double>(last.position)), c.models[c.baseline].name,
+      base.footprint.kv_cache_bytes / kGiB, base.footprint.kv_bytes_per_token,
+      base.footprint.flops / 1e9, base.footprint.attention_flops / 1e9,
+      dollars(base.decode.usd_per_million))};
+  for (std::size_t i = 0; i < c.models.size(); ++i) {
+    if (i == c.baseline) continue;
+    const ComparedToken& t = last.models[i];
+    const Ratios r = baseline_over(base, t);
+    const auto ratio = [](const std::optional<double>& value, const char* less, const char* more) {
+      return value ? times(*value, less, more) : std::string("no ratio (0)");
+    };
+    lines.push_back(fmt::format(
+        "{}: KV cache {:.4g} GiB, {} ({} per token); {:.5g} GFLOP per token, {} (attention "
+        "alone {}); decode {}, {}",
+        c.models[i].name, t.footprint.kv_cache_bytes / kGiB,
+        ratio(r.kv_cache_bytes, "smaller", "larger"),
+        ratio(over(base.footprint.kv_bytes_per_token, t.footprint.kv_bytes_per_token), "smaller",
+              "larger"),
+        t.footprint.flops / 1e9, ratio(r.flops, "lower", "higher"),
+        ratio(r.attention_flops, "lower", "higher"), dollars(t.decode.usd_per_million),
+        ratio(r.decode_cost, "cheaper", "dearer")));
+  }
+  return lines;
 }
 
 }  // namespace dsa
