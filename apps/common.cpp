@@ -205,6 +205,32 @@ void load_attention(const AttentionOptions& options, AttentionTensors& out) {
   out.scale = resolve_softmax_scale(options.scale, out.inputs.d_qk);
 }
 
+void add_compressed_key_options(CLI::App& app, CompressedKeyOptions& options) {
+  auto* ratio = app.add_option("--compress-ratio", options.ratio,
+                               "The keys are compressed entries of M tokens each (DeepSeek-V4's "
+                               "CSA: 4); entry j is visible from token M j + M - 1 on")
+                    ->check(integer_at_least(1))
+                    ->capture_default_str();
+  app.add_option("--tokens", options.tokens,
+                 "With --compress-ratio: the tokens T the entries come from, the queries being "
+                 "the last Lq (default Lq)")
+      ->check(integer_at_least(1))
+      ->needs(ratio);
+}
+
+IndexerInputs indexer_inputs(const CompressedKeyOptions& options, const Tensor& q_index,
+                             const Tensor& k_index, const Tensor& weights,
+                             const IndexerConfig& config) {
+  return naming_flag_in_usage_errors("--hadamard", [&] {
+    if (options.ratio == 1 && options.tokens == 0) {
+      return make_indexer_inputs(q_index, k_index, weights, config);
+    }
+    const int64_t queries = q_index.rank() >= 3 ? q_index.dim(q_index.rank() - 3) : 0;
+    const int64_t tokens = options.tokens > 0 ? options.tokens : queries;
+    return make_compressed_indexer_inputs(q_index, k_index, weights, config, options.ratio, tokens);
+  });
+}
+
 std::vector<CLI::Option*> add_v4_attention_options(CLI::App& app, V4AttentionOptions& options) {
   auto* kind =
       app.add_option("--attention", options.attention,

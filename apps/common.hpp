@@ -112,6 +112,17 @@ struct AttentionTensors {
 };
 void load_attention(const AttentionOptions& options, AttentionTensors& out);
 
+// --compress-ratio M and --tokens T: the indexer's keys are DeepSeek-V4's compressed entries
+// (dsa-compress --indexer), T the tokens they come from (default Lq: a whole prefill).
+struct CompressedKeyOptions {
+  int64_t ratio = 1, tokens = 0;
+};
+void add_compressed_key_options(CLI::App& app, CompressedKeyOptions& options);
+// make_indexer_inputs, or make_compressed_indexer_inputs with --compress-ratio.
+IndexerInputs indexer_inputs(const CompressedKeyOptions& options, const Tensor& q_index,
+                             const Tensor& k_index, const Tensor& weights,
+                             const IndexerConfig& config);
+
 // --attention swa|csa|hca with --compressed, --sink and --window: DeepSeek-V4's attention over
 // a window of raw tokens (--kv) and compressed entries (compressed_attention.hpp).
 struct V4AttentionOptions {

@@ -15,6 +15,8 @@ int main(int argc, char** argv) {
   std::string device = "cpu";
   dsa::app::add_indexer_options(app, indexer);
   dsa::app::add_device_option(app, device);
+  dsa::app::CompressedKeyOptions compressed_keys;
+  dsa::app::add_compressed_key_options(app, compressed_keys);
   dsa::app::add_common_options(app, common);
 
   return dsa::app::run(app, argc, argv, common, [&] {
@@ -26,8 +28,7 @@ int main(int argc, char** argv) {
     const dsa::app::IndexerTensors in = dsa::app::load_indexer_tensors(tensors);
     const dsa::Tensor &q = in.q_index, &k = in.k_index, &w = in.weights;
     dsa::IndexerConfig config = dsa::app::indexer_config(indexer);
-    const dsa::IndexerInputs inputs = dsa::app::naming_flag_in_usage_errors(
-        "--hadamard", [&] { return dsa::make_indexer_inputs(q, k, w, config); });
+    const dsa::IndexerInputs inputs = dsa::app::indexer_inputs(compressed_keys, q, k, w, config);
     const dsa::DeviceChoice choice = dsa::app::naming_flag(
         "--device", [&] { return dsa::choose_device(device, inputs, config); });
 
@@ -50,6 +51,9 @@ int main(int argc, char** argv) {
     for (const dsa::Tensor& t : in.read) report["inputs"].push_back(dsa::tensor_json(t));
     if (!tensors.hidden.empty()) report["indexer_weights"] = tensors.indexer_weights;
     report["indexer"] = dsa::app::indexer_config_json(config);
+    if (inputs.ratio > 1) {
+      report["compressed_keys"] = {{"compress_ratio", inputs.ratio}, {"tokens", inputs.tokens}};
+    }
     report["outputs"] = {{{"path", common.output}, {"shape", shape}, {"dtype", "f32"}}};
     dsa::app::finish_report(report, times, total.seconds(), common);
   });

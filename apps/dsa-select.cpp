@@ -31,6 +31,8 @@ int main(int argc, char** argv) {
   for (auto* option : dsa::app::add_indexer_options(app, indexer)) option->excludes(scores_opt);
   std::string device = "cpu";
   dsa::app::add_device_option(app, device);
+  dsa::app::CompressedKeyOptions compressed_keys;
+  dsa::app::add_compressed_key_options(app, compressed_keys);
   dsa::app::add_common_options(app, common);
 
   return dsa::app::run(app, argc, argv, common, [&] {
@@ -68,15 +70,18 @@ int main(int argc, char** argv) {
     dsa::Shape shape;
     if (fused) {
       config = dsa::app::indexer_config(indexer);
-      indexer_inputs = dsa::app::naming_flag_in_usage_errors("--hadamard", [&] {
-        return dsa::make_indexer_inputs(inputs[0], inputs[1], inputs[2], config);
-      });
+      indexer_inputs =
+          dsa::app::indexer_inputs(compressed_keys, inputs[0], inputs[1], inputs[2], config);
       const dsa::DeviceChoice choice = dsa::app::naming_flag(
           "--device", [&] { return dsa::choose_device(device, indexer_inputs, config, topk); });
       compute_device = choice.device;
       dsa::app::report_device(report, choice);
       shape = dsa::selection_shape(indexer_inputs, topk);
       report["indexer"] = dsa::app::indexer_config_json(config);
+      if (indexer_inputs.ratio > 1) {
+        report["compressed_keys"] = {{"compress_ratio", indexer_inputs.ratio},
+                                     {"tokens", indexer_inputs.tokens}};
+      }
     } else {
       shape = dsa::selection_shape(inputs[0], topk);
     }

@@ -7,6 +7,7 @@
 
 #include "dsa/error.hpp"
 #include "dsa/indexer.hpp"
+#include "dsa/topk.hpp"
 #include "reference.hpp"
 
 namespace dsa {
@@ -270,6 +271,63 @@ TEST(Indexer, AcceptsEveryFloatingInputDtype) {
   Tensor q_widened = make_tensor(DType::f32, in.q.shape);
   to_f32(q16, 0, q16.numel(), mutable_data<float>(q_widened));
   EXPECT_EQ(all_scores({q16, in.k, in.w}, {}), all_scores({q_widened, in.k, in.w}, {}));
+}
+
+// DeepSeek-V4's CSA: the keys are compressed entries of 4 tokens, entry j visible from token
+// 4j + 3 on; the scores of invisible entries are -inf and the selection takes visible ones only.
+TEST(Indexer, CompressedKeysAreVisibleOnceTheirWindowIsComplete) {
+  std::mt19937_64 rng(77);
+  const int64_t T = 50, Lq = 20, H = 4, d = 32, m = 4, N = T / m;
+  const Tensor q = test::random_tensor({Lq, H, d}, rng, 1.0f, "q_index");
+  const Tensor k = test::random_tensor({N, d}, rng, 1.0f, "k_index");
+  const Tensor w = test::random_tensor({Lq, H}, rng, 1.0f, "weights");
+  const IndexerConfig config;
+  const IndexerInputs in = make_compressed_indexer_inputs(q, k, w, config, m, T);
+  EXPECT_EQ(in.position(0), T - Lq);
+  EXPECT_EQ(in.visible(0), (T - Lq + 1) / m);
+  std::vector<float> scores;
+  indexer_scores(
+      in, config,
+      [&](const ScoreBlock& b) {
+        scores.insert(scores.end(), b.scores, b.scores + b.rows * b.keys);
+      },
+      nullptr);
+  ASSERT_EQ(static_cast<int64_t>(scores.size()), Lq * N);
+  const int64_t topk = 5;
+  std::vector<int32_t> picked;
+  select_from_indexer(
+      in, config, topk,
+      [&](const SelectionBlock& b) {
+        EXPECT_EQ(b.first_position, in.position(b.row_begin));
+        picked.insert(picked.end(), b.indices, b.indices + b.rows * b.k);
+      },
+      nullptr);
+  for (int64_t r = 0; r < Lq; ++r) {
+    const int64_t t = T - Lq + r, visible = (t + 1) / m;
+    std::vector<double> want(static_cast<std::size_t>(N));
+    for (int64_t j = 0; j < N; ++j) {
+      double sum = 0;
+      for (int64_t h = 0; h < H; ++h) {
+        double dot = 0;
+        for (int64_t c = 0; c < d; ++c)
+          dot += double(test::f32(q)[(r * H + h) * d + c]) * test::f32(k)[j * d + c];
+        sum += test::f32(w)[r * H + h] * std::max(dot, 0.0);
+      }
+      want[j] = j < visible ? sum : -INFINITY;
+      if (j < visible) {
+        EXPECT_NEAR(scores[r * N + j], sum, 1e-4 * (1 + std::fabs(sum))) << r << " " << j;
+      } else {
+        EXPECT_EQ(scores[r * N + j], -INFINITY) << r << " " << j;
+      }
+    }
+    const std::vector<int32_t> expect = test::reference_topk(want.data(), visible, topk);
+    EXPECT_EQ(std::vector<int32_t>(picked.begin() + r * topk, picked.begin() + (r + 1) * topk),
+              expect)
+        << r;
+  }
+  // The key count must be what the tokens make.
+  EXPECT_THROW(make_compressed_indexer_inputs(q, k, w, config, m, T + 4), Error);
+  EXPECT_THROW(make_compressed_indexer_inputs(q, k, w, config, m, Lq - 1), Error);
 }
 
 }  // namespace

@@ -120,6 +120,12 @@ void prepare_operands(const Tensor& tensor, int64_t offset, int64_t count, int64
 // The backend's limits (Backend::check): what the kernels' *_limit functions say, for the
 // kernels these inputs would run, and what the operand preparation needs.
 std::string indexer_limit(const IndexerInputs& in, const IndexerConfig& config) {
+  if (in.ratio != 1) {
+    return fmt::format(
+        "the CUDA indexer takes uncompressed keys only, got compressed entries of {} "
+        "tokens",
+        in.ratio);
+  }
   if (config.precision == Precision::f32) return "";
   const std::string why =
       fp8_tensor_cores(in, config)

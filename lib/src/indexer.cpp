@@ -22,8 +22,11 @@ using detail::require_floating;
 
 }  // namespace
 
-IndexerInputs make_indexer_inputs(const Tensor& q_index, const Tensor& k_index,
-                                  const Tensor& weights, const IndexerConfig& config) {
+namespace {
+
+// The shapes both kinds of keys share; the length checks are the callers'.
+IndexerInputs indexer_shapes(const Tensor& q_index, const Tensor& k_index, const Tensor& weights,
+                             const IndexerConfig& config) {
   require_floating(q_index, "q_index");
   require_floating(k_index, "k_index");
   require_floating(weights, "weights");
@@ -59,12 +62,6 @@ IndexerInputs make_indexer_inputs(const Tensor& q_index, const Tensor& k_index,
               shape_string(w_expected), q_index.name, shape_string(q_shape),
               shape_string(weights.shape));
   }
-  if (in.queries > in.keys) {
-    bad_input(
-        "{} (q_index) has {} queries but {} (k_index) only {} keys: queries are the last Lq "
-        "positions of the keys",
-        q_index.name, in.queries, k_index.name, in.keys);
-  }
   if (in.keys > std::numeric_limits<int32_t>::max()) {
     bad_input("{} (k_index): {} keys do not fit int32 indices", k_index.name, in.keys);
   }
@@ -72,6 +69,41 @@ IndexerInputs make_indexer_inputs(const Tensor& q_index, const Tensor& k_index,
     bad_usage("the Hadamard rotation needs d_I to be a power of two, got {}", in.dim);
   }
   if (config.quant_block < 1) bad_usage("the fp8 block size must be positive");
+  return in;
+}
+
+}  // namespace
+
+IndexerInputs make_indexer_inputs(const Tensor& q_index, const Tensor& k_index,
+                                  const Tensor& weights, const IndexerConfig& config) {
+  IndexerInputs in = indexer_shapes(q_index, k_index, weights, config);
+  if (in.queries > in.keys) {
+    bad_input(
+        "{} (q_index) has {} queries but {} (k_index) only {} keys: queries are the last Lq "
+        "positions of the keys",
+        q_index.name, in.queries, k_index.name, in.keys);
+  }
+  in.tokens = in.keys;
+  return in;
+}
+
+IndexerInputs make_compressed_indexer_inputs(const Tensor& q_index, const Tensor& k_index,
+                                             const Tensor& weights, const IndexerConfig& config,
+                                             int64_t ratio, int64_t tokens) {
+  if (ratio < 1) bad_usage("compress ratio must be at least 1, got {}", ratio);
+  IndexerInputs in = indexer_shapes(q_index, k_index, weights, config);
+  if (tokens < in.queries) {
+    bad_usage(
+        "{} tokens cannot hold the {} queries of {} (q_index): queries are the last Lq "
+        "tokens",
+        tokens, in.queries, q_index.name);
+  }
+  if (in.keys != tokens / ratio) {
+    bad_input("{} (k_index) has {} keys, but {} tokens make floor({} / {}) = {} compressed entries",
+              k_index.name, in.keys, tokens, tokens, ratio, tokens / ratio);
+  }
+  in.tokens = tokens;
+  in.ratio = ratio;
   return in;
 }
 
@@ -134,7 +166,7 @@ void IndexerKernel::score_rows(int64_t row_begin, int64_t rows, float* out, int6
   to_f32(*inputs_.weights, (batch_ * inputs_.queries + row_begin) * H, rows * H, w.data());
   indexer_head_weights(w.data(), q_scales.data(), rows * H, H, d, config_, w.data());
   std::vector<int64_t> visible(static_cast<std::size_t>(rows));
-  for (int64_t r = 0; r < rows; ++r) visible[r] = inputs_.position(row_begin + r) + 1;
+  for (int64_t r = 0; r < rows; ++r) visible[r] = inputs_.visible(row_begin + r);
   detail::cpu_kernels().indexer_scores({q.data(), w.data(), panels_.data(), key_scales_.data(),
                                         visible.data(), rows, H, d, out, stride});
   for (int64_t r = 0; r < rows; ++r) {

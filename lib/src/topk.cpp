@@ -215,7 +215,7 @@ void detail::cpu_select_from_indexer(const IndexerInputs& inputs, const IndexerC
           score_seconds += score_watch.seconds();
           const Stopwatch select_watch;
           for (int64_t r = r0; r < r0 + n; ++r) {
-            select_topk_row(scores.data() + r * inputs.keys, inputs.position(c0 + r) + 1, k,
+            select_topk_row(scores.data() + r * inputs.keys, inputs.visible(c0 + r), k,
                             indices.data() + r * k, selected.data() + r * k, scratch);
           }
           select_seconds += select_watch.seconds();

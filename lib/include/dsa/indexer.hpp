@@ -23,18 +23,32 @@ struct IndexerConfig {
 
 // Shapes of validated indexer inputs: q_I [B?, Lq, H_I, d_I], k_I [B?, Lk, d_I],
 // w [B?, Lq, H_I]. Query row t sits at position Lk - Lq + t (decode when Lq < Lk).
+// With compressed keys (DeepSeek-V4's CSA, docs/DESIGN.md section 6) the keys are entries of
+// `ratio` tokens each: query row t sits at token position T - Lq + t of T tokens, and sees the
+// entries j < floor((t + 1) / ratio), those whose window is complete.
 struct IndexerInputs {
   const Tensor* q_index = nullptr;
   const Tensor* k_index = nullptr;
   const Tensor* weights = nullptr;
   bool batched = false;
   int64_t batch = 1, queries = 0, keys = 0, heads = 0, dim = 0;
+  int64_t tokens = 0, ratio = 1;  // T (= keys unless compressed) and tokens per key
 
-  int64_t position(int64_t row) const { return keys - queries + row; }
+  int64_t position(int64_t row) const { return tokens - queries + row; }
+  // Keys [0, visible(row)) are visible to the row: position + 1, or the complete entries.
+  int64_t visible(int64_t row) const {
+    const int64_t n = (position(row) + 1) / ratio;
+    return n < keys ? n : keys;
+  }
 };
 // Throws Error(bad_input) naming the tensor whose shape or dtype does not fit.
 IndexerInputs make_indexer_inputs(const Tensor& q_index, const Tensor& k_index,
                                   const Tensor& weights, const IndexerConfig& config);
+// Keys that are compressed entries of `ratio` tokens (DeepSeek-V4's CSA): k_index [B?, N, d_I]
+// with N = floor(tokens / ratio), the queries the last Lq of the tokens.
+IndexerInputs make_compressed_indexer_inputs(const Tensor& q_index, const Tensor& k_index,
+                                             const Tensor& weights, const IndexerConfig& config,
+                                             int64_t ratio, int64_t tokens);
 
 // The indexer for one batch element: keys prepared once (rotated, rounded or quantized),
 // query rows scored on demand.
