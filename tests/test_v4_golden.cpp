@@ -7,11 +7,14 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <set>
 #include <string>
 
 #include "dsa/compressed_attention.hpp"
 #include "dsa/compressor.hpp"
+#include "dsa/indexer.hpp"
 #include "dsa/io.hpp"
+#include "dsa/topk.hpp"
 #include "reference.hpp"
 
 using namespace dsa;
@@ -88,5 +91,45 @@ TEST(V4Golden, AttentionMatchesTransformers) {
     ASSERT_EQ(static_cast<int64_t>(out.size()), want.numel());
     expect_close(out.data(), want, 5e-6, name + " output");
     expect_close(lse.data(), want_lse, 5e-6, name + " lse");
+  }
+}
+
+// The CSA layer's selection: the indexer's compressor (f32: transformers has no Hadamard or
+// e2m1) and the indexer over its entries pick what transformers picked, row by row (as sets:
+// torch.topk's order among the k is not the toolkit's concern; fp32 scores have no ties here).
+TEST(V4Golden, CsaSelectionMatchesTransformers) {
+  const Tensor x = golden("csa.x"), wkv = golden("csa.indexer.compressor.wkv"),
+               wgate = golden("csa.indexer.compressor.wgate"),
+               ape = golden("csa.indexer.compressor.ape"),
+               norm = golden("csa.indexer.compressor.norm");
+  CompressorConfig config;
+  config.ratio = 4;
+  config.indexer = true;
+  config.numerics = V4Numerics::f32;
+  config.rope = deepseek_v4_rope(4);
+  const CompressorInputs cin = make_compressor_inputs(x, {&wkv, &wgate, &ape, &norm}, config);
+  Tensor keys = make_tensor(DType::f32, compressed_shape(cin), "indexer keys");
+  compress(
+      cin, config,
+      [&](const CompressedBlock& b) {
+        std::memcpy(mutable_data<float>(keys) + b.entry_begin * b.dim, b.values,
+                    static_cast<std::size_t>(b.entries * b.dim) * sizeof(float));
+      },
+      nullptr);
+  const Tensor q = golden("csa.indexer.q"), w = golden("csa.indexer.weights");
+  const Tensor want = golden("csa.topk");
+  const IndexerInputs in = make_compressed_indexer_inputs(q, keys, w, {}, 4, kTokens);
+  const int64_t k = want.dim(1);
+  std::vector<int32_t> got;
+  select_from_indexer(
+      in, {}, k,
+      [&](const SelectionBlock& b) { got.insert(got.end(), b.indices, b.indices + b.rows * b.k); },
+      nullptr);
+  ASSERT_EQ(static_cast<int64_t>(got.size()), want.numel());
+  const int32_t* expected = reinterpret_cast<const int32_t*>(want.data);
+  for (int64_t r = 0; r < want.dim(0); ++r) {
+    std::set<int32_t> a(got.begin() + r * k, got.begin() + (r + 1) * k);
+    std::set<int32_t> b(expected + r * k, expected + (r + 1) * k);
+    EXPECT_EQ(a, b) << "row " << r;
   }
 }

@@ -25,9 +25,9 @@ torch.manual_seed(0)
 T, LQ, RD, W = 260, 32, 64, 128  # tokens, query rows kept, RoPE dims, window
 KINDS = ["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"]
 cfg = DeepseekV4Config(
-    vocab_size=256, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, head_dim=128,
+    vocab_size=256, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, head_dim=128,
     partial_rotary_factor=RD / 128, q_lora_rank=32, o_groups=2, o_lora_rank=16,
-    index_n_heads=2, index_head_dim=128, index_topk=8, sliding_window=W, layer_types=KINDS,
+    index_n_heads=8, index_head_dim=64, index_topk=8, sliding_window=W, layer_types=KINDS,
     compress_rates={KINDS[1]: 4, KINDS[2]: 128}, mlp_layer_types=["moe"] * 3,
     n_routed_experts=2, num_experts_per_tok=1, moe_intermediate_size=16,
     max_position_embeddings=4096, rope_theta=10000.0, compress_rope_theta=160000.0,
@@ -140,6 +140,46 @@ with torch.no_grad():
             out[f"{name}.compressed"] = cap["compressed"].reshape(-1, cfg.head_dim).contiguous()
         if kind == KINDS[1]:
             out["csa.topk"] = cap["topk"][0][rows].to(torch.int32).contiguous()
+            # The indexer: its queries from qr, its weights with both of transformers' factors
+            # (64^-0.5 on weights_proj, 128^-0.5 on the scores) folded in, and its compressor.
+            ix = attn.compressor.indexer
+            n_i, d_i = cfg.index_n_heads, cfg.index_head_dim
+            q_i = rope((qr @ ix.q_b_proj.weight.T).view(T, n_i, d_i), table)
+            w_i = (x @ ix.scorer.weights_proj.weight.T) * (n_i ** -0.5 * d_i ** -0.5)
+            out["csa.indexer.q"] = q_i[rows].contiguous()
+            out["csa.indexer.weights"] = w_i[rows].contiguous()
+            out["csa.indexer.compressor.wkv"] = ix.kv_proj.weight.float().contiguous()
+            out["csa.indexer.compressor.wgate"] = ix.gate_proj.weight.float().contiguous()
+            out["csa.indexer.compressor.ape"] = ix.position_bias.float().contiguous()
+            out["csa.indexer.compressor.norm"] = ix.kv_norm.weight.float().contiguous()
+            # Check: these give transformers' selection (as sets; fp32 scores have no ties).
+            m = cfg.compress_rates[kind]
+            n = T // m
+            entries = x @ ix.kv_proj.weight.T, x @ ix.gate_proj.weight.T
+            kv_i, gate = (e[: n * m].view(n, m, -1) for e in entries)
+            gate = gate + ix.position_bias
+            half = d_i
+            pooled_kv = torch.zeros(n, 2 * m, half)
+            pooled_gate = torch.full((n, 2 * m, half), float("-inf"))
+            pooled_kv[:, m:], pooled_gate[:, m:] = kv_i[..., half:], gate[..., half:]
+            pooled_kv[1:, :m], pooled_gate[1:, :m] = kv_i[:-1, :, :half], gate[:-1, :, :half]
+            k_i = rmsnorm((pooled_kv * pooled_gate.softmax(1)).sum(1), ix.kv_norm.weight)
+            k_i = rope(k_i, table[0 : n * m : m])
+            scores = (torch.einsum("thd,jd->thj", q_i, k_i).relu() * w_i[..., None]).sum(1)
+            visible = torch.arange(n)[None, :] < ((torch.arange(T) + 1) // m)[:, None]
+            scores = scores.masked_fill(~visible, float("-inf"))
+            picked = scores.topk(min(cfg.index_topk, n), -1).indices
+            picked = torch.where(picked >= ((torch.arange(T) + 1) // m)[:, None], -1, picked)
+            same = all(set(a.tolist()) == set(b.tolist()) for a, b in zip(picked, cap["topk"][0]))
+            # The kept rows must have no tie at the k-th score (a tie would make the set a
+            # matter of torch.topk's order): a gap of 1e-3 relative to the row's largest.
+            ranked = scores[rows].sort(-1, descending=True).values
+            k = cfg.index_topk
+            gap = ((ranked[:, k - 1] - ranked[:, k]) / ranked[:, 0].abs()).min().item()
+            print(f"indexer: recomputed selection equals transformers' on every row: {same}; "
+                  f"smallest gap at the k-th score {gap:.2e}")
+            if not same or gap < 1e-3:
+                worst = float("inf")
 if worst > 1e-5:
     sys.exit(f"the recomputed q / kv do not give transformers' attention ({worst:.2e})")
 dest = sys.argv[1] if len(sys.argv) > 1 else "."
