@@ -46,6 +46,16 @@ int main(int argc, char** argv) {
   for (auto* option : dsa::app::add_indexer_options(app, indexer)) option->excludes(idx_opt);
   std::string device = "cpu";
   dsa::app::add_device_option(app, device);
+  dsa::app::V4AttentionOptions v4;
+  CLI::Option* v4_kind = dsa::app::add_v4_attention_options(app, v4).front();
+  std::string reference = "every-entry";
+  app.add_option("--reference", reference,
+                 "With --attention: every-entry (CSA with every visible entry: what the selection "
+                 "loses) or dense (causal attention over every raw token with the same sink: what "
+                 "compression and selection lose together)")
+      ->check(CLI::IsMember({"every-entry", "dense"}))
+      ->needs(v4_kind)
+      ->capture_default_str();
   app.set_version_flag("--version", dsa::version());
   app.add_option("-o,--output", common.output, "The JSON report (default stdout)");
   app.add_option("--threads", common.threads, "CPU threads (default: OMP_NUM_THREADS or all cores)")
@@ -53,6 +63,92 @@ int main(int argc, char** argv) {
 
   return dsa::app::run(app, argc, argv, common, [&] {
     dsa::Stopwatch total;
+    if (!v4.attention.empty()) {  // DeepSeek-V4: CSA's selection or HCA's compression
+      if (future_as_padding) dsa::bad_usage("--future-as-padding is for V3.2 selections");
+      dsa::app::check_single_stdin(
+          {attention.q, attention.kv, v4.compressed, v4.sink, tensors.q_index, tensors.k_index,
+           tensors.weights, tensors.hidden, tensors.indexer_weights, indices_path, needles_path});
+      nlohmann::json report = dsa::report_header("dsa-compare", argc, argv);
+      report["schema"] = dsa::kCompareSchema;
+      dsa::StageTimes times;
+      dsa::Stopwatch load;
+      dsa::app::V4AttentionTensors loaded;
+      dsa::app::load_v4_attention(attention, v4, loaded);
+      if (k_flag->count() == 0 && sweep.empty()) topk = 512;  // DeepSeek-V4-Flash's index_topk
+      dsa::CompressedCompareInputs inputs;
+      inputs.attention = loaded.inputs;
+      inputs.scale = loaded.scale.value;
+      inputs.reference = dsa::parse_v4_reference(reference);
+      const dsa::CompressedAttentionInputs& a = inputs.attention;
+      for (const auto& t : loaded.tensors) report["inputs"].push_back(dsa::tensor_json(t));
+      std::optional<dsa::app::IndexerTensors> indexer_tensors;
+      std::optional<dsa::TokenFile> tokens;
+      if (a.kind == dsa::V4Attention::csa && tensors.given()) {
+        indexer_tensors = dsa::app::load_indexer_tensors(tensors);
+        const dsa::app::IndexerTensors& x = *indexer_tensors;
+        inputs.indexer_config = dsa::app::indexer_config(indexer);
+        inputs.indexer = dsa::app::naming_flag_in_usage_errors("--hadamard", [&] {
+          return dsa::make_compressed_indexer_inputs(x.q_index, x.k_index, x.weights,
+                                                     inputs.indexer_config, a.ratio, a.tokens);
+        });
+        for (const auto& t : x.read) report["inputs"].push_back(dsa::tensor_json(t));
+        inputs.topk = sweep.empty() ? std::vector<int64_t>{topk} : sweep;
+      } else if (a.kind == dsa::V4Attention::csa && !indices_path.empty()) {
+        tokens = dsa::read_token_file(indices_path);
+        inputs.indices = &tokens->indices;
+        inputs.positions = tokens->positions;
+        report["inputs"].push_back(dsa::tensor_json(tokens->indices));
+      } else if (a.kind == dsa::V4Attention::csa) {
+        dsa::bad_usage(
+            "--attention csa: give the indexer (--q-index, --k-index over the "
+            "compressed keys, --weights) or --indices");
+      } else if (tensors.given() || !indices_path.empty()) {
+        dsa::bad_usage("--attention {} attends every visible entry: no indexer or --indices",
+                       v4.attention);
+      }
+      std::optional<dsa::Tensor> needles;
+      if (!needles_path.empty()) {
+        needles = dsa::read_tensor(needles_path);
+        inputs.needles = &*needles;
+        report["inputs"].push_back(dsa::tensor_json(*needles));
+      }
+      const dsa::DeviceChoice choice = dsa::app::naming_flag(
+          "--device", [&] { return dsa::choose_device(device, inputs.attention); });
+      dsa::app::report_device(report, choice);
+      times.add("load", load.seconds());
+      const dsa::Comparison comparison =
+          dsa::compare_compressed_attention(inputs, &times, choice.device);
+      report["shape"] = {{"batch", a.batch}, {"queries", a.queries}, {"keys", a.entries},
+                         {"heads", a.heads}, {"kv_heads", 1},        {"d_qk", a.dim},
+                         {"d_v", a.dim},     {"tokens", a.tokens},   {"entries", a.entries},
+                         {"d", a.dim}};
+      report["layout"] = "v4";
+      report["attention"] = v4.attention;
+      report["reference"] = reference;
+      report["window"] = a.window;
+      report["compress_ratio"] = a.ratio;
+      report["sink"] = a.sink != nullptr;
+      report["scale"] = inputs.scale;
+      report["scale_rule"] = loaded.scale.rule;
+      report["selection"] = inputs.indexer ? "indexer" : inputs.indices ? "indices" : "every-entry";
+      if (inputs.indexer) {
+        report["shape"]["indexer_heads"] = inputs.indexer->heads;
+        report["shape"]["indexer_dim"] = inputs.indexer->dim;
+        report["indexer"] = dsa::app::indexer_config_json(inputs.indexer_config);
+      }
+      report["results"] = dsa::comparison_json(comparison);
+      report["flops"] = {{"indexer", comparison.indexer_flops},
+                         {"dense_attention", comparison.dense_flops}};
+      nlohmann::json stage_ms = nlohmann::json::object();
+      for (const auto& [stage, seconds] : comparison.stage_seconds) stage_ms[stage] = seconds * 1e3;
+      report["stage_ms"] = stage_ms;
+      nlohmann::json timings = times.to_json();
+      timings["total"] = total.seconds() * 1e3;
+      report["timings_ms"] = timings;
+      report["peak_rss_bytes"] = dsa::peak_rss_bytes();
+      dsa::emit_report(report, common.output);
+      return;
+    }
     if (!tensors.given() && indices_path.empty()) {
       dsa::bad_usage(
           "give the indexer (--q-index, --k-index and --weights, or --hidden and "

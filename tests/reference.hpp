@@ -85,4 +85,34 @@ void reference_attention_row(const float* q, int64_t H, int64_t H_kv, int64_t d_
   }
 }
 
+// DeepSeek-V4's attention (compressed_attention.hpp) in fp64 for one row and head: the window
+// tokens and `entries` of the compressed ones, the sink in the denominator. Returns o [d] and
+// the whole denominator's log in lse.
+inline std::vector<double> reference_v4_row(const float* q, const float* kv, const float* entries,
+                                            int64_t d, int64_t t, int64_t window,
+                                            const std::vector<int64_t>& selected, double sink,
+                                            double scale, double& lse) {
+  std::vector<const float*> keys;
+  for (int64_t s = std::max<int64_t>(0, t - window + 1); s <= t; ++s) keys.push_back(kv + s * d);
+  for (int64_t j : selected) {
+    if (j >= 0) keys.push_back(entries + j * d);
+  }
+  std::vector<double> logit;
+  for (const float* k : keys) {
+    double dot = 0;
+    for (int64_t e = 0; e < d; ++e) dot += double(q[e]) * k[e];
+    logit.push_back(scale * dot);
+  }
+  double top = sink;
+  for (double l : logit) top = std::max(top, l);
+  double total = std::exp(sink - top);
+  for (double& l : logit) total += (l = std::exp(l - top));
+  std::vector<double> o(static_cast<std::size_t>(d), 0.0);
+  for (std::size_t u = 0; u < keys.size(); ++u) {
+    for (int64_t e = 0; e < d; ++e) o[e] += logit[u] / total * keys[u][e];
+  }
+  lse = top + std::log(total);
+  return o;
+}
+
 }  // namespace dsa::test

@@ -37,44 +37,25 @@ Result run(const CompressedAttentionInputs& in, const Tensor* indices, float sca
 Result reference(const CompressedAttentionInputs& in, const std::vector<std::vector<int64_t>>& sel,
                  bool all, double scale) {
   const int64_t H = in.heads, d = in.dim;
-  const float* q = test::f32(*in.q);
-  const float* kv = test::f32(*in.kv);
-  const float* c = in.compressed ? test::f32(*in.compressed) : nullptr;
   Result r;
   for (int64_t b = 0; b < in.batch; ++b) {
     for (int64_t row = 0; row < in.queries; ++row) {
-      const int64_t t = in.position(row);
-      std::vector<const float*> keys;
-      for (int64_t s = std::max<int64_t>(0, t - in.window + 1); s <= t; ++s) {
-        keys.push_back(kv + (b * in.tokens + s) * d);
-      }
+      std::vector<int64_t> entries;
       if (all) {
-        for (int64_t j = 0; j < in.visible_entries(row); ++j)
-          keys.push_back(c + (b * in.entries + j) * d);
+        for (int64_t j = 0; j < in.visible_entries(row); ++j) entries.push_back(j);
       } else if (!sel.empty()) {
-        for (int64_t j : sel[b * in.queries + row]) {
-          if (j >= 0) keys.push_back(c + (b * in.entries + j) * d);
-        }
+        entries = sel[b * in.queries + row];
       }
       for (int64_t h = 0; h < H; ++h) {
-        const float* qh = q + ((b * in.queries + row) * H + h) * d;
-        std::vector<double> logit;
-        for (const float* k : keys) {
-          double dot = 0;
-          for (int64_t e = 0; e < d; ++e) dot += double(qh[e]) * k[e];
-          logit.push_back(scale * dot);
-        }
-        const double sink = in.sink ? test::f32(*in.sink)[h] : -INFINITY;
-        double top = sink;
-        for (double l : logit) top = std::max(top, l);
-        double total = std::exp(sink - top);
-        for (double& l : logit) total += (l = std::exp(l - top));
-        std::vector<double> o(static_cast<std::size_t>(d), 0.0);
-        for (std::size_t u = 0; u < keys.size(); ++u) {
-          for (int64_t e = 0; e < d; ++e) o[e] += logit[u] / total * keys[u][e];
-        }
+        double lse = 0;
+        const std::vector<double> o = test::reference_v4_row(
+            test::f32(*in.q) + ((b * in.queries + row) * H + h) * d,
+            test::f32(*in.kv) + b * in.tokens * d,
+            in.compressed ? test::f32(*in.compressed) + b * in.entries * d : nullptr, d,
+            in.position(row), in.window, entries, in.sink ? test::f32(*in.sink)[h] : -INFINITY,
+            scale, lse);
         for (double v : o) r.out.push_back(static_cast<float>(v));
-        r.lse.push_back(static_cast<float>(top + std::log(total)));
+        r.lse.push_back(static_cast<float>(lse));
       }
     }
   }

@@ -145,3 +145,27 @@ TEST_F(V4Cli, CsaTakesASelectionOfVisibleEntries) {
   expect_only({"qa.npy", "kv.npy", "q.npy", "k.npy", "w.npy", "model.safetensors", "x.npy",
                "q4.npy", "kv4.npy", "c4.npy", "sel.npy", "bad.npy", "o.npy"});
 }
+
+TEST_F(V4Cli, CompareReportsWhatCompressionLoses) {
+  ASSERT_EQ(run("dsa-compress --x x.npy --weights model.safetensors --prefix "
+                "layers.3.attn.compressor --ratio 128 -o c.npy -q")
+                .code,
+            0);
+  const Outcome r =
+      run("dsa-compare --attention hca --reference dense --q q4.npy --kv kv4.npy "
+          "--compressed c.npy --sink model.safetensors:layers.3.attn.attn_sink");
+  ASSERT_EQ(r.code, 0) << r.err;
+  const auto report = nlohmann::json::parse(r.out);
+  EXPECT_EQ(report["layout"], "v4");
+  EXPECT_EQ(report["reference"], "dense");
+  EXPECT_EQ(report["selection"], "every-entry");
+  ASSERT_EQ(report["results"].size(), 1u);
+  EXPECT_EQ(report["results"][0]["k"], T / 128);
+  EXPECT_GT(report["results"][0]["out_rel_err"]["exact"]["mean"].get<double>(),
+            0.0);  // k = every entry
+  // HCA is the every-entry reference itself: a usage error naming the way out.
+  const Outcome same =
+      run("dsa-compare --attention hca --q q4.npy --kv kv4.npy --compressed c.npy");
+  EXPECT_EQ(same.code, 2);
+  EXPECT_NE(same.err.find("dense reference"), std::string::npos) << same.err;
+}

@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """Validates the JSON report of dsa-compare against its schema (tests/schema/dsa-compare.schema.json).
 
-Runs dsa-compare in three modes and validates each report:
+Runs dsa-compare in four modes and validates each report:
 
   * indexer: data/workload.safetensors (MQA layout) with --sweep-topk 16,64, report on stdout
     (a pipe, so it must be one line);
   * indices: a selection written by `dsa-select -k 32` into a temporary directory, read back
     with --indices, report written with -o FILE (indented);
   * mha: small random .npy inputs written here with numpy, MHA/GQA layout (--k, --v), batched,
-    decode-like (Lq < Lk), with the indexer and --needles.
+    decode-like (Lq < Lk), with the indexer and --needles;
+  * v4: DeepSeek-V4's CSA (--attention csa) on random .npy inputs, the indexer over compressed
+    keys, a window and a sink.
 
 Besides the schema, a few counts of each report are checked against the inputs (rows, summary
 counts, bucket rows, needles, FLOPs). Then negative checks: copies of the reports with a field
@@ -254,6 +256,41 @@ def main():
                               and report["shape"]["d_v"] == dv and report["threads"] == 2)
         except (RunFailure, json.JSONDecodeError, KeyError, TypeError) as e:
             CHECKS.record("mha: run", False, str(e))
+        # 4. DeepSeek-V4's CSA (--attention): the indexer over compressed keys, window and sink.
+        try:
+            rng = np.random.default_rng(20261201)
+            T, Lq, H, d, HI, dI, W = 200, 16, 2, 32, 2, 8, 16
+            files = {
+                "v4q": rng.standard_normal((Lq, H, d)) * 0.3,
+                "v4kv": rng.standard_normal((T, d)),
+                "v4c": rng.standard_normal((T // 4, d)),
+                "v4sink": rng.standard_normal((H,)),
+                "v4qi": rng.standard_normal((Lq, HI, dI)),
+                "v4ki": rng.standard_normal((T // 4, dI)),
+                "v4w": rng.standard_normal((Lq, HI)),
+            }
+            for name, array in files.items():
+                np.save(os.path.join(tmp, f"{name}.npy"), array.astype(np.float32))
+            p = lambda name: os.path.join(tmp, f"{name}.npy")  # noqa: E731
+            out = run([compare, "--attention", "csa", "--q", p("v4q"), "--kv", p("v4kv"),
+                       "--compressed", p("v4c"), "--sink", p("v4sink"), "--window", W,
+                       "--q-index", p("v4qi"), "--k-index", p("v4ki"), "--weights", p("v4w"),
+                       "--sweep-topk", "4,8"])
+            report = json.loads(out)
+            reports["v4"] = report
+            if check_valid(validator, "v4", report):
+                positions = [T - Lq + r for r in range(Lq)]
+                exact = [sum(1 for t in positions if (t + 1) // 4 <= k) for k in (4, 8)]
+                rows = [entry["rows"] for entry in report["results"]]
+                CHECKS.record("v4: layout, shape and exact rows",
+                              report["layout"] == "v4" and report["attention"] == "csa"
+                              and report["reference"] == "every-entry"
+                              and report["shape"]["entries"] == T // 4
+                              and report["shape"]["tokens"] == T
+                              and rows == [{"sparse": Lq - e, "exact": e} for e in exact],
+                              str(rows))
+        except (RunFailure, json.JSONDecodeError, KeyError, TypeError) as e:
+            CHECKS.record("v4: run", False, str(e))
     finally:
         if args.keep:
             print(f"kept {tmp}")

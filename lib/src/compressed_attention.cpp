@@ -14,6 +14,7 @@
 #include "backend.hpp"
 #include "checks.hpp"
 #include "dsa/error.hpp"
+#include "views.hpp"
 
 namespace dsa {
 
@@ -24,17 +25,6 @@ namespace {
 int64_t chunk_rows(const CompressedAttentionInputs& in, int64_t per_row_entries) {
   const int64_t per_row = std::max<int64_t>(1, per_row_entries) * (in.dim * 4 + 8);
   return std::clamp<int64_t>((64 << 20) / per_row / 16 * 16, 16, 4096);
-}
-
-// A view of `count` leading-dimension rows of t starting at `first`, with the given shape.
-Tensor view(const Tensor& t, int64_t first_element, Shape shape) {
-  Tensor v;
-  v.dtype = t.dtype;
-  v.shape = std::move(shape);
-  v.name = t.name;
-  v.storage = t.storage;
-  v.data = t.data + static_cast<std::size_t>(first_element) * dtype_size(t.dtype);
-  return v;
 }
 
 // The MQA inputs the backend check sees for these inputs: d_qk = d_v = d, one shared K/V.
@@ -270,7 +260,7 @@ void compressed_attention(const CompressedAttentionInputs& in, const Tensor* ind
       }
       Tensor list_tensor = make_tensor(DType::i32, {rows, width}, "window and entries");
       std::memcpy(mutable_data<int32_t>(list_tensor), lists.data(), lists.size() * sizeof(int32_t));
-      const Tensor q = view(*in.q, (b * in.queries + c0) * H * d, {rows, H, d});
+      const Tensor q = detail::view(*in.q, (b * in.queries + c0) * H * d, {rows, H, d});
       const AttentionInputs mqa = make_mqa_inputs(q, cache, d);
       if (times) times->add("gather", gather.seconds());
       backend.attention(

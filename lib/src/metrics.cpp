@@ -438,13 +438,13 @@ nlohmann::json comparison_json(const Comparison& c) {
       std::vector<double> part[2];
       for (std::size_t i = 0; i < values.size(); ++i) {
         const int64_t row = static_cast<int64_t>(i) / per_row;
-        part[c.position(row) + 1 <= f.k].push_back(values[i]);
+        part[c.visible(row) <= f.k].push_back(values[i]);
       }
       return nlohmann::json{{"sparse", summary_json(summarize(part[0]))},
                             {"exact", summary_json(summarize(part[1]))}};
     };
     int64_t exact_rows = 0;
-    for (int64_t row = 0; row < c.rows(); ++row) exact_rows += c.position(row) + 1 <= f.k;
+    for (int64_t row = 0; row < c.rows(); ++row) exact_rows += c.visible(row) <= f.k;
     const bool with_indexer = !c.kl_dense.empty();
     nlohmann::json entry = {
         {"k", f.k},
@@ -483,7 +483,7 @@ nlohmann::json comparison_json(const Comparison& c) {
       };
       int64_t rows = 0;
       for (int64_t row = 0; row < c.rows(); ++row) {
-        const int64_t t = c.position(row);
+        const int64_t t = c.visible(row) - 1;  // the position, or the last visible entry
         if (t < begin || t >= end) continue;
         ++rows;
         for (int64_t h = 0; h < H; ++h) {

@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "dsa/attention.hpp"
+#include "dsa/compressed_attention.hpp"
 #include "dsa/indexer.hpp"
 #include "dsa/report.hpp"
 #include "dsa/tensor.hpp"
@@ -61,6 +62,9 @@ struct Fidelity {
 
 struct Comparison {
   int64_t batch = 1, queries = 0, keys = 0, heads = 0;
+  // Compressed keys (DeepSeek-V4): the tokens they come from and tokens per key; 0 and 1 for
+  // V3.2, where a key is a token.
+  int64_t tokens = 0, ratio = 1;
   // [rows]; Eq. 3: KL(p[t,:] || softmax(I[t,:])) over s <= t; empty without the indexer.
   std::vector<float> kl_dense;
   std::vector<Fidelity> per_k;
@@ -68,7 +72,14 @@ struct Comparison {
   std::vector<std::pair<std::string, double>> stage_seconds;  // wall clock per stage
 
   int64_t rows() const { return batch * queries; }
-  int64_t position(int64_t row) const { return keys - queries + row % queries; }
+  int64_t position(int64_t row) const {
+    return (tokens > 0 ? tokens : keys) - queries + row % queries;
+  }
+  // Keys the row's query sees: t + 1, or the complete compressed entries floor((t + 1) / ratio).
+  int64_t visible(int64_t row) const {
+    const int64_t n = (position(row) + 1) / ratio;
+    return n < keys ? n : keys;
+  }
 };
 
 // Dense and sparse attention in blocks of queries, never more than a few rows of L scores. On
@@ -81,8 +92,40 @@ Comparison compare_attention(const CompareInputs& inputs, StageTimes* times,
 // how; the GPU needs MLA's latent layout with d_qk 512 or 576 and d_v 512).
 DeviceChoice choose_device(const std::string& name, const CompareInputs& inputs);
 
+// DeepSeek-V4 (docs/DESIGN.md section 6): CSA's selection, or HCA's compression, against
+// `every_entry` (CSA with every visible entry: what the selection loses) or `dense` (causal
+// attention over every raw token with the same sink: what compression and selection lose
+// together, a probe: the model never computes it).
+enum class V4Reference { every_entry, dense };
+V4Reference parse_v4_reference(const std::string& text);  // "every-entry", "dense"
+std::string v4_reference_name(V4Reference reference);
+
+struct CompressedCompareInputs {
+  CompressedAttentionInputs attention;  // CSA or HCA
+  float scale = 1.0f;
+  V4Reference reference = V4Reference::every_entry;
+  // CSA: the indexer over the compressed keys (make_compressed_indexer_inputs, ratio 4) ...
+  std::optional<IndexerInputs> indexer;
+  IndexerConfig indexer_config;
+  // ... or a precomputed selection of entries [B?, Lq, K]; HCA takes neither.
+  const Tensor* indices = nullptr;
+  std::vector<int64_t> positions;
+  const Tensor* needles = nullptr;    // [N, 2] (t, s): s counts as kept in the window or its entry
+  std::vector<int64_t> topk = {512};  // ascending; one k (the width) with indices; none for HCA
+};
+
+// The same Comparison as compare_attention's, per k, over the window and the selection (HCA:
+// one "k", the entry count, every visible entry). Against every_entry, mass_recall_head is
+// exp(lse_S - lse_ref) (the sink's and the window's shares are kept by both), topk_recall and
+// the KL metrics use the reference's head-averaged probabilities of the entries, renormalized
+// over the entries (Eq. 3, 4 on compressed keys); against dense they are NaN (the key sets
+// differ). Rows with at most k visible entries are "exact". On the CPU; attention on `device`.
+Comparison compare_compressed_attention(const CompressedCompareInputs& inputs, StageTimes* times,
+                                        Device device = Device::cpu);
+
 // The report's "results": per k, each metric summarized over rows with t + 1 > k ("sparse")
-// and apart over rows with t + 1 <= k ("exact"), buckets by position, needle recall.
+// and apart over rows with t + 1 <= k ("exact"), buckets by position, needle recall. With
+// compressed keys, "t + 1" is the visible entry count and the buckets count entries.
 nlohmann::json comparison_json(const Comparison& comparison);
 
 }  // namespace dsa

@@ -1,0 +1,179 @@
+// DeepSeek-V4's fidelity report (metrics.hpp compare_compressed_attention) against fp64.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "dsa/error.hpp"
+#include "dsa/metrics.hpp"
+#include "reference.hpp"
+
+using namespace dsa;
+
+namespace {
+
+constexpr int64_t T = 240, Lq = 24, H = 3, d = 32, W = 16, HI = 4, DI = 16;
+
+struct Layer {
+  std::mt19937_64 rng{61};
+  Tensor q = test::random_tensor({Lq, H, d}, rng, 0.4f, "q");
+  Tensor kv = test::random_tensor({T, d}, rng, 1.0f, "kv");
+  Tensor c4 = test::random_tensor({T / 4, d}, rng, 1.0f, "compressed");
+  Tensor sink = test::random_tensor({H}, rng, 1.0f, "sink");
+  Tensor qi = test::random_tensor({Lq, HI, DI}, rng, 1.0f, "q_index");
+  Tensor ki = test::random_tensor({T / 4, DI}, rng, 1.0f, "k_index");
+  Tensor wi = test::random_tensor({Lq, HI}, rng, 1.0f, "weights");
+};
+
+double scale() {
+  return 1.0 / std::sqrt(double(d));
+}
+
+// The reference's head-averaged probability of each visible entry (every-entry reference).
+std::vector<double> entry_mass(const Layer& l, const CompressedAttentionInputs& in, int64_t r) {
+  const int64_t visible = in.visible_entries(r);
+  std::vector<int64_t> all(static_cast<std::size_t>(visible));
+  for (int64_t j = 0; j < visible; ++j) all[j] = j;
+  std::vector<double> mass(static_cast<std::size_t>(visible), 0.0);
+  for (int64_t h = 0; h < H; ++h) {
+    double lse = 0;
+    const float* q = test::f32(l.q) + (r * H + h) * d;
+    test::reference_v4_row(q, test::f32(l.kv), test::f32(l.c4), d, in.position(r), W, all,
+                           test::f32(l.sink)[h], scale(), lse);
+    for (int64_t j = 0; j < visible; ++j) {
+      double dot = 0;
+      for (int64_t e = 0; e < d; ++e) dot += double(q[e]) * test::f32(l.c4)[j * d + e];
+      mass[j] += std::exp(scale() * dot - lse) / H;
+    }
+  }
+  return mass;
+}
+
+}  // namespace
+
+TEST(CompressedCompare, CsaWithTheIndexerAgainstEveryEntryMatchesFp64) {
+  const Layer l;
+  CompressedCompareInputs ci;
+  ci.attention = make_compressed_attention_inputs(l.q, l.kv, &l.c4, &l.sink, V4Attention::csa, W);
+  ci.scale = static_cast<float>(scale());
+  ci.indexer = make_compressed_indexer_inputs(l.qi, l.ki, l.wi, {}, 4, T);
+  ci.topk = {4, 20};
+  const Comparison c = compare_compressed_attention(ci, nullptr);
+  ASSERT_EQ(c.per_k.size(), 2u);
+  EXPECT_EQ(c.keys, T / 4);
+  const CompressedAttentionInputs& in = ci.attention;
+  for (std::size_t ki = 0; ki < 2; ++ki) {
+    const Fidelity& f = c.per_k[ki];
+    for (int64_t r = 0; r < Lq; ++r) {
+      const int64_t t = in.position(r), visible = in.visible_entries(r);
+      // The indexer's scores in fp64 and its top-k.
+      std::vector<double> score(static_cast<std::size_t>(visible));
+      for (int64_t j = 0; j < visible; ++j) {
+        for (int64_t h = 0; h < HI; ++h) {
+          double dot = 0;
+          for (int64_t e = 0; e < DI; ++e)
+            dot += double(test::f32(l.qi)[(r * HI + h) * DI + e]) * test::f32(l.ki)[j * DI + e];
+          score[j] += test::f32(l.wi)[r * HI + h] * std::max(dot, 0.0);
+        }
+      }
+      const std::vector<int32_t> top = test::reference_topk(score.data(), visible, f.k);
+      const std::vector<int64_t> sel(top.begin(), top.end());
+      std::vector<int64_t> all(static_cast<std::size_t>(visible));
+      for (int64_t j = 0; j < visible; ++j) all[j] = j;
+      double mass = 0;
+      for (int64_t h = 0; h < H; ++h) {
+        const float* q = test::f32(l.q) + (r * H + h) * d;
+        double lse_s = 0, lse_a = 0;
+        const std::vector<double> os =
+            test::reference_v4_row(q, test::f32(l.kv), test::f32(l.c4), d, t, W, sel,
+                                   test::f32(l.sink)[h], scale(), lse_s);
+        const std::vector<double> oa =
+            test::reference_v4_row(q, test::f32(l.kv), test::f32(l.c4), d, t, W, all,
+                                   test::f32(l.sink)[h], scale(), lse_a);
+        double err = 0, norm = 0;
+        for (int64_t e = 0; e < d; ++e) {
+          err += (os[e] - oa[e]) * (os[e] - oa[e]);
+          norm += oa[e] * oa[e];
+        }
+        EXPECT_NEAR(f.out_rel_err[r * H + h], std::sqrt(err / norm), 1e-5) << r;
+        EXPECT_NEAR(f.mass_recall_head[r * H + h], std::exp(lse_s - lse_a), 1e-5) << r;
+        mass += std::exp(lse_s - lse_a) / H;
+      }
+      EXPECT_NEAR(f.mass_recall[r], mass, 1e-5);
+      // Oracle top-k recall and the KL losses on the entries.
+      const std::vector<double> p = entry_mass(l, in, r);
+      const std::vector<int32_t> oracle = test::reference_topk(p.data(), visible, f.k);
+      int64_t hits = 0;
+      for (int32_t j : oracle) hits += j >= 0 && std::find(sel.begin(), sel.end(), j) != sel.end();
+      EXPECT_NEAR(f.topk_recall[r], double(hits) / std::min<int64_t>(f.k, visible), 1e-6) << r;
+      const auto kl = [&](const std::vector<int64_t>& set) {
+        double pm = 0, top_score = -INFINITY, z = 0, sum = 0;
+        for (int64_t j : set) {
+          if (j < 0) continue;
+          pm += p[j];
+          top_score = std::max(top_score, score[j]);
+        }
+        for (int64_t j : set) {
+          if (j >= 0) z += std::exp(score[j] - top_score);
+        }
+        for (int64_t j : set) {
+          if (j < 0) continue;
+          const double pi = p[j] / pm, qi = std::exp(score[j] - top_score) / z;
+          sum += pi * std::log(pi / qi);
+        }
+        return sum;
+      };
+      EXPECT_NEAR(f.kl_sparse[r], kl(sel), 1e-4 * (1 + kl(sel))) << r;
+      if (ki == 0) EXPECT_NEAR(c.kl_dense[r], kl(all), 1e-4 * (1 + kl(all))) << r;
+    }
+  }
+  // k at least every visible entry: the every-entry reference itself.
+  ci.topk = {T / 4};
+  const Comparison whole = compare_compressed_attention(ci, nullptr);
+  for (float e : whole.per_k[0].out_rel_err) EXPECT_LT(e, 1e-5);
+  for (float m : whole.per_k[0].mass_recall) EXPECT_NEAR(m, 1.0, 1e-5);
+  for (float m : whole.per_k[0].topk_recall) EXPECT_EQ(m, 1.0f);
+  const nlohmann::json results = comparison_json(whole);
+  EXPECT_EQ(results[0]["rows"]["exact"], Lq);  // every row sees at most k entries
+}
+
+TEST(CompressedCompare, HcaAgainstDenseAttentionOverTheRawTokens) {
+  Layer l;
+  Tensor c128 = test::random_tensor({T / 128, d}, l.rng, 1.0f, "compressed");
+  CompressedCompareInputs ci;
+  ci.attention = make_compressed_attention_inputs(l.q, l.kv, &c128, &l.sink, V4Attention::hca, W);
+  ci.scale = static_cast<float>(scale());
+  ci.reference = V4Reference::dense;
+  const Comparison c = compare_compressed_attention(ci, nullptr);
+  ASSERT_EQ(c.per_k.size(), 1u);
+  const CompressedAttentionInputs& in = ci.attention;
+  for (int64_t r = 0; r < Lq; ++r) {
+    const int64_t t = in.position(r);
+    std::vector<int64_t> entries;
+    for (int64_t j = 0; j < in.visible_entries(r); ++j) entries.push_back(j);
+    for (int64_t h = 0; h < H; ++h) {
+      const float* q = test::f32(l.q) + (r * H + h) * d;
+      double lse_h = 0, lse_d = 0;
+      const std::vector<double> oh =
+          test::reference_v4_row(q, test::f32(l.kv), test::f32(c128), d, t, W, entries,
+                                 test::f32(l.sink)[h], scale(), lse_h);
+      const std::vector<double> od = test::reference_v4_row(
+          q, test::f32(l.kv), nullptr, d, t, t + 1, {}, test::f32(l.sink)[h], scale(), lse_d);
+      double err = 0, norm = 0;
+      for (int64_t e = 0; e < d; ++e) {
+        err += (oh[e] - od[e]) * (oh[e] - od[e]);
+        norm += od[e] * od[e];
+      }
+      EXPECT_NEAR(c.per_k[0].out_rel_err[r * H + h], std::sqrt(err / norm), 1e-5) << r;
+      EXPECT_TRUE(std::isnan(c.per_k[0].mass_recall_head[r * H + h]));  // other key sets
+    }
+  }
+  // What the comparison refuses.
+  ci.reference = V4Reference::every_entry;
+  EXPECT_THROW(compare_compressed_attention(ci, nullptr), Error);
+  ci.attention = make_compressed_attention_inputs(l.q, l.kv, nullptr, &l.sink, V4Attention::swa, W);
+  ci.reference = V4Reference::dense;
+  EXPECT_THROW(compare_compressed_attention(ci, nullptr), Error);
+  EXPECT_THROW(parse_v4_reference("sparse"), Error);
+}
