@@ -2,11 +2,13 @@
 // bf16 operands). Without a usable GPU every test skips, saying why.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <random>
 
 #include "dsa/attention.hpp"
+#include "dsa/compressed_attention.hpp"
 #include "dsa/device.hpp"
 #include "dsa/error.hpp"
 #include "dsa/indexer.hpp"
@@ -378,4 +380,53 @@ TEST(Cuda, EachOperationAsksTheBackendFirst) {
 }
 
 }  // namespace
+// DeepSeek-V4's attention on the GPU (d = 512: the wgmma kernel over the gathered window and
+// entries, the sink applied after) against the CPU, CSA with a selection and HCA.
+TEST(Cuda, CompressedAttentionMatchesTheCpu) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(12);
+  const int64_t T = 700, Lq = 40, H = 64, d = 512;
+  Tensor q = test::random_tensor({Lq, H, d}, rng, 0.05f, "q");
+  Tensor kv = test::random_tensor({T, d}, rng, 1.0f, "kv");
+  Tensor c4 = test::random_tensor({T / 4, d}, rng, 1.0f, "c4");
+  Tensor c128 = test::random_tensor({T / 128, d}, rng, 1.0f, "c128");
+  const Tensor sink = test::random_tensor({H}, rng, 1.0f, "sink");
+  for (Tensor* t : {&q, &kv, &c4, &c128}) {  // the GPU reads bf16
+    float* p = mutable_data<float>(*t);
+    for (int64_t i = 0; i < t->numel(); ++i) p[i] = round_to_bf16(p[i]);
+  }
+  Tensor sel = make_tensor(DType::i32, {Lq, 32}, "sel");
+  for (int64_t r = 0; r < Lq; ++r) {
+    const int64_t visible = (T - Lq + r + 1) / 4;
+    for (int64_t i = 0; i < 32; ++i)
+      mutable_data<int32_t>(sel)[r * 32 + i] = int32_t((i * 5 + r) % visible);
+  }
+  for (int64_t r = 0; r < Lq; ++r) {  // distinct entries: a stride of 5 over >= 165 entries
+    std::vector<int32_t> row(mutable_data<int32_t>(sel) + r * 32,
+                             mutable_data<int32_t>(sel) + (r + 1) * 32);
+    std::sort(row.begin(), row.end());
+    ASSERT_EQ(std::unique(row.begin(), row.end()), row.end());
+  }
+  const float scale = 1.0f / std::sqrt(float(d));
+  for (const V4Attention kind : {V4Attention::csa, V4Attention::hca}) {
+    SCOPED_TRACE(v4_attention_name(kind));
+    const CompressedAttentionInputs in = make_compressed_attention_inputs(
+        q, kv, kind == V4Attention::csa ? &c4 : &c128, &sink, kind, 128);
+    ASSERT_EQ(choose_device("cuda", in).device, Device::cuda);
+    std::vector<float> out[2], lse[2];
+    for (int device = 0; device < 2; ++device) {
+      compressed_attention(
+          in, kind == V4Attention::csa ? &sel : nullptr, scale,
+          [&](const AttentionBlock& b) {
+            out[device].insert(out[device].end(), b.out, b.out + b.rows * b.heads * b.d_v);
+            lse[device].insert(lse[device].end(), b.lse, b.lse + b.rows * b.heads);
+          },
+          nullptr, device ? Device::cuda : Device::cpu);
+    }
+    ASSERT_EQ(out[0].size(), out[1].size());
+    for (std::size_t i = 0; i < out[0].size(); ++i) ASSERT_NEAR(out[1][i], out[0][i], 5e-3) << i;
+    for (std::size_t i = 0; i < lse[0].size(); ++i) ASSERT_NEAR(lse[1][i], lse[0][i], 1e-3) << i;
+  }
+}
+
 }  // namespace dsa
