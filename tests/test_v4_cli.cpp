@@ -142,6 +142,14 @@ TEST_F(V4Cli, CsaTakesASelectionOfVisibleEntries) {
   EXPECT_EQ(missing.code, 3) << missing.err;
   EXPECT_NE(missing.err.find("layers.9.attn.compressor.wkv.weight"), std::string::npos)
       << missing.err;
+  const Outcome no_weights = run("dsa-compress --x x.npy -o out.npy");
+  EXPECT_EQ(no_weights.code, 2);
+  EXPECT_NE(no_weights.err.find("--weights and --prefix"), std::string::npos) << no_weights.err;
+  const Outcome wrong_x =
+      run("dsa-compress --x q4.npy --weights model.safetensors --prefix "
+          "layers.2.attn.compressor -o out.npy");
+  EXPECT_EQ(wrong_x.code, 3);
+  EXPECT_NE(wrong_x.err.find("(wkv): expected shape [256, 128]"), std::string::npos) << wrong_x.err;
   expect_only({"qa.npy", "kv.npy", "q.npy", "k.npy", "w.npy", "model.safetensors", "x.npy",
                "q4.npy", "kv4.npy", "c4.npy", "sel.npy", "bad.npy", "o.npy"});
 }
