@@ -93,10 +93,10 @@ IndexerInputs make_compressed_indexer_inputs(const Tensor& q_index, const Tensor
   if (ratio < 1) bad_usage("compress ratio must be at least 1, got {}", ratio);
   IndexerInputs in = indexer_shapes(q_index, k_index, weights, config);
   if (tokens < in.queries) {
-    bad_usage(
-        "{} tokens cannot hold the {} queries of {} (q_index): queries are the last Lq "
-        "tokens",
-        tokens, in.queries, q_index.name);
+    bad_input(
+        "{} (q_index) has {} queries but the keys come from {} tokens: queries are the last "
+        "Lq tokens",
+        q_index.name, in.queries, tokens);
   }
   if (in.keys != tokens / ratio) {
     bad_input("{} (k_index) has {} keys, but {} tokens make floor({} / {}) = {} compressed entries",
