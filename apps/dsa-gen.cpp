@@ -32,7 +32,9 @@ nlohmann::json config_json(const dsa::WorkloadConfig& c) {
           {"indexer_noise", c.indexer_noise},
           {"seed", c.seed},
           {"hidden", c.hidden},
-          {"scale", c.scale}};
+          {"scale", c.scale},
+          {"queries", c.queries},
+          {"compress_ratio", c.compress_ratio}};
 }
 
 template <typename T>
@@ -45,19 +47,20 @@ void override_with(T& field, const std::optional<T>& value) {
 int main(int argc, char** argv) {
   CLI::App app(
       "Deterministic synthetic DSA workload: q, kv, q_index, k_index, weights and the needle "
-      "pairs (with --hidden also hidden states and the indexer projections), in one "
-      ".safetensors file.",
+      "pairs (with --hidden also hidden states and the indexer projections; with "
+      "--compress-ratio DeepSeek-V4's compressed entries and sinks), in one .safetensors file.",
       "dsa-gen");
   dsa::app::CommonOptions common;
   std::string preset = "small", dtype = "f32";
   std::vector<std::string> only;
   std::optional<int64_t> length, heads, d_qk, d_v, indexer_heads, indexer_dim, sinks, window,
-      needles, needle_distance, rank, hidden;
+      needles, needle_distance, rank, hidden, queries, compress_ratio;
   std::optional<double> sink_logit, local_logit, needle_logit, noise, indexer_noise;
   std::optional<uint64_t> seed;
   std::optional<std::string> scale;
-  app.add_option("--preset", preset, "Sizes to start from: small or v32 (the flags override it)")
-      ->check(CLI::IsMember({"small", "v32"}))
+  app.add_option("--preset", preset,
+                 "Sizes to start from: small, v32, v4-flash or v4-pro (the flags override it)")
+      ->check(CLI::IsMember({"small", "v32", "v4-flash", "v4-pro"}))
       ->capture_default_str();
   app.add_option("--length", length, "Sequence length L");
   app.add_option("--heads", heads, "Main query heads H");
@@ -86,6 +89,11 @@ int main(int argc, char** argv) {
                  "Also write hidden states [L, D_MODEL] and the indexer projections of them "
                  "(wq_b.weight, wk.weight, k_norm.*, weights_proj.weight) that give q_index, "
                  "k_index and weights");
+  app.add_option("--queries", queries,
+                 "Query rows for the last N positions only (default: every position)");
+  app.add_option("--compress-ratio", compress_ratio,
+                 "DeepSeek-V4: also write compressed entries (window means of kv; M = 4 overlaps "
+                 "windows of 8) and sinks; k_index then holds the entries' keys");
   app.add_option("--dtype", dtype, "Dtype of the floating-point tensors: f32 or bf16")
       ->check(CLI::IsMember({"f32", "bf16"}))
       ->capture_default_str();
@@ -116,6 +124,8 @@ int main(int argc, char** argv) {
     override_with(config.indexer_noise, indexer_noise);
     override_with(config.seed, seed);
     override_with(config.hidden, hidden);
+    override_with(config.queries, queries);
+    override_with(config.compress_ratio, compress_ratio);
     std::string scale_rule = preset == "v32" ? "deepseek-v3.2" : "d_qk^-0.5";
     if (scale) {
       const dsa::SoftmaxScale s = dsa::resolve_softmax_scale(*scale, config.d_qk);
@@ -132,6 +142,10 @@ int main(int argc, char** argv) {
     if (config.hidden > 0 && dtype == "bf16") dsa::narrow_hidden_workload(w, dsa::DType::bf16);
     times.add("generate", generate.seconds());
     std::vector<dsa::Tensor> tensors = {w.q, w.kv, w.q_index, w.k_index, w.weights, w.needles};
+    if (config.compress_ratio > 0) {
+      tensors.push_back(w.compressed);
+      tensors.push_back(w.sink);
+    }
     if (config.hidden > 0) {
       tensors.push_back(w.hidden);
       for (dsa::Tensor& t : dsa::indexer_weight_tensors(w.indexer)) tensors.push_back(t);

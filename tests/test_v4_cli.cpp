@@ -177,3 +177,26 @@ TEST_F(V4Cli, CompareReportsWhatCompressionLoses) {
   EXPECT_EQ(same.code, 2);
   EXPECT_NE(same.err.find("dense reference"), std::string::npos) << same.err;
 }
+
+TEST_F(V4Cli, GeneratedWorkloadGoesThroughCompare) {
+  const Outcome gen =
+      run("dsa-gen --preset v4-flash --length 2048 --queries 16 --heads 4 --dqk 128 "
+          "--dv 128 --indexer-heads 8 --indexer-dim 32 -o w.safetensors -q");
+  ASSERT_EQ(gen.code, 0) << gen.err;
+  const Tensor c = read_tensor(path("w.safetensors") + ":compressed");
+  EXPECT_EQ(c.shape, (Shape{512, 128}));
+  const std::string w = "w.safetensors:";
+  const Outcome r =
+      run("dsa-compare --attention csa --q " + w + "q --kv " + w + "kv --compressed " + w +
+          "compressed --sink " + w + "sink --q-index " + w + "q_index --k-index " + w +
+          "k_index --weights " + w + "weights --needles " + w + "needles --sweep-topk 16,64");
+  ASSERT_EQ(r.code, 0) << r.err;
+  const auto report = nlohmann::json::parse(r.out);
+  ASSERT_EQ(report["results"].size(), 2u);
+  EXPECT_EQ(report["results"][1]["k"], 64);
+  EXPECT_GT(report["results"][1]["needle_recall"]["needles"].get<int>(), 0);
+  const double m16 = report["results"][0]["mass_recall"]["sparse"]["mean"];
+  const double m64 = report["results"][1]["mass_recall"]["sparse"]["mean"];
+  EXPECT_GT(m64, m16);  // a larger selection keeps more of the reference's mass
+  EXPECT_LE(m64, 1.0 + 1e-6);
+}

@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <tuple>
 
 #include <nlohmann/json.hpp>
 
@@ -598,6 +599,72 @@ TEST_F(Gen, UsageErrorsLeaveNoOutput) {
       << err_;
   EXPECT_EQ(std::count(err_.begin(), err_.end(), '\n'), 1) << err_;
   EXPECT_TRUE(fs::is_empty(dir_));
+}
+
+// Only the last Lq positions get query rows: without needles (whose queries move into them) they
+// are the full workload's rows bit for bit, and so are kv and k_index.
+TEST(Workload, LastQueryRowsAreTheFullWorkloadsRows) {
+  WorkloadConfig c = small_config(300, 4);
+  c.needles = 0;
+  c.indexer_noise = 0.3;
+  const Workload full = generate_workload(c);
+  c.queries = 40;
+  const Workload last = generate_workload(c);
+  EXPECT_EQ(last.q.shape, (Shape{40, c.heads, c.d_qk}));
+  EXPECT_TRUE(same_bytes(last.kv, full.kv));
+  EXPECT_EQ(std::memcmp(last.q.data, full.q.data + (260 * c.heads * c.d_qk) * 4, last.q.nbytes()),
+            0);
+  EXPECT_EQ(last.weights.shape, (Shape{40, c.indexer_heads}));
+  // With needles: every needle's query is a kept row.
+  c.needles = 6;
+  c.needle_min_distance = 50;
+  const Workload with_needles = generate_workload(c);
+  ASSERT_GT(with_needles.needles.dim(0), 0);
+  for (int64_t n = 0; n < with_needles.needles.dim(0); ++n) {
+    EXPECT_GE(reinterpret_cast<const int32_t*>(with_needles.needles.data)[2 * n], 260);
+  }
+  c.queries = 301;
+  EXPECT_THROW(resolve_workload_config(c), Error);
+}
+
+// DeepSeek-V4: entries are the means of kv and of the tokens' indexer keys over their windows
+// (8 tokens overlapping by 4 for ratio 4, 128 disjoint for ratio 128), sinks one per head.
+TEST(Workload, CompressedEntriesAreWindowMeans) {
+  for (const int64_t m : {int64_t{4}, int64_t{128}}) {
+    SCOPED_TRACE(m);
+    WorkloadConfig c = small_config(300, 7);
+    const Workload tokens = generate_workload(c);
+    c.compress_ratio = m;
+    const Workload w = generate_workload(c);
+    const int64_t n = 300 / m, lead = m == 4 ? 4 : 0;
+    ASSERT_EQ(w.compressed.shape, (Shape{n, c.d_qk}));
+    ASSERT_EQ(w.k_index.shape, (Shape{n, c.indexer_dim}));
+    ASSERT_EQ(w.sink.shape, (Shape{c.heads}));
+    EXPECT_TRUE(same_bytes(w.kv, tokens.kv));
+    for (const auto& [entries, source, width] : {std::tuple{&w.compressed, &tokens.kv, c.d_qk},
+                                                 {&w.k_index, &tokens.k_index, c.indexer_dim}}) {
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t first = std::max<int64_t>(0, m * j - lead), end = m * j + m;
+        for (int64_t e = 0; e < width; ++e) {
+          double sum = 0;
+          for (int64_t s = first; s < end; ++s) sum += f32(*source)[s * width + e];
+          ASSERT_EQ(f32(*entries)[j * width + e], static_cast<float>(sum / double(end - first)))
+              << j << " " << e;
+        }
+      }
+    }
+    for (int64_t h = 0; h < c.heads; ++h) {  // sink_logit times a gain in [0.5, 1.5]
+      EXPECT_GE(f32(w.sink)[h], 0.5 * c.sink_logit);
+      EXPECT_LE(f32(w.sink)[h], 1.5 * c.sink_logit);
+    }
+  }
+  const WorkloadConfig flash = workload_preset("v4-flash");
+  EXPECT_EQ(flash.heads, 64);
+  EXPECT_EQ(flash.d_qk, 512);
+  EXPECT_EQ(flash.d_v, 512);
+  EXPECT_EQ(flash.compress_ratio, 4);
+  EXPECT_EQ(flash.queries, 64);
+  EXPECT_EQ(workload_preset("v4-pro").heads, 128);
 }
 
 }  // namespace

@@ -190,8 +190,9 @@ Structure make_structure(const WorkloadConfig& c) {
   // Needle queries: one per stratum of [t_begin, L), t_begin the later half of the sequence
   // unless the minimum distance pushes it further.
   const int64_t distance = c.needle_min_distance, first = distance + c.sinks;
-  if (c.needles > 0 && first < c.length) {
-    const int64_t t_begin = std::max(first, c.length / 2), span = c.length - t_begin;
+  if (c.needles > 0 && std::max(first, c.length - c.queries) < c.length) {
+    const int64_t t_begin = std::max({first, c.length / 2, c.length - c.queries});
+    const int64_t span = c.length - t_begin;
     const int64_t count = std::min(c.needles, span);
     for (int64_t n = 0; n < count; ++n) {
       const int64_t lo = t_begin + n * span / count, hi = t_begin + (n + 1) * span / count;
@@ -374,7 +375,20 @@ WorkloadConfig workload_preset(const std::string& name) {
     config.scale = deepseek_v32_softmax_scale();
     return config;
   }
-  bad_usage("unknown workload preset '{}' (expected small or v32)", name);
+  if (name == "v4-flash" || name == "v4-pro") {
+    config.length = 131072;
+    config.queries = 64;
+    config.heads = name == "v4-flash" ? 64 : 128;
+    config.d_qk = config.d_v = 512;
+    config.indexer_heads = 64;
+    config.indexer_dim = 128;
+    config.compress_ratio = 4;
+    config.window = 128;
+    config.sinks = 0;
+    config.needle_logit = 32.0;
+    return config;
+  }
+  bad_usage("unknown workload preset '{}' (expected small, v32, v4-flash or v4-pro)", name);
 }
 
 WorkloadConfig resolve_workload_config(const WorkloadConfig& config) {
@@ -418,6 +432,17 @@ WorkloadConfig resolve_workload_config(const WorkloadConfig& config) {
   }
   if (c.hidden < 0) bad_usage("workload: hidden must be non-negative, got {}", c.hidden);
   if (c.scale == 0) c.scale = 1.0 / std::sqrt(static_cast<double>(c.d_qk));
+  if (c.queries == 0) c.queries = c.length;
+  if (c.queries < 0 || c.queries > c.length) {
+    bad_usage("workload: queries must be in [1, length {}], got {}", c.length, c.queries);
+  }
+  if (c.compress_ratio < 0 || c.compress_ratio > c.length) {
+    bad_usage("workload: compress_ratio must be in [0, length {}], got {}", c.length,
+              c.compress_ratio);
+  }
+  if (c.hidden > 0 && (c.queries < c.length || c.compress_ratio > 0)) {
+    bad_usage("workload: hidden states need every query row and no compression");
+  }
   if (!(std::isfinite(c.scale) && c.scale > 0))
     bad_usage("workload: scale must be finite and positive, got {}", c.scale);
   const int64_t needed = (1 + std::min(c.heads, c.indexer_heads)) * c.rank + 1;
@@ -428,16 +453,43 @@ WorkloadConfig resolve_workload_config(const WorkloadConfig& config) {
   return c;
 }
 
+// DeepSeek-V4's entries: window means of kv and of the tokens' indexer keys, and the sinks.
+void compress_workload(const WorkloadConfig& c, const Structure& st, Workload& w) {
+  const int64_t m = c.compress_ratio, n = c.length / m, lead = m == 4 ? m : 0;
+  const auto pool = [&](const Tensor& tokens, int64_t width, const char* name) {
+    Tensor out = make_tensor(DType::f32, {n, width}, name);
+    const float* x = reinterpret_cast<const float*>(tokens.data);
+    float* y = mutable_data<float>(out);
+#pragma omp parallel for schedule(static)
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t first = std::max<int64_t>(0, m * j - lead), end = m * j + m;
+      for (int64_t e = 0; e < width; ++e) {
+        double sum = 0;
+        for (int64_t s = first; s < end; ++s) sum += x[s * width + e];
+        y[j * width + e] = static_cast<float>(sum / static_cast<double>(end - first));
+      }
+    }
+    return out;
+  };
+  w.compressed = pool(w.kv, c.d_qk, "compressed");
+  w.k_index = pool(w.k_index, c.indexer_dim, "k_index");
+  w.sink = make_tensor(DType::f32, {c.heads}, "sink");
+  for (int64_t h = 0; h < c.heads; ++h) {
+    mutable_data<float>(w.sink)[h] = static_cast<float>(c.sink_logit * st.sink_gain[h]);
+  }
+}
+
 Workload generate_workload(const WorkloadConfig& config) {
   const WorkloadConfig c = resolve_workload_config(config);
   const Structure st = make_structure(c);
   const int64_t L = c.length, H = c.heads, r = st.rank, H_I = c.indexer_heads, d_I = c.indexer_dim;
+  const int64_t Lq = c.queries, q0 = L - Lq;  // query rows: positions q0 .. L - 1
   Workload w;
-  w.q = make_tensor(DType::f32, {L, H, c.d_qk}, "q");
+  w.q = make_tensor(DType::f32, {Lq, H, c.d_qk}, "q");
   w.kv = make_tensor(DType::f32, {L, c.d_qk}, "kv");
-  w.q_index = make_tensor(DType::f32, {L, H_I, d_I}, "q_index");
+  w.q_index = make_tensor(DType::f32, {Lq, H_I, d_I}, "q_index");
   w.k_index = make_tensor(DType::f32, {L, d_I}, "k_index");
-  w.weights = make_tensor(DType::f32, {L, H_I}, "weights");
+  w.weights = make_tensor(DType::f32, {Lq, H_I}, "weights");
   const int64_t needles = static_cast<int64_t>(st.needle_pairs.size()) / 2;
   w.needles = make_tensor(DType::i32, {needles, 2}, "needles");
   std::copy(st.needle_pairs.begin(), st.needle_pairs.end(), mutable_data<int32_t>(w.needles));
@@ -463,30 +515,33 @@ Workload generate_workload(const WorkloadConfig& config) {
     k_index_squares[t] = index_row(st, d_I, projections.data(), k_index + t * d_I);
     double* hidden_coefficients = c.hidden > 0 ? coefficients_of.data() + t * width : nullptr;
     if (hidden_coefficients) std::copy_n(projections.data(), r, hidden_coefficients);
+    q_index_squares[t] = 0;
+    if (t < q0) continue;  // no query row here
+    const int64_t row = t - q0;
     Random query_noise(c.seed, Stream::q, t);
     for (int64_t h = 0; h < H; ++h) {
       query_coefficients(st, t, h, coefficients.data());
-      make_row(st, c.d_qk, coefficients.data(), c.noise, query_noise, q + (t * H + h) * c.d_qk,
+      make_row(st, c.d_qk, coefficients.data(), c.noise, query_noise, q + (row * H + h) * c.d_qk,
                h < projected ? projections.data() + h * r : nullptr);
     }
     if (hidden_coefficients)
       std::copy_n(projections.data(), projected * r, hidden_coefficients + r);
-    q_index_squares[t] = 0;
     for (int64_t j = 0; j < H_I; ++j) {
       q_index_squares[t] +=
-          index_row(st, d_I, projections.data() + (j % H) * r, q_index + (t * H_I + j) * d_I);
+          index_row(st, d_I, projections.data() + (j % H) * r, q_index + (row * H_I + j) * d_I);
     }
   }
   if (c.indexer_noise > 0) {
     const double q_rms =
-        std::sqrt(sum_in_order(q_index_squares) / static_cast<double>(L * H_I * d_I));
+        std::sqrt(sum_in_order(q_index_squares) / static_cast<double>(Lq * H_I * d_I));
     const double k_rms = std::sqrt(sum_in_order(k_index_squares) / static_cast<double>(L * d_I));
-    add_noise(w.q_index, L * H_I, d_I, c.indexer_noise * q_rms, c.seed, Stream::q_index);
+    add_noise(w.q_index, Lq * H_I, d_I, c.indexer_noise * q_rms, c.seed, Stream::q_index);
     add_noise(w.k_index, L, d_I, c.indexer_noise * k_rms, c.seed, Stream::k_index);
   }
   const auto weight = static_cast<float>(c.scale / static_cast<double>(H_I));
-  std::fill_n(mutable_data<float>(w.weights), L * H_I, weight);
+  std::fill_n(mutable_data<float>(w.weights), Lq * H_I, weight);
   if (c.hidden > 0) add_hidden_states(c, st, coefficients_of, w);
+  if (c.compress_ratio > 0) compress_workload(c, st, w);
   return w;
 }
 

@@ -40,6 +40,17 @@
 //   weights_proj gives the constant scale / H_I. q_index, k_index and weights are then exactly
 //   project_indexer(hidden, indexer) of the f32 tensors. Needs d_model >= (1 + min(H, H_I)) r + 1.
 //
+// - Queries (queries = Lq < L): only the last Lq positions get query rows (q, q_index, weights),
+//   as a decode or chunked-prefill evaluation keeps them, and the needles' queries are among
+//   them; keys and values cover all L positions. Lq = L is the full workload, bit for bit.
+// - DeepSeek-V4 (compress_ratio = m > 0; docs/DESIGN.md section 6): `compressed` [floor(L/m),
+//   d_qk] holds entry j = the mean of kv over its window (tokens [m j - m, m j + m) for m = 4, the
+//   overlapping windows of CSA; [m j, m j + m) otherwise), a fixed stand-in for the model's
+//   learned gate that keeps the structure (an entry's logit is the mean of its tokens'; a
+//   needle's key is diluted by the window length); k_index holds the same means of the tokens'
+//   indexer keys [floor(L/m), d_I], so the indexer scores entries as the main attention does;
+//   `sink` [H] is the learned per-head sink logit, sink_logit times the head's sink gain.
+//
 // Determinism: the same config gives bit-identical tensors on every machine and with every
 // thread count. Random numbers come from std::mt19937_64 (its output is fixed by the standard),
 // one stream for the setup and one per tensor row (seeded from the seed, the tensor and the
@@ -76,13 +87,18 @@ struct WorkloadConfig {
   int64_t rank = 0;                 // r, the structure subspace; 0: min(indexer_dim, 32)
   double indexer_noise = 0.0;       // relative std of the noise added to q_I and k_I
   uint64_t seed = 0;
-  int64_t hidden = 0;  // d_model of hidden states and indexer projections; 0: none
-  double scale = 0;    // the softmax scale the logits are built for; 0: d_qk^-0.5
+  int64_t hidden = 0;          // d_model of hidden states and indexer projections; 0: none
+  double scale = 0;            // the softmax scale the logits are built for; 0: d_qk^-0.5
+  int64_t queries = 0;         // Lq, the last positions with query rows; 0: every position
+  int64_t compress_ratio = 0;  // DeepSeek-V4: tokens per compressed entry (4 CSA, 128 HCA); 0: none
 };
 
 // "small": L 1024, H 4, d_qk 64, d_v 48, H_I 8, d_I 32 (the defaults above).
 // "v32": DeepSeek-V3.2 sizes, L 16384, H 128, d_qk 576, d_v 512, H_I 64, d_I 128, and its
 // softmax scale (deepseek_v32_softmax_scale, dsa/attention.hpp: what --scale deepseek-v3.2 gives).
+// "v4-flash" / "v4-pro": a DeepSeek-V4 CSA layer, L 131072 with the last 64 query rows, H 64 /
+// 128, d_qk = d_v = 512 (K = V), H_I 64, d_I 128, compress ratio 4, window 128, learned sinks
+// (no sink keys), needle logit 32 (4 on an entry of 8 tokens), scale 512^-0.5.
 // Anything else is Error(usage).
 WorkloadConfig workload_preset(const std::string& name);
 
@@ -91,18 +107,22 @@ WorkloadConfig workload_preset(const std::string& name);
 WorkloadConfig resolve_workload_config(const WorkloadConfig& config);
 
 struct Workload {
-  Tensor q;        // f32 [L, H, d_qk]
+  Tensor q;        // f32 [Lq, H, d_qk]
   Tensor kv;       // f32 [L, d_qk]
-  Tensor q_index;  // f32 [L, H_I, d_I]
+  Tensor q_index;  // f32 [Lq, H_I, d_I]
   Tensor k_index;  // f32 [L, d_I]
-  Tensor weights;  // f32 [L, H_I], all scale / H_I
+  Tensor weights;  // f32 [Lq, H_I], all scale / H_I
   Tensor needles;  // i32 [N, 2]: (query position t, key position s), sorted by t; N may be 0
+  // With config.compress_ratio > 0 only (k_index then holds the entries' keys):
+  Tensor compressed;  // f32 [floor(L / m), d_qk]
+  Tensor sink;        // f32 [H]
   // With config.hidden > 0 only:
   Tensor hidden;           // f32 [L, d_model]
   IndexerWeights indexer;  // values exact in f32; q_index, k_index, weights project from hidden
 };
 
-// Tensors named "q", "kv", "q_index", "k_index", "weights", "needles" (and "hidden").
+// Tensors named "q", "kv", "q_index", "k_index", "weights", "needles" (and "hidden", or
+// "compressed" and "sink").
 Workload generate_workload(const WorkloadConfig& config);
 
 // q_index, k_index and weights recomputed from the hidden states and the indexer weights
