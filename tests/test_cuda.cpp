@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdio>
 #include <random>
+#include <tuple>
 
 #include "dsa/attention.hpp"
 #include "dsa/compressed_attention.hpp"
@@ -426,6 +427,62 @@ TEST(Cuda, CompressedAttentionMatchesTheCpu) {
     ASSERT_EQ(out[0].size(), out[1].size());
     for (std::size_t i = 0; i < out[0].size(); ++i) ASSERT_NEAR(out[1][i], out[0][i], 5e-3) << i;
     for (std::size_t i = 0; i < lse[0].size(); ++i) ASSERT_NEAR(lse[1][i], lse[0][i], 1e-3) << i;
+  }
+}
+
+// DeepSeek-V4's CSA indexer: keys are compressed entries of 4 tokens, visible once complete.
+// The GPU's scores (-inf past floor((t + 1) / 4)) and its top-k agree with the CPU's: bf16 and
+// the fp8 tensor cores, a prefill (T = Lq) and the last rows of a longer context.
+TEST(Cuda, CompressedIndexerMatchesTheCpu) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(19);
+  for (const auto& [tokens, queries, precision] :
+       {std::tuple{int64_t{600}, int64_t{600}, Precision::bf16},
+        {int64_t{4000}, int64_t{70}, Precision::fp8},
+        {int64_t{803}, int64_t{803}, Precision::fp8}}) {
+    SCOPED_TRACE(tokens);
+    const int64_t H = 64, d = 128, keys = tokens / 4;
+    const Tensor q = test::random_tensor({queries, H, d}, rng);
+    const Tensor k = test::random_tensor({keys, d}, rng);
+    const Tensor w = test::random_tensor({queries, H}, rng);
+    IndexerConfig config;
+    config.precision = precision;
+    const IndexerInputs in = make_compressed_indexer_inputs(q, k, w, config, 4, tokens);
+    ASSERT_EQ(choose_device("cuda", in, config, 64).device, Device::cuda);
+    const auto cpu = scores_on(in, config, Device::cpu), gpu = scores_on(in, config, Device::cuda);
+    ASSERT_EQ(cpu.size(), gpu.size());
+    double err = 0, norm = 0;
+    for (std::size_t i = 0; i < cpu.size(); ++i) {
+      if (std::isinf(cpu[i])) {
+        ASSERT_EQ(gpu[i], cpu[i]) << i;
+        continue;
+      }
+      err += std::pow(double(gpu[i]) - cpu[i], 2);
+      norm += std::pow(double(cpu[i]), 2);
+    }
+    EXPECT_LT(std::sqrt(err / norm), precision == Precision::fp8 ? 5e-4 : 1e-5);
+    // The selection: only visible entries, and the same as the CPU's but among near-ties.
+    std::vector<int32_t> picked[2];
+    for (int device = 0; device < 2; ++device) {
+      select_from_indexer(
+          in, config, 64,
+          [&](const SelectionBlock& b) {
+            picked[device].insert(picked[device].end(), b.indices, b.indices + b.rows * b.k);
+          },
+          nullptr, device ? Device::cuda : Device::cpu);
+    }
+    int64_t differ = 0;
+    for (int64_t r = 0; r < queries; ++r) {
+      const int64_t visible = in.visible(r);
+      for (int64_t i = 0; i < 64; ++i) {
+        const int32_t j = picked[1][r * 64 + i];
+        EXPECT_TRUE(j == -1 ? i >= visible : j < visible) << r << " " << j;
+        const int32_t* cpu_row = picked[0].data() + r * 64;
+        differ += std::find(cpu_row, cpu_row + 64, j) == cpu_row + 64;
+      }
+    }
+    // As sets, apart from near-ties at the 64th score (the fp8 sums differ in the last bits).
+    EXPECT_LT(differ, queries * 64 / 50);
   }
 }
 

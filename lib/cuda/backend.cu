@@ -120,12 +120,6 @@ void prepare_operands(const Tensor& tensor, int64_t offset, int64_t count, int64
 // The backend's limits (Backend::check): what the kernels' *_limit functions say, for the
 // kernels these inputs would run, and what the operand preparation needs.
 std::string indexer_limit(const IndexerInputs& in, const IndexerConfig& config) {
-  if (in.ratio != 1) {
-    return fmt::format(
-        "the CUDA indexer takes uncompressed keys only, got compressed entries of {} "
-        "tokens",
-        in.ratio);
-  }
   if (config.precision == Precision::f32) return "";
   const std::string why =
       fp8_tensor_cores(in, config)
@@ -224,6 +218,7 @@ class IndexerOnDevice {
     p.keys = static_cast<int>(in_.keys);
     p.first_position = in_.position(c0);
     p.stride = in_.keys;
+    p.ratio = in_.ratio;
     return p;
   }
 
@@ -412,6 +407,7 @@ void select_from_indexer(const IndexerInputs& in, const IndexerConfig& config, i
       p.k = static_cast<int>(k);
       p.first_position = in.position(c0);
       p.stride = in.keys;
+      p.ratio = in.ratio;
       launch_topk(p);
       check(cudaDeviceSynchronize(), "top-k kernel");
       if (times) times->add("select", watch.seconds());

@@ -70,7 +70,7 @@ __global__ void __launch_bounds__(kThreads)
   // This block's share of the keys: [key_begin, key_end).
   const int64_t key_begin = static_cast<int64_t>(blockIdx.y) * key_span;
   const int64_t key_end = min(static_cast<int64_t>(keys), key_begin + key_span);
-  const int64_t visible_end = min(key_end, first_position + q_end);
+  const int64_t visible_end = min(key_end, visible_keys(first_position, q_end - 1, p.ratio));
   // Starts copying key tile s0 into buffer `buffer` (cp.async; zeros past the last key).
   auto fetch = [&](int64_t s0, int buffer) {
     __nv_bfloat16* k_s = k_buffers + buffer * kKeyTile * ld;
@@ -125,13 +125,13 @@ __global__ void __launch_bounds__(kThreads)
       const int local = i / kKeyTile, key = i % kKeyTile;
       const int64_t s = s0 + key;
       if (s >= visible_end) continue;
-      const int64_t position = first_position + q0 + local;
+      const int64_t visible = visible_keys(first_position, q0 + local, p.ratio);
       float sum = 0.0f;
       for (int j = 0; j < heads; ++j) {
         const int row = local * heads + j;
         sum += w_s[row] * fmaxf(logits[row * kLogitStride + key], 0.0f);
       }
-      scores[(q0 + local) * stride + s] = s <= position ? sum * scale_s[key] : -INFINITY;
+      scores[(q0 + local) * stride + s] = s < visible ? sum * scale_s[key] : -INFINITY;
     }
     __syncthreads();
   }
@@ -148,7 +148,9 @@ __global__ void __launch_bounds__(kThreads)
 // and a (query, head) per column. A thread holds 16 heads of each query for two keys: the
 // weighted ReLU sum over the heads is 16 fused multiply-adds and two shuffles across the lane
 // quad, in registers. Key tiles arrive through cp.async, kKeyStages deep.
-template <int GROUPS>
+// COMPRESSED: keys are entries of p.ratio tokens (visible_keys); a separate instantiation, so
+// that V3.2's path keeps its registers (the general form cost it 7 % at 128K).
+template <int GROUPS, bool COMPRESSED>
 __global__ void __launch_bounds__(IndexerFp8Traits<GROUPS>::kThreads, GROUPS == 1 ? 3 : 2)
     indexer_fp8_kernel(const __grid_constant__ IndexerParams<uint8_t> p, int key_span) {
   namespace wg = wgmma;
@@ -199,8 +201,16 @@ __global__ void __launch_bounds__(IndexerFp8Traits<GROUPS>::kThreads, GROUPS == 
   const int64_t key_begin = static_cast<int64_t>(blockIdx.y) * key_span;
   const int64_t key_end = min(static_cast<int64_t>(keys), key_begin + key_span);
   // Keys visible to the block's last query, and to this warpgroup's last.
-  const int64_t visible_end = min(key_end, first_position + block_end);
-  const int64_t group_visible_end = min(key_end, first_position + max(q_end, q0));
+  // Keys [0, visible(row)) are visible to query row `row`.
+  const auto visible = [&](int64_t row) {
+    if constexpr (COMPRESSED) {
+      return visible_keys(first_position, row, p.ratio);
+    } else {
+      return first_position + row + 1;
+    }
+  };
+  const int64_t visible_end = min(key_end, visible(block_end - 1));
+  const int64_t group_visible_end = min(key_end, visible(max(q_end, q0) - 1));
   const int64_t tiles =
       visible_end > key_begin ? (visible_end - key_begin + kKeyTile - 1) / kKeyTile : 0;
   // Starts copying tile `tile` into its stage (zeros past the last key); always commits a group
@@ -264,9 +274,8 @@ __global__ void __launch_bounds__(IndexerFp8Traits<GROUPS>::kThreads, GROUPS == 
     const float value =
         query == 0 ? (which ? sum[0][1] : sum[0][0]) : (which ? sum[1][1] : sum[1][0]);
     if (q0 + query < q_end && s < visible_end) {
-      const int64_t position = first_position + q0 + query;
       scores[static_cast<int64_t>(q0 + query) * stride + s] =
-          s <= position ? value * key_scale : -INFINITY;
+          s < visible(q0 + query) ? value * key_scale : -INFINITY;
     }
   }
   asm volatile("cp.async.wait_group 0;\n" ::: "memory");
@@ -298,7 +307,7 @@ __global__ void __launch_bounds__(IndexerF32Traits::kThreads)
   __syncthreads();
   const int64_t s = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   if (s >= keys) return;
-  if (s > first_position + r) {
+  if (s >= visible_keys(first_position, r, p.ratio)) {
     scores[r * stride + s] = -INFINITY;
     return;
   }
@@ -366,7 +375,8 @@ void launch_indexer(const IndexerParams<uint8_t>& p) {
   // Two warpgroups (4 queries) share each key tile, unless there are too few queries (decode).
   auto launch = [&](auto traits) {
     using Traits = decltype(traits);
-    const auto kernel = indexer_fp8_kernel<Traits::kGroups>;
+    const auto kernel = p.ratio == 1 ? indexer_fp8_kernel<Traits::kGroups, false>
+                                     : indexer_fp8_kernel<Traits::kGroups, true>;
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                static_cast<int>(Traits::kSmem)),
           "cudaFuncSetAttribute(indexer fp8)");

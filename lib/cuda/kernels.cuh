@@ -18,12 +18,21 @@ void check(cudaError_t status, const char* what);
 // Throws dsa::Error(usage) with `why` unless it is empty (a *_limit's answer).
 void require(const std::string& why);
 
+// Keys [0, visible_keys(...)) are visible to query row `row` at position first_position + row:
+// position + 1, or with compressed keys of `ratio` tokens (DeepSeek-V4's CSA) the complete
+// entries, floor((position + 1) / ratio).
+__host__ __device__ inline int64_t visible_keys(int64_t first_position, int64_t row,
+                                                int64_t ratio) {
+  const int64_t n = first_position + row + 1;
+  return ratio == 1 ? n : n / ratio;  // no 64-bit division on V3.2's path
+}
+
 // Indexer scores (Eq. 1) of `rows` query rows at positions first_position + r against keys
 // [0, keys): q [rows, heads, dim] and k [keys, dim] hold the values the precision pipeline
 // produced (T = bf16: bf16-rounded, or the e4m3 codes' values, exact in bf16; T = uint8_t: the
 // e4m3 codes, on Hopper's fp8 tensor cores; T = float: the f32 mode on the CUDA cores); w
 // [rows, heads] is the weight times the query row's fp8 scale, k_scale [keys] the key's (unused
-// in f32). scores [rows, stride], -inf where s > t. Several sequences in one launch (decode
+// in f32). scores [rows, stride], -inf past visible_keys. Several sequences in one launch (decode
 // batches): sequence z reads and writes at the *_step element offsets from each pointer.
 template <typename T>
 struct IndexerParams {
@@ -34,6 +43,7 @@ struct IndexerParams {
   float* scores = nullptr;
   int rows = 0, heads = 0, dim = 0, keys = 0;
   int64_t first_position = 0, stride = 0;
+  int64_t ratio = 1;  // tokens per key (visible_keys)
   int sequences = 1;
   int64_t q_step = 0, w_step = 0, k_step = 0, k_scale_step = 0, scores_step = 0;
   cudaStream_t stream = nullptr;
@@ -45,7 +55,7 @@ void launch_indexer(const IndexerParams<__nv_bfloat16>& p);
 void launch_indexer(const IndexerParams<uint8_t>& p);
 void launch_indexer(const IndexerParams<float>& p);  // one sequence
 
-// Top-k of every row (Eq. 2): row r sees scores[r, 0 .. min(keys, first_position + r + 1));
+// Top-k of every row (Eq. 2): row r sees scores[r, 0 .. min(keys, visible_keys(...)));
 // indices [rows, k] in descending score, ties lower position first, NaN ranked like -inf, -1
 // padding; values the selected scores (-inf for padding).
 struct TopkParams {
@@ -54,6 +64,7 @@ struct TopkParams {
   float* values = nullptr;
   int rows = 0, keys = 0, k = 0;
   int64_t first_position = 0, stride = 0;
+  int64_t ratio = 1;  // tokens per key (visible_keys)
   cudaStream_t stream = nullptr;
 };
 std::string topk_limit(int64_t k);

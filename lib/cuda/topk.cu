@@ -76,7 +76,8 @@ __global__ void __launch_bounds__(kThreads, 3) topk_kernel(const __grid_constant
 
   const int r = blockIdx.x, tid = threadIdx.x;
   const float* __restrict__ row = p.scores + r * p.stride;
-  const int n = static_cast<int>(min(static_cast<int64_t>(p.keys), p.first_position + r + 1));
+  const int n = static_cast<int>(
+      min(static_cast<int64_t>(p.keys), visible_keys(p.first_position, r, p.ratio)));
   if (tid == 0) threshold = candidate_count = taken_above = 0;
   if (n > 2 * k) {
     for (int j = tid; j < kSample; j += kThreads) {
