@@ -8,6 +8,32 @@
 #include "dsa/metrics.hpp"
 #include "dsa/parallel.hpp"
 
+namespace {
+
+// What both kinds of comparison report alike: the indexer, the results, FLOPs and timings.
+void finish(nlohmann::json& report, const dsa::Comparison& comparison,
+            const dsa::IndexerInputs* indexer, const dsa::IndexerConfig& config,
+            const dsa::StageTimes& times, const dsa::Stopwatch& total, const std::string& output) {
+  if (indexer) {
+    report["shape"]["indexer_heads"] = indexer->heads;
+    report["shape"]["indexer_dim"] = indexer->dim;
+    report["indexer"] = dsa::app::indexer_config_json(config);
+  }
+  report["results"] = dsa::comparison_json(comparison);
+  report["flops"] = {{"indexer", comparison.indexer_flops},
+                     {"dense_attention", comparison.dense_flops}};
+  nlohmann::json stage_ms = nlohmann::json::object();
+  for (const auto& [stage, seconds] : comparison.stage_seconds) stage_ms[stage] = seconds * 1e3;
+  report["stage_ms"] = stage_ms;
+  nlohmann::json timings = times.to_json();
+  timings["total"] = total.seconds() * 1e3;
+  report["timings_ms"] = timings;
+  report["peak_rss_bytes"] = dsa::peak_rss_bytes();
+  dsa::emit_report(report, output);
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
   CLI::App app(
       "Fidelity of DSA against dense attention (DESIGN.md section 2): output error and "
@@ -131,22 +157,8 @@ int main(int argc, char** argv) {
       report["scale"] = inputs.scale;
       report["scale_rule"] = loaded.scale.rule;
       report["selection"] = inputs.indexer ? "indexer" : inputs.indices ? "indices" : "every-entry";
-      if (inputs.indexer) {
-        report["shape"]["indexer_heads"] = inputs.indexer->heads;
-        report["shape"]["indexer_dim"] = inputs.indexer->dim;
-        report["indexer"] = dsa::app::indexer_config_json(inputs.indexer_config);
-      }
-      report["results"] = dsa::comparison_json(comparison);
-      report["flops"] = {{"indexer", comparison.indexer_flops},
-                         {"dense_attention", comparison.dense_flops}};
-      nlohmann::json stage_ms = nlohmann::json::object();
-      for (const auto& [stage, seconds] : comparison.stage_seconds) stage_ms[stage] = seconds * 1e3;
-      report["stage_ms"] = stage_ms;
-      nlohmann::json timings = times.to_json();
-      timings["total"] = total.seconds() * 1e3;
-      report["timings_ms"] = timings;
-      report["peak_rss_bytes"] = dsa::peak_rss_bytes();
-      dsa::emit_report(report, common.output);
+      finish(report, comparison, inputs.indexer ? &*inputs.indexer : nullptr, inputs.indexer_config,
+             times, total, common.output);
       return;
     }
     if (!tensors.given() && indices_path.empty()) {
@@ -211,21 +223,7 @@ int main(int argc, char** argv) {
     report["scale"] = inputs.scale;
     report["scale_rule"] = loaded.scale.rule;
     report["selection"] = inputs.indexer ? "indexer" : "indices";
-    if (inputs.indexer) {
-      report["shape"]["indexer_heads"] = inputs.indexer->heads;
-      report["shape"]["indexer_dim"] = inputs.indexer->dim;
-      report["indexer"] = dsa::app::indexer_config_json(inputs.indexer_config);
-    }
-    report["results"] = dsa::comparison_json(comparison);
-    report["flops"] = {{"indexer", comparison.indexer_flops},
-                       {"dense_attention", comparison.dense_flops}};
-    nlohmann::json stage_ms = nlohmann::json::object();
-    for (const auto& [stage, seconds] : comparison.stage_seconds) stage_ms[stage] = seconds * 1e3;
-    report["stage_ms"] = stage_ms;
-    nlohmann::json timings = times.to_json();
-    timings["total"] = total.seconds() * 1e3;
-    report["timings_ms"] = timings;
-    report["peak_rss_bytes"] = dsa::peak_rss_bytes();
-    dsa::emit_report(report, common.output);
+    finish(report, comparison, inputs.indexer ? &*inputs.indexer : nullptr, inputs.indexer_config,
+           times, total, common.output);
   });
 }
