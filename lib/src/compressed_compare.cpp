@@ -5,10 +5,10 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <map>
 #include <memory>
 #include <vector>
 
+#include "compare_common.hpp"
 #include "dsa/error.hpp"
 #include "dsa/metrics.hpp"
 #include "dsa/topk.hpp"
@@ -133,45 +133,16 @@ Comparison compare_compressed_attention(const CompressedCompareInputs& ci, Stage
   } else {
     ks = {a.entries};  // HCA: every visible entry
   }
-  // Needles by query position.
-  std::multimap<int64_t, int64_t> needles;
-  if (ci.needles) {
-    const Tensor& nt = *ci.needles;
-    if (nt.rank() != 2 || nt.dim(1) != 2) {
-      bad_input("{} (needles): expected shape [N, 2], got {}", nt.name, shape_string(nt.shape));
-    }
-    std::vector<int64_t> pairs(static_cast<std::size_t>(nt.numel()));
-    to_i64(nt, 0, nt.numel(), pairs.data());
-    for (int64_t i = 0; i < nt.dim(0); ++i) {
-      const int64_t t = pairs[2 * i], s = pairs[2 * i + 1];
-      if (t < a.tokens - a.queries || t >= a.tokens || s < 0 || s > t) {
-        bad_input("{} (needles): row {} = ({}, {}) is not a query position and a token it sees",
-                  nt.name, i, t, s);
-      }
-      needles.emplace(t, s);
-    }
-  }
+  const std::vector<std::pair<int64_t, int64_t>> needles =  // (t, s), ascending
+      ci.needles ? detail::read_needles(*ci.needles, a.tokens - a.queries, a.tokens, "token")
+                 : std::vector<std::pair<int64_t, int64_t>>{};
 
   const int64_t H = a.heads, d = a.dim, rows = a.batch * a.queries, kmax = ks.back();
   const int64_t width = std::min(kmax, a.entries);
-  Comparison out;
-  out.batch = a.batch;
-  out.queries = a.queries;
-  out.keys = a.entries;
-  out.heads = H;
+  const bool with_indexer = ci.indexer.has_value();
+  Comparison out = detail::empty_comparison(a.batch, a.queries, a.entries, H, ks, with_indexer);
   out.tokens = a.tokens;
   out.ratio = a.ratio;
-  const bool with_indexer = ci.indexer.has_value();
-  if (with_indexer) out.kl_dense.assign(static_cast<std::size_t>(rows), kNaN);
-  for (const int64_t k : ks) {
-    Fidelity f;
-    f.k = k;
-    f.out_rel_err.assign(static_cast<std::size_t>(rows * H), kNaN);
-    f.out_cosine = f.mass_recall_head = f.out_rel_err;
-    f.mass_recall.assign(static_cast<std::size_t>(rows), kNaN);
-    f.topk_recall = f.kl_sparse = f.mass_recall;
-    out.per_k.push_back(std::move(f));
-  }
   const auto window_length = [&](int64_t t) { return std::min(a.window, t + 1); };
   Stopwatch clock;
   double seconds_reference = 0, seconds_score = 0, seconds_select = 0, seconds_sparse = 0,
@@ -317,7 +288,9 @@ Comparison compare_compressed_attention(const CompressedCompareInputs& ci, Stage
             }
           }
           // Needles: kept when the token is in the window or an entry pooling it is attended.
-          for (auto [it, end] = needles.equal_range(t); it != end; ++it) {
+          for (auto it =
+                   std::lower_bound(needles.begin(), needles.end(), std::make_pair(t, int64_t{-1}));
+               it != needles.end() && it->first == t; ++it) {
             const int64_t s = it->second;
             ++f.needles;
             bool held = s > t - a.window;

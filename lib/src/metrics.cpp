@@ -5,6 +5,7 @@
 #include <limits>
 
 #include "backend.hpp"
+#include "compare_common.hpp"
 #include "dsa/error.hpp"
 #include "dsa/parallel.hpp"
 #include "dsa/topk.hpp"
@@ -75,21 +76,6 @@ void validate(const CompareInputs& in) {
     validate_indices(a, *in.indices, in.positions);
     if (in.topk.size() != 1 || in.topk[0] != in.indices->shape.back()) {
       bad_usage("with a precomputed selection k is its width ({})", in.indices->shape.back());
-    }
-  }
-  if (in.needles) {
-    const Tensor& n = *in.needles;
-    if (n.rank() != 2 || n.dim(1) != 2) {
-      bad_input("{} (needles): expected shape [N, 2], got {}", n.name, shape_string(n.shape));
-    }
-    std::vector<int64_t> pairs(static_cast<std::size_t>(n.numel()));
-    to_i64(n, 0, n.numel(), pairs.data());
-    for (int64_t i = 0; i < n.dim(0); ++i) {
-      const int64_t t = pairs[2 * i], s = pairs[2 * i + 1];
-      if (t < a.keys - a.queries || t >= a.keys || s < 0 || s > t) {
-        bad_input("{} (needles): row {} = ({}, {}) is not a query position and a key it sees",
-                  n.name, i, t, s);
-      }
     }
   }
 }
@@ -356,36 +342,58 @@ nlohmann::json summary_json(const Summary& s) {
           {"max", number_or_null(s.max)}};
 }
 
+std::vector<std::pair<int64_t, int64_t>> detail::read_needles(const Tensor& n, int64_t first_query,
+                                                              int64_t end, const char* seen) {
+  if (n.rank() != 2 || n.dim(1) != 2) {
+    bad_input("{} (needles): expected shape [N, 2], got {}", n.name, shape_string(n.shape));
+  }
+  std::vector<int64_t> pairs(static_cast<std::size_t>(n.numel()));
+  to_i64(n, 0, n.numel(), pairs.data());
+  std::vector<std::pair<int64_t, int64_t>> needles;  // (t, s)
+  for (int64_t i = 0; i < n.dim(0); ++i) {
+    const int64_t t = pairs[2 * i], s = pairs[2 * i + 1];
+    if (t < first_query || t >= end || s < 0 || s > t) {
+      bad_input("{} (needles): row {} = ({}, {}) is not a query position and a {} it sees", n.name,
+                i, t, s, seen);
+    }
+    needles.emplace_back(t, s);
+  }
+  std::sort(needles.begin(), needles.end());
+  return needles;
+}
+
+Comparison detail::empty_comparison(int64_t batch, int64_t queries, int64_t keys, int64_t heads,
+                                    const std::vector<int64_t>& ks, bool with_indexer) {
+  Comparison out;
+  out.batch = batch;
+  out.queries = queries;
+  out.keys = keys;
+  out.heads = heads;
+  const auto rows = static_cast<std::size_t>(out.rows());
+  if (with_indexer) out.kl_dense.assign(rows, NAN);
+  for (const int64_t k : ks) {
+    Fidelity f;
+    f.k = k;
+    f.out_rel_err.assign(rows * static_cast<std::size_t>(heads), NAN);
+    f.out_cosine = f.mass_recall_head = f.out_rel_err;
+    f.mass_recall.assign(rows, NAN);
+    f.topk_recall = f.kl_sparse = f.mass_recall;
+    out.per_k.push_back(std::move(f));
+  }
+  return out;
+}
+
 Comparison compare_attention(const CompareInputs& in, StageTimes* times, Device device) {
   validate(in);
   const AttentionInputs& a = in.attention;
   const int64_t H = a.heads, Lk = a.keys, Lq = a.queries;
   const int64_t k_max = in.topk.back();
   const auto n_k = static_cast<int64_t>(in.topk.size());
-  Comparison out;
-  out.batch = a.batch;
-  out.queries = Lq;
-  out.keys = Lk;
-  out.heads = H;
+  const std::vector<std::pair<int64_t, int64_t>> needles =
+      in.needles ? detail::read_needles(*in.needles, Lk - Lq, Lk, "key")
+                 : std::vector<std::pair<int64_t, int64_t>>{};
+  Comparison out = detail::empty_comparison(a.batch, Lq, Lk, H, in.topk, in.indexer.has_value());
   const int64_t rows = out.rows();
-  if (in.indexer) out.kl_dense.assign(static_cast<std::size_t>(rows), NAN);
-  for (int64_t k : in.topk) {
-    Fidelity f;
-    f.k = k;
-    f.out_rel_err.assign(static_cast<std::size_t>(rows * H), NAN);
-    f.out_cosine = f.mass_recall_head = f.out_rel_err;
-    f.mass_recall.assign(static_cast<std::size_t>(rows), NAN);
-    f.topk_recall = f.kl_sparse = f.mass_recall;
-    out.per_k.push_back(std::move(f));
-  }
-  std::vector<std::pair<int64_t, int64_t>> needles;  // (t, s)
-  if (in.needles) {
-    std::vector<int64_t> pairs(static_cast<std::size_t>(in.needles->numel()));
-    to_i64(*in.needles, 0, in.needles->numel(), pairs.data());
-    for (std::size_t i = 0; i + 1 < pairs.size(); i += 2)
-      needles.emplace_back(pairs[i], pairs[i + 1]);
-    std::sort(needles.begin(), needles.end());
-  }
   const int64_t width = in.indices ? in.indices->shape.back() : k_max;
   StageClock clock;
   // Squared output errors and norms per (k, row), summed in row order at the end so the
