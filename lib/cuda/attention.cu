@@ -18,6 +18,23 @@ namespace {
 
 using namespace nvcuda;
 
+// The pointers of sequence blockIdx.z of a batched launch.
+struct Sequence {
+  const __nv_bfloat16* q;
+  const __nv_bfloat16* kv;
+  const int32_t* indices;  // null: dense
+  float* out;
+  float* lse;
+  __device__ explicit Sequence(const AttentionParams& p) {
+    const int64_t z = blockIdx.z;
+    q = p.q + z * p.q_step;
+    kv = p.kv + z * p.kv_step;
+    indices = p.indices ? p.indices + z * p.indices_step : nullptr;
+    out = p.out + z * p.out_step;
+    lse = p.lse + z * p.lse_step;
+  }
+};
+
 // The wmma kernel (WmmaAttentionTraits): 64 query heads per block in 8 warps; keys in tiles of
 // 32. Two passes over the selection: the first finds each head's softmax max and sum, the
 // second accumulates p . v with the final max, so the 64 x d_v output stays in registers (16
@@ -42,12 +59,12 @@ struct WmmaLayout {
 
 __global__ void __launch_bounds__(Wmma::kThreads)
     mqa_kernel(const __grid_constant__ AttentionParams p) {
-  const int z = blockIdx.z;
-  const __nv_bfloat16* __restrict__ q = p.q + z * p.q_step;
-  const __nv_bfloat16* __restrict__ kv = p.kv + z * p.kv_step;
-  const int32_t* __restrict__ indices = p.indices ? p.indices + z * p.indices_step : nullptr;
-  float* __restrict__ out = p.out + z * p.out_step;
-  float* __restrict__ lse = p.lse + z * p.lse_step;
+  const Sequence sequence(p);
+  const __nv_bfloat16* __restrict__ q = sequence.q;
+  const __nv_bfloat16* __restrict__ kv = sequence.kv;
+  const int32_t* __restrict__ indices = sequence.indices;
+  float* __restrict__ out = sequence.out;
+  float* __restrict__ lse = sequence.lse;
   const int k = p.k, heads = p.heads, d_qk = p.d_qk, d_v = p.d_v;
   constexpr int kHeads = Wmma::kHeads, kKeyTile = Wmma::kKeyTile, kThreads = Wmma::kThreads;
   constexpr int kScoreStride = Wmma::kScoreStride, kProbStride = Wmma::kProbStride;
@@ -205,12 +222,12 @@ __global__ void __launch_bounds__(MlaAttentionTraits<D_QK>::kThreads, 1)
   using Tile = typename Traits::Tile;
   using Layout = typename Traits::Layout;
   constexpr int kHeads = Tile::kHeads, kKeys = Tile::kKeys, kHalfValues = Traits::kHalfValues;
-  const int z = blockIdx.z;
-  const __nv_bfloat16* __restrict__ q = p.q + z * p.q_step;
-  const __nv_bfloat16* __restrict__ kv = p.kv + z * p.kv_step;
-  const int32_t* __restrict__ indices = p.indices ? p.indices + z * p.indices_step : nullptr;
-  float* __restrict__ out = p.out + z * p.out_step;
-  float* __restrict__ lse = p.lse + z * p.lse_step;
+  const Sequence sequence(p);
+  const __nv_bfloat16* __restrict__ q = sequence.q;
+  const __nv_bfloat16* __restrict__ kv = sequence.kv;
+  const int32_t* __restrict__ indices = sequence.indices;
+  float* __restrict__ out = sequence.out;
+  float* __restrict__ lse = sequence.lse;
   const int k = p.k, heads = p.heads;
   extern __shared__ unsigned char smem_raw[];
   const uint32_t raw = wg::shared_address(smem_raw);
