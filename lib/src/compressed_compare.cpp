@@ -6,6 +6,7 @@
 #include <cmath>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "compare_common.hpp"
@@ -160,7 +161,10 @@ Comparison compare_compressed_attention(const CompressedCompareInputs& ci, Stage
       const int64_t n = std::min(kChunkRows, a.queries - c0);
       Stopwatch watch;
       const Chunk sparse_inputs(a, b, c0, n, false);
-      const Chunk reference_inputs(a, b, c0, n, !against_entries);
+      // The every-entry reference is the same inputs without a selection.
+      std::optional<Chunk> dense_inputs;
+      if (!against_entries) dense_inputs.emplace(a, b, c0, n, true);
+      const Chunk& reference_inputs = against_entries ? sparse_inputs : *dense_inputs;
       const Output reference = attend(reference_inputs.in, nullptr, ci.scale, device);
       seconds_reference += watch.seconds();
       // The selection at the largest k, per row: indexer scores and top-k, or the given rows.
