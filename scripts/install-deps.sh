@@ -12,6 +12,7 @@ packages=(
   libcli11-dev libfmt-dev libeigen3-dev nlohmann-json3-dev libgtest-dev
   python3-numpy  # the independent NumPy cross-check test
   python3-jsonschema  # the dsa-compare report schema test
+  pybind11-dev python3-dev  # the Python module (python/; built when found)
 )
 for option in "$@"; do
   case "$option" in
