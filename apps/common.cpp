@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <charconv>
 #include <cmath>
 #include <cstdio>
@@ -9,12 +10,14 @@
 #include <limits>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include "dsa/error.hpp"
 #include "dsa/indexer_weights.hpp"
 #include "dsa/io.hpp"
 #include "dsa/parallel.hpp"
 #include "dsa/precision.hpp"
+#include "progress.hpp"
 
 namespace dsa::app {
 
@@ -71,7 +74,7 @@ CLI::Validator softmax_scale_text() {
 }
 
 void add_common_options(CLI::App& app, CommonOptions& options) {
-  app.set_version_flag("--version", version());
+  app.set_version_flag("--version", app.get_name() + " " + version());
   app.add_option("-o,--output", options.output,
                  "Output file (.npy, .safetensors[:NAME]; - for stdout)")
       ->capture_default_str();
@@ -79,7 +82,9 @@ void add_common_options(CLI::App& app, CommonOptions& options) {
                  "CPU threads (default: OMP_NUM_THREADS or all cores)")
       ->check(integer_at_least(0));
   app.add_option("--report", options.report, "Write the JSON run report to FILE instead of stderr");
-  app.add_flag("-q,--quiet", options.quiet, "Print no report on stderr");
+  app.add_flag("-q,--quiet", options.quiet, "Print nothing on stderr but errors and warnings");
+  app.add_flag("--json", options.json,
+               "On a terminal too, print the JSON report on stderr instead of the summary line");
 }
 
 std::vector<CLI::Option*> add_indexer_options(CLI::App& app, IndexerOptions& options) {
@@ -101,23 +106,12 @@ std::vector<CLI::Option*> add_indexer_options(CLI::App& app, IndexerOptions& opt
 IndexerConfig indexer_config(const IndexerOptions& options) {
   IndexerConfig config;
   config.precision = parse_precision(options.precision);
-  if (options.ue8m0 && config.precision != Precision::fp8) {
-    bad_usage("--ue8m0 applies to --precision fp8 only");
-  }
   config.hadamard = options.hadamard;
   config.ue8m0 = options.ue8m0;
   config.raw_weights = options.raw_weights;
   config.query_block = options.query_block;
+  naming_flag("--ue8m0", [&] { validate_indexer_config(config); });
   return config;
-}
-
-nlohmann::json indexer_config_json(const IndexerConfig& config) {
-  return {{"precision", precision_name(config.precision)},
-          {"hadamard", config.hadamard},
-          {"ue8m0", config.ue8m0},
-          {"quant_block", config.quant_block},
-          {"raw_weights", config.raw_weights},
-          {"query_block", config.query_block}};
 }
 
 std::vector<CLI::Option*> add_indexer_tensor_options(CLI::App& app, IndexerTensorOptions& options,
@@ -182,6 +176,7 @@ void add_attention_options(CLI::App& app, AttentionOptions& options) {
   k->needs(v);
   v->needs(k);
   dv->needs(kv);
+  options.d_v_option = dv;
   app.add_option("--scale", options.scale,
                  "Softmax scale: a finite positive number, default (d_qk^-0.5) or deepseek-v3.2 "
                  "(the released model's 192^-0.5 * mscale^2 = 0.1352337788608801)")
@@ -195,8 +190,9 @@ void load_attention(const AttentionOptions& options, AttentionTensors& out) {
   out.tensors.push_back(read_tensor(options.q));
   if (!options.kv.empty()) {
     out.tensors.push_back(read_tensor(options.kv));
-    out.inputs = naming_flag_in_usage_errors(
-        "--dv", [&] { return make_mqa_inputs(out.tensors[0], out.tensors[1], options.d_v); });
+    out.inputs = naming_option_in_usage_errors(options.d_v_option, [&] {
+      return make_mqa_inputs(out.tensors[0], out.tensors[1], options.d_v);
+    });
   } else {
     out.tensors.push_back(read_tensor(options.k));
     out.tensors.push_back(read_tensor(options.v));
@@ -288,15 +284,67 @@ void add_device_option(CLI::App& app, std::string& device) {
       ->capture_default_str();
 }
 
-void report_device(nlohmann::json& report, const DeviceChoice& choice) {
-  report["device"] = device_description(choice.device);
-  if (!choice.note.empty()) report["device_note"] = choice.note;
+namespace {
+
+// Levenshtein distance, for suggesting the nearest option name.
+std::size_t edit_distance(const std::string& a, const std::string& b) {
+  std::vector<std::size_t> row(b.size() + 1);
+  for (std::size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (std::size_t i = 1; i <= a.size(); ++i) {
+    std::size_t diagonal = row[0];
+    row[0] = i;
+    for (std::size_t j = 1; j <= b.size(); ++j) {
+      const std::size_t up = row[j];
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + (a[i - 1] != b[j - 1])});
+      diagonal = up;
+    }
+  }
+  return row[b.size()];
+}
+
+}  // namespace
+
+std::string unknown_option_message(const CLI::App& app, int argc, const char* const* argv) {
+  std::vector<std::string> names;
+  for (const CLI::Option* option : app.get_options()) {
+    for (const std::string& name : option->get_lnames()) names.push_back("--" + name);
+  }
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--") break;
+    if (arg.size() < 3 || arg.compare(0, 2, "--") != 0) continue;
+    const std::string name = arg.substr(0, arg.find('='));
+    if (std::find(names.begin(), names.end(), name) != names.end()) continue;
+    // The nearest name, '_' read as '-' (--q_index), if it is near enough to be meant.
+    std::string normalized = name;
+    std::replace(normalized.begin(), normalized.end(), '_', '-');
+    std::string best;
+    std::size_t best_distance = std::string::npos;
+    for (const std::string& candidate : names) {
+      const std::size_t d = edit_distance(normalized, candidate);
+      if (d < best_distance) best_distance = d, best = candidate;
+    }
+    const std::size_t near = std::max<std::size_t>(2, (name.size() - 2) / 3);
+    if (!best.empty() && best_distance <= near) {
+      return fmt::format("unknown option {}; did you mean {}?", name, best);
+    }
+    return fmt::format("unknown option {}", name);
+  }
+  return {};
 }
 
 int run(CLI::App& app, int argc, char** argv, const CommonOptions& options,
         const std::function<void()>& body) {
   const std::string tool = app.get_name();
   try {
+    // An unknown option first, before CLI11's errors about the options it was meant to be
+    // (`--q_index` would otherwise read "--k-index requires --q-index").
+    const std::string unknown = unknown_option_message(app, argc, argv);
+    if (!unknown.empty()) {
+      std::fprintf(stderr, "%s: error: %s (see %s --help)\n", tool.c_str(), unknown.c_str(),
+                   tool.c_str());
+      return static_cast<int>(ExitCode::usage);
+    }
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     if (e.get_exit_code() == 0) return app.exit(e);  // --help, --version
@@ -306,6 +354,12 @@ int run(CLI::App& app, int argc, char** argv, const CommonOptions& options,
   install_signal_cleanup();
   try {
     set_threads(options.threads);
+    // Every output is checked before any work, so a bad path fails in a second, not after
+    // the computation (each tool checks its further outputs the same way).
+    if (!options.output.empty()) naming_flag("-o", [&] { check_output(options.output); });
+    if (!options.report.empty()) naming_flag("--report", [&] { check_output(options.report); });
+    // The progress line on a terminal; gone (and its line cleared) before any message below.
+    const std::unique_ptr<TerminalProgress> progress = terminal_progress(tool, options.quiet);
     body();
     return 0;
   } catch (const Error& e) {
@@ -344,18 +398,62 @@ void check_binary_output(const std::string& path) {
   }
 }
 
-void add_timings(nlohmann::json& report, const StageTimes& times, double total_seconds) {
-  nlohmann::json timings = times.to_json();
-  timings["total"] = total_seconds * 1e3;
-  report["timings_ms"] = timings;
-  report["peak_rss_bytes"] = peak_rss_bytes();
+void warn(const std::string& tool, const std::string& message, bool quiet) {
+  if (!quiet) std::fprintf(stderr, "%s: warning: %s\n", tool.c_str(), message.c_str());
+}
+
+void warn_if_dense_topk(const std::string& tool, const std::vector<int64_t>& topk, int64_t keys,
+                        bool quiet) {
+  std::vector<int64_t> dense;
+  for (int64_t k : topk) {
+    if (k >= keys) dense.push_back(k);
+  }
+  if (dense.empty()) return;
+  warn(tool,
+       fmt::format("k = {} >= the {} keys: every query selects every key it sees, which is "
+                   "dense attention (no row is sparse)",
+                   fmt::join(dense, ", "), keys),
+       quiet);
+}
+
+bool stdout_is_terminal() {
+  return isatty(STDOUT_FILENO) != 0;
+}
+bool stderr_is_terminal() {
+  return isatty(STDERR_FILENO) != 0;
+}
+
+std::string outputs_text(const nlohmann::json& outputs) {
+  const auto name = [](const nlohmann::json& o) {
+    const std::string n = o.value("name", "");
+    return n == "-" ? std::string("<stdout>") : n;
+  };
+  if (outputs.size() > 3) {
+    const std::string file = parse_tensor_spec(name(outputs[0])).path;
+    return fmt::format("{} ({} tensors)", file, outputs.size());
+  }
+  std::vector<std::string> parts;
+  for (const nlohmann::json& o : outputs) {
+    parts.push_back(fmt::format("{} {} {}", name(o), o.value("dtype", ""),
+                                shape_string(o.value("shape", Shape{}))));
+  }
+  return fmt::format("{}", fmt::join(parts, ", "));
 }
 
 void finish_report(nlohmann::json report, const StageTimes& times, double total_seconds,
-                   const CommonOptions& options) {
+                   const CommonOptions& options, const std::string& detail) {
   add_timings(report, times, total_seconds);
-  if (options.quiet && options.report.empty()) return;
-  emit_report(report, options.report);
+  if (!options.report.empty()) emit_report(report, options.report);
+  if (options.quiet) return;
+  if (stderr_is_terminal() && !options.json) {
+    const std::string tool = report.value("tool", "dsa");
+    const std::string what = report.contains("outputs") ? outputs_text(report["outputs"]) : "";
+    std::fprintf(stderr, "%s: %s%swrote %s in %s%s\n", tool.c_str(), detail.c_str(),
+                 detail.empty() ? "" : ": ", what.c_str(), format_duration(total_seconds).c_str(),
+                 options.report.empty() ? " (--json or --report FILE for the report)" : "");
+    return;
+  }
+  if (options.report.empty()) emit_report(report, "");
 }
 
 }  // namespace dsa::app

@@ -24,8 +24,9 @@ namespace dsa::app {
 struct CommonOptions {
   int threads = 0;
   std::string output = "-";
-  std::string report;  // empty: the summary goes to stderr
+  std::string report;  // empty: the report (or on a terminal its summary) goes to stderr
   bool quiet = false;
+  bool json = false;  // the JSON report even on a terminal, instead of the summary line
 };
 
 void add_common_options(CLI::App& app, CommonOptions& options);
@@ -67,6 +68,22 @@ decltype(auto) naming_flag_in_usage_errors(const std::string& flag, Call&& call)
   }
 }
 
+// The same for an option with a default value: when the user did not give the option, the
+// message says the value was its default ("--dv: d_v must be in [1, d_qk = 64], got 512 (the
+// default of --dv: give --dv)").
+template <typename Call>
+decltype(auto) naming_option_in_usage_errors(const CLI::Option* option, Call&& call) {
+  try {
+    return std::forward<Call>(call)();
+  } catch (const Error& e) {
+    if (e.code() != ExitCode::usage) throw;
+    const std::string flag = option->get_name();
+    if (option->count() > 0) throw Error(e.code(), flag + ": " + e.what());
+    throw Error(e.code(),
+                fmt::format("{}: {} (the default of {}: give {})", flag, e.what(), flag, flag));
+  }
+}
+
 // --precision, --hadamard, --ue8m0, --raw-weights, --query-block.
 struct IndexerOptions {
   std::string precision = "f32";
@@ -77,8 +94,8 @@ struct IndexerOptions {
 };
 // Returns the options, so a mode that has no indexer can exclude them.
 std::vector<CLI::Option*> add_indexer_options(CLI::App& app, IndexerOptions& options);
+// The configuration the options give (validate_indexer_config's errors name the flag).
 IndexerConfig indexer_config(const IndexerOptions& options);
-nlohmann::json indexer_config_json(const IndexerConfig& config);
 
 // The indexer's inputs: --q-index, --k-index and --weights, or --hidden with
 // --indexer-weights (and --indexer-prefix), from which the library projects them.
@@ -102,6 +119,7 @@ struct AttentionOptions {
   std::string q, kv, k, v;
   int64_t d_v = 512;
   std::string scale;  // resolve_softmax_scale's text: a number, default or deepseek-v3.2
+  const CLI::Option* d_v_option = nullptr;  // set by add_attention_options
 };
 void add_attention_options(CLI::App& app, AttentionOptions& options);
 // The tensors read once, and the validated inputs that point into them.
@@ -142,8 +160,12 @@ void load_v4_attention(const AttentionOptions& attention, const V4AttentionOptio
 
 // --device cpu|cuda|auto (default cpu).
 void add_device_option(CLI::App& app, std::string& device);
-// The report's "device", and "device_note" when --device auto fell back to the CPU.
-void report_device(nlohmann::json& report, const DeviceChoice& choice);
+// The report's "device" and "device_note" (report.hpp).
+using dsa::report_device;
+
+// "unknown option --top-k; did you mean --topk?" for the first argument that looks like a long
+// option the app does not have (before a `--`), or empty.
+std::string unknown_option_message(const CLI::App& app, int argc, const char* const* argv);
 
 // Parses argv, applies --threads, runs body, maps every failure to its documented exit code
 // with a one-line message on stderr. Returns the process exit code.
@@ -159,10 +181,25 @@ void check_safetensors_output(const std::string& path, const std::string& holds)
 // Usage error when a binary tensor would go to a terminal.
 void check_binary_output(const std::string& path);
 
-// Adds timings (timings_ms, with the total) and peak memory to a report.
-void add_timings(nlohmann::json& report, const StageTimes& times, double total_seconds);
-// Adds timings, peak memory and writes the report (to --report FILE or stderr).
+// "TOOL: warning: MESSAGE" on stderr, unless quiet.
+void warn(const std::string& tool, const std::string& message, bool quiet = false);
+// The warning for each k >= the keys: every query selects every key it sees, so the selection
+// is dense attention and no row measures what sparsity loses.
+void warn_if_dense_topk(const std::string& tool, const std::vector<int64_t>& topk, int64_t keys,
+                        bool quiet = false);
+
+// Adds timings (timings_ms, with the total) and peak memory to a report (report.hpp).
+using dsa::add_timings;
+// Adds timings and peak memory, then writes the report: the JSON to --report FILE when given;
+// on stderr, when it is a terminal, one summary line ("TOOL: DETAIL: wrote OUTPUTS in TIME")
+// unless --json, else the JSON (what scripts and CI logs read). -q: nothing on stderr.
 void finish_report(nlohmann::json report, const StageTimes& times, double total_seconds,
-                   const CommonOptions& options);
+                   const CommonOptions& options, const std::string& detail = "");
+// The outputs of a report as a summary names them: "sel.npy i32 [512, 64]", or
+// "w.safetensors (12 tensors)" for several tensors of one file.
+std::string outputs_text(const nlohmann::json& outputs);
+// Whether a stream is a terminal (isatty) and so gets a summary rather than JSON.
+bool stdout_is_terminal();
+bool stderr_is_terminal();
 
 }  // namespace dsa::app

@@ -4,6 +4,7 @@
 
 #include "common.hpp"
 #include "dsa/attention.hpp"
+#include "dsa/compressed_attention.hpp"
 #include "dsa/error.hpp"
 #include "dsa/io.hpp"
 
@@ -48,8 +49,10 @@ int main(int argc, char** argv) {
     dsa::app::check_binary_output(common.output);
     if (!lse_path.empty()) dsa::app::check_binary_output(lse_path);
     dsa::app::check_single_stdout({common.output, lse_path, common.report});
+    if (!lse_path.empty()) dsa::app::naming_flag("--lse", [&] { dsa::check_output(lse_path); });
 
     nlohmann::json report = dsa::report_header("dsa-attend", argc, argv);
+    report["schema"] = dsa::kAttendSchema;
     dsa::StageTimes times;
     std::optional<dsa::TensorWriter> out, lse;
     auto sink = [&](const dsa::AttentionBlock& block) {
@@ -63,9 +66,9 @@ int main(int argc, char** argv) {
     const auto open_outputs = [&](const dsa::Shape& out_shape, const dsa::Shape& lse_shape) {
       out.emplace(common.output, dsa::DType::f32, out_shape);
       if (!lse_path.empty()) lse.emplace(lse_path, dsa::DType::f32, lse_shape);
-      report["outputs"] = {{{"path", common.output}, {"shape", out_shape}, {"dtype", "f32"}}};
+      report["outputs"] = {{{"name", common.output}, {"shape", out_shape}, {"dtype", "f32"}}};
       if (lse)
-        report["outputs"].push_back({{"path", lse_path}, {"shape", lse_shape}, {"dtype", "f32"}});
+        report["outputs"].push_back({{"name", lse_path}, {"shape", lse_shape}, {"dtype", "f32"}});
     };
     const auto commit = [&] {
       out->commit();
@@ -96,16 +99,10 @@ int main(int argc, char** argv) {
       dsa::compressed_attention(inputs, tokens ? &tokens->indices : nullptr, loaded.scale.value,
                                 sink, &times, choice.device);
       commit();
-      report["mode"] = inputs.kind == dsa::V4Attention::csa
-                           ? (dense ? "csa-every-visible-entry" : "csa")
-                           : dsa::v4_attention_name(inputs.kind);
-      report["layout"] = "v4";
-      report["window"] = inputs.window;
-      report["compress_ratio"] = inputs.ratio;
-      report["sink"] = inputs.sink != nullptr;
-      report["scale"] = loaded.scale.value;
-      report["scale_rule"] = loaded.scale.rule;
-      dsa::app::finish_report(report, times, total.seconds(), common);
+      report.update(dsa::compressed_attention_report(inputs, dense, loaded.scale));
+      dsa::app::finish_report(report, times, total.seconds(), common,
+                              fmt::format("{} attention on {}", report["mode"].get<std::string>(),
+                                          dsa::device_name(choice.device)));
       return;
     }
 
@@ -138,10 +135,9 @@ int main(int argc, char** argv) {
     }
     commit();
 
-    report["mode"] = dense ? "dense" : "sparse";
-    report["layout"] = inputs.latent ? "mqa" : "mha";
-    report["scale"] = softmax_scale;
-    report["scale_rule"] = loaded.scale.rule;
-    dsa::app::finish_report(report, times, total.seconds(), common);
+    report.update(dsa::attention_report(inputs, dense, loaded.scale));
+    dsa::app::finish_report(
+        report, times, total.seconds(), common,
+        fmt::format("{} attention on {}", dense ? "dense" : "sparse", dsa::device_name(device)));
   });
 }

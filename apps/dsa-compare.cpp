@@ -7,29 +7,62 @@
 #include "dsa/io.hpp"
 #include "dsa/metrics.hpp"
 #include "dsa/parallel.hpp"
+#include "progress.hpp"
 
 namespace {
 
-// What both kinds of comparison report alike: the indexer, the results, FLOPs and timings.
-void finish(nlohmann::json& report, const dsa::Comparison& comparison,
-            const dsa::IndexerInputs* indexer, const dsa::IndexerConfig& config,
-            const dsa::StageTimes& times, const dsa::Stopwatch& total, const std::string& output) {
-  if (indexer) {
-    report["shape"]["indexer_heads"] = indexer->heads;
-    report["shape"]["indexer_dim"] = indexer->dim;
-    report["indexer"] = dsa::app::indexer_config_json(config);
+// A number of the report as the table shows it: "-" for null (undefined, or no sparse rows).
+std::string cell(const nlohmann::json& value, const char* format) {
+  if (!value.is_number()) return "-";
+  return fmt::format(fmt::runtime(format), value.get<double>());
+}
+
+// The terminal's summary of a report: one line on what was compared, then per k the sparse
+// rows' means of mass recall, top-k recall, output error and cosine, and the needles found.
+std::string summary_table(const nlohmann::json& report) {
+  const nlohmann::json& shape = report["shape"];
+  std::string text = fmt::format(
+      "dsa-compare: {} queries x {} keys, {} heads, selection by {}, on {}, {} (means over "
+      "the sparse rows)\n",
+      shape["batch"].get<int64_t>() * shape["queries"].get<int64_t>(), shape["keys"].get<int64_t>(),
+      shape["heads"].get<int64_t>(), report["selection"].get<std::string>(),
+      report["device"].get<std::string>(),
+      dsa::app::format_duration(report["timings_ms"]["total"].get<double>() / 1e3));
+  text += fmt::format("{:>8} {:>11} {:>11} {:>12} {:>11} {:>10} {:>8}\n", "k", "sparse rows",
+                      "mass recall", "top-k recall", "out rel err", "out cosine", "needles");
+  for (const nlohmann::json& r : report["results"]) {
+    const auto mean = [&](const char* metric) -> nlohmann::json {
+      const nlohmann::json& m = r[metric];
+      return m.is_object() ? m["sparse"]["mean"] : nlohmann::json(nullptr);
+    };
+    const nlohmann::json& needles = r["needle_recall"];
+    const std::string found = needles["needles"].get<int64_t>() > 0
+                                  ? fmt::format("{}/{}", needles["selected"].get<int64_t>(),
+                                                needles["needles"].get<int64_t>())
+                                  : "-";
+    text +=
+        fmt::format("{:>8} {:>11} {:>11} {:>12} {:>11} {:>10} {:>8}\n", r["topk"].get<int64_t>(),
+                    r["rows"]["sparse"].get<int64_t>(), cell(mean("mass_recall"), "{:.4f}"),
+                    cell(mean("topk_recall"), "{:.4f}"), cell(mean("out_rel_err"), "{:.2e}"),
+                    cell(mean("out_cosine"), "{:.5f}"), found);
   }
-  report["results"] = dsa::comparison_json(comparison);
-  report["flops"] = {{"indexer", comparison.indexer_flops},
-                     {"dense_attention", comparison.dense_flops}};
-  nlohmann::json stage_ms = nlohmann::json::object();
-  for (const auto& [stage, seconds] : comparison.stage_seconds) stage_ms[stage] = seconds * 1e3;
-  report["stage_ms"] = stage_ms;
-  nlohmann::json timings = times.to_json();
-  timings["total"] = total.seconds() * 1e3;
-  report["timings_ms"] = timings;
-  report["peak_rss_bytes"] = dsa::peak_rss_bytes();
-  dsa::emit_report(report, output);
+  return text;
+}
+
+// The report goes out with its timings: the JSON to -o (stdout by default); on a terminal the
+// summary table instead of the JSON on stdout (unless --json), or beside a JSON file on stderr.
+void finish(nlohmann::json& report, const dsa::StageTimes& times, const dsa::Stopwatch& total,
+            const dsa::app::CommonOptions& common) {
+  dsa::add_timings(report, times, total.seconds());
+  const bool to_terminal = common.output == "-" && dsa::app::stdout_is_terminal();
+  if (!to_terminal || common.json) dsa::emit_report(report, common.output);
+  if (common.quiet) return;
+  if (to_terminal && !common.json) {
+    std::fputs(summary_table(report).c_str(), stdout);
+    std::fputs("(the JSON report: -o FILE, a pipe, or --json)\n", stdout);
+  } else if (common.output != "-" && dsa::app::stderr_is_terminal()) {
+    std::fputs(summary_table(report).c_str(), stderr);
+  }
 }
 
 }  // namespace
@@ -38,7 +71,7 @@ int main(int argc, char** argv) {
   CLI::App app(
       "Fidelity of DSA against dense attention (DESIGN.md section 2): output error and "
       "cosine, attention mass and oracle top-k recall, the indexer's KL losses (Eq. 3, "
-      "4), needle recall; JSON report (schema dsa-compare/2).",
+      "4), needle recall; JSON report (schema dsa-compare/3).",
       "dsa-compare");
   dsa::app::CommonOptions common;
   dsa::app::IndexerOptions indexer;
@@ -82,8 +115,11 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"every-entry", "dense"}))
       ->needs(v4_kind)
       ->capture_default_str();
-  app.set_version_flag("--version", dsa::version());
-  app.add_option("-o,--output", common.output, "The JSON report (default stdout)");
+  app.set_version_flag("--version", app.get_name() + " " + dsa::version());
+  app.add_option("-o,--output", common.output,
+                 "The JSON report (default stdout; on a terminal the summary table instead)");
+  app.add_flag("--json", common.json, "Print the JSON report on a terminal too, not the table");
+  app.add_flag("-q,--quiet", common.quiet, "No summary table on the terminal");
   app.add_option("--threads", common.threads, "CPU threads (default: OMP_NUM_THREADS or all cores)")
       ->check(dsa::app::integer_at_least(0));
 
@@ -138,27 +174,16 @@ int main(int argc, char** argv) {
         inputs.needles = &*needles;
         report["inputs"].push_back(dsa::tensor_json(*needles));
       }
+      if (inputs.indexer) dsa::app::warn_if_dense_topk("dsa-compare", inputs.topk, a.entries);
       const dsa::DeviceChoice choice = dsa::app::naming_flag(
           "--device", [&] { return dsa::choose_device(device, inputs.attention); });
       dsa::app::report_device(report, choice);
       times.add("load", load.seconds());
       const dsa::Comparison comparison =
           dsa::compare_compressed_attention(inputs, &times, choice.device);
-      report["shape"] = {{"batch", a.batch}, {"queries", a.queries}, {"keys", a.entries},
-                         {"heads", a.heads}, {"kv_heads", 1},        {"d_qk", a.dim},
-                         {"d_v", a.dim},     {"tokens", a.tokens},   {"entries", a.entries},
-                         {"d", a.dim}};
-      report["layout"] = "v4";
-      report["attention"] = v4.attention;
-      report["reference"] = reference;
-      report["window"] = a.window;
-      report["compress_ratio"] = a.ratio;
-      report["sink"] = a.sink != nullptr;
-      report["scale"] = inputs.scale;
+      report.update(dsa::comparison_report(inputs, comparison));
       report["scale_rule"] = loaded.scale.rule;
-      report["selection"] = inputs.indexer ? "indexer" : inputs.indices ? "indices" : "every-entry";
-      finish(report, comparison, inputs.indexer ? &*inputs.indexer : nullptr, inputs.indexer_config,
-             times, total, common.output);
+      finish(report, times, total, common);
       return;
     }
     if (!tensors.given() && indices_path.empty()) {
@@ -209,6 +234,7 @@ int main(int argc, char** argv) {
       report["inputs"].push_back(dsa::tensor_json(*needles));
     }
     const dsa::AttentionInputs& a = inputs.attention;
+    dsa::app::warn_if_dense_topk("dsa-compare", inputs.topk, a.keys);
     const dsa::DeviceChoice choice =
         dsa::app::naming_flag("--device", [&] { return dsa::choose_device(device, inputs); });
     dsa::app::report_device(report, choice);
@@ -216,14 +242,8 @@ int main(int argc, char** argv) {
     dsa::StageTimes times;
     const dsa::Comparison comparison = dsa::compare_attention(inputs, &times, choice.device);
 
-    report["shape"] = {{"batch", a.batch}, {"queries", a.queries},   {"keys", a.keys},
-                       {"heads", a.heads}, {"kv_heads", a.kv_heads}, {"d_qk", a.d_qk},
-                       {"d_v", a.d_v}};
-    report["layout"] = a.latent ? "mqa" : "mha";
-    report["scale"] = inputs.scale;
+    report.update(dsa::comparison_report(inputs, comparison));
     report["scale_rule"] = loaded.scale.rule;
-    report["selection"] = inputs.indexer ? "indexer" : "indices";
-    finish(report, comparison, inputs.indexer ? &*inputs.indexer : nullptr, inputs.indexer_config,
-           times, total, common.output);
+    finish(report, times, total, common);
   });
 }

@@ -91,9 +91,10 @@ int main(int argc, char** argv) {
     writer.commit();
 
     nlohmann::json report = dsa::report_header("dsa-compress", argc, argv);
+    report["schema"] = dsa::kCompressSchema;
     for (const dsa::Tensor& t : read) report["inputs"].push_back(dsa::tensor_json(t));
     report["device"] = "cpu";
-    report["compressor"] = {{"ratio", ratio},
+    report["compressor"] = {{"compress_ratio", ratio},
                             {"overlap", inputs.overlap},
                             {"indexer", indexer},
                             {"precision", precision},
@@ -102,7 +103,9 @@ int main(int argc, char** argv) {
                             {"yarn_factor", config.rope.yarn_factor},
                             {"tokens", inputs.tokens},
                             {"entries", inputs.entries}};
-    report["outputs"] = {{{"path", common.output}, {"shape", shape}, {"dtype", "f32"}}};
-    dsa::app::finish_report(report, times, total.seconds(), common);
+    report["outputs"] = {{{"name", common.output}, {"shape", shape}, {"dtype", "f32"}}};
+    dsa::app::finish_report(
+        report, times, total.seconds(), common,
+        fmt::format("{} tokens into {} entries of {}", inputs.tokens, inputs.entries, ratio));
   });
 }

@@ -3,9 +3,9 @@
 // side by side with each one's FLOPs per token and KV cache (the DeepSeek-V4 paper's Figure 1),
 // as JSON, CSV and an SVG plot.
 #include <cstdio>
+#include <optional>
 
 #include "common.hpp"
-#include "dsa/calibrate.hpp"
 #include "dsa/cost.hpp"
 #include "dsa/error.hpp"
 #include "dsa/io.hpp"
@@ -18,58 +18,52 @@ int main(int argc, char** argv) {
       "cache against a baseline's; JSON report (schema dsa-cost/2), CSV, SVG plot.",
       "dsa-cost");
   dsa::app::CommonOptions common;
-  std::string hardware_name = "H800", dense_name = "DeepSeek-V3.1-Terminus",
-              dsa_name = "DeepSeek-V3.2-Exp", format = "json", plot_path, presets_flag, baseline;
-  std::vector<std::string> compared;
-  int64_t max_context = 131072, step = 4096;
-  dsa::Workload workload;
-  std::vector<std::string> overrides;
-  bool calibrate = false;
-  double calibrate_seconds = 1.0;
-  app.add_option("--hardware", hardware_name, "Hardware preset NAME or FILE.json")
+  dsa::CostRequest request;
+  std::string format = "json", plot_path, presets_flag;
+  app.add_option("--hardware", request.hardware, "Hardware preset NAME or FILE.json")
       ->capture_default_str();
-  auto* dense_flag =
-      app.add_option("--dense-model", dense_name, "The dense model: preset NAME or FILE.json")
-          ->capture_default_str();
+  auto* dense_flag = app.add_option("--dense-model", request.dense_model,
+                                    "The dense model: preset NAME or FILE.json")
+                         ->capture_default_str();
   auto* dsa_flag =
-      app.add_option("--dsa-model", dsa_name, "The DSA model: preset NAME or FILE.json")
+      app.add_option("--dsa-model", request.dsa_model, "The DSA model: preset NAME or FILE.json")
           ->capture_default_str();
   auto* compare_flag =
-      app.add_option("--compare-models", compared,
+      app.add_option("--compare-models", request.compare_models,
                      "Instead of --dense-model and --dsa-model: several models side by side, "
                      "NAME or FILE.json, comma-separated or repeated")
           ->delimiter(',')
           ->excludes(dense_flag)
           ->excludes(dsa_flag);
-  app.add_option("--baseline", baseline,
+  app.add_option("--baseline", request.baseline,
                  "The compared model the others are measured against, by name (default the "
                  "first)")
       ->needs(compare_flag);
   app.add_option("--presets", presets_flag,
                  "Directory of hardware.json and models.json (default: $DSA_PRESETS, else the "
                  "installed ones)");
-  app.add_option("--max-context", max_context, "The largest context position")
+  app.add_option("--max-context", request.max_context, "The largest context position")
       ->check(CLI::Range(int64_t{1}, dsa::kMaxCostPosition))
       ->capture_default_str();
-  app.add_option("--step", step, "Positions 0, STEP, 2 STEP, ... up to --max-context")
+  app.add_option("--step", request.step, "Positions 0, STEP, 2 STEP, ... up to --max-context")
       ->check(dsa::app::integer_at_least(1))
       ->capture_default_str();
-  app.add_option("--batch", workload.decode_batch,
+  app.add_option("--batch", request.workload.decode_batch,
                  "Decode: sequences per step (they share one read of the weights)")
       ->check(dsa::app::integer_at_least(1))
       ->capture_default_str();
-  app.add_option("--prefill-chunk", workload.prefill_chunk,
+  app.add_option("--prefill-chunk", request.workload.prefill_chunk,
                  "Prefill: tokens per step (they share one read of the weights and of each "
                  "layer's cached keys)")
       ->check(dsa::app::integer_at_least(1))
       ->capture_default_str();
-  app.add_option("--set", overrides,
+  app.add_option("--set", request.overrides,
                  "Override one field: hardware.FIELD=VALUE, dense.FIELD=VALUE or dsa.FIELD=VALUE; "
                  "with --compare-models NAME.FIELD=VALUE (repeatable)");
   auto* calibrate_flag =
-      app.add_flag("--calibrate", calibrate,
+      app.add_flag("--calibrate", request.calibrate,
                    "Measure this machine's rates with the toolkit's kernels and use them instead");
-  app.add_option("--calibrate-seconds", calibrate_seconds, "Timing per calibrated kernel")
+  app.add_option("--calibrate-seconds", request.calibrate_seconds, "Timing per calibrated kernel")
       ->check(CLI::Range(0.0, 60.0))
       ->capture_default_str()
       ->needs(calibrate_flag);
@@ -81,7 +75,10 @@ int main(int argc, char** argv) {
                  "Also write the plot as SVG to FILE: two panels (prefill, decode cost), four "
                  "with --compare-models (and FLOPs per token, KV cache)");
   app.add_flag("-q,--quiet", common.quiet, "Print no summary on stderr");
-  app.set_version_flag("--version", dsa::version());
+  app.add_flag("--json", common.json,
+               "Print the JSON report on a terminal too (by default a terminal gets only the "
+               "summary on stderr)");
+  app.set_version_flag("--version", app.get_name() + " " + dsa::version());
   app.add_option("--threads", common.threads,
                  "CPU threads for --calibrate (default: OMP_NUM_THREADS or all cores)")
       ->check(dsa::app::integer_at_least(0));
@@ -89,89 +86,39 @@ int main(int argc, char** argv) {
   return dsa::app::run(app, argc, argv, common, [&] {
     dsa::Stopwatch total;
     dsa::app::check_single_stdout({common.output, plot_path});
-    nlohmann::json report = dsa::report_header("dsa-cost", argc, argv);
-    report["schema"] = dsa::kCostSchema;
-
+    if (!plot_path.empty()) dsa::app::naming_flag("--plot", [&] { dsa::check_output(plot_path); });
     dsa::PresetLibrary presets = dsa::find_presets(presets_flag);
     presets.hint = "give --presets DIR or set DSA_PRESETS";
-    dsa::HardwareSpec hardware = dsa::load_hardware(presets, hardware_name);
-    std::vector<dsa::ModelSpec> models;
-    for (const auto& name : compared.empty() ? std::vector{dense_name, dsa_name} : compared)
-      models.push_back(dsa::load_model(presets, name));
+    request.want_csv = format == "csv";
+    request.want_plot = !plot_path.empty();
+    request.names = {"--set", "--baseline", "--compare-models"};
     dsa::StageTimes times;
-    if (calibrate) {
-      dsa::Stopwatch watch;
-      const dsa::Calibration calibration = dsa::calibrate(calibrate_seconds);
-      hardware = dsa::calibrated_hardware(hardware, calibration);
-      report["calibration"] = dsa::calibration_json(calibration);
-      times.add("calibrate", watch.seconds());
-    }
-    std::vector<dsa::NamedModel> keys;
-    for (std::size_t i = 0; i < models.size(); ++i) {
-      keys.push_back({compared.empty() ? (i == 0 ? "dense" : "dsa") : models[i].name, &models[i]});
-    }
-    for (const auto& assignment : overrides) {
-      dsa::app::naming_flag("--set", [&] { dsa::apply_override(assignment, hardware, keys); });
-    }
+    const dsa::CostRun run = dsa::run_cost(presets, request, &times);
+    nlohmann::json report = dsa::report_header("dsa-cost", argc, argv);
+    report.update(run.report);
 
-    report["presets"] = presets.dir.string();
-    report["hardware"] = dsa::hardware_json(hardware);
-    report["hardware"]["calibrated"] = calibrate;
-    report["workload"] = {{"decode_batch", workload.decode_batch},
-                          {"prefill_chunk", workload.prefill_chunk},
-                          {"max_context", max_context},
-                          {"step", step}};
-    report["model"] = dsa::cost_model_json();
-
-    dsa::Stopwatch watch;
-    std::string plot_svg, csv;
-    std::vector<std::string> summary;
-    if (compared.empty()) {
-      const dsa::CostCurves curves =
-          dsa::cost_curves(models[0], models[1], hardware, workload, max_context, step);
-      times.add("model", watch.seconds());
-      report["models"] = {{"dense", dsa::model_json(models[0])},
-                          {"dsa", dsa::model_json(models[1])}};
-      report["summary"] = dsa::cost_summary_json(curves);
-      report["points"] = dsa::cost_points_json(curves);
-      if (!plot_path.empty())
-        plot_svg = dsa::cost_plot_svg(curves, models[0], models[1], hardware, workload);
-      if (format == "csv") csv = dsa::cost_csv(curves);
-      for (const auto phase : {dsa::Phase::prefill, dsa::Phase::decode}) {
-        const auto& s = phase == dsa::Phase::prefill ? curves.prefill : curves.decode;
-        summary.push_back(dsa::cost_summary_line(phase, s));
-      }
-    } else {
-      const std::size_t base = baseline.empty() ? 0 : dsa::app::naming_flag("--baseline", [&] {
-        return dsa::model_index(models, baseline);
-      });
-      const dsa::ModelComparison comparison = dsa::app::naming_flag("--compare-models", [&] {
-        return dsa::compare_models(models, base, hardware, workload, max_context, step);
-      });
-      times.add("model", watch.seconds());
-      report["comparison"] = dsa::comparison_json(comparison);
-      if (!plot_path.empty()) plot_svg = dsa::comparison_plot_svg(comparison, hardware, workload);
-      if (format == "csv") csv = dsa::comparison_csv(comparison);
-      summary = dsa::comparison_summary_lines(comparison);
-    }
-
+    // Every output is written before any is committed: a failed write leaves none behind.
+    std::optional<dsa::OutputFile> plot;
     if (!plot_path.empty()) {
-      dsa::OutputFile plot(plot_path);
-      plot.write(plot_svg);
-      plot.commit();
+      plot.emplace(plot_path);
+      plot->write(run.svg);
     }
+    // On a terminal the summary lines below stand for the JSON, unless --json asks for it.
+    const bool to_terminal = common.output == "-" && dsa::app::stdout_is_terminal();
+    std::optional<dsa::OutputFile> out;
     if (format == "csv") {
-      dsa::OutputFile out(common.output);
-      out.write(csv);
-      out.commit();
-    } else {
-      nlohmann::json timings = times.to_json();
-      timings["total"] = total.seconds() * 1e3;
-      report["timings_ms"] = timings;
-      dsa::emit_report(report, common.output);
+      out.emplace(common.output);
+      out->write(run.csv);
+    } else if (!to_terminal || common.json) {
+      report["timings_ms"] = dsa::timings_json(times, total.seconds());
+      out.emplace(common.output);
+      out->write(dsa::report_text(report, common.output));
     }
+    if (plot) plot->commit();
+    if (out) out->commit();
     if (!common.quiet) {
-      for (const auto& line : summary) std::fprintf(stderr, "dsa-cost: %s\n", line.c_str());
+      for (const auto& line : run.summary) std::fprintf(stderr, "dsa-cost: %s\n", line.c_str());
+      if (!out) std::fprintf(stderr, "dsa-cost: the JSON report: -o FILE or --json\n");
     }
   });
 }

@@ -3,11 +3,14 @@
 #include <limits>
 #include <optional>
 
+#include <fmt/format.h>
+
 #include "common.hpp"
 #include "dsa/error.hpp"
 #include "dsa/fit.hpp"
 #include "dsa/indexer_weights.hpp"
 #include "dsa/io.hpp"
+#include "progress.hpp"
 
 int main(int argc, char** argv) {
   CLI::App app(
@@ -62,7 +65,7 @@ int main(int argc, char** argv) {
   app.add_option("--eval-topk", fit.eval_topk, "k of the held-out mass_recall and topk_recall")
       ->check(dsa::app::integer_in(1, dsa::app::kLargestTopk))
       ->capture_default_str();
-  app.add_option("--log", log_path, "Write the training log (JSON, schema dsa-fit/2) to FILE");
+  app.add_option("--log", log_path, "Write the training log (JSON, schema dsa-fit/3) to FILE");
   dsa::app::add_common_options(app, common);
 
   return dsa::app::run(app, argc, argv, common, [&] {
@@ -102,10 +105,11 @@ int main(int argc, char** argv) {
     const dsa::FitLog log =
         dsa::fit_indexer(data, weights, fit, [&](const dsa::FitEvaluation& e, double loss) {
           if (common.quiet) return;
-          fmt::print(stderr,
-                     "dsa-fit: step {} loss {:.4f} held-out k={}: topk_recall {:.4f} "
-                     "mass_recall {:.4f} kl_dense {:.4f}\n",
-                     e.step, loss, fit.eval_topk, e.topk_recall, e.mass_recall, e.kl_dense);
+          dsa::app::print_above_progress(
+              fmt::format("dsa-fit: step {}/{} ({}) loss {:.4f} held-out k={}: topk_recall {:.4f} "
+                          "mass_recall {:.4f} kl_dense {:.4f}",
+                          e.step, fit.steps, dsa::app::format_duration(train.seconds()), loss,
+                          fit.eval_topk, e.topk_recall, e.mass_recall, e.kl_dense));
         });
     times.add("train", train.seconds());
 
@@ -127,8 +131,7 @@ int main(int argc, char** argv) {
         {"batch_rows", fit.batch_rows},
         {"holdout", fit.holdout},
         {"seed", fit.seed},
-        {"eval_every", fit.eval_every},
-        {"eval_topk", fit.eval_topk},
+        {"evaluation", {{"every", fit.eval_every}, {"topk", fit.eval_topk}}},
         {"init", init_path.empty() ? nlohmann::json("random") : nlohmann::json(init_path)},
         {"scale", main.scale.value},
         {"scale_rule", main.scale.rule},
@@ -138,7 +141,7 @@ int main(int argc, char** argv) {
     report["outputs"] = nlohmann::json::array();
     for (const dsa::Tensor& t : dsa::indexer_weight_tensors(weights, prefix)) {
       report["outputs"].push_back(
-          {{"path", common.output + ":" + t.name}, {"shape", t.shape}, {"dtype", "f32"}});
+          {{"name", common.output + ":" + t.name}, {"shape", t.shape}, {"dtype", "f32"}});
     }
     if (log_file) {
       dsa::app::add_timings(report, times, total.seconds());

@@ -138,7 +138,7 @@ int main(int argc, char** argv) {
 
     dsa::StageTimes times;
     dsa::Stopwatch generate;
-    dsa::Workload w = dsa::generate_workload(config);
+    dsa::GeneratedWorkload w = dsa::generate_workload(config);
     if (config.hidden > 0 && dtype == "bf16") dsa::narrow_hidden_workload(w, dsa::DType::bf16);
     times.add("generate", generate.seconds());
     std::vector<dsa::Tensor> tensors = {w.q, w.kv, w.q_index, w.k_index, w.weights, w.needles};
@@ -176,16 +176,18 @@ int main(int argc, char** argv) {
     times.add("write", write.seconds());
 
     nlohmann::json report = dsa::report_header("dsa-gen", argc, argv);
+    report["schema"] = dsa::kGenSchema;
     report["preset"] = preset;
     report["config"] = config_json(config);
     report["config"]["scale_rule"] = scale_rule;
     report["inputs"] = nlohmann::json::array();
     report["outputs"] = nlohmann::json::array();
     for (const dsa::Tensor& t : tensors) {
-      report["outputs"].push_back({{"path", common.output + ":" + t.name},
+      report["outputs"].push_back({{"name", common.output + ":" + t.name},
                                    {"shape", t.shape},
                                    {"dtype", dsa::dtype_name(t.dtype)}});
     }
-    dsa::app::finish_report(report, times, total.seconds(), common);
+    dsa::app::finish_report(report, times, total.seconds(), common,
+                            fmt::format("preset {}, L = {}", preset, config.length));
   });
 }

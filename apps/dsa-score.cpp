@@ -47,14 +47,16 @@ int main(int argc, char** argv) {
     writer.commit();
 
     nlohmann::json report = dsa::report_header("dsa-score", argc, argv);
+    report["schema"] = dsa::kScoreSchema;
     dsa::app::report_device(report, choice);
     for (const dsa::Tensor& t : in.read) report["inputs"].push_back(dsa::tensor_json(t));
     if (!tensors.hidden.empty()) report["indexer_weights"] = tensors.indexer_weights;
-    report["indexer"] = dsa::app::indexer_config_json(config);
-    if (inputs.ratio > 1) {
-      report["compressed_keys"] = {{"compress_ratio", inputs.ratio}, {"tokens", inputs.tokens}};
-    }
-    report["outputs"] = {{{"path", common.output}, {"shape", shape}, {"dtype", "f32"}}};
-    dsa::app::finish_report(report, times, total.seconds(), common);
+    report.update(dsa::indexer_report(inputs, config));
+    report["outputs"] = {{{"name", common.output}, {"shape", shape}, {"dtype", "f32"}}};
+    dsa::app::finish_report(
+        report, times, total.seconds(), common,
+        fmt::format("{} queries x {} keys, {} indexer on {}", inputs.batch * inputs.queries,
+                    inputs.keys, dsa::precision_name(config.precision),
+                    dsa::device_name(choice.device)));
   });
 }

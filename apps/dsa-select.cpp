@@ -3,6 +3,7 @@
 
 #include "common.hpp"
 #include "dsa/error.hpp"
+#include "dsa/indexer.hpp"
 #include "dsa/io.hpp"
 #include "dsa/topk.hpp"
 
@@ -53,6 +54,7 @@ int main(int argc, char** argv) {
     dsa::app::check_single_stdout({common.output, common.report});
 
     nlohmann::json report = dsa::report_header("dsa-select", argc, argv);
+    report["schema"] = dsa::kSelectSchema;
     std::vector<dsa::Tensor> inputs;
     if (fused) {
       dsa::app::IndexerTensors in = dsa::app::load_indexer_tensors(tensors);
@@ -77,15 +79,13 @@ int main(int argc, char** argv) {
       compute_device = choice.device;
       dsa::app::report_device(report, choice);
       shape = dsa::selection_shape(indexer_inputs, topk);
-      report["indexer"] = dsa::app::indexer_config_json(config);
-      if (indexer_inputs.ratio > 1) {
-        report["compressed_keys"] = {{"compress_ratio", indexer_inputs.ratio},
-                                     {"tokens", indexer_inputs.tokens}};
-      }
+      report.update(dsa::indexer_report(indexer_inputs, config));
     } else {
       shape = dsa::selection_shape(inputs[0], topk);
     }
     const bool batched = shape.size() == 3;
+    dsa::app::warn_if_dense_topk(
+        "dsa-select", {topk}, fused ? indexer_inputs.keys : inputs[0].shape.back(), common.quiet);
 
     dsa::StageTimes times;
     std::optional<dsa::TensorWriter> tensor_out;
@@ -122,10 +122,16 @@ int main(int argc, char** argv) {
 
     report["topk"] = topk;
     report["mode"] = fused ? "fused" : "scores";
-    report["outputs"] = {{{"path", common.output},
+    report["outputs"] = {{{"name", common.output},
                           {"shape", shape},
                           {"dtype", "i32"},
                           {"format", jsonl ? "jsonl" : "npy"}}};
-    dsa::app::finish_report(report, times, total.seconds(), common);
+    const std::string how =
+        fused ? fmt::format("{} indexer on {}", dsa::precision_name(config.precision),
+                            dsa::device_name(compute_device))
+              : std::string("from scores");
+    dsa::app::finish_report(report, times, total.seconds(), common,
+                            fmt::format("top-{} of {} keys, {}", topk,
+                                        fused ? indexer_inputs.keys : inputs[0].shape.back(), how));
   });
 }

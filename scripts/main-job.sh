@@ -11,4 +11,4 @@ mkdir -p "$out"
   --q-index "$w:q_index" --k-index "$w:k_index" --weights "$w:weights" --precision fp8 --hadamard \
   --needles "$w:needles" --sweep-topk 64,128,256,512 -o "$out/compare.json"
 cat "$out/compare.json"
-echo "report written to $out/compare.json (schema dsa-compare/2, see man/dsa-compare.1)" >&2
+echo "report written to $out/compare.json (schema dsa-compare/3, see man/dsa-compare.1)" >&2

@@ -255,7 +255,7 @@ def reference_entry(case, k, selections, scores, needles, perturb=None):
     if perturb is not None:
         perturb(per, topk_lo, topk_hi)
     sparse_rows = tpos + 1 > k
-    entry = {"k": k, "rows": {"sparse": int(np.count_nonzero(sparse_rows)),
+    entry = {"topk": k, "rows": {"sparse": int(np.count_nonzero(sparse_rows)),
                               "exact": int(np.count_nonzero(~sparse_rows))}}
     for mname in ROW_METRICS:
         if scores is None and mname in ("kl_dense", "kl_sparse"):
@@ -356,7 +356,7 @@ class Comparer:
                        (None if lo is None and hi is None else (lo, hi)))
 
     def entry(self, where, got, ref):
-        self.exact(f"{where}.k", got.get("k"), ref["k"])
+        self.exact(f"{where}.topk", got.get("topk"), ref["topk"])
         self.exact(f"{where}.rows", got.get("rows"), ref["rows"])
         for m in ROW_METRICS:
             if ref[m] is None:
@@ -453,7 +453,7 @@ class Runner:
             comp = Comparer()
             comp.exact("selection", rep.get("selection"), mode)
             comp.exact("shape", rep.get("shape", {}).get("batch"), case.B)
-            comp.exact("results[*].k", [e.get("k") for e in rep.get("results", [])], ks_here)
+            comp.exact("results[*].topk", [e.get("topk") for e in rep.get("results", [])], ks_here)
             for e, k in zip(rep.get("results", []), ks_here):
                 comp.entry(f"results[k={k}]", e, refs[k])
             if flops_v is not None:

@@ -293,6 +293,25 @@ TEST(SoftmaxScale, NamedNumberedAndDefault) {
   }
 }
 
+TEST(AttentionReport, ModeLayoutAndScale) {
+  std::mt19937_64 rng(12);
+  const Tensor q = test::random_tensor({5, 4, 8}, rng, 1, "q");
+  const Tensor kv = test::random_tensor({5, 8}, rng, 1, "kv");
+  const Tensor k = test::random_tensor({5, 2, 8}, rng, 1, "k");
+  const Tensor v = test::random_tensor({5, 2, 6}, rng, 1, "v");
+  const SoftmaxScale v32 = resolve_softmax_scale("deepseek-v3.2", 8);
+  EXPECT_EQ(attention_report(make_mqa_inputs(q, kv, 4), false, v32),
+            nlohmann::json({{"mode", "sparse"},
+                            {"layout", "mqa"},
+                            {"scale", v32.value},
+                            {"scale_rule", "deepseek-v3.2"}}));
+  const nlohmann::json dense = attention_report(make_mha_inputs(q, k, v), true, {0.25f, "given"});
+  EXPECT_EQ(dense["mode"], "dense");
+  EXPECT_EQ(dense["layout"], "mha");
+  EXPECT_EQ(dense["scale"], 0.25);
+  EXPECT_EQ(dense["scale_rule"], "given");
+}
+
 TEST(AttentionInputs, RejectsMismatchedShapes) {
   std::mt19937_64 rng(11);
   const Tensor q = test::random_tensor({5, 4, 8}, rng, 1, "q.npy");

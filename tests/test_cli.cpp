@@ -283,9 +283,9 @@ TEST_F(Cli, CompareReportsEveryKAndTheNeedlesOfAGeneratedWorkload) {
       run("dsa-compare " + inputs + " --needles " + w + ":needles --sweep-topk 16,64 --threads 1");
   ASSERT_EQ(r.code, 0) << r.err;
   const auto report = nlohmann::json::parse(r.out);
-  EXPECT_EQ(report["schema"], "dsa-compare/2");
+  EXPECT_EQ(report["schema"], "dsa-compare/3");
   ASSERT_EQ(report["results"].size(), 2u);
-  EXPECT_EQ(report["results"][0]["k"], 16);
+  EXPECT_EQ(report["results"][0]["topk"], 16);
   EXPECT_EQ(report["results"][0]["rows"]["exact"], 16);
   EXPECT_EQ(report["results"][1]["rows"]["sparse"], 600 - 64);
   EXPECT_EQ(report["results"][1]["needle_recall"]["needles"], 8);
@@ -362,12 +362,12 @@ TEST_F(Cli, FitWritesWeightsThatScoreAndSelectRead) {
             (std::vector<std::string>{"wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias",
                                       "weights_proj.weight"}));
   const auto log = nlohmann::json::parse(slurp(dir_ / "log.json"));
-  EXPECT_EQ(log["schema"], "dsa-fit/2");
+  EXPECT_EQ(log["schema"], "dsa-fit/3");
   EXPECT_EQ(log["loss"].size(), 6u);
   ASSERT_EQ(log["evaluations"].size(), 3u);  // steps 0, 3, 6
   EXPECT_EQ(log["evaluations"][2]["step"], 6);
   EXPECT_EQ(log["rows"]["holdout"], 50);
-  EXPECT_TRUE(log["evaluations"][0]["topk_recall"].is_number());
+  EXPECT_TRUE(log["evaluations"][0]["topk_recall_mean"].is_number());
   // The sparse stage from the warm-up's weights.
   ASSERT_EQ(run("dsa-fit " + inputs +
                 " --init fit.safetensors --stage sparse -k 8 --steps 2 --batch-rows 8 -q "

@@ -113,6 +113,31 @@ TEST(CompressedAttention, CsaHcaAndSwaMatchTheFp64Reference) {
   expect_near(run(swa, nullptr, scale), reference(swa, {}, false, scale), 2e-5);
 }
 
+TEST(CompressedAttention, ReportModeAndLayout) {
+  std::mt19937_64 rng(32);
+  const int64_t T = 64, Lq = 8, H = 2, d = 16;
+  const Tensor q = test::random_tensor({Lq, H, d}, rng, 1.0f, "q");
+  const Tensor kv = test::random_tensor({T, d}, rng, 1.0f, "kv");
+  const Tensor c4 = test::random_tensor({T / 4, d}, rng, 1.0f, "compressed");
+  const Tensor sink = test::random_tensor({H}, rng, 1.0f, "sink");
+  const SoftmaxScale scale = resolve_softmax_scale("", d);
+  const auto csa = make_compressed_attention_inputs(q, kv, &c4, &sink, V4Attention::csa, 16);
+  EXPECT_EQ(compressed_attention_report(csa, false, scale),
+            nlohmann::json({{"mode", "csa"},
+                            {"layout", "v4"},
+                            {"window", 16},
+                            {"compress_ratio", 4},
+                            {"sink", true},
+                            {"scale", scale.value},
+                            {"scale_rule", "d_qk^-0.5"}}));
+  EXPECT_EQ(compressed_attention_report(csa, true, scale)["mode"], "csa-every-visible-entry");
+  const auto swa = make_compressed_attention_inputs(q, kv, nullptr, nullptr, V4Attention::swa, 8);
+  const nlohmann::json window = compressed_attention_report(swa, true, scale);
+  EXPECT_EQ(window["mode"], "swa");  // every_entry is CSA's
+  EXPECT_EQ(window["sink"], false);
+  EXPECT_EQ(window["window"], 8);
+}
+
 TEST(CompressedAttention, TheSinkOnlyEnlargesTheDenominator) {
   // One token, one entry-free row: with sink a, o = v e^l / (e^a + e^l), lse = log(e^a + e^l).
   Tensor q = make_tensor(DType::f32, {1, 1, 2}, "q"), kv = make_tensor(DType::f32, {1, 2}, "kv");

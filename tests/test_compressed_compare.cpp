@@ -138,6 +138,53 @@ TEST(CompressedCompare, CsaWithTheIndexerAgainstEveryEntryMatchesFp64) {
   EXPECT_EQ(results[0]["rows"]["exact"], Lq);  // every row sees at most k entries
 }
 
+TEST(CompressedCompare, ReportFieldsComeFromTheInputsAndTheComparison) {
+  Layer l;
+  CompressedCompareInputs ci;
+  ci.attention = make_compressed_attention_inputs(l.q, l.kv, &l.c4, &l.sink, V4Attention::csa, W);
+  ci.scale = static_cast<float>(scale());
+  ci.indexer = make_compressed_indexer_inputs(l.qi, l.ki, l.wi, ci.indexer_config, 4, T);
+  ci.topk = {4, 8};
+  const Comparison c = compare_compressed_attention(ci, nullptr);
+  const nlohmann::json report = comparison_report(ci, c);
+  EXPECT_EQ(report["shape"], nlohmann::json({{"batch", 1},
+                                             {"queries", Lq},
+                                             {"keys", T / 4},
+                                             {"heads", H},
+                                             {"kv_heads", 1},
+                                             {"d_qk", d},
+                                             {"d_v", d},
+                                             {"tokens", T},
+                                             {"entries", T / 4},
+                                             {"d", d},
+                                             {"indexer_heads", HI},
+                                             {"indexer_dim", DI}}));
+  EXPECT_EQ(report["layout"], "v4");
+  EXPECT_EQ(report["attention"], "csa");
+  EXPECT_EQ(report["reference"], "every-entry");
+  EXPECT_EQ(report["window"], W);
+  EXPECT_EQ(report["compress_ratio"], 4);
+  EXPECT_EQ(report["sink"], true);
+  EXPECT_EQ(report["scale"], ci.scale);
+  EXPECT_EQ(report["selection"], "indexer");
+  EXPECT_EQ(report["indexer"], indexer_config_json(ci.indexer_config));
+  EXPECT_EQ(report["results"], comparison_json(c));
+  EXPECT_EQ(report["flops"]["dense_attention"], c.dense_flops);
+  EXPECT_FALSE(report.contains("scale_rule"));  // the caller's
+  // HCA against dense attention: every visible entry, no indexer.
+  Tensor c128 = test::random_tensor({T / 128, d}, l.rng, 1.0f, "compressed");
+  CompressedCompareInputs hca;
+  hca.attention = make_compressed_attention_inputs(l.q, l.kv, &c128, nullptr, V4Attention::hca, W);
+  hca.reference = V4Reference::dense;
+  const nlohmann::json every = comparison_report(hca, compare_compressed_attention(hca, nullptr));
+  EXPECT_EQ(every["attention"], "hca");
+  EXPECT_EQ(every["reference"], "dense");
+  EXPECT_EQ(every["selection"], "every-entry");
+  EXPECT_EQ(every["sink"], false);
+  EXPECT_EQ(every["compress_ratio"], 128);
+  EXPECT_FALSE(every.contains("indexer"));
+}
+
 TEST(CompressedCompare, HcaAgainstDenseAttentionOverTheRawTokens) {
   Layer l;
   Tensor c128 = test::random_tensor({T / 128, d}, l.rng, 1.0f, "compressed");

@@ -84,6 +84,13 @@ void expect_close(double actual, double expected) {
   EXPECT_NEAR(actual, expected, 1e-12 * std::abs(expected)) << "expected " << expected;
 }
 
+// A CSV number against the report's: rounded to 6 significant digits, so within half a unit of
+// the sixth (and not an exact copy: 5e-7 would not hold for a number cut to fewer digits).
+void expect_six_digits(double csv, const nlohmann::json& report) {
+  const double expected = report.get<double>();
+  EXPECT_NEAR(csv, expected, 5.0000001e-6 * std::abs(expected)) << "expected " << expected;
+}
+
 void expect_stage(const StageCost& s, const char* stage, const char* mode, double flops,
                   double bytes, double compute_seconds, double memory_seconds) {
   SCOPED_TRACE(stage);
@@ -745,6 +752,76 @@ TEST_F(Specs, SetOverridesAndItsErrors) {
   }
 }
 
+TEST_F(Specs, RunCostAssemblesTheReportFromTheLibrarysParts) {
+  CostRequest request;
+  request.max_context = 8192;
+  request.overrides = {"dsa.topk=1024"};
+  request.want_csv = true;
+  StageTimes times;
+  const CostRun run = run_cost(kPresets, request, &times);
+  const HardwareSpec h800 = load_hardware(kPresets, "H800");
+  const ModelSpec dense = load_model(kPresets, "DeepSeek-V3.1-Terminus");
+  ModelSpec dsa = load_model(kPresets, "DeepSeek-V3.2-Exp");
+  dsa.topk = 1024;
+  const CostCurves curves = cost_curves(dense, dsa, h800, Workload{}, 8192, 4096);
+  EXPECT_EQ(run.report["schema"], kCostSchema);
+  EXPECT_EQ(run.report["presets"], kPresets.dir.string());
+  nlohmann::json hardware = hardware_json(h800);
+  hardware["calibrated"] = false;
+  EXPECT_EQ(run.report["hardware"], hardware);
+  EXPECT_EQ(
+      run.report["workload"],
+      nlohmann::json(
+          {{"decode_batch", 64}, {"prefill_chunk", 8192}, {"max_context", 8192}, {"step", 4096}}));
+  EXPECT_EQ(run.report["model"], cost_model_json());
+  EXPECT_EQ(run.report["models"]["dsa"], model_json(dsa));
+  EXPECT_EQ(run.report["points"], cost_points_json(curves));
+  EXPECT_EQ(run.report["summary"], cost_summary_json(curves));
+  EXPECT_EQ(run.csv, cost_csv(curves));
+  EXPECT_TRUE(run.svg.empty());  // not asked for
+  EXPECT_EQ(run.summary,
+            (std::vector<std::string>{cost_summary_line(Phase::prefill, curves.prefill),
+                                      cost_summary_line(Phase::decode, curves.decode)}));
+  EXPECT_FALSE(run.report.contains("tool"));  // the header and timings are the caller's
+  EXPECT_FALSE(run.report.contains("timings_ms"));
+  EXPECT_GE(times.get("model"), 0.0);
+
+  // Several models against a baseline named in any case.
+  CostRequest compared;
+  compared.compare_models = {"DeepSeek-V3.2", "DeepSeek-V4-Flash"};
+  compared.baseline = "deepseek-v4-flash";
+  compared.max_context = 65536;
+  compared.step = 32768;
+  compared.want_plot = true;
+  const CostRun side_by_side = run_cost(kPresets, compared);
+  const std::vector<ModelSpec> models = {load_model(kPresets, "DeepSeek-V3.2"),
+                                         load_model(kPresets, "DeepSeek-V4-Flash")};
+  const ModelComparison comparison = compare_models(models, 1, h800, Workload{}, 65536, 32768);
+  EXPECT_EQ(side_by_side.report["comparison"], comparison_json(comparison));
+  EXPECT_EQ(side_by_side.svg, comparison_plot_svg(comparison, h800, Workload{}));
+  EXPECT_EQ(side_by_side.summary, comparison_summary_lines(comparison));
+  EXPECT_FALSE(side_by_side.report.contains("models"));
+
+  // Messages name the request's fields as the caller says: its flags or keywords.
+  compared.overrides = {"dsa.topk=1"};
+  EXPECT_EQ(
+      error_of([&] { run_cost(kPresets, compared); }).second.rfind("overrides: dsa.topk=1: ", 0),
+      0u);
+  compared.names.overrides = "--set";
+  EXPECT_EQ(error_of([&] { run_cost(kPresets, compared); }).second.rfind("--set: dsa.topk=1: ", 0),
+            0u);
+  compared.overrides.clear();
+  compared.baseline = "GPT";
+  const auto [code, message] = error_of([&] { run_cost(kPresets, compared); });
+  EXPECT_EQ(code, ExitCode::usage);
+  EXPECT_EQ(message.rfind("baseline: no model named \"GPT\"", 0), 0u) << message;
+  compared.baseline.clear();
+  compared.compare_models = {"DeepSeek-V3.2", "deepseek-v3.2"};
+  compared.names.compare_models = "--compare-models";
+  EXPECT_EQ(
+      error_of([&] { run_cost(kPresets, compared); }).second.rfind("--compare-models: two", 0), 0u);
+}
+
 TEST(Calibration, ReplacesRatesWithMeasuredOnes) {
   const Calibration c = calibrate(0.02);
   EXPECT_EQ(c.device, "cpu");
@@ -800,8 +877,8 @@ TEST_F(CostCli, CsvAndJsonAgree) {
   std::string line;
   std::getline(csv, line);
   EXPECT_EQ(line,
-            "position,prefill_dense_usd_per_mtok,prefill_dsa_usd_per_mtok,"
-            "decode_dense_usd_per_mtok,decode_dsa_usd_per_mtok");
+            "position,prefill_dense_usd_per_million_tokens,prefill_dsa_usd_per_million_tokens,"
+            "decode_dense_usd_per_million_tokens,decode_dsa_usd_per_million_tokens");
   const auto& points = report["points"];
   std::size_t row = 0;
   for (; std::getline(csv, line); ++row) {
@@ -813,10 +890,10 @@ TEST_F(CostCli, CsvAndJsonAgree) {
     ASSERT_EQ(values.size(), 5u) << line;
     const auto& p = points[row];
     EXPECT_EQ(values[0], p["position"].get<double>());
-    EXPECT_EQ(values[1], p["prefill"]["dense"]["usd_per_million_tokens"].get<double>());
-    EXPECT_EQ(values[2], p["prefill"]["dsa"]["usd_per_million_tokens"].get<double>());
-    EXPECT_EQ(values[3], p["decode"]["dense"]["usd_per_million_tokens"].get<double>());
-    EXPECT_EQ(values[4], p["decode"]["dsa"]["usd_per_million_tokens"].get<double>());
+    expect_six_digits(values[1], p["prefill"]["dense"]["usd_per_million_tokens"]);
+    expect_six_digits(values[2], p["prefill"]["dsa"]["usd_per_million_tokens"]);
+    expect_six_digits(values[3], p["decode"]["dense"]["usd_per_million_tokens"]);
+    expect_six_digits(values[4], p["decode"]["dsa"]["usd_per_million_tokens"]);
     // Every stage is in the JSON, and the stages add up to the token's time.
     double sum = 0;
     for (const auto& s : p["decode"]["dsa"]["stages"]) sum += s["seconds"].get<double>();
@@ -954,8 +1031,8 @@ TEST_F(CostCli, ComparesModelsToOneMillionTokens) {
   std::string line;
   std::getline(csv, line);
   EXPECT_EQ(line,
-            "position,model,flops,attention_flops,kv_cache_bytes,prefill_usd_per_mtok,"
-            "decode_usd_per_mtok,baseline_over_flops,baseline_over_attention_flops,"
+            "position,model,flops,attention_flops,kv_cache_bytes,prefill_usd_per_million_tokens,"
+            "decode_usd_per_million_tokens,baseline_over_flops,baseline_over_attention_flops,"
             "baseline_over_kv_cache_bytes,baseline_over_prefill_cost,baseline_over_decode_cost");
   std::size_t rows = 0;
   for (; std::getline(csv, line); ++rows) {
@@ -965,11 +1042,11 @@ TEST_F(CostCli, ComparesModelsToOneMillionTokens) {
     for (std::string f; std::getline(in, f, ',');) fields.push_back(f);
     ASSERT_GE(fields.size(), 11u) << line;
     EXPECT_EQ(fields[1], p["name"].get<std::string>());
-    EXPECT_EQ(std::stod(fields[2]), p["flops"].get<double>());
-    EXPECT_EQ(std::stod(fields[4]), p["kv_cache_bytes"].get<double>());
-    EXPECT_EQ(std::stod(fields[6]), p["decode_usd_per_million_tokens"].get<double>());
+    expect_six_digits(std::stod(fields[2]), p["flops"]);
+    expect_six_digits(std::stod(fields[4]), p["kv_cache_bytes"]);
+    expect_six_digits(std::stod(fields[6]), p["decode_usd_per_million_tokens"]);
     if (!p["baseline_over"]["kv_cache_bytes"].is_null())
-      EXPECT_EQ(std::stod(fields[9]), p["baseline_over"]["kv_cache_bytes"].get<double>());
+      expect_six_digits(std::stod(fields[9]), p["baseline_over"]["kv_cache_bytes"]);
   }
   EXPECT_EQ(rows, 5 * points.size());
 

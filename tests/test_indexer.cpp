@@ -275,6 +275,38 @@ TEST(Indexer, AcceptsEveryFloatingInputDtype) {
 
 // DeepSeek-V4's CSA: the keys are compressed entries of 4 tokens, entry j visible from token
 // 4j + 3 on; the scores of invisible entries are -inf and the selection takes visible ones only.
+TEST(Indexer, ConfigCheckAndReportFields) {
+  IndexerConfig config;
+  config.ue8m0 = true;
+  try {
+    validate_indexer_config(config);
+    ADD_FAILURE() << "ue8m0 without fp8 accepted";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ExitCode::usage);
+    // The parameter first: the apps put their flag in front of it.
+    EXPECT_EQ(std::string(e.what()), "ue8m0 applies to precision fp8 only (precision is f32)");
+  }
+  config.precision = Precision::fp8;
+  EXPECT_NO_THROW(validate_indexer_config(config));
+  config.query_block = 8;
+  EXPECT_EQ(indexer_config_json(config), nlohmann::json({{"precision", "fp8"},
+                                                         {"hadamard", false},
+                                                         {"ue8m0", true},
+                                                         {"quant_block", 128},
+                                                         {"raw_weights", false},
+                                                         {"query_block", 8}}));
+  std::mt19937_64 rng(78);
+  const Tensor q = test::random_tensor({6, 2, 8}, rng, 1.0f, "q_index");
+  const Tensor k = test::random_tensor({6, 8}, rng, 1.0f, "k_index");
+  const Tensor w = test::random_tensor({6, 2}, rng, 1.0f, "weights");
+  EXPECT_EQ(indexer_report(make_indexer_inputs(q, k, w, config), config),
+            nlohmann::json({{"indexer", indexer_config_json(config)}}));
+  const Tensor entries = test::random_tensor({3, 8}, rng, 1.0f, "k_index");
+  const nlohmann::json compressed =
+      indexer_report(make_compressed_indexer_inputs(q, entries, w, config, 4, 12), config);
+  EXPECT_EQ(compressed["compressed_keys"], nlohmann::json({{"compress_ratio", 4}, {"tokens", 12}}));
+}
+
 TEST(Indexer, CompressedKeysAreVisibleOnceTheirWindowIsComplete) {
   std::mt19937_64 rng(77);
   const int64_t T = 50, Lq = 20, H = 4, d = 32, m = 4, N = T / m;

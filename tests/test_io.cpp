@@ -367,6 +367,31 @@ TEST_F(Io, ReadsBfloat16NpyAsMlDtypesWritesIt) {
 
 // --- malformed files ---------------------------------------------------------------------------
 
+TEST_F(Io, CheckOutputFailsAsTheWriteWouldAndLeavesNothing) {
+  check_output("-");
+  check_output(path("fresh.npy"));
+  check_output(path("fresh.safetensors") + ":name");
+  check_output("/dev/null");  // a device: checked, not replaced
+  const auto code_of = [](const std::string& spec) {
+    try {
+      check_output(spec);
+    } catch (const Error& e) {
+      return e.code();
+    }
+    return ExitCode::ok;
+  };
+  EXPECT_EQ(code_of(path("missing/x.npy")), ExitCode::runtime);
+  EXPECT_EQ(code_of(path("missing/x.safetensors") + ":t"), ExitCode::runtime);
+  EXPECT_EQ(code_of(dir_.string()), ExitCode::usage);  // a directory
+  fs::create_directory(path("ro"));
+  fs::permissions(path("ro"), fs::perms::owner_read | fs::perms::owner_exec);
+  if (::geteuid() != 0)
+    EXPECT_EQ(code_of(path("ro/x.npy")), ExitCode::runtime);  // root writes anyway
+  fs::permissions(path("ro"), fs::perms::owner_all);
+  EXPECT_EQ(directory_entries(), std::vector<std::string>{"ro"});  // no probe left behind
+  EXPECT_TRUE(fs::is_empty(path("ro")));
+}
+
 TEST_F(Io, MissingEmptyAndDirectoryInputsAreBadInput) {
   const std::string missing = path("missing.npy");
   EXPECT_TRUE(fails_with_bad_input([&] { read_tensor(missing); }, {missing}));

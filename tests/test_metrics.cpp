@@ -239,6 +239,47 @@ TEST(CompareAttention, PrecomputedSelectionEqualsTheIndexersOwn) {
   EXPECT_TRUE(comparison_json(by_file)[0]["kl_sparse"].is_null());
 }
 
+TEST(CompareAttention, ReportFieldsComeFromTheInputsAndTheComparison) {
+  const auto p = make_problem({2, 7, 33, 4, 2, 12, 10, 2, 8, true, false, {5, 16}}, 9);
+  const Comparison got = compare_attention(p->inputs, nullptr);
+  const nlohmann::json report = comparison_report(p->inputs, got);
+  EXPECT_EQ(report["shape"], nlohmann::json({{"batch", 2},
+                                             {"queries", 7},
+                                             {"keys", 33},
+                                             {"heads", 4},
+                                             {"kv_heads", 2},
+                                             {"d_qk", 12},
+                                             {"d_v", 10},
+                                             {"indexer_heads", 2},
+                                             {"indexer_dim", 8}}));
+  EXPECT_EQ(report["layout"], "mha");
+  EXPECT_EQ(report["scale"], p->inputs.scale);
+  EXPECT_EQ(report["selection"], "indexer");
+  EXPECT_EQ(report["indexer"], indexer_config_json(p->inputs.indexer_config));
+  EXPECT_EQ(report["results"], comparison_json(got));
+  EXPECT_EQ(report["flops"]["indexer"], got.indexer_flops);
+  EXPECT_EQ(report["flops"]["dense_attention"], got.dense_flops);
+  EXPECT_EQ(report["stage_ms"].size(), got.stage_seconds.size());
+  // What only the caller knows is the caller's to add.
+  for (const char* key : {"tool", "schema", "inputs", "device", "scale_rule", "timings_ms"}) {
+    EXPECT_FALSE(report.contains(key)) << key;
+  }
+  // A precomputed selection: no indexer fields.
+  const auto latent = make_problem({1, 12, 12, 2, 1, 8, 8, 2, 8, false, true, {4}}, 10);
+  Tensor indices = make_tensor(DType::i32, {12, 4}, "sel");
+  for (int64_t t = 0; t < 12; ++t) {
+    for (int64_t i = 0; i < 4; ++i) mutable_data<int32_t>(indices)[t * 4 + i] = i <= t ? i : -1;
+  }
+  CompareInputs given = latent->inputs;
+  given.indexer.reset();
+  given.indices = &indices;
+  const nlohmann::json by_file = comparison_report(given, compare_attention(given, nullptr));
+  EXPECT_EQ(by_file["selection"], "indices");
+  EXPECT_EQ(by_file["layout"], "mqa");
+  EXPECT_FALSE(by_file.contains("indexer"));
+  EXPECT_FALSE(by_file["shape"].contains("indexer_heads"));
+}
+
 TEST(CompareAttention, CountsNeedlesThatTheSelectionKeeps) {
   auto p = make_problem({1, 30, 30, 2, 1, 8, 8, 2, 8, false, true, {3, 30}}, 8);
   Tensor needles = make_tensor(DType::i32, {3, 2}, "needles");

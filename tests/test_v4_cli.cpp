@@ -168,7 +168,7 @@ TEST_F(V4Cli, CompareReportsWhatCompressionLoses) {
   EXPECT_EQ(report["reference"], "dense");
   EXPECT_EQ(report["selection"], "every-entry");
   ASSERT_EQ(report["results"].size(), 1u);
-  EXPECT_EQ(report["results"][0]["k"], T / 128);
+  EXPECT_EQ(report["results"][0]["topk"], T / 128);
   EXPECT_GT(report["results"][0]["out_rel_err"]["exact"]["mean"].get<double>(),
             0.0);  // k = every entry
   // HCA is the every-entry reference itself: a usage error naming the way out.
@@ -193,7 +193,7 @@ TEST_F(V4Cli, GeneratedWorkloadGoesThroughCompare) {
   ASSERT_EQ(r.code, 0) << r.err;
   const auto report = nlohmann::json::parse(r.out);
   ASSERT_EQ(report["results"].size(), 2u);
-  EXPECT_EQ(report["results"][1]["k"], 64);
+  EXPECT_EQ(report["results"][1]["topk"], 64);
   EXPECT_GT(report["results"][1]["needle_recall"]["needles"].get<int>(), 0);
   const double m16 = report["results"][0]["mass_recall"]["sparse"]["mean"];
   const double m64 = report["results"][1]["mass_recall"]["sparse"]["mean"];

@@ -29,7 +29,7 @@ namespace {
 
 using test::f32;
 
-std::vector<Tensor> tensors_of(const Workload& w) {
+std::vector<Tensor> tensors_of(const GeneratedWorkload& w) {
   return {w.q, w.kv, w.q_index, w.k_index, w.weights, w.needles};
 }
 
@@ -38,7 +38,7 @@ bool same_bytes(const Tensor& a, const Tensor& b) {
 }
 
 // FNV-1a over every tensor's bytes: a fingerprint to compare across machines.
-uint64_t fingerprint(const Workload& w) {
+uint64_t fingerprint(const GeneratedWorkload& w) {
   uint64_t h = 0xcbf29ce484222325ULL;
   for (const Tensor& t : tensors_of(w)) {
     for (std::size_t i = 0; i < t.nbytes(); ++i) {
@@ -48,7 +48,7 @@ uint64_t fingerprint(const Workload& w) {
   return h;
 }
 
-std::vector<std::pair<int64_t, int64_t>> needle_pairs(const Workload& w) {
+std::vector<std::pair<int64_t, int64_t>> needle_pairs(const GeneratedWorkload& w) {
   std::vector<std::pair<int64_t, int64_t>> pairs;
   const auto* p = reinterpret_cast<const int32_t*>(w.needles.data);
   for (int64_t n = 0; n < w.needles.dim(0); ++n) pairs.emplace_back(p[2 * n], p[2 * n + 1]);
@@ -57,7 +57,7 @@ std::vector<std::pair<int64_t, int64_t>> needle_pairs(const Workload& w) {
 
 // Main attention probabilities of query t over s <= t in fp64 (scale d_qk^-0.5), averaged
 // over the heads: DESIGN.md's target distribution p[t, :].
-std::vector<double> dense_probabilities(const Workload& w, int64_t t) {
+std::vector<double> dense_probabilities(const GeneratedWorkload& w, int64_t t) {
   const int64_t H = w.q.dim(1), d = w.q.dim(2);
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));
   std::vector<double> p(static_cast<std::size_t>(t + 1), 0.0), logits(p.size());
@@ -77,7 +77,7 @@ std::vector<double> dense_probabilities(const Workload& w, int64_t t) {
 }
 
 // Indexer scores I[t, s] (Eq. 1) of one query row in fp64.
-std::vector<double> indexer_row(const Workload& w, int64_t t) {
+std::vector<double> indexer_row(const GeneratedWorkload& w, int64_t t) {
   const int64_t L = w.k_index.dim(0), H_I = w.q_index.dim(1), d_I = w.q_index.dim(2);
   const auto all = test::reference_scores(f32(w.q_index) + t * H_I * d_I, f32(w.k_index),
                                           f32(w.weights) + t * H_I, 1, L, H_I, d_I);
@@ -139,7 +139,7 @@ TEST(Workload, ShapesOfBothPresets) {
   for (const std::string preset : {"small", "v32"}) {
     WorkloadConfig c = workload_preset(preset);
     c.length = 300;
-    const Workload w = generate_workload(c);
+    const GeneratedWorkload w = generate_workload(c);
     const int64_t L = 300, H = c.heads, d = c.d_qk, H_I = c.indexer_heads, d_I = c.indexer_dim;
     EXPECT_EQ(w.q.shape, (Shape{L, H, d})) << preset;
     EXPECT_EQ(w.kv.shape, (Shape{L, d}));
@@ -173,14 +173,15 @@ TEST(Workload, ShapesOfBothPresets) {
 }
 
 TEST(Workload, TooShortForNeedlesHasNone) {
-  const Workload w = generate_workload(small_config(260, 0));  // t - 256 >= 4 needs t >= 260
+  const GeneratedWorkload w =
+      generate_workload(small_config(260, 0));  // t - 256 >= 4 needs t >= 260
   EXPECT_EQ(w.needles.shape, (Shape{0, 2}));
-  const Workload one = generate_workload(small_config(261, 0));
+  const GeneratedWorkload one = generate_workload(small_config(261, 0));
   EXPECT_EQ(one.needles.shape, (Shape{1, 2}));
   EXPECT_EQ(needle_pairs(one)[0], (std::pair<int64_t, int64_t>{260, 4}));
   WorkloadConfig c = small_config(1, 0);
   c.sinks = 1;
-  const Workload single = generate_workload(c);
+  const GeneratedWorkload single = generate_workload(c);
   EXPECT_EQ(single.q.shape, (Shape{1, 4, 64}));
   EXPECT_EQ(single.needles.shape, (Shape{0, 2}));
 }
@@ -190,13 +191,13 @@ TEST(Workload, DeterministicAcrossRunsAndThreads) {
   c.needle_min_distance = 50;
   c.indexer_noise = 0.5;
   set_threads(1);
-  const Workload a = generate_workload(c);
+  const GeneratedWorkload a = generate_workload(c);
   set_threads(2);
-  const Workload b = generate_workload(c);
+  const GeneratedWorkload b = generate_workload(c);
   set_threads(0);
   for (std::size_t i = 0; i < 6; ++i) EXPECT_TRUE(same_bytes(tensors_of(a)[i], tensors_of(b)[i]));
   c.seed = 8;
-  const Workload other = generate_workload(c);
+  const GeneratedWorkload other = generate_workload(c);
   for (std::size_t i = 0; i < 4; ++i)  // the weights are the same constant for every seed
     EXPECT_FALSE(same_bytes(tensors_of(a)[i], tensors_of(other)[i])) << tensors_of(a)[i].name;
 }
@@ -219,9 +220,9 @@ TEST(Workload, HiddenStatesProjectToTheIndexer) {
   c.indexer_noise = 0.3;
   c.hidden = (1 + 4) * 32 + 3;
   set_threads(1);
-  const Workload w = generate_workload(c);
+  const GeneratedWorkload w = generate_workload(c);
   set_threads(2);
-  const Workload again = generate_workload(c);
+  const GeneratedWorkload again = generate_workload(c);
   set_threads(0);
   EXPECT_EQ(w.hidden.shape, (Shape{160, c.hidden}));
   EXPECT_EQ(w.indexer.wq.size(), static_cast<std::size_t>(6 * 32 * c.hidden));
@@ -233,7 +234,7 @@ TEST(Workload, HiddenStatesProjectToTheIndexer) {
   EXPECT_EQ(fingerprint(w), fingerprint(again));
   WorkloadConfig plain = c;
   plain.hidden = 0;
-  const Workload without = generate_workload(plain);
+  const GeneratedWorkload without = generate_workload(plain);
   EXPECT_TRUE(same_bytes(w.q, without.q));
   EXPECT_TRUE(same_bytes(w.kv, without.kv));
   EXPECT_FALSE(same_bytes(w.k_index, without.k_index));  // layer-normed keys
@@ -253,7 +254,7 @@ TEST(Workload, NoiseIsGaussian) {
   WorkloadConfig c = small_config(1024, 5);
   c.sink_logit = c.local_logit = c.needle_logit = 0;
   c.noise = 2.0;
-  const Workload w = generate_workload(c);
+  const GeneratedWorkload w = generate_workload(c);
   double sum = 0, squares = 0, fourth = 0, beyond2 = 0, beyond3 = 0;
   const int64_t n = w.kv.numel();
   for (int64_t i = 0; i < n; ++i) {
@@ -272,7 +273,7 @@ TEST(Workload, NoiseIsGaussian) {
 }
 
 // Scaled main logit scale · q[t, h] · kv[s] in fp64.
-double logit(const Workload& w, int64_t t, int64_t h, int64_t s) {
+double logit(const GeneratedWorkload& w, int64_t t, int64_t h, int64_t s) {
   const int64_t H = w.q.dim(1), d = w.q.dim(2);
   double dot = 0;
   for (int64_t c = 0; c < d; ++c)
@@ -291,8 +292,8 @@ TEST(Workload, NoiselessTermsHaveTheirLogits) {
   sinks.sink_logit = 6;
   local.local_logit = 4;
   needles.needle_logit = 14;
-  const Workload ws = generate_workload(sinks), wl = generate_workload(local),
-                 wn = generate_workload(needles);
+  const GeneratedWorkload ws = generate_workload(sinks), wl = generate_workload(local),
+                          wn = generate_workload(needles);
   for (int64_t h = 0; h < 4; ++h) {
     const double sink = logit(ws, 300, h, 2), diagonal = logit(wl, 300, h, 300);
     EXPECT_GE(sink, 6 * 0.5 - 1e-4);
@@ -382,7 +383,7 @@ class Structure : public ::testing::Test {
   static void SetUpTestSuite() {
     WorkloadConfig c = small_config(1024, 11);
     c.needles = 32;
-    workload_ = new Workload(generate_workload(c));
+    workload_ = new GeneratedWorkload(generate_workload(c));
   }
   static void TearDownTestSuite() { delete workload_; }
   static bool is_needle_query(int64_t t) {
@@ -391,12 +392,12 @@ class Structure : public ::testing::Test {
     }
     return false;
   }
-  static Workload* workload_;
+  static GeneratedWorkload* workload_;
 };
-Workload* Structure::workload_ = nullptr;
+GeneratedWorkload* Structure::workload_ = nullptr;
 
 TEST_F(Structure, SinksTakeALargeShareForLateQueries) {
-  const Workload& w = *workload_;
+  const GeneratedWorkload& w = *workload_;
   double sink_mass = 0;
   int rows = 0;
   for (int64_t t = 960; t < 1024; ++t) {
@@ -411,7 +412,7 @@ TEST_F(Structure, SinksTakeALargeShareForLateQueries) {
 }
 
 TEST_F(Structure, LocalWindowBeatsFarKeys) {
-  const Workload& w = *workload_;
+  const GeneratedWorkload& w = *workload_;
   double near = 0, far = 0;
   int64_t near_count = 0, far_count = 0;
   for (int64_t t = 960; t < 1024; ++t) {
@@ -428,7 +429,7 @@ TEST_F(Structure, LocalWindowBeatsFarKeys) {
 }
 
 TEST_F(Structure, NeedleQueriesFindTheirKey) {
-  const Workload& w = *workload_;
+  const GeneratedWorkload& w = *workload_;
   const auto pairs = needle_pairs(w);
   ASSERT_EQ(pairs.size(), 32u);
   int argmax = 0;
@@ -446,7 +447,7 @@ TEST_F(Structure, NeedleQueriesFindTheirKey) {
 }
 
 // How many of the needles' keys the indexer ranks in the top 8 of their query's row.
-int needles_in_top8(const Workload& w) {
+int needles_in_top8(const GeneratedWorkload& w) {
   int found = 0;
   for (const auto& [t, s] : needle_pairs(w)) found += rank_in_row(indexer_row(w, t), s) <= 8;
   return found;
@@ -502,7 +503,7 @@ TEST_F(Gen, WritesTheLibraryWorkload) {
   WorkloadConfig c = small_config(320, 9);
   c.needles = 5;
   c.indexer_noise = 0.5;
-  const Workload expected = generate_workload(c);
+  const GeneratedWorkload expected = generate_workload(c);
   for (const Tensor& t : tensors_of(expected)) {
     const Tensor got = read_tensor(path("w.safetensors:" + t.name));
     EXPECT_EQ(got.shape, t.shape) << t.name;
@@ -516,7 +517,7 @@ TEST_F(Gen, WritesTheLibraryWorkload) {
   EXPECT_EQ(r["config"]["rank"], 32);
   EXPECT_EQ(r["config"]["needle_min_distance"], 256);
   ASSERT_EQ(r["outputs"].size(), 6u);
-  EXPECT_EQ(r["outputs"][5]["path"], "w.safetensors:needles");
+  EXPECT_EQ(r["outputs"][5]["name"], "w.safetensors:needles");
   EXPECT_EQ(r["outputs"][5]["dtype"], "i32");
   EXPECT_EQ(r["outputs"][0]["shape"], (std::vector<int64_t>{320, 4, 64}));
 }
@@ -534,7 +535,7 @@ TEST_F(Gen, Bf16KeepsNeedlesInt32) {
   WorkloadConfig c = workload_preset("v32");
   c.length = 40;
   c.heads = 2;
-  const Workload w = generate_workload(c);
+  const GeneratedWorkload w = generate_workload(c);
   const Tensor kv = read_tensor(path("w.safetensors:kv"));
   for (int64_t i = 0; i < kv.numel(); ++i) {
     ASSERT_EQ(reinterpret_cast<const uint16_t*>(kv.data)[i], f32_to_bf16(f32(w.kv)[i]));
@@ -607,9 +608,9 @@ TEST(Workload, LastQueryRowsAreTheFullWorkloadsRows) {
   WorkloadConfig c = small_config(300, 4);
   c.needles = 0;
   c.indexer_noise = 0.3;
-  const Workload full = generate_workload(c);
+  const GeneratedWorkload full = generate_workload(c);
   c.queries = 40;
-  const Workload last = generate_workload(c);
+  const GeneratedWorkload last = generate_workload(c);
   EXPECT_EQ(last.q.shape, (Shape{40, c.heads, c.d_qk}));
   EXPECT_TRUE(same_bytes(last.kv, full.kv));
   EXPECT_EQ(std::memcmp(last.q.data, full.q.data + (260 * c.heads * c.d_qk) * 4, last.q.nbytes()),
@@ -618,7 +619,7 @@ TEST(Workload, LastQueryRowsAreTheFullWorkloadsRows) {
   // With needles: every needle's query is a kept row.
   c.needles = 6;
   c.needle_min_distance = 50;
-  const Workload with_needles = generate_workload(c);
+  const GeneratedWorkload with_needles = generate_workload(c);
   ASSERT_GT(with_needles.needles.dim(0), 0);
   for (int64_t n = 0; n < with_needles.needles.dim(0); ++n) {
     EXPECT_GE(reinterpret_cast<const int32_t*>(with_needles.needles.data)[2 * n], 260);
@@ -633,9 +634,9 @@ TEST(Workload, CompressedEntriesAreWindowMeans) {
   for (const int64_t m : {int64_t{4}, int64_t{128}}) {
     SCOPED_TRACE(m);
     WorkloadConfig c = small_config(300, 7);
-    const Workload tokens = generate_workload(c);
+    const GeneratedWorkload tokens = generate_workload(c);
     c.compress_ratio = m;
-    const Workload w = generate_workload(c);
+    const GeneratedWorkload w = generate_workload(c);
     const int64_t n = 300 / m, lead = m == 4 ? 4 : 0;
     ASSERT_EQ(w.compressed.shape, (Shape{n, c.d_qk}));
     ASSERT_EQ(w.k_index.shape, (Shape{n, c.indexer_dim}));

@@ -11,7 +11,7 @@ x.clamp(-448, 448).to(torch.float8_e4m3fn) as the released act_quant does. Then 
 test_precision's TorchRounding test, which compares them with dsa's f32_to_bf16 and f32_to_e4m3.
 
 Usage: python3 tests/torch_rounding_check.py --test-precision build/tests/test_precision
-Exit status: 0 identical, 1 a difference, 77 torch (or numpy) is missing.
+Exit status: 0 identical, 1 a difference, 77 torch (or numpy, or torch's e4m3) is missing.
 """
 import argparse
 import os
@@ -24,6 +24,10 @@ try:
     import torch
 except ImportError as missing:
     print(f"torch_rounding_check: {missing.name} is not available; skipping", file=sys.stderr)
+    sys.exit(77)
+if not hasattr(torch, "float8_e4m3fn"):  # e4m3 came with torch 2.1; Debian 12 ships 1.13
+    print(f"torch_rounding_check: torch {torch.__version__} has no float8_e4m3fn; skipping",
+          file=sys.stderr)
     sys.exit(77)
 
 

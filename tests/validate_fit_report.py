@@ -59,12 +59,12 @@ def main():
     CHECKS.record("sparse: topk and init",
                   sparse["config"]["topk"] == 8 and sparse["config"]["init"] == init)
     CHECKS.record("sparse: k above every held-out row gives null metrics",
-                  all(e["rows"] == 0 and e["topk_recall"] is None for e in sparse["evaluations"]))
+                  all(e["rows"] == 0 and e["topk_recall_mean"] is None for e in sparse["evaluations"]))
     broken = {"field removed": lambda r: r.pop("loss"),
               "wrong type": lambda r: r["rows"].update(train="90"),
               "extra field": lambda r: r.update(extra=1),
               "wrong schema": lambda r: r.update(schema="dsa-fit/1"),
-              "recall above 1": lambda r: r["evaluations"][0].update(topk_recall=1.5)}
+              "recall above 1": lambda r: r["evaluations"][0].update(topk_recall_mean=1.5)}
     for name, damage in broken.items():
         report = copy.deepcopy(warmup)
         damage(report)

@@ -81,7 +81,7 @@ def check_counts(name, report, ks, batch, queries, keys, heads, needles=0, index
         if shape.get(key) != value:
             problems.append(f"shape.{key} = {shape.get(key)}, expected {value}")
     positions = [keys - queries + r for r in range(queries)]
-    got_ks = [entry.get("k") for entry in report.get("results", [])]
+    got_ks = [entry.get("topk") for entry in report.get("results", [])]
     if got_ks != ks:
         problems.append(f"results k = {got_ks}, expected {ks}")
     visible = batch * sum(t + 1 for t in positions)
@@ -94,7 +94,7 @@ def check_counts(name, report, ks, batch, queries, keys, heads, needles=0, index
         if abs(report["flops"]["indexer"] - want) > 1e-9 * want:
             problems.append(f"flops.indexer = {report['flops']['indexer']}, expected {want}")
     for entry in report.get("results", []):
-        k = entry["k"]
+        k = entry["topk"]
         exact = batch * sum(1 for t in positions if t + 1 <= k)
         sparse = batch * queries - exact
         if entry["rows"] != {"sparse": sparse, "exact": exact}:
@@ -179,8 +179,8 @@ def main():
         CHECKS.record("schema is a valid draft 2020-12 schema", False, e.message)
         print(f"{CHECKS.passed} passed, {len(CHECKS.failed)} failed")
         return 1
-    CHECKS.record("schema pins dsa-compare/2",
-                  schema.get("properties", {}).get("schema", {}).get("const") == "dsa-compare/2")
+    CHECKS.record("schema pins dsa-compare/3",
+                  schema.get("properties", {}).get("schema", {}).get("const") == "dsa-compare/3")
     validator = jsonschema.Draft202012Validator(schema)
 
     d = sample

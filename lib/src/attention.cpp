@@ -14,6 +14,7 @@
 #include "chunks.hpp"
 #include "cpu_kernels.hpp"
 #include "dsa/error.hpp"
+#include "progress.hpp"
 
 namespace dsa {
 
@@ -167,6 +168,7 @@ void for_each_chunk(const AttentionInputs& in, int64_t block, const AttentionSin
   const int64_t per_row = in.heads * (in.d_v + 1);
   const int64_t chunk = detail::chunk_rows(block, per_row * 4);
   std::vector<float> out, lse;
+  detail::Progress progress(stage, in.batch * in.queries);
   for (int64_t b = 0; b < in.batch; ++b) {
     Stopwatch load;
     const KeyValues kv(in, b);
@@ -178,8 +180,9 @@ void for_each_chunk(const AttentionInputs& in, int64_t block, const AttentionSin
       Stopwatch watch;
 #pragma omp parallel for schedule(dynamic, 1)
       for (int64_t r0 = 0; r0 < rows; r0 += block) {
-        compute(kv, b, c0 + r0, std::min(block, rows - r0), out.data() + r0 * in.heads * in.d_v,
-                lse.data() + r0 * in.heads);
+        const int64_t n = std::min(block, rows - r0);
+        compute(kv, b, c0 + r0, n, out.data() + r0 * in.heads * in.d_v, lse.data() + r0 * in.heads);
+        progress.advance(n);
       }
       if (times) times->add(stage, watch.seconds());
       sink({b, c0, rows, in.heads, in.d_v, out.data(), lse.data()});
@@ -408,16 +411,45 @@ void detail::cpu_attention(const AttentionInputs& in, const Tensor* indices, flo
   }
 }
 
+namespace {
+
+// The CPU counts its blocks as they finish (for_each_chunk); another backend's chunks are counted
+// on the host as they arrive.
+void attention_on(Device device, const AttentionInputs& in, const Tensor* indices, float scale,
+                  const AttentionSink& sink, StageTimes* times) {
+  const detail::Backend& backend = detail::backend(device, {nullptr, nullptr, 0, &in, false});
+  if (backend.device == Device::cpu) {
+    backend.attention(in, indices, scale, sink, times);
+    return;
+  }
+  detail::Progress progress("attend", in.batch * in.queries);
+  backend.attention(
+      in, indices, scale,
+      [&](const AttentionBlock& block) {
+        sink(block);
+        progress.advance(block.rows);
+      },
+      times);
+}
+
+}  // namespace
+
 void sparse_attention(const AttentionInputs& in, const Tensor& indices, float scale,
                       const AttentionSink& sink, StageTimes* times, Device device) {
-  detail::backend(device, {nullptr, nullptr, 0, &in, false})
-      .attention(in, &indices, scale, sink, times);
+  attention_on(device, in, &indices, scale, sink, times);
 }
 
 void dense_attention(const AttentionInputs& in, float scale, const AttentionSink& sink,
                      StageTimes* times, Device device) {
-  detail::backend(device, {nullptr, nullptr, 0, &in, false})
-      .attention(in, nullptr, scale, sink, times);
+  attention_on(device, in, nullptr, scale, sink, times);
+}
+
+nlohmann::json attention_report(const AttentionInputs& inputs, bool dense,
+                                const SoftmaxScale& scale) {
+  return {{"mode", dense ? "dense" : "sparse"},
+          {"layout", inputs.latent ? "mqa" : "mha"},
+          {"scale", scale.value},
+          {"scale_rule", scale.rule}};
 }
 
 }  // namespace dsa

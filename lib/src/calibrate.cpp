@@ -3,6 +3,7 @@
 #include "dsa/calibrate.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <functional>
 #include <random>
@@ -14,6 +15,7 @@
 #include "dsa/indexer.hpp"
 #include "dsa/parallel.hpp"
 #include "dsa/report.hpp"
+#include "progress.hpp"
 
 namespace dsa {
 
@@ -32,16 +34,29 @@ struct Timing {
   double seconds = 0;
 };
 
+// The kernels timed, each for its budget: the progress counts microseconds of the budgets.
+constexpr int64_t kKernels = 4;
+
+int64_t budget_us(double budget) {
+  return std::max<int64_t>(1, std::llround(budget * 1e6));
+}
+
 // One untimed run (caches, page faults), then repeats until `budget` seconds have passed.
-Timing time_repeats(const std::function<void()>& run, double budget) {
+Timing time_repeats(const std::function<void()>& run, double budget, detail::Progress& progress) {
   run();
   Timing timing;
   const Stopwatch watch;
+  const int64_t share = budget_us(budget);
+  int64_t counted = 0;
   do {
     run();
     ++timing.repeats;
     timing.seconds = watch.seconds();
+    const int64_t spent = std::min<int64_t>(share, std::llround(timing.seconds * 1e6));
+    progress.advance(spent - counted);
+    counted = spent;
   } while (timing.seconds < budget);
+  progress.advance(share - counted);
   return timing;
 }
 
@@ -53,6 +68,8 @@ Calibration calibrate(double seconds) {
   c.measurements = nlohmann::json::object();
   std::mt19937_64 rng(2025);
   const AttentionSink discard = [](const AttentionBlock&) {};
+  // The kernels' own calls report nothing inside this stage.
+  detail::Progress progress("calibrate", kKernels * budget_us(seconds), "");
 
   // Main attention in MQA mode (MLA's latent layout), causal prefill; the FLOPs counted as the
   // cost model counts them: 2·H·(d_qk + d_v) per visible key.
@@ -68,7 +85,7 @@ Calibration calibrate(double seconds) {
   }
   const double per_key = 2.0 * static_cast<double>(H * (d_qk + d_v));
   const Timing dense =
-      time_repeats([&] { dense_attention(attention, scale, discard, nullptr); }, seconds);
+      time_repeats([&] { dense_attention(attention, scale, discard, nullptr); }, seconds, progress);
   c.attention_tflops =
       per_key * visible * static_cast<double>(dense.repeats) / dense.seconds / 1e12;
   c.measurements["dense_attention"] = {
@@ -86,8 +103,8 @@ Calibration calibrate(double seconds) {
   for (int64_t t = 0; t < L; ++t) {
     for (int64_t j = 0; j < k; ++j) idx[t * k + j] = j <= t ? static_cast<int32_t>(t - j) : -1;
   }
-  const Timing sparse =
-      time_repeats([&] { sparse_attention(attention, indices, scale, discard, nullptr); }, seconds);
+  const Timing sparse = time_repeats(
+      [&] { sparse_attention(attention, indices, scale, discard, nullptr); }, seconds, progress);
   c.sparse_attention_tflops =
       per_key * selected * static_cast<double>(sparse.repeats) / sparse.seconds / 1e12;
   c.measurements["sparse_attention"] = {
@@ -119,7 +136,7 @@ Calibration calibrate(double seconds) {
           kernel.score_rows(r0, std::min(block, Lq - r0), scores.data() + r0 * Lk, Lk);
         }
       },
-      seconds);
+      seconds, progress);
   c.indexer_tflops = indexer_flops * static_cast<double>(scored.repeats) / scored.seconds / 1e12;
   c.measurements["indexer"] = {{"kernel", "IndexerKernel::score_rows (fp8, decode-like rows)"},
                                {"shape", {{"Lq", Lq}, {"Lk", Lk}, {"H_I", H_I}, {"d_I", d_I}}},
@@ -138,7 +155,7 @@ Calibration calibrate(double seconds) {
           std::memcpy(to.data() + i * piece, from.data() + i * piece, piece);
         }
       },
-      seconds);
+      seconds, progress);
   c.memory_tb_s =
       2.0 * static_cast<double>(size) * static_cast<double>(copied.repeats) / copied.seconds / 1e12;
   c.measurements["memory"] = {{"kernel", "parallel memcpy"},

@@ -14,6 +14,7 @@
 #include "backend.hpp"
 #include "checks.hpp"
 #include "dsa/error.hpp"
+#include "progress.hpp"
 #include "views.hpp"
 
 namespace dsa {
@@ -216,6 +217,8 @@ void compressed_attention(const CompressedAttentionInputs& in, const Tensor* ind
   const int64_t chunk = chunk_rows(in, in.window + most);
   std::vector<int32_t> slot(static_cast<std::size_t>(in.entries), -1);  // entry -> cache row
   std::vector<int64_t> selected(static_cast<std::size_t>(k));
+  // Counted here per chunk, on either backend; the backend's own loop, inside, reports nothing.
+  detail::Progress progress("attend", in.batch * in.queries);
   for (int64_t b = 0; b < in.batch; ++b) {
     for (int64_t c0 = 0; c0 < in.queries; c0 += chunk) {
       Stopwatch gather;
@@ -284,8 +287,22 @@ void compressed_attention(const CompressedAttentionInputs& in, const Tensor* ind
             sink({b, c0 + block.row_begin, block.rows, H, d, out.data(), lse.data()});
           },
           times);
+      progress.advance(rows);
     }
   }
+}
+
+nlohmann::json compressed_attention_report(const CompressedAttentionInputs& inputs,
+                                           bool every_entry, const SoftmaxScale& scale) {
+  const bool csa = inputs.kind == V4Attention::csa;
+  return {{"mode", csa ? (every_entry ? "csa-every-visible-entry" : "csa")
+                       : v4_attention_name(inputs.kind)},
+          {"layout", "v4"},
+          {"window", inputs.window},
+          {"compress_ratio", inputs.ratio},
+          {"sink", inputs.sink != nullptr},
+          {"scale", scale.value},
+          {"scale_rule", scale.rule}};
 }
 
 }  // namespace dsa

@@ -13,6 +13,7 @@
 #include "dsa/error.hpp"
 #include "dsa/metrics.hpp"
 #include "dsa/topk.hpp"
+#include "progress.hpp"
 #include "views.hpp"
 
 namespace dsa {
@@ -148,6 +149,8 @@ Comparison compare_compressed_attention(const CompressedCompareInputs& ci, Stage
   Stopwatch clock;
   double seconds_reference = 0, seconds_score = 0, seconds_select = 0, seconds_sparse = 0,
          seconds_metrics = 0;
+  // The attention calls inside report nothing: this stage holds the caller's line.
+  detail::Progress progress("compare", rows);
   for (int64_t b = 0; b < a.batch; ++b) {
     std::unique_ptr<IndexerKernel> kernel;
     if (with_indexer) kernel = std::make_unique<IndexerKernel>(*ci.indexer, ci.indexer_config, b);
@@ -309,6 +312,7 @@ Comparison compare_compressed_attention(const CompressedCompareInputs& ci, Stage
         }
         seconds_metrics += watch.seconds();
       }
+      progress.advance(n);
     }
   }
   for (int64_t row = 0; row < rows; ++row) {

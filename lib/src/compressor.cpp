@@ -11,6 +11,7 @@
 #include "chunks.hpp"
 #include "dsa/error.hpp"
 #include "dsa/precision.hpp"
+#include "progress.hpp"
 
 namespace dsa {
 
@@ -124,6 +125,7 @@ void compress(const CompressorInputs& in, const CompressorConfig& config,
   if (times) times->add("prepare", prepare.seconds());
   const auto bf16 = [&](float v) { return rounds ? round_to_bf16(v) : v; };
 
+  detail::Progress progress("compress", in.batch * in.entries, "entries");
   for (int64_t b = 0; b < in.batch; ++b) {
     const int64_t blocks = detail::ceil_div(in.entries, kEntryBlock);
     // Blocks in order, a few at a time in parallel, so the sink sees the entries in order.
@@ -191,6 +193,7 @@ void compress(const CompressorInputs& in, const CompressorConfig& config,
               fp8_fake_quantize(entry, d - rope.dims(), kFp8Block, true, entry);
             }
           }
+          progress.advance(j1 - j0);
         }
       });
       if (times) times->add("compress", watch.seconds());

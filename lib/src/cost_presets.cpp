@@ -344,8 +344,40 @@ HardwareSpec load_hardware(const PresetLibrary& presets, const std::string& name
   return load_spec(presets, "hardware", name_or_file, hardware_fields());
 }
 
+namespace {
+
+// An override's VALUE: JSON when it parses (numbers, booleans, quoted strings, arrays), else the
+// text as a string.
+nlohmann::json override_value(const std::string& text) {
+  nlohmann::json value = nlohmann::json::parse(text, nullptr, false);
+  return value.is_discarded() ? nlohmann::json(text) : value;
+}
+
+}  // namespace
+
 ModelSpec load_model(const PresetLibrary& presets, const std::string& name_or_file) {
-  return load_spec(presets, "models", name_or_file, model_fields());
+  // NAME@FIELD=VALUE@...: a variant of a model, named by the whole text.
+  const std::size_t slash = name_or_file.rfind('/');
+  const std::size_t at = name_or_file.find('@', slash == std::string::npos ? 0 : slash);
+  if (at == std::string::npos) return load_spec(presets, "models", name_or_file, model_fields());
+  ModelSpec model = load_spec(presets, "models", name_or_file.substr(0, at), model_fields());
+  for (std::size_t begin = at + 1; begin <= name_or_file.size();) {
+    std::size_t end = name_or_file.find('@', begin);
+    if (end == std::string::npos) end = name_or_file.size();
+    const std::string part = name_or_file.substr(begin, end - begin);
+    const std::size_t eq = part.find('=');
+    if (eq == std::string::npos || eq == 0) {
+      bad_usage("{}: expected MODEL@FIELD=VALUE, got \"{}\" after an '@'", name_or_file, part);
+    }
+    const std::string field = part.substr(0, eq);
+    if (field == "base" || field == "name") {
+      bad_usage("{}: \"{}\" cannot be set in a variant", name_or_file, field);
+    }
+    model = model_from_json({{field, override_value(part.substr(eq + 1))}}, name_or_file, &model);
+    begin = end + 1;
+  }
+  model.name = name_or_file;
+  return model;
 }
 
 HardwareSpec hardware_from_json(const nlohmann::json& json, const std::string& origin,
@@ -380,9 +412,19 @@ void apply_override(const std::string& assignment, HardwareSpec& hardware,
   std::string keys = "hardware.FIELD";
   for (std::size_t i = 0; i < models.size(); ++i)
     keys += (i + 1 == models.size() ? " or " : ", ") + models[i].key + ".FIELD";
-  const auto eq = assignment.find('=');
-  // The last '.' before '=': model names have dots ("DeepSeek-V3.2-Exp"), fields none.
-  const auto dot = eq == std::string::npos ? eq : assignment.rfind('.', eq);
+  // A model's key followed by '.' first: a variant's key holds '=' and '.' itself
+  // ("DeepSeek-V3.2-Exp@topk=1024.window=64"). Else the last '.' before the first '=': model
+  // names have dots ("DeepSeek-V3.2-Exp"), fields none.
+  std::size_t key_end = 0;
+  for (const NamedModel& m : models) {
+    const std::size_t n = m.key.size();
+    if (n > key_end && assignment.size() > n && assignment[n] == '.' &&
+        same_name(assignment.substr(0, n), m.key)) {
+      key_end = n;
+    }
+  }
+  const auto eq = assignment.find('=', key_end);
+  const auto dot = key_end > 0 ? key_end : eq == std::string::npos ? eq : assignment.rfind('.', eq);
   if (eq == std::string::npos || dot == std::string::npos) {
     bad_usage("{}: expected KEY=VALUE with KEY {}", assignment, keys);
   }
@@ -390,10 +432,7 @@ void apply_override(const std::string& assignment, HardwareSpec& hardware,
   const std::string field = assignment.substr(dot + 1, eq - dot - 1);
   const std::string text = assignment.substr(eq + 1);
   if (field == "base") bad_usage("{}: \"base\" belongs in a file, not in an override", assignment);
-  // JSON when it parses (numbers, booleans, quoted strings, arrays), else the text as a string.
-  nlohmann::json value = nlohmann::json::parse(text, nullptr, false);
-  if (value.is_discarded()) value = text;
-  const nlohmann::json object = {{field, value}};
+  const nlohmann::json object = {{field, override_value(text)}};
   if (spec == "hardware") {
     hardware = hardware_from_json(object, assignment, &hardware);
     return;

@@ -9,6 +9,8 @@
 
 #include <fmt/format.h>
 
+#include "dsa/calibrate.hpp"
+#include "dsa/error.hpp"
 #include "dsa/plot.hpp"
 
 namespace dsa {
@@ -157,14 +159,28 @@ nlohmann::json cost_summary_json(const CostCurves& curves) {
           {"decode", phase_summary_json(curves.decode)}};
 }
 
+namespace {
+
+// A CSV number: 6 significant digits, a table for people and plotting tools (the JSON report
+// keeps every digit); empty for a missing value.
+std::string csv_number(double value) {
+  return fmt::format("{:.6g}", value);
+}
+std::string csv_number(const std::optional<double>& value) {
+  return value ? csv_number(*value) : "";
+}
+
+}  // namespace
+
 std::string cost_csv(const CostCurves& curves) {
   std::string csv =
-      "position,prefill_dense_usd_per_mtok,prefill_dsa_usd_per_mtok,decode_dense_usd_per_mtok,"
-      "decode_dsa_usd_per_mtok\n";
+      "position,prefill_dense_usd_per_million_tokens,prefill_dsa_usd_per_million_tokens,"
+      "decode_dense_usd_per_million_tokens,decode_dsa_usd_per_million_tokens\n";
   for (const auto& p : curves.points) {
-    csv += fmt::format("{},{},{},{},{}\n", p.position, p.prefill_dense.usd_per_million,
-                       p.prefill_dsa.usd_per_million, p.decode_dense.usd_per_million,
-                       p.decode_dsa.usd_per_million);
+    csv += fmt::format("{},{},{},{},{}\n", p.position, csv_number(p.prefill_dense.usd_per_million),
+                       csv_number(p.prefill_dsa.usd_per_million),
+                       csv_number(p.decode_dense.usd_per_million),
+                       csv_number(p.decode_dsa.usd_per_million));
   }
   return csv;
 }
@@ -267,10 +283,6 @@ nlohmann::json layer_json(const LayerFootprint& f) {
   return j;
 }
 
-std::string csv_field(const std::optional<double>& value) {
-  return value ? fmt::format("{}", *value) : "";
-}
-
 // RFC 4180: a name with a comma, a quote or a line break is quoted, its quotes doubled.
 std::string csv_text(const std::string& text) {
   if (text.find_first_of(",\"\r\n") == std::string::npos) return text;
@@ -312,19 +324,19 @@ nlohmann::json comparison_json(const ModelComparison& c) {
 
 std::string comparison_csv(const ModelComparison& c) {
   std::string csv =
-      "position,model,flops,attention_flops,kv_cache_bytes,prefill_usd_per_mtok,"
-      "decode_usd_per_mtok,baseline_over_flops,baseline_over_attention_flops,"
+      "position,model,flops,attention_flops,kv_cache_bytes,prefill_usd_per_million_tokens,"
+      "decode_usd_per_million_tokens,baseline_over_flops,baseline_over_attention_flops,"
       "baseline_over_kv_cache_bytes,baseline_over_prefill_cost,baseline_over_decode_cost\n";
   for (const ComparisonPoint& p : c.points) {
     for (std::size_t i = 0; i < c.models.size(); ++i) {
       const ComparedToken& t = p.models[i];
       const Ratios r = baseline_over(p.models[c.baseline], t);
-      csv += fmt::format("{},{},{},{},{},{},{},{},{},{},{},{}\n", p.position,
-                         csv_text(c.models[i].name), t.footprint.flops, t.footprint.attention_flops,
-                         t.footprint.kv_cache_bytes, t.prefill.usd_per_million,
-                         t.decode.usd_per_million, csv_field(r.flops), csv_field(r.attention_flops),
-                         csv_field(r.kv_cache_bytes), csv_field(r.prefill_cost),
-                         csv_field(r.decode_cost));
+      csv += fmt::format(
+          "{},{},{},{},{},{},{},{},{},{},{},{}\n", p.position, csv_text(c.models[i].name),
+          csv_number(t.footprint.flops), csv_number(t.footprint.attention_flops),
+          csv_number(t.footprint.kv_cache_bytes), csv_number(t.prefill.usd_per_million),
+          csv_number(t.decode.usd_per_million), csv_number(r.flops), csv_number(r.attention_flops),
+          csv_number(r.kv_cache_bytes), csv_number(r.prefill_cost), csv_number(r.decode_cost));
     }
   }
   return csv;
@@ -426,6 +438,87 @@ std::vector<std::string> comparison_summary_lines(const ModelComparison& c) {
         ratio(r.decode_cost, "cheaper", "dearer")));
   }
   return lines;
+}
+
+namespace {
+
+// Runs `call`, putting `name` in front of the message of an Error from it (its code kept).
+template <typename Call>
+decltype(auto) naming(const std::string& name, Call&& call) {
+  try {
+    return std::forward<Call>(call)();
+  } catch (const Error& e) {
+    throw Error(e.code(), name + ": " + e.what());
+  }
+}
+
+}  // namespace
+
+CostRun run_cost(const PresetLibrary& presets, const CostRequest& request, StageTimes* stages) {
+  StageTimes ignored;
+  StageTimes& times_out = stages ? *stages : ignored;
+  const bool comparing = !request.compare_models.empty();
+  CostRun run;
+  nlohmann::json& report = run.report;
+  report["schema"] = kCostSchema;
+  HardwareSpec hardware = load_hardware(presets, request.hardware);
+  std::vector<ModelSpec> models;
+  for (const auto& name :
+       comparing ? request.compare_models : std::vector{request.dense_model, request.dsa_model}) {
+    models.push_back(load_model(presets, name));
+  }
+  if (request.calibrate) {
+    Stopwatch watch;
+    const Calibration calibration = calibrate(request.calibrate_seconds);
+    hardware = calibrated_hardware(hardware, calibration);
+    report["calibration"] = calibration_json(calibration);
+    times_out.add("calibrate", watch.seconds());
+  }
+  std::vector<NamedModel> keys;
+  for (std::size_t i = 0; i < models.size(); ++i) {
+    keys.push_back({comparing ? models[i].name : (i == 0 ? "dense" : "dsa"), &models[i]});
+  }
+  for (const auto& assignment : request.overrides) {
+    naming(request.names.overrides, [&] { apply_override(assignment, hardware, keys); });
+  }
+
+  const Workload& workload = request.workload;
+  report["presets"] = presets.dir.string();
+  report["hardware"] = hardware_json(hardware);
+  report["hardware"]["calibrated"] = request.calibrate;
+  report["workload"] = {{"decode_batch", workload.decode_batch},
+                        {"prefill_chunk", workload.prefill_chunk},
+                        {"max_context", request.max_context},
+                        {"step", request.step}};
+  report["model"] = cost_model_json();
+
+  Stopwatch watch;
+  if (!comparing) {
+    const CostCurves curves =
+        cost_curves(models[0], models[1], hardware, workload, request.max_context, request.step);
+    times_out.add("model", watch.seconds());
+    report["models"] = {{"dense", model_json(models[0])}, {"dsa", model_json(models[1])}};
+    report["summary"] = cost_summary_json(curves);
+    report["points"] = cost_points_json(curves);
+    if (request.want_plot)
+      run.svg = cost_plot_svg(curves, models[0], models[1], hardware, workload);
+    if (request.want_csv) run.csv = cost_csv(curves);
+    run.summary = {cost_summary_line(Phase::prefill, curves.prefill),
+                   cost_summary_line(Phase::decode, curves.decode)};
+    return run;
+  }
+  const std::size_t base = request.baseline.empty() ? 0 : naming(request.names.baseline, [&] {
+    return model_index(models, request.baseline);
+  });
+  const ModelComparison comparison = naming(request.names.compare_models, [&] {
+    return compare_models(models, base, hardware, workload, request.max_context, request.step);
+  });
+  times_out.add("model", watch.seconds());
+  report["comparison"] = comparison_json(comparison);
+  if (request.want_plot) run.svg = comparison_plot_svg(comparison, hardware, workload);
+  if (request.want_csv) run.csv = comparison_csv(comparison);
+  run.summary = comparison_summary_lines(comparison);
+  return run;
 }
 
 }  // namespace dsa

@@ -91,6 +91,10 @@ Device resolve_device(const std::string& name) {
   bad_usage("unknown device '{}': expected cpu, cuda or auto", name);
 }
 
+std::string device_name(Device device) {
+  return device == Device::cuda ? "cuda" : "cpu";
+}
+
 std::string device_description(Device device) {
   return detail::backend(device).describe();
 }

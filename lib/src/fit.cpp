@@ -12,6 +12,7 @@
 #include "dsa/error.hpp"
 #include "dsa/metrics.hpp"
 #include "dsa/topk.hpp"
+#include "progress.hpp"
 #include "target.hpp"
 
 namespace dsa {
@@ -278,9 +279,9 @@ nlohmann::json fit_log_json(const FitLog& log) {
   for (const FitEvaluation& e : log.evaluations) {
     out["evaluations"].push_back({{"step", e.step},
                                   {"rows", e.rows},
-                                  {"mass_recall", number_or_null(e.mass_recall)},
-                                  {"topk_recall", number_or_null(e.topk_recall)},
-                                  {"kl_dense", number_or_null(e.kl_dense)}});
+                                  {"mass_recall_mean", number_or_null(e.mass_recall)},
+                                  {"topk_recall_mean", number_or_null(e.topk_recall)},
+                                  {"kl_dense_mean", number_or_null(e.kl_dense)}});
   }
   return out;
 }
@@ -319,6 +320,8 @@ FitLog fit_indexer(const FitData& data, IndexerWeights& weights, const FitOption
     m2.emplace_back(p->size(), 0.0);
   }
   IndexerWeights grad;
+  // The evaluations' compare_attention reports nothing inside this stage.
+  detail::Progress steps("fit", o.steps, "steps");
   auto evaluate = [&](int64_t step, double loss) {
     FitEvaluation e = evaluate_indexer(data, weights, log.train_rows, o.eval_topk);
     e.step = step;
@@ -349,6 +352,7 @@ FitLog fit_indexer(const FitData& data, IndexerWeights& weights, const FitOption
         x[i] -= o.lr * (m1[p][i] / c1) / (std::sqrt(m2[p][i] / c2) + o.epsilon);
       }
     }
+    steps.advance(1);
   }
   evaluate(o.steps, log.loss.empty() ? std::numeric_limits<double>::quiet_NaN() : log.loss.back());
   return log;

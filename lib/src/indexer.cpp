@@ -11,6 +11,7 @@
 #include "chunks.hpp"
 #include "cpu_kernels.hpp"
 #include "dsa/error.hpp"
+#include "progress.hpp"
 
 namespace dsa {
 
@@ -73,6 +74,30 @@ IndexerInputs indexer_shapes(const Tensor& q_index, const Tensor& k_index, const
 }
 
 }  // namespace
+
+void validate_indexer_config(const IndexerConfig& config) {
+  if (config.ue8m0 && config.precision != Precision::fp8) {
+    bad_usage("ue8m0 applies to precision fp8 only (precision is {})",
+              precision_name(config.precision));
+  }
+}
+
+nlohmann::json indexer_config_json(const IndexerConfig& config) {
+  return {{"precision", precision_name(config.precision)},
+          {"hadamard", config.hadamard},
+          {"ue8m0", config.ue8m0},
+          {"quant_block", config.quant_block},
+          {"raw_weights", config.raw_weights},
+          {"query_block", config.query_block}};
+}
+
+nlohmann::json indexer_report(const IndexerInputs& inputs, const IndexerConfig& config) {
+  nlohmann::json report = {{"indexer", indexer_config_json(config)}};
+  if (inputs.ratio > 1) {
+    report["compressed_keys"] = {{"compress_ratio", inputs.ratio}, {"tokens", inputs.tokens}};
+  }
+  return report;
+}
 
 IndexerInputs make_indexer_inputs(const Tensor& q_index, const Tensor& k_index,
                                   const Tensor& weights, const IndexerConfig& config) {
@@ -182,8 +207,20 @@ Shape score_shape(const IndexerInputs& inputs) {
 void indexer_scores(const IndexerInputs& inputs, const IndexerConfig& config,
                     const std::function<void(const ScoreBlock&)>& sink, StageTimes* times,
                     Device device) {
-  detail::backend(device, {&inputs, &config, 0, nullptr, false})
-      .indexer_scores(inputs, config, sink, times);
+  const detail::Backend& backend = detail::backend(device, {&inputs, &config, 0, nullptr, false});
+  if (backend.device == Device::cpu) {
+    backend.indexer_scores(inputs, config, sink, times);  // counts its blocks as they finish
+    return;
+  }
+  // Another backend's chunks are counted on the host as they arrive.
+  detail::Progress progress("score", inputs.batch * inputs.queries);
+  backend.indexer_scores(
+      inputs, config,
+      [&](const ScoreBlock& block) {
+        sink(block);
+        progress.advance(block.rows);
+      },
+      times);
 }
 
 void detail::cpu_indexer_scores(const IndexerInputs& inputs, const IndexerConfig& config,
@@ -191,6 +228,7 @@ void detail::cpu_indexer_scores(const IndexerInputs& inputs, const IndexerConfig
   const int64_t block = std::max<int64_t>(1, config.query_block);
   const int64_t chunk = detail::chunk_rows(block, inputs.keys * 4);
   std::vector<float> scores;
+  Progress progress("score", inputs.batch * inputs.queries);
   for (int64_t b = 0; b < inputs.batch; ++b) {
     Stopwatch prepare;
     const IndexerKernel kernel(inputs, config, b);
@@ -201,8 +239,9 @@ void detail::cpu_indexer_scores(const IndexerInputs& inputs, const IndexerConfig
       Stopwatch watch;
 #pragma omp parallel for schedule(dynamic, 1)
       for (int64_t r0 = 0; r0 < rows; r0 += block) {
-        kernel.score_rows(c0 + r0, std::min(block, rows - r0), scores.data() + r0 * inputs.keys,
-                          inputs.keys);
+        const int64_t n = std::min(block, rows - r0);
+        kernel.score_rows(c0 + r0, n, scores.data() + r0 * inputs.keys, inputs.keys);
+        progress.advance(n);
       }
       if (times) times->add("score", watch.seconds());
       sink({b, c0, rows, inputs.keys, scores.data()});

@@ -9,6 +9,7 @@
 #include "dsa/error.hpp"
 #include "dsa/parallel.hpp"
 #include "dsa/topk.hpp"
+#include "progress.hpp"
 
 namespace dsa {
 
@@ -218,6 +219,8 @@ void compare_on_engine(const detail::Backend& backend, const CompareInputs& in, 
   std::vector<float> scores, p, dense_out, dense_lse, sparse_out, sparse_lse, selected_scores;
   std::vector<int32_t> selection, prefix;
   std::vector<int64_t> valid;
+  // Counted per chunk on the host, whichever backend computes.
+  detail::Progress progress("compare", rows);
   for (int64_t b = 0; b < a.batch; ++b) {
     Stopwatch load;
     const std::unique_ptr<detail::CompareEngine> engine = backend.compare_engine(
@@ -299,6 +302,7 @@ void compare_on_engine(const detail::Backend& backend, const CompareInputs& in, 
           totals.needle_counts[i] += local_needles[i];
       }
       clock.metrics += watch.seconds();
+      progress.advance(n_rows);
     }
     if (times) times->add("compare", compare_watch.seconds());
   }
@@ -455,7 +459,7 @@ nlohmann::json comparison_json(const Comparison& c) {
     for (int64_t row = 0; row < c.rows(); ++row) exact_rows += c.visible(row) <= f.k;
     const bool with_indexer = !c.kl_dense.empty();
     nlohmann::json entry = {
-        {"k", f.k},
+        {"topk", f.k},
         {"rows", {{"sparse", c.rows() - exact_rows}, {"exact", exact_rows}}},
         {"out_rel_err", split(f.out_rel_err, H)},
         {"out_rel_err_global",
@@ -521,6 +525,60 @@ nlohmann::json comparison_json(const Comparison& c) {
     results.push_back(entry);
   }
   return results;
+}
+
+namespace {
+
+// What both kinds of comparison report alike: the indexer, the results, FLOPs and stage times.
+void add_comparison_fields(nlohmann::json& report, const Comparison& comparison,
+                           const std::optional<IndexerInputs>& indexer,
+                           const IndexerConfig& config) {
+  if (indexer) {
+    report["shape"]["indexer_heads"] = indexer->heads;
+    report["shape"]["indexer_dim"] = indexer->dim;
+    report["indexer"] = indexer_config_json(config);
+  }
+  report["results"] = comparison_json(comparison);
+  report["flops"] = {{"indexer", comparison.indexer_flops},
+                     {"dense_attention", comparison.dense_flops}};
+  nlohmann::json stage_ms = nlohmann::json::object();
+  for (const auto& [stage, seconds] : comparison.stage_seconds) stage_ms[stage] = seconds * 1e3;
+  report["stage_ms"] = stage_ms;
+}
+
+}  // namespace
+
+nlohmann::json comparison_report(const CompareInputs& inputs, const Comparison& comparison) {
+  const AttentionInputs& a = inputs.attention;
+  nlohmann::json report;
+  report["shape"] = {{"batch", a.batch}, {"queries", a.queries},   {"keys", a.keys},
+                     {"heads", a.heads}, {"kv_heads", a.kv_heads}, {"d_qk", a.d_qk},
+                     {"d_v", a.d_v}};
+  report["layout"] = a.latent ? "mqa" : "mha";
+  report["scale"] = inputs.scale;
+  report["selection"] = inputs.indexer ? "indexer" : "indices";
+  add_comparison_fields(report, comparison, inputs.indexer, inputs.indexer_config);
+  return report;
+}
+
+nlohmann::json comparison_report(const CompressedCompareInputs& inputs,
+                                 const Comparison& comparison) {
+  const CompressedAttentionInputs& a = inputs.attention;
+  nlohmann::json report;
+  report["shape"] = {{"batch", a.batch}, {"queries", a.queries}, {"keys", a.entries},
+                     {"heads", a.heads}, {"kv_heads", 1},        {"d_qk", a.dim},
+                     {"d_v", a.dim},     {"tokens", a.tokens},   {"entries", a.entries},
+                     {"d", a.dim}};
+  report["layout"] = "v4";
+  report["attention"] = v4_attention_name(a.kind);
+  report["reference"] = v4_reference_name(inputs.reference);
+  report["window"] = a.window;
+  report["compress_ratio"] = a.ratio;
+  report["sink"] = a.sink != nullptr;
+  report["scale"] = inputs.scale;
+  report["selection"] = inputs.indexer ? "indexer" : inputs.indices ? "indices" : "every-entry";
+  add_comparison_fields(report, comparison, inputs.indexer, inputs.indexer_config);
+  return report;
 }
 
 DeviceChoice choose_device(const std::string& name, const CompareInputs& inputs) {

@@ -125,6 +125,19 @@ OutputFile::OutputFile(const std::string& path) : path_(path) {
   file_ = ::fdopen(fd, "wb");
 }
 
+void check_output(const std::string& spec) {
+  const std::string path = parse_tensor_spec(spec).path;
+  if (path == "-") return;
+  struct stat st {};
+  if (::stat(path.c_str(), &st) == 0 && !S_ISDIR(st.st_mode) && !S_ISREG(st.st_mode)) {
+    if (::access(path.c_str(), W_OK) != 0) {
+      fail(ExitCode::runtime, "cannot write '{}': {}", path, errno_text());
+    }
+    return;
+  }
+  const OutputFile probe(path);  // its temporary file goes when it does
+}
+
 OutputFile::~OutputFile() {
   if (file_ != nullptr && file_ != stdout) std::fclose(file_);
   if (!temp_path_.empty()) {

@@ -66,17 +66,38 @@ nlohmann::json report_header(const std::string& tool, int argc, const char* cons
           {"threads", max_threads()}};
 }
 
-void emit_report(const nlohmann::json& report, const std::string& path) {
+void report_device(nlohmann::json& report, const DeviceChoice& choice) {
+  report["device"] = device_description(choice.device);
+  if (!choice.note.empty()) report["device_note"] = choice.note;
+}
+
+nlohmann::json timings_json(const StageTimes& times, double total_seconds) {
+  nlohmann::json timings = times.to_json();
+  timings["total"] = total_seconds * 1e3;
+  return timings;
+}
+
+void add_timings(nlohmann::json& report, const StageTimes& times, double total_seconds) {
+  report["timings_ms"] = timings_json(times, total_seconds);
+  report["peak_rss_bytes"] = peak_rss_bytes();
+}
+
+std::string report_text(const nlohmann::json& report, const std::string& path) {
+  const bool terminal =
+      path.empty() ? isatty(STDERR_FILENO) != 0 : path == "-" && isatty(STDOUT_FILENO) != 0;
   // The command line and file names need not be valid UTF-8: such bytes become U+FFFD.
-  const auto text = [&](int indent) {
-    return report.dump(indent, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
-  };
+  return report.dump(terminal || (!path.empty() && path != "-") ? 2 : -1, ' ', false,
+                     nlohmann::json::error_handler_t::replace) +
+         "\n";
+}
+
+void emit_report(const nlohmann::json& report, const std::string& path) {
   if (path.empty()) {
-    std::fputs(text(isatty(STDERR_FILENO) ? 2 : -1).c_str(), stderr);
+    std::fputs(report_text(report, path).c_str(), stderr);
     return;
   }
   OutputFile file(path);
-  file.write(text(path == "-" && !isatty(STDOUT_FILENO) ? -1 : 2));
+  file.write(report_text(report, path));
   file.commit();
 }
 

@@ -10,6 +10,7 @@
 #include "backend.hpp"
 #include "chunks.hpp"
 #include "dsa/error.hpp"
+#include "progress.hpp"
 
 namespace dsa {
 
@@ -152,6 +153,7 @@ void select_from_scores(const Tensor& scores, int64_t k, const SelectionSink& si
   const int64_t chunk = detail::chunk_rows(64, keys * 4 + k * 8);
   std::vector<int32_t> indices;
   std::vector<float> selected;
+  detail::Progress progress("select", batch * queries);
   for (int64_t b = 0; b < batch; ++b) {
     for (int64_t c0 = 0; c0 < queries; c0 += chunk) {
       const int64_t rows = std::min(chunk, queries - c0);
@@ -163,6 +165,7 @@ void select_from_scores(const Tensor& scores, int64_t k, const SelectionSink& si
                    selected.data());
       if (times) times->add("select", watch.seconds());
       sink({b, c0, rows, k, indices.data(), selected.data(), keys - queries + c0});
+      progress.advance(rows);
     }
   }
 }
@@ -180,8 +183,20 @@ Shape selection_shape(const Tensor& scores, int64_t k) {
 void select_from_indexer(const IndexerInputs& inputs, const IndexerConfig& config, int64_t k,
                          const SelectionSink& sink, StageTimes* times, Device device) {
   check_k(k);
-  detail::backend(device, {&inputs, &config, k, nullptr, false})
-      .select_from_indexer(inputs, config, k, sink, times);
+  const detail::Backend& backend = detail::backend(device, {&inputs, &config, k, nullptr, false});
+  if (backend.device == Device::cpu) {
+    backend.select_from_indexer(inputs, config, k, sink, times);  // counts its blocks itself
+    return;
+  }
+  // Another backend's chunks are counted on the host as they arrive.
+  detail::Progress progress("select", inputs.batch * inputs.queries);
+  backend.select_from_indexer(
+      inputs, config, k,
+      [&](const SelectionBlock& block) {
+        sink(block);
+        progress.advance(block.rows);
+      },
+      times);
 }
 
 void detail::cpu_select_from_indexer(const IndexerInputs& inputs, const IndexerConfig& config,
@@ -191,6 +206,7 @@ void detail::cpu_select_from_indexer(const IndexerInputs& inputs, const IndexerC
   std::vector<float> scores;
   std::vector<int32_t> indices;
   std::vector<float> selected;
+  Progress progress("select", inputs.batch * inputs.queries);
   for (int64_t b = 0; b < inputs.batch; ++b) {
     Stopwatch prepare;
     const IndexerKernel kernel(inputs, config, b);
@@ -219,6 +235,7 @@ void detail::cpu_select_from_indexer(const IndexerInputs& inputs, const IndexerC
                             indices.data() + r * k, selected.data() + r * k, scratch);
           }
           select_seconds += select_watch.seconds();
+          progress.advance(n);
         }
       }
       if (times) {

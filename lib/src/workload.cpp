@@ -297,7 +297,7 @@ double sum_in_order(const std::vector<double>& values) {
 // Hidden states whose projections are the indexer (see the header). coefficients [L, width]
 // holds U^T kv[t] and U^T q[t, h < H'] per token; the noise is added to it in place.
 void add_hidden_states(const WorkloadConfig& c, const Structure& st,
-                       std::vector<double>& coefficients, Workload& w) {
+                       std::vector<double>& coefficients, GeneratedWorkload& w) {
   const int64_t L = c.length, D = c.hidden, r = st.rank, H_I = c.indexer_heads, d_I = c.indexer_dim;
   const int64_t heads = std::min(c.heads, H_I), width = (1 + heads) * r, one = width;
   std::vector<double> key_squares(static_cast<std::size_t>(L)),
@@ -454,7 +454,7 @@ WorkloadConfig resolve_workload_config(const WorkloadConfig& config) {
 }
 
 // DeepSeek-V4's entries: window means of kv and of the tokens' indexer keys, and the sinks.
-void compress_workload(const WorkloadConfig& c, const Structure& st, Workload& w) {
+void compress_workload(const WorkloadConfig& c, const Structure& st, GeneratedWorkload& w) {
   const int64_t m = c.compress_ratio, n = c.length / m, lead = m == 4 ? m : 0;
   const auto pool = [&](const Tensor& tokens, int64_t width, const char* name) {
     Tensor out = make_tensor(DType::f32, {n, width}, name);
@@ -479,12 +479,12 @@ void compress_workload(const WorkloadConfig& c, const Structure& st, Workload& w
   }
 }
 
-Workload generate_workload(const WorkloadConfig& config) {
+GeneratedWorkload generate_workload(const WorkloadConfig& config) {
   const WorkloadConfig c = resolve_workload_config(config);
   const Structure st = make_structure(c);
   const int64_t L = c.length, H = c.heads, r = st.rank, H_I = c.indexer_heads, d_I = c.indexer_dim;
   const int64_t Lq = c.queries, q0 = L - Lq;  // query rows: positions q0 .. L - 1
-  Workload w;
+  GeneratedWorkload w;
   w.q = make_tensor(DType::f32, {Lq, H, c.d_qk}, "q");
   w.kv = make_tensor(DType::f32, {L, c.d_qk}, "kv");
   w.q_index = make_tensor(DType::f32, {Lq, H_I, d_I}, "q_index");
@@ -545,7 +545,7 @@ Workload generate_workload(const WorkloadConfig& config) {
   return w;
 }
 
-void narrow_hidden_workload(Workload& w, DType dtype) {
+void narrow_hidden_workload(GeneratedWorkload& w, DType dtype) {
   if (dtype != DType::bf16) bad_usage("hidden workloads narrow to bf16 only");
   float* h = mutable_data<float>(w.hidden);
   for (int64_t i = 0; i < w.hidden.numel(); ++i) h[i] = round_to_bf16(h[i]);
@@ -555,7 +555,7 @@ void narrow_hidden_workload(Workload& w, DType dtype) {
   project_workload_indexer(w);
 }
 
-void project_workload_indexer(Workload& w) {
+void project_workload_indexer(GeneratedWorkload& w) {
   IndexerProjection p = project_indexer(w.hidden, w.indexer);
   w.q_index = std::move(p.q_index);
   w.k_index = std::move(p.k_index);

@@ -82,4 +82,9 @@ void sparse_attention(const AttentionInputs& inputs, const Tensor& indices, floa
 void dense_attention(const AttentionInputs& inputs, float scale, const AttentionSink& sink,
                      StageTimes* times, Device device = Device::cpu);
 
+// dsa-attend's report fields of a run of either: "mode" (dense or sparse), "layout" (mqa or
+// mha), "scale" and "scale_rule".
+nlohmann::json attention_report(const AttentionInputs& inputs, bool dense,
+                                const SoftmaxScale& scale);
+
 }  // namespace dsa

@@ -65,4 +65,10 @@ void compressed_attention(const CompressedAttentionInputs& inputs, const Tensor*
                           float scale, const AttentionSink& sink, StageTimes* times,
                           Device device = Device::cpu);
 
+// dsa-attend's report fields of a run: "mode" (csa; csa-every-visible-entry for CSA without a
+// selection, `every_entry`; hca; swa), "layout" v4, "window", "compress_ratio", "sink" (whether
+// there is one), "scale" and "scale_rule".
+nlohmann::json compressed_attention_report(const CompressedAttentionInputs& inputs,
+                                           bool every_entry, const SoftmaxScale& scale);
+
 }  // namespace dsa

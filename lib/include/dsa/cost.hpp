@@ -73,6 +73,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "dsa/report.hpp"
+
 namespace dsa {
 
 // /2 added the layer schedule (compress_ratios, window, csa_ratio), the stages' layer_kind,
@@ -232,6 +234,9 @@ std::vector<std::string> preset_names(const PresetLibrary& presets, const std::s
 
 // NAME (a preset) or a path to a .json file (anything ending in .json or containing '/').
 HardwareSpec load_hardware(const PresetLibrary& presets, const std::string& name_or_file);
+// The same for a model, which may also be a variant NAME@FIELD=VALUE[@FIELD=VALUE...]
+// (e.g. DeepSeek-V3.2-Exp@topk=1024), named by the whole text, each VALUE read as in
+// apply_override: several variants of one model can then be compared in one figure.
 ModelSpec load_model(const PresetLibrary& presets, const std::string& name_or_file);
 // From a JSON object; `origin` names it in messages.
 HardwareSpec hardware_from_json(const nlohmann::json& json, const std::string& origin,
@@ -302,5 +307,41 @@ std::string comparison_plot_svg(const ModelComparison& comparison, const Hardwar
 // At the longest position: the baseline's footprint, then each other model's with the
 // baseline's KV cache, FLOPs (all, and attention alone) and decode cost over its own.
 std::vector<std::string> comparison_summary_lines(const ModelComparison& comparison);
+
+// How run_cost's messages name the request's fields they are about ("--set: dsa.topk=1:
+// unknown \"dsa\""): the tools give their flags, the Python module its keywords.
+struct CostFieldNames {
+  std::string overrides = "overrides", baseline = "baseline", compare_models = "compare_models";
+};
+
+// One run of dsa-cost (and of the Python module's cost()).
+struct CostRequest {
+  std::string hardware = "H800";  // NAME or FILE.json, as load_hardware reads it
+  std::string dense_model = "DeepSeek-V3.1-Terminus", dsa_model = "DeepSeek-V3.2-Exp";
+  std::vector<std::string> compare_models;  // not empty: these side by side, not dense and dsa
+  std::string baseline;                     // among compare_models, by name; empty: the first
+  Workload workload;
+  int64_t max_context = 131072, step = 4096;
+  std::vector<std::string> overrides;  // apply_override's assignments, in order
+  bool calibrate = false;              // this machine's rates (calibrate.hpp) for the preset's
+  double calibrate_seconds = 1.0;
+  bool want_csv = false, want_plot = false;
+  CostFieldNames names;
+};
+
+struct CostRun {
+  // The report but report_header's fields and "timings_ms", which the caller adds: "schema",
+  // "presets", "hardware", "workload", "model", "calibration" when calibrated, then "models",
+  // "summary" and "points" of the two models, or "comparison".
+  nlohmann::json report;
+  std::string csv, svg;              // with want_csv and want_plot: cost_csv or comparison_csv,
+                                     // cost_plot_svg or comparison_plot_svg
+  std::vector<std::string> summary;  // cost_summary_line per phase, or comparison_summary_lines
+};
+
+// The models and hardware loaded from `presets`, calibrated, overridden (in that order), then the
+// two models' curves or the comparison of several, timed as the stages "calibrate" and "model".
+CostRun run_cost(const PresetLibrary& presets, const CostRequest& request,
+                 StageTimes* times = nullptr);
 
 }  // namespace dsa

@@ -12,6 +12,8 @@ enum class Device { cpu, cuda };
 // (indexer.hpp, attention.hpp, metrics.hpp) also asks the backend whether it takes the inputs.
 Device resolve_device(const std::string& name);
 bool cuda_available();
+// "cpu" or "cuda", as resolve_device reads them.
+std::string device_name(Device device);
 // "cpu" or e.g. "cuda:0 NVIDIA H100 80GB HBM3 (132 SMs)".
 std::string device_description(Device device);
 

@@ -18,7 +18,7 @@
 
 namespace dsa {
 
-inline constexpr const char* kFitSchema = "dsa-fit/2";
+inline constexpr const char* kFitSchema = "dsa-fit/3";
 
 enum class FitStage { warmup, sparse };
 

@@ -5,6 +5,8 @@
 #include <functional>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "dsa/device.hpp"
 #include "dsa/precision.hpp"
 #include "dsa/report.hpp"
@@ -20,6 +22,11 @@ struct IndexerConfig {
   bool raw_weights = false;   // w are raw weights_proj outputs: the released factors apply
   int64_t query_block = 16;   // query rows scored together
 };
+// Error(usage), naming the parameter, for a configuration that contradicts itself: ue8m0
+// (power-of-two fp8 scales) without precision fp8.
+void validate_indexer_config(const IndexerConfig& config);
+// The report's "indexer": the configuration, every field.
+nlohmann::json indexer_config_json(const IndexerConfig& config);
 
 // Shapes of validated indexer inputs: q_I [B?, Lq, H_I, d_I], k_I [B?, Lk, d_I],
 // w [B?, Lq, H_I]. Query row t sits at position Lk - Lq + t (decode when Lq < Lk).
@@ -107,5 +114,9 @@ void indexer_scores(const IndexerInputs& inputs, const IndexerConfig& config,
 // "auto" then runs on the CPU and says so in the note.
 DeviceChoice choose_device(const std::string& name, const IndexerInputs& inputs,
                            const IndexerConfig& config, int64_t topk = 0);
+
+// The report fields of an indexer run (dsa-score, dsa-select's fused mode): "indexer"
+// (indexer_config_json) and, over compressed keys, "compressed_keys" (compress_ratio, tokens).
+nlohmann::json indexer_report(const IndexerInputs& inputs, const IndexerConfig& config);
 
 }  // namespace dsa

@@ -62,6 +62,12 @@ class OutputFile {
   bool committed_ = false;
 };
 
+// Fails now, as OutputFile would later, when `spec` (a path, FILE.safetensors:NAME or `-`)
+// cannot be written: a directory, a missing or read-only directory. Creates and removes a
+// temporary file beside it; a device or FIFO is only checked for write permission. The tools
+// check every output this way before they compute.
+void check_output(const std::string& spec);
+
 // Makes SIGINT, SIGTERM, SIGHUP and SIGPIPE remove the temporary files of the OutputFiles
 // alive, then end the process by the same signal (a shell reports 128 + its number: 130 for
 // SIGINT); a signal that was ignored stays ignored. Also ignores SIGXFSZ, so that a write past

@@ -17,7 +17,7 @@
 
 namespace dsa {
 
-inline constexpr const char* kCompareSchema = "dsa-compare/2";
+inline constexpr const char* kCompareSchema = "dsa-compare/3";
 
 // Aggregate of a metric over rows. NaN values (undefined metrics) are left out of every field
 // and counted apart; percentiles interpolate linearly between order statistics (NumPy's
@@ -127,5 +127,15 @@ Comparison compare_compressed_attention(const CompressedCompareInputs& inputs, S
 // and apart over rows with t + 1 <= k ("exact"), buckets by position, needle recall. With
 // compressed keys, "t + 1" is the visible entry count and the buckets count entries.
 nlohmann::json comparison_json(const Comparison& comparison);
+
+// The fields of dsa-compare's report that the inputs and the comparison give: "shape" (with the
+// indexer's "indexer_heads" and "indexer_dim"), "layout", "scale", "selection", "indexer" (with
+// the indexer), "results" (comparison_json), "flops" and "stage_ms". The caller adds the header,
+// "schema", "inputs", "device", "scale_rule" and its own fields and timings.
+nlohmann::json comparison_report(const CompareInputs& inputs, const Comparison& comparison);
+// The same for DeepSeek-V4: "layout" v4, "attention", "reference", "window", "compress_ratio",
+// "sink", and the shape's "tokens", "entries" and "d" besides.
+nlohmann::json comparison_report(const CompressedCompareInputs& inputs,
+                                 const Comparison& comparison);
 
 }  // namespace dsa

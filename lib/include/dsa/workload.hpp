@@ -106,7 +106,7 @@ WorkloadConfig workload_preset(const std::string& name);
 // Error(usage) naming the field when a value is out of range.
 WorkloadConfig resolve_workload_config(const WorkloadConfig& config);
 
-struct Workload {
+struct GeneratedWorkload {
   Tensor q;        // f32 [Lq, H, d_qk]
   Tensor kv;       // f32 [L, d_qk]
   Tensor q_index;  // f32 [Lq, H_I, d_I]
@@ -123,14 +123,14 @@ struct Workload {
 
 // Tensors named "q", "kv", "q_index", "k_index", "weights", "needles" (and "hidden", or
 // "compressed" and "sink").
-Workload generate_workload(const WorkloadConfig& config);
+GeneratedWorkload generate_workload(const WorkloadConfig& config);
 
 // q_index, k_index and weights recomputed from the hidden states and the indexer weights
 // (project_indexer).
-void project_workload_indexer(Workload& workload);
+void project_workload_indexer(GeneratedWorkload& workload);
 // Rounds the hidden states and the indexer weights to `dtype` (bf16) and reprojects, so that a
 // file written in that dtype still holds exactly what its projections give (up to the final
 // rounding of q_index, k_index and weights).
-void narrow_hidden_workload(Workload& workload, DType dtype);
+void narrow_hidden_workload(GeneratedWorkload& workload, DType dtype);
 
 }  // namespace dsa
