@@ -27,6 +27,7 @@
 #include "dsa/parallel.hpp"
 #include "dsa/progress.hpp"
 #include "dsa/topk.hpp"
+#include "dsa/workload.hpp"
 #include "reference.hpp"
 
 namespace dsa {
@@ -258,6 +259,24 @@ TEST(Progress, CalibrationIsOneStageOfFractionsOnly) {
   expect_one_stage(r, "calibrate", r.updates.back().total);
   EXPECT_EQ(r.updates.back().unit, "");
   EXPECT_GT(r.updates.back().total, 0);
+}
+
+TEST(Progress, WorkloadGenerationCountsTokens) {
+  set_threads(2);
+  WorkloadConfig c;
+  c.length = 300;
+  Recorder r;
+  GeneratedWorkload w;
+  {
+    const ProgressScope scope(r.callback(), 0ns);
+    w = generate_workload(c);
+  }
+  expect_one_stage(r, "generate", 300);
+  EXPECT_EQ(r.updates.back().unit, "tokens");
+  const GeneratedWorkload again = generate_workload(c);  // the same numbers without a scope
+  ASSERT_EQ(w.kv.nbytes(), again.kv.nbytes());
+  EXPECT_TRUE(std::equal(w.kv.data, w.kv.data + w.kv.nbytes(), again.kv.data));
+  EXPECT_TRUE(std::equal(w.q.data, w.q.data + w.q.nbytes(), again.q.data));
 }
 
 TEST(Progress, NothingWithoutAScopeOnThisThread) {

@@ -9,6 +9,7 @@
 #include "dsa/attention.hpp"
 #include "dsa/error.hpp"
 #include "dsa/precision.hpp"
+#include "progress.hpp"
 
 namespace dsa {
 
@@ -503,8 +504,10 @@ GeneratedWorkload generate_workload(const WorkloadConfig& config) {
   // Hidden mode: every token's U^T kv[t] and U^T q[t, h < min(H, H_I)], [L, (1 + H') r].
   const int64_t projected_heads = std::min(H, H_I), width = (1 + projected_heads) * r;
   std::vector<double> coefficients_of(static_cast<std::size_t>(c.hidden > 0 ? L * width : 0));
+  detail::Progress progress("generate", L, "tokens");
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < L; ++t) {
+    progress.advance(1);
     std::vector<double> coefficients(static_cast<std::size_t>(r));
     // U^T q[t, h] for the heads the indexer copies (j mod H for j < H_I).
     const int64_t projected = std::min(H, H_I);
