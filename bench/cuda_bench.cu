@@ -1,12 +1,19 @@
 // Times the CUDA kernels on device-resident data at DeepSeek-V3.2 sizes (indexer 64 x 128,
 // top-2048, sparse MQA 128 heads x 576/512) and prints one JSON line per measurement.
+// It first measures three ceilings on the same device with the CUDA toolkit's own libraries
+// (issue 16): a bf16 and an fp8 e4m3 GEMM through cuBLASLt and the device copy bandwidth, and
+// gives every kernel row a "fraction" of its ceiling (null where that ceiling could not be
+// measured). A table of the rows ends the run, on stderr.
 // Usage: dsa-cuda-bench [L ...]   (default 32768 131072)
+#include <cublasLt.h>
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "kernels.cuh"
@@ -108,10 +115,312 @@ dsa::cuda::AttentionParams attention(const __nv_bfloat16* q, const __nv_bfloat16
   return p;
 }
 
-void report(const char* what, int64_t L, double ms, double flops) {
-  std::printf("{\"bench\":\"%s\",\"L\":%lld,\"ms\":%.3f,\"tflops\":%.1f}\n", what,
-              static_cast<long long>(L), ms, flops / (ms * 1e-3) / 1e12);
+// The ceilings of this run (0 where one could not be measured): bf16 and fp8 GEMM in TFLOP/s,
+// device copy in TB/s (bytes read + bytes written).
+struct Ceilings {
+  double bf16_tflops = 0, fp8_tflops = 0, copy_tb_s = 0;
+};
+Ceilings ceilings;
+
+// One line of the closing table.
+struct Row {
+  std::string bench;
+  int64_t L;
+  double ms, rate;  // rate in TFLOP/s or TB/s (unit), 0 for the floor rows
+  const char* unit;
+  double fraction;  // NaN: no ceiling
+};
+std::vector<Row> rows;
+
+std::string json_number(double x, const char* format) {
+  if (!std::isfinite(x)) return "null";
+  char buffer[64];
+  std::snprintf(buffer, sizeof buffer, format, x);
+  return buffer;
+}
+
+double fraction_of(double rate, double ceiling) {
+  return ceiling > 0 ? rate / ceiling : NAN;
+}
+
+// A compute-bound row: `flops` (the row's FLOP convention, unchanged) against `ceiling_tflops`.
+void report(const char* what, int64_t L, double ms, double flops, double ceiling_tflops) {
+  const double tflops = flops / (ms * 1e-3) / 1e12;
+  const double fraction = fraction_of(tflops, ceiling_tflops);
+  std::printf("{\"bench\":\"%s\",\"L\":%lld,\"ms\":%.3f,\"tflops\":%.1f,\"fraction\":%s}\n", what,
+              static_cast<long long>(L), ms, tflops, json_number(fraction, "%.4f").c_str());
   std::fflush(stdout);
+  rows.push_back({what, L, ms, tflops, "TFLOP/s", fraction});
+}
+
+// A memory-bound row: `bytes` moved against the copy ceiling; "tflops" is kept as before (0 for
+// the rows that had no FLOP count). `extra` is appended to the JSON object (",\"key\":value").
+void report_bytes(const char* what, int64_t L, double ms, double flops, double bytes,
+                  const std::string& extra = "") {
+  const double tb_s = bytes / (ms * 1e-3) / 1e12;
+  const double fraction = fraction_of(tb_s, ceilings.copy_tb_s);
+  std::printf(
+      "{\"bench\":\"%s\",\"L\":%lld,\"ms\":%.3f,\"tflops\":%.1f,\"bytes\":%.0f,\"tb_s\":%.3f,"
+      "\"fraction\":%s%s}\n",
+      what, static_cast<long long>(L), ms, flops / (ms * 1e-3) / 1e12, bytes, tb_s,
+      json_number(fraction, "%.4f").c_str(), extra.c_str());
+  std::fflush(stdout);
+  rows.push_back({what, L, ms, tb_s, "TB/s", fraction});
+}
+
+// A pipeline row: its floor (the sum of its stages' times at their ceilings, NaN where a ceiling
+// is missing) over the measured time.
+void report_floor(const char* what, int64_t L, double ms, double floor_ms) {
+  const double fraction = floor_ms / ms;
+  std::printf(
+      "{\"bench\":\"%s\",\"L\":%lld,\"ms\":%.3f,\"tflops\":%.1f,\"floor_ms\":%s,"
+      "\"fraction\":%s}\n",
+      what, static_cast<long long>(L), ms, 0.0, json_number(floor_ms, "%.3f").c_str(),
+      json_number(fraction, "%.4f").c_str());
+  std::fflush(stdout);
+  rows.push_back({what, L, ms, 0, "floor", fraction});
+}
+
+// Milliseconds of `flops` at `tflops`, of `bytes` at the copy ceiling (NaN without the ceiling).
+double floor_ms_flops(double flops, double tflops) {
+  return tflops > 0 ? flops / tflops / 1e9 : NAN;
+}
+double floor_ms_bytes(double bytes) {
+  return ceilings.copy_tb_s > 0 ? bytes / ceilings.copy_tb_s / 1e9 : NAN;
+}
+
+// ---- Ceilings --------------------------------------------------------------------------------
+
+struct GemmTime {
+  double best_ms = 0, median_ms = 0;
+  int algorithms = 0;  // the heuristic's candidates that ran
+  std::string error;   // empty when it ran
+};
+
+// D = A^T B on n x n x n through cuBLASLt, in its column-major terms: A and B stored k x n with
+// leading dimension k (each a row-major n x k matrix), A transposed: the TN layout that Hopper's
+// fp8 GEMM requires, used for bf16 too. `type` is A's and B's (bf16 or e4m3), D and C are bf16,
+// accumulation and alpha/beta f32, no scale pointers (scales 1). Tries the heuristic's first 4
+// algorithms: 3 warm-up runs then 10 timed runs of each (events around each run); returns the
+// best run and the median of the best algorithm's runs.
+GemmTime time_gemm(cublasLtHandle_t lt, cudaDataType_t type, int n, const void* a, const void* b,
+                   void* d, void* workspace, size_t workspace_bytes, bool fast_accumulation,
+                   Timer& timer) {
+  GemmTime result;
+  cublasLtMatmulDesc_t op = nullptr;
+  cublasLtMatrixLayout_t la = nullptr, lb = nullptr, ld = nullptr;
+  cublasLtMatmulPreference_t preference = nullptr;
+  auto ok = [&](cublasStatus_t status, const char* what) {
+    if (status == CUBLAS_STATUS_SUCCESS) return true;
+    if (result.error.empty())
+      result.error = std::string(what) + ": " + cublasLtGetStatusString(status);
+    return false;
+  };
+  const cublasOperation_t transpose = CUBLAS_OP_T, none = CUBLAS_OP_N;
+  const int8_t fast = fast_accumulation ? 1 : 0;
+  cublasLtMatmulHeuristicResult_t candidates[4] = {};
+  int count = 0;
+  if (ok(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F), "MatmulDescCreate") &&
+      ok(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &transpose,
+                                        sizeof transpose),
+         "TRANSA") &&
+      ok(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &none, sizeof none),
+         "TRANSB") &&
+      (type != CUDA_R_8F_E4M3 ||
+       ok(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast, sizeof fast),
+          "FAST_ACCUM")) &&
+      ok(cublasLtMatrixLayoutCreate(&la, type, n, n, n), "layout A") &&
+      ok(cublasLtMatrixLayoutCreate(&lb, type, n, n, n), "layout B") &&
+      ok(cublasLtMatrixLayoutCreate(&ld, CUDA_R_16BF, n, n, n), "layout D") &&
+      ok(cublasLtMatmulPreferenceCreate(&preference), "PreferenceCreate") &&
+      ok(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                              &workspace_bytes, sizeof workspace_bytes),
+         "MAX_WORKSPACE_BYTES") &&
+      ok(cublasLtMatmulAlgoGetHeuristic(lt, op, la, lb, ld, ld, preference, 4, candidates, &count),
+         "AlgoGetHeuristic")) {
+    if (count == 0) result.error = "AlgoGetHeuristic: no algorithm for this layout and types";
+    const float alpha = 1.0f, beta = 0.0f;
+    double best = 1e30;
+    for (int c = 0; c < count; ++c) {
+      if (candidates[c].state != CUBLAS_STATUS_SUCCESS) continue;
+      auto gemm = [&] {
+        return cublasLtMatmul(lt, op, &alpha, a, la, b, lb, &beta, d, ld, d, ld,
+                              &candidates[c].algo, workspace, workspace_bytes, nullptr);
+      };
+      bool ran = true;
+      for (int w = 0; w < 3 && ran; ++w) ran = ok(gemm(), "Matmul");
+      check(cudaDeviceSynchronize(), "gemm warm-up");
+      if (!ran) continue;
+      std::vector<double> times;
+      for (int rep = 0; rep < 10; ++rep) {
+        timer.begin();
+        gemm();
+        times.push_back(timer.end_ms());
+      }
+      std::sort(times.begin(), times.end());
+      ++result.algorithms;
+      if (times.front() < best) {
+        best = times.front();
+        result.best_ms = times.front();
+        result.median_ms = times[times.size() / 2];
+      }
+    }
+    if (result.algorithms > 0) result.error.clear();
+  }
+  if (preference) cublasLtMatmulPreferenceDestroy(preference);
+  if (ld) cublasLtMatrixLayoutDestroy(ld);
+  if (lb) cublasLtMatrixLayoutDestroy(lb);
+  if (la) cublasLtMatrixLayoutDestroy(la);
+  if (op) cublasLtMatmulDescDestroy(op);
+  if (result.algorithms == 0 && result.error.empty()) result.error = "no algorithm ran";
+  return result;
+}
+
+// 16-byte copies, UNROLL independent loads in flight per thread before the stores.
+template <int UNROLL>
+__global__ void copy_kernel(const int4* __restrict__ src, int4* __restrict__ dst, int64_t n) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  for (; i + (UNROLL - 1) * stride < n; i += UNROLL * stride) {
+    int4 v[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) v[u] = src[i + u * stride];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) dst[i + u * stride] = v[u];
+  }
+  for (; i < n; i += stride) dst[i] = src[i];
+}
+
+// Best of 10 timed runs after 2 warm-ups, in ms.
+template <typename F>
+double best_ms(Timer& timer, F&& run) {
+  for (int w = 0; w < 2; ++w) run();
+  check(cudaDeviceSynchronize(), "warm-up");
+  double best = 1e30;
+  for (int rep = 0; rep < 10; ++rep) {
+    timer.begin();
+    run();
+    best = std::min(best, timer.end_ms());
+  }
+  return best;
+}
+
+void measure_ceilings(Timer& timer) {
+  cudaDeviceProp prop;
+  check(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties");
+  std::printf("{\"bench\":\"device\",\"name\":\"%s\",\"sms\":%d,\"l2_mb\":%.1f}\n", prop.name,
+              prop.multiProcessorCount, prop.l2CacheSize / 1048576.0);
+
+  // GEMMs, 8192^3 on random data (the indexer's distributions: bf16 uniform(-1, 1), e4m3 codes
+  // of 448 * uniform(-1, 1)).
+  const int n = 8192;
+  const double flops = 2.0 * n * n * double(n);
+  const size_t workspace_bytes = size_t(64) << 20;
+  auto* a = device_alloc<__nv_bfloat16>(size_t(n) * n);
+  auto* b = device_alloc<__nv_bfloat16>(size_t(n) * n);
+  auto* a8 = device_alloc<uint8_t>(size_t(n) * n);
+  auto* b8 = device_alloc<uint8_t>(size_t(n) * n);
+  auto* d = device_alloc<__nv_bfloat16>(size_t(n) * n);
+  auto* workspace = device_alloc<uint8_t>(workspace_bytes);
+  fill_bf16<<<1024, 256>>>(a, int64_t(n) * n, 11, 1.0f);
+  fill_bf16<<<1024, 256>>>(b, int64_t(n) * n, 12, 1.0f);
+  fill_e4m3<<<1024, 256>>>(a8, int64_t(n) * n, 13, 448.0f);
+  fill_e4m3<<<1024, 256>>>(b8, int64_t(n) * n, 14, 448.0f);
+  check(cudaDeviceSynchronize(), "fill");
+  cublasLtHandle_t lt = nullptr;
+  const cublasStatus_t created = cublasLtCreate(&lt);
+  auto emit = [&](const char* what, const GemmTime& t, const char* extra) {
+    if (!t.error.empty()) {
+      std::printf("{\"bench\":\"%s\",\"L\":%d,\"error\":\"%s\"}\n", what, n, t.error.c_str());
+      std::fprintf(stderr, "%s: cuBLASLt failed: %s\n", what, t.error.c_str());
+      return 0.0;
+    }
+    const double tflops = flops / (t.best_ms * 1e-3) / 1e12;
+    std::printf(
+        "{\"bench\":\"%s\",\"L\":%d,\"ms\":%.3f,\"tflops\":%.1f,\"median_ms\":%.3f,"
+        "\"median_tflops\":%.1f,\"algorithms\":%d%s}\n",
+        what, n, t.best_ms, tflops, t.median_ms, flops / (t.median_ms * 1e-3) / 1e12, t.algorithms,
+        extra);
+    rows.push_back({what, n, t.best_ms, tflops, "TFLOP/s", NAN});
+    return tflops;
+  };
+  if (created != CUBLAS_STATUS_SUCCESS) {
+    std::printf("{\"bench\":\"ceiling_bf16_gemm\",\"error\":\"cublasLtCreate: %s\"}\n",
+                cublasLtGetStatusString(created));
+    std::printf("{\"bench\":\"ceiling_fp8_gemm\",\"error\":\"cublasLtCreate: %s\"}\n",
+                cublasLtGetStatusString(created));
+  } else {
+    ceilings.bf16_tflops =
+        emit("ceiling_bf16_gemm",
+             time_gemm(lt, CUDA_R_16BF, n, a, b, d, workspace, workspace_bytes, false, timer), "");
+    // The fp8 ceiling is cuBLASLt's default mode (partial sums promoted to f32 periodically, as
+    // torch._scaled_mm's default and bench/torch_baselines.py's); its fast accumulation is
+    // reported beside it, not used as the ceiling.
+    ceilings.fp8_tflops =
+        emit("ceiling_fp8_gemm",
+             time_gemm(lt, CUDA_R_8F_E4M3, n, a8, b8, d, workspace, workspace_bytes, false, timer),
+             ",\"fast_accumulation\":false");
+    emit("fp8_gemm_fast_accumulation",
+         time_gemm(lt, CUDA_R_8F_E4M3, n, a8, b8, d, workspace, workspace_bytes, true, timer),
+         ",\"fast_accumulation\":true");
+    cublasLtDestroy(lt);
+  }
+  cudaFree(a), cudaFree(b), cudaFree(a8), cudaFree(b8), cudaFree(d), cudaFree(workspace);
+
+  // Copy: 2 GiB device to device, counting bytes read + bytes written; the higher of
+  // cudaMemcpyAsync and a 16-byte copy kernel (persistent grid, or one pass of 4 per thread).
+  const size_t bytes = size_t(2) << 30;
+  auto* src = device_alloc<uint8_t>(bytes);
+  auto* dst = device_alloc<uint8_t>(bytes);
+  fill_e4m3<<<1024, 256>>>(src, int64_t(bytes), 15, 448.0f);
+  check(cudaDeviceSynchronize(), "fill");
+  const double memcpy_ms = best_ms(timer, [&] {
+    check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice), "cudaMemcpyAsync");
+  });
+  const int64_t vectors = int64_t(bytes / sizeof(int4));
+  const auto* s4 = reinterpret_cast<const int4*>(src);
+  auto* d4 = reinterpret_cast<int4*>(dst);
+  const double persistent_ms = best_ms(
+      timer, [&] { copy_kernel<4><<<prop.multiProcessorCount * 8, 256>>>(s4, d4, vectors); });
+  const double one_pass_ms = best_ms(timer, [&] {
+    copy_kernel<4><<<static_cast<int>(vectors / (256 * 4)), 256>>>(s4, d4, vectors);
+  });
+  check(cudaGetLastError(), "copy kernel");
+  std::vector<uint8_t> probe(4096), expected(4096);
+  check(cudaMemcpy(probe.data(), dst + bytes - 4096, 4096, cudaMemcpyDeviceToHost), "copy");
+  check(cudaMemcpy(expected.data(), src + bytes - 4096, 4096, cudaMemcpyDeviceToHost), "copy");
+  cudaFree(src), cudaFree(dst);
+  const double moved = 2.0 * bytes;
+  const double memcpy_tb_s = moved / (memcpy_ms * 1e-3) / 1e12;
+  const double kernel_ms = std::min(persistent_ms, one_pass_ms);
+  const double kernel_tb_s = moved / (kernel_ms * 1e-3) / 1e12;
+  const double copy_ms = std::min(memcpy_ms, kernel_ms);
+  ceilings.copy_tb_s = std::max(memcpy_tb_s, kernel_tb_s);
+  std::printf(
+      "{\"bench\":\"ceiling_copy\",\"bytes\":%.0f,\"ms\":%.3f,\"tb_s\":%.3f,"
+      "\"memcpy_tb_s\":%.3f,\"kernel_tb_s\":%.3f,\"kernel_persistent_ms\":%.3f,"
+      "\"kernel_one_pass_ms\":%.3f,\"copied\":%s}\n",
+      moved, copy_ms, ceilings.copy_tb_s, memcpy_tb_s, kernel_tb_s, persistent_ms, one_pass_ms,
+      probe == expected ? "true" : "false");
+  std::fflush(stdout);
+  rows.push_back({"ceiling_copy", 0, copy_ms, ceilings.copy_tb_s, "TB/s", NAN});
+}
+
+void print_table() {
+  std::fprintf(stderr, "\n%-30s %7s %10s %10s %-8s %9s\n", "kernel", "L", "ms", "rate", "unit",
+               "fraction");
+  for (const Row& r : rows) {
+    char fraction[32] = "-";
+    if (std::isfinite(r.fraction))
+      std::snprintf(fraction, sizeof fraction, "%.1f %%", 100 * r.fraction);
+    char rate[32] = "-";
+    if (r.rate > 0) std::snprintf(rate, sizeof rate, r.unit[1] == 'B' ? "%.3f" : "%.1f", r.rate);
+    std::fprintf(stderr, "%-30s %7lld %10.3f %10s %-8s %9s\n", r.bench.c_str(),
+                 static_cast<long long>(r.L), r.ms, rate, r.unit, fraction);
+  }
+  std::fprintf(
+      stderr, "ceilings: bf16 GEMM %.1f, fp8 GEMM %.1f TFLOP/s, copy %.3f TB/s (0: not measured)\n",
+      ceilings.bf16_tflops, ceilings.fp8_tflops, ceilings.copy_tb_s);
 }
 
 }  // namespace
@@ -122,6 +431,7 @@ int main(int argc, char** argv) {
   if (lengths.empty()) lengths = {32768, 131072};
   const int HI = 64, DI = 128, H = 128, DQK = 576, DV = 512, K = 2048;
   Timer timer;
+  measure_ceilings(timer);
   for (int64_t L : lengths) {
     // Indexer (fp8, and bf16 for the ratio at the first length) + top-k over every query row,
     // in chunks of rows.
@@ -151,7 +461,7 @@ int main(int argc, char** argv) {
         dsa::cuda::launch_indexer(indexer(q, w, k, ks, rows, HI, DI, L, c0, scores));
         bf16_ms += timer.end_ms();
       }
-      report("indexer_bf16", L, bf16_ms, 2.0 * causal_pairs * HI * DI);
+      report("indexer_bf16", L, bf16_ms, 2.0 * causal_pairs * HI * DI, ceilings.bf16_tflops);
     }
     double indexer_ms = 0, topk_ms = 0;
     for (int64_t c0 = 0; c0 < L; c0 += chunk) {
@@ -163,8 +473,15 @@ int main(int argc, char** argv) {
       dsa::cuda::launch_topk(topk(scores, rows, L, c0, K, idx, vals));
       topk_ms += timer.end_ms();
     }
-    report("indexer", L, indexer_ms, 2.0 * causal_pairs * HI * DI);
-    report("topk", L, topk_ms, 0);
+    const double indexer_flops = 2.0 * causal_pairs * HI * DI;
+    report("indexer", L, indexer_ms, indexer_flops, ceilings.fp8_tflops);
+    // Top-k bytes: the f32 scores each row reads, 4 B x (c0 + r + 1) visible keys, so 4 B x
+    // L (L + 1) / 2 in all; the selections written (8 B x k per row: 25 % more at 32K, 6 % at
+    // 128K) are not counted. vs_indexer: top-k time over the indexer's (issue 16's fused target: <=
+    // 0.05).
+    const double topk_bytes = 4.0 * causal_pairs;
+    report_bytes("topk", L, topk_ms, 0, topk_bytes,
+                 ",\"vs_indexer\":" + json_number(topk_ms / indexer_ms, "%.4f"));
     cudaFree(q), cudaFree(w), cudaFree(scores), cudaFree(idx), cudaFree(vals), cudaFree(k),
         cudaFree(ks), cudaFree(q8), cudaFree(k8);
 
@@ -189,8 +506,12 @@ int main(int argc, char** argv) {
       for (int64_t r = 0; r < rows; ++r)
         attn_flops += 2.0 * H * (DQK + DV) * double(std::min<int64_t>(K, c0 + r + 1));
     }
-    report("sparse_attention", L, attn_ms, attn_flops);
-    report("dsa_prefill", L, indexer_ms + topk_ms + attn_ms, 0);
+    report("sparse_attention", L, attn_ms, attn_flops, ceilings.bf16_tflops);
+    // The prefill's floor: the indexer at the fp8 ceiling, the top-k's bytes at the copy
+    // ceiling and the attention at the bf16 ceiling.
+    report_floor("dsa_prefill", L, indexer_ms + topk_ms + attn_ms,
+                 floor_ms_flops(indexer_flops, ceilings.fp8_tflops) + floor_ms_bytes(topk_bytes) +
+                     floor_ms_flops(attn_flops, ceilings.bf16_tflops));
 
     // dsa-compare's dense probabilities (the dense attention's lse is an input) over the last
     // 256 query rows, and the same rows' sparse attention on the wmma kernel (d_qk = d_v = 256).
@@ -209,7 +530,7 @@ int main(int argc, char** argv) {
       const double dense_ms = timer.end_ms();
       double dense_pairs = 0;
       for (int r = 0; r < rows; ++r) dense_pairs += double(c0 + r + 1);
-      report("dense_probabilities", L, dense_ms, 2.0 * H * DQK * dense_pairs);
+      report("dense_probabilities", L, dense_ms, 2.0 * H * DQK * dense_pairs, ceilings.bf16_tflops);
       fill_indices<<<rows, 256>>>(sel, rows, K, c0);
       check(cudaDeviceSynchronize(), "fill indices");
       const int d256 = 256;
@@ -217,7 +538,8 @@ int main(int argc, char** argv) {
       dsa::cuda::launch_attention(
           attention(qa, kv, sel, K, rows, H, d256, d256, L, c0, 0.0625f, out, lse));
       const double wmma_ms = timer.end_ms();
-      report("sparse_attention_d256", L, wmma_ms, 2.0 * rows * H * (2 * d256 + d256) * K);
+      report("sparse_attention_d256", L, wmma_ms, 2.0 * rows * H * (2 * d256 + d256) * K,
+             ceilings.bf16_tflops);
       cudaFree(partial);
     }
     cudaFree(qa), cudaFree(kv), cudaFree(sel), cudaFree(out), cudaFree(lse);
@@ -290,10 +612,23 @@ int main(int argc, char** argv) {
                   batched == single ? "true" : "false",
                   out_batched == out_single ? "true" : "false");
     }
-    report("decode_b32_131072_indexer", L, best_indexer, 2.0 * B * L * HI * DI);
-    report("decode_b32_131072_topk", L, best_topk, 0);
-    report("decode_b32_131072_attention", L, best_attention, 2.0 * B * K * H * (DQK + DV));
-    report("decode_b32_131072", L, best, 0);
+    // Decode is memory-bound: each row's fewest bytes through device memory, against the copy
+    // ceiling. Indexer: q (fp8) and w read, the keys (128 B fp8 + 4 B scale each) read, the f32
+    // scores written. Top-k: the f32 scores read (as in the prefill rows). Attention: the k
+    // selected latent rows gathered (576 bf16 each), q and the indices read, out (f32) and lse
+    // written. The pipeline row counts the three together.
+    const double indexer_bytes = double(B) * (HI * DI + HI * 4.0 + L * (DI + 4.0) + L * 4.0);
+    const double decode_topk_bytes = double(B) * L * 4.0;
+    const double attention_bytes =
+        double(B) * (K * DQK * 2.0 + H * DQK * 2.0 + K * 4.0 + H * DV * 4.0 + H * 4.0);
+    report_bytes("decode_b32_131072_indexer", L, best_indexer, 2.0 * B * L * HI * DI,
+                 indexer_bytes);
+    report_bytes("decode_b32_131072_topk", L, best_topk, 0, decode_topk_bytes);
+    report_bytes("decode_b32_131072_attention", L, best_attention, 2.0 * B * K * H * (DQK + DV),
+                 attention_bytes);
+    report_bytes("decode_b32_131072", L, best, 0,
+                 indexer_bytes + decode_topk_bytes + attention_bytes);
   }
+  print_table();
   return 0;
 }
