@@ -12,7 +12,7 @@ namespace dsa {
 
 // Where one stage of a library call stands. Stages and units are short, stable names:
 // "score", "select", "attend", "compare" and "compress" count query rows (entries for
-// "compress"), times the batch; "fit" counts steps; "calibrate" has no unit (done and total are
+// "compress"), times the batch; "generate" (dsa-gen) counts tokens; "fit" counts steps; "calibrate" has no unit (done and total are
 // microseconds of its timing budget, a fraction to show as a percentage).
 struct ProgressUpdate {
   std::string_view stage;
