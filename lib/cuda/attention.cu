@@ -249,17 +249,26 @@ __global__ void __launch_bounds__(MlaAttentionTraits<D_QK>::kThreads, 1)
   const int64_t tiles = (entries + kKeys - 1) / kKeys;
 
   fetch_query_heads<Tile, Traits::kThreads>(base + Layout::q, q, r, heads, h0);
-  // Starts gathering tile `tile` of the selection into buffer `buffer`.
-  auto fetch = [&](int64_t tile, int buffer) {
-    const int j = gathered_key<Traits::kThreads>();
+  // The kv row this thread gathers for tile `tile` (-1: none). Loaded a tile ahead of its use,
+  // so that the global load of the index overlaps a tile's arithmetic instead of stalling the
+  // gather that needs it (long_scoreboard in the profile, bench/NOTES.md).
+  const int j = gathered_key<Traits::kThreads>();
+  auto index_of = [&](int64_t tile) {
     const int64_t e = tile * kKeys + j;
-    int s = -1;
-    if (e < entries) s = indices ? indices[static_cast<int64_t>(r) * k + e] : static_cast<int>(e);
+    if (tile >= tiles || e >= entries) return -1;
+    return indices ? indices[static_cast<int64_t>(r) * k + e] : static_cast<int>(e);
+  };
+  // Starts gathering kv row s into row j of buffer `buffer`.
+  auto fetch = [&](int s, int buffer) {
     if (tid % (Traits::kThreads / kKeys) == 0) slot_s[buffer * kKeys + j] = s;
     fetch_key_row<Tile, Traits::kThreads>(base + Layout::kv + buffer * Tile::kTileBytes, kv, s);
     wg::copy_async_commit();
   };
-  if (tiles > 0) fetch(0, 0);
+  int next = index_of(0);
+  if (tiles > 0) {
+    fetch(next, 0);
+    next = index_of(1);
+  }
 
   const float scale2 = p.scale * kLog2e;
   OnlineSoftmax softmax0, softmax1;  // rows row0 and row1: this thread's share of their sums
@@ -272,7 +281,10 @@ __global__ void __launch_bounds__(MlaAttentionTraits<D_QK>::kThreads, 1)
     wg::copy_async_wait_all();
     wg::fence_shared_for_tensor_cores();
     __syncthreads();
-    if (tile + 1 < tiles) fetch(tile + 1, buffer ^ 1);
+    if (tile + 1 < tiles) {
+      fetch(next, buffer ^ 1);
+      next = index_of(tile + 2);
+    }
 
     // S = Q . K^T for this warpgroup's 32 keys.
     const uint32_t keys = base + Layout::kv + buffer * Tile::kTileBytes + group * 32 * 128;
