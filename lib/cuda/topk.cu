@@ -53,8 +53,9 @@ __device__ void sort_descending(uint64_t* pairs, int size) {
   __syncthreads();
 }
 
-// One pass over the row in the common case. A sorted sample of the row's scores (kSample
-// entries, evenly spaced) gives a threshold expected to pass about 1.5k entries: 2.3 standard
+// One pass over the row in the common case. A sample of the row's scores (kSample entries,
+// evenly spaced; its key of the right rank found by a radix select, kth_largest_key) gives a
+// threshold expected to pass about 1.5k entries: 2.3 standard
 // deviations of the sample's error above k at L = 128K, 4.6 at 32K, so nearly every row sorts
 // at most 4096 candidates and about 1 % of rows at 128K take the fallback. The entries at or
 // above the threshold go to shared memory, are sorted (descending score, then ascending
@@ -63,6 +64,56 @@ __device__ void sort_descending(uint64_t* pairs, int size) {
 // many ties), the row falls back to an exact radix select, 8 bits per pass over the row.
 constexpr int kCandidates = TopkTraits::kCandidates;
 constexpr int kSample = TopkTraits::kSample;
+
+// The needed-th largest of `count` keys (key_of(i), i < count), 8 bits at a time from the top:
+// returns it, and sets `needed` to how many keys equal to it are among the needed largest. A
+// histogram of the keys that match the prefix found so far per pass, whose bin warp 0 picks with
+// a scan over its lanes (8 bins each). Every thread calls it; histogram [256], chosen_prefix and
+// still_needed are shared.
+template <typename KeyOf>
+__device__ uint32_t kth_largest_key(const KeyOf& key_of, int count, uint32_t& needed,
+                                    uint32_t* histogram, uint32_t& chosen_prefix,
+                                    uint32_t& still_needed) {
+  const int tid = threadIdx.x, lane = tid % 32;
+  uint32_t prefix = 0, mask = 0;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int b = tid; b < 256; b += kThreads) histogram[b] = 0;
+    __syncthreads();
+    for (int i = tid; i < count; i += kThreads) {
+      const uint32_t key = key_of(i);
+      if ((key & mask) == prefix) atomicAdd(&histogram[(key >> shift) & 255u], 1u);
+    }
+    __syncthreads();
+    if (tid < 32) {
+      // Lane l holds bins 255 - 8 l down to 248 - 8 l: the bins in descending order.
+      uint32_t chunk = 0;
+#pragma unroll
+      for (int t = 0; t < 8; ++t) chunk += histogram[255 - 8 * lane - t];
+      uint32_t inclusive = chunk;
+#pragma unroll
+      for (int offset = 1; offset < 32; offset <<= 1) {
+        const uint32_t before = __shfl_up_sync(0xffffffffu, inclusive, offset);
+        if (lane >= offset) inclusive += before;
+      }
+      const uint32_t reached = __ballot_sync(0xffffffffu, inclusive >= needed);
+      // The lowest bin is taken when nothing reaches `needed` (as bin 0 always holds the rest).
+      const int first = reached ? __ffs(reached) - 1 : 31;
+      if (lane == first) {
+        uint32_t above = inclusive - chunk;
+        int b = 255 - 8 * lane;
+        for (int t = 0; t < 7 && above + histogram[b] < needed; ++t, --b) above += histogram[b];
+        chosen_prefix = prefix | (static_cast<uint32_t>(b) << shift);
+        still_needed = needed - above;
+      }
+    }
+    __syncthreads();
+    prefix = chosen_prefix;
+    needed = still_needed;
+    mask |= 255u << shift;
+    __syncthreads();
+  }
+  return prefix;
+}
 
 __global__ void __launch_bounds__(kThreads, 3) topk_kernel(const __grid_constant__ TopkParams p) {
   const int k = p.k;
@@ -80,17 +131,19 @@ __global__ void __launch_bounds__(kThreads, 3) topk_kernel(const __grid_constant
       min(static_cast<int64_t>(p.keys), visible_keys(p.first_position, r, p.ratio)));
   if (tid == 0) threshold = candidate_count = taken_above = 0;
   if (n > 2 * k) {
+    // The sample's keys in the candidates' space, which they leave before the scan fills it.
+    auto* sample = reinterpret_cast<uint32_t*>(pairs);
     for (int j = tid; j < kSample; j += kThreads) {
-      const int i = static_cast<int>(static_cast<int64_t>(j) * n / kSample);
-      pairs[j] = compose(rank_key(row[i]), i);
+      sample[j] = rank_key(row[static_cast<int>(static_cast<int64_t>(j) * n / kSample)]);
     }
     __syncthreads();
-    sort_descending(pairs, kSample);
-    if (tid == 0) {
-      const int rank = static_cast<int>(
-          min(static_cast<int64_t>(kSample - 1), 3 * static_cast<int64_t>(k) * kSample / (2 * n)));
-      threshold = static_cast<uint32_t>(pairs[rank] >> 32);
-    }
+    // The threshold: the sample's key of descending rank 1.5 k kSample / n (0-based).
+    uint32_t needed =
+        1 + static_cast<uint32_t>(min(static_cast<int64_t>(kSample - 1),
+                                      3 * static_cast<int64_t>(k) * kSample / (2 * n)));
+    const uint32_t key = kth_largest_key([&](int j) { return sample[j]; }, kSample, needed,
+                                         histogram, chosen_prefix, still_needed);
+    if (tid == 0) threshold = key;
   }
   __syncthreads();
   const uint32_t bound = threshold;
@@ -126,29 +179,10 @@ __global__ void __launch_bounds__(kThreads, 3) topk_kernel(const __grid_constant
     sort_descending(pairs, size);
     sorted = min(k, count);
   } else {
-    // The k-th largest key, 8 bits at a time from the top.
-    uint32_t prefix = 0, mask = 0, needed = k;
-    for (int shift = 24; shift >= 0; shift -= 8) {
-      for (int b = tid; b < 256; b += kThreads) histogram[b] = 0;
-      __syncthreads();
-      for (int i = tid; i < n; i += kThreads) {
-        const uint32_t key = rank_key(row[i]);
-        if ((key & mask) == prefix) atomicAdd(&histogram[(key >> shift) & 255u], 1u);
-      }
-      __syncthreads();
-      if (tid == 0) {
-        uint32_t above = 0;
-        int b = 255;
-        for (; b > 0 && above + histogram[b] < needed; --b) above += histogram[b];
-        chosen_prefix = prefix | (static_cast<uint32_t>(b) << shift);
-        still_needed = needed - above;
-      }
-      __syncthreads();
-      prefix = chosen_prefix;
-      needed = still_needed;
-      mask |= 255u << shift;
-      __syncthreads();
-    }
+    // The k-th largest key of the row.
+    uint32_t needed = k;
+    const uint32_t prefix = kth_largest_key([&](int i) { return rank_key(row[i]); }, n, needed,
+                                            histogram, chosen_prefix, still_needed);
     // prefix is the threshold key; `needed` entries equal to it are taken, lowest positions first.
     const int above_count = k - static_cast<int>(needed);
     int equal_taken = 0;
