@@ -110,7 +110,7 @@ IndexerConfig indexer_config(const IndexerOptions& options) {
   config.ue8m0 = options.ue8m0;
   config.raw_weights = options.raw_weights;
   config.query_block = options.query_block;
-  naming_flag("--ue8m0", [&] { validate_indexer_config(config); });
+  naming("--ue8m0", [&] { validate_indexer_config(config); });
   return config;
 }
 
@@ -217,13 +217,11 @@ void add_compressed_key_options(CLI::App& app, CompressedKeyOptions& options) {
 IndexerInputs indexer_inputs(const CompressedKeyOptions& options, const Tensor& q_index,
                              const Tensor& k_index, const Tensor& weights,
                              const IndexerConfig& config) {
-  return naming_flag_in_usage_errors("--hadamard", [&] {
-    if (options.ratio == 1 && options.tokens == 0) {
-      return make_indexer_inputs(q_index, k_index, weights, config);
-    }
-    const int64_t queries = q_index.rank() >= 3 ? q_index.dim(q_index.rank() - 3) : 0;
-    const int64_t tokens = options.tokens > 0 ? options.tokens : queries;
-    return make_compressed_indexer_inputs(q_index, k_index, weights, config, options.ratio, tokens);
+  // --tokens is at least 1 when given (its check): 0 is its absence.
+  const std::optional<int64_t> tokens =
+      options.tokens > 0 ? std::optional<int64_t>(options.tokens) : std::nullopt;
+  return naming_in_usage_errors("--hadamard", [&] {
+    return make_indexer_inputs(q_index, k_index, weights, config, options.ratio, tokens);
   });
 }
 
@@ -356,8 +354,8 @@ int run(CLI::App& app, int argc, char** argv, const CommonOptions& options,
     set_threads(options.threads);
     // Every output is checked before any work, so a bad path fails in a second, not after
     // the computation (each tool checks its further outputs the same way).
-    if (!options.output.empty()) naming_flag("-o", [&] { check_output(options.output); });
-    if (!options.report.empty()) naming_flag("--report", [&] { check_output(options.report); });
+    if (!options.output.empty()) naming("-o", [&] { check_output(options.output); });
+    if (!options.report.empty()) naming("--report", [&] { check_output(options.report); });
     // The progress line on a terminal; gone (and its line cleared) before any message below.
     const std::unique_ptr<TerminalProgress> progress = terminal_progress(tool, options.quiet);
     body();

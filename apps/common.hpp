@@ -45,32 +45,11 @@ CLI::Validator number_between(double low, double high);
 // "--scale: softmax scale: expected a number, default or deepseek-v3.2, got 'x'".
 CLI::Validator softmax_scale_text();
 
-// The library's messages name parameters and tensors, the apps' name flags: naming_flag runs
-// `call`, a library call given `flag`'s value, and rethrows an Error from it with the flag in
-// front ("--device: device cuda: no GPU found"), keeping its exit code.
-template <typename Call>
-decltype(auto) naming_flag(const std::string& flag, Call&& call) {
-  try {
-    return std::forward<Call>(call)();
-  } catch (const Error& e) {
-    throw Error(e.code(), flag + ": " + e.what());
-  }
-}
-// The same for a call whose bad-input errors are about its tensors: only its usage errors
-// (exit 2) are about the flag's value.
-template <typename Call>
-decltype(auto) naming_flag_in_usage_errors(const std::string& flag, Call&& call) {
-  try {
-    return std::forward<Call>(call)();
-  } catch (const Error& e) {
-    if (e.code() != ExitCode::usage) throw;
-    throw Error(e.code(), flag + ": " + e.what());
-  }
-}
-
-// The same for an option with a default value: when the user did not give the option, the
-// message says the value was its default ("--dv: d_v must be in [1, d_qk = 64], got 512 (the
-// default of --dv: give --dv)").
+// The library's messages name parameters and tensors, the apps' name flags: library calls given
+// a flag's value run through dsa::naming("--flag", ...) or dsa::naming_in_usage_errors
+// (error.hpp). This one is for an option with a default value: when the user did not give the
+// option, the message says the value was its default ("--dv: d_v must be in [1, d_qk = 64], got 512
+// (the default of --dv: give --dv)").
 template <typename Call>
 decltype(auto) naming_option_in_usage_errors(const CLI::Option* option, Call&& call) {
   try {
@@ -160,8 +139,6 @@ void load_v4_attention(const AttentionOptions& attention, const V4AttentionOptio
 
 // --device cpu|cuda|auto (default cpu).
 void add_device_option(CLI::App& app, std::string& device);
-// The report's "device" and "device_note" (report.hpp).
-using dsa::report_device;
 
 // "unknown option --top-k; did you mean --topk?" for the first argument that looks like a long
 // option the app does not have (before a `--`), or empty.
@@ -188,8 +165,6 @@ void warn(const std::string& tool, const std::string& message, bool quiet = fals
 void warn_if_dense_topk(const std::string& tool, const std::vector<int64_t>& topk, int64_t keys,
                         bool quiet = false);
 
-// Adds timings (timings_ms, with the total) and peak memory to a report (report.hpp).
-using dsa::add_timings;
 // Adds timings and peak memory, then writes the report: the JSON to --report FILE when given;
 // on stderr, when it is a terminal, one summary line ("TOOL: DETAIL: wrote OUTPUTS in TIME")
 // unless --json, else the JSON (what scripts and CI logs read). -q: nothing on stderr.

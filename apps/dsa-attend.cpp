@@ -49,7 +49,7 @@ int main(int argc, char** argv) {
     dsa::app::check_binary_output(common.output);
     if (!lse_path.empty()) dsa::app::check_binary_output(lse_path);
     dsa::app::check_single_stdout({common.output, lse_path, common.report});
-    if (!lse_path.empty()) dsa::app::naming_flag("--lse", [&] { dsa::check_output(lse_path); });
+    if (!lse_path.empty()) dsa::naming("--lse", [&] { dsa::check_output(lse_path); });
 
     nlohmann::json report = dsa::report_header("dsa-attend", argc, argv);
     report["schema"] = dsa::kAttendSchema;
@@ -80,9 +80,9 @@ int main(int argc, char** argv) {
       dsa::app::V4AttentionTensors loaded;
       dsa::app::load_v4_attention(attention, v4, loaded);
       const dsa::CompressedAttentionInputs& inputs = loaded.inputs;
-      const dsa::DeviceChoice choice = dsa::app::naming_flag(
-          "--device", [&] { return dsa::choose_device(device_name, inputs); });
-      dsa::app::report_device(report, choice);
+      const dsa::DeviceChoice choice =
+          dsa::naming("--device", [&] { return dsa::choose_device(device_name, inputs); });
+      dsa::report_device(report, choice);
       for (const auto& t : loaded.tensors) report["inputs"].push_back(dsa::tensor_json(t));
       std::optional<dsa::TokenFile> tokens;
       if (inputs.kind == dsa::V4Attention::csa && !dense) {
@@ -110,9 +110,9 @@ int main(int argc, char** argv) {
     dsa::app::load_attention(attention, loaded);
     const dsa::AttentionInputs& inputs = loaded.inputs;
     const dsa::DeviceChoice choice =
-        dsa::app::naming_flag("--device", [&] { return dsa::choose_device(device_name, inputs); });
+        dsa::naming("--device", [&] { return dsa::choose_device(device_name, inputs); });
     const dsa::Device device = choice.device;
-    dsa::app::report_device(report, choice);
+    dsa::report_device(report, choice);
     for (const auto& t : loaded.tensors) report["inputs"].push_back(dsa::tensor_json(t));
     std::optional<dsa::TokenFile> tokens;
     if (!dense) {

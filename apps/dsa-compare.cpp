@@ -149,7 +149,7 @@ int main(int argc, char** argv) {
         indexer_tensors = dsa::app::load_indexer_tensors(tensors);
         const dsa::app::IndexerTensors& x = *indexer_tensors;
         inputs.indexer_config = dsa::app::indexer_config(indexer);
-        inputs.indexer = dsa::app::naming_flag_in_usage_errors("--hadamard", [&] {
+        inputs.indexer = dsa::naming_in_usage_errors("--hadamard", [&] {
           return dsa::make_compressed_indexer_inputs(x.q_index, x.k_index, x.weights,
                                                      inputs.indexer_config, a.ratio, a.tokens);
         });
@@ -175,9 +175,9 @@ int main(int argc, char** argv) {
         report["inputs"].push_back(dsa::tensor_json(*needles));
       }
       if (inputs.indexer) dsa::app::warn_if_dense_topk("dsa-compare", inputs.topk, a.entries);
-      const dsa::DeviceChoice choice = dsa::app::naming_flag(
-          "--device", [&] { return dsa::choose_device(device, inputs.attention); });
-      dsa::app::report_device(report, choice);
+      const dsa::DeviceChoice choice =
+          dsa::naming("--device", [&] { return dsa::choose_device(device, inputs.attention); });
+      dsa::report_device(report, choice);
       times.add("load", load.seconds());
       const dsa::Comparison comparison =
           dsa::compare_compressed_attention(inputs, &times, choice.device);
@@ -209,7 +209,7 @@ int main(int argc, char** argv) {
       indexer_tensors = dsa::app::load_indexer_tensors(tensors);
       const dsa::app::IndexerTensors& x = *indexer_tensors;
       inputs.indexer_config = dsa::app::indexer_config(indexer);
-      inputs.indexer = dsa::app::naming_flag_in_usage_errors("--hadamard", [&] {
+      inputs.indexer = dsa::naming_in_usage_errors("--hadamard", [&] {
         return dsa::make_indexer_inputs(x.q_index, x.k_index, x.weights, inputs.indexer_config);
       });
       for (const auto& t : x.read) report["inputs"].push_back(dsa::tensor_json(t));
@@ -236,8 +236,8 @@ int main(int argc, char** argv) {
     const dsa::AttentionInputs& a = inputs.attention;
     dsa::app::warn_if_dense_topk("dsa-compare", inputs.topk, a.keys);
     const dsa::DeviceChoice choice =
-        dsa::app::naming_flag("--device", [&] { return dsa::choose_device(device, inputs); });
-    dsa::app::report_device(report, choice);
+        dsa::naming("--device", [&] { return dsa::choose_device(device, inputs); });
+    dsa::report_device(report, choice);
 
     dsa::StageTimes times;
     const dsa::Comparison comparison = dsa::compare_attention(inputs, &times, choice.device);

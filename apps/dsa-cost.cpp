@@ -86,7 +86,7 @@ int main(int argc, char** argv) {
   return dsa::app::run(app, argc, argv, common, [&] {
     dsa::Stopwatch total;
     dsa::app::check_single_stdout({common.output, plot_path});
-    if (!plot_path.empty()) dsa::app::naming_flag("--plot", [&] { dsa::check_output(plot_path); });
+    if (!plot_path.empty()) dsa::naming("--plot", [&] { dsa::check_output(plot_path); });
     dsa::PresetLibrary presets = dsa::find_presets(presets_flag);
     presets.hint = "give --presets DIR or set DSA_PRESETS";
     request.want_csv = format == "csv";

@@ -89,8 +89,7 @@ int main(int argc, char** argv) {
     dsa::app::load_attention(attention, main);
     const dsa::FitData data = dsa::make_fit_data(hidden, main.inputs, main.scale.value);
     // --holdout must leave training and held-out rows at this L; checked before any training.
-    dsa::app::naming_flag("--holdout",
-                          [&] { return dsa::fit_rows(data.attention.queries, fit.holdout); });
+    dsa::naming("--holdout", [&] { return dsa::fit_rows(data.attention.queries, fit.holdout); });
     dsa::IndexerWeights weights =
         init_path.empty()
             ? dsa::random_indexer_weights(hidden.dim(1), indexer_heads, indexer_dim, fit.seed)
@@ -144,7 +143,7 @@ int main(int argc, char** argv) {
           {{"name", common.output + ":" + t.name}, {"shape", t.shape}, {"dtype", "f32"}});
     }
     if (log_file) {
-      dsa::app::add_timings(report, times, total.seconds());
+      dsa::add_timings(report, times, total.seconds());
       log_file->write(report.dump(1) + "\n");
       log_file->commit();
     }

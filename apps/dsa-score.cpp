@@ -29,8 +29,8 @@ int main(int argc, char** argv) {
     const dsa::Tensor &q = in.q_index, &k = in.k_index, &w = in.weights;
     dsa::IndexerConfig config = dsa::app::indexer_config(indexer);
     const dsa::IndexerInputs inputs = dsa::app::indexer_inputs(compressed_keys, q, k, w, config);
-    const dsa::DeviceChoice choice = dsa::app::naming_flag(
-        "--device", [&] { return dsa::choose_device(device, inputs, config); });
+    const dsa::DeviceChoice choice =
+        dsa::naming("--device", [&] { return dsa::choose_device(device, inputs, config); });
 
     const dsa::Shape shape = dsa::score_shape(inputs);
     dsa::StageTimes times;
@@ -48,7 +48,7 @@ int main(int argc, char** argv) {
 
     nlohmann::json report = dsa::report_header("dsa-score", argc, argv);
     report["schema"] = dsa::kScoreSchema;
-    dsa::app::report_device(report, choice);
+    dsa::report_device(report, choice);
     for (const dsa::Tensor& t : in.read) report["inputs"].push_back(dsa::tensor_json(t));
     if (!tensors.hidden.empty()) report["indexer_weights"] = tensors.indexer_weights;
     report.update(dsa::indexer_report(inputs, config));

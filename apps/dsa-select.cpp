@@ -74,10 +74,10 @@ int main(int argc, char** argv) {
       config = dsa::app::indexer_config(indexer);
       indexer_inputs =
           dsa::app::indexer_inputs(compressed_keys, inputs[0], inputs[1], inputs[2], config);
-      const dsa::DeviceChoice choice = dsa::app::naming_flag(
+      const dsa::DeviceChoice choice = dsa::naming(
           "--device", [&] { return dsa::choose_device(device, indexer_inputs, config, topk); });
       compute_device = choice.device;
-      dsa::app::report_device(report, choice);
+      dsa::report_device(report, choice);
       shape = dsa::selection_shape(indexer_inputs, topk);
       report.update(dsa::indexer_report(indexer_inputs, config));
     } else {

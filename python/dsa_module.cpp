@@ -91,26 +91,6 @@ void register_errors(py::module_& m) {
   });
 }
 
-// The library's messages name parameters and tensors; ours add the keyword, as the apps add
-// the flag (apps/common.hpp naming_flag).
-template <typename Call>
-decltype(auto) naming(const std::string& keyword, Call&& call) {
-  try {
-    return std::forward<Call>(call)();
-  } catch (const Error& e) {
-    throw Error(e.code(), keyword + ": " + e.what());
-  }
-}
-template <typename Call>
-decltype(auto) naming_in_usage_errors(const std::string& keyword, Call&& call) {
-  try {
-    return std::forward<Call>(call)();
-  } catch (const Error& e) {
-    if (e.code() != ExitCode::usage) throw;
-    throw Error(e.code(), keyword + ": " + e.what());
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Reports: nlohmann::json to dict/list/float/int/str/None, as the tools write them (a
 // non-finite number is written as null).
@@ -204,11 +184,8 @@ std::string scale_text(const py::object& scale) {
 IndexerInputs indexer_inputs(const Tensor& q, const Tensor& k, const Tensor& w,
                              const IndexerConfig& config, int64_t ratio,
                              std::optional<int64_t> tokens) {
-  return naming_in_usage_errors("hadamard", [&] {
-    if (ratio == 1 && !tokens) return make_indexer_inputs(q, k, w, config);
-    const int64_t queries = q.rank() >= 3 ? q.dim(q.rank() - 3) : 0;
-    return make_compressed_indexer_inputs(q, k, w, config, ratio, tokens ? *tokens : queries);
-  });
+  return naming_in_usage_errors(
+      "hadamard", [&] { return make_indexer_inputs(q, k, w, config, ratio, tokens); });
 }
 
 // Rows [row_begin, row_begin + rows) of batch element `batch`, `width` values each, into `out`

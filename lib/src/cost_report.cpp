@@ -440,20 +440,6 @@ std::vector<std::string> comparison_summary_lines(const ModelComparison& c) {
   return lines;
 }
 
-namespace {
-
-// Runs `call`, putting `name` in front of the message of an Error from it (its code kept).
-template <typename Call>
-decltype(auto) naming(const std::string& name, Call&& call) {
-  try {
-    return std::forward<Call>(call)();
-  } catch (const Error& e) {
-    throw Error(e.code(), name + ": " + e.what());
-  }
-}
-
-}  // namespace
-
 CostRun run_cost(const PresetLibrary& presets, const CostRequest& request, StageTimes* stages) {
   StageTimes ignored;
   StageTimes& times_out = stages ? *stages : ignored;

@@ -132,6 +132,15 @@ IndexerInputs make_compressed_indexer_inputs(const Tensor& q_index, const Tensor
   return in;
 }
 
+IndexerInputs make_indexer_inputs(const Tensor& q_index, const Tensor& k_index,
+                                  const Tensor& weights, const IndexerConfig& config, int64_t ratio,
+                                  std::optional<int64_t> tokens) {
+  if (ratio == 1 && !tokens) return make_indexer_inputs(q_index, k_index, weights, config);
+  const int64_t queries = q_index.rank() >= 3 ? q_index.dim(q_index.rank() - 3) : 0;
+  return make_compressed_indexer_inputs(q_index, k_index, weights, config, ratio,
+                                        tokens.value_or(queries));
+}
+
 void prepare_indexer_rows(float* rows, int64_t count, int64_t dim, const IndexerConfig& config,
                           float* scales) {
   const bool code_values = config.precision == Precision::fp8 && dim <= config.quant_block;

@@ -3,6 +3,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include <fmt/format.h>
 
@@ -35,6 +36,30 @@ template <typename... Args>
 template <typename... Args>
 [[noreturn]] void bad_usage(fmt::format_string<Args...> format, Args&&... args) {
   fail(ExitCode::usage, format, std::forward<Args>(args)...);
+}
+
+// The library's messages name parameters and tensors; a caller that knows under what name the
+// user gave a value (a tool's flag, the Python module's keyword) runs the library call through
+// naming, which rethrows an Error from it with that name in front ("--device: device cuda: no
+// GPU found"), keeping its exit code.
+template <typename Call>
+decltype(auto) naming(const std::string& name, Call&& call) {
+  try {
+    return std::forward<Call>(call)();
+  } catch (const Error& e) {
+    throw Error(e.code(), name + ": " + e.what());
+  }
+}
+// The same for a call whose bad-input errors are about its tensors: only its usage errors
+// (exit 2) are about the named value.
+template <typename Call>
+decltype(auto) naming_in_usage_errors(const std::string& name, Call&& call) {
+  try {
+    return std::forward<Call>(call)();
+  } catch (const Error& e) {
+    if (e.code() != ExitCode::usage) throw;
+    throw Error(e.code(), name + ": " + e.what());
+  }
 }
 
 }  // namespace dsa

@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -56,6 +57,12 @@ IndexerInputs make_indexer_inputs(const Tensor& q_index, const Tensor& k_index,
 IndexerInputs make_compressed_indexer_inputs(const Tensor& q_index, const Tensor& k_index,
                                              const Tensor& weights, const IndexerConfig& config,
                                              int64_t ratio, int64_t tokens);
+// The inputs as the tools' --compress-ratio and --tokens (the Python module's compress_ratio and
+// tokens) mean them: plain keys for ratio 1 and no tokens, else compressed entries of `ratio`
+// tokens from `tokens` tokens, by default the queries' Lq (a whole prefill).
+IndexerInputs make_indexer_inputs(const Tensor& q_index, const Tensor& k_index,
+                                  const Tensor& weights, const IndexerConfig& config, int64_t ratio,
+                                  std::optional<int64_t> tokens);
 
 // The indexer for one batch element: keys prepared once (rotated, rounded or quantized),
 // query rows scored on demand.
