@@ -87,26 +87,39 @@ void install_signal_cleanup() {
   std::signal(SIGXFSZ, SIG_IGN);
 }
 
+namespace {
+
+// How an output path other than `-` is written: in place (a device, FIFO or /dev/fd/N: renaming
+// over it would replace it), or through a temporary file beside it, whose mkstemp template
+// (".NAME.KIND.XXXXXX" in its directory) this returns. A directory is a usage error.
+std::string temporary_template(const std::string& path, const char* kind, bool& in_place) {
+  struct stat st {};
+  const bool exists = ::stat(path.c_str(), &st) == 0;
+  if (exists && S_ISDIR(st.st_mode))
+    fail(ExitCode::usage, "output path '{}' names a directory", path);
+  in_place = exists && !S_ISREG(st.st_mode);
+  if (in_place) return {};
+  const std::size_t slash = path.rfind('/');
+  const std::string base = slash == std::string::npos ? path : path.substr(slash + 1);
+  if (base.empty()) fail(ExitCode::usage, "output path '{}' names a directory", path);
+  const std::string dir = slash == std::string::npos ? "" : path.substr(0, slash + 1);
+  return fmt::format("{}.{}.{}.XXXXXX", dir, base, kind);
+}
+
+}  // namespace
+
 OutputFile::OutputFile(const std::string& path) : path_(path) {
   if (path == "-") {
     file_ = stdout;
     return;
   }
-  struct stat st {};
-  const bool exists = ::stat(path.c_str(), &st) == 0;
-  if (exists && S_ISDIR(st.st_mode))
-    fail(ExitCode::usage, "output path '{}' names a directory", path);
-  if (exists && !S_ISREG(st.st_mode)) {
-    // A device, FIFO or /dev/fd/N: written in place (renaming over it would replace it).
+  bool in_place = false;
+  const std::string temp = temporary_template(path, "tmp", in_place);
+  if (in_place) {
     file_ = std::fopen(path.c_str(), "wb");
     if (file_ == nullptr) fail(ExitCode::runtime, "cannot write '{}': {}", path, errno_text());
     return;
   }
-  const std::size_t slash = path.rfind('/');
-  const std::string base = slash == std::string::npos ? path : path.substr(slash + 1);
-  if (base.empty()) fail(ExitCode::usage, "output path '{}' names a directory", path);
-  const std::string dir = slash == std::string::npos ? "" : path.substr(0, slash + 1);
-  const std::string temp = fmt::format("{}.{}.tmp.XXXXXX", dir, base);
   std::vector<char> name(temp.begin(), temp.end());
   name.push_back('\0');
   const CleanupSignalsBlocked blocked;
@@ -128,14 +141,23 @@ OutputFile::OutputFile(const std::string& path) : path_(path) {
 void check_output(const std::string& spec) {
   const std::string path = parse_tensor_spec(spec).path;
   if (path == "-") return;
-  struct stat st {};
-  if (::stat(path.c_str(), &st) == 0 && !S_ISDIR(st.st_mode) && !S_ISREG(st.st_mode)) {
+  bool in_place = false;
+  // A probe, not an output: named apart from the outputs' ".tmp." files, and created and
+  // removed with the cleanup signals blocked, so that no signal finds it.
+  const std::string probe = temporary_template(path, "probe", in_place);
+  if (in_place) {
     if (::access(path.c_str(), W_OK) != 0) {
       fail(ExitCode::runtime, "cannot write '{}': {}", path, errno_text());
     }
     return;
   }
-  const OutputFile probe(path);  // its temporary file goes when it does
+  std::vector<char> name(probe.begin(), probe.end());
+  name.push_back('\0');
+  const CleanupSignalsBlocked blocked;
+  const int fd = ::mkstemp(name.data());
+  if (fd < 0) fail(ExitCode::runtime, "cannot write '{}': {}", path, errno_text());
+  ::close(fd);
+  ::unlink(name.data());
 }
 
 OutputFile::~OutputFile() {

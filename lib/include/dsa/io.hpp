@@ -64,7 +64,8 @@ class OutputFile {
 
 // Fails now, as OutputFile would later, when `spec` (a path, FILE.safetensors:NAME or `-`)
 // cannot be written: a directory, a missing or read-only directory. Creates and removes a
-// temporary file beside it; a device or FIFO is only checked for write permission. The tools
+// probe file beside it (".NAME.probe.XXXXXX"); a device or FIFO is only checked for write
+// permission. The tools
 // check every output this way before they compute.
 void check_output(const std::string& spec);
 
