@@ -15,6 +15,7 @@
 #include "dsa/error.hpp"
 #include "dsa/indexer_weights.hpp"
 #include "dsa/io.hpp"
+#include "dsa/kv_cache.hpp"
 #include "dsa/parallel.hpp"
 #include "dsa/precision.hpp"
 #include "progress.hpp"
@@ -199,6 +200,21 @@ void load_attention(const AttentionOptions& options, AttentionTensors& out) {
     out.inputs = make_mha_inputs(out.tensors[0], out.tensors[1], out.tensors[2]);
   }
   out.scale = resolve_softmax_scale(options.scale, out.inputs.d_qk);
+  if (parse_kv_cache(options.kv_cache) == KvCache::fp8 && !out.inputs.fp8_cache) {
+    if (!out.inputs.latent)
+      bad_usage("--kv-cache fp8 quantizes MLA's latent --kv, not --k and --v");
+    out.fp8_cache = quantize_kv_cache_fp8(out.tensors[1]);
+    out.fp8_inputs = make_mqa_inputs(out.tensors[0], *out.fp8_cache, options.d_v);
+  }
+}
+
+void add_kv_cache_option(CLI::App& app, AttentionOptions& options) {
+  app.add_option("--kv-cache", options.kv_cache,
+                 "The latent cache the sparse attention reads: bf16 (--kv itself) or fp8 "
+                 "(FlashMLA's 656-byte rows: 512 e4m3 values with a power-of-two f32 scale per "
+                 "128, the 64 rope values in bf16; dsa(7))")
+      ->check(CLI::IsMember({"bf16", "fp8"}))
+      ->capture_default_str();
 }
 
 void add_compressed_key_options(CLI::App& app, CompressedKeyOptions& options) {

@@ -98,14 +98,22 @@ struct AttentionOptions {
   std::string q, kv, k, v;
   int64_t d_v = 512;
   std::string scale;  // resolve_softmax_scale's text: a number, default or deepseek-v3.2
+  std::string kv_cache = "bf16";            // --kv-cache, where the tool has it
   const CLI::Option* d_v_option = nullptr;  // set by add_attention_options
 };
 void add_attention_options(CLI::App& app, AttentionOptions& options);
+// --kv-cache bf16|fp8 (dsa-attend, dsa-compare): the sparse attention reads FlashMLA's fp8 cache
+// of --kv, made by the library (kv_cache.hpp).
+void add_kv_cache_option(CLI::App& app, AttentionOptions& options);
 // The tensors read once, and the validated inputs that point into them.
 struct AttentionTensors {
   std::vector<Tensor> tensors;  // q, then kv or k and v
   AttentionInputs inputs;
   SoftmaxScale scale;
+  // With --kv-cache fp8 over a floating --kv: its fp8 cache and the same queries over it (a u8
+  // --kv is the cache already: `inputs` read it and these stay empty).
+  std::optional<Tensor> fp8_cache;
+  std::optional<AttentionInputs> fp8_inputs;
 };
 void load_attention(const AttentionOptions& options, AttentionTensors& out);
 

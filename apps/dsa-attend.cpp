@@ -18,6 +18,7 @@ int main(int argc, char** argv) {
   std::string indices_path, lse_path;
   bool dense = false;
   dsa::app::add_attention_options(app, attention);
+  dsa::app::add_kv_cache_option(app, attention);
   std::string device_name = "cpu";
   dsa::app::add_device_option(app, device_name);
   auto* idx_opt = app.add_option("--indices", indices_path,
@@ -76,6 +77,11 @@ int main(int argc, char** argv) {
     };
 
     if (!v4.attention.empty()) {  // DeepSeek-V4: window + compressed entries + sink
+      if (attention.kv_cache != "bf16") {
+        dsa::bad_usage(
+            "--kv-cache fp8 is FlashMLA's cache of V3.2's latent rows; DeepSeek-V4's attention "
+            "reads its own (--precision released quantizes it as the released code does)");
+      }
       if (future_as_padding) dsa::bad_usage("--future-as-padding is for V3.2 selections");
       dsa::app::V4AttentionTensors loaded;
       dsa::app::load_v4_attention(attention, v4, loaded);
@@ -108,7 +114,7 @@ int main(int argc, char** argv) {
 
     dsa::app::AttentionTensors loaded;
     dsa::app::load_attention(attention, loaded);
-    const dsa::AttentionInputs& inputs = loaded.inputs;
+    const dsa::AttentionInputs& inputs = loaded.fp8_inputs ? *loaded.fp8_inputs : loaded.inputs;
     const dsa::DeviceChoice choice =
         dsa::naming("--device", [&] { return dsa::choose_device(device_name, inputs); });
     const dsa::Device device = choice.device;

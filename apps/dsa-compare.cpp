@@ -28,8 +28,10 @@ std::string summary_table(const nlohmann::json& report) {
       shape["heads"].get<int64_t>(), report["selection"].get<std::string>(),
       report["device"].get<std::string>(),
       dsa::app::format_duration(report["timings_ms"]["total"].get<double>() / 1e3));
-  text += fmt::format("{:>8} {:>11} {:>11} {:>12} {:>11} {:>10} {:>8}\n", "k", "sparse rows",
-                      "mass recall", "top-k recall", "out rel err", "out cosine", "needles");
+  const bool cache = report.value("kv_cache", "") == "fp8";
+  text += fmt::format("{:>8} {:>11} {:>11} {:>12} {:>11} {:>10} {:>8}{}\n", "k", "sparse rows",
+                      "mass recall", "top-k recall", "out rel err", "out cosine", "needles",
+                      cache ? "  fp8 vs bf16 err" : "");
   for (const nlohmann::json& r : report["results"]) {
     const auto mean = [&](const char* metric) -> nlohmann::json {
       const nlohmann::json& m = r[metric];
@@ -40,11 +42,14 @@ std::string summary_table(const nlohmann::json& report) {
                                   ? fmt::format("{}/{}", needles["selected"].get<int64_t>(),
                                                 needles["needles"].get<int64_t>())
                                   : "-";
+    const std::string loss =
+        cache ? fmt::format("  {:>16}", cell(r["kv_cache_loss"]["out_rel_err_global"], "{:.2e}"))
+              : "";
     text +=
-        fmt::format("{:>8} {:>11} {:>11} {:>12} {:>11} {:>10} {:>8}\n", r["topk"].get<int64_t>(),
+        fmt::format("{:>8} {:>11} {:>11} {:>12} {:>11} {:>10} {:>8}{}\n", r["topk"].get<int64_t>(),
                     r["rows"]["sparse"].get<int64_t>(), cell(mean("mass_recall"), "{:.4f}"),
                     cell(mean("topk_recall"), "{:.4f}"), cell(mean("out_rel_err"), "{:.2e}"),
-                    cell(mean("out_cosine"), "{:.5f}"), found);
+                    cell(mean("out_cosine"), "{:.5f}"), found, loss);
   }
   return text;
 }
@@ -81,6 +86,7 @@ int main(int argc, char** argv) {
   int64_t topk = 2048;
   std::vector<int64_t> sweep;
   dsa::app::add_attention_options(app, attention);
+  dsa::app::add_kv_cache_option(app, attention);
   auto* idx_opt = app.add_option("--indices", indices_path,
                                  "A precomputed selection [B?, Lq, K] instead of the indexer");
   for (auto* option : dsa::app::add_indexer_tensor_options(app, tensors)) option->excludes(idx_opt);
@@ -126,6 +132,11 @@ int main(int argc, char** argv) {
   return dsa::app::run(app, argc, argv, common, [&] {
     dsa::Stopwatch total;
     if (!v4.attention.empty()) {  // DeepSeek-V4: CSA's selection or HCA's compression
+      if (attention.kv_cache != "bf16") {
+        dsa::bad_usage(
+            "--kv-cache fp8 is FlashMLA's cache of V3.2's latent rows; DeepSeek-V4's attention "
+            "reads its own (--precision released quantizes it as the released code does)");
+      }
       if (future_as_padding) dsa::bad_usage("--future-as-padding is for V3.2 selections");
       dsa::app::check_single_stdin(
           {attention.q, attention.kv, v4.compressed, v4.sink, tensors.q_index, tensors.k_index,
@@ -199,8 +210,14 @@ int main(int argc, char** argv) {
     report["schema"] = dsa::kCompareSchema;
     dsa::app::AttentionTensors loaded;
     dsa::app::load_attention(attention, loaded);
+    if (attention.kv_cache == "fp8" && !loaded.fp8_inputs) {
+      dsa::bad_usage(
+          "--kv-cache fp8 measures the fp8 cache against the bf16 one: give --kv as floating "
+          "values, not a u8 cache");
+    }
     dsa::CompareInputs inputs;
     inputs.attention = loaded.inputs;
+    inputs.fp8_cache = loaded.fp8_inputs ? &*loaded.fp8_inputs : nullptr;
     inputs.scale = loaded.scale.value;
     for (const auto& t : loaded.tensors) report["inputs"].push_back(dsa::tensor_json(t));
     std::optional<dsa::app::IndexerTensors> indexer_tensors;

@@ -304,7 +304,8 @@ TEST(AttentionReport, ModeLayoutAndScale) {
             nlohmann::json({{"mode", "sparse"},
                             {"layout", "mqa"},
                             {"scale", v32.value},
-                            {"scale_rule", "deepseek-v3.2"}}));
+                            {"scale_rule", "deepseek-v3.2"},
+                            {"kv_cache", "f32"}}));
   const nlohmann::json dense = attention_report(make_mha_inputs(q, k, v), true, {0.25f, "given"});
   EXPECT_EQ(dense["mode"], "dense");
   EXPECT_EQ(dense["layout"], "mha");

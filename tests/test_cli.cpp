@@ -11,6 +11,7 @@
 #include "cli.hpp"
 #include "dsa/device.hpp"
 #include "dsa/io.hpp"
+#include "dsa/kv_cache.hpp"
 #include "reference.hpp"
 
 namespace dsa {
@@ -324,6 +325,63 @@ TEST_F(Cli, CompareReportsEveryKAndTheNeedlesOfAGeneratedWorkload) {
 // dsa-select, the log has the loss per step and the held-out metrics, and two runs agree.
 // dsa-compare reads its indexer through the options dsa-score and dsa-select share: with
 // --hidden it measures the selection dsa-select --hidden makes.
+// --kv-cache fp8: dsa-attend over the library's fp8 cache of --kv equals dsa-attend over that
+// cache as a u8 file (FlashMLA's layout), dsa-compare reports the cache's loss against --kv,
+// and what the cache cannot be is refused before any output.
+TEST_F(Cli, Fp8KvCacheInAttendAndCompare) {
+  ASSERT_EQ(run("dsa-gen --length 160 --heads 2 --dqk 576 --dv 512 --needles 2 --seed 4 -q -o "
+                "g.safetensors")
+                .code,
+            0);
+  const std::string g = "g.safetensors";
+  const std::string attention = "--q " + g + ":q --kv " + g + ":kv";
+  write_tensor(path("cache.npy"), quantize_kv_cache_fp8(read_tensor(path(g) + ":kv")));
+  Outcome r = run("dsa-attend " + attention + " --dense --kv-cache fp8 -o a.npy --report a.json");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(nlohmann::json::parse(slurp(dir_ / "a.json"))["kv_cache"], "fp8");
+  r = run("dsa-attend --q " + g + ":q --kv cache.npy --dense -q -o b.npy");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(slurp(dir_ / "a.npy"), slurp(dir_ / "b.npy"));
+  ASSERT_EQ(run("dsa-attend " + attention + " --dense -q -o c.npy --report c.json").code, 0);
+  EXPECT_NE(slurp(dir_ / "a.npy"), slurp(dir_ / "c.npy"));
+  EXPECT_EQ(nlohmann::json::parse(slurp(dir_ / "c.json"))["kv_cache"], "f32");
+
+  const std::string indexer =
+      " --q-index " + g + ":q_index --k-index " + g + ":k_index --weights " + g + ":weights";
+  r = run("dsa-compare " + attention + indexer + " --sweep-topk 16,64 --kv-cache fp8 --threads 1");
+  ASSERT_EQ(r.code, 0) << r.err;
+  const auto report = nlohmann::json::parse(r.out);
+  EXPECT_EQ(report["kv_cache"], "fp8");
+  for (const auto& result : report["results"]) {
+    const auto& loss = result["kv_cache_loss"];
+    EXPECT_EQ(loss["against"], "bf16");
+    const double global = loss["out_rel_err_global"].get<double>();
+    EXPECT_GT(global, 1e-3);
+    EXPECT_LT(global, 0.1);
+  }
+  const auto plain = nlohmann::json::parse(
+      run("dsa-compare " + attention + indexer + " --sweep-topk 16,64 --threads 1").out);
+  EXPECT_FALSE(plain["results"][0].contains("kv_cache_loss"));
+  // The fp8 cache's errors against dense include the bf16 cache's selection loss and its own.
+  EXPECT_NE(plain["results"][1]["out_rel_err"], report["results"][1]["out_rel_err"]);
+
+  // Refused: compare over a cache already quantized (no bf16 to measure against), V4's attention,
+  // MHA, and a u8 kv that is not the 656-byte layout; none leaves an output.
+  r = run("dsa-compare --q " + g + ":q --kv cache.npy" + indexer + " --kv-cache fp8 -o x.json");
+  EXPECT_EQ(r.code, 2) << r.err;
+  EXPECT_NE(r.err.find("--kv-cache fp8"), std::string::npos) << r.err;
+  r = run("dsa-attend --q " + g + ":q --k " + g + ":kv --v " + g +
+          ":kv --dense --kv-cache fp8 -o x.npy");
+  EXPECT_NE(r.code, 0);
+  Tensor bytes = make_tensor(DType::u8, {160, 600}, "bytes");
+  write_tensor(path("bytes.npy"), bytes);
+  r = run("dsa-attend --q " + g + ":q --kv bytes.npy --dense -o x.npy");
+  EXPECT_EQ(r.code, 3) << r.err;
+  EXPECT_NE(r.err.find("656"), std::string::npos) << r.err;
+  EXPECT_FALSE(test::fs::exists(dir_ / "x.npy"));
+  EXPECT_FALSE(test::fs::exists(dir_ / "x.json"));
+}
+
 TEST_F(Cli, CompareTakesHiddenStatesLikeSelect) {
   ASSERT_EQ(run("dsa-gen --length 160 --needles 2 --needle-distance 40 --hidden 200 -q "
                 "-o g.safetensors")

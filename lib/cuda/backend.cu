@@ -2,6 +2,7 @@
 // the same sinks as the CPU backend. Inputs are prepared on the CPU with the same code as the
 // CPU path (Hadamard, bf16 rounding, fp8 quantization), so both see identical operands.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -13,6 +14,7 @@
 #include "backend.hpp"
 #include "chunks.hpp"
 #include "dsa/error.hpp"
+#include "dsa/kv_cache.hpp"
 #include "dsa/precision.hpp"
 #include "kernels.cuh"
 #include "traits.cuh"
@@ -30,21 +32,33 @@ void require(const std::string& why) {
 
 namespace {
 
+// The bytes the DeviceBuffers hold now, and the most they held at once (the reports'
+// peak_device_bytes): every device allocation of the backend is one.
+std::atomic<int64_t> live_bytes{0}, peak_bytes{0};
+
+void count_bytes(int64_t change) {
+  const int64_t now = live_bytes.fetch_add(change) + change;
+  int64_t peak = peak_bytes.load();
+  while (now > peak && !peak_bytes.compare_exchange_weak(peak, now)) {
+  }
+}
+
 // Device memory that frees itself.
 template <typename T>
 class DeviceBuffer {
  public:
   DeviceBuffer() = default;
   explicit DeviceBuffer(size_t count) { resize(count); }
-  ~DeviceBuffer() { cudaFree(data_); }
+  ~DeviceBuffer() { release(); }
   DeviceBuffer(const DeviceBuffer&) = delete;
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
   void resize(size_t count) {
     if (count <= capacity_) return;
-    cudaFree(data_);
-    data_ = nullptr;
-    check(cudaMalloc(&data_, std::max<size_t>(count, 1) * sizeof(T)), "cudaMalloc");
-    capacity_ = count;
+    release();
+    const size_t n = std::max<size_t>(count, 1);
+    check(cudaMalloc(&data_, n * sizeof(T)), "cudaMalloc");
+    capacity_ = n;
+    count_bytes(static_cast<int64_t>(n * sizeof(T)));
   }
   void upload(const T* host, size_t count) {
     resize(count);
@@ -58,6 +72,13 @@ class DeviceBuffer {
   T* get() const { return data_; }
 
  private:
+  void release() {
+    if (data_ == nullptr) return;
+    cudaFree(data_);
+    count_bytes(-static_cast<int64_t>(capacity_ * sizeof(T)));
+    data_ = nullptr;
+    capacity_ = 0;
+  }
   T* data_ = nullptr;
   size_t capacity_ = 0;
 };
@@ -134,10 +155,10 @@ std::string indexer_limit(const IndexerInputs& in, const IndexerConfig& config) 
   return "";
 }
 
-std::string attention_limit(const AttentionInputs& in, bool dense_probabilities) {
+std::string attention_limit(const AttentionInputs& in, bool dense_probabilities, bool fp8_cache) {
   if (!in.latent) return "the CUDA attention supports MLA's latent layout (one shared K/V) only";
   const int d_qk = static_cast<int>(in.d_qk), d_v = static_cast<int>(in.d_v);
-  std::string why = cuda::attention_limit(d_qk, d_v);
+  std::string why = cuda::attention_limit(d_qk, d_v, fp8_cache || in.fp8_cache);
   if (why.empty() && dense_probabilities) why = dense_probabilities_limit(d_qk);
   return why;
 }
@@ -151,7 +172,7 @@ std::string check_operation(const detail::Operation& op) {
     std::string why = topk_limit(op.topk);
     if (!why.empty()) return why;
   }
-  if (op.attention) return attention_limit(*op.attention, op.dense_probabilities);
+  if (op.attention) return attention_limit(*op.attention, op.dense_probabilities, op.fp8_cache);
   return "";
 }
 
@@ -259,7 +280,13 @@ class AttentionOnDevice {
  public:
   AttentionOnDevice(const AttentionInputs& in, float scale, int64_t b)
       : in_(in), scale_(scale), b_(b) {
-    upload_bf16(*in.k, b * in.keys * in.d_qk, in.keys * in.d_qk, kv_);
+    if (in.fp8_cache) {  // the attention kernel reads the cache's rows as they are
+      const auto* rows =
+          reinterpret_cast<const uint8_t*>(in.k->data) + b * in.keys * kFp8CacheBytes;
+      kv_fp8_.upload(rows, static_cast<size_t>(in.keys * kFp8CacheBytes));
+    } else {
+      upload_bf16(*in.k, b * in.keys * in.d_qk, in.keys * in.d_qk, kv_);
+    }
   }
 
   // Rows [c0, c0 + rows): out [rows, H, d_v] and lse [rows, H] on the host, over indices
@@ -271,7 +298,11 @@ class AttentionOnDevice {
     lse_.resize(static_cast<size_t>(rows * in_.heads));
     AttentionParams p;
     p.q = q_.get();
-    p.kv = kv_.get();
+    if (in_.fp8_cache) {
+      p.kv_fp8 = kv_fp8_.get();
+    } else {
+      p.kv = kv_.get();
+    }
     p.indices = indices ? idx_.get() : nullptr;
     p.out = out_.get();
     p.lse = lse_.get();
@@ -295,6 +326,17 @@ class AttentionOnDevice {
     constexpr int64_t group = MlaTileTraits<512>::kHeads;  // heads per partial slice
     const int64_t groups = (in_.heads + group - 1) / group;
     partial_.resize(static_cast<size_t>(groups * rows * stride));
+    if (in_.fp8_cache && kv_.get() == nullptr) {  // its bf16 values, dequantized once (exact)
+      std::vector<float> values(static_cast<size_t>(in_.keys * kFp8CacheDim));
+      dequantize_kv_cache_fp8(*in_.k, b_ * in_.keys, in_.keys, values.data());
+      converted_.resize(values.size());
+      detail::parallel_ranges(static_cast<int64_t>(values.size()), kHostElements,
+                              [&](int64_t begin, int64_t end) {
+                                for (int64_t i = begin; i < end; ++i)
+                                  converted_[i] = as_bf16(values[i]);
+                              });
+      kv_.upload(converted_.data(), converted_.size());
+    }
     DenseProbabilityParams params;
     params.q = q_.get();
     params.kv = kv_.get();
@@ -349,6 +391,7 @@ class AttentionOnDevice {
   std::vector<float> staging_, host_partial_;
   std::vector<__nv_bfloat16> converted_;
   DeviceBuffer<__nv_bfloat16> kv_, q_;
+  DeviceBuffer<uint8_t> kv_fp8_;
   DeviceBuffer<int32_t> idx_;
   DeviceBuffer<float> out_, lse_, partial_;
 };
@@ -489,9 +532,11 @@ std::unique_ptr<detail::CompareEngine> compare_engine(const AttentionInputs& att
 }  // namespace
 
 const detail::Backend& backend() {
-  static const detail::Backend table{Device::cuda,     unavailable_reason, describe,
-                                     check_operation,  indexer_scores,     select_from_indexer,
-                                     sparse_attention, int64_t{1} << 30,   compare_engine};
+  static const detail::Backend table{Device::cuda,     unavailable_reason,
+                                     describe,         check_operation,
+                                     indexer_scores,   select_from_indexer,
+                                     sparse_attention, int64_t{1} << 30,
+                                     compare_engine,   [] { return peak_bytes.load(); }};
   return table;
 }
 

@@ -14,14 +14,29 @@
 #include "chunks.hpp"
 #include "cpu_kernels.hpp"
 #include "dsa/error.hpp"
+#include "dsa/kv_cache.hpp"
 #include "progress.hpp"
 
 namespace dsa {
 
 namespace detail {
 
+namespace {
+
+// Batch element b's keys as f32: the tensor's own values, or the fp8 cache's rows dequantized.
+F32Buffer key_buffer(const AttentionInputs& in, int64_t b) {
+  if (!in.fp8_cache) {
+    return F32Buffer(*in.k, b * in.keys * in.kv_heads * in.d_qk, in.keys * in.kv_heads * in.d_qk);
+  }
+  std::vector<float> keys(static_cast<std::size_t>(in.keys * kFp8CacheDim));
+  dequantize_kv_cache_fp8(*in.k, b * in.keys, in.keys, keys.data());
+  return F32Buffer(std::move(keys));
+}
+
+}  // namespace
+
 KeyValues::KeyValues(const AttentionInputs& in, int64_t b)
-    : k(*in.k, b * in.keys * in.kv_heads * in.d_qk, in.keys * in.kv_heads * in.d_qk),
+    : k(key_buffer(in, b)),
       k_stride(in.kv_heads * in.d_qk),
       v_stride(in.latent ? in.d_qk : in.kv_heads * in.d_v) {
   if (!in.latent)
@@ -194,10 +209,26 @@ void for_each_chunk(const AttentionInputs& in, int64_t block, const AttentionSin
 
 AttentionInputs make_mqa_inputs(const Tensor& q, const Tensor& kv, int64_t d_v) {
   AttentionInputs in = common_query_shape(q);
-  require_floating(kv, "kv");
   in.k = in.v = &kv;
   in.latent = true;
   const int64_t o = in.batched ? 1 : 0;
+  if (kv.dtype == DType::u8) {
+    if (!is_fp8_kv_cache(kv) || kv.rank() != q.rank() - 1 ||
+        (in.batched && kv.dim(0) != in.batch) || in.d_qk != kFp8CacheDim) {
+      bad_input(
+          "{} (kv): a u8 kv is FlashMLA's fp8 cache [{}Lk, {}] beside q with d_qk {}; got kv {} "
+          "and q {} {}",
+          kv.name, batch_prefix(in), kFp8CacheBytes, kFp8CacheDim, shape_string(kv.shape), q.name,
+          shape_string(q.shape));
+    }
+    in.fp8_cache = true;
+    in.keys = kv.dim(o);
+    if (d_v < 1 || d_v > in.d_qk) bad_usage("d_v must be in [1, d_qk = {}], got {}", in.d_qk, d_v);
+    in.d_v = d_v;
+    check_lengths(in, kv);
+    return in;
+  }
+  require_floating(kv, "kv");
   if (kv.rank() != q.rank() - 1 || (in.batched && kv.dim(0) != in.batch) ||
       kv.dim(o + 1) != in.d_qk) {
     bad_input("{} (kv): expected shape [{}Lk, {}] to match {} {}, got {}", kv.name,
@@ -449,7 +480,9 @@ nlohmann::json attention_report(const AttentionInputs& inputs, bool dense,
   return {{"mode", dense ? "dense" : "sparse"},
           {"layout", inputs.latent ? "mqa" : "mha"},
           {"scale", scale.value},
-          {"scale_rule", scale.rule}};
+          {"scale_rule", scale.rule},
+          // What the keys were read from: the fp8 cache, or the kv tensors' own dtype.
+          {"kv_cache", inputs.fp8_cache ? std::string("fp8") : dtype_name(inputs.k->dtype)}};
 }
 
 }  // namespace dsa

@@ -24,6 +24,7 @@ struct Operation {
   int64_t topk = 0;  // the largest k selected on the backend (0: none)
   const AttentionInputs* attention = nullptr;
   bool dense_probabilities = false;  // dsa-compare's head-averaged dense distribution p
+  bool fp8_cache = false;  // the attention also runs over the fp8 cache of these inputs' kv
 };
 
 // dsa-compare's arithmetic for one batch element, in blocks of query rows [c0, c0 + rows),
@@ -64,6 +65,9 @@ struct Backend {
                                                    const IndexerInputs* indexer,
                                                    const IndexerConfig& config, float scale,
                                                    int64_t b);
+  // The most memory of its own device the backend's buffers held at once in this process (0:
+  // none, or a backend that computes in host memory, which peak_rss_bytes counts).
+  int64_t (*peak_memory_bytes)();
 };
 
 // The CPU's entries (indexer.cpp, topk.cpp, attention.cpp).

@@ -26,7 +26,8 @@ const Backend& cpu_backend() {
                              cpu_select_from_indexer,
                              cpu_attention,
                              int64_t{64} << 20,
-                             cpu_compare_engine};
+                             cpu_compare_engine,
+                             [] { return int64_t{0}; }};
   return table;
 }
 
@@ -46,6 +47,15 @@ std::string cuda_unavailable_reason() {
 }
 
 }  // namespace
+
+}  // namespace detail
+
+int64_t peak_device_bytes() {
+  const detail::Backend* cuda = detail::cuda_backend();
+  return cuda ? cuda->peak_memory_bytes() : 0;
+}
+
+namespace detail {
 
 const Backend& backend(Device device) {
   if (device == Device::cpu) return cpu_backend();

@@ -65,6 +65,13 @@ void validate(const CompareInputs& in) {
     bad_usage("give either the indexer inputs or a precomputed selection");
   }
   const AttentionInputs& a = in.attention;
+  if (in.fp8_cache) {
+    const AttentionInputs& c = *in.fp8_cache;
+    if (!c.fp8_cache || a.fp8_cache || !a.latent || c.batch != a.batch || c.queries != a.queries ||
+        c.keys != a.keys || c.heads != a.heads || c.d_qk != a.d_qk || c.d_v != a.d_v) {
+      bad_usage("the fp8 cache comparison needs the fp8 cache of the attention's own latent kv");
+    }
+  }
   if (in.indexer) {
     const IndexerInputs& x = *in.indexer;
     if (x.batch != a.batch || x.queries != a.queries || x.keys != a.keys) {
@@ -101,20 +108,31 @@ int64_t select_row(const CompareInputs& in, int64_t row, const float* score, int
   return valid;
 }
 
+// The relative L2 error of one (row, head) output against another; returns the squared error
+// and the squared norm of the other.
+std::pair<double, double> relative_error(const float* out, const float* reference, int64_t d_v,
+                                         float& rel_err) {
+  double err = 0, ref = 0;
+  for (int64_t c = 0; c < d_v; ++c) {
+    err += (double(out[c]) - reference[c]) * (double(out[c]) - reference[c]);
+    ref += double(reference[c]) * reference[c];
+  }
+  rel_err = static_cast<float>(ref > 0 ? std::sqrt(err / ref)
+                                       : (err > 0 ? std::numeric_limits<double>::infinity() : 0.0));
+  return {err, ref};
+}
+
 // The per-(row, head) output metrics at one k, and the dense mass the selection holds; returns
 // the squared error and the squared norm of the dense output.
 std::pair<double, double> head_metrics(const float* sparse, const float* dense, int64_t d_v,
                                        double mass, Fidelity& f, std::size_t at) {
-  double err = 0, ref = 0, own = 0, dot = 0;
+  const auto [err, ref] = relative_error(sparse, dense, d_v, f.out_rel_err[at]);
+  double own = 0, dot = 0;
   for (int64_t c = 0; c < d_v; ++c) {
-    err += (double(sparse[c]) - dense[c]) * (double(sparse[c]) - dense[c]);
-    ref += double(dense[c]) * dense[c];
     own += double(sparse[c]) * sparse[c];
     dot += double(sparse[c]) * dense[c];
   }
   f.mass_recall_head[at] = static_cast<float>(mass);
-  f.out_rel_err[at] = static_cast<float>(
-      ref > 0 ? std::sqrt(err / ref) : (err > 0 ? std::numeric_limits<double>::infinity() : 0.0));
   f.out_cosine[at] = static_cast<float>(ref > 0 && own > 0 ? dot / std::sqrt(ref * own)
                                                            : (ref == own ? 1.0 : 0.0));
   return {err, ref};
@@ -122,9 +140,10 @@ std::pair<double, double> head_metrics(const float* sparse, const float* dense, 
 
 // Sums over rows that compare_attention reduces at the end, in row order.
 struct Totals {
-  std::vector<double> error_squares, reference_squares;  // [k, row]
-  std::vector<int64_t> needle_counts;                    // [k]: (needles, selected)
-  std::vector<double> sparse_positions;                  // [k]
+  std::vector<double> error_squares, reference_squares;              // [k, row]
+  std::vector<double> cache_error_squares, cache_reference_squares;  // [k, row], fp8 cache
+  std::vector<int64_t> needle_counts;                                // [k]: (needles, selected)
+  std::vector<double> sparse_positions;                              // [k]
 };
 
 // What row_metrics reuses between rows.
@@ -190,6 +209,7 @@ detail::Operation compare_operation(const CompareInputs& in) {
   }
   op.attention = &in.attention;
   op.dense_probabilities = true;
+  op.fp8_cache = in.fp8_cache != nullptr;
   return op;
 }
 
@@ -207,8 +227,10 @@ void compare_on_engine(const detail::Backend& backend, const CompareInputs& in, 
   const int64_t H = a.heads, Lk = a.keys, Lq = a.queries, d_v = a.d_v;
   const auto n_k = static_cast<int64_t>(in.topk.size());
   const int64_t rows = out.rows();
-  // Host memory per row: scores and p, and the outputs at every k and dense.
-  const int64_t per_row = 8 * Lk + 4 * (n_k + 1) * H * (d_v + 1) + 8 * width;
+  // Host memory per row: scores and p, and the outputs at every k (twice with the fp8 cache)
+  // and dense.
+  const int64_t outputs = in.fp8_cache ? 2 * n_k + 1 : n_k + 1;
+  const int64_t per_row = 8 * Lk + 4 * outputs * H * (d_v + 1) + 8 * width;
   // At least four blocks of rows per thread, so that every stage keeps the threads busy; a
   // multiple of the CPU engine's blocks (backend.hpp).
   const int64_t rows_of_block = detail::cpu_compare_rows(a);
@@ -217,6 +239,7 @@ void compare_on_engine(const detail::Backend& backend, const CompareInputs& in, 
       std::clamp<int64_t>(std::max(backend.compare_chunk_bytes / per_row, busy), 1, 4096) /
       rows_of_block * rows_of_block;
   std::vector<float> scores, p, dense_out, dense_lse, sparse_out, sparse_lse, selected_scores;
+  std::vector<float> bf16_out, bf16_lse;  // with the fp8 cache: the same selection over kv
   std::vector<int32_t> selection, prefix;
   std::vector<int64_t> valid;
   // Counted per chunk on the host, whichever backend computes.
@@ -225,6 +248,10 @@ void compare_on_engine(const detail::Backend& backend, const CompareInputs& in, 
     Stopwatch load;
     const std::unique_ptr<detail::CompareEngine> engine = backend.compare_engine(
         a, in.indexer ? &*in.indexer : nullptr, in.indexer_config, in.scale, b);
+    const std::unique_ptr<detail::CompareEngine> fp8_engine =
+        in.fp8_cache
+            ? backend.compare_engine(*in.fp8_cache, nullptr, in.indexer_config, in.scale, b)
+            : nullptr;
     if (times) times->add("load", load.seconds());
     Stopwatch compare_watch;
     for (int64_t c0 = 0; c0 < Lq; c0 += chunk) {
@@ -261,8 +288,16 @@ void compare_on_engine(const detail::Backend& backend, const CompareInputs& in, 
           std::copy_n(selection.begin() + r * width, k, prefix.begin() + r * k);
           totals.sparse_positions[ki] += static_cast<double>(std::min(k, valid[r]));
         }
-        engine->attend(c0, n_rows, prefix.data(), k, sparse_out.data() + ki * n_rows * H * d_v,
-                       sparse_lse.data() + ki * n_rows * H);
+        // With the fp8 cache, sparse_out is the fp8 cache's and bf16_out the kv's own.
+        detail::CompareEngine& sparse = fp8_engine ? *fp8_engine : *engine;
+        sparse.attend(c0, n_rows, prefix.data(), k, sparse_out.data() + ki * n_rows * H * d_v,
+                      sparse_lse.data() + ki * n_rows * H);
+        if (fp8_engine) {
+          bf16_out.resize(sparse_out.size());
+          bf16_lse.resize(sparse_lse.size());
+          engine->attend(c0, n_rows, prefix.data(), k, bf16_out.data() + ki * n_rows * H * d_v,
+                         bf16_lse.data() + ki * n_rows * H);
+        }
       }
       clock.sparse += watch.seconds();
       watch = Stopwatch();
@@ -291,6 +326,14 @@ void compare_on_engine(const detail::Backend& backend, const CompareInputs& in, 
                                static_cast<std::size_t>(row * H + h));
               totals.error_squares[ki * rows + row] += err;
               totals.reference_squares[ki * rows + row] += ref;
+              if (fp8_engine) {
+                const std::size_t at = ((ki * n_rows + r) * H + h) * d_v;
+                const auto [cache_err, cache_ref] =
+                    relative_error(sparse_out.data() + at, bf16_out.data() + at, d_v,
+                                   out.per_k[ki].cache_rel_err[row * H + h]);
+                totals.cache_error_squares[ki * rows + row] += cache_err;
+                totals.cache_reference_squares[ki * rows + row] += cache_ref;
+              }
             }
           }
           row_metrics(in, out, row, a.position(c0 + r), p.data() + r * Lk,
@@ -407,6 +450,11 @@ Comparison compare_attention(const CompareInputs& in, StageTimes* times, Device 
   totals.reference_squares = totals.error_squares;
   totals.needle_counts.assign(static_cast<std::size_t>(2 * n_k), 0);
   totals.sparse_positions.assign(static_cast<std::size_t>(n_k), 0.0);
+  if (in.fp8_cache) {
+    totals.cache_error_squares = totals.cache_reference_squares = totals.error_squares;
+    for (Fidelity& f : out.per_k) f.cache_rel_err.assign(f.out_rel_err.size(), NAN);
+    out.kv_cache = "fp8";
+  }
 
   compare_on_engine(detail::backend(device, compare_operation(in)), in, out, needles, width, totals,
                     clock, times);
@@ -428,6 +476,10 @@ Comparison compare_attention(const CompareInputs& in, StageTimes* times, Device 
       }
       f.error_squares_all += err;
       f.reference_squares_all += ref;
+      if (in.fp8_cache) {
+        f.cache_error_squares += totals.cache_error_squares[ki * rows + row];
+        f.cache_reference_squares += totals.cache_reference_squares[ki * rows + row];
+      }
     }
     f.needles = totals.needle_counts[2 * ki];
     f.needles_selected = totals.needle_counts[2 * ki + 1];
@@ -522,6 +574,16 @@ nlohmann::json comparison_json(const Comparison& c) {
                          {"kl_dense", mean(5)}});
     }
     entry["buckets"] = buckets;
+    if (!f.cache_rel_err.empty()) {
+      entry["kv_cache_loss"] = {
+          {"cache", c.kv_cache},
+          {"against", "bf16"},
+          {"out_rel_err", split(f.cache_rel_err, H)},
+          {"out_rel_err_global",
+           number_or_null(f.cache_reference_squares > 0
+                              ? std::sqrt(f.cache_error_squares / f.cache_reference_squares)
+                              : kNaN)}};
+    }
     results.push_back(entry);
   }
   return results;
@@ -557,6 +619,8 @@ nlohmann::json comparison_report(const CompareInputs& inputs, const Comparison& 
   report["layout"] = a.latent ? "mqa" : "mha";
   report["scale"] = inputs.scale;
   report["selection"] = inputs.indexer ? "indexer" : "indices";
+  // What the sparse attention read: the fp8 cache, or the kv's own dtype (dense reads the latter).
+  report["kv_cache"] = inputs.fp8_cache ? std::string("fp8") : dtype_name(a.k->dtype);
   add_comparison_fields(report, comparison, inputs.indexer, inputs.indexer_config);
   return report;
 }

@@ -80,6 +80,7 @@ nlohmann::json timings_json(const StageTimes& times, double total_seconds) {
 void add_timings(nlohmann::json& report, const StageTimes& times, double total_seconds) {
   report["timings_ms"] = timings_json(times, total_seconds);
   report["peak_rss_bytes"] = peak_rss_bytes();
+  if (const int64_t device = peak_device_bytes(); device > 0) report["peak_device_bytes"] = device;
 }
 
 std::string report_text(const nlohmann::json& report, const std::string& path) {

@@ -14,12 +14,14 @@
 namespace dsa {
 
 // Validated attention inputs. MQA (MLA latent): q [B?, Lq, H, d_qk], kv [B?, Lk, d_qk], values
-// the first d_v columns of kv. MHA/GQA: k [B?, Lk, H_kv, d_qk], v [B?, Lk, H_kv, d_v].
+// the first d_v columns of kv, or kv FlashMLA's fp8 cache u8 [B?, Lk, 656] (kv_cache.hpp; d_qk
+// 576). MHA/GQA: k [B?, Lk, H_kv, d_qk], v [B?, Lk, H_kv, d_v].
 struct AttentionInputs {
   const Tensor* q = nullptr;
   const Tensor* k = nullptr;  // kv in MQA mode
   const Tensor* v = nullptr;  // == k in MQA mode
   bool latent = false;
+  bool fp8_cache = false;  // kv is the fp8 cache: keys and values its dequantized rows
   bool batched = false;
   int64_t batch = 1, queries = 0, keys = 0, heads = 0, kv_heads = 1, d_qk = 0, d_v = 0;
 
@@ -83,7 +85,7 @@ void dense_attention(const AttentionInputs& inputs, float scale, const Attention
                      StageTimes* times, Device device = Device::cpu);
 
 // dsa-attend's report fields of a run of either: "mode" (dense or sparse), "layout" (mqa or
-// mha), "scale" and "scale_rule".
+// mha), "scale", "scale_rule" and "kv_cache" (fp8, or the dtype of the keys read).
 nlohmann::json attention_report(const AttentionInputs& inputs, bool dense,
                                 const SoftmaxScale& scale);
 

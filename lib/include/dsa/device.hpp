@@ -1,6 +1,7 @@
 // Where the numbers are computed: the CPU backend (always there) or the CUDA backend.
 #pragma once
 
+#include <cstdint>
 #include <string>
 
 namespace dsa {
@@ -16,6 +17,9 @@ bool cuda_available();
 std::string device_name(Device device);
 // "cpu" or e.g. "cuda:0 NVIDIA H100 80GB HBM3 (132 SMs)".
 std::string device_description(Device device);
+// The most GPU memory the CUDA backend's buffers held at once in this process, in bytes (0 when
+// nothing ran on a GPU, or this build has no CUDA backend).
+int64_t peak_device_bytes();
 
 // Where an operation runs, and with --device auto why it runs on the CPU (empty otherwise).
 struct DeviceChoice {

@@ -44,6 +44,11 @@ struct CompareInputs {
   // Ascending k values; with the indexer, S_t at each k is the prefix of the selection at the
   // largest. With a precomputed selection: exactly one k, its width.
   std::vector<int64_t> topk = {2048};
+  // Optional: the sparse attention reads this cache instead (the same queries over FlashMLA's
+  // fp8 cache of attention's kv, kv_cache.hpp), so every metric is the fp8 cache's against the
+  // dense reference over attention's own kv, and each k also reports the sparse output's loss
+  // against the same selection over attention's kv (Fidelity::cache_*).
+  const AttentionInputs* fp8_cache = nullptr;
 };
 
 // Per-row metrics at one k. Row r is (batch r / Lq, query r % Lq); per-head vectors are
@@ -58,6 +63,11 @@ struct Fidelity {
   double error_squares_sparse = 0, reference_squares_sparse = 0;  // Frobenius, rows t+1 > k
   double error_squares_all = 0, reference_squares_all = 0;
   double sparse_flops = 0;
+  // With CompareInputs::fp8_cache: per (row, head) the relative L2 error of the fp8 cache's
+  // sparse output against the bf16 cache's over the same selection, and its Frobenius sums over
+  // all rows; empty and 0 without.
+  std::vector<float> cache_rel_err;
+  double cache_error_squares = 0, cache_reference_squares = 0;
 };
 
 struct Comparison {
@@ -70,6 +80,7 @@ struct Comparison {
   std::vector<Fidelity> per_k;
   double indexer_flops = 0, dense_flops = 0;
   std::vector<std::pair<std::string, double>> stage_seconds;  // wall clock per stage
+  std::string kv_cache;  // "fp8" when the sparse attention read the fp8 cache, else empty
 
   int64_t rows() const { return batch * queries; }
   int64_t position(int64_t row) const {
@@ -124,7 +135,8 @@ Comparison compare_compressed_attention(const CompressedCompareInputs& inputs, S
                                         Device device = Device::cpu);
 
 // The report's "results": per k, each metric summarized over rows with t + 1 > k ("sparse")
-// and apart over rows with t + 1 <= k ("exact"), buckets by position, needle recall. With
+// and apart over rows with t + 1 <= k ("exact"), buckets by position, needle recall, and with
+// the fp8 cache its "kv_cache_loss" (out_rel_err and out_rel_err_global against bf16). With
 // compressed keys, "t + 1" is the visible entry count and the buckets count entries.
 nlohmann::json comparison_json(const Comparison& comparison);
 

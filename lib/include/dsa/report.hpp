@@ -57,7 +57,8 @@ nlohmann::json report_header(const std::string& tool, int argc, const char* cons
 void report_device(nlohmann::json& report, const DeviceChoice& choice);
 // The report's "timings_ms": each stage's, and the total.
 nlohmann::json timings_json(const StageTimes& times, double total_seconds);
-// Adds "timings_ms" and "peak_rss_bytes" to a report.
+// Adds "timings_ms" and "peak_rss_bytes" to a report, and "peak_device_bytes" (the GPU memory
+// its buffers held at once, peak_device_bytes) when something ran on a GPU.
 void add_timings(nlohmann::json& report, const StageTimes& times, double total_seconds);
 
 // Pretty when the destination is a terminal, one line otherwise. An empty path means stderr.

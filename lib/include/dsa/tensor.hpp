@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace dsa {
@@ -66,6 +67,9 @@ int64_t count_non_finite(const Tensor& tensor);
 class F32Buffer {
  public:
   F32Buffer(const Tensor& tensor, int64_t offset, int64_t count);
+  explicit F32Buffer(std::vector<float> values) : owned_(std::move(values)), data_(owned_.data()) {}
+  F32Buffer(F32Buffer&& other) noexcept
+      : owned_(std::move(other.owned_)), data_(owned_.empty() ? other.data_ : owned_.data()) {}
   const float* data() const { return data_; }
 
  private:

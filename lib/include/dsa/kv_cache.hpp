@@ -1,0 +1,47 @@
+// FlashMLA's fp8 latent cache for DeepSeek-V3.2's sparse attention (its "V32_FP8Sparse"
+// layout, docs/DESIGN.md section 7): per token 656 bytes, the 512 latent values as e4m3 codes
+// in 4 tiles of 128 with one f32 power-of-two scale per tile, then the 64 rope values in bf16.
+// The attention reads it in place of a bf16 latent cache (1152 bytes a token); keys and values
+// are the dequantized rows, code x scale, exact in bf16.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "dsa/tensor.hpp"
+
+namespace dsa {
+
+inline constexpr int64_t kFp8CacheLatent = 512;  // e4m3 values, bytes [0, 512)
+inline constexpr int64_t kFp8CacheTile = 128;    // values per scale
+inline constexpr int64_t kFp8CacheTiles = kFp8CacheLatent / kFp8CacheTile;
+inline constexpr int64_t kFp8CacheRope = 64;                 // bf16 values, bytes [528, 656)
+inline constexpr int64_t kFp8CacheScales = kFp8CacheLatent;  // 4 f32 scales, bytes [512, 528)
+inline constexpr int64_t kFp8CacheRopeOffset = kFp8CacheScales + 4 * kFp8CacheTiles;
+inline constexpr int64_t kFp8CacheBytes = kFp8CacheRopeOffset + 2 * kFp8CacheRope;  // 656
+inline constexpr int64_t kFp8CacheDim = kFp8CacheLatent + kFp8CacheRope;            // 576
+
+// The latent cache an attention reads: bf16 rows (the model's own cache) or FlashMLA's fp8.
+enum class KvCache { bf16, fp8 };
+KvCache parse_kv_cache(const std::string& text);  // "bf16", "fp8"; else Error(usage)
+std::string kv_cache_name(KvCache cache);
+
+// A tile's scale as FlashMLA's quantize_k_cache computes it: amax / 448 in f32, clamped below
+// at 1e-4, rounded up to a power of two (2^ceil(log2), here read off the bits, exactly).
+float fp8_cache_scale(float amax);
+
+// kv [B?, L, 576] (any floating dtype) to the fp8 cache u8 [B?, L, 656], named `<kv>:fp8`: each
+// value first rounded to bf16 (the cache FlashMLA quantizes is bf16), each latent tile as e4m3
+// codes of value / scale (round to nearest even), the rope values kept in bf16. Error(bad_input)
+// for another shape.
+Tensor quantize_kv_cache_fp8(const Tensor& kv);
+
+// Whether t is an fp8 cache: u8 with a last dimension of 656.
+bool is_fp8_kv_cache(const Tensor& t);
+
+// Rows [row, row + rows) of an fp8 cache t (counted over all of its leading dimensions)
+// dequantized into out [rows, 576]: code x scale rounded to bf16 (exact for the power-of-two
+// scales this library writes), then the rope values.
+void dequantize_kv_cache_fp8(const Tensor& t, int64_t row, int64_t rows, float* out);
+
+}  // namespace dsa
