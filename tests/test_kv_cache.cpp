@@ -9,6 +9,7 @@
 #include <random>
 
 #include "dsa/attention.hpp"
+#include "dsa/device.hpp"
 #include "dsa/error.hpp"
 #include "dsa/kv_cache.hpp"
 #include "dsa/metrics.hpp"
@@ -239,6 +240,8 @@ TEST(Fp8Cache, AttentionReadsTheDequantizedRows) {
     EXPECT_LE(std::sqrt(err), 1e-5 * std::sqrt(norm));
   }
   EXPECT_EQ(attention_report(p->fp8, false, {scale, "d_qk^-0.5"})["kv_cache"], "fp8");
+  // Nothing of this ran on a GPU: no device memory to report.
+  EXPECT_EQ(peak_device_bytes(), 0);
   EXPECT_EQ(attention_report(p->bf16, false, {scale, "d_qk^-0.5"})["kv_cache"], "f32");
 }
 
