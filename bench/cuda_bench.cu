@@ -3,7 +3,9 @@
 // It first measures three ceilings on the same device with the CUDA toolkit's own libraries
 // (issue 16): a bf16 and an fp8 e4m3 GEMM through cuBLASLt and the device copy bandwidth, and
 // gives every kernel row a "fraction" of its ceiling (null where that ceiling could not be
-// measured). A table of the rows ends the run, on stderr.
+// measured). A table of the rows ends the run, on stderr. Every row's memory is bounded at any L
+// (no buffer of L^2), up to a sequence of 1M tokens; dsa_prefill_chunked chains the prefill's
+// stages over query chunks and reports its peak device memory.
 // Usage: dsa-cuda-bench [L ...]   (default 32768 131072)
 #include <cublasLt.h>
 #include <cuda_bf16.h>
@@ -60,11 +62,65 @@ __global__ void fill_indices(int32_t* idx, int rows, int k, int64_t first_positi
   }
 }
 
+// Whether indices [rows, k] (query rows at positions c0 + r) are a selection: per row, the first
+// min(k, visible) entries distinct visible positions, the rest -1.
+bool valid_selection(const std::vector<int32_t>& idx, int rows, int k, int64_t c0) {
+  std::vector<int32_t> row(k);
+  for (int r = 0; r < rows; ++r) {
+    const int64_t visible = c0 + r + 1;
+    const int64_t selected = std::min<int64_t>(k, visible);
+    std::copy(idx.begin() + int64_t(r) * k, idx.begin() + int64_t(r + 1) * k, row.begin());
+    for (int64_t j = 0; j < k; ++j) {
+      const bool ok = j < selected ? row[j] >= 0 && row[j] < visible : row[j] == -1;
+      if (!ok) return false;
+    }
+    std::sort(row.begin(), row.begin() + selected);
+    if (std::adjacent_find(row.begin(), row.begin() + selected) != row.begin() + selected)
+      return false;
+  }
+  return true;
+}
+
 template <typename T>
 T* device_alloc(size_t n) {
   T* p = nullptr;
   check(cudaMalloc(&p, n * sizeof(T)), "cudaMalloc");
   return p;
+}
+
+// The device buffers of one row, counted: the bytes they hold now and the most they held at
+// once (the row's own figure of its peak memory, beside what cudaMemGetInfo sees). Frees them
+// when it goes out of scope.
+class CountingAllocator {
+ public:
+  CountingAllocator() = default;
+  CountingAllocator(const CountingAllocator&) = delete;
+  CountingAllocator& operator=(const CountingAllocator&) = delete;
+  ~CountingAllocator() {
+    for (void* p : buffers_) cudaFree(p);
+  }
+  template <typename T>
+  T* alloc(size_t n) {
+    T* p = device_alloc<T>(n);
+    buffers_.push_back(p);
+    live_ += n * sizeof(T);
+    peak_ = std::max(peak_, live_);
+    return p;
+  }
+  size_t peak() const { return peak_; }
+
+ private:
+  std::vector<void*> buffers_;
+  size_t live_ = 0, peak_ = 0;
+};
+
+// Device memory in use (total - free, every process and allocation on the device), once the
+// device is idle: the kernels in flight and the frees before it have finished.
+int64_t device_used_bytes() {
+  check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  size_t free = 0, total = 0;
+  check(cudaMemGetInfo(&free, &total), "cudaMemGetInfo");
+  return static_cast<int64_t>(total - free);
 }
 
 struct Timer {
@@ -131,6 +187,8 @@ struct Row {
   double fraction;  // NaN: no ceiling
 };
 std::vector<Row> rows;
+// Lines printed under the table (the chained prefill's memory).
+std::vector<std::string> table_notes;
 
 std::string json_number(double x, const char* format) {
   if (!std::isfinite(x)) return "null";
@@ -169,14 +227,15 @@ void report_bytes(const char* what, int64_t L, double ms, double flops, double b
 }
 
 // A pipeline row: its floor (the sum of its stages' times at their ceilings, NaN where a ceiling
-// is missing) over the measured time.
-void report_floor(const char* what, int64_t L, double ms, double floor_ms) {
+// is missing) over the measured time. `extra` is appended to the JSON object, as report_bytes'.
+void report_floor(const char* what, int64_t L, double ms, double floor_ms,
+                  const std::string& extra = "") {
   const double fraction = floor_ms / ms;
   std::printf(
       "{\"bench\":\"%s\",\"L\":%lld,\"ms\":%.3f,\"tflops\":%.1f,\"floor_ms\":%s,"
-      "\"fraction\":%s}\n",
+      "\"fraction\":%s%s}\n",
       what, static_cast<long long>(L), ms, 0.0, json_number(floor_ms, "%.3f").c_str(),
-      json_number(fraction, "%.4f").c_str());
+      json_number(fraction, "%.4f").c_str(), extra.c_str());
   std::fflush(stdout);
   rows.push_back({what, L, ms, 0, "floor", fraction});
 }
@@ -418,6 +477,7 @@ void print_table() {
     std::fprintf(stderr, "%-30s %7lld %10.3f %10s %-8s %9s\n", r.bench.c_str(),
                  static_cast<long long>(r.L), r.ms, rate, r.unit, fraction);
   }
+  for (const std::string& note : table_notes) std::fprintf(stderr, "%s\n", note.c_str());
   std::fprintf(
       stderr, "ceilings: bf16 GEMM %.1f, fp8 GEMM %.1f TFLOP/s, copy %.3f TB/s (0: not measured)\n",
       ceilings.bf16_tflops, ceilings.fp8_tflops, ceilings.copy_tb_s);
@@ -434,10 +494,19 @@ int main(int argc, char** argv) {
   measure_ceilings(timer);
   for (int64_t L : lengths) {
     // Indexer (fp8, and bf16 for the ratio at the first length) + top-k over every query row,
-    // in chunks of rows.
+    // in chunks of rows (4 GiB of f32 scores: 1024 rows at 1M).
     const int64_t chunk = std::min<int64_t>(L, (int64_t(4) << 30) / (L * 4));
-    auto* q = device_alloc<__nv_bfloat16>(size_t(chunk) * HI * DI);
-    auto* k = device_alloc<__nv_bfloat16>(size_t(L) * DI);
+    // The bf16 indexer is there for its ratio to the fp8 one, which the first length gives; past
+    // 131072 it is skipped even there: its time grows as L^2 (64 times 128K's at 1M) for a ratio
+    // that the shorter lengths already show, and its bf16 keys and queries would be held besides.
+    const bool bf16_indexer = L == lengths.front() && L <= 131072;
+    __nv_bfloat16 *q = nullptr, *k = nullptr;
+    if (bf16_indexer) {
+      q = device_alloc<__nv_bfloat16>(size_t(chunk) * HI * DI);
+      k = device_alloc<__nv_bfloat16>(size_t(L) * DI);
+      fill_bf16<<<1024, 256>>>(q, chunk * HI * DI, 1, 1.0f);
+      fill_bf16<<<1024, 256>>>(k, L * DI, 2, 1.0f);
+    }
     auto* q8 = device_alloc<uint8_t>(size_t(chunk) * HI * DI);
     auto* k8 = device_alloc<uint8_t>(size_t(L) * DI);
     auto* w = device_alloc<float>(size_t(chunk) * HI);
@@ -445,15 +514,13 @@ int main(int argc, char** argv) {
     auto* scores = device_alloc<float>(size_t(chunk) * L);
     auto* idx = device_alloc<int32_t>(size_t(chunk) * K);
     auto* vals = device_alloc<float>(size_t(chunk) * K);
-    fill_bf16<<<1024, 256>>>(q, chunk * HI * DI, 1, 1.0f);
-    fill_bf16<<<1024, 256>>>(k, L * DI, 2, 1.0f);
     fill_e4m3<<<1024, 256>>>(q8, chunk * HI * DI, 1, 448.0f);
     fill_e4m3<<<1024, 256>>>(k8, L * DI, 2, 448.0f);
     fill_f32<<<1024, 256>>>(w, chunk * HI, 1.0f / HI);
     fill_f32<<<1024, 256>>>(ks, L, 1.0f / (448.0f * 448.0f));
     check(cudaDeviceSynchronize(), "fill");
     const double causal_pairs = double(L) * double(L + 1) / 2;
-    if (L == lengths.front()) {
+    if (bf16_indexer) {
       double bf16_ms = 0;
       for (int64_t c0 = 0; c0 < L; c0 += chunk) {
         const int rows = static_cast<int>(std::min(chunk, L - c0));
@@ -543,6 +610,97 @@ int main(int argc, char** argv) {
       cudaFree(partial);
     }
     cudaFree(qa), cudaFree(kv), cudaFree(sel), cudaFree(out), cudaFree(lse);
+
+    // The chained prefill: the query rows arrive in chunks of C, as in a chunked prefill, and
+    // each chunk runs the fp8 indexer, the top-k of its scores, then the sparse attention of its
+    // queries over the top-k's own indices. Only the keys are whole-L buffers (the fp8 indexer
+    // keys and scales, the bf16 latent cache), which is what a real prefill holds; a chunk's
+    // queries are generated on the device into chunk-sized buffers, untimed (the whole-L
+    // attention queries would be 128 x 576 bf16 a row, 151 GB at 1M), and its f32 scores, C x L,
+    // are at most 4 GiB (1024 rows at 1M: full waves of the top-k's 3 blocks per SM, where 512
+    // rows took 1.6x as long): no buffer grows as L^2. The chunk's keys are the positions it sees,
+    // [0, c0 + rows): the cache holds no more when the chunk arrives, so the indexer neither
+    // reads nor writes (-inf) past them, which the indexer row above does up to L.
+    {
+      const int64_t used_before = device_used_bytes();
+      const int64_t C =
+          std::clamp<int64_t>((int64_t(4) << 30) / (L * 4), 1, std::min<int64_t>(L, 16384));
+      CountingAllocator memory;
+      auto* k8c = memory.alloc<uint8_t>(size_t(L) * DI);
+      auto* ksc = memory.alloc<float>(L);
+      auto* kvc = memory.alloc<__nv_bfloat16>(size_t(L) * DQK);
+      auto* q8c = memory.alloc<uint8_t>(size_t(C) * HI * DI);
+      auto* wc = memory.alloc<float>(size_t(C) * HI);
+      auto* scores_c = memory.alloc<float>(size_t(C) * L);
+      auto* idx_c = memory.alloc<int32_t>(size_t(C) * K);
+      auto* vals_c = memory.alloc<float>(size_t(C) * K);
+      auto* qac = memory.alloc<__nv_bfloat16>(size_t(C) * H * DQK);
+      auto* out_c = memory.alloc<float>(size_t(C) * H * DV);
+      auto* lse_c = memory.alloc<float>(size_t(C) * H);
+      fill_e4m3<<<1024, 256>>>(k8c, L * DI, 2, 448.0f);
+      fill_f32<<<1024, 256>>>(ksc, L, 1.0f / (448.0f * 448.0f));
+      fill_bf16<<<1024, 256>>>(kvc, L * DQK, 4, 1.0f);
+      // The weights (times the queries' fp8 scales) are one value for every row, as above.
+      fill_f32<<<1024, 256>>>(wc, C * HI, 1.0f / HI);
+      // What the device holds once the row's buffers are: sampled here and after the last chunk
+      // (anything the runtime allocates on the way counts too), against the figure before.
+      const int64_t used_allocated = device_used_bytes();
+      double stage_ms[3] = {0, 0, 0};  // indexer, top-k, attention
+      bool indices_valid = true;
+      for (int64_t c0 = 0; c0 < L; c0 += C) {
+        const int rows = static_cast<int>(std::min(C, L - c0));
+        const int64_t keys = c0 + rows;
+        // This chunk's queries, their own values (a seed per chunk), before the timed stages.
+        const uint32_t seed = 100 + 2 * static_cast<uint32_t>(c0 / C);
+        fill_e4m3<<<1024, 256>>>(q8c, int64_t(rows) * HI * DI, seed, 448.0f);
+        fill_bf16<<<1024, 256>>>(qac, int64_t(rows) * H * DQK, seed + 1, 0.1f);
+        auto ip = indexer(q8c, wc, k8c, ksc, rows, HI, DI, keys, c0, scores_c);
+        ip.stride = L;
+        auto tp = topk(scores_c, rows, keys, c0, K, idx_c, vals_c);
+        tp.stride = L;
+        timer.begin();
+        dsa::cuda::launch_indexer(ip);
+        stage_ms[0] += timer.end_ms();
+        timer.begin();
+        dsa::cuda::launch_topk(tp);
+        stage_ms[1] += timer.end_ms();
+        timer.begin();
+        dsa::cuda::launch_attention(
+            attention(qac, kvc, idx_c, K, rows, H, DQK, DV, keys, c0, 0.0417f, out_c, lse_c));
+        stage_ms[2] += timer.end_ms();
+        // The first chunk's selections (rows that see fewer than K keys, padded) and the last's.
+        if (c0 == 0 || keys == L) {
+          std::vector<int32_t> selection(size_t(rows) * K);
+          check(cudaMemcpy(selection.data(), idx_c, selection.size() * sizeof(int32_t),
+                           cudaMemcpyDeviceToHost),
+                "copy");
+          indices_valid = indices_valid && valid_selection(selection, rows, K, c0);
+        }
+      }
+      const int64_t used = std::max(used_allocated, device_used_bytes()) - used_before;
+      const double chained_ms = stage_ms[0] + stage_ms[1] + stage_ms[2];
+      // The same floor as dsa_prefill's: the same rows, so the same indexer FLOPs, top-k bytes
+      // and attention FLOPs (every row with at least K visible keys selects K of them).
+      const double chained_floor_ms = floor_ms_flops(indexer_flops, ceilings.fp8_tflops) +
+                                      floor_ms_bytes(topk_bytes) +
+                                      floor_ms_flops(attn_flops, ceilings.bf16_tflops);
+      char extra[512];
+      std::snprintf(extra, sizeof extra,
+                    ",\"indexer_ms\":%.3f,\"topk_ms\":%.3f,\"attention_ms\":%.3f,"
+                    "\"chunk_rows\":%lld,\"chunks\":%lld,\"peak_device_bytes\":%zu,"
+                    "\"device_used_bytes\":%lld,\"indices_valid\":%s",
+                    stage_ms[0], stage_ms[1], stage_ms[2], static_cast<long long>(C),
+                    static_cast<long long>((L + C - 1) / C), memory.peak(),
+                    static_cast<long long>(used), indices_valid ? "true" : "false");
+      report_floor("dsa_prefill_chunked", L, chained_ms, chained_floor_ms, extra);
+      char note[256];
+      std::snprintf(note, sizeof note,
+                    "dsa_prefill_chunked L %lld: %lld-row chunks, buffers %.3f GiB at peak, device "
+                    "used %+.3f GiB (cudaMemGetInfo)",
+                    static_cast<long long>(L), static_cast<long long>(C),
+                    memory.peak() / 1073741824.0, used / 1073741824.0);
+      table_notes.push_back(note);
+    }
   }
   // Decode: batch 32, one query each, context 131072.
   {

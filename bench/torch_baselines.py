@@ -1,7 +1,8 @@
 """PyTorch baselines on the GPU, timed in the same run as dsa-cuda-bench: dense causal attention
 through scaled_dot_product_attention (cuDNN), the plain PyTorch DSA pipeline (einsum indexer,
 topk, gather, softmax) and the machine's ceilings (bf16 and fp8 GEMM, copy bandwidth).
-Prints one JSON line per measurement. Usage: python3 bench/torch_baselines.py [L ...]"""
+Prints one JSON line per measurement. Usage: python3 bench/torch_baselines.py [L ...]
+[--no-ceilings] [--dense-only] (--dense-only: cuDNN dense attention alone, for a sweep of L)"""
 import json
 import sys
 
@@ -87,5 +88,6 @@ if __name__ == "__main__":
     for L in lengths:
         dense(L)
         torch.cuda.empty_cache()
-        plain_dsa(L)
-        torch.cuda.empty_cache()
+        if "--dense-only" not in sys.argv:
+            plain_dsa(L)
+            torch.cuda.empty_cache()
