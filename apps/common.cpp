@@ -200,12 +200,9 @@ void load_attention(const AttentionOptions& options, AttentionTensors& out) {
     out.inputs = make_mha_inputs(out.tensors[0], out.tensors[1], out.tensors[2]);
   }
   out.scale = resolve_softmax_scale(options.scale, out.inputs.d_qk);
-  if (parse_kv_cache(options.kv_cache) == KvCache::fp8 && !out.inputs.fp8_cache) {
-    if (!out.inputs.latent)
-      bad_usage("--kv-cache fp8 quantizes MLA's latent --kv, not --k and --v");
-    out.fp8_cache = quantize_kv_cache_fp8(out.tensors[1]);
-    out.fp8_inputs = make_mqa_inputs(out.tensors[0], *out.fp8_cache, options.d_v);
-  }
+  out.fp8 = naming("--kv-cache", [&] {
+    return fp8_cache_attention(out.inputs, parse_kv_cache(options.kv_cache));
+  });
 }
 
 void add_kv_cache_option(CLI::App& app, AttentionOptions& options) {

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <functional>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <string>
 #include <utility>
@@ -17,6 +18,7 @@
 #include "dsa/compressed_attention.hpp"
 #include "dsa/error.hpp"
 #include "dsa/indexer.hpp"
+#include "dsa/kv_cache.hpp"
 #include "dsa/report.hpp"
 
 namespace dsa::app {
@@ -111,9 +113,8 @@ struct AttentionTensors {
   AttentionInputs inputs;
   SoftmaxScale scale;
   // With --kv-cache fp8 over a floating --kv: its fp8 cache and the same queries over it (a u8
-  // --kv is the cache already: `inputs` read it and these stay empty).
-  std::optional<Tensor> fp8_cache;
-  std::optional<AttentionInputs> fp8_inputs;
+  // --kv is the cache already: `inputs` read it and this stays null).
+  std::unique_ptr<Fp8CacheAttention> fp8;
 };
 void load_attention(const AttentionOptions& options, AttentionTensors& out);
 

@@ -114,7 +114,7 @@ int main(int argc, char** argv) {
 
     dsa::app::AttentionTensors loaded;
     dsa::app::load_attention(attention, loaded);
-    const dsa::AttentionInputs& inputs = loaded.fp8_inputs ? *loaded.fp8_inputs : loaded.inputs;
+    const dsa::AttentionInputs& inputs = loaded.fp8 ? loaded.fp8->inputs : loaded.inputs;
     const dsa::DeviceChoice choice =
         dsa::naming("--device", [&] { return dsa::choose_device(device_name, inputs); });
     const dsa::Device device = choice.device;

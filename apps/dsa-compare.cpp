@@ -210,14 +210,14 @@ int main(int argc, char** argv) {
     report["schema"] = dsa::kCompareSchema;
     dsa::app::AttentionTensors loaded;
     dsa::app::load_attention(attention, loaded);
-    if (attention.kv_cache == "fp8" && !loaded.fp8_inputs) {
+    if (attention.kv_cache == "fp8" && !loaded.fp8) {
       dsa::bad_usage(
           "--kv-cache fp8 measures the fp8 cache against the bf16 one: give --kv as floating "
           "values, not a u8 cache");
     }
     dsa::CompareInputs inputs;
     inputs.attention = loaded.inputs;
-    inputs.fp8_cache = loaded.fp8_inputs ? &*loaded.fp8_inputs : nullptr;
+    inputs.fp8_cache = loaded.fp8 ? &loaded.fp8->inputs : nullptr;
     inputs.scale = loaded.scale.value;
     for (const auto& t : loaded.tensors) report["inputs"].push_back(dsa::tensor_json(t));
     std::optional<dsa::app::IndexerTensors> indexer_tensors;

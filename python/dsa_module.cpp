@@ -25,6 +25,7 @@
 #include "dsa/indexer.hpp"
 #include "dsa/indexer_weights.hpp"
 #include "dsa/io.hpp"
+#include "dsa/kv_cache.hpp"
 #include "dsa/metrics.hpp"
 #include "dsa/parallel.hpp"
 #include "dsa/precision.hpp"
@@ -342,8 +343,13 @@ struct AttentionArgs {
   std::optional<std::string> attention;
   py::object compressed, sink;
   std::optional<int64_t> window;
+  std::string kv_cache = "bf16";  // kv_cache.hpp: "bf16" or "fp8"
 
   void check() const {
+    if (attention && kv_cache != "bf16") {
+      bad_usage("kv_cache=\"fp8\" is FlashMLA's cache of V3.2's latent rows, not attention=\"{}\"",
+                *attention);
+    }
     if (!attention) {
       if (!compressed.is_none() || !sink.is_none() || window) {
         bad_usage("compressed, sink and window apply with attention=\"csa\", \"hca\" or \"swa\"");
@@ -368,6 +374,7 @@ struct AttentionTensors {
   std::vector<Tensor> tensors;
   AttentionInputs inputs;
   SoftmaxScale scale;
+  std::unique_ptr<Fp8CacheAttention> fp8;  // kv_cache="fp8" over a floating kv
 };
 void load_attention(const AttentionArgs& args, AttentionTensors& out) {
   out.tensors.reserve(3);
@@ -384,6 +391,8 @@ void load_attention(const AttentionArgs& args, AttentionTensors& out) {
   }
   out.scale = naming(
       "scale", [&] { return resolve_softmax_scale(scale_text(args.scale), out.inputs.d_qk); });
+  out.fp8 = naming("kv_cache",
+                   [&] { return fp8_cache_attention(out.inputs, parse_kv_cache(args.kv_cache)); });
 }
 
 struct V4Tensors {
@@ -478,7 +487,7 @@ py::object attend_op(const AttentionArgs& args, py::object indices_object, bool 
     if (!has_indices && !dense) bad_usage("give indices, or dense=True for full attention");
     AttentionTensors loaded;
     load_attention(args, loaded);
-    const AttentionInputs& inputs = loaded.inputs;
+    const AttentionInputs& inputs = loaded.fp8 ? loaded.fp8->inputs : loaded.inputs;
     const DeviceChoice choice = naming("device", [&] { return choose_device(device, inputs); });
     int64_t dropped = 0;
     if (has_indices) {
@@ -626,8 +635,14 @@ py::object compare_op(const AttentionArgs& args, py::object q_index, py::object 
   }
   AttentionTensors loaded;
   load_attention(args, loaded);
+  if (args.kv_cache == "fp8" && !loaded.fp8) {
+    bad_usage(
+        "kv_cache=\"fp8\" measures the fp8 cache against the bf16 one: give kv as floating "
+        "values, not a uint8 cache");
+  }
   CompareInputs inputs;
   inputs.attention = loaded.inputs;
+  inputs.fp8_cache = loaded.fp8 ? &loaded.fp8->inputs : nullptr;
   inputs.scale = loaded.scale.value;
   for (const Tensor& t : loaded.tensors) report["inputs"].push_back(tensor_json(t));
   if (has_indexer) {
@@ -712,6 +727,33 @@ std::vector<std::string> override_list(const py::object& set) {
     return out;
   }
   return set.cast<std::vector<std::string>>();
+}
+
+// quantize_kv_cache / dequantize_kv_cache: kv_cache.hpp's conversions, array to array.
+py::array quantize_kv_cache_op(py::object kv) {
+  const Tensor t = to_tensor(kv, "kv");
+  Tensor cache;
+  {
+    py::gil_scoped_release release;
+    cache = quantize_kv_cache_fp8(t);
+  }
+  return to_array(cache);
+}
+
+py::array dequantize_kv_cache_op(py::object cache) {
+  const Tensor t = to_tensor(cache, "cache");
+  if (!is_fp8_kv_cache(t)) {
+    bad_input("cache: expected FlashMLA's fp8 cache, uint8 [..., {}], got {} {}", kFp8CacheBytes,
+              dtype_name(t.dtype), shape_string(t.shape));
+  }
+  Shape shape = t.shape;
+  shape.back() = kFp8CacheDim;
+  Tensor out = make_tensor(DType::f32, shape, "kv");
+  {
+    py::gil_scoped_release release;
+    dequantize_kv_cache_fp8(t, 0, t.numel() / kFp8CacheBytes, mutable_data<float>(out));
+  }
+  return to_array(out);
 }
 
 py::object cost_op(const std::string& hardware_name, std::optional<std::string> dense_model,
@@ -842,16 +884,17 @@ weights_proj.weight, under `prefix`; what dsa-fit writes): the tools' --hidden a
       [](py::object q, py::object kv, py::object indices, py::object k, py::object v,
          std::optional<int64_t> d_v, bool dense, py::object scale, bool future_as_padding,
          std::optional<std::string> attention, py::object compressed, py::object sink,
-         std::optional<int64_t> window, const std::string& device, bool report) {
-        return attend_op({q, kv, k, v, d_v, scale, attention, compressed, sink, window}, indices,
-                         dense, future_as_padding, device, report);
+         std::optional<int64_t> window, const std::string& kv_cache, const std::string& device,
+         bool report) {
+        return attend_op({q, kv, k, v, d_v, scale, attention, compressed, sink, window, kv_cache},
+                         indices, dense, future_as_padding, device, report);
       },
       py::arg("q"), py::arg("kv") = py::none(), py::arg("indices") = py::none(), py::kw_only(),
       py::arg("k") = py::none(), py::arg("v") = py::none(), py::arg("d_v") = py::none(),
       py::arg("dense") = false, py::arg("scale") = py::none(), py::arg("future_as_padding") = false,
       py::arg("attention") = py::none(), py::arg("compressed") = py::none(),
-      py::arg("sink") = py::none(), py::arg("window") = py::none(), py::arg("device") = "cpu",
-      py::arg("report") = false,
+      py::arg("sink") = py::none(), py::arg("window") = py::none(), py::arg("kv_cache") = "bf16",
+      py::arg("device") = "cpu", py::arg("report") = false,
       R"(Attention over the selected entries (DSA), or dense causal attention (dense=True), as
 dsa-attend computes it: o[t,h] = sum_{s in S_t} softmax_s(scale q[t,h] . k_s) v_s.
 
@@ -859,8 +902,9 @@ MQA (MLA latent): q [B?, Lq, H, d_qk], kv [B?, Lk, d_qk], values its first d_v c
 512). MHA/GQA: k= [B?, Lk, H_kv, d_qk], v= [B?, Lk, H_kv, d_v]. indices [B?, Lq, K] int32 or
 int64, -1 padding. scale: None (d_qk^-0.5), "deepseek-v3.2" or a number. attention="csa",
 "hca" or "swa": DeepSeek-V4's attention over kv's raw tokens (window=128) and the compressed
-entries (compressed=), with the per-head sink= logits. Returns (out float32 [B?, Lq, H, d_v],
-lse float32 [B?, Lq, H], natural log).)");
+entries (compressed=), with the per-head sink= logits. kv_cache="fp8": over FlashMLA's fp8 cache
+of kv (quantize_kv_cache); a uint8 kv [B?, Lk, 656] is such a cache already. Returns (out
+float32 [B?, Lq, H, d_v], lse float32 [B?, Lq, H], natural log).)");
 
   m.def(
       "compare",
@@ -870,9 +914,9 @@ lse float32 [B?, Lq, H], natural log).)");
          bool hadamard, bool ue8m0, bool raw_weights, int64_t query_block, bool future_as_padding,
          std::optional<std::string> attention, py::object compressed, py::object sink,
          std::optional<int64_t> window, std::optional<std::string> reference,
-         const std::string& device) {
-        return compare_op({q, kv, k, v, d_v, scale, attention, compressed, sink, window}, q_index,
-                          k_index, weights, indices, topk, needles,
+         const std::string& kv_cache, const std::string& device) {
+        return compare_op({q, kv, k, v, d_v, scale, attention, compressed, sink, window, kv_cache},
+                          q_index, k_index, weights, indices, topk, needles,
                           {precision, hadamard, ue8m0, raw_weights, query_block}, future_as_padding,
                           reference, device);
       },
@@ -884,7 +928,8 @@ lse float32 [B?, Lq, H], natural log).)");
       py::arg("ue8m0") = false, py::arg("raw_weights") = false, py::arg("query_block") = 16,
       py::arg("future_as_padding") = false, py::arg("attention") = py::none(),
       py::arg("compressed") = py::none(), py::arg("sink") = py::none(),
-      py::arg("window") = py::none(), py::arg("reference") = py::none(), py::arg("device") = "cpu",
+      py::arg("window") = py::none(), py::arg("reference") = py::none(),
+      py::arg("kv_cache") = "bf16", py::arg("device") = "cpu",
       R"(Fidelity of DSA against dense attention, as dsa-compare measures it: output error and
 cosine, attention mass and oracle top-k recall, the indexer's KL losses (Eq. 3, 4), needle
 recall, per k. Returns the report dsa-compare writes (schema dsa-compare/2) as a dict.
@@ -892,7 +937,17 @@ recall, per k. Returns the report dsa-compare writes (schema dsa-compare/2) as a
 The attention inputs as attend()'s; the selection by the indexer (q_index, k_index, weights
 and score()'s keywords; topk an int or an ascending list, default 2048, 512 with
 attention="csa") or given (indices=). needles [N, 2]: (query position, key position) pairs.
-attention="csa"/"hca" with reference="every-entry" or "dense".)");
+attention="csa"/"hca" with reference="every-entry" or "dense". kv_cache="fp8": the sparse
+attention over FlashMLA's fp8 cache of kv, the dense reference over kv, and per k its
+kv_cache_loss against kv's own.)");
+
+  m.def("quantize_kv_cache", &quantize_kv_cache_op, py::arg("kv"),
+        R"(FlashMLA's fp8 cache of a latent cache kv [B?, L, 576]: uint8 [B?, L, 656], per token the
+512 latent values as e4m3 codes, 4 float32 power-of-two scales (one per 128), the 64 rope values
+in bfloat16 (docs/DESIGN.md section 7).)");
+  m.def("dequantize_kv_cache", &dequantize_kv_cache_op, py::arg("cache"),
+        R"(The rows an fp8 cache holds, float32 [B?, L, 576]: code x scale (exact in bfloat16), then
+the rope values: what the attention reads from it.)");
 
   m.def("cost", &cost_op, py::kw_only(), py::arg("hardware") = "H800",
         py::arg("dense_model") = py::none(), py::arg("dsa_model") = py::none(),

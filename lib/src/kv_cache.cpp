@@ -128,4 +128,13 @@ void dequantize_kv_cache_fp8(const Tensor& t, int64_t row, int64_t rows, float* 
   });
 }
 
+std::unique_ptr<Fp8CacheAttention> fp8_cache_attention(const AttentionInputs& in, KvCache cache) {
+  if (cache != KvCache::fp8 || in.fp8_cache) return nullptr;
+  if (!in.latent) bad_usage("the fp8 cache quantizes MLA's latent kv, not MHA's k and v");
+  auto out = std::make_unique<Fp8CacheAttention>();
+  out->cache = quantize_kv_cache_fp8(*in.k);
+  out->inputs = make_mqa_inputs(*in.q, out->cache, in.d_v);
+  return out;
+}
+
 }  // namespace dsa

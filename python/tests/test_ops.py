@@ -256,6 +256,62 @@ class Attend(Fresh):
         self.assert_close(dropped, ref, "future entries as padding")
 
 
+class Fp8KvCache(Fresh):
+    """FlashMLA's fp8 cache (DESIGN.md section 7) against a NumPy transcription of its
+    quantize_k_cache: bf16 values, per 128 a power-of-two scale 2^ceil(log2(max(amax/448, 1e-4))),
+    e4m3 codes of value / scale; the rope values kept in bf16."""
+
+    def reference(self, kv):
+        x = refs.bf16(kv.astype(F32)).astype(F64)
+        latent = x[..., :512].reshape(x.shape[:-1] + (4, 128))
+        amax = np.max(np.abs(latent), axis=-1)
+        scale = np.exp2(np.ceil(np.log2(np.maximum(amax / 448.0, 1e-4))))
+        values = refs.e4m3(latent / scale[..., None]) * scale[..., None]
+        return np.concatenate([values.reshape(x.shape[:-1] + (512,)), x[..., 512:]], axis=-1), scale
+
+    def test_layout_values_and_attention(self):
+        L, Lq, H, k = 40, 10, 4, 12
+        kv = self.g.standard_normal((L, 576)).astype(F32)
+        kv[:, 128:256] *= 1e-3  # tiles of different amplitude: different scales
+        cache = dsa.quantize_kv_cache(kv)
+        self.assertEqual((cache.dtype, cache.shape), (np.uint8, (L, 656)))
+        want, scale = self.reference(kv)
+        np.testing.assert_array_equal(cache[:, 512:528].copy().view(np.float32), scale.astype(F32),
+                                      f"scales (seed {self.seed})")
+        np.testing.assert_array_equal(cache[:, 528:].copy().view(np.uint16), refs.bf16_bits(kv[:, 512:]))
+        rows = dsa.dequantize_kv_cache(cache)
+        np.testing.assert_array_equal(rows.astype(F64), want, f"dequantized rows (seed {self.seed})")
+        q = self.g.standard_normal((Lq, H, 576)).astype(F32) * F32(0.05)
+        idx = random_selection(self.g, Lq, L, k)
+        out, lse = dsa.attend(q, kv, idx, kv_cache="fp8")
+        from_cache, lse_cache = dsa.attend(q, cache, idx)
+        np.testing.assert_array_equal(out, from_cache)
+        np.testing.assert_array_equal(lse, lse_cache)
+        keys, values = refs.mqa_heads(want, H, 512)
+        ref_out, ref_lse = refs.attention(q, keys, values, lambda t: idx[t][idx[t] >= 0],
+                                          576 ** -0.5)
+        self.assert_close(out, ref_out, "fp8 cache out")
+        self.assert_close(lse, ref_lse, "fp8 cache lse")
+
+    def test_compare_reports_the_loss(self):
+        L, H, k = 48, 2, 8
+        kv = self.g.standard_normal((L, 576)).astype(F32)
+        q = self.g.standard_normal((L, H, 576)).astype(F32) * F32(0.05)
+        idx = random_selection(self.g, L, L, k)
+        report = dsa.compare(q, kv, indices=idx, kv_cache="fp8")
+        self.assertEqual(report["kv_cache"], "fp8")
+        loss = report["results"][0]["kv_cache_loss"]
+        fp8, _ = dsa.attend(q, kv, idx, kv_cache="fp8")
+        bf16, _ = dsa.attend(q, kv, idx)
+        diff = fp8.astype(F64) - bf16
+        want = np.sqrt(np.sum(diff * diff) / np.sum(bf16.astype(F64) ** 2))
+        self.assertAlmostEqual(loss["out_rel_err_global"], want, delta=1e-6 * want)
+        with self.assertRaises(dsa.UsageError):
+            dsa.compare(q, dsa.quantize_kv_cache(kv), indices=idx, kv_cache="fp8")
+        with self.assertRaises(dsa.BadInputError):
+            dsa.dequantize_kv_cache(np.zeros((3, 600), np.uint8))
+
+
 class AttendV4(Fresh):
     def setUp(self):
         super().setUp()

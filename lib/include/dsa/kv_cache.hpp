@@ -6,8 +6,10 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 
+#include "dsa/attention.hpp"
 #include "dsa/tensor.hpp"
 
 namespace dsa {
@@ -43,5 +45,16 @@ bool is_fp8_kv_cache(const Tensor& t);
 // dequantized into out [rows, 576]: code x scale rounded to bf16 (exact for the power-of-two
 // scales this library writes), then the rope values.
 void dequantize_kv_cache_fp8(const Tensor& t, int64_t row, int64_t rows, float* out);
+
+// The fp8 cache of an attention's latent kv and the same queries over it (`inputs` points into
+// `cache`, so the pair lives on the heap).
+struct Fp8CacheAttention {
+  Tensor cache;
+  AttentionInputs inputs;
+};
+// With `cache` fp8 and inputs that read a floating latent kv: its fp8 cache and the attention
+// over it; null with bf16, or when the inputs read an fp8 cache already. Error(usage) for MHA
+// inputs (the cache holds MLA's latent rows).
+std::unique_ptr<Fp8CacheAttention> fp8_cache_attention(const AttentionInputs& in, KvCache cache);
 
 }  // namespace dsa
