@@ -19,6 +19,7 @@
 #include "dsa/parallel.hpp"
 #include "dsa/precision.hpp"
 #include "progress.hpp"
+#include "ranks.hpp"
 
 namespace dsa::app {
 
@@ -364,24 +365,34 @@ int run(CLI::App& app, int argc, char** argv, const CommonOptions& options,
   }
   install_signal_cleanup();
   try {
+    // One rank of an MPI job, or the one rank (ranks.hpp); only rank 0 writes anything.
+    const Ranks& job = start_ranks(&argc, &argv);
+    if (job.size > 1 && !options.shares_rows) {
+      bad_usage("{} runs as one process, not as {} MPI ranks (dsa-compare shares its rows)", tool,
+                job.size);
+    }
     set_threads(options.threads);
     // Every output is checked before any work, so a bad path fails in a second, not after
     // the computation (each tool checks its further outputs the same way).
-    if (!options.output.empty()) naming("-o", [&] { check_output(options.output); });
-    if (!options.report.empty()) naming("--report", [&] { check_output(options.report); });
+    if (job.rank == 0) {
+      if (!options.output.empty()) naming("-o", [&] { check_output(options.output); });
+      if (!options.report.empty()) naming("--report", [&] { check_output(options.report); });
+    }
     // The progress line on a terminal; gone (and its line cleared) before any message below.
-    const std::unique_ptr<TerminalProgress> progress = terminal_progress(tool, options.quiet);
+    const std::unique_ptr<TerminalProgress> progress =
+        terminal_progress(tool, options.quiet || job.rank != 0);
     body();
+    finish_ranks();
     return 0;
+  } catch (const PeerFailed& peer) {
+    finish_ranks();
+    return peer.code;
   } catch (const Error& e) {
-    std::fprintf(stderr, "%s: error: %s\n", tool.c_str(), e.what());
-    return static_cast<int>(e.code());
+    return fail_rank(tool, e.what(), static_cast<int>(e.code()));
   } catch (const std::bad_alloc&) {
-    std::fprintf(stderr, "%s: error: out of memory\n", tool.c_str());
-    return static_cast<int>(ExitCode::runtime);
+    return fail_rank(tool, "out of memory", static_cast<int>(ExitCode::runtime));
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "%s: error: %s\n", tool.c_str(), e.what());
-    return static_cast<int>(ExitCode::runtime);
+    return fail_rank(tool, e.what(), static_cast<int>(ExitCode::runtime));
   }
 }
 
@@ -410,7 +421,9 @@ void check_binary_output(const std::string& path) {
 }
 
 void warn(const std::string& tool, const std::string& message, bool quiet) {
-  if (!quiet) std::fprintf(stderr, "%s: warning: %s\n", tool.c_str(), message.c_str());
+  // One rank of a job says it for all: every rank sees the same inputs.
+  if (!quiet && ranks().rank == 0)
+    std::fprintf(stderr, "%s: warning: %s\n", tool.c_str(), message.c_str());
 }
 
 void warn_if_dense_topk(const std::string& tool, const std::vector<int64_t>& topk, int64_t keys,

@@ -28,7 +28,8 @@ struct CommonOptions {
   std::string output = "-";
   std::string report;  // empty: the report (or on a terminal its summary) goes to stderr
   bool quiet = false;
-  bool json = false;  // the JSON report even on a terminal, instead of the summary line
+  bool json = false;         // the JSON report even on a terminal, instead of the summary line
+  bool shares_rows = false;  // the tool runs as MPI ranks (ranks.hpp); the others refuse to
 };
 
 void add_common_options(CLI::App& app, CommonOptions& options);

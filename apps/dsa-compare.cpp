@@ -8,6 +8,7 @@
 #include "dsa/metrics.hpp"
 #include "dsa/parallel.hpp"
 #include "progress.hpp"
+#include "ranks.hpp"
 
 namespace {
 
@@ -79,6 +80,7 @@ int main(int argc, char** argv) {
       "4), needle recall; JSON report (schema dsa-compare/3).",
       "dsa-compare");
   dsa::app::CommonOptions common;
+  common.shares_rows = true;
   dsa::app::IndexerOptions indexer;
   dsa::app::AttentionOptions attention;
   dsa::app::IndexerTensorOptions tensors;
@@ -131,7 +133,11 @@ int main(int argc, char** argv) {
 
   return dsa::app::run(app, argc, argv, common, [&] {
     dsa::Stopwatch total;
+    const dsa::app::Ranks& job = dsa::app::ranks();
     if (!v4.attention.empty()) {  // DeepSeek-V4: CSA's selection or HCA's compression
+      if (job.size > 1) {
+        dsa::bad_usage("--attention runs as one process, not as {} MPI ranks", job.size);
+      }
       if (attention.kv_cache != "bf16") {
         dsa::bad_usage(
             "--kv-cache fp8 is FlashMLA's cache of V3.2's latent rows; DeepSeek-V4's attention "
@@ -257,8 +263,33 @@ int main(int argc, char** argv) {
     dsa::report_device(report, choice);
 
     dsa::StageTimes times;
-    const dsa::Comparison comparison = dsa::compare_attention(inputs, &times, choice.device);
-
+    // An MPI job: each rank its share of the rows, balanced by their causal work; rank 0 puts
+    // the shares together into what one process computes, and alone writes the report.
+    const std::vector<dsa::RowRange> shares = dsa::balanced_rows(inputs, job.size);
+    inputs.rows = shares[job.rank];
+    if (const int peer = dsa::app::ranks_ready()) throw dsa::app::PeerFailed{peer};
+    dsa::Comparison comparison = dsa::compare_attention(inputs, &times, choice.device);
+    if (job.size > 1) {
+      nlohmann::json share = {{"rank", job.rank},
+                              {"rows", {inputs.rows.begin, inputs.rows.end}},
+                              {"timings_ms", dsa::timings_json(times, total.seconds())}};
+      const std::string text = share.dump();
+      std::vector<std::byte> mine = dsa::pack_rows(comparison, inputs.rows);
+      const auto* chars = reinterpret_cast<const std::byte*>(text.data());
+      std::vector<std::byte> mine_text(chars, chars + text.size());
+      const auto packed = dsa::app::gather_bytes(mine);
+      const auto texts = dsa::app::gather_bytes(mine_text);
+      if (job.rank != 0) return;
+      nlohmann::json ranks_json = nlohmann::json::array();
+      for (int r = 0; r < job.size; ++r) {
+        if (r > 0) dsa::unpack_rows(comparison, shares[r], packed[r]);
+        const auto* begin = reinterpret_cast<const char*>(texts[r].data());
+        ranks_json.push_back(nlohmann::json::parse(begin, begin + texts[r].size()));
+      }
+      dsa::finish_comparison(inputs, comparison);
+      report["ranks"] = ranks_json;
+    }
+    inputs.rows = {};
     report.update(dsa::comparison_report(inputs, comparison));
     report["scale_rule"] = loaded.scale.rule;
     finish(report, times, total, common);

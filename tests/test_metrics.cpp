@@ -219,6 +219,58 @@ TEST(CompareAttention, MassRecallNeverFallsAsKGrows) {
   }
 }
 
+// What MPI ranks do (DESIGN.md section 8), in one process: each share computed alone, packed,
+// and put into rank 0's, gives the whole comparison to the bit, across batch elements, with
+// queries behind a longer context, and whatever the number of shares.
+TEST(CompareAttention, SharesOfTheRowsPutTogetherAreTheWholeComparison) {
+  const auto p = make_problem({2, 70, 90, 4, 1, 16, 16, 4, 8, true, true, {4, 16, 64}}, 21);
+  Tensor needles = make_tensor(DType::i64, {3, 2}, "needles");
+  const int64_t pairs[] = {25, 3, 60, 40, 89, 0};
+  std::copy(std::begin(pairs), std::end(pairs), mutable_data<int64_t>(needles));
+  p->inputs.needles = &needles;
+  const Comparison whole = compare_attention(p->inputs, nullptr);
+  nlohmann::json want = comparison_report(p->inputs, whole);
+  want.erase("stage_ms");  // the run's own
+  for (const int parts : {1, 2, 3, 5}) {
+    SCOPED_TRACE(parts);
+    const std::vector<RowRange> shares = balanced_rows(p->inputs, parts);
+    ASSERT_EQ(shares.size(), static_cast<std::size_t>(parts));
+    EXPECT_EQ(shares.front().begin, 0);
+    EXPECT_EQ(shares.back().end, 2 * 70);
+    for (int i = 0; i + 1 < parts; ++i) {
+      EXPECT_EQ(shares[i].end, shares[i + 1].begin);
+      EXPECT_EQ(shares[i].end % 70 % 16, 0) << "a share starts at a multiple of the blocks";
+    }
+    CompareInputs share = p->inputs;
+    share.rows = shares[0];
+    Comparison merged = compare_attention(share, nullptr);
+    for (int i = 1; i < parts; ++i) {
+      share.rows = shares[i];
+      const Comparison part = compare_attention(share, nullptr);
+      unpack_rows(merged, shares[i], pack_rows(part, shares[i]));
+    }
+    finish_comparison(p->inputs, merged);
+    nlohmann::json got = comparison_report(p->inputs, merged);
+    got.erase("stage_ms");
+    EXPECT_EQ(got, want);
+    // The per-row vectors too, NaN where the metric is undefined.
+    for (std::size_t ki = 0; ki < whole.per_k.size(); ++ki) {
+      const auto& a = whole.per_k[ki].out_rel_err;
+      const auto& b = merged.per_k[ki].out_rel_err;
+      ASSERT_EQ(a.size(), b.size());
+      for (std::size_t i = 0; i < a.size(); ++i)
+        ASSERT_TRUE(a[i] == b[i] || (std::isnan(a[i]) && std::isnan(b[i]))) << i;
+    }
+  }
+  // A share of nothing, and rows outside the comparison.
+  CompareInputs empty = p->inputs;
+  empty.rows = {140, 140};
+  EXPECT_NO_THROW(compare_attention(empty, nullptr));
+  empty.rows = {0, 141};
+  EXPECT_THROW(compare_attention(empty, nullptr), Error);
+  EXPECT_THROW(balanced_rows(p->inputs, 0), Error);
+}
+
 TEST(CompareAttention, PrecomputedSelectionEqualsTheIndexersOwn) {
   const auto p = make_problem({1, 25, 25, 2, 1, 8, 8, 2, 8, false, true, {6}}, 7);
   const Comparison by_indexer = compare_attention(p->inputs, nullptr);

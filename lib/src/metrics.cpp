@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <numeric>
 
 #include "backend.hpp"
 #include "compare_common.hpp"
@@ -138,14 +140,6 @@ std::pair<double, double> head_metrics(const float* sparse, const float* dense, 
   return {err, ref};
 }
 
-// Sums over rows that compare_attention reduces at the end, in row order.
-struct Totals {
-  std::vector<double> error_squares, reference_squares;              // [k, row]
-  std::vector<double> cache_error_squares, cache_reference_squares;  // [k, row], fp8 cache
-  std::vector<int64_t> needle_counts;                                // [k]: (needles, selected)
-  std::vector<double> sparse_positions;                              // [k]
-};
-
 // What row_metrics reuses between rows.
 struct RowScratch {
   std::vector<int64_t> marks;  // [Lk]: the stamp of the row and k that selected s
@@ -213,6 +207,23 @@ detail::Operation compare_operation(const CompareInputs& in) {
   return op;
 }
 
+// The rows the CPU computes together in one product start at multiples of this in every batch
+// element: its dense blocks (cpu_compare_rows) and the indexer's query blocks. Chunks and shares
+// start there, so a row is computed alike whatever the chunk or the share.
+int64_t share_alignment(const CompareInputs& in) {
+  const int64_t dense = detail::cpu_compare_rows(in.attention);
+  const int64_t query = in.indexer ? std::max<int64_t>(1, in.indexer_config.query_block) : 1;
+  return std::lcm(dense, query);
+}
+
+RowRange share_of(const CompareInputs& in, int64_t rows) {
+  const int64_t end = in.rows.end < 0 ? rows : in.rows.end;
+  if (in.rows.begin < 0 || in.rows.begin > end || end > rows) {
+    bad_usage("rows [{}, {}) are not within the comparison's {} rows", in.rows.begin, end, rows);
+  }
+  return {in.rows.begin, end};
+}
+
 // compare_attention on either device: the backend's CompareEngine computes, in chunks of query
 // rows, the indexer scores, sparse attention at each k, dense attention and the head-averaged
 // dense probabilities; the selections and metrics are computed here, on the host. Top-k runs on
@@ -222,7 +233,7 @@ detail::Operation compare_operation(const CompareInputs& in) {
 // exp(lse_sparse - lse_dense).
 void compare_on_engine(const detail::Backend& backend, const CompareInputs& in, Comparison& out,
                        const std::vector<std::pair<int64_t, int64_t>>& needles, int64_t width,
-                       Totals& totals, StageClock& clock, StageTimes* times) {
+                       RowTotals& totals, StageClock& clock, StageTimes* times) {
   const AttentionInputs& a = in.attention;
   const int64_t H = a.heads, Lk = a.keys, Lq = a.queries, d_v = a.d_v;
   const auto n_k = static_cast<int64_t>(in.topk.size());
@@ -232,19 +243,25 @@ void compare_on_engine(const detail::Backend& backend, const CompareInputs& in, 
   const int64_t outputs = in.fp8_cache ? 2 * n_k + 1 : n_k + 1;
   const int64_t per_row = 8 * Lk + 4 * outputs * H * (d_v + 1) + 8 * width;
   // At least four blocks of rows per thread, so that every stage keeps the threads busy; a
-  // multiple of the CPU engine's blocks (backend.hpp).
-  const int64_t rows_of_block = detail::cpu_compare_rows(a);
+  // multiple of the CPU engine's blocks (backend.hpp, share_alignment), as a share's start is.
+  const int64_t rows_of_block = share_alignment(in);
   const int64_t busy = 4 * static_cast<int64_t>(max_threads()) * rows_of_block;
   const int64_t chunk =
-      std::clamp<int64_t>(std::max(backend.compare_chunk_bytes / per_row, busy), 1, 4096) /
-      rows_of_block * rows_of_block;
+      std::max(std::clamp<int64_t>(std::max(backend.compare_chunk_bytes / per_row, busy), 1, 4096) /
+                   rows_of_block * rows_of_block,
+               rows_of_block);
+  const RowRange share = share_of(in, rows);
   std::vector<float> scores, p, dense_out, dense_lse, sparse_out, sparse_lse, selected_scores;
   std::vector<float> bf16_out, bf16_lse;  // with the fp8 cache: the same selection over kv
   std::vector<int32_t> selection, prefix;
   std::vector<int64_t> valid;
   // Counted per chunk on the host, whichever backend computes.
-  detail::Progress progress("compare", rows);
+  detail::Progress progress("compare", share.end - share.begin);
   for (int64_t b = 0; b < a.batch; ++b) {
+    // This batch element's query rows in the share.
+    const int64_t first = std::clamp<int64_t>(share.begin - b * Lq, 0, Lq);
+    const int64_t last = std::clamp<int64_t>(share.end - b * Lq, 0, Lq);
+    if (first >= last) continue;
     Stopwatch load;
     const std::unique_ptr<detail::CompareEngine> engine = backend.compare_engine(
         a, in.indexer ? &*in.indexer : nullptr, in.indexer_config, in.scale, b);
@@ -254,8 +271,8 @@ void compare_on_engine(const detail::Backend& backend, const CompareInputs& in, 
             : nullptr;
     if (times) times->add("load", load.seconds());
     Stopwatch compare_watch;
-    for (int64_t c0 = 0; c0 < Lq; c0 += chunk) {
-      const int64_t n_rows = std::min(chunk, Lq - c0);
+    for (int64_t c0 = first; c0 < last; c0 += chunk) {
+      const int64_t n_rows = std::min(chunk, last - c0);
       Stopwatch watch;
       if (in.indexer) {
         scores.resize(static_cast<std::size_t>(n_rows * Lk));
@@ -286,7 +303,7 @@ void compare_on_engine(const detail::Backend& backend, const CompareInputs& in, 
         prefix.resize(static_cast<std::size_t>(n_rows * k));
         for (int64_t r = 0; r < n_rows; ++r) {
           std::copy_n(selection.begin() + r * width, k, prefix.begin() + r * k);
-          totals.sparse_positions[ki] += static_cast<double>(std::min(k, valid[r]));
+          totals.sparse_positions[ki] += std::min(k, valid[r]);
         }
         // With the fp8 cache, sparse_out is the fp8 cache's and bf16_out the kv's own.
         detail::CompareEngine& sparse = fp8_engine ? *fp8_engine : *engine;
@@ -444,12 +461,12 @@ Comparison compare_attention(const CompareInputs& in, StageTimes* times, Device 
   const int64_t width = in.indices ? in.indices->shape.back() : k_max;
   StageClock clock;
   // Squared output errors and norms per (k, row), summed in row order at the end so the
-  // global ratios do not depend on how rows were spread over threads.
-  Totals totals;
+  // global ratios do not depend on how rows were spread over threads or ranks.
+  RowTotals& totals = out.totals;
   totals.error_squares.assign(static_cast<std::size_t>(n_k * rows), 0.0);
   totals.reference_squares = totals.error_squares;
   totals.needle_counts.assign(static_cast<std::size_t>(2 * n_k), 0);
-  totals.sparse_positions.assign(static_cast<std::size_t>(n_k), 0.0);
+  totals.sparse_positions.assign(static_cast<std::size_t>(n_k), 0);
   if (in.fp8_cache) {
     totals.cache_error_squares = totals.cache_reference_squares = totals.error_squares;
     for (Fidelity& f : out.per_k) f.cache_rel_err.assign(f.out_rel_err.size(), NAN);
@@ -465,32 +482,147 @@ Comparison compare_attention(const CompareInputs& in, StageTimes* times, Device 
   if (in.indexer)
     out.indexer_flops =
         2.0 * visible_total * static_cast<double>(in.indexer->heads * in.indexer->dim);
-  for (int64_t ki = 0; ki < n_k; ++ki) {
-    Fidelity& f = out.per_k[ki];
-    for (int64_t row = 0; row < rows; ++row) {
-      const double err = totals.error_squares[ki * rows + row],
-                   ref = totals.reference_squares[ki * rows + row];
-      if (out.position(row) + 1 > f.k) {
-        f.error_squares_sparse += err;
-        f.reference_squares_sparse += ref;
-      }
-      f.error_squares_all += err;
-      f.reference_squares_all += ref;
-      if (in.fp8_cache) {
-        f.cache_error_squares += totals.cache_error_squares[ki * rows + row];
-        f.cache_reference_squares += totals.cache_reference_squares[ki * rows + row];
-      }
-    }
-    f.needles = totals.needle_counts[2 * ki];
-    f.needles_selected = totals.needle_counts[2 * ki + 1];
-    f.sparse_flops = 2.0 * totals.sparse_positions[ki] * static_cast<double>(H * (a.d_qk + a.d_v));
-  }
+  finish_comparison(in, out);
   out.stage_seconds = {{"score", clock.score},
                        {"select", clock.select},
                        {"sparse", clock.sparse},
                        {"dense", clock.dense},
                        {"metrics", clock.metrics}};
   return out;
+}
+
+void finish_comparison(const CompareInputs& in, Comparison& out) {
+  const AttentionInputs& a = in.attention;
+  const RowTotals& totals = out.totals;
+  const int64_t rows = out.rows();
+  for (std::size_t ki = 0; ki < out.per_k.size(); ++ki) {
+    Fidelity& f = out.per_k[ki];
+    f.error_squares_sparse = f.reference_squares_sparse = 0;
+    f.error_squares_all = f.reference_squares_all = 0;
+    f.cache_error_squares = f.cache_reference_squares = 0;
+    const int64_t base = static_cast<int64_t>(ki) * rows;
+    for (int64_t row = 0; row < rows; ++row) {
+      const double err = totals.error_squares[base + row],
+                   ref = totals.reference_squares[base + row];
+      if (out.position(row) + 1 > f.k) {
+        f.error_squares_sparse += err;
+        f.reference_squares_sparse += ref;
+      }
+      f.error_squares_all += err;
+      f.reference_squares_all += ref;
+      if (!totals.cache_error_squares.empty()) {
+        f.cache_error_squares += totals.cache_error_squares[base + row];
+        f.cache_reference_squares += totals.cache_reference_squares[base + row];
+      }
+    }
+    f.needles = totals.needle_counts[2 * ki];
+    f.needles_selected = totals.needle_counts[2 * ki + 1];
+    f.sparse_flops = 2.0 * static_cast<double>(totals.sparse_positions[ki]) *
+                     static_cast<double>(a.heads * (a.d_qk + a.d_v));
+  }
+}
+
+std::vector<RowRange> balanced_rows(const CompareInputs& in, int parts) {
+  if (parts < 1) bad_usage("a job needs at least one rank, got {}", parts);
+  const AttentionInputs& a = in.attention;
+  const int64_t Lq = a.queries, rows = a.batch * Lq;
+  const int64_t align = share_alignment(in);
+  const int64_t k = in.indices ? in.indices->shape.back() : in.topk.back();
+  // A row's work: its dense positions and its sparse ones (the indexer's scale as the dense
+  // attention's, both linear in t + 1).
+  auto work = [&](int64_t row) {
+    const int64_t visible = a.position(row % Lq) + 1;
+    return static_cast<double>(visible + std::min(visible, k));
+  };
+  double total = 0;
+  for (int64_t row = 0; row < rows; ++row) total += work(row);
+  std::vector<RowRange> shares;
+  int64_t begin = 0;
+  double done = 0;
+  for (int part = 0; part < parts; ++part) {
+    int64_t end = rows;
+    if (part + 1 < parts) {
+      // The first aligned row at which the work so far reaches this share's end.
+      const double target = total * (part + 1) / parts;
+      end = begin;
+      double sum = done;
+      while (end < rows && sum < target) sum += work(end++);
+      while (end < rows && (end % Lq) % align != 0) sum += work(end++);
+      done = sum;
+    }
+    shares.push_back({begin, end});
+    begin = end;
+  }
+  return shares;
+}
+
+namespace {
+
+// Every per-row field of a comparison, in one order for pack_rows and unpack_rows: the values
+// and how many a row has.
+template <typename F>
+void for_each_row_field(Comparison& c, F&& field) {
+  const int64_t H = c.heads;
+  if (!c.kl_dense.empty()) field(c.kl_dense.data(), 1);
+  for (Fidelity& f : c.per_k) {
+    field(f.out_rel_err.data(), H);
+    field(f.out_cosine.data(), H);
+    field(f.mass_recall_head.data(), H);
+    field(f.mass_recall.data(), 1);
+    field(f.topk_recall.data(), 1);
+    field(f.kl_sparse.data(), 1);
+    if (!f.cache_rel_err.empty()) field(f.cache_rel_err.data(), H);
+  }
+  RowTotals& t = c.totals;
+  const int64_t rows = c.rows();
+  for (std::size_t ki = 0; ki < c.per_k.size(); ++ki) {
+    const int64_t base = static_cast<int64_t>(ki) * rows;
+    field(t.error_squares.data() + base, 1);
+    field(t.reference_squares.data() + base, 1);
+    if (!t.cache_error_squares.empty()) {
+      field(t.cache_error_squares.data() + base, 1);
+      field(t.cache_reference_squares.data() + base, 1);
+    }
+  }
+}
+
+}  // namespace
+
+std::vector<std::byte> pack_rows(const Comparison& comparison, RowRange rows) {
+  auto& c = const_cast<Comparison&>(comparison);  // for_each_row_field only reads here
+  std::vector<std::byte> out;
+  auto append = [&](const void* data, std::size_t bytes) {
+    const auto* p = static_cast<const std::byte*>(data);
+    out.insert(out.end(), p, p + bytes);
+  };
+  for_each_row_field(c, [&](auto* values, int64_t per_row) {
+    append(values + rows.begin * per_row,
+           sizeof(*values) * static_cast<std::size_t>((rows.end - rows.begin) * per_row));
+  });
+  append(c.totals.needle_counts.data(), sizeof(int64_t) * c.totals.needle_counts.size());
+  append(c.totals.sparse_positions.data(), sizeof(int64_t) * c.totals.sparse_positions.size());
+  return out;
+}
+
+void unpack_rows(Comparison& c, RowRange rows, const std::vector<std::byte>& bytes) {
+  std::size_t at = 0;
+  auto take = [&](void* data, std::size_t n) {
+    if (at + n > bytes.size())
+      fail(ExitCode::runtime, "a share's results are shorter than its rows");
+    std::memcpy(data, bytes.data() + at, n);
+    at += n;
+  };
+  for_each_row_field(c, [&](auto* values, int64_t per_row) {
+    take(values + rows.begin * per_row,
+         sizeof(*values) * static_cast<std::size_t>((rows.end - rows.begin) * per_row));
+  });
+  // The counts are the share's own: they add to the others'.
+  for (std::vector<int64_t>* counts : {&c.totals.needle_counts, &c.totals.sparse_positions}) {
+    std::vector<int64_t> share(counts->size());
+    take(share.data(), sizeof(int64_t) * share.size());
+    for (std::size_t i = 0; i < share.size(); ++i) (*counts)[i] += share[i];
+  }
+  if (at != bytes.size()) fail(ExitCode::runtime, "a share's results are longer than its rows");
 }
 
 nlohmann::json comparison_json(const Comparison& c) {

@@ -1,6 +1,7 @@
 // Fidelity of sparse against dense attention (DESIGN.md section 2): what is lost at k.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -30,6 +31,12 @@ struct Summary {
 Summary summarize(const std::vector<double>& values);
 nlohmann::json summary_json(const Summary& summary);  // NaN written as null
 
+// Query rows [begin, end) of a comparison's B x Lq (row r: batch element r / Lq, query r % Lq);
+// end -1: to the last.
+struct RowRange {
+  int64_t begin = 0, end = -1;
+};
+
 struct CompareInputs {
   AttentionInputs attention;
   float scale = 1.0f;
@@ -49,6 +56,8 @@ struct CompareInputs {
   // dense reference over attention's own kv, and each k also reports the sparse output's loss
   // against the same selection over attention's kv (Fidelity::cache_*).
   const AttentionInputs* fp8_cache = nullptr;
+  // The rows computed (one rank's share of a job, balanced_rows); the others' metrics stay NaN.
+  RowRange rows;
 };
 
 // Per-row metrics at one k. Row r is (batch r / Lq, query r % Lq); per-head vectors are
@@ -70,6 +79,16 @@ struct Fidelity {
   double cache_error_squares = 0, cache_reference_squares = 0;
 };
 
+// What a comparison's global figures sum over rows, kept per row so that they are summed in row
+// order whichever threads or ranks computed the rows: per k, squared output errors and norms (and
+// the fp8 cache's), the positions attended and the needles (counted).
+struct RowTotals {
+  std::vector<double> error_squares, reference_squares;              // [k, row]
+  std::vector<double> cache_error_squares, cache_reference_squares;  // [k, row], fp8 cache
+  std::vector<int64_t> needle_counts;                                // [k]: (needles, selected)
+  std::vector<int64_t> sparse_positions;                             // [k]
+};
+
 struct Comparison {
   int64_t batch = 1, queries = 0, keys = 0, heads = 0;
   // Compressed keys (DeepSeek-V4): the tokens they come from and tokens per key; 0 and 1 for
@@ -81,6 +100,7 @@ struct Comparison {
   double indexer_flops = 0, dense_flops = 0;
   std::vector<std::pair<std::string, double>> stage_seconds;  // wall clock per stage
   std::string kv_cache;  // "fp8" when the sparse attention read the fp8 cache, else empty
+  RowTotals totals;      // compare_attention's (DeepSeek-V3.2); empty for V4
 
   int64_t rows() const { return batch * queries; }
   int64_t position(int64_t row) const {
@@ -98,6 +118,19 @@ struct Comparison {
 // outputs and dense probabilities, and the host the selections and the metrics.
 Comparison compare_attention(const CompareInputs& inputs, StageTimes* times,
                              Device device = Device::cpu);
+
+// A job of `parts` ranks (docs/DESIGN.md section 8): contiguous shares of the rows, balanced by
+// their causal work (a row at position t costs t + 1 dense positions and min(t + 1, k) sparse
+// ones), each share starting at a multiple of the rows the CPU computes together (indexer query
+// blocks, dense blocks), so every row is computed as one process computes it.
+std::vector<RowRange> balanced_rows(const CompareInputs& inputs, int parts);
+// One share's results as bytes (every per-row metric's slice, the per-row totals, the counts),
+// and those bytes put into the whole comparison; once every share is in, finish_comparison
+// gives one process's Comparison to the bit.
+std::vector<std::byte> pack_rows(const Comparison& comparison, RowRange rows);
+void unpack_rows(Comparison& comparison, RowRange rows, const std::vector<std::byte>& bytes);
+// The global figures (Frobenius sums, needles, sparse FLOPs) from the totals, in row order.
+void finish_comparison(const CompareInputs& inputs, Comparison& comparison);
 
 // Where --device `name` runs the comparison on these inputs (choose_device in indexer.hpp says
 // how; the GPU needs MLA's latent layout with d_qk 512 or 576 and d_v 512).
