@@ -242,14 +242,14 @@ void compare_on_engine(const detail::Backend& backend, const CompareInputs& in, 
   // and dense.
   const int64_t outputs = in.fp8_cache ? 2 * n_k + 1 : n_k + 1;
   const int64_t per_row = 8 * Lk + 4 * outputs * H * (d_v + 1) + 8 * width;
-  // At least four blocks of rows per thread, so that every stage keeps the threads busy; a
-  // multiple of the CPU engine's blocks (backend.hpp, share_alignment), as a share's start is.
-  const int64_t rows_of_block = share_alignment(in);
-  const int64_t busy = 4 * static_cast<int64_t>(max_threads()) * rows_of_block;
+  // At least four dense blocks of rows per thread, so that every stage keeps the threads busy;
+  // a multiple of the rows the CPU computes together (share_alignment), as a share's start is.
+  const int64_t busy = 4 * static_cast<int64_t>(max_threads()) * detail::cpu_compare_rows(a);
+  const int64_t align = share_alignment(in);
   const int64_t chunk =
       std::max(std::clamp<int64_t>(std::max(backend.compare_chunk_bytes / per_row, busy), 1, 4096) /
-                   rows_of_block * rows_of_block,
-               rows_of_block);
+                   align * align,
+               align);
   const RowRange share = share_of(in, rows);
   std::vector<float> scores, p, dense_out, dense_lse, sparse_out, sparse_lse, selected_scores;
   std::vector<float> bf16_out, bf16_lse;  // with the fp8 cache: the same selection over kv
