@@ -3,6 +3,7 @@
 
 #include "common.hpp"
 #include "dsa/attention.hpp"
+#include "dsa/device.hpp"
 #include "dsa/error.hpp"
 #include "dsa/io.hpp"
 #include "dsa/metrics.hpp"
@@ -258,6 +259,8 @@ int main(int argc, char** argv) {
     }
     const dsa::AttentionInputs& a = inputs.attention;
     dsa::app::warn_if_dense_topk("dsa-compare", inputs.topk, a.keys);
+    // One GPU per rank: the host's ranks take its GPUs in turn (before any other CUDA call).
+    if (job.size > 1 && device != "cpu") dsa::use_local_gpu(job.local_rank);
     const dsa::DeviceChoice choice =
         dsa::naming("--device", [&] { return dsa::choose_device(device, inputs); });
     dsa::report_device(report, choice);
@@ -271,6 +274,7 @@ int main(int argc, char** argv) {
     dsa::Comparison comparison = dsa::compare_attention(inputs, &times, choice.device);
     if (job.size > 1) {
       nlohmann::json share = {{"rank", job.rank},
+                              {"device", report["device"]},
                               {"rows", {inputs.rows.begin, inputs.rows.end}},
                               {"timings_ms", dsa::timings_json(times, total.seconds())}};
       const std::string text = share.dump();

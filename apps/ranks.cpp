@@ -49,6 +49,10 @@ const Ranks& start_ranks(int* argc, char*** argv) {
     MPI_Init(argc, argv);
     MPI_Comm_rank(MPI_COMM_WORLD, &world.rank);
     MPI_Comm_size(MPI_COMM_WORLD, &world.size);
+    MPI_Comm host;  // the ranks that share this host's memory, and so its GPUs
+    MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, world.rank, MPI_INFO_NULL, &host);
+    MPI_Comm_rank(host, &world.local_rank);
+    MPI_Comm_free(&host);
   }
 #else
   (void)argc;

@@ -11,6 +11,7 @@ namespace dsa::app {
 
 struct Ranks {
   int rank = 0, size = 1;
+  int local_rank = 0;  // among the ranks on this host: which of its GPUs is this rank's
 };
 
 // Starts MPI once when a launcher started this process and the build has MPI; Error(usage) when

@@ -54,6 +54,11 @@ def main():
                  "--weights", f"{b}:weights", "-k", "32", "-q", "-o", sel])
         if r.returncode:
             sys.exit(f"dsa-select failed: {r.stderr}")
+        sel_w = os.path.join(d, "sel_w.npy")
+        r = run([tool("dsa-select"), "--q-index", f"{w}:q_index", "--k-index", f"{w}:k_index",
+                 "--weights", f"{w}:weights", "-k", "64", "-q", "-o", sel_w])
+        if r.returncode:
+            sys.exit(f"dsa-select failed: {r.stderr}")
         cases = {
             "indexer, needles, sweep": [
                 "--q", f"{w}:q", "--kv", f"{w}:kv", "--dv", "48", "--q-index", f"{w}:q_index",
@@ -61,6 +66,10 @@ def main():
                 f"{w}:needles", "--sweep-topk", "16,64,256"],
             "indices, fp8 cache": [
                 "--q", f"{b}:q", "--kv", f"{b}:kv", "--indices", sel, "--kv-cache", "fp8"],
+            # Each rank asks for its host's next GPU; where there is none (CI), the CPU computes.
+            "indices, --device auto": [
+                "--q", f"{w}:q", "--kv", f"{w}:kv", "--dv", "48", "--indices", sel_w,
+                "--device", "auto"],
         }
         for name, flags in cases.items():
             one = os.path.join(d, "one.json")

@@ -369,6 +369,17 @@ TEST(Cuda, DeviceSelection) {
   EXPECT_EQ(resolve_device("auto"), cuda_available() ? Device::cuda : Device::cpu);
   EXPECT_EQ(device_description(Device::cpu), "cpu");
   if (!cuda_available()) EXPECT_THROW(resolve_device("cuda"), Error);
+  // A rank's GPU: the host's GPUs in turn (every one of them on a host of one GPU); none
+  // without a GPU, and the CPU still computes.
+  if (cuda_available()) {
+    const int chosen = use_local_gpu(5);
+    EXPECT_GE(chosen, 0);
+    EXPECT_NE(device_description(Device::cuda).find("cuda:" + std::to_string(chosen)),
+              std::string::npos);
+    EXPECT_EQ(use_local_gpu(0), 0);
+  } else {
+    EXPECT_EQ(use_local_gpu(1), -1);
+  }
 }
 
 // Per operation: "auto" takes the GPU only where the CUDA backend accepts the inputs, "cuda"

@@ -377,24 +377,39 @@ class AttentionOnDevice {
   DeviceBuffer<float> out_, lse_, partial_;
 };
 
+// The GPU this process computes on: 0, or what select_device chose.
+int current_device = 0;
+
 std::string unavailable_reason() {
   int count = 0;
   const cudaError_t status = cudaGetDeviceCount(&count);
   if (status != cudaSuccess) return fmt::format("no usable GPU ({})", cudaGetErrorString(status));
   if (count == 0) return "no GPU found";
   cudaDeviceProp prop{};
-  check(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties");
+  check(cudaGetDeviceProperties(&prop, current_device), "cudaGetDeviceProperties");
   if (prop.major != 9) {
-    return fmt::format("the kernels are built for Hopper (sm_90a); GPU 0 is {} (sm_{}{})",
-                       prop.name, prop.major, prop.minor);
+    return fmt::format("the kernels are built for Hopper (sm_90a); GPU {} is {} (sm_{}{})",
+                       current_device, prop.name, prop.major, prop.minor);
   }
   return "";
 }
 
 std::string describe() {
   cudaDeviceProp prop{};
-  check(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties");
-  return fmt::format("cuda:0 {} ({} SMs)", prop.name, prop.multiProcessorCount);
+  check(cudaGetDeviceProperties(&prop, current_device), "cudaGetDeviceProperties");
+  return fmt::format("cuda:{} {} ({} SMs)", current_device, prop.name, prop.multiProcessorCount);
+}
+
+int select_device(int slot) {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+    (void)cudaGetLastError();  // no GPU: the CPU computes, nothing to choose
+    return -1;
+  }
+  const int device = ((slot % count) + count) % count;
+  check(cudaSetDevice(device), "cudaSetDevice");
+  current_device = device;
+  return device;
 }
 
 void indexer_scores(const IndexerInputs& in, const IndexerConfig& config,
@@ -517,7 +532,8 @@ const detail::Backend& backend() {
                                      describe,         check_operation,
                                      indexer_scores,   select_from_indexer,
                                      sparse_attention, int64_t{1} << 30,
-                                     compare_engine,   [] { return peak_bytes.load(); }};
+                                     compare_engine,   [] { return peak_bytes.load(); },
+                                     select_device};
   return table;
 }
 

@@ -68,6 +68,9 @@ struct Backend {
   // The most memory of its own device the backend's buffers held at once in this process (0:
   // none, or a backend that computes in host memory, which peak_rss_bytes counts).
   int64_t (*peak_memory_bytes)();
+  // Computes from now on on the slot-th of its devices (modulo their count); the device's index,
+  // or -1 when the backend has no devices to choose from.
+  int (*select_device)(int slot);
 };
 
 // The CPU's entries (indexer.cpp, topk.cpp, attention.cpp).

@@ -27,7 +27,8 @@ const Backend& cpu_backend() {
                              cpu_attention,
                              int64_t{64} << 20,
                              cpu_compare_engine,
-                             [] { return int64_t{0}; }};
+                             [] { return int64_t{0}; },
+                             [](int) { return -1; }};
   return table;
 }
 
@@ -49,6 +50,11 @@ std::string cuda_unavailable_reason() {
 }  // namespace
 
 }  // namespace detail
+
+int use_local_gpu(int local_rank) {
+  const detail::Backend* cuda = detail::cuda_backend();
+  return cuda ? cuda->select_device(local_rank) : -1;
+}
 
 int64_t peak_device_bytes() {
   const detail::Backend* cuda = detail::cuda_backend();

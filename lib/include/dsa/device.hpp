@@ -17,6 +17,10 @@ bool cuda_available();
 std::string device_name(Device device);
 // "cpu" or e.g. "cuda:0 NVIDIA H100 80GB HBM3 (132 SMs)".
 std::string device_description(Device device);
+// An MPI rank's GPU (docs/DESIGN.md section 8): every later CUDA call of this process uses the
+// local_rank-th GPU of this host (modulo their count). Returns its index, or -1 without GPUs
+// (nothing changes then). Call it before any other CUDA work.
+int use_local_gpu(int local_rank);
 // The most GPU memory the CUDA backend's buffers held at once in this process, in bytes (0 when
 // nothing ran on a GPU, or this build has no CUDA backend).
 int64_t peak_device_bytes();
