@@ -18,14 +18,10 @@
 #include "dsa/precision.hpp"
 #include "dsa/topk.hpp"
 #include "reference.hpp"
+#include "skip_without_gpu.hpp"
 
 namespace dsa {
 namespace {
-
-#define SKIP_WITHOUT_GPU()                                                      \
-  do {                                                                          \
-    if (!cuda_available()) GTEST_SKIP() << "no usable GPU: CUDA tests skipped"; \
-  } while (0)
 
 struct IndexerCase {
   int64_t queries, keys, heads, dim, k;

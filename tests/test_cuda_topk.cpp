@@ -20,14 +20,10 @@
 #include "dsa/device.hpp"
 #include "dsa/indexer.hpp"
 #include "dsa/topk.hpp"
+#include "skip_without_gpu.hpp"
 
 namespace dsa {
 namespace {
-
-#define SKIP_WITHOUT_GPU()                                                      \
-  do {                                                                          \
-    if (!cuda_available()) GTEST_SKIP() << "no usable GPU: CUDA tests skipped"; \
-  } while (0)
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr int64_t kHeads = 2, kDim = 16;

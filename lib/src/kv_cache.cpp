@@ -14,18 +14,6 @@ namespace dsa {
 
 namespace {
 
-uint32_t bits_of(float x) {
-  uint32_t b;
-  std::memcpy(&b, &x, 4);
-  return b;
-}
-
-float float_of(uint32_t b) {
-  float x;
-  std::memcpy(&x, &b, 4);
-  return x;
-}
-
 // Rows per parallel range of the conversions.
 constexpr int64_t kRowsPerRange = 1024;
 
@@ -42,10 +30,7 @@ std::string kv_cache_name(KvCache cache) {
 }
 
 float fp8_cache_scale(float amax) {
-  const float scale = std::max(amax / kE4M3Max, 1e-4f);
-  uint32_t b = bits_of(scale);
-  if (b & 0x7fffff) b = (b & 0xff800000) + 0x800000;  // up to the next power of two
-  return float_of(b);
+  return round_up_to_power_of_two(std::max(amax / kE4M3Max, 1e-4f));
 }
 
 bool is_fp8_kv_cache(const Tensor& t) {

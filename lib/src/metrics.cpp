@@ -559,12 +559,12 @@ std::vector<RowRange> balanced_rows(const CompareInputs& in, int parts) {
 namespace {
 
 // Every per-row field of a comparison, in one order for pack_rows and unpack_rows: the values
-// and how many a row has.
-template <typename F>
-void for_each_row_field(Comparison& c, F&& field) {
+// and how many a row has (C: Comparison, or const Comparison to read them).
+template <typename C, typename F>
+void for_each_row_field(C& c, F&& field) {
   const int64_t H = c.heads;
   if (!c.kl_dense.empty()) field(c.kl_dense.data(), 1);
-  for (Fidelity& f : c.per_k) {
+  for (auto& f : c.per_k) {
     field(f.out_rel_err.data(), H);
     field(f.out_cosine.data(), H);
     field(f.mass_recall_head.data(), H);
@@ -573,7 +573,7 @@ void for_each_row_field(Comparison& c, F&& field) {
     field(f.kl_sparse.data(), 1);
     if (!f.cache_rel_err.empty()) field(f.cache_rel_err.data(), H);
   }
-  RowTotals& t = c.totals;
+  auto& t = c.totals;
   const int64_t rows = c.rows();
   for (std::size_t ki = 0; ki < c.per_k.size(); ++ki) {
     const int64_t base = static_cast<int64_t>(ki) * rows;
@@ -588,8 +588,7 @@ void for_each_row_field(Comparison& c, F&& field) {
 
 }  // namespace
 
-std::vector<std::byte> pack_rows(const Comparison& comparison, RowRange rows) {
-  auto& c = const_cast<Comparison&>(comparison);  // for_each_row_field only reads here
+std::vector<std::byte> pack_rows(const Comparison& c, RowRange rows) {
   std::vector<std::byte> out;
   auto append = [&](const void* data, std::size_t bytes) {
     const auto* p = static_cast<const std::byte*>(data);

@@ -137,14 +137,15 @@ float e4m3_to_f32(uint8_t bits) {
   return e4m3_values()[bits];
 }
 
+float round_up_to_power_of_two(float x) {
+  uint32_t b = bits_of(x);
+  if (b & 0x7fffff) b = (b & 0xff800000) + 0x800000;  // a mantissa: up to the next exponent
+  return float_of(b);
+}
+
 float fp8_block_scale(float amax, bool ue8m0) {
-  float scale = std::max(amax, 1e-4f) * kE4M3MaxInverse;
-  if (ue8m0) {
-    uint32_t b = bits_of(scale);
-    if (b & 0x7fffff) b = (b & 0xff800000) + 0x800000;  // round up to the next power of two
-    scale = float_of(b);
-  }
-  return scale;
+  const float scale = std::max(amax, 1e-4f) * kE4M3MaxInverse;
+  return ue8m0 ? round_up_to_power_of_two(scale) : scale;
 }
 
 namespace {
@@ -212,10 +213,7 @@ float e2m1_round(float x) {
 float fp4_block_scale(float amax) {
   constexpr float kFloor = 6.0f * 0x1p-126f;
   constexpr float kInverse = static_cast<float>(1.0 / 6.0);
-  float scale = std::max(amax, kFloor) * kInverse;
-  uint32_t b = bits_of(scale);
-  if (b & 0x7fffff) b = (b & 0xff800000) + 0x800000;  // round up to the next power of two
-  return float_of(b);
+  return round_up_to_power_of_two(std::max(amax, kFloor) * kInverse);
 }
 
 void fp4_fake_quantize(const float* x, int64_t n, int64_t block, float* out) {

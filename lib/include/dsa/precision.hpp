@@ -32,6 +32,10 @@ float e4m3_to_f32(uint8_t bits);
 // 448 (the two differ in the last bit for about half of the bf16 amax values).
 inline constexpr float kE4M3MaxInverse = static_cast<float>(1.0 / 448.0);
 
+// The least power of two >= x, read off its bits (2^ceil(log2 x), exact where a float log2 could
+// round): the ue8m0 scale of every block format here. x positive, finite and normal.
+float round_up_to_power_of_two(float x);
+
 // Quantization scale of one block, as the released act_quant computes it: amax clamped below at
 // 1e-4, times kE4M3MaxInverse in f32, optionally rounded up to a power of two (`ue8m0`, the
 // released model's scale_fmt: 2^ceil(log2) of that product, read off its bits).
