@@ -52,6 +52,26 @@ __global__ void fill_f32(float* x, int64_t n, float value) {
     x[i] = value;
 }
 
+// n rows of FlashMLA's fp8 cache (dsa/kv_cache.hpp, 656 bytes each): e4m3 codes of 448 *
+// uniform(-1, 1), the four scales 2^-8 (so values of about the bf16 rows' amplitude, 1.75), the
+// 64 rope values bf16 uniform(-1, 1).
+__global__ void fill_fp8_cache(uint8_t* x, int64_t n, uint32_t seed) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n * 656;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t row = i / 656;
+    const int b = static_cast<int>(i % 656);
+    if (b < 512) {
+      x[i] = __nv_fp8_e4m3(448.0f * uniform(i, seed)).__x;
+    } else if (b < 528) {
+      x[i] = static_cast<uint8_t>(0x3b800000u >> (8 * ((b - 512) % 4)));  // 2^-8, little-endian
+    } else {
+      const int e = (b - 528) / 2;
+      const __nv_bfloat16 v = __float2bfloat16(uniform(row * 64 + e, seed + 1));
+      x[i] = static_cast<uint8_t>(*reinterpret_cast<const uint16_t*>(&v) >> (8 * ((b - 528) % 2)));
+    }
+  }
+}
+
 // Distinct visible positions per row: a stride walk from a row-dependent start.
 __global__ void fill_indices(int32_t* idx, int rows, int k, int64_t first_position) {
   const int r = blockIdx.x;
@@ -574,6 +594,25 @@ int main(int argc, char** argv) {
         attn_flops += 2.0 * H * (DQK + DV) * double(std::min<int64_t>(K, c0 + r + 1));
     }
     report("sparse_attention", L, attn_ms, attn_flops, ceilings.bf16_tflops);
+    // The same rows over FlashMLA's fp8 cache (the kernel dequantizes each tile into bf16):
+    // the same FLOPs, and its time beside the bf16 cache's.
+    {
+      auto* kv8 = device_alloc<uint8_t>(size_t(L) * 656);
+      fill_fp8_cache<<<1024, 256>>>(kv8, L, 9);
+      double fp8_ms = 0;
+      for (int64_t c0 = 0; c0 < L; c0 += attn_chunk) {
+        const int rows = static_cast<int>(std::min(attn_chunk, L - c0));
+        fill_indices<<<rows, 256>>>(sel, rows, K, c0);
+        check(cudaDeviceSynchronize(), "fill indices");
+        auto p = attention(qa, nullptr, sel, K, rows, H, DQK, DV, L, c0, 0.0417f, out, lse);
+        p.kv_fp8 = kv8;
+        timer.begin();
+        dsa::cuda::launch_attention(p);
+        fp8_ms += timer.end_ms();
+      }
+      report("sparse_attention_fp8_cache", L, fp8_ms, attn_flops, ceilings.bf16_tflops);
+      cudaFree(kv8);
+    }
     // The prefill's floor: the indexer at the fp8 ceiling, the top-k's bytes at the copy
     // ceiling and the attention at the bf16 ceiling.
     report_floor("dsa_prefill", L, indexer_ms + topk_ms + attn_ms,
@@ -786,6 +825,28 @@ int main(int argc, char** argv) {
                  attention_bytes);
     report_bytes("decode_b32_131072", L, best, 0,
                  indexer_bytes + decode_topk_bytes + attention_bytes);
+    // The attention over FlashMLA's fp8 cache: 656 bytes per selected row instead of 1152.
+    {
+      cudaFree(kv);
+      auto* kv8 = device_alloc<uint8_t>(size_t(B) * L * 656);
+      fill_fp8_cache<<<1024, 256>>>(kv8, B * L, 10);
+      auto fp8 = ab;
+      fp8.kv = nullptr;
+      fp8.kv_fp8 = kv8;
+      fp8.kv_fp8_step = L * 656;
+      double best_fp8 = 1e30;
+      for (int rep = 0; rep < 10; ++rep) {
+        timer.begin();
+        dsa::cuda::launch_attention(fp8);
+        best_fp8 = std::min(best_fp8, timer.end_ms());
+      }
+      const double fp8_bytes =
+          double(B) * (K * 656.0 + H * DQK * 2.0 + K * 4.0 + H * DV * 4.0 + H * 4.0);
+      report_bytes("decode_b32_131072_attention_fp8_cache", L, best_fp8,
+                   2.0 * B * K * H * (DQK + DV), fp8_bytes);
+      cudaFree(kv8);
+      kv = nullptr;
+    }
   }
   print_table();
   return 0;

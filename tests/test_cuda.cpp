@@ -268,29 +268,86 @@ TEST(Cuda, SparseAndDenseMqaAttentionMatchTheCpu) {
   }
 }
 
-// FlashMLA's fp8 cache is the CPU's: the GPU's attention refuses it before any work, naming the
-// way out, and --device auto runs it on the CPU saying why.
-TEST(Cuda, Fp8CacheRunsOnTheCpu) {
+// FlashMLA's fp8 cache: the kernel dequantizes the staged rows into the bf16 tile, so the GPU
+// over the cache must agree with the CPU over the cache (whose keys are the same dequantized
+// rows) as closely as the bf16 path agrees with it; batched (decode: one query per sequence)
+// and prefill rows, sparse and dense; and dsa-compare's fp8 loss on the GPU is the CPU's.
+TEST(Cuda, Fp8CacheAttentionMatchesTheCpu) {
   SKIP_WITHOUT_GPU();
   std::mt19937_64 rng(12);
-  const Tensor q = test::random_tensor({8, 64, kFp8CacheDim}, rng, 1.0f, "q"),
-               kv = test::random_tensor({40, kFp8CacheDim}, rng, 1.0f, "kv");
+  struct Case {
+    int64_t batch, queries, keys, heads, k;
+  };
+  for (const Case& c :
+       {Case{1, 70, 700, 128, 200}, Case{8, 1, 3000, 128, 2048}, Case{2, 9, 300, 40, 128}}) {
+    Shape qs = {c.queries, c.heads, kFp8CacheDim}, ks = {c.keys, kFp8CacheDim},
+          is = {c.queries, c.k};
+    if (c.batch > 1) {
+      for (Shape* s : {&qs, &ks, &is}) s->insert(s->begin(), c.batch);
+    }
+    Tensor q = test::random_tensor(qs, rng, 2.0f, "q"),
+           kv = test::random_tensor(ks, rng, 1.0f, "kv");
+    float* qp = mutable_data<float>(q);
+    for (int64_t i = 0; i < q.numel(); ++i) qp[i] = round_to_bf16(qp[i]);
+    // Tiles of different amplitudes, so that the four scales of a row differ.
+    float* kp = mutable_data<float>(kv);
+    for (int64_t i = 0; i < kv.numel(); ++i)
+      kp[i] *= std::ldexp(1.0f, static_cast<int>(i / 128 % 5) - 2);
+    const Tensor cache = quantize_kv_cache_fp8(kv);
+    const AttentionInputs in = make_mqa_inputs(q, cache, 512);
+    ASSERT_TRUE(in.fp8_cache);
+    const int64_t cache_bytes = cache.numel() / c.batch;  // one sequence's rows on the GPU
+    Tensor indices = make_tensor(DType::i32, is, "idx");
+    for (int64_t r = 0; r < c.batch * c.queries; ++r) {
+      const int64_t visible = in.position(r % c.queries) + 1;
+      std::vector<int32_t> all(static_cast<std::size_t>(visible));
+      for (int64_t s = 0; s < visible; ++s) all[s] = static_cast<int32_t>(s);
+      std::shuffle(all.begin(), all.end(), rng);
+      all.resize(static_cast<std::size_t>(std::min(c.k, visible)));
+      all.resize(static_cast<std::size_t>(c.k), -1);
+      std::copy(all.begin(), all.end(), mutable_data<int32_t>(indices) + r * c.k);
+    }
+    const float scale = default_scale(kFp8CacheDim);
+    for (const Tensor* sel :
+         {static_cast<const Tensor*>(&indices), static_cast<const Tensor*>(nullptr)}) {
+      const Result cpu = attend(in, sel, scale, Device::cpu),
+                   gpu = attend(in, sel, scale, Device::cuda);
+      EXPECT_LT(relative_error(gpu.out, cpu.out), 1e-2)
+          << (sel ? "sparse" : "dense") << " B " << c.batch << " H " << c.heads;
+      for (std::size_t i = 0; i < cpu.lse.size(); ++i)
+        ASSERT_NEAR(gpu.lse[i], cpu.lse[i], 2e-2) << i;
+    }
+    EXPECT_GE(peak_device_bytes(), cache_bytes);  // counted by the backend's buffers
+  }
+  // dsa-compare with the fp8 cache on the GPU reports the CPU's loss.
+  const int64_t L = 300, H = 64;
+  Tensor q = test::random_tensor({L, H, kFp8CacheDim}, rng, 2.0f, "q"),
+         kv = test::random_tensor({L, kFp8CacheDim}, rng, 1.0f, "kv");
+  for (Tensor* t : {&q, &kv}) {
+    float* p = mutable_data<float>(*t);
+    for (int64_t i = 0; i < t->numel(); ++i) p[i] = round_to_bf16(p[i]);
+  }
   const Tensor cache = quantize_kv_cache_fp8(kv);
   const AttentionInputs fp8 = make_mqa_inputs(q, cache, 512);
-  try {
-    choose_device("cuda", fp8);
-    ADD_FAILURE() << "the fp8 cache was taken by the GPU";
-  } catch (const Error& e) {
-    EXPECT_EQ(e.code(), ExitCode::usage) << e.what();
-    EXPECT_NE(std::string(e.what()).find("--device cpu"), std::string::npos) << e.what();
-  }
-  const DeviceChoice choice = choose_device("auto", fp8);
-  EXPECT_EQ(choice.device, Device::cpu);
-  EXPECT_NE(choice.note.find("fp8 cache"), std::string::npos) << choice.note;
+  Tensor indices = make_tensor(DType::i32, {L, 64}, "idx");
+  for (int64_t t = 0; t < L; ++t)
+    for (int64_t j = 0; j < 64; ++j)
+      mutable_data<int32_t>(indices)[t * 64 + j] = j <= t ? static_cast<int32_t>(t - j) : -1;
   CompareInputs in;
   in.attention = make_mqa_inputs(q, kv, 512);
   in.fp8_cache = &fp8;
-  EXPECT_EQ(choose_device("auto", in).device, Device::cpu);
+  in.scale = default_scale(kFp8CacheDim);
+  in.indices = &indices;
+  in.topk = {64};
+  const Comparison cpu = compare_attention(in, nullptr);
+  const Comparison gpu = compare_attention(in, nullptr, Device::cuda);
+  const Fidelity &c = cpu.per_k[0], &g = gpu.per_k[0];
+  ASSERT_EQ(g.cache_rel_err.size(), c.cache_rel_err.size());
+  for (std::size_t i = 0; i < c.cache_rel_err.size(); ++i)
+    ASSERT_NEAR(g.cache_rel_err[i], c.cache_rel_err[i], 5e-3 + 5e-2 * c.cache_rel_err[i]) << i;
+  EXPECT_NEAR(std::sqrt(g.cache_error_squares / g.cache_reference_squares),
+              std::sqrt(c.cache_error_squares / c.cache_reference_squares),
+              0.05 * std::sqrt(c.cache_error_squares / c.cache_reference_squares));
 }
 
 TEST(Cuda, CompareOnTheGpuAgreesWithTheCpu) {

@@ -1,7 +1,11 @@
 // MQA attention (MLA's latent cache) on the GPU, over selected entries or every visible one:
 // tiles of keys gathered into shared memory, q . k and p . v on the tensor cores, the softmax
 // statistics in f32 (online_softmax.cuh, shared by both kernels).
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <mma.h>
+
+#include <type_traits>
 
 #include <fmt/format.h>
 
@@ -22,13 +26,15 @@ using namespace nvcuda;
 struct Sequence {
   const __nv_bfloat16* q;
   const __nv_bfloat16* kv;
+  const uint8_t* kv_fp8;   // null: the bf16 cache
   const int32_t* indices;  // null: dense
   float* out;
   float* lse;
   __device__ explicit Sequence(const AttentionParams& p) {
     const int64_t z = blockIdx.z;
     q = p.q + z * p.q_step;
-    kv = p.kv + z * p.kv_step;
+    kv = p.kv ? p.kv + z * p.kv_step : nullptr;
+    kv_fp8 = p.kv_fp8 ? p.kv_fp8 + z * p.kv_fp8_step : nullptr;
     indices = p.indices ? p.indices + z * p.indices_step : nullptr;
     out = p.out + z * p.out_step;
     lse = p.lse + z * p.lse_step;
@@ -214,17 +220,24 @@ __global__ void __launch_bounds__(Wmma::kThreads)
 // the keys from shared memory), the two exchange their row maxima (online softmax, f32, base
 // 2), write P in bf16 to shared memory, and each accumulates P . V for its half of the 512
 // value columns (wgmma, V read N-major from the same tile): 64 x 256 f32 in registers.
-template <int D_QK>
+//
+// FP8 (MlaFp8AttentionTraits, d_qk 576): the rows come from FlashMLA's fp8 cache. The next
+// tile's raw rows are gathered by cp.async into a staging buffer while this tile is computed
+// on; between tiles every thread dequantizes its share into the one bf16 tile (code x scale,
+// exact), so the tensor cores see what the bf16 path gives them for the same values.
+template <int D_QK, bool FP8 = false>
 __global__ void __launch_bounds__(MlaAttentionTraits<D_QK>::kThreads, 1)
     mla_wgmma_kernel(const __grid_constant__ AttentionParams p) {
   namespace wg = wgmma;
-  using Traits = MlaAttentionTraits<D_QK>;
+  using Traits = std::conditional_t<FP8, MlaFp8AttentionTraits, MlaAttentionTraits<D_QK>>;
+  static_assert(!FP8 || D_QK == 576, "the fp8 cache holds 576-wide rows");
   using Tile = typename Traits::Tile;
   using Layout = typename Traits::Layout;
   constexpr int kHeads = Tile::kHeads, kKeys = Tile::kKeys, kHalfValues = Traits::kHalfValues;
   const Sequence sequence(p);
   const __nv_bfloat16* __restrict__ q = sequence.q;
   const __nv_bfloat16* __restrict__ kv = sequence.kv;
+  const uint8_t* __restrict__ kv_fp8 = sequence.kv_fp8;
   const int32_t* __restrict__ indices = sequence.indices;
   float* __restrict__ out = sequence.out;
   float* __restrict__ lse = sequence.lse;
@@ -258,11 +271,51 @@ __global__ void __launch_bounds__(MlaAttentionTraits<D_QK>::kThreads, 1)
     if (tile >= tiles || e >= entries) return -1;
     return indices ? indices[static_cast<int64_t>(r) * k + e] : static_cast<int>(e);
   };
-  // Starts gathering kv row s into row j of buffer `buffer`.
+  // Starts gathering kv row s into row j of buffer `buffer` (FP8: of the staging buffer; the
+  // slots keep two buffers either way).
   auto fetch = [&](int s, int buffer) {
-    if (tid % (Traits::kThreads / kKeys) == 0) slot_s[buffer * kKeys + j] = s;
-    fetch_key_row<Tile, Traits::kThreads>(base + Layout::kv + buffer * Tile::kTileBytes, kv, s);
+    constexpr int per_key = Traits::kThreads / kKeys;
+    if (tid % per_key == 0) slot_s[buffer * kKeys + j] = s;
+    if constexpr (FP8) {
+      const uint8_t* row = kv_fp8 + static_cast<int64_t>(s >= 0 ? s : 0) * Traits::kRowBytes;
+      const uint32_t staged = base + Layout::raw + j * Traits::kRowBytes;
+      for (int c = tid % per_key; c < Traits::kRowChunks; c += per_key)
+        wg::copy_async_16(staged + c * 16, row + c * 16, s >= 0);
+    } else {
+      fetch_key_row<Tile, Traits::kThreads>(base + Layout::kv + buffer * Tile::kTileBytes, kv, s);
+    }
     wg::copy_async_commit();
+  };
+  // FP8: the staged rows into the bf16 tile, 8 values (16 bytes) at a time: a latent piece is 8
+  // codes times its tile's scale, a rope piece is copied. Zero rows (s < 0) give zeros.
+  auto dequantize = [&] {
+    if constexpr (FP8) {
+      constexpr int pieces = Tile::kChunks;  // 72 per row: 64 latent, 8 rope
+      for (int i = tid; i < kKeys * pieces; i += Traits::kThreads) {
+        const int key = i / pieces, c = i % pieces;
+        const unsigned char* row = smem + Layout::raw + key * Traits::kRowBytes;
+        uint4 v;
+        if (c < Traits::kLatent / 8) {
+          const float scale =
+              *reinterpret_cast<const float*>(row + Traits::kScales + 4 * (c * 8 / Traits::kTile));
+          const uint2 codes = *reinterpret_cast<const uint2*>(row + c * 8);
+          uint32_t words[4];
+#pragma unroll
+          for (int w = 0; w < 4; ++w) {
+            const uint32_t pair = ((w < 2 ? codes.x : codes.y) >> (16 * (w % 2))) & 0xffffu;
+            const __half2_raw h =
+                __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(pair), __NV_E4M3);
+            const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h));
+            const __nv_bfloat162 b = __floats2bfloat162_rn(f.x * scale, f.y * scale);
+            words[w] = *reinterpret_cast<const uint32_t*>(&b);
+          }
+          v = make_uint4(words[0], words[1], words[2], words[3]);
+        } else {
+          v = *reinterpret_cast<const uint4*>(row + Traits::kRope + (c - Traits::kLatent / 8) * 16);
+        }
+        *reinterpret_cast<uint4*>(smem + Layout::kv + wg::swizzled_offset(kKeys, key, c * 8)) = v;
+      }
+    }
   };
   int next = index_of(0);
   if (tiles > 0) {
@@ -278,7 +331,12 @@ __global__ void __launch_bounds__(MlaAttentionTraits<D_QK>::kThreads, 1)
 
   for (int64_t tile = 0; tile < tiles; ++tile) {
     const int buffer = static_cast<int>(tile % 2);
+    const int kv_buffer = FP8 ? 0 : buffer;  // FP8: one bf16 tile
     wg::copy_async_wait_all();
+    if constexpr (FP8) {
+      __syncthreads();  // the staged rows are in, and both warpgroups are done with the tile
+      dequantize();
+    }
     wg::fence_shared_for_tensor_cores();
     __syncthreads();
     if (tile + 1 < tiles) {
@@ -287,7 +345,7 @@ __global__ void __launch_bounds__(MlaAttentionTraits<D_QK>::kThreads, 1)
     }
 
     // S = Q . K^T for this warpgroup's 32 keys.
-    const uint32_t keys = base + Layout::kv + buffer * Tile::kTileBytes + group * 32 * 128;
+    const uint32_t keys = base + Layout::kv + kv_buffer * Tile::kTileBytes + group * 32 * 128;
     float s[16];
     score_tile<Tile, 32>(s, base + Layout::q, keys);
 
@@ -342,7 +400,7 @@ __global__ void __launch_bounds__(MlaAttentionTraits<D_QK>::kThreads, 1)
     // O += P . V for this warpgroup's 256 value columns.
     const uint32_t p_base = base + Layout::p;
     const uint32_t v_base =
-        base + Layout::kv + buffer * Tile::kTileBytes + group * 4 * (kKeys * 128);
+        base + Layout::kv + kv_buffer * Tile::kTileBytes + group * 4 * (kKeys * 128);
     wg::fence();
 #pragma unroll
     for (int step = 0; step < kKeys / 16; ++step) {
@@ -390,7 +448,12 @@ __global__ void __launch_bounds__(MlaAttentionTraits<D_QK>::kThreads, 1)
 
 }  // namespace
 
-std::string attention_limit(int d_qk, int d_v) {
+std::string attention_limit(int d_qk, int d_v, bool fp8_cache) {
+  if (fp8_cache && (d_qk != 576 || d_v != MlaFp8AttentionTraits::kDv)) {
+    return fmt::format(
+        "the CUDA attention over the fp8 cache needs d_qk 576 and d_v {}, got d_qk {} and d_v {}",
+        MlaFp8AttentionTraits::kDv, d_qk, d_v);
+  }
   if (d_qk % 16 != 0 || d_v % 16 != 0 || d_v > d_qk || d_qk > Wmma::kMaxDqk || d_v > Wmma::kMaxDv) {
     return fmt::format(
         "the CUDA attention needs d_qk and d_v multiples of 16 with d_v <= d_qk <= {} and d_v <= "
@@ -402,7 +465,7 @@ std::string attention_limit(int d_qk, int d_v) {
 
 void launch_attention(const AttentionParams& p) {
   if (p.rows == 0 || p.sequences == 0) return;
-  require(attention_limit(p.d_qk, p.d_v));
+  require(attention_limit(p.d_qk, p.d_v, p.kv_fp8 != nullptr));
   auto launch_wgmma = [&](auto kernel, auto traits) {
     using Traits = decltype(traits);
     constexpr uint32_t bytes = Traits::Layout::bytes;
@@ -412,7 +475,9 @@ void launch_attention(const AttentionParams& p) {
     const dim3 grid(p.rows * groups, 1, p.sequences);
     kernel<<<grid, Traits::kThreads, bytes, p.stream>>>(p);
   };
-  if (p.d_qk == 576 && p.d_v == MlaAttentionTraits<576>::kDv) {
+  if (p.kv_fp8) {
+    launch_wgmma(mla_wgmma_kernel<576, true>, MlaFp8AttentionTraits{});
+  } else if (p.d_qk == 576 && p.d_v == MlaAttentionTraits<576>::kDv) {
     launch_wgmma(mla_wgmma_kernel<576>, MlaAttentionTraits<576>{});
   } else if (p.d_qk == 512 && p.d_v == MlaAttentionTraits<512>::kDv) {
     launch_wgmma(mla_wgmma_kernel<512>, MlaAttentionTraits<512>{});

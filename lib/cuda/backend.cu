@@ -14,6 +14,7 @@
 #include "backend.hpp"
 #include "chunks.hpp"
 #include "dsa/error.hpp"
+#include "dsa/kv_cache.hpp"
 #include "dsa/precision.hpp"
 #include "kernels.cuh"
 #include "traits.cuh"
@@ -156,12 +157,8 @@ std::string indexer_limit(const IndexerInputs& in, const IndexerConfig& config) 
 
 std::string attention_limit(const AttentionInputs& in, bool dense_probabilities, bool fp8_cache) {
   if (!in.latent) return "the CUDA attention supports MLA's latent layout (one shared K/V) only";
-  if (fp8_cache || in.fp8_cache) {
-    return "the CUDA attention reads bf16 latent rows; the fp8 cache (--kv-cache fp8, a u8 kv) "
-           "runs on the CPU (--device cpu)";
-  }
   const int d_qk = static_cast<int>(in.d_qk), d_v = static_cast<int>(in.d_v);
-  std::string why = cuda::attention_limit(d_qk, d_v);
+  std::string why = cuda::attention_limit(d_qk, d_v, fp8_cache || in.fp8_cache);
   if (why.empty() && dense_probabilities) why = dense_probabilities_limit(d_qk);
   return why;
 }
@@ -283,7 +280,13 @@ class AttentionOnDevice {
  public:
   AttentionOnDevice(const AttentionInputs& in, float scale, int64_t b)
       : in_(in), scale_(scale), b_(b) {
-    upload_bf16(*in.k, b * in.keys * in.d_qk, in.keys * in.d_qk, kv_);
+    if (in.fp8_cache) {  // the attention kernel reads the cache's rows as they are
+      const auto* rows =
+          reinterpret_cast<const uint8_t*>(in.k->data) + b * in.keys * kFp8CacheBytes;
+      kv_fp8_.upload(rows, static_cast<size_t>(in.keys * kFp8CacheBytes));
+    } else {
+      upload_bf16(*in.k, b * in.keys * in.d_qk, in.keys * in.d_qk, kv_);
+    }
   }
 
   // Rows [c0, c0 + rows): out [rows, H, d_v] and lse [rows, H] on the host, over indices
@@ -295,7 +298,11 @@ class AttentionOnDevice {
     lse_.resize(static_cast<size_t>(rows * in_.heads));
     AttentionParams p;
     p.q = q_.get();
-    p.kv = kv_.get();
+    if (in_.fp8_cache) {
+      p.kv_fp8 = kv_fp8_.get();
+    } else {
+      p.kv = kv_.get();
+    }
     p.indices = indices ? idx_.get() : nullptr;
     p.out = out_.get();
     p.lse = lse_.get();
@@ -319,6 +326,17 @@ class AttentionOnDevice {
     constexpr int64_t group = MlaTileTraits<512>::kHeads;  // heads per partial slice
     const int64_t groups = (in_.heads + group - 1) / group;
     partial_.resize(static_cast<size_t>(groups * rows * stride));
+    if (in_.fp8_cache && kv_.get() == nullptr) {  // its bf16 values, dequantized once (exact)
+      std::vector<float> values(static_cast<size_t>(in_.keys * kFp8CacheDim));
+      dequantize_kv_cache_fp8(*in_.k, b_ * in_.keys, in_.keys, values.data());
+      converted_.resize(values.size());
+      detail::parallel_ranges(static_cast<int64_t>(values.size()), kHostElements,
+                              [&](int64_t begin, int64_t end) {
+                                for (int64_t i = begin; i < end; ++i)
+                                  converted_[i] = as_bf16(values[i]);
+                              });
+      kv_.upload(converted_.data(), converted_.size());
+    }
     DenseProbabilityParams params;
     params.q = q_.get();
     params.kv = kv_.get();
@@ -373,6 +391,7 @@ class AttentionOnDevice {
   std::vector<float> staging_, host_partial_;
   std::vector<__nv_bfloat16> converted_;
   DeviceBuffer<__nv_bfloat16> kv_, q_;
+  DeviceBuffer<uint8_t> kv_fp8_;
   DeviceBuffer<int32_t> idx_;
   DeviceBuffer<float> out_, lse_, partial_;
 };

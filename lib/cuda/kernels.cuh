@@ -73,10 +73,15 @@ void launch_topk(const TopkParams& p);
 // MQA attention of `rows` query rows: q [rows, heads, d_qk] bf16, kv [keys, d_qk] bf16 (values
 // its first d_v columns), over indices [rows, k] (-1 skipped) or, with indices == nullptr, over
 // every s <= first_position + r (dense). out [rows, heads, d_v] f32, lse [rows, heads] (natural
-// log; -inf and zeros for a row that selects nothing). Batched like IndexerParams.
+// log; -inf and zeros for a row that selects nothing). Batched like IndexerParams. With kv_fp8
+// set instead of kv, the latent rows are FlashMLA's fp8 cache (dsa/kv_cache.hpp: 656 bytes a
+// row, sequence z's at byte z * kv_fp8_step; d_qk 576, d_v 512), dequantized to bf16 in shared
+// memory (exact: code x power-of-two scale).
 struct AttentionParams {
   const __nv_bfloat16* q = nullptr;
   const __nv_bfloat16* kv = nullptr;
+  const uint8_t* kv_fp8 = nullptr;
+  int64_t kv_fp8_step = 0;
   const int32_t* indices = nullptr;
   float* out = nullptr;
   float* lse = nullptr;
@@ -87,8 +92,9 @@ struct AttentionParams {
   int64_t q_step = 0, kv_step = 0, indices_step = 0, out_step = 0, lse_step = 0;
   cudaStream_t stream = nullptr;
 };
-// d_qk and d_v multiples of 16, d_v <= d_qk <= 576, d_v <= 512.
-std::string attention_limit(int d_qk, int d_v);
+// d_qk and d_v multiples of 16, d_v <= d_qk <= 576, d_v <= 512; from the fp8 cache, d_qk 576 and
+// d_v 512.
+std::string attention_limit(int d_qk, int d_v, bool fp8_cache = false);
 void launch_attention(const AttentionParams& p);
 
 // Dense probabilities summed over heads (dsa-compare's reference p, times H), for MLA's shapes:

@@ -85,6 +85,27 @@ struct MlaAttentionTraits : MlaTileTraits<D_QK> {
   };
 };
 
+// The wgmma attention over FlashMLA's fp8 cache (d_qk 576): the same warpgroups and bf16 tile,
+// one buffer of it; the next tile's raw rows (656 bytes each, dsa/kv_cache.hpp) arrive by
+// cp.async into a staging buffer while this tile is computed on, and are dequantized into the
+// bf16 tile between tiles.
+struct MlaFp8AttentionTraits : MlaAttentionTraits<576> {
+  using Tile = MlaTileTraits<576>;
+  static constexpr int kRowBytes = 656;
+  static constexpr int kRowChunks = kRowBytes / 16;  // 41 pieces of 16 bytes
+  static constexpr int kLatent = 512, kScales = 512, kRope = 528, kTile = 128;
+  struct Layout {
+    static constexpr uint32_t q = 0;
+    static constexpr uint32_t kv = q + Tile::kQueryBytes;
+    static constexpr uint32_t raw = kv + Tile::kTileBytes;
+    static constexpr uint32_t p = raw + Tile::kKeys * kRowBytes;
+    static constexpr uint32_t max = p + sizeof(__nv_bfloat16) * Tile::kHeads * Tile::kKeys;
+    static constexpr uint32_t sum = max + sizeof(float) * 2 * Tile::kHeads;
+    static constexpr uint32_t slot = sum + sizeof(float) * 2 * Tile::kHeads;
+    static constexpr uint32_t bytes = slot + sizeof(int) * 2 * Tile::kKeys + 1024;  // + slack
+  };
+};
+
 // The dense probabilities: one warpgroup, keys as the A operand (a key per accumulator row), the
 // 64 heads' queries as B; two key buffers.
 template <int D_QK>
