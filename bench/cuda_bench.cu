@@ -771,6 +771,11 @@ int main(int argc, char** argv) {
     ab.sequences = B;
     ab.q_step = int64_t(H) * DQK, ab.kv_step = L * DQK, ab.indices_step = K;
     ab.out_step = int64_t(H) * DV, ab.lse_step = H;
+    // Split decoding's scratch, as the backend gives it (the batched launch's is the largest).
+    float* partial =
+        device_alloc<float>(size_t(std::max<int64_t>(1, dsa::cuda::attention_partial_floats(ab))));
+    const auto unsplit = ab;
+    ab.partial = partial;
     double best = 1e30, best_indexer = 1e30, best_topk = 1e30, best_attention = 1e30;
     for (int rep = 0; rep < 10; ++rep) {
       timer.begin();
@@ -798,9 +803,11 @@ int main(int argc, char** argv) {
         dsa::cuda::launch_indexer(indexer(q + size_t(b) * HI * DI, w + b * HI,
                                           k + size_t(b) * L * DI, ks + b * L, 1, HI, DI, L, L - 1,
                                           scores + size_t(b) * L));
-        dsa::cuda::launch_attention(attention(qa + size_t(b) * H * DQK, kv + size_t(b) * L * DQK,
-                                              idx + size_t(b) * K, K, 1, H, DQK, DV, L, L - 1,
-                                              0.0417f, out + size_t(b) * H * DV, lse + b * H));
+        auto one =
+            attention(qa + size_t(b) * H * DQK, kv + size_t(b) * L * DQK, idx + size_t(b) * K, K, 1,
+                      H, DQK, DV, L, L - 1, 0.0417f, out + size_t(b) * H * DV, lse + b * H);
+        one.partial = partial;
+        dsa::cuda::launch_attention(one);
       }
       check(cudaMemcpy(single.data(), scores, single.size() * 4, cudaMemcpyDeviceToHost), "copy");
       check(cudaMemcpy(out_single.data(), out, out_single.size() * 4, cudaMemcpyDeviceToHost),
@@ -825,6 +832,17 @@ int main(int argc, char** argv) {
                  attention_bytes);
     report_bytes("decode_b32_131072", L, best, 0,
                  indexer_bytes + decode_topk_bytes + attention_bytes);
+    // The attention without split decoding: one block per (row, 64 heads) walks all 2048.
+    {
+      double best_unsplit = 1e30;
+      for (int rep = 0; rep < 10; ++rep) {
+        timer.begin();
+        dsa::cuda::launch_attention(unsplit);
+        best_unsplit = std::min(best_unsplit, timer.end_ms());
+      }
+      report_bytes("decode_b32_131072_attention_one_block", L, best_unsplit,
+                   2.0 * B * K * H * (DQK + DV), attention_bytes);
+    }
     // The attention over FlashMLA's fp8 cache: 656 bytes per selected row instead of 1152.
     {
       cudaFree(kv);
@@ -834,6 +852,7 @@ int main(int argc, char** argv) {
       fp8.kv = nullptr;
       fp8.kv_fp8 = kv8;
       fp8.kv_fp8_step = L * 656;
+      fp8.partial = partial;
       double best_fp8 = 1e30;
       for (int rep = 0; rep < 10; ++rep) {
         timer.begin();

@@ -217,15 +217,20 @@ TEST(Cuda, SparseAndDenseMqaAttentionMatchTheCpu) {
   std::mt19937_64 rng(4);
   struct Case {
     int64_t batch, queries, keys, heads, d_qk, d_v, k;
-    float amplitude = 1.0f;  // of q: 4 makes the softmax sharp, the online maximum moves late
+    float amplitude = 1.0f;     // of q: 4 makes the softmax sharp, the online maximum moves late
+    bool padding_last = false;  // the -1 entries after the selected ones, not shuffled in
   };
-  // The first two and the last three run the Hopper kernel (d_qk 512 or 576, d_v 512): head
+  // The first two and the last five run the Hopper kernel (d_qk 512 or 576, d_v 512): head
   // counts below, at and above a block of 64, selections shorter than a tile, padded with -1,
-  // and longer than several tiles.
+  // and longer than several tiles. Few rows split their selection over blocks (split
+  // decoding, kernels.cuh): the last three cases, the last one with the later splits seeing
+  // only -1 (partials of lse -inf) and dense rows of 47 tiles.
   for (const Case& c :
        {Case{1, 64, 64, 16, 64, 48, 16}, Case{2, 9, 300, 128, 576, 512, 128},
         Case{1, 200, 200, 40, 96, 64, 64}, Case{1, 70, 700, 40, 576, 512, 200, 4.0f},
-        Case{1, 5, 5, 64, 512, 512, 3}, Case{3, 2, 1000, 96, 576, 512, 640, 2.0f}}) {
+        Case{1, 5, 5, 64, 512, 512, 3}, Case{3, 2, 1000, 96, 576, 512, 640, 2.0f},
+        Case{4, 1, 5000, 128, 576, 512, 2048, 4.0f},
+        Case{2, 1, 3000, 64, 576, 512, 2048, 2.0f, true}}) {
     const bool batched = c.batch > 1;
     Shape qs = {c.queries, c.heads, c.d_qk}, ks = {c.keys, c.d_qk}, is = {c.queries, c.k};
     if (batched) {
@@ -249,8 +254,9 @@ TEST(Cuda, SparseAndDenseMqaAttentionMatchTheCpu) {
       for (int64_t s = 0; s < visible; ++s) all[s] = static_cast<int32_t>(s);
       std::shuffle(all.begin(), all.end(), rng);
       all.resize(static_cast<std::size_t>(std::min(c.k, visible)));
+      if (c.padding_last) all.resize(static_cast<std::size_t>(std::min<int64_t>(c.k, 300)));
       all.resize(static_cast<std::size_t>(c.k), -1);
-      std::shuffle(all.begin(), all.end(), rng);
+      if (!c.padding_last) std::shuffle(all.begin(), all.end(), rng);
       std::copy(all.begin(), all.end(), mutable_data<int32_t>(indices) + r * c.k);
     }
     const float scale = default_scale(c.d_qk);

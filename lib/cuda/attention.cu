@@ -5,6 +5,7 @@
 #include <cuda_fp8.h>
 #include <mma.h>
 
+#include <algorithm>
 #include <type_traits>
 
 #include <fmt/format.h>
@@ -213,6 +214,48 @@ __global__ void __launch_bounds__(Wmma::kThreads)
   }
 }
 
+// Where split decoding keeps its partials in AttentionParams::partial: the outputs of every
+// (sequence, split) in that order, [rows, heads, d_v] each, then their lse, [rows, heads] each.
+struct PartialLayout {
+  int64_t out_step, lse_step, lse_offset;
+  __host__ __device__ PartialLayout(const AttentionParams& p, int splits)
+      : out_step(static_cast<int64_t>(p.rows) * p.heads * p.d_v),
+        lse_step(static_cast<int64_t>(p.rows) * p.heads),
+        lse_offset(static_cast<int64_t>(p.sequences) * splits * out_step) {}
+  __host__ __device__ int64_t floats(const AttentionParams& p, int splits) const {
+    return lse_offset + static_cast<int64_t>(p.sequences) * splits * lse_step;
+  }
+};
+
+// Merges the splits' partials of one (row, head) per block (blockIdx.x = r * heads + h,
+// blockIdx.z the sequence): each split's output is normalized by its own sum, so the merged
+// one weighs split i by exp(lse_i - lse), lse = log sum_i exp(lse_i). Splits that saw nothing
+// (lse -inf) weigh nothing; a row with nothing at all gets zeros and -inf, as one block gives.
+__global__ void __launch_bounds__(128)
+    combine_splits(const __grid_constant__ AttentionParams p, int splits) {
+  const PartialLayout parts(p, splits);
+  const int64_t z = blockIdx.z, rh = blockIdx.x;
+  const float* lse_part = p.partial + parts.lse_offset + z * splits * parts.lse_step + rh;
+  float top = -INFINITY;
+  for (int i = 0; i < splits; ++i) top = fmaxf(top, lse_part[i * parts.lse_step]);
+  float total = 0.0f;
+  for (int i = 0; i < splits; ++i) {
+    const float l = lse_part[i * parts.lse_step];
+    if (l > -INFINITY) total += __expf(l - top);
+  }
+  float* out = p.out + z * p.out_step + rh * p.d_v;
+  const float* out_part = p.partial + z * splits * parts.out_step + rh * p.d_v;
+  for (int c = threadIdx.x; c < p.d_v; c += blockDim.x) {
+    float sum = 0.0f;
+    for (int i = 0; i < splits; ++i) {
+      const float l = lse_part[i * parts.lse_step];
+      if (l > -INFINITY) sum += __expf(l - top) * out_part[i * parts.out_step + c];
+    }
+    out[c] = total > 0 ? sum / total : 0.0f;
+  }
+  if (threadIdx.x == 0) p.lse[z * p.lse_step + rh] = total > 0 ? top + __logf(total) : -INFINITY;
+}
+
 // The Hopper kernel for MLA's shapes (MlaAttentionTraits: d_qk 512 or 576, d_v 512): 64 heads
 // of one query row per block, two warpgroups, tiles of 64 selected keys gathered with cp.async
 // into two swizzled buffers (the next tile arrives while this one is computed on). Per tile,
@@ -259,7 +302,12 @@ __global__ void __launch_bounds__(MlaAttentionTraits<D_QK>::kThreads, 1)
   const int pair = 2 * (lane % 4);  // the first of this thread's two columns in each 8
   const int64_t position = p.first_position + r;
   const int64_t entries = indices ? k : position + 1;
-  const int64_t tiles = (entries + kKeys - 1) / kKeys;
+  // Split decoding (gridDim.y > 1): this block's share of the row's tiles, its result a partial
+  // that combine_splits merges (attention_splits).
+  const int64_t all_tiles = (entries + kKeys - 1) / kKeys;
+  const int64_t per_split = (all_tiles + gridDim.y - 1) / gridDim.y;
+  const int64_t first_tile = min(all_tiles, static_cast<int64_t>(blockIdx.y) * per_split);
+  const int64_t tiles = min(all_tiles, first_tile + per_split);  // the tile after the last
 
   fetch_query_heads<Tile, Traits::kThreads>(base + Layout::q, q, r, heads, h0);
   // The kv row this thread gathers for tile `tile` (-1: none). Loaded a tile ahead of its use,
@@ -317,10 +365,10 @@ __global__ void __launch_bounds__(MlaAttentionTraits<D_QK>::kThreads, 1)
       }
     }
   };
-  int next = index_of(0);
-  if (tiles > 0) {
+  int next = index_of(first_tile);
+  if (first_tile < tiles) {
     fetch(next, 0);
-    next = index_of(1);
+    next = index_of(first_tile + 1);
   }
 
   const float scale2 = p.scale * kLog2e;
@@ -329,8 +377,8 @@ __global__ void __launch_bounds__(MlaAttentionTraits<D_QK>::kThreads, 1)
 #pragma unroll
   for (int i = 0; i < 2 * kHalfValues / 4; ++i) o[i] = 0.0f;
 
-  for (int64_t tile = 0; tile < tiles; ++tile) {
-    const int buffer = static_cast<int>(tile % 2);
+  for (int64_t tile = first_tile; tile < tiles; ++tile) {
+    const int buffer = static_cast<int>((tile - first_tile) % 2);
     const int kv_buffer = FP8 ? 0 : buffer;  // FP8: one bf16 tile
     wg::copy_async_wait_all();
     if constexpr (FP8) {
@@ -427,6 +475,12 @@ __global__ void __launch_bounds__(MlaAttentionTraits<D_QK>::kThreads, 1)
   const float inverse0 = total0 > 0 ? 1.0f / total0 : 0.0f;
   const float inverse1 = total1 > 0 ? 1.0f / total1 : 0.0f;
   constexpr int d_v = Traits::kDv;
+  if (gridDim.y > 1) {  // a split's partial: PartialLayout's place for (sequence, split)
+    const PartialLayout parts(p, gridDim.y);
+    const int64_t part = static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y;
+    out = p.partial + part * parts.out_step;
+    lse = p.partial + parts.lse_offset + part * parts.lse_step;
+  }
   float* out0 = out + (static_cast<int64_t>(r) * heads + h0 + row0) * d_v + group * kHalfValues;
   float* out1 = out + (static_cast<int64_t>(r) * heads + h0 + row1) * d_v + group * kHalfValues;
 #pragma unroll
@@ -463,17 +517,44 @@ std::string attention_limit(int d_qk, int d_v, bool fp8_cache) {
   return "";
 }
 
+namespace {
+
+// The wgmma kernel takes d_qk 576 (either cache) or 512, with d_v 512.
+bool wgmma_shape(const AttentionParams& p) {
+  return p.kv_fp8 || ((p.d_qk == 576 || p.d_qk == 512) && p.d_v == MlaAttentionTraits<576>::kDv);
+}
+
+}  // namespace
+
+int attention_splits(const AttentionParams& p) {
+  if (!wgmma_shape(p) || std::max(p.rows, p.query_rows) > kSplitRows) return 1;
+  const int64_t entries = p.indices ? p.k : p.first_position + p.rows;
+  const int64_t tiles = (entries + MlaTileTraits<576>::kKeys - 1) / MlaTileTraits<576>::kKeys;
+  return static_cast<int>(
+      std::clamp<int64_t>((tiles + kSplitTiles - 1) / kSplitTiles, 1, kMaxSplits));
+}
+
+int64_t attention_partial_floats(const AttentionParams& p) {
+  const int splits = attention_splits(p);
+  return splits > 1 ? PartialLayout(p, splits).floats(p, splits) : 0;
+}
+
 void launch_attention(const AttentionParams& p) {
   if (p.rows == 0 || p.sequences == 0) return;
   require(attention_limit(p.d_qk, p.d_v, p.kv_fp8 != nullptr));
+  const int splits = p.partial ? attention_splits(p) : 1;
   auto launch_wgmma = [&](auto kernel, auto traits) {
     using Traits = decltype(traits);
     constexpr uint32_t bytes = Traits::Layout::bytes;
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
           "cudaFuncSetAttribute(attention)");
     const int groups = (p.heads + Traits::kHeads - 1) / Traits::kHeads;
-    const dim3 grid(p.rows * groups, 1, p.sequences);
+    const dim3 grid(p.rows * groups, splits, p.sequences);
     kernel<<<grid, Traits::kThreads, bytes, p.stream>>>(p);
+    if (splits > 1) {
+      check(cudaGetLastError(), "attention kernel launch");
+      combine_splits<<<dim3(p.rows * p.heads, 1, p.sequences), 128, 0, p.stream>>>(p, splits);
+    }
   };
   if (p.kv_fp8) {
     launch_wgmma(mla_wgmma_kernel<576, true>, MlaFp8AttentionTraits{});

@@ -321,15 +321,27 @@ __global__ void __launch_bounds__(IndexerF32Traits::kThreads)
 }
 
 // Keys per block along gridDim.y: all of them, unless few blocks of queries (decode) would
-// leave SMs idle; then the keys are split too.
-int key_span_for(int query_blocks, int keys) {
+// leave SMs idle; then the keys are split too, into as many blocks as the GPU holds at once
+// (`per_sm` resident blocks of the kernel on each SM, from the occupancy calculator), so that
+// one wave covers the launch. Each key's score is computed alike whatever the split.
+int key_span_for(int query_blocks, int keys, int per_sm) {
   int device = 0, sms = 0;
   check(cudaGetDevice(&device), "cudaGetDevice");
   check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
         "cudaDeviceGetAttribute");
   const int key_tiles = std::max(1, (keys + kKeyTile - 1) / kKeyTile);
-  const int splits = std::clamp(2 * sms / std::max(1, query_blocks), 1, key_tiles);
+  const int splits =
+      std::clamp(std::max(2, per_sm) * sms / std::max(1, query_blocks), 1, key_tiles);
   return (key_tiles + splits - 1) / splits * kKeyTile;
+}
+
+// Resident blocks per SM of `kernel` at `threads` threads and `smem` bytes of shared memory.
+template <typename Kernel>
+int blocks_per_sm(Kernel kernel, int threads, size_t smem) {
+  int blocks = 0;
+  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem),
+        "cudaOccupancyMaxActiveBlocksPerMultiprocessor(indexer)");
+  return blocks;
 }
 
 }  // namespace
@@ -363,7 +375,8 @@ void launch_indexer(const IndexerParams<__nv_bfloat16>& p) {
         "cudaFuncSetAttribute(indexer)");
   const int per_block = kRows / p.heads;
   const int query_blocks = (p.rows + per_block - 1) / per_block;
-  const int key_span = key_span_for(query_blocks * p.sequences, p.keys);
+  const int key_span = key_span_for(query_blocks * p.sequences, p.keys,
+                                    blocks_per_sm(indexer_bf16_kernel, kThreads, smem));
   const dim3 grid(query_blocks, (std::max(p.keys, 1) + key_span - 1) / key_span, p.sequences);
   indexer_bf16_kernel<<<grid, kThreads, smem, p.stream>>>(p, key_span);
   check(cudaGetLastError(), "indexer kernel launch");
@@ -382,7 +395,8 @@ void launch_indexer(const IndexerParams<uint8_t>& p) {
           "cudaFuncSetAttribute(indexer fp8)");
     const int per_block = Traits::kGroups * Traits::kQueries;
     const int query_blocks = (p.rows + per_block - 1) / per_block;
-    const int key_span = key_span_for(query_blocks * p.sequences, p.keys);
+    const int key_span = key_span_for(query_blocks * p.sequences, p.keys,
+                                      blocks_per_sm(kernel, Traits::kThreads, Traits::kSmem));
     const dim3 grid(query_blocks, (std::max(p.keys, 1) + key_span - 1) / key_span, p.sequences);
     kernel<<<grid, Traits::kThreads, Traits::kSmem, p.stream>>>(p, key_span);
   };

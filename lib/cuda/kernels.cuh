@@ -90,11 +90,26 @@ struct AttentionParams {
   float scale = 1.0f;
   int sequences = 1;
   int64_t q_step = 0, kv_step = 0, indices_step = 0, out_step = 0, lse_step = 0;
+  // Split decoding's scratch (attention_partial_floats of these params), or null: one block
+  // per (row, head group) walks the whole selection.
+  float* partial = nullptr;
+  // The input's query rows per sequence when these rows are a chunk of them (0: rows). Split
+  // decoding is chosen by it, not by the chunk, so that chunks and MPI shares of the rows give
+  // every row the same arithmetic.
+  int query_rows = 0;
   cudaStream_t stream = nullptr;
 };
 // d_qk and d_v multiples of 16, d_v <= d_qk <= 576, d_v <= 512; from the fp8 cache, d_qk 576 and
 // d_v 512.
 std::string attention_limit(int d_qk, int d_v, bool fp8_cache = false);
+// Split decoding (flash decoding): with at most kSplitRows query rows per sequence, the wgmma
+// kernel cuts each row's selection into up to kMaxSplits pieces of at least kSplitTiles tiles of
+// 64, one block each, and a second kernel merges their partials by their lse. The count depends on
+// the rows and the selection's length only, not on the batch, so a batched launch gives each
+// sequence what a launch of it alone gives. 1: no split (and no scratch needed).
+constexpr int kSplitRows = 8, kSplitTiles = 8, kMaxSplits = 32;
+int attention_splits(const AttentionParams& p);
+int64_t attention_partial_floats(const AttentionParams& p);
 void launch_attention(const AttentionParams& p);
 
 // Dense probabilities summed over heads (dsa-compare's reference p, times H), for MLA's shapes:
