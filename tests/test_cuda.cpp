@@ -102,6 +102,33 @@ TEST(Cuda, IndexerScoresMatchTheCpu) {
   }
 }
 
+// The fp8 tensor-core indexer launches a one-query kernel (N 64) for a decode step, the
+// two-query one (N 128) otherwise: a row's scores must be the same bits either way, so that
+// chunks and MPI shares of the rows do not change a selection.
+TEST(Cuda, Fp8IndexerRowDoesNotDependOnTheRowsBesideIt) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(21);
+  const int64_t keys = 3000, heads = 64, dim = 128;
+  const Tensor k = test::random_tensor({keys, dim}, rng);
+  IndexerConfig config;
+  config.precision = Precision::fp8;
+  config.hadamard = true;
+  for (const int64_t queries : {2, 3, 5}) {
+    const Tensor q = test::random_tensor({queries, heads, dim}, rng);
+    const Tensor w = test::random_tensor({queries, heads}, rng);
+    Tensor q1 = make_tensor(DType::f32, {1, heads, dim}, "q"),
+           w1 = make_tensor(DType::f32, {1, heads}, "w");
+    const auto* qp = reinterpret_cast<const float*>(q.data);
+    const auto* wp = reinterpret_cast<const float*>(w.data);
+    std::copy_n(qp + (queries - 1) * heads * dim, heads * dim, mutable_data<float>(q1));
+    std::copy_n(wp + (queries - 1) * heads, heads, mutable_data<float>(w1));
+    const auto all = scores_on(make_indexer_inputs(q, k, w, config), config, Device::cuda);
+    const auto last = scores_on(make_indexer_inputs(q1, k, w1, config), config, Device::cuda);
+    for (int64_t s = 0; s < keys; ++s)
+      ASSERT_EQ(last[s], all[(queries - 1) * keys + s]) << "queries " << queries << " key " << s;
+  }
+}
+
 TEST(Cuda, SelectionMatchesTheCpuExceptAmongNearTies) {
   SKIP_WITHOUT_GPU();
   std::mt19937_64 rng(2);

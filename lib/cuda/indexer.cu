@@ -150,11 +150,11 @@ __global__ void __launch_bounds__(kThreads)
 // quad, in registers. Key tiles arrive through cp.async, kKeyStages deep.
 // COMPRESSED: keys are entries of p.ratio tokens (visible_keys); a separate instantiation, so
 // that V3.2's path keeps its registers (the general form cost it 7 % at 128K).
-template <int GROUPS, bool COMPRESSED>
-__global__ void __launch_bounds__(IndexerFp8Traits<GROUPS>::kThreads, GROUPS == 1 ? 3 : 2)
+template <int GROUPS, int QUERIES, bool COMPRESSED>
+__global__ void __launch_bounds__(IndexerFp8Traits<GROUPS, QUERIES>::kThreads, GROUPS == 1 ? 3 : 2)
     indexer_fp8_kernel(const __grid_constant__ IndexerParams<uint8_t> p, int key_span) {
   namespace wg = wgmma;
-  using Traits = IndexerFp8Traits<GROUPS>;
+  using Traits = IndexerFp8Traits<GROUPS, QUERIES>;
   constexpr int threads = Traits::kThreads;
   constexpr int kFp8Heads = Traits::kHeads, kFp8Dim = Traits::kDim, kFp8Rows = Traits::kRows;
   constexpr int kFp8Queries = Traits::kQueries, kKeyStages = Traits::kStages;
@@ -248,8 +248,13 @@ __global__ void __launch_bounds__(IndexerFp8Traits<GROUPS>::kThreads, GROUPS == 
     wg::fence();
 #pragma unroll
     for (int step = 0; step < kFp8Dim / 32; ++step) {
-      wg::wgmma_m64n128_e4m3(logit, wg::descriptor(a + step * 32, 16, 1024),
-                             wg::descriptor(b + step * 32, 16, 1024), step > 0);
+      const uint64_t da = wg::descriptor(a + step * 32, 16, 1024),
+                     db = wg::descriptor(b + step * 32, 16, 1024);
+      if constexpr (kFp8Queries == 2) {
+        wg::wgmma_m64n128_e4m3(logit, da, db, step > 0);
+      } else {
+        wg::wgmma_m64n64_e4m3(logit, da, db, step > 0);
+      }
     }
     wg::commit();
     wg::wait<0>();
@@ -271,8 +276,10 @@ __global__ void __launch_bounds__(IndexerFp8Traits<GROUPS>::kThreads, GROUPS == 
         sum[i][1] += __shfl_xor_sync(0xffffffffu, sum[i][1], m);
       }
     }
-    const float value =
-        query == 0 ? (which ? sum[0][1] : sum[0][0]) : (which ? sum[1][1] : sum[1][0]);
+    float value = which ? sum[0][1] : sum[0][0];
+    if constexpr (kFp8Queries == 2) {
+      if (query == 1) value = which ? sum[1][1] : sum[1][0];
+    }  // with one query, lanes of query 1 hold copies and write nothing (q0 + 1 >= q_end)
     if (q0 + query < q_end && s < visible_end) {
       scores[static_cast<int64_t>(q0 + query) * stride + s] =
           s < visible(q0 + query) ? value * key_scale : -INFINITY;
@@ -388,8 +395,9 @@ void launch_indexer(const IndexerParams<uint8_t>& p) {
   // Two warpgroups (4 queries) share each key tile, unless there are too few queries (decode).
   auto launch = [&](auto traits) {
     using Traits = decltype(traits);
-    const auto kernel = p.ratio == 1 ? indexer_fp8_kernel<Traits::kGroups, false>
-                                     : indexer_fp8_kernel<Traits::kGroups, true>;
+    constexpr int queries = Traits::kQueries;
+    const auto kernel = p.ratio == 1 ? indexer_fp8_kernel<Traits::kGroups, queries, false>
+                                     : indexer_fp8_kernel<Traits::kGroups, queries, true>;
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                static_cast<int>(Traits::kSmem)),
           "cudaFuncSetAttribute(indexer fp8)");
@@ -402,8 +410,10 @@ void launch_indexer(const IndexerParams<uint8_t>& p) {
   };
   if (p.rows > IndexerFp8Traits<1>::kQueries) {
     launch(IndexerFp8Traits<2>{});
-  } else {
+  } else if (p.rows == 2) {
     launch(IndexerFp8Traits<1>{});
+  } else {  // a decode step: one query per sequence
+    launch(IndexerFp8Traits<1, 1>{});
   }
   check(cudaGetLastError(), "indexer fp8 kernel launch");
 }

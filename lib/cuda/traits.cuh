@@ -24,14 +24,17 @@ struct IndexerBf16Traits {
 };
 
 // The fp8 indexer on Hopper's fp8 wgmma at DSA's shape (H_I 64, d_I 128): GROUPS warpgroups of
-// 2 queries (128 (query, head) rows) per block share each tile of 64 keys, kStages deep.
-template <int GROUPS>
+// QUERIES queries (QUERIES x 64 (query, head) rows, the wgmma's N; 1 for a decode step, so that
+// no half of the MMA and of the head sum is spent on a row that does not exist) per block
+// share each tile of 64 keys, kStages deep.
+template <int GROUPS, int QUERIES = 2>
 struct IndexerFp8Traits {
+  static_assert(QUERIES == 1 || QUERIES == 2, "the wgmma's N is 64 or 128");
   static constexpr int kGroups = GROUPS;
   static constexpr int kThreads = 128 * GROUPS;
   static constexpr int kHeads = 64;
   static constexpr int kDim = 128;
-  static constexpr int kRows = 128;
+  static constexpr int kRows = 64 * QUERIES;
   static constexpr int kQueries = kRows / kHeads;  // per warpgroup
   static constexpr int kKeyTile = 64;
   static constexpr int kStages = 4;
