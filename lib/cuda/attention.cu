@@ -387,15 +387,19 @@ __global__ void __launch_bounds__(MlaAttentionTraits<D_QK>::kThreads, 1)
     }
     wg::fence_shared_for_tensor_cores();
     __syncthreads();
+
+    // S = Q . K^T for this warpgroup's 32 keys, on the tensor cores while this thread issues
+    // the next tile's gather (into the other buffer, or FP8's staging, both free since the
+    // barrier).
+    const uint32_t keys = base + Layout::kv + kv_buffer * Tile::kTileBytes + group * 32 * 128;
+    float s[16];
+    issue_score_tile<Tile, 32>(s, base + Layout::q, keys);
     if (tile + 1 < tiles) {
       fetch(next, buffer ^ 1);
       next = index_of(tile + 2);
     }
-
-    // S = Q . K^T for this warpgroup's 32 keys.
-    const uint32_t keys = base + Layout::kv + kv_buffer * Tile::kTileBytes + group * 32 * 128;
-    float s[16];
-    score_tile<Tile, 32>(s, base + Layout::q, keys);
+    wg::wait<0>();
+    wg::fence_operands(s);
 
     const int* slot = slot_s + buffer * kKeys + group * 32;
     float tile_max0 = -INFINITY, tile_max1 = -INFINITY;

@@ -231,15 +231,22 @@ __global__ void __launch_bounds__(IndexerFp8Traits<GROUPS, QUERIES>::kThreads, G
   for (int t = 0; t < kKeyStages - 1; ++t) fetch(t);
 
   const uint32_t b = q_s + group * kFp8Rows * kFp8Dim;
+  // One warpgroup (decode) issues the next fetch while its MMAs run, as nothing else on the
+  // block would fill that wait; two fetch before them: under the launch bound of two blocks
+  // per SM, the fetch's registers beside the live logits would spill (104 bytes).
+  constexpr bool kFetchUnderMma = GROUPS == 1;
   for (int64_t tile = 0; tile < tiles; ++tile) {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(kKeyStages - 2) : "memory");
     wg::fence_shared_for_tensor_cores();
     __syncthreads();  // the tile is in; every thread is done with the stage fetched next
-    fetch(tile + kKeyStages - 1);
+    if (!kFetchUnderMma) fetch(tile + kKeyStages - 1);
     const int64_t tile_begin = key_begin + tile * kKeyTile;
     // A warpgroup whose queries see none of this tile (the block's first queries near the
-    // diagonal, or no queries at all) skips it.
-    if (tile_begin >= group_visible_end) continue;
+    // diagonal, or no queries at all) skips it; it still takes its share of the next fetch.
+    if (tile_begin >= group_visible_end) {
+      if (kFetchUnderMma) fetch(tile + kKeyStages - 1);
+      continue;
+    }
     // The key's scale is loaded while the tensor cores run.
     const int64_t s = tile_begin + (which ? key1 : key0);
     const float key_scale = s < visible_end ? k_scale[s] : 0.0f;
@@ -248,16 +255,18 @@ __global__ void __launch_bounds__(IndexerFp8Traits<GROUPS, QUERIES>::kThreads, G
     wg::fence();
 #pragma unroll
     for (int step = 0; step < kFp8Dim / 32; ++step) {
-      const uint64_t da = wg::descriptor(a + step * 32, 16, 1024),
-                     db = wg::descriptor(b + step * 32, 16, 1024);
       if constexpr (kFp8Queries == 2) {
-        wg::wgmma_m64n128_e4m3(logit, da, db, step > 0);
+        wg::wgmma_m64n128_e4m3(logit, wg::descriptor(a + step * 32, 16, 1024),
+                               wg::descriptor(b + step * 32, 16, 1024), step > 0);
       } else {
-        wg::wgmma_m64n64_e4m3(logit, da, db, step > 0);
+        wg::wgmma_m64n64_e4m3(logit, wg::descriptor(a + step * 32, 16, 1024),
+                              wg::descriptor(b + step * 32, 16, 1024), step > 0);
       }
     }
     wg::commit();
+    if (kFetchUnderMma) fetch(tile + kKeyStages - 1);  // issued while the tensor cores run
     wg::wait<0>();
+    if (kFetchUnderMma) wg::fence_operands(logit);
     // Eq. 1: sum over the heads of w . ReLU(logit), per (query, key).
     float sum[kFp8Queries][2] = {};
 #pragma unroll
@@ -276,10 +285,13 @@ __global__ void __launch_bounds__(IndexerFp8Traits<GROUPS, QUERIES>::kThreads, G
         sum[i][1] += __shfl_xor_sync(0xffffffffu, sum[i][1], m);
       }
     }
-    float value = which ? sum[0][1] : sum[0][0];
+    // With one query, lanes of query 1 hold copies and write nothing (q0 + 1 >= q_end).
+    float value;
     if constexpr (kFp8Queries == 2) {
-      if (query == 1) value = which ? sum[1][1] : sum[1][0];
-    }  // with one query, lanes of query 1 hold copies and write nothing (q0 + 1 >= q_end)
+      value = query == 0 ? (which ? sum[0][1] : sum[0][0]) : (which ? sum[1][1] : sum[1][0]);
+    } else {
+      value = which ? sum[0][1] : sum[0][0];
+    }
     if (q0 + query < q_end && s < visible_end) {
       scores[static_cast<int64_t>(q0 + query) * stride + s] =
           s < visible(q0 + query) ? value * key_scale : -INFINITY;

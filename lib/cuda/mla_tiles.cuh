@@ -44,9 +44,11 @@ __device__ void fetch_key_row(uint32_t tile, const __nv_bfloat16* kv, int s) {
 
 // acc = A . B^T over the D_QK columns, on one warpgroup's tensor cores: A 64 rows and B N rows
 // (32 or 64) of swizzled K-major tiles at shared addresses a and b (the queries and the keys,
-// either way round). Returns when the accumulator is ready.
+// either way round). Issues and commits the MMAs without waiting for them: the caller may
+// issue other work while the tensor cores run, then wgmma::wait<0>() and
+// wgmma::fence_operands(acc) before reading acc.
 template <typename Tile, int N>
-__device__ __forceinline__ void score_tile(float (&acc)[N / 2], uint32_t a, uint32_t b) {
+__device__ __forceinline__ void issue_score_tile(float (&acc)[N / 2], uint32_t a, uint32_t b) {
   static_assert(N == 32 || N == 64, "score_tile: N is 32 or 64");
   static_assert(Tile::kHeads == Tile::kKeys, "score_tile: query and key tiles of one height");
   wgmma::fence();
@@ -63,7 +65,14 @@ __device__ __forceinline__ void score_tile(float (&acc)[N / 2], uint32_t a, uint
     }
   }
   wgmma::commit();
+}
+
+// issue_score_tile, then the wait: returns when the accumulator is ready.
+template <typename Tile, int N>
+__device__ __forceinline__ void score_tile(float (&acc)[N / 2], uint32_t a, uint32_t b) {
+  issue_score_tile<Tile, N>(acc, a, b);
   wgmma::wait<0>();
+  wgmma::fence_operands(acc);
 }
 
 }  // namespace dsa::cuda

@@ -44,6 +44,14 @@ template <int Pending>
 __device__ __forceinline__ void wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(Pending) : "memory");
 }
+// After wait(): the accumulator registers as the tensor cores left them. An empty volatile asm
+// (kept after the wait's) that reads and writes each register, so that the compiler moves no
+// use of them above the wait; no memory clobber, so loads and stores stay free to move.
+template <int N>
+__device__ __forceinline__ void fence_operands(float (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i]));
+}
 // Makes this thread's ordinary shared-memory writes visible to the tensor cores (async proxy);
 // a barrier must follow before a wgmma reads them.
 __device__ __forceinline__ void fence_shared_for_tensor_cores() {
