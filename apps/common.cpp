@@ -368,8 +368,10 @@ int run(CLI::App& app, int argc, char** argv, const CommonOptions& options,
     // One rank of an MPI job, or the one rank (ranks.hpp); only rank 0 writes anything.
     const Ranks& job = start_ranks(&argc, &argv);
     if (job.size > 1 && !options.shares_rows) {
-      bad_usage("{} runs as one process, not as {} MPI ranks (dsa-compare shares its rows)", tool,
-                job.size);
+      bad_usage(
+          "{} runs as one process, not as {} MPI ranks (dsa-score, dsa-select, dsa-attend and "
+          "dsa-compare share their rows)",
+          tool, job.size);
     }
     set_threads(options.threads);
     // Every output is checked before any work, so a bad path fails in a second, not after
@@ -400,6 +402,12 @@ void check_single_stdin(const std::vector<std::string>& paths) {
   int n = 0;
   for (const auto& p : paths) n += p == "-";
   if (n > 1) bad_usage("only one input can be read from stdin ('-')");
+  // Every rank reads the inputs, but mpirun gives stdin to rank 0 alone.
+  if (n > 0 && ranks().size > 1) {
+    bad_usage(
+        "stdin ('-') reaches rank 0 alone under mpirun: give the {} ranks every input as a file",
+        ranks().size);
+  }
 }
 
 void check_single_stdout(const std::vector<std::string>& paths) {
@@ -416,6 +424,10 @@ void check_safetensors_output(const std::string& path, const std::string& holds)
 
 void check_binary_output(const std::string& path) {
   if (path == "-" && isatty(STDOUT_FILENO)) {
+    // Open MPI's mpirun gives its ranks a terminal for stdout, whatever its own stdout is.
+    if (ranks().size > 1) {
+      bad_usage("under mpirun stdout ('-') is a terminal, even in a pipe: use -o FILE");
+    }
     bad_usage("refusing to write a binary tensor to a terminal: use -o FILE or a pipe");
   }
 }

@@ -159,13 +159,14 @@ std::string unknown_option_message(const CLI::App& app, int argc, const char* co
 int run(CLI::App& app, int argc, char** argv, const CommonOptions& options,
         const std::function<void()>& body);
 
-// Usage error unless at most one of the given paths is `-` (stdin can be read once).
+// Usage error unless at most one of the given paths is `-` (stdin can be read once), and none
+// in an MPI job (mpirun gives stdin to rank 0 alone).
 void check_single_stdin(const std::vector<std::string>& paths);
 // Usage error unless at most one of the given outputs is `-` (stdout carries one stream).
 void check_single_stdout(const std::vector<std::string>& paths);
 // Usage error unless -o names a .safetensors file; `holds` says what it is for.
 void check_safetensors_output(const std::string& path, const std::string& holds);
-// Usage error when a binary tensor would go to a terminal.
+// Usage error when a binary tensor would go to a terminal (which mpirun makes a rank's stdout).
 void check_binary_output(const std::string& path);
 
 // "TOOL: warning: MESSAGE" on stderr, unless quiet.

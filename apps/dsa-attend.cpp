@@ -5,8 +5,10 @@
 #include "common.hpp"
 #include "dsa/attention.hpp"
 #include "dsa/compressed_attention.hpp"
+#include "dsa/device.hpp"
 #include "dsa/error.hpp"
 #include "dsa/io.hpp"
+#include "ranks.hpp"
 
 int main(int argc, char** argv) {
   CLI::App app(
@@ -14,6 +16,7 @@ int main(int argc, char** argv) {
       "the selected indices (or every s <= t with --dense): f32 [B?, Lq, H, d_v].",
       "dsa-attend");
   dsa::app::CommonOptions common;
+  common.shares_rows = true;
   dsa::app::AttentionOptions attention;
   std::string indices_path, lse_path;
   bool dense = false;
@@ -37,6 +40,7 @@ int main(int argc, char** argv) {
 
   return dsa::app::run(app, argc, argv, common, [&] {
     dsa::Stopwatch total;
+    const dsa::app::Ranks& job = dsa::app::ranks();
     if (v4.attention.empty() && indices_path.empty() && !dense)
       dsa::bad_usage("give --indices, or --dense for full attention");
     if (v4.attention == "csa" && indices_path.empty() && !dense)
@@ -50,26 +54,35 @@ int main(int argc, char** argv) {
     dsa::app::check_binary_output(common.output);
     if (!lse_path.empty()) dsa::app::check_binary_output(lse_path);
     dsa::app::check_single_stdout({common.output, lse_path, common.report});
-    if (!lse_path.empty()) dsa::naming("--lse", [&] { dsa::check_output(lse_path); });
+    if (!lse_path.empty() && job.rank == 0) {
+      dsa::naming("--lse", [&] { dsa::check_output(lse_path); });
+    }
 
     nlohmann::json report = dsa::report_header("dsa-attend", argc, argv);
     report["schema"] = dsa::kAttendSchema;
     dsa::StageTimes times;
+    // Rank 0 alone writes: its own rows as they come, then the other ranks' (ranks.hpp).
     std::optional<dsa::TensorWriter> out, lse;
+    dsa::app::SharedOutput out_rows(
+        [&](const void* data, std::size_t size) { out->write(data, size); });
+    dsa::app::SharedOutput lse_rows(
+        [&](const void* data, std::size_t size) { lse->write(data, size); });
     auto sink = [&](const dsa::AttentionBlock& block) {
       dsa::Stopwatch write;
-      out->write(block.out,
-                 static_cast<std::size_t>(block.rows * block.heads * block.d_v) * sizeof(float));
-      if (lse)
-        lse->write(block.lse, static_cast<std::size_t>(block.rows * block.heads) * sizeof(float));
+      out_rows.add(block.out,
+                   static_cast<std::size_t>(block.rows * block.heads * block.d_v) * sizeof(float));
+      if (!lse_path.empty()) {
+        lse_rows.add(block.lse, static_cast<std::size_t>(block.rows * block.heads) * sizeof(float));
+      }
       times.add("write", write.seconds());
     };
     const auto open_outputs = [&](const dsa::Shape& out_shape, const dsa::Shape& lse_shape) {
+      report["outputs"] = {{{"name", common.output}, {"shape", out_shape}, {"dtype", "f32"}}};
+      if (!lse_path.empty())
+        report["outputs"].push_back({{"name", lse_path}, {"shape", lse_shape}, {"dtype", "f32"}});
+      if (job.rank != 0) return;
       out.emplace(common.output, dsa::DType::f32, out_shape);
       if (!lse_path.empty()) lse.emplace(lse_path, dsa::DType::f32, lse_shape);
-      report["outputs"] = {{{"name", common.output}, {"shape", out_shape}, {"dtype", "f32"}}};
-      if (lse)
-        report["outputs"].push_back({{"name", lse_path}, {"shape", lse_shape}, {"dtype", "f32"}});
     };
     const auto commit = [&] {
       out->commit();
@@ -77,6 +90,9 @@ int main(int argc, char** argv) {
     };
 
     if (!v4.attention.empty()) {  // DeepSeek-V4: window + compressed entries + sink
+      if (job.size > 1) {
+        dsa::bad_usage("--attention runs as one process, not as {} MPI ranks", job.size);
+      }
       if (attention.kv_cache != "bf16") {
         dsa::bad_usage(
             "--kv-cache fp8 is FlashMLA's cache of V3.2's latent rows; DeepSeek-V4's attention "
@@ -114,7 +130,9 @@ int main(int argc, char** argv) {
 
     dsa::app::AttentionTensors loaded;
     dsa::app::load_attention(attention, loaded);
-    const dsa::AttentionInputs& inputs = loaded.fp8 ? loaded.fp8->inputs : loaded.inputs;
+    dsa::AttentionInputs inputs = loaded.fp8 ? loaded.fp8->inputs : loaded.inputs;
+    // One GPU per rank: the host's ranks take its GPUs in turn (before any other CUDA call).
+    if (job.size > 1 && device_name != "cpu") dsa::use_local_gpu(job.local_rank);
     const dsa::DeviceChoice choice =
         dsa::naming("--device", [&] { return dsa::choose_device(device_name, inputs); });
     const dsa::Device device = choice.device;
@@ -133,11 +151,32 @@ int main(int argc, char** argv) {
     }
     const float softmax_scale = loaded.scale.value;
 
+    // An MPI job: each rank its share of the rows, balanced by their causal work; rank 0 writes
+    // every share in row order, so the outputs are one process's to the byte.
+    const std::vector<dsa::RowRange> shares =
+        dsa::balanced_rows(inputs, dense ? nullptr : &tokens->indices, job.size);
+    inputs.rows = shares[job.rank];
+    const auto share_rows = static_cast<std::size_t>(inputs.rows.end - inputs.rows.begin);
+    out_rows.reserve(share_rows * static_cast<std::size_t>(inputs.heads * inputs.d_v) *
+                     sizeof(float));
+    if (!lse_path.empty()) {
+      lse_rows.reserve(share_rows * static_cast<std::size_t>(inputs.heads) * sizeof(float));
+    }
     open_outputs(dsa::attention_output_shape(inputs), dsa::attention_lse_shape(inputs));
+    if (const int peer = dsa::app::ranks_ready()) throw dsa::app::PeerFailed{peer};
     if (dense) {
       dsa::dense_attention(inputs, softmax_scale, sink, &times, device);
     } else {
       dsa::sparse_attention(inputs, tokens->indices, softmax_scale, sink, &times, device);
+    }
+    if (job.size > 1) {
+      const nlohmann::json timings = dsa::timings_json(times, total.seconds());
+      dsa::Stopwatch gather;
+      out_rows.gather();
+      if (!lse_path.empty()) lse_rows.gather();
+      times.add("gather", gather.seconds());
+      report["ranks"] = dsa::app::gather_rank_entries(report["device"], inputs.rows, timings);
+      if (job.rank != 0) return;
     }
     commit();
 

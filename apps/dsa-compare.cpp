@@ -273,25 +273,12 @@ int main(int argc, char** argv) {
     if (const int peer = dsa::app::ranks_ready()) throw dsa::app::PeerFailed{peer};
     dsa::Comparison comparison = dsa::compare_attention(inputs, &times, choice.device);
     if (job.size > 1) {
-      nlohmann::json share = {{"rank", job.rank},
-                              {"device", report["device"]},
-                              {"rows", {inputs.rows.begin, inputs.rows.end}},
-                              {"timings_ms", dsa::timings_json(times, total.seconds())}};
-      const std::string text = share.dump();
-      std::vector<std::byte> mine = dsa::pack_rows(comparison, inputs.rows);
-      const auto* chars = reinterpret_cast<const std::byte*>(text.data());
-      std::vector<std::byte> mine_text(chars, chars + text.size());
-      const auto packed = dsa::app::gather_bytes(mine);
-      const auto texts = dsa::app::gather_bytes(mine_text);
+      const nlohmann::json timings = dsa::timings_json(times, total.seconds());
+      const auto packed = dsa::app::gather_bytes(dsa::pack_rows(comparison, inputs.rows));
+      report["ranks"] = dsa::app::gather_rank_entries(report["device"], inputs.rows, timings);
       if (job.rank != 0) return;
-      nlohmann::json ranks_json = nlohmann::json::array();
-      for (int r = 0; r < job.size; ++r) {
-        if (r > 0) dsa::unpack_rows(comparison, shares[r], packed[r]);
-        const auto* begin = reinterpret_cast<const char*>(texts[r].data());
-        ranks_json.push_back(nlohmann::json::parse(begin, begin + texts[r].size()));
-      }
+      for (int r = 1; r < job.size; ++r) dsa::unpack_rows(comparison, shares[r], packed[r]);
       dsa::finish_comparison(inputs, comparison);
-      report["ranks"] = ranks_json;
     }
     inputs.rows = {};
     report.update(dsa::comparison_report(inputs, comparison));

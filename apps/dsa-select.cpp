@@ -2,10 +2,12 @@
 #include <optional>
 
 #include "common.hpp"
+#include "dsa/device.hpp"
 #include "dsa/error.hpp"
 #include "dsa/indexer.hpp"
 #include "dsa/io.hpp"
 #include "dsa/topk.hpp"
+#include "ranks.hpp"
 
 int main(int argc, char** argv) {
   CLI::App app(
@@ -13,6 +15,7 @@ int main(int argc, char** argv) {
       "descending score, ties lower position first, -1 padding.",
       "dsa-select");
   dsa::app::CommonOptions common;
+  common.shares_rows = true;
   dsa::app::IndexerOptions indexer;
   std::string scores_path, format;
   dsa::app::IndexerTensorOptions tensors;
@@ -38,6 +41,7 @@ int main(int argc, char** argv) {
 
   return dsa::app::run(app, argc, argv, common, [&] {
     dsa::Stopwatch total;
+    const dsa::app::Ranks& job = dsa::app::ranks();
     if (scores_path.empty() && !tensors.given()) {
       dsa::bad_usage(
           "give either --scores, or --q-index, --k-index and --weights, or --hidden and "
@@ -50,7 +54,8 @@ int main(int argc, char** argv) {
         format.empty()
             ? common.output.size() > 6 && common.output.substr(common.output.size() - 6) == ".jsonl"
             : format == "jsonl";
-    if (!jsonl) dsa::app::check_binary_output(common.output);
+    // JSON lines are text, but not through the terminal that mpirun makes a rank's stdout.
+    if (!jsonl || job.size > 1) dsa::app::check_binary_output(common.output);
     dsa::app::check_single_stdout({common.output, common.report});
 
     nlohmann::json report = dsa::report_header("dsa-select", argc, argv);
@@ -70,30 +75,54 @@ int main(int argc, char** argv) {
     dsa::Device compute_device = dsa::Device::cpu;
     dsa::IndexerInputs indexer_inputs;
     dsa::Shape shape;
+    // Each rank its share of the rows, balanced by their work (docs/DESIGN.md section 8).
+    std::vector<dsa::RowRange> shares;
     if (fused) {
       config = dsa::app::indexer_config(indexer);
       indexer_inputs =
           dsa::app::indexer_inputs(compressed_keys, inputs[0], inputs[1], inputs[2], config);
+      // One GPU per rank: the host's ranks take its GPUs in turn (before any other CUDA call).
+      if (job.size > 1 && device != "cpu") dsa::use_local_gpu(job.local_rank);
       const dsa::DeviceChoice choice = dsa::naming(
           "--device", [&] { return dsa::choose_device(device, indexer_inputs, config, topk); });
       compute_device = choice.device;
       dsa::report_device(report, choice);
       shape = dsa::selection_shape(indexer_inputs, topk);
       report.update(dsa::indexer_report(indexer_inputs, config));
+      shares = dsa::balanced_rows(indexer_inputs, config, job.size);
+      indexer_inputs.rows = shares[job.rank];
     } else {
       shape = dsa::selection_shape(inputs[0], topk);
+      shares = dsa::balanced_rows(inputs[0], job.size);  // checks the score matrix
     }
+    const dsa::RowRange rows = shares[job.rank];
     const bool batched = shape.size() == 3;
     dsa::app::warn_if_dense_topk(
         "dsa-select", {topk}, fused ? indexer_inputs.keys : inputs[0].shape.back(), common.quiet);
 
     dsa::StageTimes times;
+    // Rank 0 alone writes: its own rows as they come, then the other ranks' (ranks.hpp).
     std::optional<dsa::TensorWriter> tensor_out;
     std::optional<dsa::OutputFile> jsonl_out;
-    if (jsonl) jsonl_out.emplace(common.output);
+    if (job.rank == 0) {
+      if (jsonl) {
+        jsonl_out.emplace(common.output);
+      } else {
+        tensor_out.emplace(common.output, dsa::DType::i32, shape);
+      }
+    }
+    dsa::app::SharedOutput selection([&](const void* data, std::size_t size) {
+      if (jsonl) {
+        jsonl_out->write(data, size);
+      } else {
+        tensor_out->write(data, size);
+      }
+    });
+    if (!jsonl) {
+      selection.reserve(static_cast<std::size_t>((rows.end - rows.begin) * topk) * sizeof(int32_t));
+    }
     auto sink = [&](const dsa::SelectionBlock& block) {
       dsa::Stopwatch write;
-      if (!tensor_out && !jsonl) tensor_out.emplace(common.output, dsa::DType::i32, shape);
       if (jsonl) {
         std::string text;
         for (int64_t r = 0; r < block.rows; ++r) {
@@ -101,22 +130,30 @@ int main(int argc, char** argv) {
                                             block.indices + r * block.k, block.scores + r * block.k,
                                             block.k);
         }
-        jsonl_out->write(text);
+        selection.add(text.data(), text.size());
       } else {
-        tensor_out->write(block.indices,
-                          static_cast<std::size_t>(block.rows * block.k) * sizeof(int32_t));
+        selection.add(block.indices,
+                      static_cast<std::size_t>(block.rows * block.k) * sizeof(int32_t));
       }
       times.add("write", write.seconds());
     };
+    if (const int peer = dsa::app::ranks_ready()) throw dsa::app::PeerFailed{peer};
     if (fused) {
       dsa::select_from_indexer(indexer_inputs, config, topk, sink, &times, compute_device);
     } else {
-      dsa::select_from_scores(inputs[0], topk, sink, &times);
+      dsa::select_from_scores(inputs[0], topk, sink, &times, rows);
+    }
+    if (job.size > 1) {
+      const nlohmann::json timings = dsa::timings_json(times, total.seconds());
+      dsa::Stopwatch gather;
+      selection.gather();
+      times.add("gather", gather.seconds());
+      report["ranks"] = dsa::app::gather_rank_entries(report["device"], rows, timings);
+      if (job.rank != 0) return;
     }
     if (jsonl) {
       jsonl_out->commit();
     } else {
-      if (!tensor_out) tensor_out.emplace(common.output, dsa::DType::i32, shape);  // zero queries
       tensor_out->commit();
     }
 

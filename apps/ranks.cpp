@@ -1,6 +1,9 @@
 #include "ranks.hpp"
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -8,6 +11,8 @@
 #ifdef DSA_HAVE_MPI
 #include <mpi.h>
 #endif
+
+#include <fmt/format.h>
 
 #include "dsa/error.hpp"
 
@@ -110,6 +115,135 @@ std::vector<std::vector<std::byte>> gather_bytes(const std::vector<std::byte>& m
   }
 #endif
   return out;
+}
+
+nlohmann::json gather_rank_entries(const nlohmann::json& device, RowRange rows,
+                                   const nlohmann::json& timings_ms) {
+  const nlohmann::json entry = {{"rank", world.rank},
+                                {"device", device},
+                                {"rows", {rows.begin, rows.end}},
+                                {"timings_ms", timings_ms}};
+  const std::string text = entry.dump();
+  const auto* chars = reinterpret_cast<const std::byte*>(text.data());
+  const auto texts = gather_bytes(std::vector<std::byte>(chars, chars + text.size()));
+  if (world.rank != 0) return nullptr;
+  nlohmann::json entries = nlohmann::json::array();
+  for (const auto& bytes : texts) {
+    const auto* begin = reinterpret_cast<const char*>(bytes.data());
+    entries.push_back(nlohmann::json::parse(begin, begin + bytes.size()));
+  }
+  return entries;
+}
+
+namespace {
+
+std::size_t in_memory_limit() {
+  const char* text = std::getenv("DSA_RANK_MEMORY");
+  return text && *text ? static_cast<std::size_t>(std::strtoull(text, nullptr, 10))
+                       : SharedOutput::kInMemory;
+}
+
+}  // namespace
+
+SharedOutput::~SharedOutput() {
+  if (spilled_) std::fclose(spilled_);
+}
+
+void SharedOutput::reserve(std::size_t bytes) {
+  if (world.rank == 0) return;
+  if (bytes > in_memory_limit()) {
+    spill();
+  } else {
+    kept_.reserve(bytes);
+  }
+}
+
+void SharedOutput::spill() {
+  if (spilled_) return;
+  const char* dir = std::getenv("TMPDIR");
+  std::string path = std::string(dir && *dir ? dir : "/tmp") + "/dsa-rank-share.XXXXXX";
+  const int fd = mkstemp(path.data());
+  if (fd < 0 || unlink(path.c_str()) != 0 || !(spilled_ = fdopen(fd, "w+b"))) {
+    const std::string why = std::strerror(errno);
+    if (fd >= 0 && !spilled_) close(fd);
+    throw Error(ExitCode::runtime,
+                fmt::format("cannot keep this rank's share of the output in {}: {} (set TMPDIR)",
+                            path, why));
+  }
+  add_to_file(kept_.data(), kept_.size());
+  std::vector<std::byte>().swap(kept_);
+}
+
+void SharedOutput::add_to_file(const void* data, std::size_t size) {
+  if (size > 0 && std::fwrite(data, 1, size, spilled_) != size) {
+    throw Error(ExitCode::runtime,
+                fmt::format("cannot keep this rank's share of the output in $TMPDIR: {}",
+                            std::strerror(errno)));
+  }
+  spilled_bytes_ += size;
+}
+
+void SharedOutput::add(const void* data, std::size_t size) {
+  if (world.rank == 0) {
+    write_(data, size);
+    return;
+  }
+  if (!spilled_ && kept_.size() + size > in_memory_limit()) spill();
+  if (spilled_) {
+    add_to_file(data, size);
+    return;
+  }
+  const auto* bytes = static_cast<const std::byte*>(data);
+  kept_.insert(kept_.end(), bytes, bytes + size);
+}
+
+void SharedOutput::gather() {
+  if (world.size == 1) return;
+#ifdef DSA_HAVE_MPI
+  // Each rank's size (int64), then its bytes in pieces that MPI's int counts can say and that
+  // rank 0 writes before it receives the next.
+  constexpr long long kPiece = 64 << 20;
+  if (world.rank == 0) {
+    std::vector<std::byte> piece;
+    for (int r = 1; r < world.size; ++r) {
+      long long size = 0;
+      MPI_Recv(&size, 1, MPI_LONG_LONG, r, 1, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+      piece.resize(static_cast<std::size_t>(std::min(kPiece, size)));
+      for (long long at = 0; at < size; at += kPiece) {
+        const int n = static_cast<int>(std::min(kPiece, size - at));
+        MPI_Recv(piece.data(), n, MPI_BYTE, r, 1, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+        write_(piece.data(), static_cast<std::size_t>(n));
+      }
+    }
+  } else {
+    long long size = static_cast<long long>(spilled_ ? spilled_bytes_ : kept_.size());
+    std::vector<std::byte> piece;
+    if (spilled_) {
+      piece.resize(static_cast<std::size_t>(std::min(kPiece, size)));
+      if (std::fflush(spilled_) != 0 || std::fseek(spilled_, 0, SEEK_SET) != 0) {
+        throw Error(ExitCode::runtime,
+                    fmt::format("cannot read back this rank's share of the output: {}",
+                                std::strerror(errno)));
+      }
+    }
+    MPI_Send(&size, 1, MPI_LONG_LONG, 0, 1, MPI_COMM_WORLD);
+    for (long long at = 0; at < size; at += kPiece) {
+      const int n = static_cast<int>(std::min(kPiece, size - at));
+      const std::byte* bytes = kept_.data() + at;
+      if (spilled_) {
+        if (std::fread(piece.data(), 1, static_cast<std::size_t>(n), spilled_) !=
+            static_cast<std::size_t>(n)) {
+          throw Error(ExitCode::runtime,
+                      fmt::format("cannot read back this rank's share of the output: {}",
+                                  std::strerror(errno)));
+        }
+        bytes = piece.data();
+      }
+      MPI_Send(bytes, n, MPI_BYTE, 0, 1, MPI_COMM_WORLD);
+    }
+    std::vector<std::byte>().swap(kept_);
+  }
+#endif
 }
 
 int fail_rank(const std::string& tool, const std::string& message, int code) {

@@ -4,8 +4,14 @@
 #pragma once
 
 #include <cstddef>
+#include <functional>
 #include <string>
+#include <utility>
 #include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "dsa/rows.hpp"
 
 namespace dsa::app {
 
@@ -28,6 +34,41 @@ struct PeerFailed {
 };
 // Rank 0 gets every rank's bytes in rank order, its own first; the other ranks get nothing.
 std::vector<std::vector<std::byte>> gather_bytes(const std::vector<std::byte>& mine);
+// The report's `ranks` on rank 0: every rank's rank, device, rows [begin, end) of the B x Lq
+// and timings, in rank order; null on the other ranks.
+nlohmann::json gather_rank_entries(const nlohmann::json& device, RowRange rows,
+                                   const nlohmann::json& timings_ms);
+
+// One output of a tool whose ranks share the rows: rank 0 writes its own rows (the first share)
+// as they are computed, the other ranks keep theirs, and gather() has rank 0 receive and write
+// them in rank order, a piece of at most 64 MiB at a time, so the output is one process's to the
+// byte. One rank alone writes everything at once and gather() does nothing. A rank keeps at most
+// kInMemory bytes of its share in memory (DSA_RANK_MEMORY=BYTES sets another limit, for tests);
+// a larger share waits in an unlinked temporary file in $TMPDIR (default /tmp), so long
+// contexts stay in bounded memory (an attention output at L = 131072 is 34 GB).
+class SharedOutput {
+ public:
+  static constexpr std::size_t kInMemory = 64 << 20;
+  using Write = std::function<void(const void* data, std::size_t size)>;
+  explicit SharedOutput(Write write) : write_(std::move(write)) {}
+  ~SharedOutput();
+  SharedOutput(const SharedOutput&) = delete;
+  SharedOutput& operator=(const SharedOutput&) = delete;
+  // Room for this rank's share where its size is known up front (held once, not grown into);
+  // a share above kInMemory goes to the temporary file from the start.
+  void reserve(std::size_t bytes);
+  void add(const void* data, std::size_t size);
+  // Every rank calls it, for its outputs in one order (it sends or receives).
+  void gather();
+
+ private:
+  void spill();  // from now on the share goes to the temporary file, what was kept first
+  void add_to_file(const void* data, std::size_t size);
+  Write write_;
+  std::vector<std::byte> kept_;   // a rank but the first: its rows, until gather()
+  std::FILE* spilled_ = nullptr;  // or all of them here, once they pass kInMemory
+  std::size_t spilled_bytes_ = 0;
+};
 
 // A rank's error: printed (by rank 0, and by any rank for a runtime error: what only one rank
 // saw), then, before ranks_ready, given to the others through it; after, the job is aborted with

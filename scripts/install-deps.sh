@@ -13,7 +13,7 @@ packages=(
   python3-numpy  # the independent NumPy cross-check test
   python3-jsonschema  # the dsa-compare report schema test
   pybind11-dev python3-dev  # the Python module (python/; built when found)
-  libopenmpi-dev openmpi-bin  # dsa-compare as MPI ranks (DSA_MPI; built when found)
+  libopenmpi-dev openmpi-bin  # the tools as MPI ranks (DSA_MPI; built when found)
 )
 for option in "$@"; do
   case "$option" in

@@ -11,7 +11,8 @@ import subprocess
 import sys
 import tempfile
 
-RUN_OWN = ("command", "timings_ms", "stage_ms", "threads", "peak_rss_bytes", "ranks")
+RUN_OWN = ("command", "timings_ms", "stage_ms", "threads", "peak_rss_bytes", "peak_device_bytes",
+           "ranks")
 
 
 def run(cmd):
@@ -110,12 +111,11 @@ def main():
                              os.path.join(d, "missing", "r.json")])
         if r.returncode == 0 or "rank 0 of 2" not in r.stderr:
             failures.append(f"unwritable report: exit {r.returncode}: {r.stderr}")
-        # The other tools refuse to run as several ranks.
-        r = run(mpirun(2) + [tool("dsa-select"), "--q-index", f"{b}:q_index", "--k-index",
-                             f"{b}:k_index", "--weights", f"{b}:weights", "-k", "8", "-o",
-                             os.path.join(d, "s.npy")])
-        if r.returncode != 2 or os.path.exists(os.path.join(d, "s.npy")):
-            failures.append(f"dsa-select as 2 ranks: exit {r.returncode}: {r.stderr}")
+        # The tools that do not share rows refuse to run as several ranks.
+        r = run(mpirun(2) + [tool("dsa-gen"), "--length", "64", "-o",
+                             os.path.join(d, "g.safetensors")])
+        if r.returncode != 2 or os.path.exists(os.path.join(d, "g.safetensors")):
+            failures.append(f"dsa-gen as 2 ranks: exit {r.returncode}: {r.stderr}")
     for f in failures:
         print("FAIL:", f)
     sys.exit(1 if failures else 0)

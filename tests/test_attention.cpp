@@ -1,8 +1,9 @@
 // Sparse and dense attention against an fp64 reference: MQA (latent kv), MHA and GQA, decode
-// offsets, batches, padding, empty rows, lse merging and index validation.
+// offsets, batches, padding, empty rows, lse merging, shares of the rows and index validation.
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <random>
 
 #include "dsa/attention.hpp"
@@ -218,6 +219,76 @@ TEST(SparseAttention, EmptyRowGivesZeroAndMinusInfinity) {
   sparse_attention(p->inputs, none, 1.0f, collector(l, r), nullptr);
   for (float x : r.out) EXPECT_EQ(x, 0.0f);
   for (float x : r.lse) EXPECT_EQ(x, -INFINITY);
+}
+
+// What MPI ranks do (DESIGN.md section 8), in one process: each share of the rows computed
+// alone hands the sink only its rows, in order, and the shares put together are the whole
+// computation to the bit, sparse and dense, MQA and GQA, across batch elements and decode rows.
+TEST(Attention, SharesOfTheRowsPutTogetherAreTheWhole) {
+  const Layout layouts[] = {{2, 70, 90, 4, 1, 16, 8, true, true},
+                            {1, 150, 150, 2, 1, 64, 64, false, true},
+                            {3, 9, 21, 6, 2, 8, 10, true, false}};
+  uint64_t seed = 300;
+  for (const Layout& l : layouts) {
+    const auto p = make_problem(l, seed++);
+    std::mt19937_64 rng(seed++);
+    const Tensor indices = random_indices(l, 24, rng, true);
+    for (const Tensor* selection : {&indices, static_cast<const Tensor*>(nullptr)}) {
+      SCOPED_TRACE(selection ? "sparse" : "dense");
+      auto attend = [&](const AttentionInputs& in, const AttentionSink& sink) {
+        if (selection) {
+          sparse_attention(in, *selection, 0.3f, sink, nullptr);
+        } else {
+          dense_attention(in, 0.3f, sink, nullptr);
+        }
+      };
+      Result whole;
+      attend(p->inputs, collector(l, whole));
+      for (const int parts : {1, 2, 3, 5}) {
+        SCOPED_TRACE(parts);
+        const std::vector<RowRange> shares = balanced_rows(p->inputs, selection, parts);
+        ASSERT_EQ(shares.size(), static_cast<std::size_t>(parts));
+        EXPECT_EQ(shares.front().begin, 0);
+        EXPECT_EQ(shares.back().end, l.batch * l.queries);
+        Result merged;
+        const AttentionSink keep = collector(l, merged);
+        for (int i = 0; i < parts; ++i) {
+          if (i + 1 < parts) {
+            EXPECT_EQ(shares[i].end, shares[i + 1].begin);
+            EXPECT_EQ(shares[i].end % l.queries % 16, 0) << "a share starts at a block";
+          }
+          AttentionInputs share = p->inputs;
+          share.rows = shares[i];
+          int64_t next = shares[i].begin;
+          attend(share, [&](const AttentionBlock& b) {
+            EXPECT_EQ(b.batch * l.queries + b.row_begin, next) << "a row outside the share";
+            next += b.rows;
+            keep(b);
+          });
+          EXPECT_EQ(next, shares[i].end);
+        }
+        EXPECT_EQ(
+            0, std::memcmp(whole.out.data(), merged.out.data(), whole.out.size() * sizeof(float)));
+        EXPECT_EQ(
+            0, std::memcmp(whole.lse.data(), merged.lse.data(), whole.lse.size() * sizeof(float)));
+      }
+    }
+  }
+  // A share of nothing computes nothing; rows outside the attention's are a usage error.
+  const auto p = make_problem(layouts[0], 1);
+  AttentionInputs share = p->inputs;
+  share.rows = {140, 140};
+  const AttentionSink none = [](const AttentionBlock&) { FAIL() << "a block of no rows"; };
+  dense_attention(share, 1.0f, none, nullptr);
+  share.rows = {0, 141};
+  try {
+    dense_attention(share, 1.0f, none, nullptr);
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ExitCode::usage);
+    EXPECT_EQ(std::string(e.what()), "rows [0, 141) are not within the attention's 140 rows");
+  }
+  EXPECT_THROW(balanced_rows(p->inputs, nullptr, 0), Error);
 }
 
 void expect_rejected(const AttentionInputs& in, const Tensor& indices,

@@ -1,8 +1,9 @@
 // The lightning indexer (Eq. 1) against an fp64 reference: f32, bf16 and fp8 paths, Hadamard
-// invariance, decode offsets, batches and shape validation.
+// invariance, decode offsets, batches, shares of the rows and shape validation.
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <random>
 
 #include "dsa/error.hpp"
@@ -360,6 +361,71 @@ TEST(Indexer, CompressedKeysAreVisibleOnceTheirWindowIsComplete) {
   // The key count must be what the tokens make.
   EXPECT_THROW(make_compressed_indexer_inputs(q, k, w, config, m, T + 4), Error);
   EXPECT_THROW(make_compressed_indexer_inputs(q, k, w, config, m, Lq - 1), Error);
+}
+
+// What MPI ranks do (DESIGN.md section 8), in one process: each share of the rows scored alone
+// hands the sink only its rows, in order, and the shares put together are the whole score matrix
+// to the bit, for query blocks that do not divide the rows, the fp8 path, a batch with decode
+// rows and compressed keys.
+TEST(Indexer, SharesOfTheRowsPutTogetherAreTheWhole) {
+  std::mt19937_64 rng(91);
+  struct Case {
+    Problem problem;
+    int64_t block, ratio;
+    Precision precision;
+  };
+  for (const Case& c : {Case{{2, 37, 60, 4, 32, true}, 5, 1, Precision::fp8},
+                        Case{{1, 100, 100, 2, 16, false}, 16, 1, Precision::f32},
+                        Case{{1, 50, 12, 4, 32, false}, 7, 4, Precision::bf16}}) {
+    const Problem& p = c.problem;
+    SCOPED_TRACE(::testing::Message() << p.batch << "x" << p.queries << " block " << c.block);
+    const Inputs in = make_inputs(p, rng());
+    IndexerConfig config;
+    config.query_block = c.block;
+    config.precision = c.precision;
+    config.hadamard = c.precision == Precision::fp8;
+    const IndexerInputs inputs =
+        c.ratio > 1 ? make_compressed_indexer_inputs(in.q, in.k, in.w, config, c.ratio, p.queries)
+                    : make_indexer_inputs(in.q, in.k, in.w, config);
+    const int64_t rows = p.batch * p.queries;
+    auto scores_of = [&](RowRange share, std::vector<float>& out) {
+      IndexerInputs part = inputs;
+      part.rows = share;
+      int64_t next = share.begin;
+      indexer_scores(
+          part, config,
+          [&](const ScoreBlock& b) {
+            EXPECT_EQ(b.batch * p.queries + b.row_begin, next) << "a row outside the share";
+            next += b.rows;
+            std::copy_n(b.scores, b.rows * b.keys,
+                        out.begin() + (b.batch * p.queries + b.row_begin) * p.keys);
+          },
+          nullptr);
+      EXPECT_EQ(next, share.end < 0 ? rows : share.end);
+    };
+    std::vector<float> whole(static_cast<std::size_t>(rows * p.keys), NAN);
+    scores_of({}, whole);
+    for (const int parts : {1, 2, 3, 4}) {
+      SCOPED_TRACE(parts);
+      const std::vector<RowRange> shares = balanced_rows(inputs, config, parts);
+      ASSERT_EQ(shares.size(), static_cast<std::size_t>(parts));
+      EXPECT_EQ(shares.front().begin, 0);
+      EXPECT_EQ(shares.back().end, rows);
+      std::vector<float> merged(whole.size(), NAN);
+      for (int i = 0; i < parts; ++i) {
+        if (i + 1 < parts) {
+          EXPECT_EQ(shares[i].end, shares[i + 1].begin);
+          EXPECT_EQ(shares[i].end % p.queries % c.block, 0) << "a share starts at a query block";
+        }
+        scores_of(shares[i], merged);
+      }
+      EXPECT_EQ(0, std::memcmp(whole.data(), merged.data(), whole.size() * sizeof(float)));
+    }
+    IndexerInputs outside = inputs;
+    outside.rows = {0, rows + 1};
+    const auto ignore = [](const ScoreBlock&) {};
+    EXPECT_THROW(indexer_scores(outside, config, ignore, nullptr), Error);
+  }
 }
 
 }  // namespace

@@ -1,8 +1,10 @@
 // Top-k selection (Eq. 2): hand-made edges (ties, padding, NaN, one token), random rows
-// against a full sort, decode offsets and batches, fused against scores-then-select.
+// against a full sort, decode offsets and batches, fused against scores-then-select, shares of
+// the rows.
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <random>
 
 #include "dsa/error.hpp"
@@ -203,6 +205,83 @@ TEST(SelectFromIndexer, FusedEqualsScoresThenSelect) {
       for (int64_t i = 0; i < c.k; ++i)
         EXPECT_EQ(fused[r * c.k + i] >= 0, i < visible) << r << " " << i;
     }
+  }
+}
+
+// What MPI ranks do (DESIGN.md section 8), in one process: shares of the rows selected alone,
+// fused with the indexer or from a score matrix, hand the sink only their rows, and put together
+// are the whole selection to the bit (indices and their scores), across batch elements.
+TEST(SelectFromIndexer, SharesOfTheRowsPutTogetherAreTheWhole) {
+  std::mt19937_64 rng(12);
+  const int64_t B = 2, Lq = 45, Lk = 60, H = 3, d = 16, k = 10;
+  const Tensor q = test::random_tensor({B, Lq, H, d}, rng),
+               keys = test::random_tensor({B, Lk, d}, rng),
+               w = test::random_tensor({B, Lq, H}, rng);
+  IndexerConfig config;
+  config.precision = Precision::bf16;
+  config.query_block = 6;
+  const IndexerInputs inputs = make_indexer_inputs(q, keys, w, config);
+  Tensor scores = make_tensor(DType::f32, {B, Lq, Lk}, "scores");
+  indexer_scores(
+      inputs, config,
+      [&](const ScoreBlock& b) {
+        std::copy_n(b.scores, b.rows * b.keys,
+                    mutable_data<float>(scores) + (b.batch * Lq + b.row_begin) * Lk);
+      },
+      nullptr);
+  struct Selection {
+    std::vector<int32_t> indices = std::vector<int32_t>(B * Lq * k, -7);
+    std::vector<float> scores = std::vector<float>(B * Lq * k, NAN);
+  };
+  // Selects rows `share` (fused or from the scores) into `out`, checking that only they come.
+  auto select = [&](bool fused, RowRange share, Selection& out) {
+    int64_t next = share.begin;
+    const SelectionSink sink = [&](const SelectionBlock& b) {
+      EXPECT_EQ(b.batch * Lq + b.row_begin, next) << "a row outside the share";
+      next += b.rows;
+      std::copy_n(b.indices, b.rows * k, out.indices.begin() + (b.batch * Lq + b.row_begin) * k);
+      std::copy_n(b.scores, b.rows * k, out.scores.begin() + (b.batch * Lq + b.row_begin) * k);
+    };
+    if (fused) {
+      IndexerInputs part = inputs;
+      part.rows = share;
+      select_from_indexer(part, config, k, sink, nullptr);
+    } else {
+      select_from_scores(scores, k, sink, nullptr, share);
+    }
+    EXPECT_EQ(next, share.end < 0 ? B * Lq : share.end);
+  };
+  for (const bool fused : {true, false}) {
+    SCOPED_TRACE(fused ? "fused" : "from scores");
+    Selection whole;
+    select(fused, {}, whole);
+    for (const int parts : {1, 2, 3, 5}) {
+      SCOPED_TRACE(parts);
+      const std::vector<RowRange> shares =
+          fused ? balanced_rows(inputs, config, parts) : balanced_rows(scores, parts);
+      ASSERT_EQ(shares.size(), static_cast<std::size_t>(parts));
+      EXPECT_EQ(shares.front().begin, 0);
+      EXPECT_EQ(shares.back().end, B * Lq);
+      Selection merged;
+      for (int i = 0; i < parts; ++i) {
+        if (i + 1 < parts) {
+          EXPECT_EQ(shares[i].end, shares[i + 1].begin);
+          if (fused) EXPECT_EQ(shares[i].end % Lq % config.query_block, 0);
+        }
+        select(fused, shares[i], merged);
+      }
+      EXPECT_EQ(merged.indices, whole.indices);
+      EXPECT_EQ(0, std::memcmp(merged.scores.data(), whole.scores.data(),
+                               whole.scores.size() * sizeof(float)));
+    }
+  }
+  EXPECT_THROW(select_from_scores(scores, k, [](const SelectionBlock&) {}, nullptr, {3, 2}), Error);
+  // The shares of a tensor that is no score matrix: the error select_from_scores gives.
+  try {
+    balanced_rows(make_tensor(DType::i32, {4, 4}, "sel"), 2);
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ExitCode::bad_input);
   }
 }
 

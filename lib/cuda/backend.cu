@@ -259,18 +259,24 @@ int64_t score_chunk(const IndexerInputs& in) {
   return std::clamp<int64_t>((512 << 20) / std::max<int64_t>(in.keys * 4, 1), 1, 1 << 16);
 }
 
-// Streams the indexer's score rows of one batch element in chunks that fit the GPU, handing
-// each chunk (device pointer, rows) to `use`.
+// Streams the indexer's score rows of each batch element in the inputs' rows, in chunks that
+// fit the GPU, handing each chunk (batch element, first row, rows, device pointer) to `use`.
 template <typename Use>
-void score_chunks(const IndexerInputs& in, const IndexerConfig& config, int64_t b,
-                  StageTimes* times, Use use) {
-  IndexerOnDevice indexer(in, config, b, times);
+void score_chunks(const IndexerInputs& in, const IndexerConfig& config, StageTimes* times,
+                  Use use) {
+  const RowRange share = resolve_rows(in.rows, in.batch * in.queries, "the indexer's");
   const int64_t chunk = score_chunk(in);
-  DeviceBuffer<float> scores(static_cast<size_t>(std::min(chunk, in.queries) * in.keys));
-  for (int64_t c0 = 0; c0 < in.queries; c0 += chunk) {
-    const int64_t rows = std::min(chunk, in.queries - c0);
-    indexer.score(c0, rows, scores.get(), times);
-    use(c0, rows, scores.get());
+  for (int64_t b = 0; b < in.batch; ++b) {
+    const QueryRows queries = batch_queries(share, b, in.queries);
+    if (queries.first >= queries.last) continue;
+    IndexerOnDevice indexer(in, config, b, times);
+    DeviceBuffer<float> scores(
+        static_cast<size_t>(std::min(chunk, queries.last - queries.first) * in.keys));
+    for (int64_t c0 = queries.first; c0 < queries.last; c0 += chunk) {
+      const int64_t rows = std::min(chunk, queries.last - c0);
+      indexer.score(c0, rows, scores.get(), times);
+      use(b, c0, rows, scores.get());
+    }
   }
 }
 
@@ -314,6 +320,9 @@ class AttentionOnDevice {
     p.k = static_cast<int>(k);
     p.first_position = in_.position(c0);
     p.scale = scale_;
+    p.query_rows = static_cast<int>(in_.queries);
+    splits_.resize(static_cast<size_t>(attention_partial_floats(p)));  // split decoding's
+    p.partial = splits_.get();
     launch_attention(p);
     check(cudaDeviceSynchronize(), "attention kernel");
     out_.download(out, static_cast<size_t>(rows * in_.heads * in_.d_v));
@@ -393,7 +402,7 @@ class AttentionOnDevice {
   DeviceBuffer<__nv_bfloat16> kv_, q_;
   DeviceBuffer<uint8_t> kv_fp8_;
   DeviceBuffer<int32_t> idx_;
-  DeviceBuffer<float> out_, lse_, partial_;
+  DeviceBuffer<float> out_, lse_, partial_, splits_;
 };
 
 // The GPU this process computes on: 0, or what select_device chose.
@@ -434,14 +443,12 @@ int select_device(int slot) {
 void indexer_scores(const IndexerInputs& in, const IndexerConfig& config,
                     const detail::ScoreSink& sink, StageTimes* times) {
   std::vector<float> host;
-  for (int64_t b = 0; b < in.batch; ++b) {
-    score_chunks(in, config, b, times, [&](int64_t c0, int64_t rows, const float* scores) {
-      host.resize(static_cast<size_t>(rows * in.keys));
-      check(cudaMemcpy(host.data(), scores, host.size() * sizeof(float), cudaMemcpyDeviceToHost),
-            "cudaMemcpy");
-      sink({b, c0, rows, in.keys, host.data()});
-    });
-  }
+  score_chunks(in, config, times, [&](int64_t b, int64_t c0, int64_t rows, const float* scores) {
+    host.resize(static_cast<size_t>(rows * in.keys));
+    check(cudaMemcpy(host.data(), scores, host.size() * sizeof(float), cudaMemcpyDeviceToHost),
+          "cudaMemcpy");
+    sink({b, c0, rows, in.keys, host.data()});
+  });
 }
 
 void select_from_indexer(const IndexerInputs& in, const IndexerConfig& config, int64_t k,
@@ -450,32 +457,30 @@ void select_from_indexer(const IndexerInputs& in, const IndexerConfig& config, i
   DeviceBuffer<float> values;
   std::vector<int32_t> host_indices;
   std::vector<float> host_values;
-  for (int64_t b = 0; b < in.batch; ++b) {
-    score_chunks(in, config, b, times, [&](int64_t c0, int64_t rows, const float* scores) {
-      Stopwatch watch;
-      const size_t n = static_cast<size_t>(rows * k);
-      indices.resize(n);
-      values.resize(n);
-      TopkParams p;
-      p.scores = scores;
-      p.indices = indices.get();
-      p.values = values.get();
-      p.rows = static_cast<int>(rows);
-      p.keys = static_cast<int>(in.keys);
-      p.k = static_cast<int>(k);
-      p.first_position = in.position(c0);
-      p.stride = in.keys;
-      p.ratio = in.ratio;
-      launch_topk(p);
-      check(cudaDeviceSynchronize(), "top-k kernel");
-      if (times) times->add("select", watch.seconds());
-      host_indices.resize(n);
-      host_values.resize(n);
-      indices.download(host_indices.data(), n);
-      values.download(host_values.data(), n);
-      sink({b, c0, rows, k, host_indices.data(), host_values.data(), in.position(c0)});
-    });
-  }
+  score_chunks(in, config, times, [&](int64_t b, int64_t c0, int64_t rows, const float* scores) {
+    Stopwatch watch;
+    const size_t n = static_cast<size_t>(rows * k);
+    indices.resize(n);
+    values.resize(n);
+    TopkParams p;
+    p.scores = scores;
+    p.indices = indices.get();
+    p.values = values.get();
+    p.rows = static_cast<int>(rows);
+    p.keys = static_cast<int>(in.keys);
+    p.k = static_cast<int>(k);
+    p.first_position = in.position(c0);
+    p.stride = in.keys;
+    p.ratio = in.ratio;
+    launch_topk(p);
+    check(cudaDeviceSynchronize(), "top-k kernel");
+    if (times) times->add("select", watch.seconds());
+    host_indices.resize(n);
+    host_values.resize(n);
+    indices.download(host_indices.data(), n);
+    values.download(host_values.data(), n);
+    sink({b, c0, rows, k, host_indices.data(), host_values.data(), in.position(c0)});
+  });
 }
 
 void sparse_attention(const AttentionInputs& in, const Tensor* indices, float scale,
@@ -485,13 +490,16 @@ void sparse_attention(const AttentionInputs& in, const Tensor* indices, float sc
       std::clamp<int64_t>((256 << 20) / std::max<int64_t>(in.heads * in.d_qk * 2, 1), 1, 1 << 16);
   std::vector<int64_t> wide;
   std::vector<int32_t> narrow;
+  const RowRange share = resolve_rows(in.rows, in.batch * in.queries, "the attention's");
   std::vector<float> out, lse;
   for (int64_t b = 0; b < in.batch; ++b) {
+    const QueryRows queries = batch_queries(share, b, in.queries);
+    if (queries.first >= queries.last) continue;
     Stopwatch load;
     AttentionOnDevice attention(in, scale, b);
     if (times) times->add("load", load.seconds());
-    for (int64_t c0 = 0; c0 < in.queries; c0 += chunk) {
-      const int64_t rows = std::min(chunk, in.queries - c0);
+    for (int64_t c0 = queries.first; c0 < queries.last; c0 += chunk) {
+      const int64_t rows = std::min(chunk, queries.last - c0);
       Stopwatch watch;
       if (indices) {
         wide.resize(static_cast<size_t>(rows * k));

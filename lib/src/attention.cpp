@@ -175,21 +175,24 @@ std::string batch_prefix(const AttentionInputs& in) {
   return in.batched ? fmt::format("{}, ", in.batch) : "";
 }
 
-// Runs `compute(row_begin, rows, out, lse)` over chunks of query rows in parallel blocks and
-// hands each finished chunk to the sink in order.
+// Runs `compute(row_begin, rows, out, lse)` over chunks of the inputs' query rows in parallel
+// blocks and hands each finished chunk to the sink in order.
 template <typename Compute>
 void for_each_chunk(const AttentionInputs& in, int64_t block, const AttentionSink& sink,
                     StageTimes* times, const char* stage, Compute&& compute) {
   const int64_t per_row = in.heads * (in.d_v + 1);
   const int64_t chunk = detail::chunk_rows(block, per_row * 4);
+  const RowRange share = resolve_rows(in.rows, in.batch * in.queries, "the attention's");
   std::vector<float> out, lse;
-  detail::Progress progress(stage, in.batch * in.queries);
+  detail::Progress progress(stage, share.end - share.begin);
   for (int64_t b = 0; b < in.batch; ++b) {
+    const QueryRows queries = batch_queries(share, b, in.queries);
+    if (queries.first >= queries.last) continue;
     Stopwatch load;
     const KeyValues kv(in, b);
     if (times) times->add("load", load.seconds());
-    for (int64_t c0 = 0; c0 < in.queries; c0 += chunk) {
-      const int64_t rows = std::min(chunk, in.queries - c0);
+    for (int64_t c0 = queries.first; c0 < queries.last; c0 += chunk) {
+      const int64_t rows = std::min(chunk, queries.last - c0);
       out.resize(static_cast<std::size_t>(rows * in.heads * in.d_v));
       lse.resize(static_cast<std::size_t>(rows * in.heads));
       Stopwatch watch;
@@ -448,12 +451,13 @@ namespace {
 // on the host as they arrive.
 void attention_on(Device device, const AttentionInputs& in, const Tensor* indices, float scale,
                   const AttentionSink& sink, StageTimes* times) {
+  const RowRange share = resolve_rows(in.rows, in.batch * in.queries, "the attention's");
   const detail::Backend& backend = detail::backend(device, {nullptr, nullptr, 0, &in, false});
   if (backend.device == Device::cpu) {
     backend.attention(in, indices, scale, sink, times);
     return;
   }
-  detail::Progress progress("attend", in.batch * in.queries);
+  detail::Progress progress("attend", share.end - share.begin);
   backend.attention(
       in, indices, scale,
       [&](const AttentionBlock& block) {
@@ -464,6 +468,14 @@ void attention_on(Device device, const AttentionInputs& in, const Tensor* indice
 }
 
 }  // namespace
+
+std::vector<RowRange> balanced_rows(const AttentionInputs& in, const Tensor* indices, int parts) {
+  const int64_t k = indices && indices->rank() > 0 ? indices->shape.back() : 0;
+  return balanced_rows(in.batch, in.queries, kQueryBlock, parts, [&](int64_t t) {
+    const int64_t visible = in.position(t) + 1;
+    return static_cast<double>(indices ? std::min(visible, k) : visible);
+  });
+}
 
 void sparse_attention(const AttentionInputs& in, const Tensor& indices, float scale,
                       const AttentionSink& sink, StageTimes* times, Device device) {

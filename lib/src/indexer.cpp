@@ -213,16 +213,25 @@ Shape score_shape(const IndexerInputs& inputs) {
   return with_batch({inputs.queries, inputs.keys}, inputs.batched, inputs.batch);
 }
 
+std::vector<RowRange> balanced_rows(const IndexerInputs& inputs, const IndexerConfig& config,
+                                    int parts) {
+  // A row's work: the keys it is scored against (and selects from), and one for its output.
+  return balanced_rows(inputs.batch, inputs.queries, std::max<int64_t>(1, config.query_block),
+                       parts,
+                       [&](int64_t t) { return static_cast<double>(inputs.visible(t) + 1); });
+}
+
 void indexer_scores(const IndexerInputs& inputs, const IndexerConfig& config,
                     const std::function<void(const ScoreBlock&)>& sink, StageTimes* times,
                     Device device) {
+  const RowRange share = resolve_rows(inputs.rows, inputs.batch * inputs.queries, "the indexer's");
   const detail::Backend& backend = detail::backend(device, {&inputs, &config, 0, nullptr, false});
   if (backend.device == Device::cpu) {
     backend.indexer_scores(inputs, config, sink, times);  // counts its blocks as they finish
     return;
   }
   // Another backend's chunks are counted on the host as they arrive.
-  detail::Progress progress("score", inputs.batch * inputs.queries);
+  detail::Progress progress("score", share.end - share.begin);
   backend.indexer_scores(
       inputs, config,
       [&](const ScoreBlock& block) {
@@ -236,14 +245,17 @@ void detail::cpu_indexer_scores(const IndexerInputs& inputs, const IndexerConfig
                                 const ScoreSink& sink, StageTimes* times) {
   const int64_t block = std::max<int64_t>(1, config.query_block);
   const int64_t chunk = detail::chunk_rows(block, inputs.keys * 4);
+  const RowRange share = resolve_rows(inputs.rows, inputs.batch * inputs.queries, "the indexer's");
   std::vector<float> scores;
-  Progress progress("score", inputs.batch * inputs.queries);
+  Progress progress("score", share.end - share.begin);
   for (int64_t b = 0; b < inputs.batch; ++b) {
+    const QueryRows queries = batch_queries(share, b, inputs.queries);
+    if (queries.first >= queries.last) continue;
     Stopwatch prepare;
     const IndexerKernel kernel(inputs, config, b);
     if (times) times->add("prepare", prepare.seconds());
-    for (int64_t c0 = 0; c0 < inputs.queries; c0 += chunk) {
-      const int64_t rows = std::min(chunk, inputs.queries - c0);
+    for (int64_t c0 = queries.first; c0 < queries.last; c0 += chunk) {
+      const int64_t rows = std::min(chunk, queries.last - c0);
       scores.resize(static_cast<std::size_t>(rows * inputs.keys));
       Stopwatch watch;
 #pragma omp parallel for schedule(dynamic, 1)

@@ -216,14 +216,6 @@ int64_t share_alignment(const CompareInputs& in) {
   return std::lcm(dense, query);
 }
 
-RowRange share_of(const CompareInputs& in, int64_t rows) {
-  const int64_t end = in.rows.end < 0 ? rows : in.rows.end;
-  if (in.rows.begin < 0 || in.rows.begin > end || end > rows) {
-    bad_usage("rows [{}, {}) are not within the comparison's {} rows", in.rows.begin, end, rows);
-  }
-  return {in.rows.begin, end};
-}
-
 // compare_attention on either device: the backend's CompareEngine computes, in chunks of query
 // rows, the indexer scores, sparse attention at each k, dense attention and the head-averaged
 // dense probabilities; the selections and metrics are computed here, on the host. Top-k runs on
@@ -250,7 +242,7 @@ void compare_on_engine(const detail::Backend& backend, const CompareInputs& in, 
       std::max(std::clamp<int64_t>(std::max(backend.compare_chunk_bytes / per_row, busy), 1, 4096) /
                    align * align,
                align);
-  const RowRange share = share_of(in, rows);
+  const RowRange share = resolve_rows(in.rows, rows, "the comparison's");
   std::vector<float> scores, p, dense_out, dense_lse, sparse_out, sparse_lse, selected_scores;
   std::vector<float> bf16_out, bf16_lse;  // with the fp8 cache: the same selection over kv
   std::vector<int32_t> selection, prefix;
@@ -259,8 +251,8 @@ void compare_on_engine(const detail::Backend& backend, const CompareInputs& in, 
   detail::Progress progress("compare", share.end - share.begin);
   for (int64_t b = 0; b < a.batch; ++b) {
     // This batch element's query rows in the share.
-    const int64_t first = std::clamp<int64_t>(share.begin - b * Lq, 0, Lq);
-    const int64_t last = std::clamp<int64_t>(share.end - b * Lq, 0, Lq);
+    const QueryRows queries = batch_queries(share, b, Lq);
+    const int64_t first = queries.first, last = queries.last;
     if (first >= last) continue;
     Stopwatch load;
     const std::unique_ptr<detail::CompareEngine> engine = backend.compare_engine(
@@ -523,37 +515,14 @@ void finish_comparison(const CompareInputs& in, Comparison& out) {
 }
 
 std::vector<RowRange> balanced_rows(const CompareInputs& in, int parts) {
-  if (parts < 1) bad_usage("a job needs at least one rank, got {}", parts);
   const AttentionInputs& a = in.attention;
-  const int64_t Lq = a.queries, rows = a.batch * Lq;
-  const int64_t align = share_alignment(in);
   const int64_t k = in.indices ? in.indices->shape.back() : in.topk.back();
   // A row's work: its dense positions and its sparse ones (the indexer's scale as the dense
   // attention's, both linear in t + 1).
-  auto work = [&](int64_t row) {
-    const int64_t visible = a.position(row % Lq) + 1;
+  return balanced_rows(a.batch, a.queries, share_alignment(in), parts, [&](int64_t t) {
+    const int64_t visible = a.position(t) + 1;
     return static_cast<double>(visible + std::min(visible, k));
-  };
-  double total = 0;
-  for (int64_t row = 0; row < rows; ++row) total += work(row);
-  std::vector<RowRange> shares;
-  int64_t begin = 0;
-  double done = 0;
-  for (int part = 0; part < parts; ++part) {
-    int64_t end = rows;
-    if (part + 1 < parts) {
-      // The first aligned row at which the work so far reaches this share's end.
-      const double target = total * (part + 1) / parts;
-      end = begin;
-      double sum = done;
-      while (end < rows && sum < target) sum += work(end++);
-      while (end < rows && (end % Lq) % align != 0) sum += work(end++);
-      done = sum;
-    }
-    shares.push_back({begin, end});
-    begin = end;
-  }
-  return shares;
+  });
 }
 
 namespace {

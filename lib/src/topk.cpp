@@ -133,30 +133,53 @@ void select_chunk(const float* scores, int64_t rows, int64_t keys, int64_t first
 
 }  // namespace
 
-void select_from_scores(const Tensor& scores, int64_t k, const SelectionSink& sink,
-                        StageTimes* times) {
-  check_k(k);
+namespace {
+
+// The batch, query rows and keys of a score matrix [B?, Lq, Lk], checked.
+struct ScoreMatrix {
+  int64_t batch, queries, keys;
+};
+ScoreMatrix score_matrix(const Tensor& scores) {
   if (!is_floating(scores.dtype) || (scores.rank() != 2 && scores.rank() != 3)) {
     bad_input("{} (scores): expected a floating-point tensor [B?, Lq, Lk], got {} {}", scores.name,
               dtype_name(scores.dtype), shape_string(scores.shape));
   }
   const bool batched = scores.rank() == 3;
-  const int64_t batch = batched ? scores.dim(0) : 1;
-  const int64_t queries = scores.dim(batched ? 1 : 0);
-  const int64_t keys = scores.dim(batched ? 2 : 1);
-  if (queries > keys) {
+  const ScoreMatrix m{batched ? scores.dim(0) : 1, scores.dim(batched ? 1 : 0),
+                      scores.dim(batched ? 2 : 1)};
+  if (m.queries > m.keys) {
     bad_input("{} (scores): {} query rows but only {} keys: queries are the last Lq positions",
-              scores.name, queries, keys);
+              scores.name, m.queries, m.keys);
   }
-  if (keys > std::numeric_limits<int32_t>::max())
+  if (m.keys > std::numeric_limits<int32_t>::max())
     bad_input("{}: too many keys for int32 indices", scores.name);
+  return m;
+}
+
+}  // namespace
+
+std::vector<RowRange> balanced_rows(const Tensor& scores, int parts) {
+  const ScoreMatrix m = score_matrix(scores);
+  // A row's work: the candidates it selects from, and one for its output.
+  return balanced_rows(m.batch, m.queries, 1, parts, [&](int64_t t) {
+    return static_cast<double>(std::min(m.keys, m.keys - m.queries + t + 1) + 1);
+  });
+}
+
+void select_from_scores(const Tensor& scores, int64_t k, const SelectionSink& sink,
+                        StageTimes* times, RowRange rows) {
+  check_k(k);
+  const ScoreMatrix m = score_matrix(scores);
+  const int64_t queries = m.queries, keys = m.keys;
+  const RowRange share = resolve_rows(rows, m.batch * queries, "the score matrix's");
   const int64_t chunk = detail::chunk_rows(64, keys * 4 + k * 8);
   std::vector<int32_t> indices;
   std::vector<float> selected;
-  detail::Progress progress("select", batch * queries);
-  for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t c0 = 0; c0 < queries; c0 += chunk) {
-      const int64_t rows = std::min(chunk, queries - c0);
+  detail::Progress progress("select", share.end - share.begin);
+  for (int64_t b = 0; b < m.batch; ++b) {
+    const QueryRows range = batch_queries(share, b, queries);
+    for (int64_t c0 = range.first; c0 < range.last; c0 += chunk) {
+      const int64_t rows = std::min(chunk, range.last - c0);
       indices.resize(static_cast<std::size_t>(rows * k));
       selected.resize(static_cast<std::size_t>(rows * k));
       Stopwatch watch;
@@ -183,13 +206,14 @@ Shape selection_shape(const Tensor& scores, int64_t k) {
 void select_from_indexer(const IndexerInputs& inputs, const IndexerConfig& config, int64_t k,
                          const SelectionSink& sink, StageTimes* times, Device device) {
   check_k(k);
+  const RowRange share = resolve_rows(inputs.rows, inputs.batch * inputs.queries, "the indexer's");
   const detail::Backend& backend = detail::backend(device, {&inputs, &config, k, nullptr, false});
   if (backend.device == Device::cpu) {
     backend.select_from_indexer(inputs, config, k, sink, times);  // counts its blocks itself
     return;
   }
   // Another backend's chunks are counted on the host as they arrive.
-  detail::Progress progress("select", inputs.batch * inputs.queries);
+  detail::Progress progress("select", share.end - share.begin);
   backend.select_from_indexer(
       inputs, config, k,
       [&](const SelectionBlock& block) {
@@ -203,16 +227,19 @@ void detail::cpu_select_from_indexer(const IndexerInputs& inputs, const IndexerC
                                      int64_t k, const SelectionSink& sink, StageTimes* times) {
   const int64_t block = std::max<int64_t>(1, config.query_block);
   const int64_t chunk = detail::chunk_rows(block, inputs.keys * 4 + k * 8);
+  const RowRange share = resolve_rows(inputs.rows, inputs.batch * inputs.queries, "the indexer's");
   std::vector<float> scores;
   std::vector<int32_t> indices;
   std::vector<float> selected;
-  Progress progress("select", inputs.batch * inputs.queries);
+  Progress progress("select", share.end - share.begin);
   for (int64_t b = 0; b < inputs.batch; ++b) {
+    const QueryRows queries = batch_queries(share, b, inputs.queries);
+    if (queries.first >= queries.last) continue;
     Stopwatch prepare;
     const IndexerKernel kernel(inputs, config, b);
     if (times) times->add("prepare", prepare.seconds());
-    for (int64_t c0 = 0; c0 < inputs.queries; c0 += chunk) {
-      const int64_t rows = std::min(chunk, inputs.queries - c0);
+    for (int64_t c0 = queries.first; c0 < queries.last; c0 += chunk) {
+      const int64_t rows = std::min(chunk, queries.last - c0);
       scores.resize(static_cast<std::size_t>(rows * inputs.keys));
       indices.resize(static_cast<std::size_t>(rows * k));
       selected.resize(static_cast<std::size_t>(rows * k));

@@ -9,6 +9,7 @@
 
 #include "dsa/device.hpp"
 #include "dsa/report.hpp"
+#include "dsa/rows.hpp"
 #include "dsa/tensor.hpp"
 
 namespace dsa {
@@ -24,6 +25,9 @@ struct AttentionInputs {
   bool fp8_cache = false;  // kv is the fp8 cache: keys and values its dequantized rows
   bool batched = false;
   int64_t batch = 1, queries = 0, keys = 0, heads = 0, kv_heads = 1, d_qk = 0, d_v = 0;
+  // The query rows sparse_attention and dense_attention compute and hand to the sink (one
+  // rank's share of a job, balanced_rows below); every row by default.
+  RowRange rows;
 
   int64_t position(int64_t row) const { return keys - queries + row; }
 };
@@ -75,6 +79,13 @@ DroppedIndices drop_future_indices(const AttentionInputs& inputs, const Tensor& 
 
 // Where --device `name` runs attention on these inputs (choose_device in indexer.hpp says how).
 DeviceChoice choose_device(const std::string& name, const AttentionInputs& inputs);
+
+// A job of `parts` ranks (docs/DESIGN.md section 8): shares of the rows of sparse attention
+// over `indices` (a row at position t costs min(t + 1, K) positions) or, indices null, of dense
+// attention (t + 1), each starting at a block of the rows the CPU computes together. A row's
+// output does not depend on the rows computed with it: the shares put together are the whole.
+std::vector<RowRange> balanced_rows(const AttentionInputs& inputs, const Tensor* indices,
+                                    int parts);
 
 // o[t,h] = sum_{s in S_t} softmax_s(scale * q[t,h] . k_s) v_s over the given indices.
 void sparse_attention(const AttentionInputs& inputs, const Tensor& indices, float scale,

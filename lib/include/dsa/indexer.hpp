@@ -11,6 +11,7 @@
 #include "dsa/device.hpp"
 #include "dsa/precision.hpp"
 #include "dsa/report.hpp"
+#include "dsa/rows.hpp"
 #include "dsa/tensor.hpp"
 
 namespace dsa {
@@ -41,6 +42,11 @@ struct IndexerInputs {
   bool batched = false;
   int64_t batch = 1, queries = 0, keys = 0, heads = 0, dim = 0;
   int64_t tokens = 0, ratio = 1;  // T (= keys unless compressed) and tokens per key
+  // The query rows indexer_scores and select_from_indexer compute and hand to the sink (one
+  // rank's share of a job, balanced_rows below); every row by default. A range that starts at a
+  // multiple of config.query_block in its batch element gives each row the bits the whole
+  // computation gives it.
+  RowRange rows;
 
   int64_t position(int64_t row) const { return tokens - queries + row; }
   // Keys [0, visible(row)) are visible to the row: position + 1, or the complete entries.
@@ -108,6 +114,12 @@ struct ScoreBlock {
 };
 // [B?, Lq, Lk]: the shape of the score matrix of these inputs.
 Shape score_shape(const IndexerInputs& inputs);
+
+// A job of `parts` ranks (docs/DESIGN.md section 8): shares of the rows of indexer_scores or
+// select_from_indexer (a row costs its visible keys), each starting at a multiple of
+// config.query_block in its batch element, so that the shares put together are the whole.
+std::vector<RowRange> balanced_rows(const IndexerInputs& inputs, const IndexerConfig& config,
+                                    int parts);
 
 // The full causal score matrix, streamed in blocks of query rows (for small L). Every operation
 // takes its device the same way, as its last parameter (choose_device gives it for a --device).

@@ -14,6 +14,7 @@
 #include "dsa/compressed_attention.hpp"
 #include "dsa/indexer.hpp"
 #include "dsa/report.hpp"
+#include "dsa/rows.hpp"
 #include "dsa/tensor.hpp"
 
 namespace dsa {
@@ -30,12 +31,6 @@ struct Summary {
 };
 Summary summarize(const std::vector<double>& values);
 nlohmann::json summary_json(const Summary& summary);  // NaN written as null
-
-// Query rows [begin, end) of a comparison's B x Lq (row r: batch element r / Lq, query r % Lq);
-// end -1: to the last.
-struct RowRange {
-  int64_t begin = 0, end = -1;
-};
 
 struct CompareInputs {
   AttentionInputs attention;
@@ -57,6 +52,7 @@ struct CompareInputs {
   // against the same selection over attention's kv (Fidelity::cache_*).
   const AttentionInputs* fp8_cache = nullptr;
   // The rows computed (one rank's share of a job, balanced_rows); the others' metrics stay NaN.
+  // The comparison reads these, not the rows of `attention` and `indexer`.
   RowRange rows;
 };
 

@@ -7,6 +7,7 @@
 
 #include "dsa/indexer.hpp"
 #include "dsa/report.hpp"
+#include "dsa/rows.hpp"
 #include "dsa/tensor.hpp"
 
 namespace dsa {
@@ -36,9 +37,15 @@ using SelectionSink = std::function<void(const SelectionBlock&)>;
 Shape selection_shape(const IndexerInputs& inputs, int64_t k);
 Shape selection_shape(const Tensor& scores, int64_t k);
 
-// From a score matrix [B?, Lq, Lk]; query row t sees s <= Lk - Lq + t.
+// From a score matrix [B?, Lq, Lk]; query row t sees s <= Lk - Lq + t. `rows` are the query
+// rows selected and handed to the sink (one rank's share, balanced_rows below; every row by
+// default).
 void select_from_scores(const Tensor& scores, int64_t k, const SelectionSink& sink,
-                        StageTimes* times);
+                        StageTimes* times, RowRange rows = {});
+// A job of `parts` ranks (docs/DESIGN.md section 8): shares of a score matrix's rows for
+// select_from_scores, balanced by their candidates. Error(bad_input) for a tensor that is no
+// score matrix, as select_from_scores says it.
+std::vector<RowRange> balanced_rows(const Tensor& scores, int parts);
 
 // Fused: scores a block of queries, selects, hands the block on; never stores Lq x Lk.
 void select_from_indexer(const IndexerInputs& inputs, const IndexerConfig& config, int64_t k,
