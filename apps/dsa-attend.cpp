@@ -88,11 +88,29 @@ int main(int argc, char** argv) {
       out->commit();
       if (lse) lse->commit();
     };
+    // Room for this rank's share of the outputs: `row_floats` of the output and `lse_floats` of
+    // the log-sum-exp per row.
+    const auto reserve_share = [&](dsa::RowRange rows, int64_t row_floats, int64_t lse_floats) {
+      const auto share_rows = static_cast<std::size_t>(rows.end - rows.begin);
+      out_rows.reserve(share_rows * static_cast<std::size_t>(row_floats) * sizeof(float));
+      if (!lse_path.empty()) {
+        lse_rows.reserve(share_rows * static_cast<std::size_t>(lse_floats) * sizeof(float));
+      }
+    };
+    // After the work of an MPI job: rank 0 receives and writes the other ranks' rows and puts
+    // their entries in the report's `ranks`. False on the other ranks, which are then done.
+    const auto gather_shares = [&](const nlohmann::json& device, dsa::RowRange rows) {
+      if (job.size == 1) return true;
+      const nlohmann::json timings = dsa::timings_json(times, total.seconds());
+      dsa::Stopwatch gather;
+      out_rows.gather();
+      if (!lse_path.empty()) lse_rows.gather();
+      times.add("gather", gather.seconds());
+      report["ranks"] = dsa::app::gather_rank_entries(device, rows, timings);
+      return job.rank == 0;
+    };
 
     if (!v4.attention.empty()) {  // DeepSeek-V4: window + compressed entries + sink
-      if (job.size > 1) {
-        dsa::bad_usage("--attention runs as one process, not as {} MPI ranks", job.size);
-      }
       if (attention.kv_cache != "bf16") {
         dsa::bad_usage(
             "--kv-cache fp8 is FlashMLA's cache of V3.2's latent rows; DeepSeek-V4's attention "
@@ -101,7 +119,9 @@ int main(int argc, char** argv) {
       if (future_as_padding) dsa::bad_usage("--future-as-padding is for V3.2 selections");
       dsa::app::V4AttentionTensors loaded;
       dsa::app::load_v4_attention(attention, v4, loaded);
-      const dsa::CompressedAttentionInputs& inputs = loaded.inputs;
+      dsa::CompressedAttentionInputs& inputs = loaded.inputs;
+      // One GPU per rank, as below.
+      if (job.size > 1 && device_name != "cpu") dsa::use_local_gpu(job.local_rank);
       const dsa::DeviceChoice choice =
           dsa::naming("--device", [&] { return dsa::choose_device(device_name, inputs); });
       dsa::report_device(report, choice);
@@ -116,10 +136,16 @@ int main(int argc, char** argv) {
             "--attention {} attends {}: it takes no --indices", v4.attention,
             inputs.kind == dsa::V4Attention::hca ? "every visible entry" : "the window alone");
       }
+      const dsa::Tensor* selection = tokens ? &tokens->indices : nullptr;
+      // Shares as the V3.2 path's below, balanced by the positions each row attends.
+      const std::vector<dsa::RowRange> shares = dsa::balanced_rows(inputs, selection, job.size);
+      inputs.rows = shares[job.rank];
+      reserve_share(inputs.rows, inputs.heads * inputs.dim, inputs.heads);
       open_outputs(dsa::compressed_attention_output_shape(inputs),
                    dsa::compressed_attention_lse_shape(inputs));
-      dsa::compressed_attention(inputs, tokens ? &tokens->indices : nullptr, loaded.scale.value,
-                                sink, &times, choice.device);
+      if (const int peer = dsa::app::ranks_ready()) throw dsa::app::PeerFailed{peer};
+      dsa::compressed_attention(inputs, selection, loaded.scale.value, sink, &times, choice.device);
+      if (!gather_shares(report["device"], inputs.rows)) return;
       commit();
       report.update(dsa::compressed_attention_report(inputs, dense, loaded.scale));
       dsa::app::finish_report(report, times, total.seconds(), common,
@@ -156,12 +182,7 @@ int main(int argc, char** argv) {
     const std::vector<dsa::RowRange> shares =
         dsa::balanced_rows(inputs, dense ? nullptr : &tokens->indices, job.size);
     inputs.rows = shares[job.rank];
-    const auto share_rows = static_cast<std::size_t>(inputs.rows.end - inputs.rows.begin);
-    out_rows.reserve(share_rows * static_cast<std::size_t>(inputs.heads * inputs.d_v) *
-                     sizeof(float));
-    if (!lse_path.empty()) {
-      lse_rows.reserve(share_rows * static_cast<std::size_t>(inputs.heads) * sizeof(float));
-    }
+    reserve_share(inputs.rows, inputs.heads * inputs.d_v, inputs.heads);
     open_outputs(dsa::attention_output_shape(inputs), dsa::attention_lse_shape(inputs));
     if (const int peer = dsa::app::ranks_ready()) throw dsa::app::PeerFailed{peer};
     if (dense) {
@@ -169,15 +190,7 @@ int main(int argc, char** argv) {
     } else {
       dsa::sparse_attention(inputs, tokens->indices, softmax_scale, sink, &times, device);
     }
-    if (job.size > 1) {
-      const nlohmann::json timings = dsa::timings_json(times, total.seconds());
-      dsa::Stopwatch gather;
-      out_rows.gather();
-      if (!lse_path.empty()) lse_rows.gather();
-      times.add("gather", gather.seconds());
-      report["ranks"] = dsa::app::gather_rank_entries(report["device"], inputs.rows, timings);
-      if (job.rank != 0) return;
-    }
+    if (!gather_shares(report["device"], inputs.rows)) return;
     commit();
 
     report.update(dsa::attention_report(inputs, dense, loaded.scale));

@@ -2,10 +2,12 @@
 process: `mpirun -np N TOOL ...` must write the single process's output files byte for byte
 (.npy and .jsonl, the attention's --lse too) and its report (every field but the run's own:
 command, timings, threads, memory, and the ranks it adds), for prefill and decode rows, a batch,
-compressed keys, a query block that is not the default, precomputed selections and the fp8
-cache. A bad input fails every rank with the single process's exit code and one message, an
-output rank 0 cannot open or fill ends the job, stdin and a terminal stdout are refused, and
-none of them leaves an output file. Usage: mpi_tools_check.py --bin DIR --mpirun MPIRUN"""
+compressed keys, a query block that is not the default, precomputed selections, the fp8 cache
+and DeepSeek-V4's attention (csa over a selection of compressed entries or every visible one,
+hca, swa; windows long enough that a chunk of rows is short and shares start inside the rows).
+A bad input fails every rank with the single process's exit code and one message, an output
+rank 0 cannot open or fill ends the job, stdin and a terminal stdout are refused, and none of
+them leaves an output file. Usage: mpi_tools_check.py --bin DIR --mpirun MPIRUN"""
 import argparse
 import json
 import os
@@ -66,10 +68,12 @@ def main():
     mpirun = lambda n: [args.mpirun, "--oversubscribe", "-np", str(n)]
     failures = []
     with tempfile.TemporaryDirectory() as d:
-        w, dec, c, m = (os.path.join(d, f"{n}.safetensors") for n in ("w", "dec", "c", "m"))
+        w, dec, c, h, m = (os.path.join(d, f"{n}.safetensors")
+                           for n in ("w", "dec", "c", "h", "m"))
         for path, extra in ((w, ["--length", "700", "--seed", "3"]),
                             (dec, ["--length", "500", "--queries", "70", "--seed", "4"]),
                             (c, ["--length", "400", "--compress-ratio", "4", "--seed", "5"]),
+                            (h, ["--length", "600", "--compress-ratio", "128", "--seed", "7"]),
                             (m, ["--length", "200", "--heads", "2", "--dqk", "576", "--dv",
                                  "512", "--seed", "6"])):
             r = run([tool("dsa-gen"), *extra, "-q", "-o", path])
@@ -80,13 +84,22 @@ def main():
         r = run([tool("dsa-gen"), "--length", "700", "--seed", "9", "-q", "-o", w2])
         if r.returncode:
             sys.exit(f"dsa-gen failed: {r.stderr}")
-        first, second = read_safetensors(w), read_safetensors(w2)
+        # And of two V4 workloads (compressed entries of ratio 4).
+        c2 = os.path.join(d, "c2.safetensors")
+        r = run([tool("dsa-gen"), "--length", "400", "--compress-ratio", "4", "--seed", "8", "-q",
+                 "-o", c2])
+        if r.returncode:
+            sys.exit(f"dsa-gen failed: {r.stderr}")
         batch = {}
-        for name in ("q", "kv", "q_index", "k_index", "weights"):
-            dtype, shape, data = first[name]
-            assert dtype == "F32", dtype
-            batch[name] = os.path.join(d, f"b_{name}.npy")
-            write_npy(batch[name], [2, *shape], data + second[name][2])
+        for prefix, (one_file, two_file), names in (
+                ("b", (w, w2), ("q", "kv", "q_index", "k_index", "weights")),
+                ("cb", (c, c2), ("q", "kv", "compressed"))):
+            first, second = read_safetensors(one_file), read_safetensors(two_file)
+            for name in names:
+                dtype, shape, data = first[name]
+                assert dtype == "F32", dtype
+                batch[f"{prefix}_{name}"] = os.path.join(d, f"{prefix}_{name}.npy")
+                write_npy(batch[f"{prefix}_{name}"], [2, *shape], data + second[name][2])
 
         def one(name, flags):
             """Runs TOOL once (one process) into a fresh directory; returns its path."""
@@ -101,6 +114,7 @@ def main():
         sel, sel_jsonl, scores = (os.path.join(d, n) for n in ("sel.npy", "sel.jsonl",
                                                                "scores.npy"))
         sel_m, sel_b = os.path.join(d, "sel_m.npy"), os.path.join(d, "sel_b.npy")
+        sel_c, sel_c_jsonl = os.path.join(d, "sel_c.npy"), os.path.join(d, "sel_c.jsonl")
         for flags, out in (
                 (["--q-index", f"{w}:q_index", "--k-index", f"{w}:k_index", "--weights",
                   f"{w}:weights", "-k", "64", "-q", "-o", sel], None),
@@ -108,8 +122,14 @@ def main():
                   f"{w}:weights", "-k", "64", "-q", "-o", sel_jsonl], None),
                 (["--q-index", f"{m}:q_index", "--k-index", f"{m}:k_index", "--weights",
                   f"{m}:weights", "-k", "32", "-q", "-o", sel_m], None),
-                (["--q-index", batch["q_index"], "--k-index", batch["k_index"], "--weights",
-                  batch["weights"], "-k", "48", "-q", "-o", sel_b], None)):
+                (["--q-index", batch["b_q_index"], "--k-index", batch["b_k_index"], "--weights",
+                  batch["b_weights"], "-k", "48", "-q", "-o", sel_b], None),
+                # Selections of V4's compressed entries (entry j visible once t >= 4 j + 3).
+                (["--q-index", f"{c}:q_index", "--k-index", f"{c}:k_index", "--weights",
+                  f"{c}:weights", "--compress-ratio", "4", "-k", "24", "-q", "-o", sel_c], None),
+                (["--q-index", f"{c}:q_index", "--k-index", f"{c}:k_index", "--weights",
+                  f"{c}:weights", "--compress-ratio", "4", "-k", "16", "-q", "-o", sel_c_jsonl],
+                 None)):
             r = run([tool("dsa-select"), *flags])
             if r.returncode:
                 sys.exit(f"dsa-select failed: {r.stderr}")
@@ -120,8 +140,9 @@ def main():
 
         indexer = lambda x: ["--q-index", f"{x}:q_index", "--k-index", f"{x}:k_index",
                              "--weights", f"{x}:weights"]
-        batched_indexer = ["--q-index", batch["q_index"], "--k-index", batch["k_index"],
-                           "--weights", batch["weights"]]
+        v4 = lambda x: ["--attention", "csa", "--q", f"{x}:q", "--kv", f"{x}:kv"]
+        batched_indexer = ["--q-index", batch["b_q_index"], "--k-index", batch["b_k_index"],
+                           "--weights", batch["b_weights"]]
         cases = {
             ("dsa-score", "prefill, fp8, Hadamard, query block 5"): [
                 *indexer(w), "--precision", "fp8", "--hadamard", "--query-block", "5", "-o",
@@ -150,11 +171,32 @@ def main():
             ("dsa-attend", "dense, decode"): ["--q", f"{dec}:q", "--kv", f"{dec}:kv", "--dv",
                                               "48", "--dense", "-o", "o.npy"],
             ("dsa-attend", "sparse, a batch of two"): [
-                "--q", batch["q"], "--kv", batch["kv"], "--dv", "48", "--indices", sel_b, "-o",
-                "o.npy", "--lse", "lse.npy"],
+                "--q", batch["b_q"], "--kv", batch["b_kv"], "--dv", "48", "--indices", sel_b,
+                "-o", "o.npy", "--lse", "lse.npy"],
             ("dsa-attend", "sparse, fp8 cache"): ["--q", f"{m}:q", "--kv", f"{m}:kv",
                                                   "--indices", sel_m, "--kv-cache", "fp8", "-o",
                                                   "o.npy"],
+            # DeepSeek-V4: a window of 8192 (longer than the 400 tokens) makes a chunk of
+            # compressed_attention 16 rows, which shares start at; 4096 makes it 48.
+            ("dsa-attend", "--attention csa, .npy selection, --lse"): [
+                *v4(c), "--compressed", f"{c}:compressed", "--sink", f"{c}:sink", "--window",
+                "8192", "--indices", sel_c, "-o", "o.npy", "--lse", "lse.npy"],
+            ("dsa-attend", "--attention csa, .jsonl selection"): [
+                *v4(c), "--compressed", f"{c}:compressed", "--window", "4096", "--indices",
+                sel_c_jsonl, "-o", "o.npy"],
+            ("dsa-attend", "--attention csa, every visible entry, a batch of two"): [
+                "--attention", "csa", "--q", batch["cb_q"], "--kv", batch["cb_kv"],
+                "--compressed", batch["cb_compressed"], "--sink", f"{c}:sink", "--window",
+                "8192", "--dense", "-o", "o.npy", "--lse", "lse.npy"],
+            ("dsa-attend", "--attention hca, --lse"): [
+                "--attention", "hca", "--q", f"{h}:q", "--kv", f"{h}:kv", "--compressed",
+                f"{h}:compressed", "--sink", f"{h}:sink", "--window", "8192", "-o", "o.npy",
+                "--lse", "lse.npy"],
+            ("dsa-attend", "--attention swa"): [
+                "--attention", "swa", "--q", f"{c}:q", "--kv", f"{c}:kv", "--sink",
+                f"{c}:sink", "--window", "8192", "-o", "o.npy", "--lse", "lse.npy"],
+            ("dsa-attend", "--attention swa, the default window"): [
+                "--attention", "swa", "--q", f"{c}:q", "--kv", f"{c}:kv", "-o", "o.npy"],
         }
         for (name, case), flags in cases.items():
             single = one(name, flags)
@@ -255,10 +297,13 @@ def main():
             failures.append(f"dsa-score -o - as 2 ranks: exit {r.returncode}: {r.stderr}")
         else:
             print(f"dsa-score -o - as 2 ranks: {'refused' if refused else 'the same bytes'}")
-        expect_failure("dsa-attend --attention", "dsa-attend",
+        expect_failure("dsa-attend --attention hca, entries of ratio 4", "dsa-attend",
                        ["--attention", "hca", "--q", f"{c}:q", "--kv", f"{c}:kv", "--compressed",
-                        f"{c}:compressed", "-o", "o.npy"], 2,
-                       "--attention runs as one process, not as 2 MPI ranks")
+                        f"{c}:compressed", "-o", "o.npy", "--lse", "lse.npy"], 3,
+                       "(compressed): expected shape [3, 64]")
+        expect_failure("dsa-attend --attention csa, a selection of other rows", "dsa-attend",
+                       [*v4(c), "--compressed", f"{c}:compressed", "--indices", sel_b, "-o",
+                        "o.npy"], 3, "(indices): expected shape")
         expect_failure("dsa-gen", "dsa-gen", ["--length", "64", "-o", "g.safetensors"], 2,
                        "runs as one process, not as 2 MPI ranks")
     for f in failures:

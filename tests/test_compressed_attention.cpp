@@ -3,8 +3,10 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <set>
+#include <string>
 #include <vector>
 
 #include "dsa/compressed_attention.hpp"
@@ -200,4 +202,108 @@ TEST(CompressedAttention, VisibilityWindowsAndBadSelections) {
   EXPECT_THROW(make_compressed_attention_inputs(q, kv, nullptr, &sink3, V4Attention::swa, 4),
                Error);
   EXPECT_THROW(parse_v4_attention("dense"), Error);
+}
+
+TEST(CompressedAttention, SharesOfTheRowsPutTogetherAreTheWhole) {
+  std::mt19937_64 rng(33);
+  const int64_t B = 2, T = 300, Lq = 104, H = 2, d = 16, k = 6;
+  const Tensor q = test::random_tensor({B, Lq, H, d}, rng, 0.5f, "q");
+  const Tensor kv = test::random_tensor({B, T, d}, rng, 1.0f, "kv");
+  const Tensor sink = test::random_tensor({H}, rng, 1.0f, "sink");
+  const Tensor c4 = test::random_tensor({B, T / 4, d}, rng, 1.0f, "compressed");
+  const Tensor c128 = test::random_tensor({B, T / 128, d}, rng, 1.0f, "compressed");
+  const auto collect = [](Result& r) {
+    return [&r](const AttentionBlock& b) {
+      r.out.insert(r.out.end(), b.out, b.out + b.rows * b.heads * b.d_v);
+      r.lse.insert(r.lse.end(), b.lse, b.lse + b.rows * b.heads);
+    };
+  };
+  const auto same = [](const std::vector<float>& a, const float* b) {
+    return std::memcmp(a.data(), b, a.size() * sizeof(float)) == 0;
+  };
+  // A window of 32 chunks every batch element whole (shares start at a batch element); one of
+  // 40000 tokens makes a row's gathered list so long that a chunk is 16 rows, and shares start
+  // inside a batch element.
+  for (const int64_t window : {int64_t{32}, int64_t{40000}}) {
+    for (const V4Attention kind : {V4Attention::csa, V4Attention::hca, V4Attention::swa}) {
+      SCOPED_TRACE(v4_attention_name(kind) + " window " + std::to_string(window));
+      const Tensor* compressed = kind == V4Attention::csa   ? &c4
+                                 : kind == V4Attention::hca ? &c128
+                                                            : nullptr;
+      const CompressedAttentionInputs in =
+          make_compressed_attention_inputs(q, kv, compressed, &sink, kind, window);
+      Tensor indices = make_tensor(DType::i32, {B, Lq, k}, "indices");
+      for (int64_t r = 0; r < B * Lq; ++r) {
+        std::vector<int64_t> visible;
+        for (int64_t j = 0; j < in.visible_entries(r % Lq); ++j) visible.push_back(j);
+        std::shuffle(visible.begin(), visible.end(), rng);
+        visible.resize(k, -1);
+        for (int64_t i = 0; i < k; ++i) mutable_data<int32_t>(indices)[r * k + i] = visible[i];
+      }
+      const Tensor* selection = kind == V4Attention::csa ? &indices : nullptr;
+      Result whole;
+      compressed_attention(in, selection, 0.3f, collect(whole), nullptr);
+      bool inside = false;  // a share that starts inside a batch element
+      for (const int parts : {1, 2, 3, 5}) {
+        SCOPED_TRACE(parts);
+        const std::vector<RowRange> shares = balanced_rows(in, selection, parts);
+        ASSERT_EQ(shares.size(), static_cast<std::size_t>(parts));
+        EXPECT_EQ(shares.front().begin, 0);
+        EXPECT_EQ(shares.back().end, B * Lq);
+        Result merged;
+        for (int i = 0; i < parts; ++i) {
+          if (i + 1 < parts) {
+            EXPECT_EQ(shares[i].end, shares[i + 1].begin);
+            EXPECT_EQ(shares[i].end % Lq % (window == 32 ? Lq : 16), 0) << "a share at a chunk";
+            inside |= shares[i].end % Lq != 0;
+          }
+          CompressedAttentionInputs share = in;
+          share.rows = shares[i];
+          int64_t next = shares[i].begin;
+          const AttentionSink keep = collect(merged);
+          compressed_attention(
+              share, selection, 0.3f,
+              [&](const AttentionBlock& b) {
+                EXPECT_EQ(b.batch * Lq + b.row_begin, next) << "a row outside the share";
+                next += b.rows;
+                keep(b);
+              },
+              nullptr);
+          EXPECT_EQ(next, shares[i].end);
+        }
+        ASSERT_EQ(merged.out.size(), whole.out.size());
+        EXPECT_TRUE(same(whole.out, merged.out.data()));
+        EXPECT_TRUE(same(whole.lse, merged.lse.data()));
+      }
+      EXPECT_EQ(inside, window != 32);
+      // Rows that start and end inside chunks: on the CPU a row's arithmetic is its own.
+      CompressedAttentionInputs part = in;
+      part.rows = {Lq - 13, Lq + 21};
+      Result rows;
+      compressed_attention(part, selection, 0.3f, collect(rows), nullptr);
+      ASSERT_EQ(rows.out.size(), static_cast<std::size_t>(34 * H * d));
+      EXPECT_TRUE(same(rows.out, whole.out.data() + (Lq - 13) * H * d));
+      EXPECT_TRUE(same(rows.lse, whole.lse.data() + (Lq - 13) * H));
+    }
+  }
+  // A share of nothing computes nothing; rows outside the attention's are a usage error.
+  CompressedAttentionInputs share =
+      make_compressed_attention_inputs(q, kv, nullptr, &sink, V4Attention::swa, 32);
+  share.rows = {B * Lq, B * Lq};
+  const AttentionSink none = [](const AttentionBlock&) { FAIL() << "a block of no rows"; };
+  compressed_attention(share, nullptr, 1.0f, none, nullptr);
+  for (const RowRange bad : {RowRange{0, B * Lq + 1}, RowRange{-1, 4}, RowRange{9, 3}}) {
+    share.rows = bad;
+    try {
+      compressed_attention(share, nullptr, 1.0f, none, nullptr);
+      ADD_FAILURE() << "accepted rows [" << bad.begin << ", " << bad.end << ")";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ExitCode::usage);
+      EXPECT_NE(std::string(e.what()).find("not within the attention's " + std::to_string(B * Lq) +
+                                           " rows"),
+                std::string::npos)
+          << e.what();
+    }
+  }
+  EXPECT_THROW(balanced_rows(share, nullptr, 0), Error);
 }

@@ -21,10 +21,18 @@ namespace dsa {
 
 namespace {
 
+// Compressed entries per row at most: the selection's width, or every visible entry.
+int64_t most_entries(const CompressedAttentionInputs& in, const Tensor* indices) {
+  if (in.kind == V4Attention::swa) return 0;
+  if (indices) return indices->rank() > 0 ? indices->shape.back() : 0;
+  return in.queries > 0 ? in.visible_entries(in.queries - 1) : 0;
+}
+
 // Query rows per chunk: their gathered cache (window, rows, the entries they use) and index
-// lists stay near 64 MB.
-int64_t chunk_rows(const CompressedAttentionInputs& in, int64_t per_row_entries) {
-  const int64_t per_row = std::max<int64_t>(1, per_row_entries) * (in.dim * 4 + 8);
+// lists stay near 64 MB. It depends on the inputs alone, so balanced_rows can align to it.
+int64_t chunk_rows(const CompressedAttentionInputs& in, const Tensor* indices) {
+  const int64_t per_row =
+      std::max<int64_t>(1, in.window + most_entries(in, indices)) * (in.dim * 4 + 8);
   return std::clamp<int64_t>((64 << 20) / per_row / 16 * 16, 16, 4096);
 }
 
@@ -198,31 +206,43 @@ DeviceChoice choose_device(const std::string& name, const CompressedAttentionInp
   return detail::choose_device(name, {nullptr, nullptr, 0, &shape, false});
 }
 
+std::vector<RowRange> balanced_rows(const CompressedAttentionInputs& in, const Tensor* indices,
+                                    int parts) {
+  const int64_t k = indices && indices->rank() > 0 ? indices->shape.back() : 0;
+  return balanced_rows(in.batch, in.queries, chunk_rows(in, indices), parts, [&](int64_t t) {
+    const int64_t window = std::min(in.window, in.position(t) + 1);
+    const int64_t visible = in.visible_entries(t);
+    const int64_t entries = in.kind == V4Attention::swa ? 0
+                            : indices                   ? std::min(k, visible)
+                                                        : visible;
+    return static_cast<double>(window + entries);
+  });
+}
+
 void compressed_attention(const CompressedAttentionInputs& in, const Tensor* indices, float scale,
                           const AttentionSink& sink, StageTimes* times, Device device) {
   if (indices && in.kind != V4Attention::csa) {
     bad_usage("{} attends every visible entry: it takes no selection", v4_attention_name(in.kind));
   }
   if (indices) validate_compressed_indices(in, *indices);
+  const RowRange share = resolve_rows(in.rows, in.batch * in.queries, "the attention's");
   const AttentionInputs shape = mqa_shape(in);
   const detail::Backend& backend = detail::backend(device, {nullptr, nullptr, 0, &shape, false});
   const int64_t H = in.heads, d = in.dim;
   const int64_t k = indices ? indices->shape.back() : 0;
   std::vector<float> sinks(static_cast<std::size_t>(H), -INFINITY);
   if (in.sink) to_f32(*in.sink, 0, H, sinks.data());
-  // Compressed entries per row at most: the selection's width, or every visible entry.
-  const int64_t most = in.kind == V4Attention::swa ? 0
-                       : indices                   ? k
-                                                   : in.visible_entries(in.queries - 1);
-  const int64_t chunk = chunk_rows(in, in.window + most);
+  const int64_t most = most_entries(in, indices);
+  const int64_t chunk = chunk_rows(in, indices);
   std::vector<int32_t> slot(static_cast<std::size_t>(in.entries), -1);  // entry -> cache row
   std::vector<int64_t> selected(static_cast<std::size_t>(k));
   // Counted here per chunk, on either backend; the backend's own loop, inside, reports nothing.
-  detail::Progress progress("attend", in.batch * in.queries);
+  detail::Progress progress("attend", share.end - share.begin);
   for (int64_t b = 0; b < in.batch; ++b) {
-    for (int64_t c0 = 0; c0 < in.queries; c0 += chunk) {
+    const QueryRows queries = batch_queries(share, b, in.queries);
+    for (int64_t c0 = queries.first; c0 < queries.last; c0 += chunk) {
       Stopwatch gather;
-      const int64_t rows = std::min(chunk, in.queries - c0);
+      const int64_t rows = std::min(chunk, queries.last - c0);
       const int64_t lo = std::max<int64_t>(0, in.position(c0) - in.window + 1);
       const int64_t hi = in.position(c0 + rows - 1) + 1;
       // The chunk's entries in first-use order, after the raw tokens [lo, hi).

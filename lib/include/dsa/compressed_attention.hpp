@@ -11,6 +11,7 @@
 #include "dsa/attention.hpp"
 #include "dsa/device.hpp"
 #include "dsa/report.hpp"
+#include "dsa/rows.hpp"
 #include "dsa/tensor.hpp"
 
 namespace dsa {
@@ -33,6 +34,9 @@ struct CompressedAttentionInputs {
   bool batched = false;
   int64_t ratio = 4, window = 128;
   int64_t batch = 1, queries = 0, tokens = 0, entries = 0, heads = 0, dim = 0;
+  // The query rows compressed_attention computes and hands to the sink (one rank's share of a
+  // job, balanced_rows below); every row by default.
+  RowRange rows;
 
   int64_t position(int64_t row) const { return tokens - queries + row; }
   int64_t visible_entries(int64_t row) const;
@@ -55,12 +59,24 @@ void validate_compressed_indices(const CompressedAttentionInputs& inputs, const 
 // Where --device `name` runs this attention (choose_device in indexer.hpp says how).
 DeviceChoice choose_device(const std::string& name, const CompressedAttentionInputs& inputs);
 
+// A job of `parts` ranks (docs/DESIGN.md section 8): shares of the rows of compressed_attention
+// with `indices` (null as there), a query at position t costing the positions it attends: its
+// window's visible tokens, min(t + 1, window), plus for CSA min(K, its visible entries) of a
+// selection K wide (every visible entry without one), for HCA every visible entry, for SWA
+// nothing more. Each share starts at a multiple of compressed_attention's chunk of rows (which
+// depends on the inputs alone), so a share's chunks are one process's: the same rows gathered
+// into one cache and handed to the backend in one call (the CUDA kernel's split decoding depends
+// on a call's row count). The shares put together are the whole, to the bit.
+std::vector<RowRange> balanced_rows(const CompressedAttentionInputs& inputs, const Tensor* indices,
+                                    int parts);
+
 // o[t,h] = sum_u p_u key_u with p_u = exp(l_u) / (exp(sink_h) + sum_v exp(l_v)),
 // l_u = scale q[t,h] . key_u, over the window and the compressed entries: for CSA those of
 // `indices` (validated; null: every visible entry, the selection that loses nothing), for HCA
 // every visible entry (indices must be null), for SWA none. Window tokens and entries that cover
 // them both count (the released code does not remove either). o is before the released code's
-// inverse RoPE. lse = log(exp(sink_h) + sum_u exp(l_u)): the whole denominator.
+// inverse RoPE. lse = log(exp(sink_h) + sum_u exp(l_u)): the whole denominator. Computes the
+// inputs' rows only (Error(usage) for rows outside the B x Lq).
 void compressed_attention(const CompressedAttentionInputs& inputs, const Tensor* indices,
                           float scale, const AttentionSink& sink, StageTimes* times,
                           Device device = Device::cpu);
