@@ -239,6 +239,27 @@ double relative_error(const std::vector<float>& a, const std::vector<float>& b) 
   return std::sqrt(err / norm);
 }
 
+// A selection [rows, k] for `in`'s query rows (row r is query r % queries): per row, at most
+// `keep` of its visible positions in random order, then -1; with `shuffle_padding` the -1
+// entries are shuffled in among them.
+Tensor random_selection(const AttentionInputs& in, int64_t rows, int64_t queries, int64_t k,
+                        int64_t keep, bool shuffle_padding, const Shape& shape,
+                        std::mt19937_64& rng) {
+  Tensor indices = make_tensor(DType::i32, shape, "idx");
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t visible = in.position(r % queries) + 1;
+    std::vector<int32_t> all(static_cast<std::size_t>(visible));
+    for (int64_t s = 0; s < visible; ++s) all[s] = static_cast<int32_t>(s);
+    std::shuffle(all.begin(), all.end(), rng);
+    all.resize(static_cast<std::size_t>(std::min(k, visible)));
+    if (keep < k) all.resize(std::min(all.size(), static_cast<std::size_t>(keep)));
+    all.resize(static_cast<std::size_t>(k), -1);
+    if (shuffle_padding) std::shuffle(all.begin(), all.end(), rng);
+    std::copy(all.begin(), all.end(), mutable_data<int32_t>(indices) + r * k);
+  }
+  return indices;
+}
+
 TEST(Cuda, SparseAndDenseMqaAttentionMatchTheCpu) {
   SKIP_WITHOUT_GPU();
   std::mt19937_64 rng(4);
@@ -274,18 +295,9 @@ TEST(Cuda, SparseAndDenseMqaAttentionMatchTheCpu) {
       for (int64_t i = 0; i < t->numel(); ++i) p[i] = round_to_bf16(p[i]);
     }
     const AttentionInputs in = make_mqa_inputs(q, kv, c.d_v);
-    Tensor indices = make_tensor(DType::i32, is, "idx");
-    for (int64_t r = 0; r < c.batch * c.queries; ++r) {
-      const int64_t visible = in.position(r % c.queries) + 1;
-      std::vector<int32_t> all(static_cast<std::size_t>(visible));
-      for (int64_t s = 0; s < visible; ++s) all[s] = static_cast<int32_t>(s);
-      std::shuffle(all.begin(), all.end(), rng);
-      all.resize(static_cast<std::size_t>(std::min(c.k, visible)));
-      if (c.padding_last) all.resize(static_cast<std::size_t>(std::min<int64_t>(c.k, 300)));
-      all.resize(static_cast<std::size_t>(c.k), -1);
-      if (!c.padding_last) std::shuffle(all.begin(), all.end(), rng);
-      std::copy(all.begin(), all.end(), mutable_data<int32_t>(indices) + r * c.k);
-    }
+    const Tensor indices = random_selection(in, c.batch * c.queries, c.queries, c.k,
+                                            c.padding_last ? std::min<int64_t>(c.k, 300) : c.k,
+                                            !c.padding_last, is, rng);
     const float scale = default_scale(c.d_qk);
     for (const Tensor* sel :
          {static_cast<const Tensor*>(&indices), static_cast<const Tensor*>(nullptr)}) {
@@ -330,16 +342,8 @@ TEST(Cuda, Fp8CacheAttentionMatchesTheCpu) {
     const AttentionInputs in = make_mqa_inputs(q, cache, 512);
     ASSERT_TRUE(in.fp8_cache);
     const int64_t cache_bytes = cache.numel() / c.batch;  // one sequence's rows on the GPU
-    Tensor indices = make_tensor(DType::i32, is, "idx");
-    for (int64_t r = 0; r < c.batch * c.queries; ++r) {
-      const int64_t visible = in.position(r % c.queries) + 1;
-      std::vector<int32_t> all(static_cast<std::size_t>(visible));
-      for (int64_t s = 0; s < visible; ++s) all[s] = static_cast<int32_t>(s);
-      std::shuffle(all.begin(), all.end(), rng);
-      all.resize(static_cast<std::size_t>(std::min(c.k, visible)));
-      all.resize(static_cast<std::size_t>(c.k), -1);
-      std::copy(all.begin(), all.end(), mutable_data<int32_t>(indices) + r * c.k);
-    }
+    const Tensor indices =
+        random_selection(in, c.batch * c.queries, c.queries, c.k, c.k, false, is, rng);
     const float scale = default_scale(kFp8CacheDim);
     for (const Tensor* sel :
          {static_cast<const Tensor*>(&indices), static_cast<const Tensor*>(nullptr)}) {
