@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -180,6 +181,21 @@ dsa::cuda::TopkParams topk(const float* scores, int rows, int64_t keys, int64_t 
   return p;
 }
 
+dsa::cuda::IndexerTopkOutputs fused_outputs(int32_t* idx, float* vals, uint64_t* lists, int k) {
+  dsa::cuda::IndexerTopkOutputs out;
+  out.indices = idx, out.values = vals, out.lists = lists, out.k = k;
+  return out;
+}
+
+// Whether `count` elements at a and b (device memory) hold the same bytes.
+template <typename T>
+bool same_on_device(const T* a, const T* b, size_t count) {
+  std::vector<T> x(count), y(count);
+  check(cudaMemcpy(x.data(), a, count * sizeof(T), cudaMemcpyDeviceToHost), "copy");
+  check(cudaMemcpy(y.data(), b, count * sizeof(T), cudaMemcpyDeviceToHost), "copy");
+  return std::memcmp(x.data(), y.data(), count * sizeof(T)) == 0;
+}
+
 dsa::cuda::AttentionParams attention(const __nv_bfloat16* q, const __nv_bfloat16* kv,
                                      const int32_t* sel, int k, int rows, int heads, int d_qk,
                                      int d_v, int64_t keys, int64_t c0, float scale, float* out,
@@ -222,11 +238,14 @@ double fraction_of(double rate, double ceiling) {
 }
 
 // A compute-bound row: `flops` (the row's FLOP convention, unchanged) against `ceiling_tflops`.
-void report(const char* what, int64_t L, double ms, double flops, double ceiling_tflops) {
+// `extra` is appended to the JSON object (",\"key\":value").
+void report(const char* what, int64_t L, double ms, double flops, double ceiling_tflops,
+            const std::string& extra = "") {
   const double tflops = flops / (ms * 1e-3) / 1e12;
   const double fraction = fraction_of(tflops, ceiling_tflops);
-  std::printf("{\"bench\":\"%s\",\"L\":%lld,\"ms\":%.3f,\"tflops\":%.1f,\"fraction\":%s}\n", what,
-              static_cast<long long>(L), ms, tflops, json_number(fraction, "%.4f").c_str());
+  std::printf("{\"bench\":\"%s\",\"L\":%lld,\"ms\":%.3f,\"tflops\":%.1f,\"fraction\":%s%s}\n", what,
+              static_cast<long long>(L), ms, tflops, json_number(fraction, "%.4f").c_str(),
+              extra.c_str());
   std::fflush(stdout);
   rows.push_back({what, L, ms, tflops, "TFLOP/s", fraction});
 }
@@ -569,6 +588,30 @@ int main(int argc, char** argv) {
     const double topk_bytes = 4.0 * causal_pairs;
     report_bytes("topk", L, topk_ms, 0, topk_bytes,
                  ",\"vs_indexer\":" + json_number(topk_ms / indexer_ms, "%.4f"));
+    // The indexer with the top-k fused (the scores never stored) over the same chunks: its time
+    // over the indexer's alone (issue 16's target: <= 1.05 at 128K), and whether its selection
+    // of the last chunk is the unfused top-k's, which idx and vals still hold.
+    {
+      auto* lists = device_alloc<uint64_t>(size_t(dsa::cuda::indexer_topk_scratch(chunk, K)));
+      auto* idx_f = device_alloc<int32_t>(size_t(chunk) * K);
+      auto* vals_f = device_alloc<float>(size_t(chunk) * K);
+      double fused_ms = 0;
+      int last_rows = 0;
+      for (int64_t c0 = 0; c0 < L; c0 += chunk) {
+        last_rows = static_cast<int>(std::min(chunk, L - c0));
+        timer.begin();
+        dsa::cuda::launch_indexer_topk(indexer(q8, w, k8, ks, last_rows, HI, DI, L, c0, nullptr),
+                                       fused_outputs(idx_f, vals_f, lists, K));
+        fused_ms += timer.end_ms();
+      }
+      const bool equal = same_on_device(idx, idx_f, size_t(last_rows) * K) &&
+                         same_on_device(vals, vals_f, size_t(last_rows) * K);
+      report("indexer_topk", L, fused_ms, indexer_flops, ceilings.fp8_tflops,
+             ",\"vs_indexer\":" + json_number(fused_ms / indexer_ms, "%.4f") +
+                 ",\"vs_unfused\":" + json_number(fused_ms / (indexer_ms + topk_ms), "%.4f") +
+                 ",\"equals_unfused\":" + (equal ? "true" : "false"));
+      cudaFree(lists), cudaFree(idx_f), cudaFree(vals_f);
+    }
     cudaFree(q), cudaFree(w), cudaFree(scores), cudaFree(idx), cudaFree(vals), cudaFree(k),
         cudaFree(ks), cudaFree(q8), cudaFree(k8);
 
@@ -676,6 +719,12 @@ int main(int argc, char** argv) {
       auto* qac = memory.alloc<__nv_bfloat16>(size_t(C) * H * DQK);
       auto* out_c = memory.alloc<float>(size_t(C) * H * DV);
       auto* lse_c = memory.alloc<float>(size_t(C) * H);
+      // The fused indexer and top-k's own buffers (no scores): counted apart, so that its chain's
+      // buffers are these and the keys, queries and outputs above.
+      CountingAllocator fused_memory;
+      auto* lists_c = fused_memory.alloc<uint64_t>(size_t(dsa::cuda::indexer_topk_scratch(C, K)));
+      auto* idx_f = fused_memory.alloc<int32_t>(size_t(C) * K);
+      auto* vals_f = fused_memory.alloc<float>(size_t(C) * K);
       fill_e4m3<<<1024, 256>>>(k8c, L * DI, 2, 448.0f);
       fill_f32<<<1024, 256>>>(ksc, L, 1.0f / (448.0f * 448.0f));
       fill_bf16<<<1024, 256>>>(kvc, L * DQK, 4, 1.0f);
@@ -684,8 +733,8 @@ int main(int argc, char** argv) {
       // What the device holds once the row's buffers are: sampled here and after the last chunk
       // (anything the runtime allocates on the way counts too), against the figure before.
       const int64_t used_allocated = device_used_bytes();
-      double stage_ms[3] = {0, 0, 0};  // indexer, top-k, attention
-      bool indices_valid = true;
+      double stage_ms[4] = {0, 0, 0, 0};  // indexer, top-k, attention, fused indexer and top-k
+      bool indices_valid = true, fused_equal = true;
       for (int64_t c0 = 0; c0 < L; c0 += C) {
         const int rows = static_cast<int>(std::min(C, L - c0));
         const int64_t keys = c0 + rows;
@@ -704,16 +753,23 @@ int main(int argc, char** argv) {
         dsa::cuda::launch_topk(tp);
         stage_ms[1] += timer.end_ms();
         timer.begin();
+        dsa::cuda::launch_indexer_topk(indexer(q8c, wc, k8c, ksc, rows, HI, DI, keys, c0, nullptr),
+                                       fused_outputs(idx_f, vals_f, lists_c, K));
+        stage_ms[3] += timer.end_ms();
+        // The attention over the fused selection (the unfused one's, where compared below).
+        timer.begin();
         dsa::cuda::launch_attention(
-            attention(qac, kvc, idx_c, K, rows, H, DQK, DV, keys, c0, 0.0417f, out_c, lse_c));
+            attention(qac, kvc, idx_f, K, rows, H, DQK, DV, keys, c0, 0.0417f, out_c, lse_c));
         stage_ms[2] += timer.end_ms();
         // The first chunk's selections (rows that see fewer than K keys, padded) and the last's.
         if (c0 == 0 || keys == L) {
           std::vector<int32_t> selection(size_t(rows) * K);
-          check(cudaMemcpy(selection.data(), idx_c, selection.size() * sizeof(int32_t),
+          check(cudaMemcpy(selection.data(), idx_f, selection.size() * sizeof(int32_t),
                            cudaMemcpyDeviceToHost),
                 "copy");
           indices_valid = indices_valid && valid_selection(selection, rows, K, c0);
+          fused_equal = fused_equal && same_on_device(idx_c, idx_f, size_t(rows) * K) &&
+                        same_on_device(vals_c, vals_f, size_t(rows) * K);
         }
       }
       const int64_t used = std::max(used_allocated, device_used_bytes()) - used_before;
@@ -732,6 +788,16 @@ int main(int argc, char** argv) {
                     static_cast<long long>((L + C - 1) / C), memory.peak(),
                     static_cast<long long>(used), indices_valid ? "true" : "false");
       report_floor("dsa_prefill_chunked", L, chained_ms, chained_floor_ms, extra);
+      // The same chain with the fused indexer and top-k: its buffers are the chain's without the
+      // scores and the unfused selection, plus the fused one's lists and selection.
+      const size_t fused_bytes = memory.peak() - size_t(C) * L * sizeof(float) -
+                                 size_t(C) * K * (sizeof(int32_t) + sizeof(float)) +
+                                 fused_memory.peak();
+      std::snprintf(extra, sizeof extra,
+                    ",\"indexer_topk_ms\":%.3f,\"attention_ms\":%.3f,\"buffer_bytes\":%zu,"
+                    "\"equals_unfused\":%s",
+                    stage_ms[3], stage_ms[2], fused_bytes, fused_equal ? "true" : "false");
+      report_floor("dsa_prefill_fused", L, stage_ms[3] + stage_ms[2], chained_floor_ms, extra);
       char note[256];
       std::snprintf(note, sizeof note,
                     "dsa_prefill_chunked L %lld: %lld-row chunks, buffers %.3f GiB at peak, device "

@@ -10,15 +10,18 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <limits>
 #include <optional>
 #include <random>
+#include <tuple>
 #include <vector>
 
 #include "dsa/device.hpp"
 #include "dsa/indexer.hpp"
+#include "dsa/report.hpp"
 #include "dsa/topk.hpp"
 #include "skip_without_gpu.hpp"
 
@@ -230,6 +233,132 @@ TEST(CudaTopk, RepeatedLaunchesAgree) {
   ASSERT_NO_FATAL_FAILURE(
       expect_identical(select_on(a.in, a.config, 2048, Device::cuda), first, 2048));
   ASSERT_NO_FATAL_FAILURE(expect_like_the_cpu(a, 2048, true));
+}
+
+// The fp8 tensor-core indexer (H_I 64, d_I 128), whose launches of enough query rows (4 a SM:
+// 528 on an H200) fuse the top-k and never store the scores (lib/cuda/indexer.cu). `fill(x,
+// what, rng)` writes tensor `what` ('q', 'k' or 'w') of shape [B?, ...] as x.
+struct Fp8Scored {
+  Tensor q, k, w;
+  IndexerConfig config;
+  IndexerInputs in;
+
+  Fp8Scored(int64_t queries, int64_t keys, uint64_t seed,
+            const std::function<float(char, int64_t, std::mt19937_64&)>& draw, int64_t ratio = 1,
+            std::optional<int64_t> tokens = std::nullopt) {
+    std::mt19937_64 rng(seed);
+    q = make_tensor(DType::f32, {queries, 64, 128}, "q_index");
+    k = make_tensor(DType::f32, {keys, 128}, "k_index");
+    w = make_tensor(DType::f32, {queries, 64}, "weights");
+    for (int64_t i = 0; i < q.numel(); ++i) mutable_data<float>(q)[i] = draw('q', i, rng);
+    for (int64_t i = 0; i < k.numel(); ++i) mutable_data<float>(k)[i] = draw('k', i, rng);
+    for (int64_t i = 0; i < w.numel(); ++i) mutable_data<float>(w)[i] = draw('w', i, rng);
+    config.precision = Precision::fp8;
+    in = make_indexer_inputs(q, k, w, config, ratio, tokens);
+  }
+};
+
+// The selection of every row on the GPU (fused), against the CPU's selection of the GPU's own
+// scores (which the unfused path stores), bit for bit; and that the fused path ran: it scores
+// within the select stage, so the call records no score stage.
+void expect_fused_like_the_cpu(const Fp8Scored& scored, int64_t k) {
+  StageTimes times;
+  Selection gpu;
+  const auto size = static_cast<std::size_t>(scored.in.batch * scored.in.queries * k);
+  gpu.indices.assign(size, -2);
+  gpu.values.assign(size, 0.0f);
+  select_from_indexer(
+      scored.in, scored.config, k,
+      [&](const SelectionBlock& b) {
+        const int64_t at = (b.batch * scored.in.queries + b.row_begin) * k;
+        std::copy_n(b.indices, b.rows * k, gpu.indices.begin() + at);
+        std::copy_n(b.scores, b.rows * k, gpu.values.begin() + at);
+      },
+      &times, Device::cuda);
+  EXPECT_EQ(times.get("score"), 0.0) << "the unfused path ran";
+  EXPECT_GT(times.get("select"), 0.0);
+  ASSERT_NO_FATAL_FAILURE(
+      expect_identical(gpu, select_gpu_scores_on_cpu(scored.in, scored.config, k), k));
+}
+
+float standard(char, int64_t, std::mt19937_64& rng) {
+  return normal(rng);
+}
+
+TEST(CudaTopk, FusedWithTheFp8IndexerMatchesTheCpu) {
+  SKIP_WITHOUT_GPU();
+  // A causal prefill, the tail of a longer context (the rows see 3977 to 5000 keys), k from 1
+  // up to the fused path's most, and ranks that need several compactions of a list (k 64: lists
+  // of 512) or none (k 2048 over at most 4096 keys).
+  for (const auto& [queries, keys, k] : {std::tuple<int64_t, int64_t, int64_t>{1024, 1024, 64},
+                                         {1024, 5000, 2048},
+                                         {1100, 3000, 1},
+                                         {1030, 2500, 300},
+                                         {1024, 4096, 2048},
+                                         {1024, 12000, 2048}}) {
+    SCOPED_TRACE(testing::Message() << queries << " rows, " << keys << " keys, k " << k);
+    const Fp8Scored scored(queries, keys, 10 + k, standard);
+    ASSERT_NO_FATAL_FAILURE(expect_fused_like_the_cpu(scored, k));
+  }
+}
+
+// Rows longer than a list (k 2048: lists of 8192) take a bound from a sample of their keys that
+// about half a list passes. A bound aimed far below k passes too few keys in most rows, which
+// the kernel scores again with no bound; one aimed at the list's size overflows it, which a
+// compaction absorbs. DSA_FUSED_TOPK_TARGET (lib/cuda/indexer.cu) aims it.
+TEST(CudaTopk, FusedSampledBoundsThatMissLikeTheCpu) {
+  SKIP_WITHOUT_GPU();
+  const Fp8Scored scored(1024, 12000, 34, standard);
+  for (const char* target : {"300", "8100"}) {
+    SCOPED_TRACE(testing::Message() << "target " << target);
+    ASSERT_EQ(setenv("DSA_FUSED_TOPK_TARGET", target, 1), 0);
+    for (const int64_t k : {int64_t{1024}, int64_t{2048}}) {
+      SCOPED_TRACE(testing::Message() << "k " << k);
+      ASSERT_NO_FATAL_FAILURE(expect_fused_like_the_cpu(scored, k));
+    }
+  }
+  unsetenv("DSA_FUSED_TOPK_TARGET");
+}
+
+TEST(CudaTopk, FusedTiesAreBrokenByPositionLikeTheCpu) {
+  SKIP_WITHOUT_GPU();
+  // Small integers, exact in e4m3 under their rows' scales: the scores are sums of small
+  // integers that tie exactly and often; with `crowded` nine keys in ten are one vector, so that
+  // more entries tie at the k-th than a list holds, and only the positions break them.
+  for (const bool crowded : {false, true}) {
+    SCOPED_TRACE(crowded ? "crowded" : "ties");
+    const Fp8Scored scored(1024, 3000, crowded ? 31 : 30,
+                           [&](char what, int64_t i, std::mt19937_64& rng) {
+                             if (what == 'w') return 1.0f;
+                             if (what == 'q') return float(rng() % 3);
+                             const bool ones = crowded && (i / 128) % 10 != 0;
+                             return ones ? 1.0f : float(rng() % 2);
+                           });
+    for (const int64_t k : {int64_t{64}, int64_t{512}, int64_t{2048}}) {
+      SCOPED_TRACE(testing::Message() << "k " << k);
+      ASSERT_NO_FATAL_FAILURE(expect_fused_like_the_cpu(scored, k));
+    }
+  }
+}
+
+TEST(CudaTopk, FusedNonFiniteScoresLikeTheCpu) {
+  SKIP_WITHOUT_GPU();
+  // A key of NaN and one of +inf: NaN scores rank like -inf (and keep their bits as selected
+  // values), the infinite key's scores are +inf or NaN.
+  const Fp8Scored scored(1024, 1024, 32, [](char what, int64_t i, std::mt19937_64& rng) {
+    if (what == 'k' && i / 128 == 5) return std::numeric_limits<float>::quiet_NaN();
+    if (what == 'k' && i / 128 == 9 && i % 128 == 0) return kInf;
+    return normal(rng);
+  });
+  ASSERT_NO_FATAL_FAILURE(expect_fused_like_the_cpu(scored, 64));
+}
+
+TEST(CudaTopk, FusedOverCompressedKeysLikeTheCpu) {
+  SKIP_WITHOUT_GPU();
+  // DeepSeek-V4's CSA: entries of 4 tokens, the queries the last 1024 of 4099 tokens, k 512.
+  const int64_t ratio = 4, tokens = 4099;
+  const Fp8Scored scored(1024, tokens / ratio, 33, standard, ratio, tokens);
+  ASSERT_NO_FATAL_FAILURE(expect_fused_like_the_cpu(scored, 512));
 }
 
 }  // namespace

@@ -197,18 +197,36 @@ class IndexerOnDevice {
     if (times) times->add("prepare", prepare.seconds());
   }
 
+  // Whether select() applies to `rows` query rows at a time and this k: the fp8 tensor-core
+  // indexer with its top-k fused, where it is the faster (indexer_topk_preferred).
+  bool fuses_topk(int64_t rows, int64_t k) const {
+    return codes_ &&
+           indexer_topk_limit(static_cast<int>(in_.heads), static_cast<int>(in_.dim), k).empty() &&
+           indexer_topk_preferred(static_cast<int>(rows), in_.keys);
+  }
+
+  // The top-k of rows [c0, c0 + rows) into indices and values [rows, k] (device memory), the
+  // scores never stored (launch_indexer_topk; fuses_topk must hold).
+  void select(int64_t c0, int64_t rows, int64_t k, int32_t* indices, float* values,
+              StageTimes* times) {
+    prepare_queries(c0, rows, times);
+    Stopwatch watch;
+    q_codes_.upload(queries_.codes.data(), queries_.codes.size());
+    lists_.resize(static_cast<size_t>(indexer_topk_scratch(static_cast<int>(rows), k)));
+    IndexerTopkOutputs out;
+    out.indices = indices;
+    out.values = values;
+    out.lists = lists_.get();
+    out.k = static_cast<int>(k);
+    launch_indexer_topk(params(q_codes_, k_codes_, c0, rows, nullptr), out);
+    check(cudaDeviceSynchronize(), "indexer top-k kernel");
+    if (times) times->add("select", watch.seconds());
+  }
+
   // Scores of rows [c0, c0 + rows) into scores [rows, keys] (device memory).
   void score(int64_t c0, int64_t rows, float* scores, StageTimes* times) {
-    const int64_t H = in_.heads, d = in_.dim;
+    prepare_queries(c0, rows, times);
     Stopwatch watch;
-    prepare_operands(*in_.q_index, (b_ * in_.queries + c0) * H, rows * H, d, config_, codes_,
-                     queries_);
-    w_.resize(static_cast<size_t>(rows * H));
-    to_f32(*in_.weights, (b_ * in_.queries + c0) * H, rows * H, w_.data());
-    indexer_head_weights(w_.data(), queries_.scales.data(), rows * H, H, d, config_, w_.data());
-    weights_.upload(w_.data(), w_.size());
-    if (times) times->add("prepare", watch.seconds());
-    watch = Stopwatch();
     if (config_.precision == Precision::f32) {
       q_f32_.upload(queries_.values_f32.data(), queries_.values_f32.size());
       launch_indexer(params(q_f32_, k_f32_, c0, rows, scores));
@@ -224,6 +242,20 @@ class IndexerOnDevice {
   }
 
  private:
+  // The queries and head weights of rows [c0, c0 + rows) in host memory, and the weights on the
+  // device.
+  void prepare_queries(int64_t c0, int64_t rows, StageTimes* times) {
+    const int64_t H = in_.heads, d = in_.dim;
+    Stopwatch watch;
+    prepare_operands(*in_.q_index, (b_ * in_.queries + c0) * H, rows * H, d, config_, codes_,
+                     queries_);
+    w_.resize(static_cast<size_t>(rows * H));
+    to_f32(*in_.weights, (b_ * in_.queries + c0) * H, rows * H, w_.data());
+    indexer_head_weights(w_.data(), queries_.scales.data(), rows * H, H, d, config_, w_.data());
+    weights_.upload(w_.data(), w_.size());
+    if (times) times->add("prepare", watch.seconds());
+  }
+
   template <typename T>
   IndexerParams<T> params(const DeviceBuffer<T>& q, const DeviceBuffer<T>& k, int64_t c0,
                           int64_t rows, float* scores) const {
@@ -252,6 +284,7 @@ class IndexerOnDevice {
   DeviceBuffer<uint8_t> k_codes_, q_codes_;
   DeviceBuffer<__nv_bfloat16> k_values_, q_values_;
   DeviceBuffer<float> k_f32_, k_scales_, q_f32_, weights_;
+  DeviceBuffer<uint64_t> lists_;
 };
 
 // Query rows per chunk of indexer scores: 512 MB of them.
@@ -259,24 +292,37 @@ int64_t score_chunk(const IndexerInputs& in) {
   return std::clamp<int64_t>((512 << 20) / std::max<int64_t>(in.keys * 4, 1), 1, 1 << 16);
 }
 
-// Streams the indexer's score rows of each batch element in the inputs' rows, in chunks that
-// fit the GPU, handing each chunk (batch element, first row, rows, device pointer) to `use`.
+// Query rows per chunk of the fused top-k: 1 GB of its candidate lists (8192 rows at k 2048).
+int64_t topk_chunk(int64_t k) {
+  return std::clamp<int64_t>((int64_t{1} << 30) / (indexer_topk_scratch(1, k) * 8), 1, 1 << 16);
+}
+
+// Calls use(b, indexer, queries) for each batch element b that has rows in the inputs' rows:
+// its indexer (keys on the device) and those rows.
 template <typename Use>
-void score_chunks(const IndexerInputs& in, const IndexerConfig& config, StageTimes* times,
-                  Use use) {
+void each_batch_element(const IndexerInputs& in, const IndexerConfig& config, StageTimes* times,
+                        Use use) {
   const RowRange share = resolve_rows(in.rows, in.batch * in.queries, "the indexer's");
-  const int64_t chunk = score_chunk(in);
   for (int64_t b = 0; b < in.batch; ++b) {
     const QueryRows queries = batch_queries(share, b, in.queries);
     if (queries.first >= queries.last) continue;
     IndexerOnDevice indexer(in, config, b, times);
-    DeviceBuffer<float> scores(
-        static_cast<size_t>(std::min(chunk, queries.last - queries.first) * in.keys));
-    for (int64_t c0 = queries.first; c0 < queries.last; c0 += chunk) {
-      const int64_t rows = std::min(chunk, queries.last - c0);
-      indexer.score(c0, rows, scores.get(), times);
-      use(b, c0, rows, scores.get());
-    }
+    use(b, indexer, queries);
+  }
+}
+
+// Scores these rows in chunks of score_chunk rows (one buffer of them on the device), handing
+// each chunk (first row, rows, device pointer) to `use`.
+template <typename Use>
+void score_rows(const IndexerInputs& in, IndexerOnDevice& indexer, const QueryRows& queries,
+                StageTimes* times, Use use) {
+  const int64_t chunk = score_chunk(in);
+  DeviceBuffer<float> scores(
+      static_cast<size_t>(std::min(chunk, queries.last - queries.first) * in.keys));
+  for (int64_t c0 = queries.first; c0 < queries.last; c0 += chunk) {
+    const int64_t rows = std::min(chunk, queries.last - c0);
+    indexer.score(c0, rows, scores.get(), times);
+    use(c0, rows, scores.get());
   }
 }
 
@@ -443,11 +489,13 @@ int select_device(int slot) {
 void indexer_scores(const IndexerInputs& in, const IndexerConfig& config,
                     const detail::ScoreSink& sink, StageTimes* times) {
   std::vector<float> host;
-  score_chunks(in, config, times, [&](int64_t b, int64_t c0, int64_t rows, const float* scores) {
-    host.resize(static_cast<size_t>(rows * in.keys));
-    check(cudaMemcpy(host.data(), scores, host.size() * sizeof(float), cudaMemcpyDeviceToHost),
-          "cudaMemcpy");
-    sink({b, c0, rows, in.keys, host.data()});
+  each_batch_element(in, config, times, [&](int64_t b, IndexerOnDevice& indexer, QueryRows rows) {
+    score_rows(in, indexer, rows, times, [&](int64_t c0, int64_t n, const float* scores) {
+      host.resize(static_cast<size_t>(n * in.keys));
+      check(cudaMemcpy(host.data(), scores, host.size() * sizeof(float), cudaMemcpyDeviceToHost),
+            "cudaMemcpy");
+      sink({b, c0, n, in.keys, host.data()});
+    });
   });
 }
 
@@ -457,29 +505,46 @@ void select_from_indexer(const IndexerInputs& in, const IndexerConfig& config, i
   DeviceBuffer<float> values;
   std::vector<int32_t> host_indices;
   std::vector<float> host_values;
-  score_chunks(in, config, times, [&](int64_t b, int64_t c0, int64_t rows, const float* scores) {
-    Stopwatch watch;
+  // Rows [c0, c0 + rows)'s selection, now in indices and values, to the sink.
+  auto hand_over = [&](int64_t b, int64_t c0, int64_t rows) {
     const size_t n = static_cast<size_t>(rows * k);
-    indices.resize(n);
-    values.resize(n);
-    TopkParams p;
-    p.scores = scores;
-    p.indices = indices.get();
-    p.values = values.get();
-    p.rows = static_cast<int>(rows);
-    p.keys = static_cast<int>(in.keys);
-    p.k = static_cast<int>(k);
-    p.first_position = in.position(c0);
-    p.stride = in.keys;
-    p.ratio = in.ratio;
-    launch_topk(p);
-    check(cudaDeviceSynchronize(), "top-k kernel");
-    if (times) times->add("select", watch.seconds());
     host_indices.resize(n);
     host_values.resize(n);
     indices.download(host_indices.data(), n);
     values.download(host_values.data(), n);
     sink({b, c0, rows, k, host_indices.data(), host_values.data(), in.position(c0)});
+  };
+  each_batch_element(in, config, times, [&](int64_t b, IndexerOnDevice& indexer, QueryRows rows) {
+    const int64_t chunk = topk_chunk(k);
+    if (indexer.fuses_topk(std::min(chunk, rows.last - rows.first), k)) {
+      for (int64_t c0 = rows.first; c0 < rows.last; c0 += chunk) {
+        const int64_t n = std::min(chunk, rows.last - c0);
+        indices.resize(static_cast<size_t>(n * k));
+        values.resize(static_cast<size_t>(n * k));
+        indexer.select(c0, n, k, indices.get(), values.get(), times);
+        hand_over(b, c0, n);
+      }
+      return;
+    }
+    score_rows(in, indexer, rows, times, [&](int64_t c0, int64_t n, const float* scores) {
+      Stopwatch watch;
+      indices.resize(static_cast<size_t>(n * k));
+      values.resize(static_cast<size_t>(n * k));
+      TopkParams p;
+      p.scores = scores;
+      p.indices = indices.get();
+      p.values = values.get();
+      p.rows = static_cast<int>(n);
+      p.keys = static_cast<int>(in.keys);
+      p.k = static_cast<int>(k);
+      p.first_position = in.position(c0);
+      p.stride = in.keys;
+      p.ratio = in.ratio;
+      launch_topk(p);
+      check(cudaDeviceSynchronize(), "top-k kernel");
+      if (times) times->add("select", watch.seconds());
+      hand_over(b, c0, n);
+    });
   });
 }
 

@@ -55,6 +55,33 @@ void launch_indexer(const IndexerParams<__nv_bfloat16>& p);
 void launch_indexer(const IndexerParams<uint8_t>& p);
 void launch_indexer(const IndexerParams<float>& p);  // one sequence
 
+// The fp8 indexer with the top-k fused (indexer.cu): each query row's top-k of its visible keys
+// as launch_topk gives it (the same indices, values and order), the scores never stored. One
+// sequence; p.scores and p.stride are unused. lists: indexer_topk_scratch(rows, k) entries of
+// device memory, each query's candidates.
+struct IndexerTopkOutputs {
+  int32_t* indices = nullptr;  // [rows, k]
+  float* values = nullptr;     // [rows, k]
+  uint64_t* lists = nullptr;
+  int k = 0;
+  // Set by the launcher: entries per list; the rows whose sampled bound passed too few keys
+  // (flags [rows], then their count), scored again with no bound by a second launch (rerun).
+  int capacity = 0;
+  int target = 0;  // the keys a sampled bound aims to pass: capacity / 2, or DSA_FUSED_TOPK_TARGET
+  uint32_t* redo = nullptr;
+  bool rerun = false;
+};
+constexpr int kIndexerTopkMaxK = 2048;  // a query's sorted top-k fills its warpgroup's query tile
+std::string indexer_topk_limit(int heads, int dim, int64_t k);
+int64_t indexer_topk_scratch(int rows, int64_t k);
+// Whether the fused path is the faster for `rows` query rows against `keys` keys: rows enough to
+// fill the GPU with one block per SM (fewer: the unfused indexer splits the keys over blocks and
+// fills it better), and keys up to kIndexerTopkPreferredKeys, as measured on the H200 (bench/
+// NOTES.md: 0.94x the unfused indexer and top-k at 32K, 1.15x at 64K, 1.23x at 128K).
+constexpr int64_t kIndexerTopkPreferredKeys = 32768;
+bool indexer_topk_preferred(int rows, int64_t keys);
+void launch_indexer_topk(const IndexerParams<uint8_t>& p, const IndexerTopkOutputs& out);
+
 // Top-k of every row (Eq. 2): row r sees scores[r, 0 .. min(keys, visible_keys(...)));
 // indices [rows, k] in descending score, ties lower position first, NaN ranked like -inf, -1
 // padding; values the selected scores (-inf for padding).

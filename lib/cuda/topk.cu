@@ -13,6 +13,7 @@
 
 #include "dsa/error.hpp"
 #include "kernels.cuh"
+#include "select.cuh"
 #include "traits.cuh"
 
 namespace dsa::cuda {
@@ -21,45 +22,15 @@ namespace {
 
 constexpr int kThreads = TopkTraits::kThreads;
 
-// Order-preserving map of a float to uint32 (larger float, larger key); NaN ranks like -inf and
-// -0 like +0, as the CPU's (src/topk.cpp) and the float comparisons of Eq. 2 have them.
-__device__ uint32_t rank_key(float x) {
-  if (isnan(x)) x = -INFINITY;
-  if (x == 0.0f) x = 0.0f;
-  const uint32_t b = __float_as_uint(x);
-  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-}
-
 // Descending order of these is descending score, then ascending position; 0 is padding.
 __device__ uint64_t compose(uint32_t key, uint32_t position) {
   return (static_cast<uint64_t>(key) << 32) | (0xffffffffu - position);
 }
 
-// Sorts `size` (a power of two) pairs descending, bitonic, by the whole block. A step whose
-// compare distance is at most 32 keeps each warp within its own 64 entries: between two such
-// steps a warp barrier suffices.
+// Sorts `size` (a power of two) pairs descending, by the whole block (select.cuh).
 __device__ void sort_descending(uint64_t* pairs, int size) {
-  bool crossed = true;  // the previous step (or the caller) touched other warps' entries
-  for (int width = 2; width <= size; width <<= 1) {
-    for (int half = width >> 1; half > 0; half >>= 1) {
-      if (crossed || half > 32) {
-        __syncthreads();
-      } else {
-        __syncwarp();
-      }
-      crossed = half > 32;
-      for (int i = threadIdx.x; i < size / 2; i += kThreads) {
-        const int lo = ((i & ~(half - 1)) << 1) | (i & (half - 1)), hi = lo + half;
-        const bool descending = (lo & width) == 0;
-        const uint64_t a = pairs[lo], b = pairs[hi];
-        if ((a < b) == descending) {
-          pairs[lo] = b;
-          pairs[hi] = a;
-        }
-      }
-    }
-  }
-  __syncthreads();
+  cuda::sort_descending<kThreads>(pairs, size, static_cast<int>(threadIdx.x),
+                                  [] { __syncthreads(); });
 }
 
 // One pass over the row in the common case. A sample of the row's scores (kSample entries,
@@ -353,7 +324,7 @@ __device__ void for_each_entry(const uint32_t* cache, int cached, const float* _
 // only where a key stands for two (-inf and NaN, +0 and -0) and the bits must be the row's.
 __device__ float score_of(uint32_t key, int position, const float* __restrict__ row) {
   if (key == 0x007fffffu || key == 0x80000000u) return row[position];
-  return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
+  return key_score(key);
 }
 
 // Where bin b of a histogram in shared memory lives: with its lowest 3 bits crossed with the next

@@ -40,6 +40,9 @@ struct IndexerFp8Traits {
   static constexpr int kStages = 4;
   static constexpr uint32_t kTileBytes = kKeyTile * kDim;
   static constexpr size_t kSmem = 1024 + GROUPS * kRows * kDim + kStages * kTileBytes;
+  // With the top-k fused, after the key stages: a warpgroup's state (indexer.cu's QueryTopk for
+  // each of its 2 queries) and its warps' staging (kStaged entries of 8 bytes a query).
+  static constexpr size_t kTopkStateBytes = 2 * 1088 + 4 * 2 * 64 * 8;
 };
 
 // The f32 indexer on the CUDA cores: one query row per block along x, 256 keys along y.
