@@ -98,6 +98,9 @@ TEST_F(V4Cli, CompressThenAttendAsTheLibraryDoes) {
   EXPECT_EQ(report["compress_ratio"], 128);
   EXPECT_EQ(report["sink"], true);
   EXPECT_EQ(report["scale_rule"], "d_qk^-0.5");
+  // The gathered cache's own stage; "gather" is an MPI job's (rank 0 receiving the others' rows).
+  EXPECT_GE(report["timings_ms"]["cache"].get<double>(), 0.0);
+  EXPECT_FALSE(report["timings_ms"].contains("gather"));
 }
 
 TEST_F(V4Cli, CsaTakesASelectionOfVisibleEntries) {

@@ -285,7 +285,7 @@ void compressed_attention(const CompressedAttentionInputs& in, const Tensor* ind
       std::memcpy(mutable_data<int32_t>(list_tensor), lists.data(), lists.size() * sizeof(int32_t));
       const Tensor q = detail::view(*in.q, (b * in.queries + c0) * H * d, {rows, H, d});
       const AttentionInputs mqa = make_mqa_inputs(q, cache, d);
-      if (times) times->add("gather", gather.seconds());
+      if (times) times->add("cache", gather.seconds());
       backend.attention(
           mqa, &list_tensor, scale,
           [&](const AttentionBlock& block) {
