@@ -475,10 +475,10 @@ __global__ void __launch_bounds__(IndexerFp8Traits<GROUPS, QUERIES>::kThreads, G
   // per SM, the fetch's registers beside the live logits would spill (104 bytes).
   constexpr bool kFetchUnderMma = GROUPS == 1;
   // The fused top-k's sample: Eq. 1 for the tile of 64 keys in the stage at shared address `a`,
-  // this lane's score (query `query`, key row key0 or key1) before its key's scale; under_mma()
-  // is issued while the tensor cores run. The tile loop below spells the same steps out: called
-  // from there, this form moved ptxas to spill 24 bytes in V3.2's kernel.
-  const auto tile_scores = [&](uint32_t a, auto&& under_mma) {
+  // this lane's score (query `query`, key row key0 or key1) before its key's scale. The tile loop
+  // below spells the same steps out: called from there, this form moved ptxas to spill 24 bytes
+  // in V3.2's kernel.
+  const auto tile_scores = [&](uint32_t a) {
     float logit[kFp8Rows / 2];
     wg::fence();
 #pragma unroll
@@ -492,9 +492,7 @@ __global__ void __launch_bounds__(IndexerFp8Traits<GROUPS, QUERIES>::kThreads, G
       }
     }
     wg::commit();
-    under_mma();
     wg::wait<0>();
-    if (kFetchUnderMma) wg::fence_operands(logit);
     // Eq. 1: sum over the heads of w . ReLU(logit), per (query, key).
     float sum[kFp8Queries][2] = {};
 #pragma unroll
@@ -545,7 +543,7 @@ __global__ void __launch_bounds__(IndexerFp8Traits<GROUPS, QUERIES>::kThreads, G
       const int row = which ? key1 : key0;
       const int64_t position = sample_key(t + row);
       const float key_scale = k_scale[position];
-      const float value = tile_scores(stage, [] {});
+      const float value = tile_scores(stage);
       if (q0 + query < q_end) list_of(query, 0)[t + row] = candidate(value * key_scale, position);
       __syncthreads();  // the stage is free again, the samples are in
     }
