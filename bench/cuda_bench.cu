@@ -6,7 +6,10 @@
 // measured). A table of the rows ends the run, on stderr. Every row's memory is bounded at any L
 // (no buffer of L^2), up to a sequence of 1M tokens; dsa_prefill_chunked chains the prefill's
 // stages over query chunks and reports its peak device memory.
-// Usage: dsa-cuda-bench [L ...]   (default 32768 131072)
+// DeepSeek-V4's rows (v4_*) follow each L's V3.2 rows: the CSA indexer over compressed keys with
+// its top-512 and top-1024, the CSA and HCA attention of V4-Flash (64 heads) and V4-Pro's CSA (128
+// heads), each layer beside V3.2's at the same L, and their decode at batch 32.
+// Usage: dsa-cuda-bench [--v4-only | --v32-only] [L ...]   (default 32768 131072)
 #include <cublasLt.h>
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
@@ -522,293 +525,588 @@ void print_table() {
       ceilings.bf16_tflops, ceilings.fp8_tflops, ceilings.copy_tb_s);
 }
 
+// ---- DeepSeek-V4 ------------------------------------------------------------------------------
+// V4's attention layers (../shared/V4.md, DESIGN.md section 6): CSA (ratio 4: the indexer's 64
+// heads x 128 over the compressed keys, its top-k, then the attention over the 128-token window
+// and the selected entries) and HCA (ratio 128: the window and every visible entry); K = V, 512
+// dims, a sink per head. V4-Flash has 64 query heads and a top-512, V4-Pro 128 and a top-1024.
+struct V4Layer {
+  const char* name;
+  int heads;
+  int64_t ratio;
+  int k;  // CSA's top-k (0: HCA)
+};
+constexpr V4Layer kV4Layers[] = {
+    {"v4_flash_csa", 64, 4, 512}, {"v4_flash_hca", 64, 128, 0}, {"v4_pro_csa", 128, 4, 1024}};
+constexpr int kV4Dim = 512, kV4Window = 128;
+constexpr float kV4Scale = 0.0441942f;  // 512^-1/2
+
+// Distinct visible entries per row of a CSA selection: row r (position first_position + r) sees
+// floor((t + 1) / ratio); a stride walk over them from a row-dependent start, -1 past them.
+__global__ void fill_entries(int32_t* idx, int rows, int k, int64_t first_position, int64_t ratio) {
+  const int r = blockIdx.x;
+  const int64_t visible = (first_position + r + 1) / ratio;
+  const int64_t stride = visible % 7919 == 0 ? 7907 : 7919;  // prime, coprime with visible
+  for (int j = threadIdx.x; j < k; j += blockDim.x) {
+    idx[int64_t(r) * k + j] =
+        j < visible ? static_cast<int32_t>((int64_t(j) * stride + r) % visible) : -1;
+  }
+}
+
+// The entries a V4 query at t attends: its window and its compressed entries.
+int64_t v4_entries(const V4Layer& layer, int64_t t) {
+  const int64_t window = std::min<int64_t>(kV4Window, t + 1), visible = (t + 1) / layer.ratio;
+  return window + (layer.k ? std::min<int64_t>(layer.k, visible) : visible);
+}
+
+dsa::cuda::AttentionParams v4_attention(const V4Layer& layer, const __nv_bfloat16* q,
+                                        const __nv_bfloat16* kv, const __nv_bfloat16* cmp,
+                                        const int32_t* sel, const float* sink, int rows, int64_t L,
+                                        int64_t c0, float* out, float* lse) {
+  auto p = attention(q, kv, layer.k ? sel : nullptr, layer.k, rows, layer.heads, kV4Dim, kV4Dim, L,
+                     c0, kV4Scale, out, lse);
+  p.compressed = cmp, p.window = kV4Window, p.ratio = layer.ratio, p.entries = L / layer.ratio;
+  p.sink = sink;
+  return p;
+}
+
+// What one L's V4 rows measured, for the table beside V3.2's layer.
+struct V4Times {
+  double indexer_topk_ms[2] = {NAN, NAN};    // the faster of fused and unfused, top-512 and 1024
+  double attention_ms[3] = {NAN, NAN, NAN};  // kV4Layers' order
+  double flops[3] = {0, 0, 0};               // each layer's indexer and attention FLOPs
+};
+
+// The CSA indexer over L / 4 compressed keys for every query row, in chunks of rows, with the
+// top-512 and the top-1024: unfused (the scores stored, then the top-k) and fused. The same
+// e4m3 kernel as V3.2's; V4's FP4 values are exact in e4m3 (see DESIGN.md section 6).
+void v4_indexer_rows(Timer& timer, int64_t L, V4Times& times) {
+  const int HI = 64, DI = 128;
+  const int64_t keys = L / 4;
+  const int64_t chunk = std::min<int64_t>(L, (int64_t(4) << 30) / (std::max<int64_t>(keys, 1) * 4));
+  CountingAllocator memory;
+  auto* q8 = memory.alloc<uint8_t>(size_t(chunk) * HI * DI);
+  auto* k8 = memory.alloc<uint8_t>(size_t(keys) * DI);
+  auto* w = memory.alloc<float>(size_t(chunk) * HI);
+  auto* ks = memory.alloc<float>(keys);
+  auto* scores = memory.alloc<float>(size_t(chunk) * keys);
+  auto* idx = memory.alloc<int32_t>(size_t(chunk) * 1024);
+  auto* vals = memory.alloc<float>(size_t(chunk) * 1024);
+  auto* idx_f = memory.alloc<int32_t>(size_t(chunk) * 1024);
+  auto* vals_f = memory.alloc<float>(size_t(chunk) * 1024);
+  auto* lists = memory.alloc<uint64_t>(size_t(dsa::cuda::indexer_topk_scratch(chunk, 1024)));
+  fill_e4m3<<<1024, 256>>>(q8, chunk * HI * DI, 11, 448.0f);
+  fill_e4m3<<<1024, 256>>>(k8, keys * DI, 12, 448.0f);
+  fill_f32<<<1024, 256>>>(w, chunk * HI, 1.0f / HI);
+  fill_f32<<<1024, 256>>>(ks, keys, 1.0f / (448.0f * 448.0f));
+  check(cudaDeviceSynchronize(), "fill");
+  double pairs = 0;  // sum over t of floor((t + 1) / 4)
+  for (int64_t t = 0; t < L; ++t) pairs += double((t + 1) / 4);
+  const double flops = 2.0 * pairs * HI * DI;
+  double indexer_ms = 0, topk_ms[2] = {0, 0}, fused_ms[2] = {0, 0};
+  bool equal[2] = {true, true};
+  const int ks_[2] = {512, 1024};
+  for (int64_t c0 = 0; c0 < L; c0 += chunk) {
+    const int rows = static_cast<int>(std::min(chunk, L - c0));
+    auto ip = indexer(q8, w, k8, ks, rows, HI, DI, keys, c0, scores);
+    ip.ratio = 4;
+    timer.begin();
+    dsa::cuda::launch_indexer(ip);
+    indexer_ms += timer.end_ms();
+    for (int i = 0; i < 2; ++i) {
+      auto tp = topk(scores, rows, keys, c0, ks_[i], idx, vals);
+      tp.ratio = 4;
+      timer.begin();
+      dsa::cuda::launch_topk(tp);
+      topk_ms[i] += timer.end_ms();
+      auto fp = ip;
+      fp.scores = nullptr;
+      timer.begin();
+      dsa::cuda::launch_indexer_topk(fp, fused_outputs(idx_f, vals_f, lists, ks_[i]));
+      fused_ms[i] += timer.end_ms();
+      if (c0 == 0 || c0 + rows == L) {  // the first chunk (padded rows) and the last
+        equal[i] = equal[i] && same_on_device(idx, idx_f, size_t(rows) * ks_[i]) &&
+                   same_on_device(vals, vals_f, size_t(rows) * ks_[i]);
+      }
+    }
+  }
+  const std::string peak = ",\"peak_device_bytes\":" + std::to_string(memory.peak());
+  report("v4_indexer", L, indexer_ms, flops, ceilings.fp8_tflops, peak);
+  const double causal = pairs;  // the scores the top-k reads: every visible key of every row
+  for (int i = 0; i < 2; ++i) {
+    const std::string k = std::to_string(ks_[i]);
+    report_bytes(("v4_topk" + k).c_str(), L, topk_ms[i], 0, 4.0 * causal,
+                 ",\"vs_indexer\":" + json_number(topk_ms[i] / indexer_ms, "%.4f"));
+    report(("v4_indexer_topk" + k).c_str(), L, fused_ms[i], flops, ceilings.fp8_tflops,
+           ",\"vs_indexer\":" + json_number(fused_ms[i] / indexer_ms, "%.4f") +
+               ",\"vs_unfused\":" + json_number(fused_ms[i] / (indexer_ms + topk_ms[i]), "%.4f") +
+               ",\"equals_unfused\":" + (equal[i] ? "true" : "false") + peak);
+    times.indexer_topk_ms[i] = std::min(fused_ms[i], indexer_ms + topk_ms[i]);
+  }
+  times.flops[0] = times.flops[2] = flops;
+}
+
+// Each V4 layer's attention prefill: every query row of L in chunks, q generated per chunk on
+// the device (untimed), the raw and compressed caches whole, CSA's selections generated.
+void v4_attention_rows(Timer& timer, int64_t L, V4Times& times) {
+  for (int l = 0; l < 3; ++l) {
+    const V4Layer& layer = kV4Layers[l];
+    const int64_t entries = L / layer.ratio;
+    const int64_t chunk = std::min<int64_t>(L, layer.heads == 64 ? 16384 : 8192);
+    CountingAllocator memory;
+    auto* q = memory.alloc<__nv_bfloat16>(size_t(chunk) * layer.heads * kV4Dim);
+    auto* kv = memory.alloc<__nv_bfloat16>(size_t(L) * kV4Dim);
+    auto* cmp = memory.alloc<__nv_bfloat16>(size_t(std::max<int64_t>(entries, 1)) * kV4Dim);
+    auto* sel = memory.alloc<int32_t>(size_t(chunk) * std::max(layer.k, 1));
+    auto* sink = memory.alloc<float>(layer.heads);
+    auto* out = memory.alloc<float>(size_t(chunk) * layer.heads * kV4Dim);
+    auto* lse = memory.alloc<float>(size_t(chunk) * layer.heads);
+    fill_bf16<<<1024, 256>>>(kv, L * kV4Dim, 21, 1.0f);
+    fill_bf16<<<1024, 256>>>(cmp, entries * kV4Dim, 22, 1.0f);
+    fill_f32<<<1024, 256>>>(sink, layer.heads, 0.5f);
+    double ms = 0, flops = 0;
+    for (int64_t c0 = 0; c0 < L; c0 += chunk) {
+      const int rows = static_cast<int>(std::min(chunk, L - c0));
+      fill_bf16<<<1024, 256>>>(q, int64_t(rows) * layer.heads * kV4Dim,
+                               23 + static_cast<uint32_t>(c0 / chunk), 0.1f);
+      if (layer.k) fill_entries<<<rows, 256>>>(sel, rows, layer.k, c0, layer.ratio);
+      check(cudaDeviceSynchronize(), "fill");
+      timer.begin();
+      dsa::cuda::launch_compressed_attention(
+          v4_attention(layer, q, kv, cmp, sel, sink, rows, L, c0, out, lse));
+      ms += timer.end_ms();
+      for (int64_t r = 0; r < rows; ++r)
+        flops += 2.0 * layer.heads * (2 * kV4Dim) * double(v4_entries(layer, c0 + r));
+    }
+    report((std::string(layer.name) + "_attention").c_str(), L, ms, flops, ceilings.bf16_tflops,
+           ",\"peak_device_bytes\":" + std::to_string(memory.peak()));
+    times.attention_ms[l] = ms;
+    times.flops[l] += flops;
+  }
+}
+
+// Each V4 layer's decode at batch 32, one query each at position L - 1: the CSA indexer over the
+// sequences' L / 4 compressed keys and the top-k, then the attention with split decoding, best of
+// 10. Memory-bound: the fewest bytes each stage moves, against the copy ceiling.
+void v4_decode_rows(Timer& timer, int64_t L) {
+  const int B = 32, HI = 64, DI = 128;
+  const int64_t keys = L / 4, hca_entries = L / 128;
+  CountingAllocator memory;
+  auto* kv = memory.alloc<__nv_bfloat16>(size_t(B) * L * kV4Dim);
+  auto* c4 = memory.alloc<__nv_bfloat16>(size_t(B) * keys * kV4Dim);
+  auto* c128 = memory.alloc<__nv_bfloat16>(size_t(B) * std::max<int64_t>(hca_entries, 1) * kV4Dim);
+  auto* q8 = memory.alloc<uint8_t>(size_t(B) * HI * DI);
+  auto* k8 = memory.alloc<uint8_t>(size_t(B) * keys * DI);
+  auto* w = memory.alloc<float>(size_t(B) * HI);
+  auto* ks = memory.alloc<float>(size_t(B) * keys);
+  auto* scores = memory.alloc<float>(size_t(B) * keys);
+  auto* idx = memory.alloc<int32_t>(size_t(B) * 1024);
+  auto* vals = memory.alloc<float>(size_t(B) * 1024);
+  auto* q = memory.alloc<__nv_bfloat16>(size_t(B) * 128 * kV4Dim);
+  auto* sink = memory.alloc<float>(128);
+  auto* out = memory.alloc<float>(size_t(B) * 128 * kV4Dim);
+  auto* lse = memory.alloc<float>(size_t(B) * 128);
+  fill_bf16<<<1024, 256>>>(kv, B * L * kV4Dim, 31, 1.0f);
+  fill_bf16<<<1024, 256>>>(c4, B * keys * kV4Dim, 32, 1.0f);
+  fill_bf16<<<1024, 256>>>(c128, B * hca_entries * kV4Dim, 33, 1.0f);
+  fill_bf16<<<1024, 256>>>(q, B * 128 * kV4Dim, 34, 0.1f);
+  fill_e4m3<<<1024, 256>>>(q8, B * HI * DI, 35, 448.0f);
+  fill_e4m3<<<1024, 256>>>(k8, B * keys * DI, 36, 448.0f);
+  fill_f32<<<1024, 256>>>(w, B * HI, 1.0f / HI);
+  fill_f32<<<1024, 256>>>(ks, B * keys, 1.0f);
+  fill_f32<<<1024, 256>>>(sink, 128, 0.5f);
+  check(cudaDeviceSynchronize(), "fill");
+  auto ib = indexer(q8, w, k8, ks, 1, HI, DI, keys, L - 1, scores);
+  ib.ratio = 4, ib.sequences = B;
+  ib.q_step = int64_t(HI) * DI, ib.w_step = HI, ib.k_step = keys * DI, ib.k_scale_step = keys;
+  ib.scores_step = keys;
+  const double indexer_ms = best_ms(timer, [&] { dsa::cuda::launch_indexer(ib); });
+  const double indexer_bytes = double(B) * (HI * DI + HI * 4.0 + keys * (DI + 4.0) + keys * 4.0);
+  report_bytes("v4_decode_b32_indexer", L, indexer_ms, 2.0 * B * keys * HI * DI, indexer_bytes);
+  for (const V4Layer& layer : kV4Layers) {
+    double topk_ms = 0, topk_bytes = 0;
+    if (layer.k) {
+      // The batch's rows side by side, each its sequence's scores: a row r at L - 1 + r would
+      // see (L + r) / 4 keys, clamped to the sequence's L / 4, so every row sees all of them,
+      // as one row at L - 1 does (V3.2's decode row does the same).
+      auto tp = topk(scores, B, keys, L - 1, layer.k, idx, vals);
+      tp.ratio = 4;
+      topk_ms = best_ms(timer, [&] { dsa::cuda::launch_topk(tp); });
+      topk_bytes = double(B) * keys * 4.0;  // the attention then reads the top-k's selections
+    }
+    auto ab =
+        v4_attention(layer, q, kv, layer.ratio == 4 ? c4 : c128, idx, sink, 1, L, L - 1, out, lse);
+    ab.sequences = B;
+    ab.q_step = int64_t(layer.heads) * kV4Dim, ab.kv_step = L * kV4Dim;
+    ab.compressed_step = (L / layer.ratio) * kV4Dim, ab.indices_step = layer.k;
+    ab.out_step = int64_t(layer.heads) * kV4Dim, ab.lse_step = layer.heads;
+    float* partial =
+        memory.alloc<float>(size_t(std::max<int64_t>(1, dsa::cuda::attention_partial_floats(ab))));
+    ab.partial = partial;
+    const double attention_ms = best_ms(timer, [&] { dsa::cuda::launch_compressed_attention(ab); });
+    const double n = double(v4_entries(layer, L - 1));
+    const double attention_bytes =
+        double(B) * (n * kV4Dim * 2.0 + layer.heads * kV4Dim * 2.0 + layer.k * 4.0 +
+                     layer.heads * kV4Dim * 4.0 + layer.heads * 4.0);
+    const std::string name = std::string("v4_decode_b32_") + (layer.name + 3);
+    report_bytes((name + "_attention").c_str(), L, attention_ms,
+                 2.0 * B * n * layer.heads * 2 * kV4Dim, attention_bytes,
+                 ",\"splits\":" + std::to_string(dsa::cuda::attention_splits(ab)));
+    if (layer.k) {
+      report_bytes((name + "_topk").c_str(), L, topk_ms, 0, topk_bytes);
+      report_bytes(name.c_str(), L, indexer_ms + topk_ms + attention_ms, 0,
+                   indexer_bytes + topk_bytes + attention_bytes,
+                   ",\"peak_device_bytes\":" + std::to_string(memory.peak()));
+    } else {
+      report_bytes(name.c_str(), L, attention_ms, 0, attention_bytes,
+                   ",\"peak_device_bytes\":" + std::to_string(memory.peak()));
+    }
+  }
+}
+
 }  // namespace
 
+// One L's layers side by side: V3.2's DSA layer (dsa_prefill_chunked: indexer, top-k,
+// attention) and V4's (CSA: the indexer and top-k, the faster way, and the attention; HCA: the
+// attention), their times and ratios, and the ratio of their FLOPs. Neither counts the
+// projections, nor V4's compressor.
+void v4_beside_v32(int64_t L, const V4Times& v4, double v32_ms, double v32_flops) {
+  const double flash_csa = v4.indexer_topk_ms[0] + v4.attention_ms[0];
+  const double pro_csa = v4.indexer_topk_ms[1] + v4.attention_ms[2];
+  const double flash_hca = v4.attention_ms[1];
+  std::printf(
+      "{\"bench\":\"v4_beside_v32\",\"L\":%lld,\"v32_dsa_layer_ms\":%s,"
+      "\"v4_flash_csa_layer_ms\":%.3f,\"v4_flash_hca_layer_ms\":%.3f,"
+      "\"v4_pro_csa_layer_ms\":%.3f,\"v32_over_v4_flash_csa\":%s,"
+      "\"v32_over_v4_flash_csa_flops\":%s,\"v32_over_v4_pro_csa\":%s}\n",
+      static_cast<long long>(L), json_number(v32_ms, "%.3f").c_str(), flash_csa, flash_hca, pro_csa,
+      json_number(v32_ms / flash_csa, "%.3f").c_str(),
+      json_number(v32_flops > 0 ? v32_flops / v4.flops[0] : NAN, "%.3f").c_str(),
+      json_number(v32_ms / pro_csa, "%.3f").c_str());
+  std::fflush(stdout);
+  char note[320];
+  std::snprintf(
+      note, sizeof note,
+      "L %lld layers (ms): V3.2 DSA %.1f; V4-Flash CSA %.1f (%.2fx), HCA %.1f; V4-Pro CSA "
+      "%.1f (%.2fx)",
+      static_cast<long long>(L), v32_ms, flash_csa, v32_ms / flash_csa, flash_hca, pro_csa,
+      v32_ms / pro_csa);
+  table_notes.push_back(note);
+}
+
 int main(int argc, char** argv) {
+  // Lengths, and --v4-only or --v32-only to run one generation's rows.
   std::vector<int64_t> lengths;
-  for (int i = 1; i < argc; ++i) lengths.push_back(std::atoll(argv[i]));
+  bool run_v32 = true, run_v4 = true;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--v4-only") {
+      run_v32 = false;
+    } else if (arg == "--v32-only") {
+      run_v4 = false;
+    } else {
+      lengths.push_back(std::atoll(argv[i]));
+    }
+  }
   if (lengths.empty()) lengths = {32768, 131072};
   const int HI = 64, DI = 128, H = 128, DQK = 576, DV = 512, K = 2048;
   Timer timer;
   measure_ceilings(timer);
   for (int64_t L : lengths) {
-    // Indexer (fp8, and bf16 for the ratio at the first length) + top-k over every query row,
-    // in chunks of rows (4 GiB of f32 scores: 1024 rows at 1M).
-    const int64_t chunk = std::min<int64_t>(L, (int64_t(4) << 30) / (L * 4));
-    // The bf16 indexer is there for its ratio to the fp8 one, which the first length gives; past
-    // 131072 it is skipped even there: its time grows as L^2 (64 times 128K's at 1M) for a ratio
-    // that the shorter lengths already show, and its bf16 keys and queries would be held besides.
-    const bool bf16_indexer = L == lengths.front() && L <= 131072;
-    __nv_bfloat16 *q = nullptr, *k = nullptr;
-    if (bf16_indexer) {
-      q = device_alloc<__nv_bfloat16>(size_t(chunk) * HI * DI);
-      k = device_alloc<__nv_bfloat16>(size_t(L) * DI);
-      fill_bf16<<<1024, 256>>>(q, chunk * HI * DI, 1, 1.0f);
-      fill_bf16<<<1024, 256>>>(k, L * DI, 2, 1.0f);
-    }
-    auto* q8 = device_alloc<uint8_t>(size_t(chunk) * HI * DI);
-    auto* k8 = device_alloc<uint8_t>(size_t(L) * DI);
-    auto* w = device_alloc<float>(size_t(chunk) * HI);
-    auto* ks = device_alloc<float>(L);
-    auto* scores = device_alloc<float>(size_t(chunk) * L);
-    auto* idx = device_alloc<int32_t>(size_t(chunk) * K);
-    auto* vals = device_alloc<float>(size_t(chunk) * K);
-    fill_e4m3<<<1024, 256>>>(q8, chunk * HI * DI, 1, 448.0f);
-    fill_e4m3<<<1024, 256>>>(k8, L * DI, 2, 448.0f);
-    fill_f32<<<1024, 256>>>(w, chunk * HI, 1.0f / HI);
-    fill_f32<<<1024, 256>>>(ks, L, 1.0f / (448.0f * 448.0f));
-    check(cudaDeviceSynchronize(), "fill");
-    const double causal_pairs = double(L) * double(L + 1) / 2;
-    if (bf16_indexer) {
-      double bf16_ms = 0;
+    double v32_layer_ms = NAN, v32_flops = 0;  // the chained prefill's, for V4's table
+    if (run_v32) {
+      // Indexer (fp8, and bf16 for the ratio at the first length) + top-k over every query row,
+      // in chunks of rows (4 GiB of f32 scores: 1024 rows at 1M).
+      const int64_t chunk = std::min<int64_t>(L, (int64_t(4) << 30) / (L * 4));
+      // The bf16 indexer is there for its ratio to the fp8 one, which the first length gives; past
+      // 131072 it is skipped even there: its time grows as L^2 (64 times 128K's at 1M) for a ratio
+      // that the shorter lengths already show, and its bf16 keys and queries would be held besides.
+      const bool bf16_indexer = L == lengths.front() && L <= 131072;
+      __nv_bfloat16 *q = nullptr, *k = nullptr;
+      if (bf16_indexer) {
+        q = device_alloc<__nv_bfloat16>(size_t(chunk) * HI * DI);
+        k = device_alloc<__nv_bfloat16>(size_t(L) * DI);
+        fill_bf16<<<1024, 256>>>(q, chunk * HI * DI, 1, 1.0f);
+        fill_bf16<<<1024, 256>>>(k, L * DI, 2, 1.0f);
+      }
+      auto* q8 = device_alloc<uint8_t>(size_t(chunk) * HI * DI);
+      auto* k8 = device_alloc<uint8_t>(size_t(L) * DI);
+      auto* w = device_alloc<float>(size_t(chunk) * HI);
+      auto* ks = device_alloc<float>(L);
+      auto* scores = device_alloc<float>(size_t(chunk) * L);
+      auto* idx = device_alloc<int32_t>(size_t(chunk) * K);
+      auto* vals = device_alloc<float>(size_t(chunk) * K);
+      fill_e4m3<<<1024, 256>>>(q8, chunk * HI * DI, 1, 448.0f);
+      fill_e4m3<<<1024, 256>>>(k8, L * DI, 2, 448.0f);
+      fill_f32<<<1024, 256>>>(w, chunk * HI, 1.0f / HI);
+      fill_f32<<<1024, 256>>>(ks, L, 1.0f / (448.0f * 448.0f));
+      check(cudaDeviceSynchronize(), "fill");
+      const double causal_pairs = double(L) * double(L + 1) / 2;
+      if (bf16_indexer) {
+        double bf16_ms = 0;
+        for (int64_t c0 = 0; c0 < L; c0 += chunk) {
+          const int rows = static_cast<int>(std::min(chunk, L - c0));
+          timer.begin();
+          dsa::cuda::launch_indexer(indexer(q, w, k, ks, rows, HI, DI, L, c0, scores));
+          bf16_ms += timer.end_ms();
+        }
+        report("indexer_bf16", L, bf16_ms, 2.0 * causal_pairs * HI * DI, ceilings.bf16_tflops);
+      }
+      double indexer_ms = 0, topk_ms = 0;
       for (int64_t c0 = 0; c0 < L; c0 += chunk) {
         const int rows = static_cast<int>(std::min(chunk, L - c0));
         timer.begin();
-        dsa::cuda::launch_indexer(indexer(q, w, k, ks, rows, HI, DI, L, c0, scores));
-        bf16_ms += timer.end_ms();
-      }
-      report("indexer_bf16", L, bf16_ms, 2.0 * causal_pairs * HI * DI, ceilings.bf16_tflops);
-    }
-    double indexer_ms = 0, topk_ms = 0;
-    for (int64_t c0 = 0; c0 < L; c0 += chunk) {
-      const int rows = static_cast<int>(std::min(chunk, L - c0));
-      timer.begin();
-      dsa::cuda::launch_indexer(indexer(q8, w, k8, ks, rows, HI, DI, L, c0, scores));
-      indexer_ms += timer.end_ms();
-      timer.begin();
-      dsa::cuda::launch_topk(topk(scores, rows, L, c0, K, idx, vals));
-      topk_ms += timer.end_ms();
-    }
-    const double indexer_flops = 2.0 * causal_pairs * HI * DI;
-    report("indexer", L, indexer_ms, indexer_flops, ceilings.fp8_tflops);
-    // Top-k bytes: the f32 scores each row reads, 4 B x (c0 + r + 1) visible keys, so 4 B x
-    // L (L + 1) / 2 in all; the selections written (8 B x k per row: 25 % more at 32K, 6 % at
-    // 128K) are not counted. vs_indexer: top-k time over the indexer's (issue 16's fused target: <=
-    // 0.05).
-    const double topk_bytes = 4.0 * causal_pairs;
-    report_bytes("topk", L, topk_ms, 0, topk_bytes,
-                 ",\"vs_indexer\":" + json_number(topk_ms / indexer_ms, "%.4f"));
-    // The indexer with the top-k fused (the scores never stored) over the same chunks: its time
-    // over the indexer's alone (issue 16's target: <= 1.05 at 128K), and whether its selection
-    // of the last chunk is the unfused top-k's, which idx and vals still hold.
-    {
-      auto* lists = device_alloc<uint64_t>(size_t(dsa::cuda::indexer_topk_scratch(chunk, K)));
-      auto* idx_f = device_alloc<int32_t>(size_t(chunk) * K);
-      auto* vals_f = device_alloc<float>(size_t(chunk) * K);
-      double fused_ms = 0;
-      int last_rows = 0;
-      for (int64_t c0 = 0; c0 < L; c0 += chunk) {
-        last_rows = static_cast<int>(std::min(chunk, L - c0));
+        dsa::cuda::launch_indexer(indexer(q8, w, k8, ks, rows, HI, DI, L, c0, scores));
+        indexer_ms += timer.end_ms();
         timer.begin();
-        dsa::cuda::launch_indexer_topk(indexer(q8, w, k8, ks, last_rows, HI, DI, L, c0, nullptr),
-                                       fused_outputs(idx_f, vals_f, lists, K));
-        fused_ms += timer.end_ms();
+        dsa::cuda::launch_topk(topk(scores, rows, L, c0, K, idx, vals));
+        topk_ms += timer.end_ms();
       }
-      const bool equal = same_on_device(idx, idx_f, size_t(last_rows) * K) &&
-                         same_on_device(vals, vals_f, size_t(last_rows) * K);
-      report("indexer_topk", L, fused_ms, indexer_flops, ceilings.fp8_tflops,
-             ",\"vs_indexer\":" + json_number(fused_ms / indexer_ms, "%.4f") +
-                 ",\"vs_unfused\":" + json_number(fused_ms / (indexer_ms + topk_ms), "%.4f") +
-                 ",\"equals_unfused\":" + (equal ? "true" : "false"));
-      cudaFree(lists), cudaFree(idx_f), cudaFree(vals_f);
-    }
-    cudaFree(q), cudaFree(w), cudaFree(scores), cudaFree(idx), cudaFree(vals), cudaFree(k),
-        cudaFree(ks), cudaFree(q8), cudaFree(k8);
+      const double indexer_flops = 2.0 * causal_pairs * HI * DI;
+      report("indexer", L, indexer_ms, indexer_flops, ceilings.fp8_tflops);
+      // Top-k bytes: the f32 scores each row reads, 4 B x (c0 + r + 1) visible keys, so 4 B x
+      // L (L + 1) / 2 in all; the selections written (8 B x k per row: 25 % more at 32K, 6 % at
+      // 128K) are not counted. vs_indexer: top-k time over the indexer's (issue 16's fused target:
+      // <= 0.05).
+      const double topk_bytes = 4.0 * causal_pairs;
+      report_bytes("topk", L, topk_ms, 0, topk_bytes,
+                   ",\"vs_indexer\":" + json_number(topk_ms / indexer_ms, "%.4f"));
+      // The indexer with the top-k fused (the scores never stored) over the same chunks: its time
+      // over the indexer's alone (issue 16's target: <= 1.05 at 128K), and whether its selection
+      // of the last chunk is the unfused top-k's, which idx and vals still hold.
+      {
+        auto* lists = device_alloc<uint64_t>(size_t(dsa::cuda::indexer_topk_scratch(chunk, K)));
+        auto* idx_f = device_alloc<int32_t>(size_t(chunk) * K);
+        auto* vals_f = device_alloc<float>(size_t(chunk) * K);
+        double fused_ms = 0;
+        int last_rows = 0;
+        for (int64_t c0 = 0; c0 < L; c0 += chunk) {
+          last_rows = static_cast<int>(std::min(chunk, L - c0));
+          timer.begin();
+          dsa::cuda::launch_indexer_topk(indexer(q8, w, k8, ks, last_rows, HI, DI, L, c0, nullptr),
+                                         fused_outputs(idx_f, vals_f, lists, K));
+          fused_ms += timer.end_ms();
+        }
+        const bool equal = same_on_device(idx, idx_f, size_t(last_rows) * K) &&
+                           same_on_device(vals, vals_f, size_t(last_rows) * K);
+        report("indexer_topk", L, fused_ms, indexer_flops, ceilings.fp8_tflops,
+               ",\"vs_indexer\":" + json_number(fused_ms / indexer_ms, "%.4f") +
+                   ",\"vs_unfused\":" + json_number(fused_ms / (indexer_ms + topk_ms), "%.4f") +
+                   ",\"equals_unfused\":" + (equal ? "true" : "false"));
+        cudaFree(lists), cudaFree(idx_f), cudaFree(vals_f);
+      }
+      cudaFree(q), cudaFree(w), cudaFree(scores), cudaFree(idx), cudaFree(vals), cudaFree(k),
+          cudaFree(ks), cudaFree(q8), cudaFree(k8);
 
-    // Sparse MQA attention over K selected entries per row.
-    const int64_t attn_chunk = std::min<int64_t>(L, 16384);
-    auto* qa = device_alloc<__nv_bfloat16>(size_t(attn_chunk) * H * DQK);
-    auto* kv = device_alloc<__nv_bfloat16>(size_t(L) * DQK);
-    auto* sel = device_alloc<int32_t>(size_t(attn_chunk) * K);
-    auto* out = device_alloc<float>(size_t(attn_chunk) * H * DV);
-    auto* lse = device_alloc<float>(size_t(attn_chunk) * H);
-    fill_bf16<<<1024, 256>>>(qa, attn_chunk * H * DQK, 3, 0.1f);
-    fill_bf16<<<1024, 256>>>(kv, L * DQK, 4, 1.0f);
-    double attn_ms = 0, attn_flops = 0;
-    for (int64_t c0 = 0; c0 < L; c0 += attn_chunk) {
-      const int rows = static_cast<int>(std::min(attn_chunk, L - c0));
-      fill_indices<<<rows, 256>>>(sel, rows, K, c0);
-      check(cudaDeviceSynchronize(), "fill indices");
-      timer.begin();
-      dsa::cuda::launch_attention(
-          attention(qa, kv, sel, K, rows, H, DQK, DV, L, c0, 0.0417f, out, lse));
-      attn_ms += timer.end_ms();
-      for (int64_t r = 0; r < rows; ++r)
-        attn_flops += 2.0 * H * (DQK + DV) * double(std::min<int64_t>(K, c0 + r + 1));
-    }
-    report("sparse_attention", L, attn_ms, attn_flops, ceilings.bf16_tflops);
-    // The same rows over FlashMLA's fp8 cache (the kernel dequantizes each tile into bf16):
-    // the same FLOPs, and its time beside the bf16 cache's.
-    {
-      auto* kv8 = device_alloc<uint8_t>(size_t(L) * 656);
-      fill_fp8_cache<<<1024, 256>>>(kv8, L, 9);
-      double fp8_ms = 0;
+      // Sparse MQA attention over K selected entries per row.
+      const int64_t attn_chunk = std::min<int64_t>(L, 16384);
+      auto* qa = device_alloc<__nv_bfloat16>(size_t(attn_chunk) * H * DQK);
+      auto* kv = device_alloc<__nv_bfloat16>(size_t(L) * DQK);
+      auto* sel = device_alloc<int32_t>(size_t(attn_chunk) * K);
+      auto* out = device_alloc<float>(size_t(attn_chunk) * H * DV);
+      auto* lse = device_alloc<float>(size_t(attn_chunk) * H);
+      fill_bf16<<<1024, 256>>>(qa, attn_chunk * H * DQK, 3, 0.1f);
+      fill_bf16<<<1024, 256>>>(kv, L * DQK, 4, 1.0f);
+      double attn_ms = 0, attn_flops = 0;
       for (int64_t c0 = 0; c0 < L; c0 += attn_chunk) {
         const int rows = static_cast<int>(std::min(attn_chunk, L - c0));
         fill_indices<<<rows, 256>>>(sel, rows, K, c0);
         check(cudaDeviceSynchronize(), "fill indices");
-        auto p = attention(qa, nullptr, sel, K, rows, H, DQK, DV, L, c0, 0.0417f, out, lse);
-        p.kv_fp8 = kv8;
-        timer.begin();
-        dsa::cuda::launch_attention(p);
-        fp8_ms += timer.end_ms();
-      }
-      report("sparse_attention_fp8_cache", L, fp8_ms, attn_flops, ceilings.bf16_tflops);
-      cudaFree(kv8);
-    }
-    // The prefill's floor: the indexer at the fp8 ceiling, the top-k's bytes at the copy
-    // ceiling and the attention at the bf16 ceiling.
-    report_floor("dsa_prefill", L, indexer_ms + topk_ms + attn_ms,
-                 floor_ms_flops(indexer_flops, ceilings.fp8_tflops) + floor_ms_bytes(topk_bytes) +
-                     floor_ms_flops(attn_flops, ceilings.bf16_tflops));
-
-    // dsa-compare's dense probabilities (the dense attention's lse is an input) over the last
-    // 256 query rows, and the same rows' sparse attention on the wmma kernel (d_qk = d_v = 256).
-    {
-      const int rows = static_cast<int>(std::min<int64_t>(256, L));
-      const int64_t c0 = L - rows;
-      auto* partial = device_alloc<float>(size_t(2) * rows * L);
-      fill_f32<<<1024, 256>>>(lse, int64_t(rows) * H, 8.0f);
-      check(cudaDeviceSynchronize(), "fill");
-      timer.begin();
-      dsa::cuda::DenseProbabilityParams dense;
-      dense.q = qa, dense.kv = kv, dense.lse = lse, dense.partial = partial;
-      dense.rows = rows, dense.heads = H, dense.d_qk = DQK;
-      dense.first_position = c0, dense.stride = L, dense.scale = 0.0417f;
-      dsa::cuda::launch_dense_probabilities(dense);
-      const double dense_ms = timer.end_ms();
-      double dense_pairs = 0;
-      for (int r = 0; r < rows; ++r) dense_pairs += double(c0 + r + 1);
-      report("dense_probabilities", L, dense_ms, 2.0 * H * DQK * dense_pairs, ceilings.bf16_tflops);
-      fill_indices<<<rows, 256>>>(sel, rows, K, c0);
-      check(cudaDeviceSynchronize(), "fill indices");
-      const int d256 = 256;
-      timer.begin();
-      dsa::cuda::launch_attention(
-          attention(qa, kv, sel, K, rows, H, d256, d256, L, c0, 0.0625f, out, lse));
-      const double wmma_ms = timer.end_ms();
-      report("sparse_attention_d256", L, wmma_ms, 2.0 * rows * H * (2 * d256 + d256) * K,
-             ceilings.bf16_tflops);
-      cudaFree(partial);
-    }
-    cudaFree(qa), cudaFree(kv), cudaFree(sel), cudaFree(out), cudaFree(lse);
-
-    // The chained prefill: the query rows arrive in chunks of C, as in a chunked prefill, and
-    // each chunk runs the fp8 indexer, the top-k of its scores, then the sparse attention of its
-    // queries over the top-k's own indices. Only the keys are whole-L buffers (the fp8 indexer
-    // keys and scales, the bf16 latent cache), which is what a real prefill holds; a chunk's
-    // queries are generated on the device into chunk-sized buffers, untimed (the whole-L
-    // attention queries would be 128 x 576 bf16 a row, 151 GB at 1M), and its f32 scores, C x L,
-    // are at most 4 GiB (1024 rows at 1M: full waves of the top-k's 3 blocks per SM, where 512
-    // rows took 1.6x as long): no buffer grows as L^2. The chunk's keys are the positions it sees,
-    // [0, c0 + rows): the cache holds no more when the chunk arrives, so the indexer neither
-    // reads nor writes (-inf) past them, which the indexer row above does up to L.
-    {
-      const int64_t used_before = device_used_bytes();
-      const int64_t C =
-          std::clamp<int64_t>((int64_t(4) << 30) / (L * 4), 1, std::min<int64_t>(L, 16384));
-      CountingAllocator memory;
-      auto* k8c = memory.alloc<uint8_t>(size_t(L) * DI);
-      auto* ksc = memory.alloc<float>(L);
-      auto* kvc = memory.alloc<__nv_bfloat16>(size_t(L) * DQK);
-      auto* q8c = memory.alloc<uint8_t>(size_t(C) * HI * DI);
-      auto* wc = memory.alloc<float>(size_t(C) * HI);
-      auto* scores_c = memory.alloc<float>(size_t(C) * L);
-      auto* idx_c = memory.alloc<int32_t>(size_t(C) * K);
-      auto* vals_c = memory.alloc<float>(size_t(C) * K);
-      auto* qac = memory.alloc<__nv_bfloat16>(size_t(C) * H * DQK);
-      auto* out_c = memory.alloc<float>(size_t(C) * H * DV);
-      auto* lse_c = memory.alloc<float>(size_t(C) * H);
-      // The fused indexer and top-k's own buffers (no scores): counted apart, so that its chain's
-      // buffers are these and the keys, queries and outputs above.
-      CountingAllocator fused_memory;
-      auto* lists_c = fused_memory.alloc<uint64_t>(size_t(dsa::cuda::indexer_topk_scratch(C, K)));
-      auto* idx_f = fused_memory.alloc<int32_t>(size_t(C) * K);
-      auto* vals_f = fused_memory.alloc<float>(size_t(C) * K);
-      fill_e4m3<<<1024, 256>>>(k8c, L * DI, 2, 448.0f);
-      fill_f32<<<1024, 256>>>(ksc, L, 1.0f / (448.0f * 448.0f));
-      fill_bf16<<<1024, 256>>>(kvc, L * DQK, 4, 1.0f);
-      // The weights (times the queries' fp8 scales) are one value for every row, as above.
-      fill_f32<<<1024, 256>>>(wc, C * HI, 1.0f / HI);
-      // What the device holds once the row's buffers are: sampled here and after the last chunk
-      // (anything the runtime allocates on the way counts too), against the figure before.
-      const int64_t used_allocated = device_used_bytes();
-      double stage_ms[4] = {0, 0, 0, 0};  // indexer, top-k, attention, fused indexer and top-k
-      bool indices_valid = true, fused_equal = true;
-      for (int64_t c0 = 0; c0 < L; c0 += C) {
-        const int rows = static_cast<int>(std::min(C, L - c0));
-        const int64_t keys = c0 + rows;
-        // This chunk's queries, their own values (a seed per chunk), before the timed stages.
-        const uint32_t seed = 100 + 2 * static_cast<uint32_t>(c0 / C);
-        fill_e4m3<<<1024, 256>>>(q8c, int64_t(rows) * HI * DI, seed, 448.0f);
-        fill_bf16<<<1024, 256>>>(qac, int64_t(rows) * H * DQK, seed + 1, 0.1f);
-        auto ip = indexer(q8c, wc, k8c, ksc, rows, HI, DI, keys, c0, scores_c);
-        ip.stride = L;
-        auto tp = topk(scores_c, rows, keys, c0, K, idx_c, vals_c);
-        tp.stride = L;
-        timer.begin();
-        dsa::cuda::launch_indexer(ip);
-        stage_ms[0] += timer.end_ms();
-        timer.begin();
-        dsa::cuda::launch_topk(tp);
-        stage_ms[1] += timer.end_ms();
-        timer.begin();
-        dsa::cuda::launch_indexer_topk(indexer(q8c, wc, k8c, ksc, rows, HI, DI, keys, c0, nullptr),
-                                       fused_outputs(idx_f, vals_f, lists_c, K));
-        stage_ms[3] += timer.end_ms();
-        // The attention over the fused selection (the unfused one's, where compared below).
         timer.begin();
         dsa::cuda::launch_attention(
-            attention(qac, kvc, idx_f, K, rows, H, DQK, DV, keys, c0, 0.0417f, out_c, lse_c));
-        stage_ms[2] += timer.end_ms();
-        // The first chunk's selections (rows that see fewer than K keys, padded) and the last's.
-        if (c0 == 0 || keys == L) {
-          std::vector<int32_t> selection(size_t(rows) * K);
-          check(cudaMemcpy(selection.data(), idx_f, selection.size() * sizeof(int32_t),
-                           cudaMemcpyDeviceToHost),
-                "copy");
-          indices_valid = indices_valid && valid_selection(selection, rows, K, c0);
-          fused_equal = fused_equal && same_on_device(idx_c, idx_f, size_t(rows) * K) &&
-                        same_on_device(vals_c, vals_f, size_t(rows) * K);
-        }
+            attention(qa, kv, sel, K, rows, H, DQK, DV, L, c0, 0.0417f, out, lse));
+        attn_ms += timer.end_ms();
+        for (int64_t r = 0; r < rows; ++r)
+          attn_flops += 2.0 * H * (DQK + DV) * double(std::min<int64_t>(K, c0 + r + 1));
       }
-      const int64_t used = std::max(used_allocated, device_used_bytes()) - used_before;
-      const double chained_ms = stage_ms[0] + stage_ms[1] + stage_ms[2];
-      // The same floor as dsa_prefill's: the same rows, so the same indexer FLOPs, top-k bytes
-      // and attention FLOPs (every row with at least K visible keys selects K of them).
-      const double chained_floor_ms = floor_ms_flops(indexer_flops, ceilings.fp8_tflops) +
-                                      floor_ms_bytes(topk_bytes) +
-                                      floor_ms_flops(attn_flops, ceilings.bf16_tflops);
-      char extra[512];
-      std::snprintf(extra, sizeof extra,
-                    ",\"indexer_ms\":%.3f,\"topk_ms\":%.3f,\"attention_ms\":%.3f,"
-                    "\"chunk_rows\":%lld,\"chunks\":%lld,\"peak_device_bytes\":%zu,"
-                    "\"device_used_bytes\":%lld,\"indices_valid\":%s",
-                    stage_ms[0], stage_ms[1], stage_ms[2], static_cast<long long>(C),
-                    static_cast<long long>((L + C - 1) / C), memory.peak(),
-                    static_cast<long long>(used), indices_valid ? "true" : "false");
-      report_floor("dsa_prefill_chunked", L, chained_ms, chained_floor_ms, extra);
-      // The same chain with the fused indexer and top-k: its buffers are the chain's without the
-      // scores and the unfused selection, plus the fused one's lists and selection.
-      const size_t fused_bytes = memory.peak() - size_t(C) * L * sizeof(float) -
-                                 size_t(C) * K * (sizeof(int32_t) + sizeof(float)) +
-                                 fused_memory.peak();
-      std::snprintf(extra, sizeof extra,
-                    ",\"indexer_topk_ms\":%.3f,\"attention_ms\":%.3f,\"buffer_bytes\":%zu,"
-                    "\"equals_unfused\":%s",
-                    stage_ms[3], stage_ms[2], fused_bytes, fused_equal ? "true" : "false");
-      report_floor("dsa_prefill_fused", L, stage_ms[3] + stage_ms[2], chained_floor_ms, extra);
-      char note[256];
-      std::snprintf(note, sizeof note,
-                    "dsa_prefill_chunked L %lld: %lld-row chunks, buffers %.3f GiB at peak, device "
-                    "used %+.3f GiB (cudaMemGetInfo)",
-                    static_cast<long long>(L), static_cast<long long>(C),
-                    memory.peak() / 1073741824.0, used / 1073741824.0);
-      table_notes.push_back(note);
+      report("sparse_attention", L, attn_ms, attn_flops, ceilings.bf16_tflops);
+      // The same rows over FlashMLA's fp8 cache (the kernel dequantizes each tile into bf16):
+      // the same FLOPs, and its time beside the bf16 cache's.
+      {
+        auto* kv8 = device_alloc<uint8_t>(size_t(L) * 656);
+        fill_fp8_cache<<<1024, 256>>>(kv8, L, 9);
+        double fp8_ms = 0;
+        for (int64_t c0 = 0; c0 < L; c0 += attn_chunk) {
+          const int rows = static_cast<int>(std::min(attn_chunk, L - c0));
+          fill_indices<<<rows, 256>>>(sel, rows, K, c0);
+          check(cudaDeviceSynchronize(), "fill indices");
+          auto p = attention(qa, nullptr, sel, K, rows, H, DQK, DV, L, c0, 0.0417f, out, lse);
+          p.kv_fp8 = kv8;
+          timer.begin();
+          dsa::cuda::launch_attention(p);
+          fp8_ms += timer.end_ms();
+        }
+        report("sparse_attention_fp8_cache", L, fp8_ms, attn_flops, ceilings.bf16_tflops);
+        cudaFree(kv8);
+      }
+      // The prefill's floor: the indexer at the fp8 ceiling, the top-k's bytes at the copy
+      // ceiling and the attention at the bf16 ceiling.
+      report_floor("dsa_prefill", L, indexer_ms + topk_ms + attn_ms,
+                   floor_ms_flops(indexer_flops, ceilings.fp8_tflops) + floor_ms_bytes(topk_bytes) +
+                       floor_ms_flops(attn_flops, ceilings.bf16_tflops));
+
+      // dsa-compare's dense probabilities (the dense attention's lse is an input) over the last
+      // 256 query rows, and the same rows' sparse attention on the wmma kernel (d_qk = d_v = 256).
+      {
+        const int rows = static_cast<int>(std::min<int64_t>(256, L));
+        const int64_t c0 = L - rows;
+        auto* partial = device_alloc<float>(size_t(2) * rows * L);
+        fill_f32<<<1024, 256>>>(lse, int64_t(rows) * H, 8.0f);
+        check(cudaDeviceSynchronize(), "fill");
+        timer.begin();
+        dsa::cuda::DenseProbabilityParams dense;
+        dense.q = qa, dense.kv = kv, dense.lse = lse, dense.partial = partial;
+        dense.rows = rows, dense.heads = H, dense.d_qk = DQK;
+        dense.first_position = c0, dense.stride = L, dense.scale = 0.0417f;
+        dsa::cuda::launch_dense_probabilities(dense);
+        const double dense_ms = timer.end_ms();
+        double dense_pairs = 0;
+        for (int r = 0; r < rows; ++r) dense_pairs += double(c0 + r + 1);
+        report("dense_probabilities", L, dense_ms, 2.0 * H * DQK * dense_pairs,
+               ceilings.bf16_tflops);
+        fill_indices<<<rows, 256>>>(sel, rows, K, c0);
+        check(cudaDeviceSynchronize(), "fill indices");
+        const int d256 = 256;
+        timer.begin();
+        dsa::cuda::launch_attention(
+            attention(qa, kv, sel, K, rows, H, d256, d256, L, c0, 0.0625f, out, lse));
+        const double wmma_ms = timer.end_ms();
+        report("sparse_attention_d256", L, wmma_ms, 2.0 * rows * H * (2 * d256 + d256) * K,
+               ceilings.bf16_tflops);
+        cudaFree(partial);
+      }
+      cudaFree(qa), cudaFree(kv), cudaFree(sel), cudaFree(out), cudaFree(lse);
+
+      // The chained prefill: the query rows arrive in chunks of C, as in a chunked prefill, and
+      // each chunk runs the fp8 indexer, the top-k of its scores, then the sparse attention of its
+      // queries over the top-k's own indices. Only the keys are whole-L buffers (the fp8 indexer
+      // keys and scales, the bf16 latent cache), which is what a real prefill holds; a chunk's
+      // queries are generated on the device into chunk-sized buffers, untimed (the whole-L
+      // attention queries would be 128 x 576 bf16 a row, 151 GB at 1M), and its f32 scores, C x L,
+      // are at most 4 GiB (1024 rows at 1M: full waves of the top-k's 3 blocks per SM, where 512
+      // rows took 1.6x as long): no buffer grows as L^2. The chunk's keys are the positions it
+      // sees, [0, c0 + rows): the cache holds no more when the chunk arrives, so the indexer
+      // neither reads nor writes (-inf) past them, which the indexer row above does up to L.
+      {
+        const int64_t used_before = device_used_bytes();
+        const int64_t C =
+            std::clamp<int64_t>((int64_t(4) << 30) / (L * 4), 1, std::min<int64_t>(L, 16384));
+        CountingAllocator memory;
+        auto* k8c = memory.alloc<uint8_t>(size_t(L) * DI);
+        auto* ksc = memory.alloc<float>(L);
+        auto* kvc = memory.alloc<__nv_bfloat16>(size_t(L) * DQK);
+        auto* q8c = memory.alloc<uint8_t>(size_t(C) * HI * DI);
+        auto* wc = memory.alloc<float>(size_t(C) * HI);
+        auto* scores_c = memory.alloc<float>(size_t(C) * L);
+        auto* idx_c = memory.alloc<int32_t>(size_t(C) * K);
+        auto* vals_c = memory.alloc<float>(size_t(C) * K);
+        auto* qac = memory.alloc<__nv_bfloat16>(size_t(C) * H * DQK);
+        auto* out_c = memory.alloc<float>(size_t(C) * H * DV);
+        auto* lse_c = memory.alloc<float>(size_t(C) * H);
+        // The fused indexer and top-k's own buffers (no scores): counted apart, so that its chain's
+        // buffers are these and the keys, queries and outputs above.
+        CountingAllocator fused_memory;
+        auto* lists_c = fused_memory.alloc<uint64_t>(size_t(dsa::cuda::indexer_topk_scratch(C, K)));
+        auto* idx_f = fused_memory.alloc<int32_t>(size_t(C) * K);
+        auto* vals_f = fused_memory.alloc<float>(size_t(C) * K);
+        fill_e4m3<<<1024, 256>>>(k8c, L * DI, 2, 448.0f);
+        fill_f32<<<1024, 256>>>(ksc, L, 1.0f / (448.0f * 448.0f));
+        fill_bf16<<<1024, 256>>>(kvc, L * DQK, 4, 1.0f);
+        // The weights (times the queries' fp8 scales) are one value for every row, as above.
+        fill_f32<<<1024, 256>>>(wc, C * HI, 1.0f / HI);
+        // What the device holds once the row's buffers are: sampled here and after the last chunk
+        // (anything the runtime allocates on the way counts too), against the figure before.
+        const int64_t used_allocated = device_used_bytes();
+        double stage_ms[4] = {0, 0, 0, 0};  // indexer, top-k, attention, fused indexer and top-k
+        bool indices_valid = true, fused_equal = true;
+        for (int64_t c0 = 0; c0 < L; c0 += C) {
+          const int rows = static_cast<int>(std::min(C, L - c0));
+          const int64_t keys = c0 + rows;
+          // This chunk's queries, their own values (a seed per chunk), before the timed stages.
+          const uint32_t seed = 100 + 2 * static_cast<uint32_t>(c0 / C);
+          fill_e4m3<<<1024, 256>>>(q8c, int64_t(rows) * HI * DI, seed, 448.0f);
+          fill_bf16<<<1024, 256>>>(qac, int64_t(rows) * H * DQK, seed + 1, 0.1f);
+          auto ip = indexer(q8c, wc, k8c, ksc, rows, HI, DI, keys, c0, scores_c);
+          ip.stride = L;
+          auto tp = topk(scores_c, rows, keys, c0, K, idx_c, vals_c);
+          tp.stride = L;
+          timer.begin();
+          dsa::cuda::launch_indexer(ip);
+          stage_ms[0] += timer.end_ms();
+          timer.begin();
+          dsa::cuda::launch_topk(tp);
+          stage_ms[1] += timer.end_ms();
+          timer.begin();
+          dsa::cuda::launch_indexer_topk(
+              indexer(q8c, wc, k8c, ksc, rows, HI, DI, keys, c0, nullptr),
+              fused_outputs(idx_f, vals_f, lists_c, K));
+          stage_ms[3] += timer.end_ms();
+          // The attention over the fused selection (the unfused one's, where compared below).
+          timer.begin();
+          dsa::cuda::launch_attention(
+              attention(qac, kvc, idx_f, K, rows, H, DQK, DV, keys, c0, 0.0417f, out_c, lse_c));
+          stage_ms[2] += timer.end_ms();
+          // The first chunk's selections (rows that see fewer than K keys, padded) and the last's.
+          if (c0 == 0 || keys == L) {
+            std::vector<int32_t> selection(size_t(rows) * K);
+            check(cudaMemcpy(selection.data(), idx_f, selection.size() * sizeof(int32_t),
+                             cudaMemcpyDeviceToHost),
+                  "copy");
+            indices_valid = indices_valid && valid_selection(selection, rows, K, c0);
+            fused_equal = fused_equal && same_on_device(idx_c, idx_f, size_t(rows) * K) &&
+                          same_on_device(vals_c, vals_f, size_t(rows) * K);
+          }
+        }
+        const int64_t used = std::max(used_allocated, device_used_bytes()) - used_before;
+        const double chained_ms = stage_ms[0] + stage_ms[1] + stage_ms[2];
+        v32_layer_ms = chained_ms;
+        v32_flops = indexer_flops + attn_flops;
+        // The same floor as dsa_prefill's: the same rows, so the same indexer FLOPs, top-k bytes
+        // and attention FLOPs (every row with at least K visible keys selects K of them).
+        const double chained_floor_ms = floor_ms_flops(indexer_flops, ceilings.fp8_tflops) +
+                                        floor_ms_bytes(topk_bytes) +
+                                        floor_ms_flops(attn_flops, ceilings.bf16_tflops);
+        char extra[512];
+        std::snprintf(extra, sizeof extra,
+                      ",\"indexer_ms\":%.3f,\"topk_ms\":%.3f,\"attention_ms\":%.3f,"
+                      "\"chunk_rows\":%lld,\"chunks\":%lld,\"peak_device_bytes\":%zu,"
+                      "\"device_used_bytes\":%lld,\"indices_valid\":%s",
+                      stage_ms[0], stage_ms[1], stage_ms[2], static_cast<long long>(C),
+                      static_cast<long long>((L + C - 1) / C), memory.peak(),
+                      static_cast<long long>(used), indices_valid ? "true" : "false");
+        report_floor("dsa_prefill_chunked", L, chained_ms, chained_floor_ms, extra);
+        // The same chain with the fused indexer and top-k: its buffers are the chain's without the
+        // scores and the unfused selection, plus the fused one's lists and selection.
+        const size_t fused_bytes = memory.peak() - size_t(C) * L * sizeof(float) -
+                                   size_t(C) * K * (sizeof(int32_t) + sizeof(float)) +
+                                   fused_memory.peak();
+        std::snprintf(extra, sizeof extra,
+                      ",\"indexer_topk_ms\":%.3f,\"attention_ms\":%.3f,\"buffer_bytes\":%zu,"
+                      "\"equals_unfused\":%s",
+                      stage_ms[3], stage_ms[2], fused_bytes, fused_equal ? "true" : "false");
+        report_floor("dsa_prefill_fused", L, stage_ms[3] + stage_ms[2], chained_floor_ms, extra);
+        char note[256];
+        std::snprintf(
+            note, sizeof note,
+            "dsa_prefill_chunked L %lld: %lld-row chunks, buffers %.3f GiB at peak, device "
+            "used %+.3f GiB (cudaMemGetInfo)",
+            static_cast<long long>(L), static_cast<long long>(C), memory.peak() / 1073741824.0,
+            used / 1073741824.0);
+        table_notes.push_back(note);
+      }
+    }  // run_v32
+    if (run_v4) {
+      V4Times v4;
+      v4_indexer_rows(timer, L, v4);
+      v4_attention_rows(timer, L, v4);
+      v4_beside_v32(L, v4, v32_layer_ms, v32_flops);
     }
   }
+  if (run_v4) {
+    for (int64_t L : lengths) v4_decode_rows(timer, L);
+  }
   // Decode: batch 32, one query each, context 131072.
-  {
+  if (run_v32) {
     const int B = 32;
     const int64_t L = 131072;
     auto* q = device_alloc<uint8_t>(size_t(B) * HI * DI);

@@ -7,6 +7,9 @@
 #include <cstdio>
 #include <random>
 #include <tuple>
+#include <vector>
+
+#include <fmt/format.h>
 
 #include "dsa/attention.hpp"
 #include "dsa/compressed_attention.hpp"
@@ -566,6 +569,94 @@ TEST(Cuda, CompressedAttentionMatchesTheCpu) {
     ASSERT_EQ(out[0].size(), out[1].size());
     for (std::size_t i = 0; i < out[0].size(); ++i) ASSERT_NEAR(out[1][i], out[0][i], 5e-3) << i;
     for (std::size_t i = 0; i < lse[0].size(); ++i) ASSERT_NEAR(lse[1][i], lse[0][i], 1e-3) << i;
+  }
+}
+
+// DeepSeek-V4's attention on the V4 kernel (entries of 512 dims, read from the raw and the
+// compressed caches on the device) against the fp64 reference on the same bf16 values: CSA with
+// shuffled, -1 padded selections, CSA over every visible entry, HCA, SWA without a sink; 16, 64
+// and 128 heads (a partial head group, V4-Flash, V4-Pro); rows whose window is cut by t < 127;
+// sinks that dominate a row and that vanish; decode batches whose split decoding joins the sink
+// once. 64 dims take the gathered cache on the MQA kernels instead.
+TEST(Cuda, V4AttentionMatchesTheFp64Reference) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(41);
+  struct Case {
+    V4Attention kind;
+    int64_t batch, tokens, queries, heads, dim, k;
+    bool sink;
+  };
+  const std::vector<Case> cases = {
+      {V4Attention::csa, 1, 700, 300, 64, 512, 64, true},    // prefill tail, early rows cut
+      {V4Attention::csa, 1, 400, 400, 16, 512, 0, true},     // every visible entry, 16 heads
+      {V4Attention::hca, 1, 700, 260, 128, 512, 0, true},    // V4-Pro's heads
+      {V4Attention::swa, 1, 300, 200, 64, 512, 0, false},    // the window alone, no sink
+      {V4Attention::csa, 3, 20000, 1, 64, 512, 1024, true},  // decode: 18 tiles, split
+      {V4Attention::hca, 2, 70000, 1, 64, 512, 0, true},     // decode: 674 keys, split
+      {V4Attention::csa, 1, 500, 100, 8, 64, 16, true},      // gathered cache, MQA kernels
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(fmt::format("{} B {} T {} Lq {} H {} d {} k {}", v4_attention_name(c.kind),
+                             c.batch, c.tokens, c.queries, c.heads, c.dim, c.k));
+    const int64_t ratio = v4_compress_ratio(c.kind), window = 128;
+    const int64_t entries = ratio ? c.tokens / ratio : 0;
+    Tensor q = test::random_tensor({c.batch, c.queries, c.heads, c.dim}, rng, 0.08f, "q");
+    Tensor kv = test::random_tensor({c.batch, c.tokens, c.dim}, rng, 1.0f, "kv");
+    Tensor cmp = test::random_tensor({c.batch, entries, c.dim}, rng, 1.0f, "compressed");
+    Tensor sink = test::random_tensor({c.heads}, rng, 1.0f, "sink");
+    mutable_data<float>(sink)[0] = 12.0f;   // outweighs the row: most of its mass
+    mutable_data<float>(sink)[1] = -40.0f;  // next to nothing
+    for (Tensor* t : {&q, &kv, &cmp}) {     // the GPU reads bf16
+      float* v = mutable_data<float>(*t);
+      for (int64_t i = 0; i < t->numel(); ++i) v[i] = round_to_bf16(v[i]);
+    }
+    const CompressedAttentionInputs in = make_compressed_attention_inputs(
+        q, kv, ratio ? &cmp : nullptr, c.sink ? &sink : nullptr, c.kind, window);
+    ASSERT_EQ(choose_device("cuda", in).device, Device::cuda);
+    // CSA's selections: the visible entries shuffled, the first k of them, -1 padded.
+    Tensor indices =
+        make_tensor(DType::i32, {c.batch, c.queries, std::max<int64_t>(c.k, 1)}, "indices");
+    std::vector<std::vector<int64_t>> selected(static_cast<size_t>(c.batch * c.queries));
+    for (int64_t r = 0; r < c.batch * c.queries; ++r) {
+      std::vector<int64_t>& row = selected[r];
+      for (int64_t j = 0; j < in.visible_entries(r % c.queries); ++j) row.push_back(j);
+      if (c.k == 0) continue;
+      std::shuffle(row.begin(), row.end(), rng);
+      row.resize(static_cast<size_t>(std::min<int64_t>(c.k, static_cast<int64_t>(row.size()))));
+      row.resize(static_cast<size_t>(c.k), -1);
+      std::shuffle(row.begin(), row.end(), rng);  // padding anywhere in the row
+      for (int64_t i = 0; i < c.k; ++i)
+        mutable_data<int32_t>(indices)[r * c.k + i] = static_cast<int32_t>(row[i]);
+    }
+    std::vector<float> out, lse;
+    StageTimes times;
+    compressed_attention(
+        in, c.k ? &indices : nullptr, 1.0f / std::sqrt(512.0f),
+        [&](const AttentionBlock& b) {
+          out.insert(out.end(), b.out, b.out + b.rows * b.heads * b.d_v);
+          lse.insert(lse.end(), b.lse, b.lse + b.rows * b.heads);
+        },
+        &times, Device::cuda);
+    EXPECT_EQ(times.get("cache") > 0, c.dim != 512);  // the V4 kernel gathers nothing on the host
+    ASSERT_EQ(out.size(), static_cast<size_t>(c.batch * c.queries * c.heads * c.dim));
+    double worst_out = 0, worst_lse = 0;
+    for (int64_t r = 0; r < c.batch * c.queries; ++r) {
+      const int64_t b = r / c.queries, t = in.position(r % c.queries);
+      for (int64_t h = 0; h < c.heads; ++h) {
+        double want_lse = 0;
+        const std::vector<double> want = test::reference_v4_row(
+            test::f32(q) + (r * c.heads + h) * c.dim, test::f32(kv) + b * c.tokens * c.dim,
+            test::f32(cmp) + b * entries * c.dim, c.dim, t, window, selected[r],
+            c.sink ? test::f32(sink)[h] : -INFINITY, 1.0 / std::sqrt(512.0), want_lse);
+        for (int64_t e = 0; e < c.dim; ++e) {
+          worst_out = std::max(worst_out, std::fabs(out[(r * c.heads + h) * c.dim + e] - want[e]));
+        }
+        worst_lse = std::max(worst_lse, std::fabs(lse[r * c.heads + h] - want_lse));
+      }
+    }
+    // P in bf16 for P . V (2^-9 relative per probability), logits from bf16 values in f32.
+    EXPECT_LT(worst_out, 4e-3);
+    EXPECT_LT(worst_lse, 1e-3);
   }
 }
 

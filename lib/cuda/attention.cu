@@ -6,6 +6,7 @@
 #include <mma.h>
 
 #include <algorithm>
+#include <limits>
 #include <type_traits>
 
 #include <fmt/format.h>
@@ -27,8 +28,9 @@ using namespace nvcuda;
 struct Sequence {
   const __nv_bfloat16* q;
   const __nv_bfloat16* kv;
-  const uint8_t* kv_fp8;   // null: the bf16 cache
-  const int32_t* indices;  // null: dense
+  const uint8_t* kv_fp8;            // null: the bf16 cache
+  const int32_t* indices;           // null: dense
+  const __nv_bfloat16* compressed;  // V4's entries
   float* out;
   float* lse;
   __device__ explicit Sequence(const AttentionParams& p) {
@@ -37,6 +39,7 @@ struct Sequence {
     kv = p.kv ? p.kv + z * p.kv_step : nullptr;
     kv_fp8 = p.kv_fp8 ? p.kv_fp8 + z * p.kv_fp8_step : nullptr;
     indices = p.indices ? p.indices + z * p.indices_step : nullptr;
+    compressed = p.compressed ? p.compressed + z * p.compressed_step : nullptr;
     out = p.out + z * p.out_step;
     lse = p.lse + z * p.lse_step;
   }
@@ -268,12 +271,17 @@ __global__ void __launch_bounds__(128)
 // tile's raw rows are gathered by cp.async into a staging buffer while this tile is computed
 // on; between tiles every thread dequantizes its share into the one bf16 tile (code x scale,
 // exact), so the tensor cores see what the bf16 path gives them for the same values.
-template <int D_QK, bool FP8 = false>
+//
+// V4 (DeepSeek-V4's attention, d_qk = d_v = 512): a row's entries are its window of raw tokens,
+// then its compressed entries (AttentionParams' V4 fields), gathered from the two caches into
+// the same tiles; the split that holds the row's first tile adds the sink to its denominator.
+template <int D_QK, bool FP8 = false, bool V4 = false>
 __global__ void __launch_bounds__(MlaAttentionTraits<D_QK>::kThreads, 1)
     mla_wgmma_kernel(const __grid_constant__ AttentionParams p) {
   namespace wg = wgmma;
   using Traits = std::conditional_t<FP8, MlaFp8AttentionTraits, MlaAttentionTraits<D_QK>>;
   static_assert(!FP8 || D_QK == 576, "the fp8 cache holds 576-wide rows");
+  static_assert(!V4 || (D_QK == 512 && !FP8), "V4's rows are 512 wide, K = V, in bf16");
   using Tile = typename Traits::Tile;
   using Layout = typename Traits::Layout;
   constexpr int kHeads = Tile::kHeads, kKeys = Tile::kKeys, kHalfValues = Traits::kHalfValues;
@@ -301,7 +309,16 @@ __global__ void __launch_bounds__(MlaAttentionTraits<D_QK>::kThreads, 1)
   const int row0 = (tid % 128) / 32 * 16 + lane / 4, row1 = row0 + 8;  // this thread's heads
   const int pair = 2 * (lane % 4);  // the first of this thread's two columns in each 8
   const int64_t position = p.first_position + r;
-  const int64_t entries = indices ? k : position + 1;
+  // V4: the window's tokens [position - window_tokens + 1, position], then the entries.
+  int64_t window_tokens = 0, entries;
+  if constexpr (V4) {
+    window_tokens = min(static_cast<int64_t>(p.window), position + 1);
+    const int64_t compressed =
+        indices ? k : (p.ratio > 0 ? min(p.entries, (position + 1) / p.ratio) : 0);
+    entries = window_tokens + compressed;
+  } else {
+    entries = indices ? k : position + 1;
+  }
   // Split decoding (gridDim.y > 1): this block's share of the row's tiles, its result a partial
   // that combine_splits merges (attention_splits).
   const int64_t all_tiles = (entries + kKeys - 1) / kKeys;
@@ -314,9 +331,16 @@ __global__ void __launch_bounds__(MlaAttentionTraits<D_QK>::kThreads, 1)
   // so that the global load of the index overlaps a tile's arithmetic instead of stalling the
   // gather that needs it (long_scoreboard in the profile, bench/NOTES.md).
   const int j = gathered_key<Traits::kThreads>();
+  // V4: raw token s as s, compressed entry c as -2 - c, nothing as -1.
   auto index_of = [&](int64_t tile) {
     const int64_t e = tile * kKeys + j;
     if (tile >= tiles || e >= entries) return -1;
+    if constexpr (V4) {
+      if (e < window_tokens) return static_cast<int>(position - window_tokens + 1 + e);
+      const int64_t c = e - window_tokens;
+      const int entry = indices ? indices[static_cast<int64_t>(r) * k + c] : static_cast<int>(c);
+      return entry >= 0 ? -2 - entry : -1;
+    }
     return indices ? indices[static_cast<int64_t>(r) * k + e] : static_cast<int>(e);
   };
   // Starts gathering kv row s into row j of buffer `buffer` (FP8: of the staging buffer; the
@@ -329,6 +353,11 @@ __global__ void __launch_bounds__(MlaAttentionTraits<D_QK>::kThreads, 1)
       const uint32_t staged = base + Layout::raw + j * Traits::kRowBytes;
       for (int c = tid % per_key; c < Traits::kRowChunks; c += per_key)
         wg::copy_async_16(staged + c * 16, row + c * 16, s >= 0);
+    } else if constexpr (V4) {
+      const bool raw_token = s >= 0;
+      const __nv_bfloat16* rows = raw_token ? kv : sequence.compressed;
+      fetch_key_row<Tile, Traits::kThreads>(base + Layout::kv + buffer * Tile::kTileBytes, rows,
+                                            raw_token ? s : (s == -1 ? -1 : -2 - s));
     } else {
       fetch_key_row<Tile, Traits::kThreads>(base + Layout::kv + buffer * Tile::kTileBytes, kv, s);
     }
@@ -407,7 +436,7 @@ __global__ void __launch_bounds__(MlaAttentionTraits<D_QK>::kThreads, 1)
     for (int n = 0; n < 4; ++n) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const bool valid = slot[n * 8 + pair + e] >= 0;
+        const bool valid = V4 ? slot[n * 8 + pair + e] != -1 : slot[n * 8 + pair + e] >= 0;
         s[4 * n + e] = valid ? s[4 * n + e] * scale2 : -INFINITY;
         s[4 * n + 2 + e] = valid ? s[4 * n + 2 + e] * scale2 : -INFINITY;
         tile_max0 = fmaxf(tile_max0, s[4 * n + e]);
@@ -474,10 +503,17 @@ __global__ void __launch_bounds__(MlaAttentionTraits<D_QK>::kThreads, 1)
     sum_s[group * kHeads + row1] = sum1;
   }
   __syncthreads();
-  const float total0 = sum_s[row0] + sum_s[kHeads + row0];
-  const float total1 = sum_s[row1] + sum_s[kHeads + row1];
-  const float inverse0 = total0 > 0 ? 1.0f / total0 : 0.0f;
-  const float inverse1 = total1 > 0 ? 1.0f / total1 : 0.0f;
+  float total0 = sum_s[row0] + sum_s[kHeads + row0];
+  float total1 = sum_s[row1] + sum_s[kHeads + row1];
+  float keep0 = 1.0f, keep1 = 1.0f;  // what the sink leaves of the sums' outputs
+  if constexpr (V4) {
+    if (p.sink && blockIdx.y == 0) {
+      if (h0 + row0 < heads) keep0 = softmax0.join_sink(p.sink[h0 + row0], total0);
+      if (h0 + row1 < heads) keep1 = softmax1.join_sink(p.sink[h0 + row1], total1);
+    }
+  }
+  const float inverse0 = total0 > 0 ? keep0 / total0 : 0.0f;
+  const float inverse1 = total1 > 0 ? keep1 / total1 : 0.0f;
   constexpr int d_v = Traits::kDv;
   if (gridDim.y > 1) {  // a split's partial: PartialLayout's place for (sequence, split)
     const PartialLayout parts(p, gridDim.y);
@@ -532,7 +568,12 @@ bool wgmma_shape(const AttentionParams& p) {
 
 int attention_splits(const AttentionParams& p) {
   if (!wgmma_shape(p) || std::max(p.rows, p.query_rows) > kSplitRows) return 1;
-  const int64_t entries = p.indices ? p.k : p.first_position + p.rows;
+  int64_t entries = p.indices ? p.k : p.first_position + p.rows;
+  if (p.window > 0) {  // V4: the window and the entries of the last row
+    const int64_t last = p.first_position + p.rows;  // its position + 1
+    entries = std::min<int64_t>(p.window, last) +
+              (p.indices ? p.k : (p.ratio > 0 ? std::min(p.entries, last / p.ratio) : 0));
+  }
   const int64_t tiles = (entries + MlaTileTraits<576>::kKeys - 1) / MlaTileTraits<576>::kKeys;
   return static_cast<int>(
       std::clamp<int64_t>((tiles + kSplitTiles - 1) / kSplitTiles, 1, kMaxSplits));
@@ -543,29 +584,35 @@ int64_t attention_partial_floats(const AttentionParams& p) {
   return splits > 1 ? PartialLayout(p, splits).floats(p, splits) : 0;
 }
 
+namespace {
+
+// One launch of a wgmma kernel over p, and with split decoding (p.partial) the merge after it.
+template <typename Kernel, typename Traits>
+void launch_mla_wgmma(const AttentionParams& p, Kernel kernel, Traits) {
+  const int splits = p.partial ? attention_splits(p) : 1;
+  constexpr uint32_t bytes = Traits::Layout::bytes;
+  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
+        "cudaFuncSetAttribute(attention)");
+  const int groups = (p.heads + Traits::kHeads - 1) / Traits::kHeads;
+  const dim3 grid(p.rows * groups, splits, p.sequences);
+  kernel<<<grid, Traits::kThreads, bytes, p.stream>>>(p);
+  if (splits > 1) {
+    check(cudaGetLastError(), "attention kernel launch");
+    combine_splits<<<dim3(p.rows * p.heads, 1, p.sequences), 128, 0, p.stream>>>(p, splits);
+  }
+}
+
+}  // namespace
+
 void launch_attention(const AttentionParams& p) {
   if (p.rows == 0 || p.sequences == 0) return;
   require(attention_limit(p.d_qk, p.d_v, p.kv_fp8 != nullptr));
-  const int splits = p.partial ? attention_splits(p) : 1;
-  auto launch_wgmma = [&](auto kernel, auto traits) {
-    using Traits = decltype(traits);
-    constexpr uint32_t bytes = Traits::Layout::bytes;
-    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
-          "cudaFuncSetAttribute(attention)");
-    const int groups = (p.heads + Traits::kHeads - 1) / Traits::kHeads;
-    const dim3 grid(p.rows * groups, splits, p.sequences);
-    kernel<<<grid, Traits::kThreads, bytes, p.stream>>>(p);
-    if (splits > 1) {
-      check(cudaGetLastError(), "attention kernel launch");
-      combine_splits<<<dim3(p.rows * p.heads, 1, p.sequences), 128, 0, p.stream>>>(p, splits);
-    }
-  };
   if (p.kv_fp8) {
-    launch_wgmma(mla_wgmma_kernel<576, true>, MlaFp8AttentionTraits{});
+    launch_mla_wgmma(p, mla_wgmma_kernel<576, true>, MlaFp8AttentionTraits{});
   } else if (p.d_qk == 576 && p.d_v == MlaAttentionTraits<576>::kDv) {
-    launch_wgmma(mla_wgmma_kernel<576>, MlaAttentionTraits<576>{});
+    launch_mla_wgmma(p, mla_wgmma_kernel<576>, MlaAttentionTraits<576>{});
   } else if (p.d_qk == 512 && p.d_v == MlaAttentionTraits<512>::kDv) {
-    launch_wgmma(mla_wgmma_kernel<512>, MlaAttentionTraits<512>{});
+    launch_mla_wgmma(p, mla_wgmma_kernel<512>, MlaAttentionTraits<512>{});
   } else {
     const WmmaLayout layout(p.d_qk);
     check(cudaFuncSetAttribute(mqa_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -574,6 +621,26 @@ void launch_attention(const AttentionParams& p) {
     const dim3 grid(p.rows, (p.heads + Wmma::kHeads - 1) / Wmma::kHeads, p.sequences);
     mqa_kernel<<<grid, Wmma::kThreads, layout.bytes, p.stream>>>(p);
   }
+  check(cudaGetLastError(), "attention kernel launch");
+}
+
+std::string compressed_attention_limit(int dim, int64_t window) {
+  if (dim != MlaAttentionTraits<512>::kDv) {
+    return fmt::format("the CUDA V4 attention needs entries of {} dims (K = V), got {}",
+                       MlaAttentionTraits<512>::kDv, dim);
+  }
+  if (window < 1 || window > std::numeric_limits<int>::max()) {
+    return fmt::format("the CUDA V4 attention needs a window of 1 to {} tokens, got {}",
+                       std::numeric_limits<int>::max(), window);
+  }
+  return "";
+}
+
+void launch_compressed_attention(const AttentionParams& p) {
+  if (p.rows == 0 || p.sequences == 0) return;
+  require(compressed_attention_limit(p.d_qk, p.window));
+  require(p.d_v == p.d_qk ? "" : "the CUDA V4 attention's values are its keys: d_v = d_qk");
+  launch_mla_wgmma(p, mla_wgmma_kernel<512, false, true>, MlaAttentionTraits<512>{});
   check(cudaGetLastError(), "attention kernel launch");
 }
 

@@ -17,6 +17,7 @@
 #include "dsa/kv_cache.hpp"
 #include "dsa/precision.hpp"
 #include "kernels.cuh"
+#include "progress.hpp"
 #include "traits.cuh"
 
 namespace dsa::cuda {
@@ -173,6 +174,11 @@ std::string check_operation(const detail::Operation& op) {
     if (!why.empty()) return why;
   }
   if (op.attention) return attention_limit(*op.attention, op.dense_probabilities, op.fp8_cache);
+  if (op.compressed_attention) {  // the V4 kernel, or the gathered cache on the MQA kernels
+    const int dim = static_cast<int>(op.compressed_attention->dim);
+    if (compressed_attention_limit(dim, op.compressed_attention->window).empty()) return "";
+    return cuda::attention_limit(dim, dim, false);
+  }
   return "";
 }
 
@@ -326,6 +332,28 @@ void score_rows(const IndexerInputs& in, IndexerOnDevice& indexer, const QueryRo
   }
 }
 
+// Host tensor elements to bf16 device memory, converted on the host's threads; keeps its host
+// buffers for the next upload.
+class Bf16Upload {
+ public:
+  void operator()(const Tensor& t, int64_t offset, int64_t count,
+                  DeviceBuffer<__nv_bfloat16>& dst) {
+    staging_.resize(static_cast<size_t>(count));
+    converted_.resize(staging_.size());
+    detail::parallel_ranges(count, kHostElements, [&](int64_t begin, int64_t end) {
+      to_f32(t, offset + begin, end - begin, staging_.data() + begin);
+      for (int64_t i = begin; i < end; ++i) converted_[i] = as_bf16(staging_[i]);
+    });
+    dst.upload(converted_.data(), converted_.size());
+  }
+  // The last upload's values (or what the caller put there), for another device buffer.
+  std::vector<__nv_bfloat16>& converted() { return converted_; }
+
+ private:
+  std::vector<float> staging_;
+  std::vector<__nv_bfloat16> converted_;
+};
+
 // MQA attention of one batch element on the GPU: the latent rows uploaded once (bf16), then
 // blocks of query rows attended over selections or densely, results copied back to the host.
 class AttentionOnDevice {
@@ -337,7 +365,7 @@ class AttentionOnDevice {
           reinterpret_cast<const uint8_t*>(in.k->data) + b * in.keys * kFp8CacheBytes;
       kv_fp8_.upload(rows, static_cast<size_t>(in.keys * kFp8CacheBytes));
     } else {
-      upload_bf16(*in.k, b * in.keys * in.d_qk, in.keys * in.d_qk, kv_);
+      upload_(*in.k, b * in.keys * in.d_qk, in.keys * in.d_qk, kv_);
     }
   }
 
@@ -384,13 +412,14 @@ class AttentionOnDevice {
     if (in_.fp8_cache && kv_.get() == nullptr) {  // its bf16 values, dequantized once (exact)
       std::vector<float> values(static_cast<size_t>(in_.keys * kFp8CacheDim));
       dequantize_kv_cache_fp8(*in_.k, b_ * in_.keys, in_.keys, values.data());
-      converted_.resize(values.size());
+      std::vector<__nv_bfloat16>& converted = upload_.converted();
+      converted.resize(values.size());
       detail::parallel_ranges(static_cast<int64_t>(values.size()), kHostElements,
                               [&](int64_t begin, int64_t end) {
                                 for (int64_t i = begin; i < end; ++i)
-                                  converted_[i] = as_bf16(values[i]);
+                                  converted[i] = as_bf16(values[i]);
                               });
-      kv_.upload(converted_.data(), converted_.size());
+      kv_.upload(converted.data(), converted.size());
     }
     DenseProbabilityParams params;
     params.q = q_.get();
@@ -421,20 +450,10 @@ class AttentionOnDevice {
   }
 
  private:
-  void upload_bf16(const Tensor& t, int64_t offset, int64_t count,
-                   DeviceBuffer<__nv_bfloat16>& dst) {
-    staging_.resize(static_cast<size_t>(count));
-    converted_.resize(staging_.size());
-    detail::parallel_ranges(count, kHostElements, [&](int64_t begin, int64_t end) {
-      to_f32(t, offset + begin, end - begin, staging_.data() + begin);
-      for (int64_t i = begin; i < end; ++i) converted_[i] = as_bf16(staging_[i]);
-    });
-    dst.upload(converted_.data(), converted_.size());
-  }
   void upload_queries(int64_t c0, int64_t rows) {
     if (c0 == queries_at_ && rows == queries_rows_) return;
-    upload_bf16(*in_.q, (b_ * in_.queries + c0) * in_.heads * in_.d_qk, rows * in_.heads * in_.d_qk,
-                q_);
+    upload_(*in_.q, (b_ * in_.queries + c0) * in_.heads * in_.d_qk, rows * in_.heads * in_.d_qk,
+            q_);
     queries_at_ = c0;
     queries_rows_ = rows;
   }
@@ -443,8 +462,8 @@ class AttentionOnDevice {
   float scale_;
   int64_t b_;
   int64_t queries_at_ = -1, queries_rows_ = 0;
-  std::vector<float> staging_, host_partial_;
-  std::vector<__nv_bfloat16> converted_;
+  std::vector<float> host_partial_;
+  Bf16Upload upload_;
   DeviceBuffer<__nv_bfloat16> kv_, q_;
   DeviceBuffer<uint8_t> kv_fp8_;
   DeviceBuffer<int32_t> idx_;
@@ -580,6 +599,87 @@ void sparse_attention(const AttentionInputs& in, const Tensor* indices, float sc
   }
 }
 
+// DeepSeek-V4's attention on the V4 kernel (launch_compressed_attention) for entries of 512
+// dims: per batch element the raw tokens and the compressed entries uploaded once in bf16, then
+// chunks of query rows with their selection, nothing gathered on the host; other widths through
+// the gathered cache and the MQA kernels.
+void compressed_attention(const CompressedAttentionInputs& in, const Tensor* indices, float scale,
+                          const AttentionSink& sink, StageTimes* times) {
+  if (!compressed_attention_limit(static_cast<int>(in.dim), in.window).empty()) {
+    detail::gathered_compressed_attention(in, indices, scale, sink, times, sparse_attention);
+    return;
+  }
+  const int64_t H = in.heads, d = in.dim;
+  const int64_t k = indices ? indices->shape.back() : 0;
+  const int64_t chunk = std::clamp<int64_t>((256 << 20) / (H * d * 2), 1, 1 << 16);
+  const RowRange share = resolve_rows(in.rows, in.batch * in.queries, "the attention's");
+  DeviceBuffer<float> sinks;
+  if (in.sink) {
+    std::vector<float> values(static_cast<size_t>(H));
+    to_f32(*in.sink, 0, H, values.data());
+    sinks.upload(values.data(), values.size());
+  }
+  Bf16Upload upload;
+  DeviceBuffer<__nv_bfloat16> kv, compressed, q;
+  DeviceBuffer<int32_t> selection;
+  DeviceBuffer<float> out_d, lse_d, splits;
+  std::vector<int64_t> wide;
+  std::vector<int32_t> narrow;
+  std::vector<float> out, lse;
+  detail::Progress progress("attend", share.end - share.begin);
+  for (int64_t b = 0; b < in.batch; ++b) {
+    const QueryRows queries = batch_queries(share, b, in.queries);
+    if (queries.first >= queries.last) continue;
+    Stopwatch load;
+    upload(*in.kv, b * in.tokens * d, in.tokens * d, kv);
+    if (in.compressed) upload(*in.compressed, b * in.entries * d, in.entries * d, compressed);
+    if (times) times->add("load", load.seconds());
+    for (int64_t c0 = queries.first; c0 < queries.last; c0 += chunk) {
+      const int64_t rows = std::min(chunk, queries.last - c0);
+      Stopwatch watch;
+      upload(*in.q, (b * in.queries + c0) * H * d, rows * H * d, q);
+      if (indices) {
+        wide.resize(static_cast<size_t>(rows * k));
+        to_i64(*indices, (b * in.queries + c0) * k, rows * k, wide.data());
+        narrow.assign(wide.begin(), wide.end());
+        selection.upload(narrow.data(), narrow.size());
+      }
+      out_d.resize(static_cast<size_t>(rows * H * d));
+      lse_d.resize(static_cast<size_t>(rows * H));
+      AttentionParams p;
+      p.q = q.get();
+      p.kv = kv.get();
+      p.compressed = in.compressed ? compressed.get() : nullptr;
+      p.indices = indices ? selection.get() : nullptr;
+      p.out = out_d.get();
+      p.lse = lse_d.get();
+      p.rows = static_cast<int>(rows);
+      p.heads = static_cast<int>(H);
+      p.d_qk = p.d_v = static_cast<int>(d);
+      p.keys = static_cast<int>(in.tokens);
+      p.k = static_cast<int>(k);
+      p.first_position = in.position(c0);
+      p.scale = scale;
+      p.query_rows = static_cast<int>(in.queries);
+      p.window = static_cast<int>(in.window);
+      p.ratio = in.ratio;
+      p.entries = in.entries;
+      p.sink = in.sink ? sinks.get() : nullptr;
+      splits.resize(static_cast<size_t>(attention_partial_floats(p)));
+      p.partial = splits.get();
+      launch_compressed_attention(p);
+      check(cudaDeviceSynchronize(), "V4 attention kernel");
+      out.resize(static_cast<size_t>(rows * H * d));
+      lse.resize(static_cast<size_t>(rows * H));
+      out_d.download(out.data(), out.size());
+      lse_d.download(lse.data(), lse.size());
+      if (times) times->add("attend", watch.seconds());
+      sink({b, c0, rows, H, d, out.data(), lse.data()});
+      progress.advance(rows);
+    }
+  }
+}
+
 class DeviceCompareEngine : public detail::CompareEngine {
  public:
   DeviceCompareEngine(const AttentionInputs& attention, const IndexerInputs* indexer,
@@ -620,11 +720,17 @@ std::unique_ptr<detail::CompareEngine> compare_engine(const AttentionInputs& att
 }  // namespace
 
 const detail::Backend& backend() {
-  static const detail::Backend table{Device::cuda,     unavailable_reason,
-                                     describe,         check_operation,
-                                     indexer_scores,   select_from_indexer,
-                                     sparse_attention, int64_t{1} << 30,
-                                     compare_engine,   [] { return peak_bytes.load(); },
+  static const detail::Backend table{Device::cuda,
+                                     unavailable_reason,
+                                     describe,
+                                     check_operation,
+                                     indexer_scores,
+                                     select_from_indexer,
+                                     sparse_attention,
+                                     compressed_attention,
+                                     int64_t{1} << 30,
+                                     compare_engine,
+                                     [] { return peak_bytes.load(); },
                                      select_device};
   return table;
 }

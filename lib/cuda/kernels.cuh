@@ -124,6 +124,18 @@ struct AttentionParams {
   // decoding is chosen by it, not by the chunk, so that chunks and MPI shares of the rows give
   // every row the same arithmetic.
   int query_rows = 0;
+  // DeepSeek-V4 (launch_compressed_attention; dsa/compressed_attention.hpp): with window > 0,
+  // row r at t = first_position + r attends its window of raw tokens kv[max(0, t - window + 1)
+  // .. t], then compressed entries, rows of compressed [entries, 512] (sequence z's at
+  // z * compressed_step): those of indices [rows, k] (CSA, -1 skipped), or with indices null
+  // every visible one, j < min(entries, floor((t + 1) / ratio)) (HCA; ratio 0, SWA: none). One
+  // softmax with sink [heads] (natural-log logits, null: none) in its denominator; lse is the
+  // whole denominator's.
+  const __nv_bfloat16* compressed = nullptr;
+  int64_t compressed_step = 0;
+  int window = 0;
+  int64_t ratio = 0, entries = 0;
+  const float* sink = nullptr;
   cudaStream_t stream = nullptr;
 };
 // d_qk and d_v multiples of 16, d_v <= d_qk <= 576, d_v <= 512; from the fp8 cache, d_qk 576 and
@@ -138,6 +150,10 @@ constexpr int kSplitRows = 8, kSplitTiles = 8, kMaxSplits = 32;
 int attention_splits(const AttentionParams& p);
 int64_t attention_partial_floats(const AttentionParams& p);
 void launch_attention(const AttentionParams& p);
+// DeepSeek-V4's attention (the fields above), d_qk = d_v = 512 (K = V), window >= 1; split
+// decoding as launch_attention's, over a row's window and entries.
+std::string compressed_attention_limit(int dim, int64_t window);
+void launch_compressed_attention(const AttentionParams& p);
 
 // Dense probabilities summed over heads (dsa-compare's reference p, times H), for MLA's shapes:
 // partial [ceil(heads / 64), rows, stride], one slice per group of 64 heads, partial[g][r][s] =

@@ -6,6 +6,8 @@
 
 namespace dsa::cuda {
 
+constexpr float kLog2e = 1.4426950408889634f;
+
 struct OnlineSoftmax {
   float max = -INFINITY;  // the largest logit seen so far
   float sum = 0.0f;       // sum of exp2(logit - offset()) over what was seen (a share of it)
@@ -29,13 +31,25 @@ struct OnlineSoftmax {
     return exp2f(logit - offset());
   }
 
+  // Joins a sink, a logit `sink` in natural-log units that adds exp(sink) to the denominator
+  // and nothing to the output, to a row whose whole sum is `total`: moves the max, sets total
+  // to the new denominator, and returns the factor for what was accumulated against the old
+  // max. A -inf sink changes nothing; a row that saw nothing gets total 1 at max = the sink.
+  __device__ __forceinline__ float join_sink(float sink, float& total) {
+    const float logit = sink * kLog2e;
+    if (logit == -INFINITY) return 1.0f;
+    const float old = max;
+    max = fmaxf(max, logit);
+    const float alpha = old == -INFINITY ? 0.0f : exp2f(old - max);
+    total = total * alpha + exp2f(logit - max);
+    return alpha;
+  }
+
   // The natural-log log-sum-exp given the row's whole sum (-inf for a row that saw nothing).
   __device__ __forceinline__ float lse(float total) const {
     constexpr float kLn2 = 0.6931471805599453f;
     return total > 0 ? max * kLn2 + __logf(total) : -INFINITY;
   }
 };
-
-constexpr float kLog2e = 1.4426950408889634f;
 
 }  // namespace dsa::cuda

@@ -11,6 +11,7 @@
 #include <string>
 
 #include "dsa/attention.hpp"
+#include "dsa/compressed_attention.hpp"
 #include "dsa/device.hpp"
 #include "dsa/indexer.hpp"
 #include "dsa/topk.hpp"
@@ -25,6 +26,7 @@ struct Operation {
   const AttentionInputs* attention = nullptr;
   bool dense_probabilities = false;  // dsa-compare's head-averaged dense distribution p
   bool fp8_cache = false;  // the attention also runs over the fp8 cache of these inputs' kv
+  const CompressedAttentionInputs* compressed_attention = nullptr;  // DeepSeek-V4's
 };
 
 // dsa-compare's arithmetic for one batch element, in blocks of query rows [c0, c0 + rows),
@@ -58,6 +60,10 @@ struct Backend {
   // Over indices [B?, Lq, K] (-1 skipped), or over every visible key when indices is null.
   void (*attention)(const AttentionInputs& inputs, const Tensor* indices, float scale,
                     const AttentionSink& sink, StageTimes* times);
+  // DeepSeek-V4's attention of the inputs' rows (compressed_attention.hpp), over CSA's selection
+  // `indices` (validated) or, null, every visible entry.
+  void (*compressed_attention)(const CompressedAttentionInputs& inputs, const Tensor* indices,
+                               float scale, const AttentionSink& sink, StageTimes* times);
   // Host memory a chunk of compare_attention's rows may take: the GPU's launches want long
   // chunks, the CPU's stages stay in less memory with short ones at no cost in time.
   int64_t compare_chunk_bytes;
@@ -80,6 +86,17 @@ void cpu_select_from_indexer(const IndexerInputs& inputs, const IndexerConfig& c
                              const SelectionSink& sink, StageTimes* times);
 void cpu_attention(const AttentionInputs& inputs, const Tensor* indices, float scale,
                    const AttentionSink& sink, StageTimes* times);
+void cpu_compressed_attention(const CompressedAttentionInputs& inputs, const Tensor* indices,
+                              float scale, const AttentionSink& sink, StageTimes* times);
+
+// DeepSeek-V4's attention through a backend's MQA `attention` entry (compressed_attention.cpp):
+// per chunk of query rows, the window's raw tokens and the entries the rows use gathered on the
+// host into one cache (the "cache" stage), the rows' index lists into it, the sink joined after.
+using MqaAttention = void (*)(const AttentionInputs&, const Tensor*, float, const AttentionSink&,
+                              StageTimes*);
+void gathered_compressed_attention(const CompressedAttentionInputs& inputs, const Tensor* indices,
+                                   float scale, const AttentionSink& sink, StageTimes* times,
+                                   MqaAttention attention);
 
 // dsa-compare's CPU engine (compare_engine.cpp), and the rows of its dense blocks: chunks of
 // compare_attention are multiples of them, so that the same rows always share a product.

@@ -36,19 +36,6 @@ int64_t chunk_rows(const CompressedAttentionInputs& in, const Tensor* indices) {
   return std::clamp<int64_t>((64 << 20) / per_row / 16 * 16, 16, 4096);
 }
 
-// The MQA inputs the backend check sees for these inputs: d_qk = d_v = d, one shared K/V.
-AttentionInputs mqa_shape(const CompressedAttentionInputs& in) {
-  AttentionInputs a;
-  a.q = in.q;
-  a.k = a.v = in.kv;
-  a.latent = true;
-  a.queries = in.queries;
-  a.keys = std::max(in.tokens, in.queries);
-  a.heads = in.heads;
-  a.d_qk = a.d_v = in.dim;
-  return a;
-}
-
 }  // namespace
 
 V4Attention parse_v4_attention(const std::string& text) {
@@ -201,9 +188,18 @@ void validate_compressed_indices(const CompressedAttentionInputs& in, const Tens
   }
 }
 
+namespace {
+
+detail::Operation operation(const CompressedAttentionInputs& inputs) {
+  detail::Operation op;
+  op.compressed_attention = &inputs;
+  return op;
+}
+
+}  // namespace
+
 DeviceChoice choose_device(const std::string& name, const CompressedAttentionInputs& inputs) {
-  const AttentionInputs shape = mqa_shape(inputs);
-  return detail::choose_device(name, {nullptr, nullptr, 0, &shape, false});
+  return detail::choose_device(name, operation(inputs));
 }
 
 std::vector<RowRange> balanced_rows(const CompressedAttentionInputs& in, const Tensor* indices,
@@ -225,9 +221,21 @@ void compressed_attention(const CompressedAttentionInputs& in, const Tensor* ind
     bad_usage("{} attends every visible entry: it takes no selection", v4_attention_name(in.kind));
   }
   if (indices) validate_compressed_indices(in, *indices);
+  resolve_rows(in.rows, in.batch * in.queries, "the attention's");
+  detail::backend(device, operation(in)).compressed_attention(in, indices, scale, sink, times);
+}
+
+namespace detail {
+
+void cpu_compressed_attention(const CompressedAttentionInputs& in, const Tensor* indices,
+                              float scale, const AttentionSink& sink, StageTimes* times) {
+  gathered_compressed_attention(in, indices, scale, sink, times, cpu_attention);
+}
+
+void gathered_compressed_attention(const CompressedAttentionInputs& in, const Tensor* indices,
+                                   float scale, const AttentionSink& sink, StageTimes* times,
+                                   MqaAttention attention) {
   const RowRange share = resolve_rows(in.rows, in.batch * in.queries, "the attention's");
-  const AttentionInputs shape = mqa_shape(in);
-  const detail::Backend& backend = detail::backend(device, {nullptr, nullptr, 0, &shape, false});
   const int64_t H = in.heads, d = in.dim;
   const int64_t k = indices ? indices->shape.back() : 0;
   std::vector<float> sinks(static_cast<std::size_t>(H), -INFINITY);
@@ -237,7 +245,7 @@ void compressed_attention(const CompressedAttentionInputs& in, const Tensor* ind
   std::vector<int32_t> slot(static_cast<std::size_t>(in.entries), -1);  // entry -> cache row
   std::vector<int64_t> selected(static_cast<std::size_t>(k));
   // Counted here per chunk, on either backend; the backend's own loop, inside, reports nothing.
-  detail::Progress progress("attend", share.end - share.begin);
+  Progress progress("attend", share.end - share.begin);
   for (int64_t b = 0; b < in.batch; ++b) {
     const QueryRows queries = batch_queries(share, b, in.queries);
     for (int64_t c0 = queries.first; c0 < queries.last; c0 += chunk) {
@@ -283,10 +291,10 @@ void compressed_attention(const CompressedAttentionInputs& in, const Tensor* ind
       }
       Tensor list_tensor = make_tensor(DType::i32, {rows, width}, "window and entries");
       std::memcpy(mutable_data<int32_t>(list_tensor), lists.data(), lists.size() * sizeof(int32_t));
-      const Tensor q = detail::view(*in.q, (b * in.queries + c0) * H * d, {rows, H, d});
+      const Tensor q = view(*in.q, (b * in.queries + c0) * H * d, {rows, H, d});
       const AttentionInputs mqa = make_mqa_inputs(q, cache, d);
       if (times) times->add("cache", gather.seconds());
-      backend.attention(
+      attention(
           mqa, &list_tensor, scale,
           [&](const AttentionBlock& block) {
             std::vector<float> out(block.out, block.out + block.rows * H * d);
@@ -311,6 +319,8 @@ void compressed_attention(const CompressedAttentionInputs& in, const Tensor* ind
     }
   }
 }
+
+}  // namespace detail
 
 nlohmann::json compressed_attention_report(const CompressedAttentionInputs& inputs,
                                            bool every_entry, const SoftmaxScale& scale) {
