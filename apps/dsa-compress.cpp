@@ -1,6 +1,7 @@
 // dsa-compress: DeepSeek-V4's KV compressor, the attention input x to compressed entries.
 #include "common.hpp"
 #include "dsa/compressor.hpp"
+#include "dsa/device.hpp"
 #include "dsa/error.hpp"
 #include "dsa/io.hpp"
 
@@ -41,6 +42,8 @@ int main(int argc, char** argv) {
   app.add_option("--rope-dims", rope_dims, "RoPE over the last N dims of an entry")
       ->check(dsa::app::integer_at_least(2))
       ->capture_default_str();
+  std::string device_name = "cpu";
+  dsa::app::add_device_option(app, device_name);
   dsa::app::add_common_options(app, common);
 
   return dsa::app::run(app, argc, argv, common, [&] {
@@ -76,6 +79,8 @@ int main(int argc, char** argv) {
     const dsa::CompressorWeights w{&read[1], &read[2], &read[3], &read[4]};
     const dsa::CompressorInputs inputs = dsa::make_compressor_inputs(read[0], w, config);
 
+    const dsa::DeviceChoice choice = dsa::naming(
+        "--device", [&] { return dsa::choose_device(device_name, inputs, config); });
     const dsa::Shape shape = dsa::compressed_shape(inputs);
     dsa::StageTimes times;
     dsa::TensorWriter writer(common.output, dsa::DType::f32, shape);
@@ -87,13 +92,13 @@ int main(int argc, char** argv) {
                        static_cast<std::size_t>(block.entries * block.dim) * sizeof(float));
           times.add("write", write.seconds());
         },
-        &times);
+        &times, choice.device);
     writer.commit();
 
     nlohmann::json report = dsa::report_header("dsa-compress", argc, argv);
     report["schema"] = dsa::kCompressSchema;
     for (const dsa::Tensor& t : read) report["inputs"].push_back(dsa::tensor_json(t));
-    report["device"] = "cpu";
+    dsa::report_device(report, choice);
     report["compressor"] = {{"compress_ratio", ratio},
                             {"overlap", inputs.overlap},
                             {"indexer", indexer},
@@ -106,6 +111,7 @@ int main(int argc, char** argv) {
     report["outputs"] = {{{"name", common.output}, {"shape", shape}, {"dtype", "f32"}}};
     dsa::app::finish_report(
         report, times, total.seconds(), common,
-        fmt::format("{} tokens into {} entries of {}", inputs.tokens, inputs.entries, ratio));
+        fmt::format("{} tokens into {} entries of {} on {}", inputs.tokens, inputs.entries, ratio,
+                    dsa::device_name(choice.device)));
   });
 }

@@ -11,6 +11,7 @@
 // heads), each layer beside V3.2's at the same L, and their decode at batch 32.
 // Usage: dsa-cuda-bench [--v4-only | --v32-only] [L ...]   (default 32768 131072)
 #include <cublasLt.h>
+#include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 
@@ -48,6 +49,14 @@ __global__ void fill_e4m3(uint8_t* x, int64_t n, uint32_t seed, float amplitude)
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x)
     x[i] = __nv_fp8_e4m3(amplitude * uniform(i, seed)).__x;
+}
+
+// bf16 values uniform(-1, 1) held in f32: an activation as the compressor's f32 projection reads
+// it.
+__global__ void fill_bf16_as_f32(float* x, int64_t n, uint32_t seed) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    x[i] = __bfloat162float(__float2bfloat16(uniform(i, seed)));
 }
 
 __global__ void fill_f32(float* x, int64_t n, float value) {
@@ -213,7 +222,7 @@ dsa::cuda::AttentionParams attention(const __nv_bfloat16* q, const __nv_bfloat16
 // The ceilings of this run (0 where one could not be measured): bf16 and fp8 GEMM in TFLOP/s,
 // device copy in TB/s (bytes read + bytes written).
 struct Ceilings {
-  double bf16_tflops = 0, fp8_tflops = 0, copy_tb_s = 0;
+  double bf16_tflops = 0, fp8_tflops = 0, copy_tb_s = 0, f32_tflops = 0;
 };
 Ceilings ceilings;
 
@@ -467,6 +476,30 @@ void measure_ceilings(Timer& timer) {
     cublasLtDestroy(lt);
   }
   cudaFree(a), cudaFree(b), cudaFree(a8), cudaFree(b8), cudaFree(d), cudaFree(workspace);
+  // The f32 GEMM (cublasSgemm, no TF32): the ceiling of V4's compressor projections, which the
+  // released code computes in f32.
+  {
+    auto* fa = device_alloc<float>(size_t(n) * n);
+    auto* fb = device_alloc<float>(size_t(n) * n);
+    auto* fd = device_alloc<float>(size_t(n) * n);
+    fill_f32<<<1024, 256>>>(fa, int64_t(n) * n, 0.5f);
+    fill_f32<<<1024, 256>>>(fb, int64_t(n) * n, 0.25f);
+    cublasHandle_t blas = nullptr;
+    if (cublasCreate(&blas) == CUBLAS_STATUS_SUCCESS) {
+      const float one = 1.0f, zero = 0.0f;
+      const double ms = best_ms(timer, [&] {
+        cublasSgemm(blas, CUBLAS_OP_T, CUBLAS_OP_N, n, n, n, &one, fa, n, fb, n, &zero, fd, n);
+      });
+      ceilings.f32_tflops = flops / (ms * 1e-3) / 1e12;
+      std::printf("{\"bench\":\"ceiling_f32_gemm\",\"L\":%d,\"ms\":%.3f,\"tflops\":%.1f}\n", n, ms,
+                  ceilings.f32_tflops);
+      rows.push_back({"ceiling_f32_gemm", n, ms, ceilings.f32_tflops, "TFLOP/s", NAN});
+      cublasDestroy(blas);
+    } else {
+      std::printf("{\"bench\":\"ceiling_f32_gemm\",\"error\":\"cublasCreate\"}\n");
+    }
+    cudaFree(fa), cudaFree(fb), cudaFree(fd);
+  }
 
   // Copy: 2 GiB device to device, counting bytes read + bytes written; the higher of
   // cudaMemcpyAsync and a 16-byte copy kernel (persistent grid, or one pass of 4 per thread).
@@ -572,9 +605,10 @@ dsa::cuda::AttentionParams v4_attention(const V4Layer& layer, const __nv_bfloat1
 
 // What one L's V4 rows measured, for the table beside V3.2's layer.
 struct V4Times {
-  double indexer_topk_ms[2] = {NAN, NAN};    // the faster of fused and unfused, top-512 and 1024
-  double attention_ms[3] = {NAN, NAN, NAN};  // kV4Layers' order
-  double flops[3] = {0, 0, 0};               // each layer's indexer and attention FLOPs
+  double compressor_ms[3] = {NAN, NAN, NAN};  // CSA main, CSA indexer, HCA
+  double indexer_topk_ms[2] = {NAN, NAN};     // the faster of fused and unfused, top-512 and 1024
+  double attention_ms[3] = {NAN, NAN, NAN};   // kV4Layers' order
+  double flops[3] = {0, 0, 0};                // each layer's indexer and attention FLOPs
 };
 
 // The CSA indexer over L / 4 compressed keys for every query row, in chunks of rows, with the
@@ -644,6 +678,74 @@ void v4_indexer_rows(Timer& timer, int64_t L, V4Times& times) {
     times.indexer_topk_ms[i] = std::min(fused_ms[i], indexer_ms + topk_ms[i]);
   }
   times.flops[0] = times.flops[2] = flops;
+}
+
+// V4-Flash's three compressors over L tokens of x (D = 4096): CSA's main (ratio 4, overlap, d
+// 512), CSA's indexer (ratio 4, d 128, Hadamard and e2m1) and HCA's (ratio 128, d 512), in chunks
+// of 32768 tokens as the backend runs them: x generated per chunk (untimed), the two f32
+// projections on cuBLAS (against the f32 GEMM ceiling), then the compressor kernel (its bytes:
+// the projections read, ape, the entries written, against the copy ceiling).
+void v4_compressor_rows(Timer& timer, int64_t L, V4Times& times) {
+  struct Compressor {
+    const char* name;
+    int ratio, dim;
+    bool indexer;
+  };
+  const Compressor compressors[3] = {{"v4_compressor_csa", 4, 512, false},
+                                     {"v4_compressor_csa_indexer", 4, 128, true},
+                                     {"v4_compressor_hca", 128, 512, false}};
+  const int D = 4096;
+  cublasHandle_t blas = nullptr;
+  if (cublasCreate(&blas) != CUBLAS_STATUS_SUCCESS) return;
+  for (int c = 0; c < 3; ++c) {
+    const Compressor& k = compressors[c];
+    const int m = k.ratio, d = k.dim, lead = m == 4 ? m : 0, width = (m == 4 ? 2 : 1) * d;
+    const int64_t chunk = 32768 / m, entries = L / m;  // entries per chunk, in all
+    CountingAllocator memory;
+    auto* x = memory.alloc<float>(size_t(chunk * m + lead) * D);
+    auto* wkv = memory.alloc<float>(size_t(width) * D);
+    auto* wgate = memory.alloc<float>(size_t(width) * D);
+    auto* kv = memory.alloc<float>(size_t(chunk * m + lead) * width);
+    auto* score = memory.alloc<float>(size_t(chunk * m + lead) * width);
+    auto* ape = memory.alloc<float>(size_t(m) * width);
+    auto* norm = memory.alloc<float>(d);
+    auto* frequencies = memory.alloc<float>(32);
+    auto* out = memory.alloc<float>(size_t(chunk) * d);
+    fill_f32<<<1024, 256>>>(wkv, int64_t(width) * D, 1.0f / 64);
+    fill_f32<<<1024, 256>>>(wgate, int64_t(width) * D, 1.0f / 64);
+    fill_f32<<<1024, 256>>>(ape, int64_t(m) * width, 0.1f);
+    fill_f32<<<1024, 256>>>(norm, d, 1.0f);
+    fill_f32<<<1024, 256>>>(frequencies, 32, 1e-3f);
+    double projection_ms = 0, kernel_ms = 0, projection_flops = 0, kernel_bytes = 0;
+    for (int64_t j0 = 0; j0 < entries; j0 += chunk) {
+      const int64_t j1 = std::min(entries, j0 + chunk);
+      const int64_t t0 = std::max<int64_t>(0, m * j0 - lead), tokens = m * j1 - t0;
+      fill_bf16_as_f32<<<1024, 256>>>(x, tokens * D, 41 + static_cast<uint32_t>(j0 / chunk));
+      check(cudaDeviceSynchronize(), "fill");
+      const float one = 1.0f, zero = 0.0f;
+      timer.begin();
+      cublasSgemm(blas, CUBLAS_OP_T, CUBLAS_OP_N, width, static_cast<int>(tokens), D, &one, wkv, D,
+                  x, D, &zero, kv, width);
+      cublasSgemm(blas, CUBLAS_OP_T, CUBLAS_OP_N, width, static_cast<int>(tokens), D, &one, wgate,
+                  D, x, D, &zero, score, width);
+      projection_ms += timer.end_ms();
+      projection_flops += 2.0 * 2.0 * double(tokens) * width * D;
+      dsa::cuda::CompressorParams p;
+      p.kv = kv, p.score = score, p.ape = ape, p.norm = norm, p.frequencies = frequencies;
+      p.out = out, p.first_entry = j0, p.token0 = t0, p.entries = static_cast<int>(j1 - j0);
+      p.ratio = m, p.dim = d, p.rope_dims = 64, p.overlap = m == 4, p.indexer = k.indexer;
+      timer.begin();
+      dsa::cuda::launch_compressor(p);
+      kernel_ms += timer.end_ms();
+      kernel_bytes += 2.0 * 4.0 * double(tokens) * width + 4.0 * double(j1 - j0) * d;
+    }
+    const std::string peak = ",\"peak_device_bytes\":" + std::to_string(memory.peak());
+    report((std::string(k.name) + "_projection").c_str(), L, projection_ms, projection_flops,
+           ceilings.f32_tflops, peak);
+    report_bytes((std::string(k.name) + "_kernel").c_str(), L, kernel_ms, 0, kernel_bytes, peak);
+    times.compressor_ms[c] = projection_ms + kernel_ms;
+  }
+  cublasDestroy(blas);
 }
 
 // Each V4 layer's attention prefill: every query row of L in chunks, q generated per chunk on
@@ -767,13 +869,15 @@ void v4_decode_rows(Timer& timer, int64_t L) {
 }  // namespace
 
 // One L's layers side by side: V3.2's DSA layer (dsa_prefill_chunked: indexer, top-k,
-// attention) and V4's (CSA: the indexer and top-k, the faster way, and the attention; HCA: the
-// attention), their times and ratios, and the ratio of their FLOPs. Neither counts the
-// projections, nor V4's compressor.
+// attention) and V4's, the sum of its stages' rows (CSA: the main and the indexer compressors,
+// the indexer and top-k the faster way, the attention; HCA: its compressor and the attention;
+// V4-Pro's compressors timed at Flash's D = 4096, not Pro's 7168), their times and ratios, and
+// the ratio of their indexer and attention FLOPs. Neither counts the q/kv projections.
 void v4_beside_v32(int64_t L, const V4Times& v4, double v32_ms, double v32_flops) {
-  const double flash_csa = v4.indexer_topk_ms[0] + v4.attention_ms[0];
-  const double pro_csa = v4.indexer_topk_ms[1] + v4.attention_ms[2];
-  const double flash_hca = v4.attention_ms[1];
+  const double csa_compressors = v4.compressor_ms[0] + v4.compressor_ms[1];
+  const double flash_csa = csa_compressors + v4.indexer_topk_ms[0] + v4.attention_ms[0];
+  const double pro_csa = csa_compressors + v4.indexer_topk_ms[1] + v4.attention_ms[2];
+  const double flash_hca = v4.compressor_ms[2] + v4.attention_ms[1];
   std::printf(
       "{\"bench\":\"v4_beside_v32\",\"L\":%lld,\"v32_dsa_layer_ms\":%s,"
       "\"v4_flash_csa_layer_ms\":%.3f,\"v4_flash_hca_layer_ms\":%.3f,"
@@ -1097,6 +1201,7 @@ int main(int argc, char** argv) {
     }  // run_v32
     if (run_v4) {
       V4Times v4;
+      v4_compressor_rows(timer, L, v4);
       v4_indexer_rows(timer, L, v4);
       v4_attention_rows(timer, L, v4);
       v4_beside_v32(L, v4, v32_layer_ms, v32_flops);

@@ -13,6 +13,7 @@
 
 #include "dsa/attention.hpp"
 #include "dsa/compressed_attention.hpp"
+#include "dsa/compressor.hpp"
 #include "dsa/device.hpp"
 #include "dsa/error.hpp"
 #include "dsa/indexer.hpp"
@@ -657,6 +658,85 @@ TEST(Cuda, V4AttentionMatchesTheFp64Reference) {
     // P in bf16 for P . V (2^-9 relative per probability), logits from bf16 values in f32.
     EXPECT_LT(worst_out, 4e-3);
     EXPECT_LT(worst_lse, 1e-3);
+  }
+}
+
+// DeepSeek-V4's compressor on the GPU (cuBLAS f32 projections, then one kernel for the pooling,
+// RMSNorm, RoPE and quantization) against the CPU's compress: the main CSA compressor (ratio 4,
+// overlap) in every numerics, across a chunk boundary of the GPU's loop, in a batch; the indexer's
+// (Hadamard, e2m1); HCA's (ratio 128). The two differ only where their f32 projections round
+// apart, which moves an element to a neighbouring bf16 value or code now and then.
+TEST(Cuda, CompressorMatchesTheCpu) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(53);
+  struct Case {
+    int64_t ratio, batch, tokens, model_dim, dim;
+    bool indexer;
+    V4Numerics numerics;
+  };
+  const std::vector<Case> cases = {
+      {4, 2, 203, 256, 512, false, V4Numerics::released},
+      {4, 1, 203, 256, 512, false, V4Numerics::bf16},
+      {4, 1, 203, 256, 512, false, V4Numerics::f32},
+      {4, 1, 4 * 8192 + 44, 64, 128, true, V4Numerics::released},  // past the 8192-entry chunk
+      {4, 1, 301, 256, 128, true, V4Numerics::bf16},
+      {128, 2, 700, 256, 512, false, V4Numerics::released},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(fmt::format("ratio {} B {} T {} D {} d {} indexer {} {}", c.ratio, c.batch,
+                             c.tokens, c.model_dim, c.dim, c.indexer,
+                             v4_numerics_name(c.numerics)));
+    const int64_t width = (c.ratio == 4 ? 2 : 1) * c.dim;
+    const Tensor x = test::random_tensor({c.batch, c.tokens, c.model_dim}, rng, 1.0f, "x");
+    const float spread = 1.0f / std::sqrt(static_cast<float>(c.model_dim));
+    const Tensor wkv = test::random_tensor({width, c.model_dim}, rng, spread, "wkv");
+    const Tensor wgate = test::random_tensor({width, c.model_dim}, rng, spread, "wgate");
+    const Tensor ape = test::random_tensor({c.ratio, width}, rng, 1.0f, "ape");
+    Tensor norm = test::random_tensor({c.dim}, rng, 0.1f, "norm");
+    for (int64_t e = 0; e < c.dim; ++e) mutable_data<float>(norm)[e] += 1.0f;
+    CompressorConfig config;
+    config.ratio = c.ratio;
+    config.indexer = c.indexer;
+    config.numerics = c.numerics;
+    config.rope = deepseek_v4_rope(c.ratio);
+    const CompressorInputs in = make_compressor_inputs(x, {&wkv, &wgate, &ape, &norm}, config);
+    ASSERT_EQ(choose_device("cuda", in, config).device, Device::cuda);
+    std::vector<float> got[2];
+    for (int device = 0; device < 2; ++device) {
+      int64_t next = 0;  // blocks arrive in order, batch by batch
+      compress(
+          in, config,
+          [&](const CompressedBlock& b) {
+            EXPECT_EQ(b.batch * in.entries + b.entry_begin, next);
+            next += b.entries;
+            got[device].insert(got[device].end(), b.values, b.values + b.entries * b.dim);
+          },
+          nullptr, device ? Device::cuda : Device::cpu);
+    }
+    ASSERT_EQ(got[0].size(), static_cast<size_t>(c.batch * in.entries * c.dim));
+    ASSERT_EQ(got[1].size(), got[0].size());
+    // The largest step a differing element may take: f32 rounding; one bf16 ulp (2^-8 relative)
+    // carried through the norm and RoPE; one e4m3 code (2^-3 relative, or a subnormal step of
+    // the block's scale); one e2m1 step (two scale units at 4 -> 6).
+    int64_t differ = 0;
+    double worst = 0;
+    for (size_t i = 0; i < got[0].size(); ++i) {
+      const double want = got[0][i], diff = std::fabs(got[1][i] - want);
+      if (got[1][i] != got[0][i]) ++differ;
+      const double rms = 1.0;  // entries are RMS-normalized (times norm ~ 1)
+      const double allowed = c.numerics == V4Numerics::f32    ? 2e-5 * (1 + std::fabs(want))
+                             : c.numerics == V4Numerics::bf16 ? 2e-2 * (std::fabs(want) + 0.01)
+                             : c.indexer                      ? 0.6 * rms
+                                                              : 0.15 * std::fabs(want) + 0.01;
+      ASSERT_LE(diff, allowed) << "element " << i << ": cpu " << want << ", gpu " << got[1][i];
+      worst = std::max(worst, diff);
+    }
+    std::printf("  %s: %lld of %zu elements differ, worst %.3g\n",
+                v4_numerics_name(c.numerics).c_str(), static_cast<long long>(differ), got[0].size(),
+                worst);
+    if (c.numerics != V4Numerics::f32) {
+      EXPECT_LE(differ, static_cast<int64_t>(got[0].size() / 200));  // rare: <= 0.5 %
+    }
   }
 }
 

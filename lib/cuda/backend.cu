@@ -9,6 +9,7 @@
 #include <optional>
 #include <vector>
 
+#include <cublas_v2.h>
 #include <fmt/format.h>
 
 #include "backend.hpp"
@@ -16,6 +17,7 @@
 #include "dsa/error.hpp"
 #include "dsa/kv_cache.hpp"
 #include "dsa/precision.hpp"
+#include "dsa/rope.hpp"
 #include "kernels.cuh"
 #include "progress.hpp"
 #include "traits.cuh"
@@ -174,6 +176,16 @@ std::string check_operation(const detail::Operation& op) {
     if (!why.empty()) return why;
   }
   if (op.attention) return attention_limit(*op.attention, op.dense_probabilities, op.fp8_cache);
+  if (op.compressor) {
+    const CompressorConfig& config = *op.compressor_config;
+    std::string why =
+        compressor_limit(static_cast<int>(op.compressor->dim), static_cast<int>(config.rope.dims),
+                         config.indexer && config.numerics == V4Numerics::released);
+    if (why.empty() && config.ratio > 32768) {
+      why = fmt::format("the CUDA compressor takes ratios up to 32768, got {}", config.ratio);
+    }
+    return why;
+  }
   if (op.compressed_attention) {  // the V4 kernel, or the gathered cache on the MQA kernels
     const int dim = static_cast<int>(op.compressed_attention->dim);
     if (compressed_attention_limit(dim, op.compressed_attention->window).empty()) return "";
@@ -680,6 +692,103 @@ void compressed_attention(const CompressedAttentionInputs& in, const Tensor* ind
   }
 }
 
+// A cuBLAS handle for one call's projections.
+class Blas {
+ public:
+  Blas() { check_blas(cublasCreate(&handle_), "cublasCreate"); }
+  ~Blas() { cublasDestroy(handle_); }
+  Blas(const Blas&) = delete;
+  Blas& operator=(const Blas&) = delete;
+  // out [rows, n] = x [rows, k] . w^T for w [n, k], all row-major f32, in f32 (cuBLAS's default
+  // math: no TF32).
+  void project(const float* x, const float* w, float* out, int64_t rows, int64_t n, int64_t k) {
+    const float one = 1.0f, zero = 0.0f;
+    check_blas(
+        cublasSgemm(handle_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(rows),
+                    static_cast<int>(k), &one, w, static_cast<int>(k), x, static_cast<int>(k),
+                    &zero, out, static_cast<int>(n)),
+        "cublasSgemm (compressor projection)");
+  }
+
+ private:
+  static void check_blas(cublasStatus_t status, const char* what) {
+    if (status != CUBLAS_STATUS_SUCCESS)
+      fail(ExitCode::runtime, "CUDA: {} failed: cuBLAS status {}", what, static_cast<int>(status));
+  }
+  cublasHandle_t handle_ = nullptr;
+};
+
+// Host tensor elements to f32 device memory.
+void upload_f32(const Tensor& t, int64_t offset, int64_t count, std::vector<float>& staging,
+                DeviceBuffer<float>& dst) {
+  staging.resize(static_cast<size_t>(count));
+  detail::parallel_ranges(count, kHostElements, [&](int64_t begin, int64_t end) {
+    to_f32(t, offset + begin, end - begin, staging.data() + begin);
+  });
+  dst.upload(staging.data(), staging.size());
+}
+
+// DeepSeek-V4's compressor: the weights uploaded once; per chunk of entries (about 32768 tokens)
+// the chunk's tokens of x (and, with overlap, the window before) uploaded in f32, the two
+// projections on cuBLAS, then the compressor kernel; the entries back to the host in order.
+void compress(const CompressorInputs& in, const CompressorConfig& config,
+              const CompressedSink& sink, StageTimes* times) {
+  const int64_t m = config.ratio, d = in.dim, D = in.model_dim;
+  const int64_t width = (in.overlap ? 2 : 1) * d, lead = in.overlap ? m : 0;
+  Stopwatch prepare;
+  std::vector<float> staging;
+  DeviceBuffer<float> wkv, wgate, ape, norm, frequencies, x, kv, score, out;
+  upload_f32(*in.weights.wkv, 0, width * D, staging, wkv);
+  upload_f32(*in.weights.wgate, 0, width * D, staging, wgate);
+  upload_f32(*in.weights.ape, 0, m * width, staging, ape);
+  upload_f32(*in.weights.norm, 0, d, staging, norm);
+  const Rope rope(config.rope);
+  frequencies.upload(rope.frequencies().data(), rope.frequencies().size());
+  Blas blas;
+  if (times) times->add("prepare", prepare.seconds());
+  const int64_t chunk = std::max<int64_t>(1, 32768 / m);  // entries
+  std::vector<float> values;
+  detail::Progress progress("compress", in.batch * in.entries, "entries");
+  for (int64_t b = 0; b < in.batch; ++b) {
+    for (int64_t j0 = 0; j0 < in.entries; j0 += chunk) {
+      Stopwatch watch;
+      const int64_t j1 = std::min(in.entries, j0 + chunk);
+      const int64_t t0 = std::max<int64_t>(0, m * j0 - lead), t1 = m * j1;
+      upload_f32(*in.x, (b * in.tokens + t0) * D, (t1 - t0) * D, staging, x);
+      kv.resize(static_cast<size_t>((t1 - t0) * width));
+      score.resize(static_cast<size_t>((t1 - t0) * width));
+      blas.project(x.get(), wkv.get(), kv.get(), t1 - t0, width, D);
+      blas.project(x.get(), wgate.get(), score.get(), t1 - t0, width, D);
+      out.resize(static_cast<size_t>((j1 - j0) * d));
+      CompressorParams p;
+      p.kv = kv.get();
+      p.score = score.get();
+      p.ape = ape.get();
+      p.norm = norm.get();
+      p.frequencies = frequencies.get();
+      p.out = out.get();
+      p.first_entry = j0;
+      p.token0 = t0;
+      p.entries = static_cast<int>(j1 - j0);
+      p.ratio = static_cast<int>(m);
+      p.dim = static_cast<int>(d);
+      p.rope_dims = static_cast<int>(config.rope.dims);
+      p.overlap = in.overlap;
+      p.indexer = config.indexer;
+      p.rounds = config.numerics != V4Numerics::f32;
+      p.quantizes = config.numerics == V4Numerics::released;
+      p.eps = static_cast<float>(config.eps);
+      launch_compressor(p);
+      check(cudaDeviceSynchronize(), "compressor kernel");
+      values.resize(static_cast<size_t>((j1 - j0) * d));
+      out.download(values.data(), values.size());
+      if (times) times->add("compress", watch.seconds());
+      sink({b, j0, j1 - j0, d, values.data()});
+      progress.advance(j1 - j0);
+    }
+  }
+}
+
 class DeviceCompareEngine : public detail::CompareEngine {
  public:
   DeviceCompareEngine(const AttentionInputs& attention, const IndexerInputs* indexer,
@@ -720,18 +829,11 @@ std::unique_ptr<detail::CompareEngine> compare_engine(const AttentionInputs& att
 }  // namespace
 
 const detail::Backend& backend() {
-  static const detail::Backend table{Device::cuda,
-                                     unavailable_reason,
-                                     describe,
-                                     check_operation,
-                                     indexer_scores,
-                                     select_from_indexer,
-                                     sparse_attention,
-                                     compressed_attention,
-                                     int64_t{1} << 30,
-                                     compare_engine,
-                                     [] { return peak_bytes.load(); },
-                                     select_device};
+  static const detail::Backend table{
+      Device::cuda,   unavailable_reason,  describe,         check_operation,
+      indexer_scores, select_from_indexer, sparse_attention, compressed_attention,
+      compress,       int64_t{1} << 30,    compare_engine,   [] { return peak_bytes.load(); },
+      select_device};
   return table;
 }
 

@@ -155,6 +155,32 @@ void launch_attention(const AttentionParams& p);
 std::string compressed_attention_limit(int dim, int64_t window);
 void launch_compressed_attention(const AttentionParams& p);
 
+// DeepSeek-V4's compressor after its projections (compressor.cu; dsa/compressor.hpp compress):
+// entries [first_entry, first_entry + entries) of one sequence from kv = wkv x and score = wgate
+// x, f32 [tokens, width] for the tokens from token0 on (width = 2 dim with overlap, else dim):
+// the per-channel softmax over each entry's slots (score + ape) weighting kv, RMSNorm times norm
+// (eps), RoPE at position ratio j with the f32 frequencies [rope_dims / 2] (dsa::Rope's), and,
+// with quantizes, the cache's rounding (indexer: Hadamard, then e2m1 in blocks of 32; else e4m3
+// in blocks of 64 over the non-RoPE dims), each as compress() does it; rounds: the bf16 steps.
+// out [entries, dim] f32.
+struct CompressorParams {
+  const float* kv = nullptr;
+  const float* score = nullptr;
+  const float* ape = nullptr;          // [ratio, width]
+  const float* norm = nullptr;         // [dim]
+  const float* frequencies = nullptr;  // [rope_dims / 2]
+  float* out = nullptr;
+  int64_t first_entry = 0, token0 = 0;
+  int entries = 0, ratio = 4, dim = 0, rope_dims = 64;
+  bool overlap = false, indexer = false, rounds = true, quantizes = true;
+  float eps = 1e-6f;
+  cudaStream_t stream = nullptr;
+};
+// d a multiple of 64 up to 1024 (one thread per channel), an even RoPE width up to d; the
+// indexer's Hadamard: d a power of two.
+std::string compressor_limit(int dim, int rope_dims, bool hadamard);
+void launch_compressor(const CompressorParams& p);
+
 // Dense probabilities summed over heads (dsa-compare's reference p, times H), for MLA's shapes:
 // partial [ceil(heads / 64), rows, stride], one slice per group of 64 heads, partial[g][r][s] =
 // sum over the group's heads h of exp(scale q[r, h] . kv[s] - lse[r, h]) for s <= first_position

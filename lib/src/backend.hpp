@@ -12,6 +12,7 @@
 
 #include "dsa/attention.hpp"
 #include "dsa/compressed_attention.hpp"
+#include "dsa/compressor.hpp"
 #include "dsa/device.hpp"
 #include "dsa/indexer.hpp"
 #include "dsa/topk.hpp"
@@ -27,6 +28,8 @@ struct Operation {
   bool dense_probabilities = false;  // dsa-compare's head-averaged dense distribution p
   bool fp8_cache = false;  // the attention also runs over the fp8 cache of these inputs' kv
   const CompressedAttentionInputs* compressed_attention = nullptr;  // DeepSeek-V4's
+  const CompressorInputs* compressor = nullptr;  // with compressor_config, DeepSeek-V4's
+  const CompressorConfig* compressor_config = nullptr;
 };
 
 // dsa-compare's arithmetic for one batch element, in blocks of query rows [c0, c0 + rows),
@@ -64,6 +67,9 @@ struct Backend {
   // `indices` (validated) or, null, every visible entry.
   void (*compressed_attention)(const CompressedAttentionInputs& inputs, const Tensor* indices,
                                float scale, const AttentionSink& sink, StageTimes* times);
+  // DeepSeek-V4's compressor (compressor.hpp compress): the entries in order, in blocks.
+  void (*compress)(const CompressorInputs& inputs, const CompressorConfig& config,
+                   const CompressedSink& sink, StageTimes* times);
   // Host memory a chunk of compare_attention's rows may take: the GPU's launches want long
   // chunks, the CPU's stages stay in less memory with short ones at no cost in time.
   int64_t compare_chunk_bytes;
@@ -86,6 +92,8 @@ void cpu_select_from_indexer(const IndexerInputs& inputs, const IndexerConfig& c
                              const SelectionSink& sink, StageTimes* times);
 void cpu_attention(const AttentionInputs& inputs, const Tensor* indices, float scale,
                    const AttentionSink& sink, StageTimes* times);
+void cpu_compress(const CompressorInputs& inputs, const CompressorConfig& config,
+                  const CompressedSink& sink, StageTimes* times);
 void cpu_compressed_attention(const CompressedAttentionInputs& inputs, const Tensor* indices,
                               float scale, const AttentionSink& sink, StageTimes* times);
 

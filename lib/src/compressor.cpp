@@ -7,6 +7,7 @@
 #include <cmath>
 #include <vector>
 
+#include "backend.hpp"
 #include "checks.hpp"
 #include "chunks.hpp"
 #include "dsa/error.hpp"
@@ -111,8 +112,31 @@ Shape compressed_shape(const CompressorInputs& in) {
   return with_batch({in.entries, in.dim}, in.batched, in.batch);
 }
 
+namespace {
+
+detail::Operation operation(const CompressorInputs& inputs, const CompressorConfig& config) {
+  detail::Operation op;
+  op.compressor = &inputs;
+  op.compressor_config = &config;
+  return op;
+}
+
+}  // namespace
+
+DeviceChoice choose_device(const std::string& name, const CompressorInputs& inputs,
+                           const CompressorConfig& config) {
+  return detail::choose_device(name, operation(inputs, config));
+}
+
 void compress(const CompressorInputs& in, const CompressorConfig& config,
-              const CompressedSink& sink, StageTimes* times) {
+              const CompressedSink& sink, StageTimes* times, Device device) {
+  detail::backend(device, operation(in, config)).compress(in, config, sink, times);
+}
+
+namespace detail {
+
+void cpu_compress(const CompressorInputs& in, const CompressorConfig& config,
+                  const CompressedSink& sink, StageTimes* times) {
   const int64_t m = config.ratio, d = in.dim, D = in.model_dim;
   const int64_t width = (in.overlap ? 2 : 1) * d, lead = in.overlap ? m : 0;
   const bool rounds = config.numerics != V4Numerics::f32;
@@ -125,9 +149,9 @@ void compress(const CompressorInputs& in, const CompressorConfig& config,
   if (times) times->add("prepare", prepare.seconds());
   const auto bf16 = [&](float v) { return rounds ? round_to_bf16(v) : v; };
 
-  detail::Progress progress("compress", in.batch * in.entries, "entries");
+  Progress progress("compress", in.batch * in.entries, "entries");
   for (int64_t b = 0; b < in.batch; ++b) {
-    const int64_t blocks = detail::ceil_div(in.entries, kEntryBlock);
+    const int64_t blocks = ceil_div(in.entries, kEntryBlock);
     // Blocks in order, a few at a time in parallel, so the sink sees the entries in order.
     const int64_t group = std::max<int64_t>(1, 2 * max_threads());
     for (int64_t g0 = 0; g0 < blocks; g0 += group) {
@@ -135,7 +159,7 @@ void compress(const CompressorInputs& in, const CompressorConfig& config,
       const int64_t first = g0 * kEntryBlock, last = std::min(in.entries, g1 * kEntryBlock);
       std::vector<float> out(static_cast<std::size_t>((last - first) * d));
       Stopwatch watch;
-      detail::parallel_ranges(g1 - g0, 1, [&](int64_t begin, int64_t end) {
+      parallel_ranges(g1 - g0, 1, [&](int64_t begin, int64_t end) {
         for (int64_t block = g0 + begin; block < g0 + end; ++block) {
           const int64_t j0 = block * kEntryBlock, j1 = std::min(in.entries, j0 + kEntryBlock);
           // Tokens [m j0 - lead, m j1): the block's windows and, with overlap, the one before.
@@ -201,5 +225,7 @@ void compress(const CompressorInputs& in, const CompressorConfig& config,
     }
   }
 }
+
+}  // namespace detail
 
 }  // namespace dsa

@@ -26,6 +26,7 @@ const Backend& cpu_backend() {
                              cpu_select_from_indexer,
                              cpu_attention,
                              cpu_compressed_attention,
+                             cpu_compress,
                              int64_t{64} << 20,
                              cpu_compare_engine,
                              [] { return int64_t{0}; },

@@ -7,24 +7,12 @@
 #include <limits>
 
 #include "dsa/error.hpp"
+#include "rounding.hpp"
 
 namespace dsa {
 
-namespace {
-
-uint32_t bits_of(float x) {
-  uint32_t b;
-  std::memcpy(&b, &x, 4);
-  return b;
-}
-
-float float_of(uint32_t b) {
-  float x;
-  std::memcpy(&x, &b, 4);
-  return x;
-}
-
-}  // namespace
+using detail::bits_of;
+using detail::float_of;
 
 Precision parse_precision(const std::string& text) {
   if (text == "f32") return Precision::f32;
@@ -46,10 +34,7 @@ std::string precision_name(Precision precision) {
 }
 
 uint16_t f32_to_bf16(float x) {
-  const uint32_t b = bits_of(x);
-  if (std::isnan(x)) return static_cast<uint16_t>((b >> 16) | 0x40);
-  const uint32_t rounding = 0x7fff + ((b >> 16) & 1);
-  return static_cast<uint16_t>((b + rounding) >> 16);
+  return detail::bf16_bits(x);
 }
 
 float bf16_to_f32(uint16_t bits) {
@@ -138,40 +123,18 @@ float e4m3_to_f32(uint8_t bits) {
 }
 
 float round_up_to_power_of_two(float x) {
-  uint32_t b = bits_of(x);
-  if (b & 0x7fffff) b = (b & 0xff800000) + 0x800000;  // a mantissa: up to the next exponent
-  return float_of(b);
+  return detail::power_of_two_at_least(x);
 }
 
 float fp8_block_scale(float amax, bool ue8m0) {
-  const float scale = std::max(amax, 1e-4f) * kE4M3MaxInverse;
-  return ue8m0 ? round_up_to_power_of_two(scale) : scale;
+  return detail::e4m3_block_scale(amax, ue8m0);
 }
-
-namespace {
-
-// e4m3_to_f32(f32_to_e4m3(x)) without the code: the same rounding done in f32 arithmetic.
-float round_to_e4m3(float x) {
-  const float a = std::fabs(x);
-  if (!(a <= kE4M3Max)) return std::isnan(x) ? x : std::copysign(kE4M3Max, x);
-  float rounded;
-  if (a < 0.015625f) {
-    rounded = (a + 16384.0f) - 16384.0f;  // to a multiple of 2^-9 (the subnormals), ties to even
-  } else {
-    uint32_t b = bits_of(a);  // keep 3 mantissa bits, ties to even; a carry bumps the exponent
-    b = (b + 0x7ffff + ((b >> 20) & 1)) & 0xfff00000u;
-    rounded = float_of(b);
-  }
-  return std::copysign(rounded, x);
-}
-
-}  // namespace
 
 float fp8_quantize_block(float* x, int64_t n, bool ue8m0) {
   float amax = 0.0f;
   for (int64_t i = 0; i < n; ++i) amax = std::fmax(amax, std::fabs(x[i]));
   const float scale = fp8_block_scale(amax, ue8m0);
-  for (int64_t i = 0; i < n; ++i) x[i] = round_to_e4m3(x[i] / scale);
+  for (int64_t i = 0; i < n; ++i) x[i] = detail::e4m3_round(x[i] / scale);
   return scale;
 }
 
@@ -185,35 +148,11 @@ void fp8_fake_quantize(const float* x, int64_t n, int64_t block, bool ue8m0, flo
 }
 
 float e2m1_round(float x) {
-  const float a = std::fabs(x);
-  if (std::isnan(x)) return x;
-  // Midpoints between neighbours; at a tie the neighbour with an even mantissa wins (0, 1, 2, 4
-  // are even; 0.5, 1.5, 3, 6 odd), so ties at 0.25, 1.25, 2.5, 5 go down, at 0.75, 1.75, 3.5 up.
-  float r;
-  if (a <= 0.25f) {
-    r = 0.0f;
-  } else if (a < 0.75f) {
-    r = 0.5f;
-  } else if (a <= 1.25f) {
-    r = 1.0f;
-  } else if (a < 1.75f) {
-    r = 1.5f;
-  } else if (a <= 2.5f) {
-    r = 2.0f;
-  } else if (a < 3.5f) {
-    r = 3.0f;
-  } else if (a <= 5.0f) {
-    r = 4.0f;
-  } else {
-    r = kE2M1Max;
-  }
-  return std::copysign(r, x);
+  return detail::e2m1_nearest(x);
 }
 
 float fp4_block_scale(float amax) {
-  constexpr float kFloor = 6.0f * 0x1p-126f;
-  constexpr float kInverse = static_cast<float>(1.0 / 6.0);
-  return round_up_to_power_of_two(std::max(amax, kFloor) * kInverse);
+  return detail::e2m1_block_scale(amax);
 }
 
 void fp4_fake_quantize(const float* x, int64_t n, int64_t block, float* out) {

@@ -8,6 +8,7 @@
 #include <functional>
 #include <string>
 
+#include "dsa/device.hpp"
 #include "dsa/report.hpp"
 #include "dsa/rope.hpp"
 #include "dsa/tensor.hpp"
@@ -66,7 +67,12 @@ using CompressedSink = std::function<void(const CompressedBlock&)>;
 // the slots of (wgate x_s)[e] + ape[slot, e] weighting (wkv x_s)[e], in f32; then RMSNorm times
 // norm (f32, eps), RoPE on the last rope.dims dims at position ratio j, and the numerics' rounding
 // and quantization. Entry 0's overlap slots weigh nothing (the released code's -inf gate).
+// On `device`: the CUDA backend computes the projections in f32 (cuBLAS, no TF32) and the rest
+// in one kernel with the CPU's arithmetic; the two agree but where their f32 sums round apart.
 void compress(const CompressorInputs& inputs, const CompressorConfig& config,
-              const CompressedSink& sink, StageTimes* times);
+              const CompressedSink& sink, StageTimes* times, Device device = Device::cpu);
+// Where --device `name` runs compress on these inputs (choose_device in indexer.hpp says how).
+DeviceChoice choose_device(const std::string& name, const CompressorInputs& inputs,
+                           const CompressorConfig& config);
 
 }  // namespace dsa
