@@ -91,8 +91,9 @@ void add_common_options(CLI::App& app, CommonOptions& options) {
 
 std::vector<CLI::Option*> add_indexer_options(CLI::App& app, IndexerOptions& options) {
   return {
-      app.add_option("--precision", options.precision, "Indexer arithmetic: f32, bf16 or fp8")
-          ->check(CLI::IsMember({"f32", "bf16", "fp8"}))
+      app.add_option("--precision", options.precision,
+                     "Indexer arithmetic: f32, bf16, fp8 or fp4 (DeepSeek-V4's e2m1 blocks of 32)")
+          ->check(CLI::IsMember({"f32", "bf16", "fp8", "fp4"}))
           ->capture_default_str(),
       app.add_flag("--hadamard", options.hadamard, "Rotate q_I and k_I by a Hadamard matrix first"),
       app.add_flag("--ue8m0", options.ue8m0, "fp8: round block scales up to powers of two"),

@@ -15,10 +15,9 @@ endif()
 set(DSA_CUDA_VERSION "")
 if(DSA_HAVE_CUDA)
   set(DSA_CUDA_VERSION ${CUDAToolkit_VERSION_MAJOR}.${CUDAToolkit_VERSION_MINOR})
-  # What CUDA::cudart_static links (FindCUDAToolkit: cudart_static, dl, rt, Threads), and cuBLAS
-  # (the compressor's projections), from the same directory.
+  # What CUDA::cudart_static links (FindCUDAToolkit: cudart_static, dl, rt, Threads).
   get_filename_component(cudart_dir "${CUDA_cudart_static_LIBRARY}" DIRECTORY)
-  list(APPEND DSA_PC_LIBS -L${cudart_dir} -lcublas -lcudart_static -ldl -lrt -lpthread)
+  list(APPEND DSA_PC_LIBS -L${cudart_dir} -lcudart_static -ldl -lrt -lpthread)
 endif()
 list(JOIN DSA_PC_LIBS " " DSA_PC_LIBS)
 

@@ -224,7 +224,7 @@ TEST_F(Cli, ExitCodesAndMessages) {
   EXPECT_EQ(run("dsa-select -k 4 -o x.npy").code, 2);                        // no inputs
   EXPECT_EQ(run("dsa-select --scores - --q-index q.npy -o x.npy").code, 2);  // exclusive
   EXPECT_EQ(run("dsa-select " + kIndexer + " -k 0 -o x.npy").code, 2);
-  EXPECT_EQ(run("dsa-score " + kIndexer + " --precision fp4 -o x.npy").code, 2);
+  EXPECT_EQ(run("dsa-score " + kIndexer + " --precision fp6 -o x.npy").code, 2);
   const Outcome missing =
       run("dsa-score --q-index nope.npy --k-index k.npy --weights w.npy -o x.npy");
   EXPECT_EQ(missing.code, 3);

@@ -210,6 +210,49 @@ TEST(Indexer, Fp8RotatesRoundsToBf16ThenQuantizes) {
   }
 }
 
+// DeepSeek-V4's fp4: the rotation, bf16, then e2m1 in blocks of 32 with power-of-two scales
+// (2^ceil(log2(max(amax, 6 * 2^-126) / 6))), nearest value with ties to the even mantissa; the
+// reference computes both from their definitions, by brute force.
+TEST(Indexer, Fp4RotatesRoundsToBf16ThenQuantizesInBlocksOf32) {
+  IndexerConfig config;
+  config.precision = Precision::fp4;
+  config.hadamard = config.raw_weights = true;
+  const auto e2m1 = [](float x) {
+    const float values[] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+    const bool even[] = {true, false, true, false, true, false, true, false};
+    const float a = std::fabs(x);
+    int best = 0;
+    for (int i = 1; i < 8; ++i) {
+      const float d = std::fabs(a - values[i]), d_best = std::fabs(a - values[best]);
+      if (d < d_best || (d == d_best && even[i])) best = i;
+    }
+    return std::copysign(values[best], x);
+  };
+  for (const Problem& p : {Problem{1, 40, 40, 6, 128, false}, Problem{2, 3, 30, 4, 64, true}}) {
+    expect_matches_reference(
+        p, config,
+        [&](float* x, int64_t rows) {
+          for (int64_t r = 0; r < rows; ++r) {
+            float* row = x + r * p.dim;
+            hadamard_transform(row, p.dim);
+            for (int64_t i = 0; i < p.dim; ++i) row[i] = round_to_bf16(row[i]);
+            for (int64_t b = 0; b < p.dim; b += 32) {
+              float amax = 0;
+              for (int64_t i = b; i < b + 32; ++i) amax = std::max(amax, std::fabs(row[i]));
+              const double wanted = std::max<double>(amax, 6.0 * std::ldexp(1.0, -126)) / 6.0;
+              int exponent = 0;
+              const double mantissa =
+                  std::frexp(wanted, &exponent);  // wanted = m 2^e, m in [.5, 1)
+              const float scale =
+                  static_cast<float>(std::ldexp(1.0, mantissa == 0.5 ? exponent - 1 : exponent));
+              for (int64_t i = b; i < b + 32; ++i) row[i] = e2m1(row[i] / scale) * scale;
+            }
+          }
+        },
+        47);
+  }
+}
+
 TEST(Indexer, HadamardLeavesF32ScoresUnchanged) {
   const Problem p = {2, 33, 40, 4, 64, true};
   const Inputs in = make_inputs(p, 50);

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include <cublas_v2.h>
+#include <dlfcn.h>
 #include <fmt/format.h>
 
 #include "backend.hpp"
@@ -107,10 +108,21 @@ struct IndexerOperands {
   std::vector<float> scales;
 };
 
-// The fp8 tensor-core kernel covers DSA's own indexer shape; others run the bf16 kernel on the
-// fp8 codes' values (exact in bf16).
+// The fp8 tensor-core kernel covers DSA's own indexer shape, in fp8 and in fp4 (DeepSeek-V4's
+// e2m1 values as e4m3 codes, fp4_codes); others run the bf16 kernel on the codes' values (exact
+// in bf16).
 bool fp8_tensor_cores(const IndexerInputs& in, const IndexerConfig& config) {
-  return config.precision == Precision::fp8 && in.heads == 64 && in.dim == 128;
+  return (config.precision == Precision::fp8 || config.precision == Precision::fp4) &&
+         in.heads == 64 && in.dim == 128;
+}
+
+// fp4 rows (e2m1 values times their blocks' power-of-two scales) as e4m3 codes of one
+// power-of-two scale per row, the ue8m0 fp8 quantization of the row: exact while every block's
+// scale is at least 2^-14 of the row's largest (its values are then e4m3 normals or multiples of
+// the smallest subnormal), else the smaller blocks round, by less than 2^-16 of the row's largest
+// value.
+void fp4_codes(float* rows, int64_t count, int64_t dim, float* scales) {
+  for (int64_t r = 0; r < count; ++r) scales[r] = fp8_quantize_block(rows + r * dim, dim, true);
 }
 
 // Rows are independent: they are prepared in parallel ranges on the host's threads.
@@ -130,6 +142,9 @@ void prepare_operands(const Tensor& tensor, int64_t offset, int64_t count, int64
     to_f32(tensor, (offset + begin) * dim, (end - begin) * dim, first);
     prepare_indexer_rows(first, end - begin, dim, config, out.scales.data() + begin);
     if (config.precision == Precision::f32) return;
+    if (codes && config.precision == Precision::fp4) {
+      fp4_codes(first, end - begin, dim, out.scales.data() + begin);
+    }
     for (int64_t i = begin * dim; i < end * dim; ++i) {
       if (codes) {
         out.codes[i] = f32_to_e4m3(rows[i]);
@@ -692,25 +707,53 @@ void compressed_attention(const CompressedAttentionInputs& in, const Tensor* ind
   }
 }
 
-// A cuBLAS handle for one call's projections.
+// cuBLAS, opened at the first GPU compressor (dlopen: the tools do not load its hundreds of
+// megabytes, under a memory limit too, until they need it), and a handle for one call.
 class Blas {
  public:
-  Blas() { check_blas(cublasCreate(&handle_), "cublasCreate"); }
-  ~Blas() { cublasDestroy(handle_); }
+  Blas() {
+    const Library& lib = library();
+    check_blas(lib.create(&handle_), "cublasCreate");
+  }
+  ~Blas() { library().destroy(handle_); }
   Blas(const Blas&) = delete;
   Blas& operator=(const Blas&) = delete;
   // out [rows, n] = x [rows, k] . w^T for w [n, k], all row-major f32, in f32 (cuBLAS's default
   // math: no TF32).
   void project(const float* x, const float* w, float* out, int64_t rows, int64_t n, int64_t k) {
     const float one = 1.0f, zero = 0.0f;
-    check_blas(
-        cublasSgemm(handle_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(rows),
-                    static_cast<int>(k), &one, w, static_cast<int>(k), x, static_cast<int>(k),
-                    &zero, out, static_cast<int>(n)),
-        "cublasSgemm (compressor projection)");
+    check_blas(library().sgemm(handle_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n),
+                               static_cast<int>(rows), static_cast<int>(k), &one, w,
+                               static_cast<int>(k), x, static_cast<int>(k), &zero, out,
+                               static_cast<int>(n)),
+               "cublasSgemm (compressor projection)");
   }
 
  private:
+  struct Library {
+    decltype(&cublasCreate_v2) create = nullptr;
+    decltype(&cublasDestroy_v2) destroy = nullptr;
+    decltype(&cublasSgemm_v2) sgemm = nullptr;
+  };
+  static const Library& library() {
+    static const Library lib = [] {
+      const std::string name = fmt::format("libcublas.so.{}", CUBLAS_VER_MAJOR);
+      void* handle = dlopen(name.c_str(), RTLD_NOW | RTLD_LOCAL);
+      if (!handle) {
+        fail(ExitCode::runtime, "CUDA: the compressor's projections need cuBLAS: {}", dlerror());
+      }
+      Library l;
+      l.create = reinterpret_cast<decltype(l.create)>(dlsym(handle, "cublasCreate_v2"));
+      l.destroy = reinterpret_cast<decltype(l.destroy)>(dlsym(handle, "cublasDestroy_v2"));
+      l.sgemm = reinterpret_cast<decltype(l.sgemm)>(dlsym(handle, "cublasSgemm_v2"));
+      if (!l.create || !l.destroy || !l.sgemm) {
+        fail(ExitCode::runtime, "CUDA: {} lacks cublasCreate_v2, cublasDestroy_v2 or cublasSgemm_v2",
+             name);
+      }
+      return l;
+    }();
+    return lib;
+  }
   static void check_blas(cublasStatus_t status, const char* what) {
     if (status != CUBLAS_STATUS_SUCCESS)
       fail(ExitCode::runtime, "CUDA: {} failed: cuBLAS status {}", what, static_cast<int>(status));

@@ -154,6 +154,8 @@ void prepare_indexer_rows(float* rows, int64_t count, int64_t dim, const Indexer
       scales[r] = fp8_quantize_block(row, dim, config.ue8m0);
     } else if (config.precision == Precision::fp8) {
       fp8_fake_quantize(row, dim, config.quant_block, config.ue8m0, row);
+    } else if (config.precision == Precision::fp4) {
+      fp4_fake_quantize(row, dim, kFp4IndexerBlock, row);
     }
   }
 }

@@ -18,7 +18,8 @@ Precision parse_precision(const std::string& text) {
   if (text == "f32") return Precision::f32;
   if (text == "bf16") return Precision::bf16;
   if (text == "fp8") return Precision::fp8;
-  bad_usage("unknown precision '{}': expected f32, bf16 or fp8", text);
+  if (text == "fp4") return Precision::fp4;
+  bad_usage("unknown precision '{}': expected f32, bf16, fp8 or fp4", text);
 }
 
 std::string precision_name(Precision precision) {
@@ -29,6 +30,8 @@ std::string precision_name(Precision precision) {
       return "bf16";
     case Precision::fp8:
       return "fp8";
+    case Precision::fp4:
+      return "fp4";
   }
   return "?";
 }

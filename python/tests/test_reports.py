@@ -205,7 +205,7 @@ class Errors(unittest.TestCase):
         cases = [
             (lambda: dsa.select(q, k, w, topk=0), "topk: must be an integer >= 1, got 0"),
             (lambda: dsa.select(q, k, w, topk=1 << 31), "topk: must be an integer <= 2147483647"),
-            (lambda: dsa.score(q, k, w, precision="fp4"), "precision: "),
+            (lambda: dsa.score(q, k, w, precision="fp6"), "precision: "),
             (lambda: dsa.score(q, k, w, ue8m0=True), "ue8m0: ue8m0 applies to precision fp8 only"),
             (lambda: dsa.score(q[:, :, :12], k[:, :12], w, hadamard=True), "hadamard: "),
             (lambda: dsa.select(scores=np.zeros((2, 2), F32), precision="fp8"), "fused mode"),

@@ -90,9 +90,12 @@ class IndexerKernel {
 // Applies the precision pipeline to rows of length dim, in the released code's order
 // (DeepSeek-V3.2-Exp inference/model.py Indexer.forward; docs/DESIGN.md section 1):
 //   1. the Hadamard rotation (if set), in f32;
-//   2. bf16 and fp8: rounding to bf16 (the released rotate_activation returns bf16, and its
+//   2. bf16, fp8 and fp4: rounding to bf16 (the released rotate_activation returns bf16, and its
 //      act_quant reads bf16);
-//   3. fp8: block quantization to e4m3 (fp8_block_scale: amax · f32(1/448), or ue8m0).
+//   3. fp8: block quantization to e4m3 (fp8_block_scale: amax · f32(1/448), or ue8m0);
+//      fp4 (DeepSeek-V4's indexer, its fp4_act_quant with inplace=True): e2m1 in blocks of
+//      kFp4IndexerBlock with ue8m0 scales (fp4_fake_quantize), the rows keeping the values
+//      (exact in bf16), scales[r] = 1.
 // Where an fp8 row is one block (dim <= quant_block, DSA's d_I = 128), the row keeps the values
 // of its e4m3 codes and scales[r] its scale, which the scoring multiplies in after the dot product
 // as the released fp8_index does (q's into the weights, k's into the head sum); rows of several

@@ -7,7 +7,9 @@
 
 namespace dsa {
 
-enum class Precision { f32, bf16, fp8 };
+// fp4: DeepSeek-V4's indexer (the released fp4_act_quant): e2m1 in blocks of 32 with ue8m0 scales.
+enum class Precision { f32, bf16, fp8, fp4 };
+inline constexpr int64_t kFp4IndexerBlock = 32;      // the released indexer's e2m1 blocks
 Precision parse_precision(const std::string& text);  // throws Error(usage)
 std::string precision_name(Precision precision);
 
