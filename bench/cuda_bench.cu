@@ -842,10 +842,26 @@ void v4_decode_rows(Timer& timer, int64_t L) {
     ab.q_step = int64_t(layer.heads) * kV4Dim, ab.kv_step = L * kV4Dim;
     ab.compressed_step = (L / layer.ratio) * kV4Dim, ab.indices_step = layer.k;
     ab.out_step = int64_t(layer.heads) * kV4Dim, ab.lse_step = layer.heads;
-    float* partial =
-        memory.alloc<float>(size_t(std::max<int64_t>(1, dsa::cuda::attention_partial_floats(ab))));
+    auto most = ab;  // the sweep's largest split count sizes the scratch
+    most.splits = dsa::cuda::kMaxSplits;
+    float* partial = memory.alloc<float>(
+        size_t(std::max<int64_t>(1, dsa::cuda::attention_partial_floats(most))));
     ab.partial = partial;
     const double attention_ms = best_ms(timer, [&] { dsa::cuda::launch_compressed_attention(ab); });
+    // The split count swept, for the rule's tuning: the best count and its time.
+    int best_splits = 0;
+    double best_split_ms = 1e30;
+    for (const int splits : {1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32}) {
+      auto swept = ab;
+      swept.splits = splits;
+      if (dsa::cuda::attention_splits(swept) != splits) continue;  // more than the row's tiles
+      const double ms = best_ms(timer, [&] { dsa::cuda::launch_compressed_attention(swept); });
+      std::printf(
+          "{\"bench\":\"v4_decode_split_sweep\",\"layer\":\"%s\",\"L\":%lld,"
+          "\"splits\":%d,\"ms\":%.4f}\n",
+          layer.name, static_cast<long long>(L), splits, ms);
+      if (ms < best_split_ms) best_split_ms = ms, best_splits = splits;
+    }
     const double n = double(v4_entries(layer, L - 1));
     const double attention_bytes =
         double(B) * (n * kV4Dim * 2.0 + layer.heads * kV4Dim * 2.0 + layer.k * 4.0 +
@@ -853,7 +869,9 @@ void v4_decode_rows(Timer& timer, int64_t L) {
     const std::string name = std::string("v4_decode_b32_") + (layer.name + 3);
     report_bytes((name + "_attention").c_str(), L, attention_ms,
                  2.0 * B * n * layer.heads * 2 * kV4Dim, attention_bytes,
-                 ",\"splits\":" + std::to_string(dsa::cuda::attention_splits(ab)));
+                 ",\"splits\":" + std::to_string(dsa::cuda::attention_splits(ab)) +
+                     ",\"best_splits\":" + std::to_string(best_splits) +
+                     ",\"best_splits_ms\":" + json_number(best_split_ms, "%.4f"));
     if (layer.k) {
       report_bytes((name + "_topk").c_str(), L, topk_ms, 0, topk_bytes);
       report_bytes(name.c_str(), L, indexer_ms + topk_ms + attention_ms, 0,
@@ -1241,8 +1259,10 @@ int main(int argc, char** argv) {
     ab.q_step = int64_t(H) * DQK, ab.kv_step = L * DQK, ab.indices_step = K;
     ab.out_step = int64_t(H) * DV, ab.lse_step = H;
     // Split decoding's scratch, as the backend gives it (the batched launch's is the largest).
-    float* partial =
-        device_alloc<float>(size_t(std::max<int64_t>(1, dsa::cuda::attention_partial_floats(ab))));
+    auto most = ab;  // the sweep's largest split count sizes the scratch
+    most.splits = dsa::cuda::kMaxSplits;
+    float* partial = device_alloc<float>(
+        size_t(std::max<int64_t>(1, dsa::cuda::attention_partial_floats(most))));
     const auto unsplit = ab;
     ab.partial = partial;
     double best = 1e30, best_indexer = 1e30, best_topk = 1e30, best_attention = 1e30;
@@ -1276,6 +1296,7 @@ int main(int argc, char** argv) {
             attention(qa + size_t(b) * H * DQK, kv + size_t(b) * L * DQK, idx + size_t(b) * K, K, 1,
                       H, DQK, DV, L, L - 1, 0.0417f, out + size_t(b) * H * DV, lse + b * H);
         one.partial = partial;
+        one.splits = dsa::cuda::attention_splits(ab);  // the batch's pieces, for the same sums
         dsa::cuda::launch_attention(one);
       }
       check(cudaMemcpy(single.data(), scores, single.size() * 4, cudaMemcpyDeviceToHost), "copy");
@@ -1301,6 +1322,14 @@ int main(int argc, char** argv) {
                  attention_bytes);
     report_bytes("decode_b32_131072", L, best, 0,
                  indexer_bytes + decode_topk_bytes + attention_bytes);
+    // The split count swept, as for V4's decode rows.
+    for (const int splits : {1, 2, 3, 4, 6, 8, 12, 16, 24, 32}) {
+      auto swept = ab;
+      swept.splits = splits;
+      const double ms = best_ms(timer, [&] { dsa::cuda::launch_attention(swept); });
+      std::printf("{\"bench\":\"decode_split_sweep\",\"L\":%lld,\"splits\":%d,\"ms\":%.4f}\n",
+                  static_cast<long long>(L), splits, ms);
+    }
     // The attention without split decoding: one block per (row, 64 heads) walks all 2048.
     {
       double best_unsplit = 1e30;

@@ -575,8 +575,18 @@ int attention_splits(const AttentionParams& p) {
               (p.indices ? p.k : (p.ratio > 0 ? std::min(p.entries, last / p.ratio) : 0));
   }
   const int64_t tiles = (entries + MlaTileTraits<576>::kKeys - 1) / MlaTileTraits<576>::kKeys;
+  const int64_t most = std::max<int64_t>(1, std::min<int64_t>(tiles, kMaxSplits));
+  if (p.splits > 0) return static_cast<int>(std::min<int64_t>(p.splits, most));
+  // As many pieces of kSplitTiles as one wave of blocks holds: the launch's rows, head groups
+  // and sequences times the splits at most the SMs (more cost a second wave, bench/NOTES.md).
+  int device = 0, sms = 1;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
+        "cudaDeviceGetAttribute");
+  const int64_t groups = (p.heads + MlaTileTraits<576>::kHeads - 1) / MlaTileTraits<576>::kHeads;
+  const int64_t wave = std::max<int64_t>(1, sms / (int64_t{p.rows} * groups * p.sequences));
   return static_cast<int>(
-      std::clamp<int64_t>((tiles + kSplitTiles - 1) / kSplitTiles, 1, kMaxSplits));
+      std::clamp<int64_t>((tiles + kSplitTiles - 1) / kSplitTiles, 1, std::min(most, wave)));
 }
 
 int64_t attention_partial_floats(const AttentionParams& p) {

@@ -124,6 +124,9 @@ struct AttentionParams {
   // decoding is chosen by it, not by the chunk, so that chunks and MPI shares of the rows give
   // every row the same arithmetic.
   int query_rows = 0;
+  // Split decoding's pieces per row when set (the bench's sweep; at most the row's tiles and
+  // kMaxSplits), else attention_splits' rule.
+  int splits = 0;
   // DeepSeek-V4 (launch_compressed_attention; dsa/compressed_attention.hpp): with window > 0,
   // row r at t = first_position + r attends its window of raw tokens kv[max(0, t - window + 1)
   // .. t], then compressed entries, rows of compressed [entries, 512] (sequence z's at
@@ -142,11 +145,13 @@ struct AttentionParams {
 // d_v 512.
 std::string attention_limit(int d_qk, int d_v, bool fp8_cache = false);
 // Split decoding (flash decoding): with at most kSplitRows query rows per sequence, the wgmma
-// kernel cuts each row's selection into up to kMaxSplits pieces of at least kSplitTiles tiles of
-// 64, one block each, and a second kernel merges their partials by their lse. The count depends on
-// the rows and the selection's length only, not on the batch, so a batched launch gives each
-// sequence what a launch of it alone gives. 1: no split (and no scratch needed).
-constexpr int kSplitRows = 8, kSplitTiles = 8, kMaxSplits = 32;
+// kernel cuts each row's selection into pieces of at least kSplitTiles tiles of 64, one block
+// each, as many as one wave of the launch's blocks holds (its rows x head groups x sequences x
+// splits at most the GPU's SMs) up to kMaxSplits, and a second kernel merges their partials by
+// their lse. The count depends on the launch (the backend launches one sequence at a time; a
+// batched launch gives each sequence what a launch of it alone with the same AttentionParams::
+// splits gives). 1: no split (and no scratch needed).
+constexpr int kSplitRows = 8, kSplitTiles = 3, kMaxSplits = 32;
 int attention_splits(const AttentionParams& p);
 int64_t attention_partial_floats(const AttentionParams& p);
 void launch_attention(const AttentionParams& p);
