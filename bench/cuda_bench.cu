@@ -8,7 +8,9 @@
 // stages over query chunks and reports its peak device memory.
 // DeepSeek-V4's rows (v4_*) follow each L's V3.2 rows: the CSA indexer over compressed keys with
 // its top-512 and top-1024, the CSA and HCA attention of V4-Flash (64 heads) and V4-Pro's CSA (128
-// heads), each layer beside V3.2's at the same L, and their decode at batch 32.
+// heads), V4-Flash's compressors, each layer beside V3.2's at the same L, V4-Flash's CSA layer
+// chained over query chunks (v4_flash_csa_layer_chained: compressors, indexer, top-k, attention,
+// bounded memory), and their decode at batch 32 with the split count swept.
 // Usage: dsa-cuda-bench [--v4-only | --v32-only] [L ...]   (default 32768 131072)
 #include <cublasLt.h>
 #include <cublas_v2.h>
@@ -787,6 +789,174 @@ void v4_attention_rows(Timer& timer, int64_t L, V4Times& times) {
   }
 }
 
+// A whole V4-Flash CSA layer's attention chained over chunks of query rows, as a prefill that
+// arrives in chunks computes it: per chunk of C rows at positions c0 .. c0 + C - 1, the two
+// compressors make the entries the chunk completes (the tokens from c0 - 4 on: x's projections
+// on cuBLAS, then the compressor kernel writing the caches the next kernels read: the main
+// entries in bf16, the indexer's keys as e4m3 codes of a power-of-two scale), the indexer and its
+// top-512 over the entries visible so far (fused where indexer_topk_preferred says, as the
+// backend chooses), then the attention over each row's window and selection. x, the raw-token kv
+// of the chunk (its projection is not built), and the queries are generated per chunk, untimed.
+// Only the caches are whole-L buffers; the f32 scores of a chunk are at most 4 GiB. Checks: the
+// first chunk's indexer keys equal the compressor's f32 values (codes x scale), and the first and
+// last chunks' selections are distinct visible entries.
+void v4_csa_chain(Timer& timer, int64_t L, double v32_ms) {
+  const V4Layer& layer = kV4Layers[0];
+  const int D = 4096, HI = 64, DI = 128, K = layer.k;
+  const int64_t entries = L / 4;
+  const int64_t C = std::clamp<int64_t>((int64_t(4) << 30) / (std::max<int64_t>(entries, 1) * 4), 4,
+                                        std::min<int64_t>(L, 16384)) /
+                    4 * 4;
+  cublasHandle_t blas = nullptr;
+  if (cublasCreate(&blas) != CUBLAS_STATUS_SUCCESS) return;
+  CountingAllocator memory;
+  auto* x = memory.alloc<float>(size_t(C + 4) * D);
+  auto* wkv = memory.alloc<float>(size_t(2 * kV4Dim) * D);
+  auto* wgate = memory.alloc<float>(size_t(2 * kV4Dim) * D);
+  auto* wkv_i = memory.alloc<float>(size_t(2 * DI) * D);
+  auto* wgate_i = memory.alloc<float>(size_t(2 * DI) * D);
+  auto* ape = memory.alloc<float>(size_t(4) * 2 * kV4Dim);
+  auto* norm = memory.alloc<float>(kV4Dim);
+  auto* frequencies = memory.alloc<float>(32);
+  auto* kv_proj = memory.alloc<float>(size_t(C + 4) * 2 * kV4Dim);
+  auto* score_proj = memory.alloc<float>(size_t(C + 4) * 2 * kV4Dim);
+  auto* check_f32 = memory.alloc<float>(size_t(C / 4) * DI);
+  auto* c4 = memory.alloc<__nv_bfloat16>(size_t(std::max<int64_t>(entries, 1)) * kV4Dim);
+  auto* k8 = memory.alloc<uint8_t>(size_t(std::max<int64_t>(entries, 1)) * DI);
+  auto* ks = memory.alloc<float>(std::max<int64_t>(entries, 1));
+  auto* kv = memory.alloc<__nv_bfloat16>(size_t(L) * kV4Dim);
+  auto* q8 = memory.alloc<uint8_t>(size_t(C) * HI * DI);
+  auto* w = memory.alloc<float>(size_t(C) * HI);
+  auto* scores = memory.alloc<float>(size_t(C) * std::max<int64_t>(entries, 1));
+  auto* idx = memory.alloc<int32_t>(size_t(C) * K);
+  auto* vals = memory.alloc<float>(size_t(C) * K);
+  auto* lists = memory.alloc<uint64_t>(size_t(dsa::cuda::indexer_topk_scratch(C, K)));
+  auto* q = memory.alloc<__nv_bfloat16>(size_t(C) * layer.heads * kV4Dim);
+  auto* sink = memory.alloc<float>(layer.heads);
+  auto* out = memory.alloc<float>(size_t(C) * layer.heads * kV4Dim);
+  auto* lse = memory.alloc<float>(size_t(C) * layer.heads);
+  fill_f32<<<1024, 256>>>(wkv, int64_t(2 * kV4Dim) * D, 1.0f / 64);
+  fill_f32<<<1024, 256>>>(wgate, int64_t(2 * kV4Dim) * D, 1.0f / 64);
+  fill_f32<<<1024, 256>>>(wkv_i, int64_t(2 * DI) * D, 1.0f / 64);
+  fill_f32<<<1024, 256>>>(wgate_i, int64_t(2 * DI) * D, 1.0f / 64);
+  fill_f32<<<1024, 256>>>(ape, int64_t(4) * 2 * kV4Dim, 0.1f);
+  fill_f32<<<1024, 256>>>(norm, kV4Dim, 1.0f);
+  fill_f32<<<1024, 256>>>(frequencies, 32, 1e-3f);
+  fill_f32<<<1024, 256>>>(w, C * HI, 1.0f / HI);
+  fill_f32<<<1024, 256>>>(sink, layer.heads, 0.5f);
+  check(cudaDeviceSynchronize(), "fill");
+  double stage_ms[4] = {0, 0, 0, 0};  // compressors, indexer (and top-k), top-k, attention
+  bool keys_exact = true, valid = true;
+  int fused_chunks = 0;
+  const float one = 1.0f, zero = 0.0f;
+  for (int64_t c0 = 0; c0 < L; c0 += C) {
+    const int rows = static_cast<int>(std::min(C, L - c0));
+    const int64_t j0 = c0 / 4, j1 = (c0 + rows) / 4;  // the entries this chunk completes
+    const int64_t t0 = std::max<int64_t>(0, 4 * j0 - 4), tokens = 4 * j1 - t0;
+    const uint32_t seed = 60 + 4 * static_cast<uint32_t>(c0 / C);
+    fill_bf16_as_f32<<<1024, 256>>>(x, tokens * D, seed);
+    fill_bf16<<<1024, 256>>>(kv + size_t(c0) * kV4Dim, int64_t(rows) * kV4Dim, seed + 1, 1.0f);
+    fill_bf16<<<1024, 256>>>(q, int64_t(rows) * layer.heads * kV4Dim, seed + 2, 0.1f);
+    fill_e4m3<<<1024, 256>>>(q8, int64_t(rows) * HI * DI, seed + 3, 448.0f);
+    check(cudaDeviceSynchronize(), "fill");
+    timer.begin();
+    if (j1 > j0) {
+      for (int c = 0; c < 2; ++c) {  // the main compressor, then the indexer's
+        const int d = c == 0 ? kV4Dim : DI, width = 2 * d;
+        cublasSgemm(blas, CUBLAS_OP_T, CUBLAS_OP_N, width, static_cast<int>(tokens), D, &one,
+                    c == 0 ? wkv : wkv_i, D, x, D, &zero, kv_proj, width);
+        cublasSgemm(blas, CUBLAS_OP_T, CUBLAS_OP_N, width, static_cast<int>(tokens), D, &one,
+                    c == 0 ? wgate : wgate_i, D, x, D, &zero, score_proj, width);
+        dsa::cuda::CompressorParams p;
+        p.kv = kv_proj, p.score = score_proj, p.ape = ape, p.norm = norm;
+        p.frequencies = frequencies, p.first_entry = j0, p.token0 = t0;
+        p.entries = static_cast<int>(j1 - j0), p.ratio = 4, p.dim = d, p.rope_dims = 64;
+        p.overlap = true, p.indexer = c == 1;
+        if (c == 0) {
+          p.out_bf16 = c4 + size_t(j0) * kV4Dim;
+        } else {
+          p.out_codes = k8 + size_t(j0) * DI, p.out_scales = ks + j0;
+          if (c0 == 0) p.out = check_f32;
+        }
+        dsa::cuda::launch_compressor(p);
+      }
+    }
+    stage_ms[0] += timer.end_ms();
+    if (c0 == 0 && j1 > 0) {  // the indexer's keys hold the compressor's values exactly
+      std::vector<float> values(size_t(j1) * DI), scales(j1);
+      std::vector<uint8_t> codes(values.size());
+      check(cudaMemcpy(values.data(), check_f32, values.size() * 4, cudaMemcpyDeviceToHost),
+            "copy");
+      check(cudaMemcpy(codes.data(), k8, codes.size(), cudaMemcpyDeviceToHost), "copy");
+      check(cudaMemcpy(scales.data(), ks, scales.size() * 4, cudaMemcpyDeviceToHost), "copy");
+      for (size_t i = 0; i < values.size(); ++i) {
+        const __nv_fp8_e4m3 code = *reinterpret_cast<const __nv_fp8_e4m3*>(&codes[i]);
+        keys_exact = keys_exact && float(code) * scales[i / DI] == values[i];
+      }
+    }
+    const int64_t keys = j1;  // the entries the chunk's last row sees
+    auto ip = indexer(q8, w, k8, ks, rows, HI, DI, keys, c0, scores);
+    ip.ratio = 4;
+    if (dsa::cuda::indexer_topk_preferred(rows, keys)) {
+      ++fused_chunks;
+      ip.scores = nullptr;
+      timer.begin();
+      dsa::cuda::launch_indexer_topk(ip, fused_outputs(idx, vals, lists, K));
+      stage_ms[1] += timer.end_ms();
+    } else {
+      timer.begin();
+      dsa::cuda::launch_indexer(ip);
+      stage_ms[1] += timer.end_ms();
+      auto tp = topk(scores, rows, keys, c0, K, idx, vals);
+      tp.ratio = 4;
+      timer.begin();
+      dsa::cuda::launch_topk(tp);
+      stage_ms[2] += timer.end_ms();
+    }
+    if (c0 == 0 || c0 + rows == L) {
+      std::vector<int32_t> selection(size_t(rows) * K);
+      check(cudaMemcpy(selection.data(), idx, selection.size() * 4, cudaMemcpyDeviceToHost),
+            "copy");
+      for (int r = 0; r < rows && valid; ++r) {
+        const int64_t visible = std::min<int64_t>(K, (c0 + r + 1) / 4);
+        std::vector<int32_t> row(selection.begin() + int64_t(r) * K,
+                                 selection.begin() + int64_t(r) * K + visible);
+        for (const int32_t j : row) valid = valid && j >= 0 && j < (c0 + r + 1) / 4;
+        std::sort(row.begin(), row.end());
+        valid = valid && std::adjacent_find(row.begin(), row.end()) == row.end();
+        for (int64_t i = visible; i < K; ++i) valid = valid && selection[int64_t(r) * K + i] == -1;
+      }
+    }
+    timer.begin();
+    dsa::cuda::launch_compressed_attention(
+        v4_attention(layer, q, kv, c4, idx, sink, rows, L, c0, out, lse));
+    stage_ms[3] += timer.end_ms();
+  }
+  cublasDestroy(blas);
+  const double total = stage_ms[0] + stage_ms[1] + stage_ms[2] + stage_ms[3];
+  char extra[640];
+  std::snprintf(extra, sizeof extra,
+                ",\"compressors_ms\":%.3f,\"indexer_ms\":%.3f,\"topk_ms\":%.3f,"
+                "\"attention_ms\":%.3f,\"chunk_rows\":%lld,\"fused_chunks\":%d,"
+                "\"peak_device_bytes\":%zu,\"keys_exact\":%s,\"indices_valid\":%s,"
+                "\"v32_dsa_layer_ms\":%s,\"v32_over_v4\":%s",
+                stage_ms[0], stage_ms[1], stage_ms[2], stage_ms[3], static_cast<long long>(C),
+                fused_chunks, memory.peak(), keys_exact ? "true" : "false",
+                valid ? "true" : "false", json_number(v32_ms, "%.3f").c_str(),
+                json_number(v32_ms / total, "%.3f").c_str());
+  std::printf("{\"bench\":\"v4_flash_csa_layer_chained\",\"L\":%lld,\"ms\":%.3f%s}\n",
+              static_cast<long long>(L), total, extra);
+  std::fflush(stdout);
+  rows.push_back({"v4_flash_csa_layer_chained", L, total, 0, "-", NAN});
+  char note[256];
+  std::snprintf(note, sizeof note,
+                "v4_flash_csa_layer_chained L %lld: %lld-row chunks, buffers %.3f GiB at peak; "
+                "V3.2 DSA layer %.1f ms, %.2fx",
+                static_cast<long long>(L), static_cast<long long>(C), memory.peak() / 1073741824.0,
+                v32_ms, v32_ms / total);
+  table_notes.push_back(note);
+}
+
 // Each V4 layer's decode at batch 32, one query each at position L - 1: the CSA indexer over the
 // sequences' L / 4 compressed keys and the top-k, then the attention with split decoding, best of
 // 10. Memory-bound: the fewest bytes each stage moves, against the copy ceiling.
@@ -1223,6 +1393,7 @@ int main(int argc, char** argv) {
       v4_indexer_rows(timer, L, v4);
       v4_attention_rows(timer, L, v4);
       v4_beside_v32(L, v4, v32_layer_ms, v32_flops);
+      v4_csa_chain(timer, L, v32_layer_ms);
     }
   }
   if (run_v4) {

@@ -3,6 +3,8 @@
 // RoPE at the entry's first token and the cache's quantization in one kernel, each step the CPU's
 // arithmetic in the CPU's order (no fused multiply-adds, the shared roundings of rounding.hpp), so
 // that the two differ only where their f32 projections do.
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <fmt/format.h>
@@ -117,7 +119,23 @@ __global__ void __launch_bounds__(1024)
       x = __fmul_rn(detail::e4m3_round(__fdiv_rn(x, block_scale)), block_scale);
     }
   }
-  p.out[static_cast<int64_t>(blockIdx.x) * d + e] = x;
+  const int64_t at = static_cast<int64_t>(blockIdx.x) * d + e;
+  if (p.out) p.out[at] = x;
+  if (p.out_bf16) p.out_bf16[at] = __float2bfloat16_rn(x);
+  if (p.out_codes) {
+    // The entry as the fp8 indexer's key: e4m3 codes of one power-of-two scale for the whole
+    // entry (fp8_quantize_block's ue8m0 scale, amax over every channel).
+    float amax = ::fabsf(x);
+    for (int w = 16; w > 0; w /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, w));
+    __syncthreads();  // amax_s is free
+    if (e % 32 == 0) amax_s[e / 32] = amax;
+    __syncthreads();
+    amax = 0.0f;
+    for (int w = 0; w < d / 32; ++w) amax = fmaxf(amax, amax_s[w]);
+    const float scale = detail::e4m3_block_scale(amax, true);
+    p.out_codes[at] = __nv_cvt_float_to_fp8(__fdiv_rn(x, scale), __NV_SATFINITE, __NV_E4M3);
+    if (e == 0) p.out_scales[blockIdx.x] = scale;
+  }
 }
 
 }  // namespace

@@ -167,7 +167,10 @@ void launch_compressed_attention(const AttentionParams& p);
 // (eps), RoPE at position ratio j with the f32 frequencies [rope_dims / 2] (dsa::Rope's), and,
 // with quantizes, the cache's rounding (indexer: Hadamard, then e2m1 in blocks of 32; else e4m3
 // in blocks of 64 over the non-RoPE dims), each as compress() does it; rounds: the bf16 steps.
-// out [entries, dim] f32.
+// out [entries, dim] f32; and, where set, the caches the other kernels read: out_bf16 the same
+// values in bf16 (the attention's compressed rows; exact outside f32), out_codes with out_scales
+// [entries] each entry as e4m3 codes of one power-of-two scale (the fp8 indexer's keys: exact for
+// the indexer's e2m1 values while its blocks' scales lie within 2^14 of each other).
 struct CompressorParams {
   const float* kv = nullptr;
   const float* score = nullptr;
@@ -175,6 +178,9 @@ struct CompressorParams {
   const float* norm = nullptr;         // [dim]
   const float* frequencies = nullptr;  // [rope_dims / 2]
   float* out = nullptr;
+  __nv_bfloat16* out_bf16 = nullptr;
+  uint8_t* out_codes = nullptr;
+  float* out_scales = nullptr;
   int64_t first_entry = 0, token0 = 0;
   int entries = 0, ratio = 4, dim = 0, rope_dims = 64;
   bool overlap = false, indexer = false, rounds = true, quantizes = true;
