@@ -577,14 +577,17 @@ int attention_splits(const AttentionParams& p) {
   const int64_t tiles = (entries + MlaTileTraits<576>::kKeys - 1) / MlaTileTraits<576>::kKeys;
   const int64_t most = std::max<int64_t>(1, std::min<int64_t>(tiles, kMaxSplits));
   if (p.splits > 0) return static_cast<int>(std::min<int64_t>(p.splits, most));
-  // As many pieces of kSplitTiles as one wave of blocks holds: the launch's rows, head groups
-  // and sequences times the splits at most the SMs (more cost a second wave, bench/NOTES.md).
+  // As many pieces of kSplitTiles as one wave of blocks holds: the rows, head groups and
+  // sequences times the splits at most the SMs (more cost a second wave, bench/NOTES.md). The
+  // rows are the input's (query_rows), not this chunk's, so that every chunk and MPI share of a
+  // row's input splits it alike.
   int device = 0, sms = 1;
   check(cudaGetDevice(&device), "cudaGetDevice");
   check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
         "cudaDeviceGetAttribute");
   const int64_t groups = (p.heads + MlaTileTraits<576>::kHeads - 1) / MlaTileTraits<576>::kHeads;
-  const int64_t wave = std::max<int64_t>(1, sms / (int64_t{p.rows} * groups * p.sequences));
+  const int64_t rows = std::max(p.rows, p.query_rows);
+  const int64_t wave = std::max<int64_t>(1, sms / (rows * groups * p.sequences));
   return static_cast<int>(
       std::clamp<int64_t>((tiles + kSplitTiles - 1) / kSplitTiles, 1, std::min(most, wave)));
 }

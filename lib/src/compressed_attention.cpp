@@ -1,9 +1,11 @@
 // DeepSeek-V4's attention over a window and compressed entries with a sink
-// (compressed_attention.hpp; docs/DESIGN.md section 6), built on the backends' MQA attention:
-// per chunk of query rows, the window's raw tokens and the entries the rows use are gathered into
-// one cache, the rows' index lists point into it, the backend attends, and the sink joins the
-// denominator afterwards: lse' = log(exp(lse) + exp(sink)), o' = o exp(lse - lse') (FlashMLA's
-// attn_sink).
+// (compressed_attention.hpp; docs/DESIGN.md section 6): the inputs' checks, then the backend's
+// compressed_attention entry. The CPU's (and the GPU's for entries other than 512 wide) is built
+// here on a backend's MQA attention: per chunk of query rows, the window's raw tokens and the
+// entries the rows use are gathered into one cache, the rows' index lists point into it, the
+// backend attends, and the sink joins the denominator afterwards: lse' = log(exp(lse) +
+// exp(sink)), o' = o exp(lse - lse') (FlashMLA's attn_sink). The GPU's V4 kernel reads both
+// caches itself (lib/cuda/backend.cu).
 #include "dsa/compressed_attention.hpp"
 
 #include <algorithm>

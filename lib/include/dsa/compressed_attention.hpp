@@ -65,8 +65,9 @@ DeviceChoice choose_device(const std::string& name, const CompressedAttentionInp
 // selection K wide (every visible entry without one), for HCA every visible entry, for SWA
 // nothing more. Each share starts at a multiple of compressed_attention's chunk of rows (which
 // depends on the inputs alone), so a share's chunks are one process's: the same rows gathered
-// into one cache and handed to the backend in one call (the CUDA kernel's split decoding depends
-// on a call's row count). The shares put together are the whole, to the bit.
+// into one cache and handed to the backend in one call (where the cache is gathered, the MQA
+// kernel's split decoding depends on a call's row count; the GPU's V4 kernel splits by the
+// inputs' rows). The shares put together are the whole, to the bit.
 std::vector<RowRange> balanced_rows(const CompressedAttentionInputs& inputs, const Tensor* indices,
                                     int parts);
 
