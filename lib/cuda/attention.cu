@@ -45,6 +45,18 @@ struct Sequence {
   }
 };
 
+// DeepSeek-V4's row at `position` (AttentionParams' V4 fields): the raw tokens of its window, and
+// its compressed entries (the selection's width, every visible one, or none).
+__host__ __device__ inline int64_t v4_window_tokens(const AttentionParams& p, int64_t position) {
+  return position + 1 < p.window ? position + 1 : p.window;
+}
+__host__ __device__ inline int64_t v4_entries(const AttentionParams& p, int64_t position) {
+  if (p.indices) return p.k;
+  if (p.ratio == 0) return 0;
+  const int64_t visible = (position + 1) / p.ratio;
+  return visible < p.entries ? visible : p.entries;
+}
+
 // The wmma kernel (WmmaAttentionTraits): 64 query heads per block in 8 warps; keys in tiles of
 // 32. Two passes over the selection: the first finds each head's softmax max and sum, the
 // second accumulates p . v with the final max, so the 64 x d_v output stays in registers (16
@@ -312,10 +324,8 @@ __global__ void __launch_bounds__(MlaAttentionTraits<D_QK>::kThreads, 1)
   // V4: the window's tokens [position - window_tokens + 1, position], then the entries.
   int64_t window_tokens = 0, entries;
   if constexpr (V4) {
-    window_tokens = min(static_cast<int64_t>(p.window), position + 1);
-    const int64_t compressed =
-        indices ? k : (p.ratio > 0 ? min(p.entries, (position + 1) / p.ratio) : 0);
-    entries = window_tokens + compressed;
+    window_tokens = v4_window_tokens(p, position);
+    entries = window_tokens + v4_entries(p, position);
   } else {
     entries = indices ? k : position + 1;
   }
@@ -570,9 +580,8 @@ int attention_splits(const AttentionParams& p) {
   if (!wgmma_shape(p) || std::max(p.rows, p.query_rows) > kSplitRows) return 1;
   int64_t entries = p.indices ? p.k : p.first_position + p.rows;
   if (p.window > 0) {  // V4: the window and the entries of the last row
-    const int64_t last = p.first_position + p.rows;  // its position + 1
-    entries = std::min<int64_t>(p.window, last) +
-              (p.indices ? p.k : (p.ratio > 0 ? std::min(p.entries, last / p.ratio) : 0));
+    const int64_t last = p.first_position + p.rows - 1;
+    entries = v4_window_tokens(p, last) + v4_entries(p, last);
   }
   const int64_t tiles = (entries + MlaTileTraits<576>::kKeys - 1) / MlaTileTraits<576>::kKeys;
   const int64_t most = std::max<int64_t>(1, std::min<int64_t>(tiles, kMaxSplits));

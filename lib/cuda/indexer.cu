@@ -261,22 +261,9 @@ __device__ uint64_t team_kth(const uint64_t* list, int count, uint32_t needed, Q
     if (run > 0) atomicAdd(&st.histogram[run_bin], run);
     team_barrier(id);
     if (t < 32) {
-      // Lane l holds bins 255 - 8 l down to 248 - 8 l: the bins in descending order.
-      uint32_t chunk = 0;
-#pragma unroll
-      for (int b = 0; b < 8; ++b) chunk += st.histogram[255 - 8 * lane - b];
-      uint32_t inclusive = chunk;
-#pragma unroll
-      for (int offset = 1; offset < 32; offset <<= 1) {
-        const uint32_t before = __shfl_up_sync(0xffffffffu, inclusive, offset);
-        if (lane >= offset) inclusive += before;
-      }
-      const uint32_t reached = __ballot_sync(0xffffffffu, inclusive >= needed);
-      const int first = __ffs(reached) - 1;  // some lane reaches: needed <= count
-      if (lane == first) {
-        uint32_t above = inclusive - chunk;
-        int b = 255 - 8 * lane;
-        while (above + st.histogram[b] < needed) above += st.histogram[b--];
+      uint32_t above;  // some bin reaches `needed`: needed <= count
+      const int b = descending_bin(st.histogram, needed, above);
+      if (lane == 0) {
         st.prefix = prefix | (static_cast<uint64_t>(b) << shift);
         st.needed = needed - above;
         st.done = st.histogram[b] == needed - above;

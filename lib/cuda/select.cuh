@@ -20,6 +20,35 @@ __device__ __forceinline__ float key_score(uint32_t key) {
   return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
 }
 
+// The bin of a 256-bin histogram of digits (shared memory) that holds the needed-th largest
+// entry, the bins taken from 255 down, found by one warp (every lane calls it): lane l sums bins
+// 255 - 8 l down to 248 - 8 l, a scan over the lanes finds the first lane whose bins reach
+// `needed`, and that lane walks its bins. Returns the bin to every lane, and in `above` the
+// entries in the bins before it. When no bin reaches `needed` (fewer entries than that), the
+// lowest bin, 0.
+__device__ __forceinline__ int descending_bin(const uint32_t* histogram, uint32_t needed,
+                                              uint32_t& above) {
+  const int lane = threadIdx.x % 32;
+  uint32_t chunk = 0;
+#pragma unroll
+  for (int t = 0; t < 8; ++t) chunk += histogram[255 - 8 * lane - t];
+  uint32_t inclusive = chunk;
+#pragma unroll
+  for (int offset = 1; offset < 32; offset <<= 1) {
+    const uint32_t before = __shfl_up_sync(0xffffffffu, inclusive, offset);
+    if (lane >= offset) inclusive += before;
+  }
+  const uint32_t reached = __ballot_sync(0xffffffffu, inclusive >= needed);
+  const int first = reached ? __ffs(reached) - 1 : 31;
+  uint32_t before = inclusive - chunk;
+  int bin = 255 - 8 * lane;
+  if (lane == first) {
+    for (int t = 0; t < 7 && before + histogram[bin] < needed; ++t, --bin) before += histogram[bin];
+  }
+  above = __shfl_sync(0xffffffffu, before, first);
+  return __shfl_sync(0xffffffffu, bin, first);
+}
+
 // Sorts `size` (a power of two) 64-bit pairs descending, bitonic, by the THREADS threads that
 // call it (thread t = `tid`); `barrier()` synchronizes them all. A step whose compare distance is
 // at most 32 keeps each warp within its own 64 entries: between two such steps a warp barrier

@@ -65,23 +65,10 @@ __device__ uint32_t kth_largest_key(const KeyOf& key_of, int count, uint32_t& ne
     }
     __syncthreads();
     if (tid < 32) {
-      // Lane l holds bins 255 - 8 l down to 248 - 8 l: the bins in descending order.
-      uint32_t chunk = 0;
-#pragma unroll
-      for (int t = 0; t < 8; ++t) chunk += histogram[255 - 8 * lane - t];
-      uint32_t inclusive = chunk;
-#pragma unroll
-      for (int offset = 1; offset < 32; offset <<= 1) {
-        const uint32_t before = __shfl_up_sync(0xffffffffu, inclusive, offset);
-        if (lane >= offset) inclusive += before;
-      }
-      const uint32_t reached = __ballot_sync(0xffffffffu, inclusive >= needed);
       // The lowest bin is taken when nothing reaches `needed` (as bin 0 always holds the rest).
-      const int first = reached ? __ffs(reached) - 1 : 31;
-      if (lane == first) {
-        uint32_t above = inclusive - chunk;
-        int b = 255 - 8 * lane;
-        for (int t = 0; t < 7 && above + histogram[b] < needed; ++t, --b) above += histogram[b];
+      uint32_t above;
+      const int b = descending_bin(histogram, needed, above);
+      if (lane == 0) {
         chosen_prefix = prefix | (static_cast<uint32_t>(b) << shift);
         still_needed = needed - above;
       }
