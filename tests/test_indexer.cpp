@@ -105,6 +105,18 @@ void expect_matches_reference(const Problem& p, const IndexerConfig& config, Rou
   }
 }
 
+// The rows of x [rows, dim] rotated and rounded to bf16, as the fp8 and fp4 pipelines begin,
+// each then handed to `quantize`.
+template <typename Quantize>
+void for_each_rotated_row(float* x, int64_t rows, int64_t dim, Quantize quantize) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = x + r * dim;
+    hadamard_transform(row, dim);
+    for (int64_t i = 0; i < dim; ++i) row[i] = round_to_bf16(row[i]);
+    quantize(row);
+  }
+}
+
 const Problem kShapes[] = {
     {1, 1, 1, 1, 1, false},   {1, 37, 37, 4, 16, false}, {1, 5, 50, 3, 20, false},
     {2, 19, 19, 4, 32, true}, {3, 4, 29, 2, 8, true},    {1, 70, 300, 8, 64, false},
@@ -192,18 +204,13 @@ TEST(Indexer, Fp8RotatesRoundsToBf16ThenQuantizes) {
       expect_matches_reference(
           p, config,
           [&](float* x, int64_t rows) {
-            for (int64_t r = 0; r < rows; ++r) {
-              float* row = x + r * p.dim;
-              hadamard_transform(row, p.dim);
+            for_each_rotated_row(x, rows, p.dim, [&](float* row) {
               float amax = 0;
-              for (int64_t i = 0; i < p.dim; ++i) {
-                row[i] = round_to_bf16(row[i]);
-                amax = std::max(amax, std::fabs(row[i]));
-              }
+              for (int64_t i = 0; i < p.dim; ++i) amax = std::max(amax, std::fabs(row[i]));
               const float scale = fp8_block_scale(amax, ue8m0);
               for (int64_t i = 0; i < p.dim; ++i)
                 row[i] = e4m3_to_f32(f32_to_e4m3(row[i] / scale)) * scale;
-            }
+            });
           },
           45);
     }
@@ -232,10 +239,7 @@ TEST(Indexer, Fp4RotatesRoundsToBf16ThenQuantizesInBlocksOf32) {
     expect_matches_reference(
         p, config,
         [&](float* x, int64_t rows) {
-          for (int64_t r = 0; r < rows; ++r) {
-            float* row = x + r * p.dim;
-            hadamard_transform(row, p.dim);
-            for (int64_t i = 0; i < p.dim; ++i) row[i] = round_to_bf16(row[i]);
+          for_each_rotated_row(x, rows, p.dim, [&](float* row) {
             for (int64_t b = 0; b < p.dim; b += 32) {
               float amax = 0;
               for (int64_t i = b; i < b + 32; ++i) amax = std::max(amax, std::fabs(row[i]));
@@ -247,7 +251,7 @@ TEST(Indexer, Fp4RotatesRoundsToBf16ThenQuantizesInBlocksOf32) {
                   static_cast<float>(std::ldexp(1.0, mantissa == 0.5 ? exponent - 1 : exponent));
               for (int64_t i = b; i < b + 32; ++i) row[i] = e2m1(row[i] / scale) * scale;
             }
-          }
+          });
         },
         47);
   }
