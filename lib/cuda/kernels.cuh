@@ -149,8 +149,8 @@ std::string attention_limit(int d_qk, int d_v, bool fp8_cache = false);
 // each, as many as one wave of blocks holds (the input's rows per sequence, query_rows, x head
 // groups x sequences x splits at most the GPU's SMs) up to kMaxSplits, and a second kernel merges
 // their partials by their lse. The count depends on the launch (the backend launches one sequence
-// at a time; a batched launch gives each sequence what a launch of it alone with the same
-// AttentionParams:: splits gives). 1: no split (and no scratch needed).
+// at a time; a batched launch gives each sequence what a launch of it alone with the same split
+// count, `splits` above, gives). 1: no split (and no scratch needed).
 constexpr int kSplitRows = 8, kSplitTiles = 3, kMaxSplits = 32;
 int attention_splits(const AttentionParams& p);
 int64_t attention_partial_floats(const AttentionParams& p);
