@@ -63,9 +63,29 @@ int main(int argc, char** argv) {
   auto* calibrate_flag =
       app.add_flag("--calibrate", request.calibrate,
                    "Measure this machine's rates with the toolkit's kernels and use them instead");
-  app.add_option("--calibrate-seconds", request.calibrate_seconds, "Timing per calibrated kernel")
+  app.add_option("--calibrate-seconds", request.calibrate_seconds,
+                 "Timing per calibrated kernel and per measured layer")
       ->check(CLI::Range(0.0, 60.0))
       ->capture_default_str()
+      ->needs(calibrate_flag);
+  app.add_option("--device", request.device,
+                 "Where --calibrate measures: cpu (its rates; its layers with "
+                 "--calibrate-positions), cuda (the models' layers on the GPU beside the "
+                 "roofline) or auto")
+      ->check(CLI::IsMember({"cpu", "cuda", "auto"}))
+      ->capture_default_str()
+      ->needs(calibrate_flag);
+  app.add_option("--calibrate-positions", request.calibrate_positions,
+                 "Context positions at which --calibrate measures the models' layers, "
+                 "ascending, comma-separated (default on a GPU: --max-context / 64, / 16, / 4 "
+                 "and itself)")
+      ->delimiter(',')
+      ->check(CLI::Range(int64_t{0}, dsa::kMaxCostPosition))
+      ->needs(calibrate_flag);
+  app.add_option("--calibrate-tokens", request.calibrate_tokens,
+                 "Query rows of a measured prefill and sequences of a measured decode, at most "
+                 "--prefill-chunk and --batch (default: those on a GPU, 4 on the CPU)")
+      ->check(dsa::app::integer_at_least(1))
       ->needs(calibrate_flag);
   app.add_option("--format", format, "Output format")
       ->check(CLI::IsMember({"json", "csv"}))
@@ -91,7 +111,7 @@ int main(int argc, char** argv) {
     presets.hint = "give --presets DIR or set DSA_PRESETS";
     request.want_csv = format == "csv";
     request.want_plot = !plot_path.empty();
-    request.names = {"--set", "--baseline", "--compare-models"};
+    request.names = {"--set", "--baseline", "--compare-models", "--calibrate-positions"};
     dsa::StageTimes times;
     const dsa::CostRun run = dsa::run_cost(presets, request, &times);
     nlohmann::json report = dsa::report_header("dsa-cost", argc, argv);

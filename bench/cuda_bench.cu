@@ -31,62 +31,6 @@ namespace {
 
 using dsa::cuda::check;
 
-// A hash of (i, seed) mapped to [-1, 1): random-looking inputs, the same on every run.
-__device__ float uniform(int64_t i, uint32_t seed) {
-  uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
-  h ^= h >> 15;
-  h *= 2246822519u;
-  h ^= h >> 13;
-  return (h & 0xffff) / 32768.0f - 1.0f;
-}
-
-__global__ void fill_bf16(__nv_bfloat16* x, int64_t n, uint32_t seed, float amplitude) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x)
-    x[i] = __float2bfloat16(amplitude * uniform(i, seed));
-}
-
-// e4m3 codes of amplitude * uniform(-1, 1): what fp8 block quantization gives for amplitude 448.
-__global__ void fill_e4m3(uint8_t* x, int64_t n, uint32_t seed, float amplitude) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x)
-    x[i] = __nv_fp8_e4m3(amplitude * uniform(i, seed)).__x;
-}
-
-// bf16 values uniform(-1, 1) held in f32: an activation as the compressor's f32 projection reads
-// it.
-__global__ void fill_bf16_as_f32(float* x, int64_t n, uint32_t seed) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x)
-    x[i] = __bfloat162float(__float2bfloat16(uniform(i, seed)));
-}
-
-__global__ void fill_f32(float* x, int64_t n, float value) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x)
-    x[i] = value;
-}
-
-// n rows of FlashMLA's fp8 cache (dsa/kv_cache.hpp, 656 bytes each): e4m3 codes of 448 *
-// uniform(-1, 1), the four scales 2^-8 (so values of about the bf16 rows' amplitude, 1.75), the
-// 64 rope values bf16 uniform(-1, 1).
-__global__ void fill_fp8_cache(uint8_t* x, int64_t n, uint32_t seed) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n * 656;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t row = i / 656;
-    const int b = static_cast<int>(i % 656);
-    if (b < 512) {
-      x[i] = __nv_fp8_e4m3(448.0f * uniform(i, seed)).__x;
-    } else if (b < 528) {
-      x[i] = static_cast<uint8_t>(0x3b800000u >> (8 * ((b - 512) % 4)));  // 2^-8, little-endian
-    } else {
-      const int e = (b - 528) / 2;
-      const __nv_bfloat16 v = __float2bfloat16(uniform(row * 64 + e, seed + 1));
-      x[i] = static_cast<uint8_t>(*reinterpret_cast<const uint16_t*>(&v) >> (8 * ((b - 528) % 2)));
-    }
-  }
-}
-
 // Distinct visible positions per row: a stride walk from a row-dependent start.
 __global__ void fill_indices(int32_t* idx, int rows, int k, int64_t first_position) {
   const int r = blockIdx.x;
@@ -434,10 +378,10 @@ void measure_ceilings(Timer& timer) {
   auto* b8 = device_alloc<uint8_t>(size_t(n) * n);
   auto* d = device_alloc<__nv_bfloat16>(size_t(n) * n);
   auto* workspace = device_alloc<uint8_t>(workspace_bytes);
-  fill_bf16<<<1024, 256>>>(a, int64_t(n) * n, 11, 1.0f);
-  fill_bf16<<<1024, 256>>>(b, int64_t(n) * n, 12, 1.0f);
-  fill_e4m3<<<1024, 256>>>(a8, int64_t(n) * n, 13, 448.0f);
-  fill_e4m3<<<1024, 256>>>(b8, int64_t(n) * n, 14, 448.0f);
+  dsa::cuda::fill_bf16(a, int64_t(n) * n, 11, 1.0f);
+  dsa::cuda::fill_bf16(b, int64_t(n) * n, 12, 1.0f);
+  dsa::cuda::fill_e4m3(a8, int64_t(n) * n, 13, 448.0f);
+  dsa::cuda::fill_e4m3(b8, int64_t(n) * n, 14, 448.0f);
   check(cudaDeviceSynchronize(), "fill");
   cublasLtHandle_t lt = nullptr;
   const cublasStatus_t created = cublasLtCreate(&lt);
@@ -484,8 +428,8 @@ void measure_ceilings(Timer& timer) {
     auto* fa = device_alloc<float>(size_t(n) * n);
     auto* fb = device_alloc<float>(size_t(n) * n);
     auto* fd = device_alloc<float>(size_t(n) * n);
-    fill_f32<<<1024, 256>>>(fa, int64_t(n) * n, 0.5f);
-    fill_f32<<<1024, 256>>>(fb, int64_t(n) * n, 0.25f);
+    dsa::cuda::fill_f32(fa, int64_t(n) * n, 0.5f);
+    dsa::cuda::fill_f32(fb, int64_t(n) * n, 0.25f);
     cublasHandle_t blas = nullptr;
     if (cublasCreate(&blas) == CUBLAS_STATUS_SUCCESS) {
       const float one = 1.0f, zero = 0.0f;
@@ -508,7 +452,7 @@ void measure_ceilings(Timer& timer) {
   const size_t bytes = size_t(2) << 30;
   auto* src = device_alloc<uint8_t>(bytes);
   auto* dst = device_alloc<uint8_t>(bytes);
-  fill_e4m3<<<1024, 256>>>(src, int64_t(bytes), 15, 448.0f);
+  dsa::cuda::fill_e4m3(src, int64_t(bytes), 15, 448.0f);
   check(cudaDeviceSynchronize(), "fill");
   const double memcpy_ms = best_ms(timer, [&] {
     check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice), "cudaMemcpyAsync");
@@ -631,10 +575,10 @@ void v4_indexer_rows(Timer& timer, int64_t L, V4Times& times) {
   auto* idx_f = memory.alloc<int32_t>(size_t(chunk) * 1024);
   auto* vals_f = memory.alloc<float>(size_t(chunk) * 1024);
   auto* lists = memory.alloc<uint64_t>(size_t(dsa::cuda::indexer_topk_scratch(chunk, 1024)));
-  fill_e4m3<<<1024, 256>>>(q8, chunk * HI * DI, 11, 448.0f);
-  fill_e4m3<<<1024, 256>>>(k8, keys * DI, 12, 448.0f);
-  fill_f32<<<1024, 256>>>(w, chunk * HI, 1.0f / HI);
-  fill_f32<<<1024, 256>>>(ks, keys, 1.0f / (448.0f * 448.0f));
+  dsa::cuda::fill_e4m3(q8, chunk * HI * DI, 11, 448.0f);
+  dsa::cuda::fill_e4m3(k8, keys * DI, 12, 448.0f);
+  dsa::cuda::fill_f32(w, chunk * HI, 1.0f / HI);
+  dsa::cuda::fill_f32(ks, keys, 1.0f / (448.0f * 448.0f));
   check(cudaDeviceSynchronize(), "fill");
   double pairs = 0;  // sum over t of floor((t + 1) / 4)
   for (int64_t t = 0; t < L; ++t) pairs += double((t + 1) / 4);
@@ -713,16 +657,16 @@ void v4_compressor_rows(Timer& timer, int64_t L, V4Times& times) {
     auto* norm = memory.alloc<float>(d);
     auto* frequencies = memory.alloc<float>(32);
     auto* out = memory.alloc<float>(size_t(chunk) * d);
-    fill_f32<<<1024, 256>>>(wkv, int64_t(width) * D, 1.0f / 64);
-    fill_f32<<<1024, 256>>>(wgate, int64_t(width) * D, 1.0f / 64);
-    fill_f32<<<1024, 256>>>(ape, int64_t(m) * width, 0.1f);
-    fill_f32<<<1024, 256>>>(norm, d, 1.0f);
-    fill_f32<<<1024, 256>>>(frequencies, 32, 1e-3f);
+    dsa::cuda::fill_f32(wkv, int64_t(width) * D, 1.0f / 64);
+    dsa::cuda::fill_f32(wgate, int64_t(width) * D, 1.0f / 64);
+    dsa::cuda::fill_f32(ape, int64_t(m) * width, 0.1f);
+    dsa::cuda::fill_f32(norm, d, 1.0f);
+    dsa::cuda::fill_f32(frequencies, 32, 1e-3f);
     double projection_ms = 0, kernel_ms = 0, projection_flops = 0, kernel_bytes = 0;
     for (int64_t j0 = 0; j0 < entries; j0 += chunk) {
       const int64_t j1 = std::min(entries, j0 + chunk);
       const int64_t t0 = std::max<int64_t>(0, m * j0 - lead), tokens = m * j1 - t0;
-      fill_bf16_as_f32<<<1024, 256>>>(x, tokens * D, 41 + static_cast<uint32_t>(j0 / chunk));
+      dsa::cuda::fill_bf16_as_f32(x, tokens * D, 41 + static_cast<uint32_t>(j0 / chunk));
       check(cudaDeviceSynchronize(), "fill");
       const float one = 1.0f, zero = 0.0f;
       timer.begin();
@@ -765,14 +709,14 @@ void v4_attention_rows(Timer& timer, int64_t L, V4Times& times) {
     auto* sink = memory.alloc<float>(layer.heads);
     auto* out = memory.alloc<float>(size_t(chunk) * layer.heads * kV4Dim);
     auto* lse = memory.alloc<float>(size_t(chunk) * layer.heads);
-    fill_bf16<<<1024, 256>>>(kv, L * kV4Dim, 21, 1.0f);
-    fill_bf16<<<1024, 256>>>(cmp, entries * kV4Dim, 22, 1.0f);
-    fill_f32<<<1024, 256>>>(sink, layer.heads, 0.5f);
+    dsa::cuda::fill_bf16(kv, L * kV4Dim, 21, 1.0f);
+    dsa::cuda::fill_bf16(cmp, entries * kV4Dim, 22, 1.0f);
+    dsa::cuda::fill_f32(sink, layer.heads, 0.5f);
     double ms = 0, flops = 0;
     for (int64_t c0 = 0; c0 < L; c0 += chunk) {
       const int rows = static_cast<int>(std::min(chunk, L - c0));
-      fill_bf16<<<1024, 256>>>(q, int64_t(rows) * layer.heads * kV4Dim,
-                               23 + static_cast<uint32_t>(c0 / chunk), 0.1f);
+      dsa::cuda::fill_bf16(q, int64_t(rows) * layer.heads * kV4Dim,
+                           23 + static_cast<uint32_t>(c0 / chunk), 0.1f);
       if (layer.k) fill_entries<<<rows, 256>>>(sel, rows, layer.k, c0, layer.ratio);
       check(cudaDeviceSynchronize(), "fill");
       timer.begin();
@@ -835,15 +779,15 @@ void v4_csa_chain(Timer& timer, int64_t L, double v32_ms) {
   auto* sink = memory.alloc<float>(layer.heads);
   auto* out = memory.alloc<float>(size_t(C) * layer.heads * kV4Dim);
   auto* lse = memory.alloc<float>(size_t(C) * layer.heads);
-  fill_f32<<<1024, 256>>>(wkv, int64_t(2 * kV4Dim) * D, 1.0f / 64);
-  fill_f32<<<1024, 256>>>(wgate, int64_t(2 * kV4Dim) * D, 1.0f / 64);
-  fill_f32<<<1024, 256>>>(wkv_i, int64_t(2 * DI) * D, 1.0f / 64);
-  fill_f32<<<1024, 256>>>(wgate_i, int64_t(2 * DI) * D, 1.0f / 64);
-  fill_f32<<<1024, 256>>>(ape, int64_t(4) * 2 * kV4Dim, 0.1f);
-  fill_f32<<<1024, 256>>>(norm, kV4Dim, 1.0f);
-  fill_f32<<<1024, 256>>>(frequencies, 32, 1e-3f);
-  fill_f32<<<1024, 256>>>(w, C * HI, 1.0f / HI);
-  fill_f32<<<1024, 256>>>(sink, layer.heads, 0.5f);
+  dsa::cuda::fill_f32(wkv, int64_t(2 * kV4Dim) * D, 1.0f / 64);
+  dsa::cuda::fill_f32(wgate, int64_t(2 * kV4Dim) * D, 1.0f / 64);
+  dsa::cuda::fill_f32(wkv_i, int64_t(2 * DI) * D, 1.0f / 64);
+  dsa::cuda::fill_f32(wgate_i, int64_t(2 * DI) * D, 1.0f / 64);
+  dsa::cuda::fill_f32(ape, int64_t(4) * 2 * kV4Dim, 0.1f);
+  dsa::cuda::fill_f32(norm, kV4Dim, 1.0f);
+  dsa::cuda::fill_f32(frequencies, 32, 1e-3f);
+  dsa::cuda::fill_f32(w, C * HI, 1.0f / HI);
+  dsa::cuda::fill_f32(sink, layer.heads, 0.5f);
   check(cudaDeviceSynchronize(), "fill");
   double stage_ms[4] = {0, 0, 0, 0};  // compressors, indexer (and top-k), top-k, attention
   bool keys_exact = true, valid = true;
@@ -854,10 +798,10 @@ void v4_csa_chain(Timer& timer, int64_t L, double v32_ms) {
     const int64_t j0 = c0 / 4, j1 = (c0 + rows) / 4;  // the entries this chunk completes
     const int64_t t0 = std::max<int64_t>(0, 4 * j0 - 4), tokens = 4 * j1 - t0;
     const uint32_t seed = 60 + 4 * static_cast<uint32_t>(c0 / C);
-    fill_bf16_as_f32<<<1024, 256>>>(x, tokens * D, seed);
-    fill_bf16<<<1024, 256>>>(kv + size_t(c0) * kV4Dim, int64_t(rows) * kV4Dim, seed + 1, 1.0f);
-    fill_bf16<<<1024, 256>>>(q, int64_t(rows) * layer.heads * kV4Dim, seed + 2, 0.1f);
-    fill_e4m3<<<1024, 256>>>(q8, int64_t(rows) * HI * DI, seed + 3, 448.0f);
+    dsa::cuda::fill_bf16_as_f32(x, tokens * D, seed);
+    dsa::cuda::fill_bf16(kv + size_t(c0) * kV4Dim, int64_t(rows) * kV4Dim, seed + 1, 1.0f);
+    dsa::cuda::fill_bf16(q, int64_t(rows) * layer.heads * kV4Dim, seed + 2, 0.1f);
+    dsa::cuda::fill_e4m3(q8, int64_t(rows) * HI * DI, seed + 3, 448.0f);
     check(cudaDeviceSynchronize(), "fill");
     timer.begin();
     if (j1 > j0) {
@@ -978,15 +922,15 @@ void v4_decode_rows(Timer& timer, int64_t L) {
   auto* sink = memory.alloc<float>(128);
   auto* out = memory.alloc<float>(size_t(B) * 128 * kV4Dim);
   auto* lse = memory.alloc<float>(size_t(B) * 128);
-  fill_bf16<<<1024, 256>>>(kv, B * L * kV4Dim, 31, 1.0f);
-  fill_bf16<<<1024, 256>>>(c4, B * keys * kV4Dim, 32, 1.0f);
-  fill_bf16<<<1024, 256>>>(c128, B * hca_entries * kV4Dim, 33, 1.0f);
-  fill_bf16<<<1024, 256>>>(q, B * 128 * kV4Dim, 34, 0.1f);
-  fill_e4m3<<<1024, 256>>>(q8, B * HI * DI, 35, 448.0f);
-  fill_e4m3<<<1024, 256>>>(k8, B * keys * DI, 36, 448.0f);
-  fill_f32<<<1024, 256>>>(w, B * HI, 1.0f / HI);
-  fill_f32<<<1024, 256>>>(ks, B * keys, 1.0f);
-  fill_f32<<<1024, 256>>>(sink, 128, 0.5f);
+  dsa::cuda::fill_bf16(kv, B * L * kV4Dim, 31, 1.0f);
+  dsa::cuda::fill_bf16(c4, B * keys * kV4Dim, 32, 1.0f);
+  dsa::cuda::fill_bf16(c128, B * hca_entries * kV4Dim, 33, 1.0f);
+  dsa::cuda::fill_bf16(q, B * 128 * kV4Dim, 34, 0.1f);
+  dsa::cuda::fill_e4m3(q8, B * HI * DI, 35, 448.0f);
+  dsa::cuda::fill_e4m3(k8, B * keys * DI, 36, 448.0f);
+  dsa::cuda::fill_f32(w, B * HI, 1.0f / HI);
+  dsa::cuda::fill_f32(ks, B * keys, 1.0f);
+  dsa::cuda::fill_f32(sink, 128, 0.5f);
   check(cudaDeviceSynchronize(), "fill");
   auto ib = indexer(q8, w, k8, ks, 1, HI, DI, keys, L - 1, scores);
   ib.ratio = 4, ib.sequences = B;
@@ -1118,8 +1062,8 @@ int main(int argc, char** argv) {
       if (bf16_indexer) {
         q = device_alloc<__nv_bfloat16>(size_t(chunk) * HI * DI);
         k = device_alloc<__nv_bfloat16>(size_t(L) * DI);
-        fill_bf16<<<1024, 256>>>(q, chunk * HI * DI, 1, 1.0f);
-        fill_bf16<<<1024, 256>>>(k, L * DI, 2, 1.0f);
+        dsa::cuda::fill_bf16(q, chunk * HI * DI, 1, 1.0f);
+        dsa::cuda::fill_bf16(k, L * DI, 2, 1.0f);
       }
       auto* q8 = device_alloc<uint8_t>(size_t(chunk) * HI * DI);
       auto* k8 = device_alloc<uint8_t>(size_t(L) * DI);
@@ -1128,10 +1072,10 @@ int main(int argc, char** argv) {
       auto* scores = device_alloc<float>(size_t(chunk) * L);
       auto* idx = device_alloc<int32_t>(size_t(chunk) * K);
       auto* vals = device_alloc<float>(size_t(chunk) * K);
-      fill_e4m3<<<1024, 256>>>(q8, chunk * HI * DI, 1, 448.0f);
-      fill_e4m3<<<1024, 256>>>(k8, L * DI, 2, 448.0f);
-      fill_f32<<<1024, 256>>>(w, chunk * HI, 1.0f / HI);
-      fill_f32<<<1024, 256>>>(ks, L, 1.0f / (448.0f * 448.0f));
+      dsa::cuda::fill_e4m3(q8, chunk * HI * DI, 1, 448.0f);
+      dsa::cuda::fill_e4m3(k8, L * DI, 2, 448.0f);
+      dsa::cuda::fill_f32(w, chunk * HI, 1.0f / HI);
+      dsa::cuda::fill_f32(ks, L, 1.0f / (448.0f * 448.0f));
       check(cudaDeviceSynchronize(), "fill");
       const double causal_pairs = double(L) * double(L + 1) / 2;
       if (bf16_indexer) {
@@ -1197,8 +1141,8 @@ int main(int argc, char** argv) {
       auto* sel = device_alloc<int32_t>(size_t(attn_chunk) * K);
       auto* out = device_alloc<float>(size_t(attn_chunk) * H * DV);
       auto* lse = device_alloc<float>(size_t(attn_chunk) * H);
-      fill_bf16<<<1024, 256>>>(qa, attn_chunk * H * DQK, 3, 0.1f);
-      fill_bf16<<<1024, 256>>>(kv, L * DQK, 4, 1.0f);
+      dsa::cuda::fill_bf16(qa, attn_chunk * H * DQK, 3, 0.1f);
+      dsa::cuda::fill_bf16(kv, L * DQK, 4, 1.0f);
       double attn_ms = 0, attn_flops = 0;
       for (int64_t c0 = 0; c0 < L; c0 += attn_chunk) {
         const int rows = static_cast<int>(std::min(attn_chunk, L - c0));
@@ -1216,7 +1160,7 @@ int main(int argc, char** argv) {
       // the same FLOPs, and its time beside the bf16 cache's.
       {
         auto* kv8 = device_alloc<uint8_t>(size_t(L) * 656);
-        fill_fp8_cache<<<1024, 256>>>(kv8, L, 9);
+        dsa::cuda::fill_fp8_cache(kv8, L, 9);
         double fp8_ms = 0;
         for (int64_t c0 = 0; c0 < L; c0 += attn_chunk) {
           const int rows = static_cast<int>(std::min(attn_chunk, L - c0));
@@ -1243,7 +1187,7 @@ int main(int argc, char** argv) {
         const int rows = static_cast<int>(std::min<int64_t>(256, L));
         const int64_t c0 = L - rows;
         auto* partial = device_alloc<float>(size_t(2) * rows * L);
-        fill_f32<<<1024, 256>>>(lse, int64_t(rows) * H, 8.0f);
+        dsa::cuda::fill_f32(lse, int64_t(rows) * H, 8.0f);
         check(cudaDeviceSynchronize(), "fill");
         timer.begin();
         dsa::cuda::DenseProbabilityParams dense;
@@ -1301,11 +1245,11 @@ int main(int argc, char** argv) {
         auto* lists_c = fused_memory.alloc<uint64_t>(size_t(dsa::cuda::indexer_topk_scratch(C, K)));
         auto* idx_f = fused_memory.alloc<int32_t>(size_t(C) * K);
         auto* vals_f = fused_memory.alloc<float>(size_t(C) * K);
-        fill_e4m3<<<1024, 256>>>(k8c, L * DI, 2, 448.0f);
-        fill_f32<<<1024, 256>>>(ksc, L, 1.0f / (448.0f * 448.0f));
-        fill_bf16<<<1024, 256>>>(kvc, L * DQK, 4, 1.0f);
+        dsa::cuda::fill_e4m3(k8c, L * DI, 2, 448.0f);
+        dsa::cuda::fill_f32(ksc, L, 1.0f / (448.0f * 448.0f));
+        dsa::cuda::fill_bf16(kvc, L * DQK, 4, 1.0f);
         // The weights (times the queries' fp8 scales) are one value for every row, as above.
-        fill_f32<<<1024, 256>>>(wc, C * HI, 1.0f / HI);
+        dsa::cuda::fill_f32(wc, C * HI, 1.0f / HI);
         // What the device holds once the row's buffers are: sampled here and after the last chunk
         // (anything the runtime allocates on the way counts too), against the figure before.
         const int64_t used_allocated = device_used_bytes();
@@ -1316,8 +1260,8 @@ int main(int argc, char** argv) {
           const int64_t keys = c0 + rows;
           // This chunk's queries, their own values (a seed per chunk), before the timed stages.
           const uint32_t seed = 100 + 2 * static_cast<uint32_t>(c0 / C);
-          fill_e4m3<<<1024, 256>>>(q8c, int64_t(rows) * HI * DI, seed, 448.0f);
-          fill_bf16<<<1024, 256>>>(qac, int64_t(rows) * H * DQK, seed + 1, 0.1f);
+          dsa::cuda::fill_e4m3(q8c, int64_t(rows) * HI * DI, seed, 448.0f);
+          dsa::cuda::fill_bf16(qac, int64_t(rows) * H * DQK, seed + 1, 0.1f);
           auto ip = indexer(q8c, wc, k8c, ksc, rows, HI, DI, keys, c0, scores_c);
           ip.stride = L;
           auto tp = topk(scores_c, rows, keys, c0, K, idx_c, vals_c);
@@ -1414,12 +1358,12 @@ int main(int argc, char** argv) {
     auto* kv = device_alloc<__nv_bfloat16>(size_t(B) * L * DQK);
     auto* out = device_alloc<float>(size_t(B) * H * DV);
     auto* lse = device_alloc<float>(size_t(B) * H);
-    fill_e4m3<<<1024, 256>>>(q, B * HI * DI, 5, 448.0f);
-    fill_e4m3<<<1024, 256>>>(k, B * L * DI, 6, 448.0f);
-    fill_bf16<<<1024, 256>>>(qa, B * H * DQK, 7, 0.1f);
-    fill_bf16<<<1024, 256>>>(kv, B * L * DQK, 8, 1.0f);
-    fill_f32<<<1024, 256>>>(w, B * HI, 1.0f / HI);
-    fill_f32<<<1024, 256>>>(ks, B * L, 1.0f);
+    dsa::cuda::fill_e4m3(q, B * HI * DI, 5, 448.0f);
+    dsa::cuda::fill_e4m3(k, B * L * DI, 6, 448.0f);
+    dsa::cuda::fill_bf16(qa, B * H * DQK, 7, 0.1f);
+    dsa::cuda::fill_bf16(kv, B * L * DQK, 8, 1.0f);
+    dsa::cuda::fill_f32(w, B * HI, 1.0f / HI);
+    dsa::cuda::fill_f32(ks, B * L, 1.0f);
     check(cudaDeviceSynchronize(), "fill");
     auto ib = indexer(q, w, k, ks, 1, HI, DI, L, L - 1, scores);
     ib.sequences = B;
@@ -1516,7 +1460,7 @@ int main(int argc, char** argv) {
     {
       cudaFree(kv);
       auto* kv8 = device_alloc<uint8_t>(size_t(B) * L * 656);
-      fill_fp8_cache<<<1024, 256>>>(kv8, B * L, 10);
+      dsa::cuda::fill_fp8_cache(kv8, B * L, 10);
       auto fp8 = ab;
       fp8.kv = nullptr;
       fp8.kv_fp8 = kv8;

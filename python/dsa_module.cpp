@@ -679,7 +679,7 @@ py::object compare_op(const AttentionArgs& args, py::object q_index, py::object 
 }
 
 // ---------------------------------------------------------------------------------------------
-// cost: the report dsa-cost writes (schema dsa-cost/2) as a dict, or its CSV as text.
+// cost: the report dsa-cost writes (schema dsa-cost/3) as a dict, or its CSV as text.
 
 // This module's own file, to find the presets relative to it (as the tools do relative to theirs:
 // find_presets reads /proc/self/exe, which here is python3).
@@ -761,7 +761,10 @@ py::object cost_op(const std::string& hardware_name, std::optional<std::string> 
                    std::optional<std::string> baseline, std::optional<std::string> presets_dir,
                    int64_t max_context, int64_t step, int64_t batch, int64_t prefill_chunk,
                    py::object set, bool calibrate_rates, std::optional<double> calibrate_seconds,
-                   const std::string& format, std::optional<std::string> plot) {
+                   std::optional<std::string> device,
+                   std::optional<std::vector<int64_t>> calibrate_positions,
+                   std::optional<int64_t> calibrate_tokens, const std::string& format,
+                   std::optional<std::string> plot) {
   Stopwatch total;
   std::vector<std::string> compared;
   if (py::isinstance<py::str>(compare_models_object)) {
@@ -781,6 +784,13 @@ py::object cost_op(const std::string& hardware_name, std::optional<std::string> 
   if (prefill_chunk < 1) bad_usage("prefill_chunk: must be an integer >= 1, got {}", prefill_chunk);
   if (calibrate_seconds && !calibrate_rates)
     bad_usage("calibrate_seconds applies to calibrate=True");
+  if (device && !calibrate_rates) bad_usage("device applies to calibrate=True");
+  if (calibrate_positions && !calibrate_rates)
+    bad_usage("calibrate_positions applies to calibrate=True");
+  if (calibrate_tokens && !calibrate_rates) bad_usage("calibrate_tokens applies to calibrate=True");
+  if (calibrate_tokens && *calibrate_tokens < 1) {
+    bad_usage("calibrate_tokens: must be an integer >= 1, got {}", *calibrate_tokens);
+  }
   const double seconds = calibrate_seconds.value_or(1.0);
   if (!(seconds >= 0 && seconds <= 60)) {
     bad_usage("calibrate_seconds: must be a number in [0, 60], got {}", seconds);
@@ -801,9 +811,12 @@ py::object cost_op(const std::string& hardware_name, std::optional<std::string> 
   request.overrides = override_list(set);
   request.calibrate = calibrate_rates;
   request.calibrate_seconds = seconds;
+  request.device = device.value_or("cpu");
+  request.calibrate_positions = calibrate_positions.value_or(std::vector<int64_t>{});
+  request.calibrate_tokens = calibrate_tokens.value_or(0);
   request.want_csv = format == "csv";
   request.want_plot = plot.has_value();
-  request.names = {"set", "baseline", "compare_models"};
+  request.names = {"set", "baseline", "compare_models", "calibrate_positions"};
 
   const PresetLibrary presets = presets_for(presets_dir);
   StageTimes times;
@@ -955,13 +968,17 @@ the rope values: what the attention reads from it.)");
         py::arg("presets") = py::none(), py::arg("max_context") = 131072, py::arg("step") = 4096,
         py::arg("batch") = 64, py::arg("prefill_chunk") = 8192, py::arg("set") = py::none(),
         py::arg("calibrate") = false, py::arg("calibrate_seconds") = py::none(),
-        py::arg("format") = "json", py::arg("plot") = py::none(),
+        py::arg("device") = py::none(), py::arg("calibrate_positions") = py::none(),
+        py::arg("calibrate_tokens") = py::none(), py::arg("format") = "json",
+        py::arg("plot") = py::none(),
         R"(Cost per million tokens at each context position, prefill and decode, dense MLA
 (dense_model, default DeepSeek-V3.1-Terminus) against DSA (dsa_model, default
 DeepSeek-V3.2-Exp), from a roofline of the hardware's rates (docs/DESIGN.md section 3); or
 several models side by side (compare_models=[...], baseline=). Presets by name or a .json file;
-set=["dsa.topk=1024"] or {"dsa.topk": 1024} overrides fields. Returns the report dsa-cost
-writes (schema dsa-cost/2) as a dict, or with format="csv" its CSV text; plot=FILE.svg also
+set=["dsa.topk=1024"] or {"dsa.topk": 1024} overrides fields. calibrate=True measures on
+device ("cpu": its rates, and its layers at calibrate_positions; "cuda": the models' layers
+beside the roofline), calibrate_tokens rows or sequences per measured layer. Returns the report dsa-cost
+writes (schema dsa-cost/3) as a dict, or with format="csv" its CSV text; plot=FILE.svg also
 writes the plot.)");
 
   m.def("devices", &devices,

@@ -22,6 +22,7 @@
 
 #include "dsa/calibrate.hpp"
 #include "dsa/cost.hpp"
+#include "dsa/device.hpp"
 #include "dsa/error.hpp"
 
 namespace dsa {
@@ -946,6 +947,67 @@ TEST_F(CostCli, CalibrateSetAndFiles) {
   EXPECT_EQ(nlohmann::json::parse(slurp("k512.json"))["models"]["dsa"]["topk"], 512);
 }
 
+// --calibrate with --calibrate-positions on the CPU: the models' layers measured beside the
+// curves (calibrate.hpp; test_calibrate.cpp checks the figures), as points on the plot, a
+// summary line per model; bad positions are usage errors naming the flag, with no file left.
+TEST_F(CostCli, CalibrateMeasuresLayersAtPositions) {
+  write("small.json", R"({"base": "DeepSeek-V3.2-Exp", "name": "small", "heads": 4, "d_qk": 64,
+      "d_v": 48, "indexer_heads": 4, "indexer_dim": 32, "topk": 16})");
+  write("small-v4.json", R"({"base": "DeepSeek-V4-Flash", "name": "small-v4", "heads": 4,
+      "d_qk": 64, "d_v": 64, "indexer_heads": 4, "indexer_dim": 32, "topk": 8})");
+  const std::string common =
+      "dsa-cost --calibrate --calibrate-seconds 0.001 --threads 1 --compare-models "
+      "small.json,small-v4.json --max-context 512 --step 256 ";
+  ASSERT_EQ(
+      run(common + "--calibrate-positions 64,512 --calibrate-tokens 2 --plot m.svg -o m.json"), 0)
+      << slurp("stderr.txt");
+  const nlohmann::json report = nlohmann::json::parse(slurp("m.json"));
+  EXPECT_EQ(report["schema"], "dsa-cost/3");
+  EXPECT_TRUE(report["hardware"]["calibrated"].get<bool>());
+  const auto& m = report["measured"];
+  EXPECT_EQ(m["device"], "cpu");
+  EXPECT_EQ(m["positions"], nlohmann::json({64, 512}));
+  EXPECT_EQ(m["prefill_rows"], 2);
+  EXPECT_EQ(m["decode_sequences"], 2);
+  ASSERT_EQ(m["models"].size(), 2u);
+  EXPECT_EQ(m["models"][1]["name"], "small-v4");
+  for (const auto& model : m["models"]) {
+    ASSERT_EQ(model["points"].size(), 2u);
+    for (const auto& point : model["points"]) {
+      for (const char* phase : {"prefill", "decode"}) {
+        const auto& t = point[phase];
+        EXPECT_GT(t["seconds"].get<double>(), t["rest_seconds"].get<double>());
+        EXPECT_GT(t["modelled_seconds"].get<double>(), 0);
+      }
+    }
+  }
+  // V4-Flash's three groups (SWA, CSA, HCA), each run once per phase.
+  EXPECT_EQ(m["models"][1]["points"][1]["decode"]["runs"].size(), 3u);
+  EXPECT_TRUE(report["timings_ms"].contains("measure"));
+  const std::string err = slurp("stderr.txt");
+  EXPECT_NE(err.find("dsa-cost: measured on cpu: small at 512: prefill attention "),
+            std::string::npos)
+      << err;
+  EXPECT_NE(err.find("dsa-cost: measured on cpu: small-v4 at 512: "), std::string::npos) << err;
+  const std::string svg = slurp("m.svg");
+  EXPECT_NE(svg.find("<circle"), std::string::npos);
+  EXPECT_NE(svg.find("small-v4 measured"), std::string::npos);
+  EXPECT_NE(svg.find("points measured on cpu"), std::string::npos);
+
+  EXPECT_EQ(run(common + "--calibrate-positions 512,64 -o bad.json --plot bad.svg"), 2);
+  EXPECT_NE(slurp("stderr.txt").find("--calibrate-positions: positions must ascend"),
+            std::string::npos)
+      << slurp("stderr.txt");
+  EXPECT_EQ(run("dsa-cost --calibrate-positions 64 -o bad.json"), 2);  // needs --calibrate
+  EXPECT_EQ(run("dsa-cost --device cuda -o bad.json"), 2);             // needs --calibrate
+  if (!cuda_available()) {
+    EXPECT_EQ(run(common + "--device cuda -o bad.json"), 1);
+    EXPECT_NE(slurp("stderr.txt").find("error:"), std::string::npos);
+  }
+  EXPECT_FALSE(fs::exists(dir_ / "bad.json"));
+  EXPECT_FALSE(fs::exists(dir_ / "bad.svg"));
+}
+
 TEST_F(CostCli, FailuresExitWithTheirCodeAndLeaveNoFile) {
   EXPECT_EQ(run("dsa-cost --hardware B200 -o out.json --plot out.svg"), 2);
   EXPECT_NE(slurp("stderr.txt").find("no hardware preset \"B200\""), std::string::npos);
@@ -979,7 +1041,7 @@ TEST_F(CostCli, ComparesModelsToOneMillionTokens) {
             0);
   const std::string err = slurp("stderr.txt");
   const nlohmann::json report = nlohmann::json::parse(slurp("fig.json"));
-  EXPECT_EQ(report["schema"], "dsa-cost/2");
+  EXPECT_EQ(report["schema"], "dsa-cost/3");
   EXPECT_FALSE(report.contains("points"));
   const auto& c = report["comparison"];
   EXPECT_EQ(c["baseline"], "DeepSeek-V3.2");

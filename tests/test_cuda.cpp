@@ -12,6 +12,7 @@
 #include <fmt/format.h>
 
 #include "dsa/attention.hpp"
+#include "dsa/calibrate.hpp"
 #include "dsa/compressed_attention.hpp"
 #include "dsa/compressor.hpp"
 #include "dsa/device.hpp"
@@ -790,6 +791,120 @@ TEST(Cuda, CompressedIndexerMatchesTheCpu) {
     }
     // As sets, apart from near-ties at the 64th score (the fp8 sums differ in the last bits).
     EXPECT_LT(differ, queries * 64 / 50);
+  }
+}
+
+// dsa-cost's measured layers on the GPU (calibrate.hpp time_layer): each layer kind at DeepSeek's
+// shapes, prefill and decode, runs the kernels it names (the fp8 cache where the model stores
+// it; the fp8 or bf16 indexer), every row of every sequence, with a time for each stage; the
+// curves name the GPU. compute-sanitizer runs this test on the H200 (bench/NOTES.md).
+TEST(Cuda, TimeLayerRunsEachLayerKindOnTheGpu) {
+  SKIP_WITHOUT_GPU();
+  ModelSpec v32;
+  v32.name = "v3.2-like";
+  v32.layers = 2;
+  v32.activated_params = 1e9;
+  v32.weight_precision = "fp8";
+  v32.heads = 16;
+  v32.d_qk_mha = 192;
+  v32.d_v_mha = 128;
+  v32.d_qk = 576;
+  v32.d_v = 512;
+  v32.kv_bytes = 656.0 / 576.0;
+  v32.indexer_heads = 64;
+  v32.indexer_dim = 128;
+  v32.indexer_key_bytes = 132;
+  v32.indexer_precision = "fp8";
+  v32.score_bytes = 4;
+  v32.topk = 256;
+  ModelSpec dense = v32;
+  dense.name = "dense-like";
+  dense.kv_bytes = 2;
+  dense.topk = 0;
+  dense.indexer_heads = dense.indexer_dim = 0;
+  ModelSpec bf16_indexer = v32;
+  bf16_indexer.indexer_heads = 32;  // not the fp8 kernel's 64: the bf16 kernel
+  bf16_indexer.indexer_precision = "bf16";
+  ModelSpec v4 = v32;
+  v4.name = "v4-like";
+  v4.layers = 3;
+  v4.heads = 64;
+  v4.d_qk = v4.d_v = 512;
+  v4.topk = 128;
+  v4.compress_ratios = {0, 4, 128};
+  v4.window = 128;
+  v4.csa_ratio = 4;
+  struct Case {
+    ModelSpec model;
+    LayerGroup group;
+    const char *attention, *cache, *indexer;
+  };
+  const std::vector<Case> cases = {{dense, {LayerKind::mla, 0, 2}, "dense", "bf16", ""},
+                                   {v32, {LayerKind::mla, 0, 2}, "sparse", "fp8", "fp8"},
+                                   {bf16_indexer, {LayerKind::mla, 0, 2}, "sparse", "fp8", "bf16"},
+                                   {v4, {LayerKind::swa, 0, 1}, "window", "bf16", ""},
+                                   {v4, {LayerKind::csa, 4, 1}, "window+selected", "bf16", "fp8"},
+                                   {v4, {LayerKind::hca, 128, 1}, "window+all", "bf16", ""}};
+  for (const Case& c : cases) {
+    for (const Phase phase : {Phase::prefill, Phase::decode}) {
+      SCOPED_TRACE(
+          fmt::format("{} {} {}", c.model.name, layer_kind_name(c.group.kind), phase_name(phase)));
+      const bool prefill = phase == Phase::prefill;
+      const LayerTiming t =
+          time_layer(layer_timing_request(c.model, c.group, phase, 3000, prefill ? 300 : 5, 0.002),
+                     Device::cuda);
+      EXPECT_EQ(t.first_position, prefill ? 2850 : 3000);
+      EXPECT_EQ(t.rows, prefill ? 300 : 1);
+      EXPECT_EQ(t.sequences, prefill ? 1 : 5);
+      EXPECT_EQ(t.attention, c.attention);
+      EXPECT_EQ(t.cache, c.cache);
+      EXPECT_EQ(t.indexer, c.indexer);
+      std::vector<std::string> names;
+      for (const auto& s : t.stages) names.push_back(s.stage);
+      const std::vector<std::string> expected =
+          *c.indexer ? std::vector<std::string>{"indexer", "topk", "attention"}
+                     : std::vector<std::string>{"attention"};
+      EXPECT_EQ(names, expected);
+      for (const auto& s : t.stages) {
+        // The fused top-k's time is the indexer's.
+        if (s.stage == "topk" && t.fused_topk) {
+          EXPECT_EQ(s.seconds, 0);
+        } else {
+          EXPECT_GT(s.seconds, 0) << s.stage;
+        }
+      }
+      if (!prefill) EXPECT_FALSE(t.fused_topk);
+      EXPECT_GE(t.repeats, 1);
+      EXPECT_GT(t.bytes, 0);
+    }
+  }
+  // A shape the kernels do not take is a usage error before any work.
+  LayerTimingRequest wide =
+      layer_timing_request(v32, {LayerKind::mla, 0, 2}, Phase::decode, 100, 1, 0.001);
+  wide.d_qk = 640;
+  EXPECT_THROW(
+      {
+        try {
+          time_layer(wide, Device::cuda);
+        } catch (const Error& e) {
+          EXPECT_EQ(e.code(), ExitCode::usage);
+          throw;
+        }
+      },
+      Error);
+  Workload workload;
+  workload.decode_batch = 4;
+  workload.prefill_chunk = 256;
+  const MeasuredCurves curves =
+      measure_curves({v32, v4}, HardwareSpec{}, workload, {1024, 4096}, Device::cuda, 256, 0.002);
+  EXPECT_EQ(curves.device.rfind("cuda:", 0), 0u) << curves.device;
+  EXPECT_EQ(curves.prefill_rows, 256);
+  EXPECT_EQ(curves.decode_sequences, 4);
+  for (const MeasuredModel& m : curves.models) {
+    for (const MeasuredPoint& p : m.points) {
+      EXPECT_GT(p.prefill.seconds, 0);
+      EXPECT_GT(p.decode.seconds, 0);
+    }
   }
 }
 

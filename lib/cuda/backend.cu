@@ -15,6 +15,7 @@
 
 #include "backend.hpp"
 #include "chunks.hpp"
+#include "device_buffer.cuh"
 #include "dsa/error.hpp"
 #include "dsa/kv_cache.hpp"
 #include "dsa/precision.hpp"
@@ -35,57 +36,23 @@ void require(const std::string& why) {
 }
 
 namespace {
-
 // The bytes the DeviceBuffers hold now, and the most they held at once (the reports'
 // peak_device_bytes): every device allocation of the backend is one.
 std::atomic<int64_t> live_bytes{0}, peak_bytes{0};
+}  // namespace
 
-void count_bytes(int64_t change) {
+// A model layer timed on the device (layer_timing.cu): its kernels' limits, and its timing.
+std::string layer_timing_limit(const LayerTimingRequest& request);
+LayerTiming time_layer(const LayerTimingRequest& request);
+
+void count_device_bytes(int64_t change) {
   const int64_t now = live_bytes.fetch_add(change) + change;
   int64_t peak = peak_bytes.load();
   while (now > peak && !peak_bytes.compare_exchange_weak(peak, now)) {
   }
 }
 
-// Device memory that frees itself.
-template <typename T>
-class DeviceBuffer {
- public:
-  DeviceBuffer() = default;
-  explicit DeviceBuffer(size_t count) { resize(count); }
-  ~DeviceBuffer() { release(); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  void resize(size_t count) {
-    if (count <= capacity_) return;
-    release();
-    const size_t n = std::max<size_t>(count, 1);
-    check(cudaMalloc(&data_, n * sizeof(T)), "cudaMalloc");
-    capacity_ = n;
-    count_bytes(static_cast<int64_t>(n * sizeof(T)));
-  }
-  void upload(const T* host, size_t count) {
-    resize(count);
-    check(cudaMemcpy(data_, host, count * sizeof(T), cudaMemcpyHostToDevice),
-          "cudaMemcpy to the GPU");
-  }
-  void download(T* host, size_t count) const {
-    check(cudaMemcpy(host, data_, count * sizeof(T), cudaMemcpyDeviceToHost),
-          "cudaMemcpy from the GPU");
-  }
-  T* get() const { return data_; }
-
- private:
-  void release() {
-    if (data_ == nullptr) return;
-    cudaFree(data_);
-    count_bytes(-static_cast<int64_t>(capacity_ * sizeof(T)));
-    data_ = nullptr;
-    capacity_ = 0;
-  }
-  T* data_ = nullptr;
-  size_t capacity_ = 0;
-};
+namespace {
 
 // Host rows (indexer operands, probability rows) per parallel range, and elements per range of
 // a bf16 conversion.
@@ -182,6 +149,7 @@ std::string attention_limit(const AttentionInputs& in, bool dense_probabilities,
 }
 
 std::string check_operation(const detail::Operation& op) {
+  if (op.layer_timing) return layer_timing_limit(*op.layer_timing);
   if (op.indexer) {
     std::string why = indexer_limit(*op.indexer, *op.indexer_config);
     if (!why.empty()) return why;
@@ -320,16 +288,6 @@ class IndexerOnDevice {
   DeviceBuffer<uint64_t> lists_;
 };
 
-// Query rows per chunk of indexer scores: 512 MB of them.
-int64_t score_chunk(const IndexerInputs& in) {
-  return std::clamp<int64_t>((512 << 20) / std::max<int64_t>(in.keys * 4, 1), 1, 1 << 16);
-}
-
-// Query rows per chunk of the fused top-k: 1 GB of its candidate lists (8192 rows at k 2048).
-int64_t topk_chunk(int64_t k) {
-  return std::clamp<int64_t>((int64_t{1} << 30) / (indexer_topk_scratch(1, k) * 8), 1, 1 << 16);
-}
-
 // Calls use(b, indexer, queries) for each batch element b that has rows in the inputs' rows:
 // its indexer (keys on the device) and those rows.
 template <typename Use>
@@ -349,7 +307,7 @@ void each_batch_element(const IndexerInputs& in, const IndexerConfig& config, St
 template <typename Use>
 void score_rows(const IndexerInputs& in, IndexerOnDevice& indexer, const QueryRows& queries,
                 StageTimes* times, Use use) {
-  const int64_t chunk = score_chunk(in);
+  const int64_t chunk = score_chunk(in.keys);
   DeviceBuffer<float> scores(
       static_cast<size_t>(std::min(chunk, queries.last - queries.first) * in.keys));
   for (int64_t c0 = queries.first; c0 < queries.last; c0 += chunk) {
@@ -722,11 +680,11 @@ class Blas {
   // math: no TF32).
   void project(const float* x, const float* w, float* out, int64_t rows, int64_t n, int64_t k) {
     const float one = 1.0f, zero = 0.0f;
-    check_blas(library().sgemm(handle_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n),
-                               static_cast<int>(rows), static_cast<int>(k), &one, w,
-                               static_cast<int>(k), x, static_cast<int>(k), &zero, out,
-                               static_cast<int>(n)),
-               "cublasSgemm (compressor projection)");
+    check_blas(
+        library().sgemm(handle_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n),
+                        static_cast<int>(rows), static_cast<int>(k), &one, w, static_cast<int>(k),
+                        x, static_cast<int>(k), &zero, out, static_cast<int>(n)),
+        "cublasSgemm (compressor projection)");
   }
 
  private:
@@ -747,8 +705,8 @@ class Blas {
       l.destroy = reinterpret_cast<decltype(l.destroy)>(dlsym(handle, "cublasDestroy_v2"));
       l.sgemm = reinterpret_cast<decltype(l.sgemm)>(dlsym(handle, "cublasSgemm_v2"));
       if (!l.create || !l.destroy || !l.sgemm) {
-        fail(ExitCode::runtime, "CUDA: {} lacks cublasCreate_v2, cublasDestroy_v2 or cublasSgemm_v2",
-             name);
+        fail(ExitCode::runtime,
+             "CUDA: {} lacks cublasCreate_v2, cublasDestroy_v2 or cublasSgemm_v2", name);
       }
       return l;
     }();
@@ -872,11 +830,20 @@ std::unique_ptr<detail::CompareEngine> compare_engine(const AttentionInputs& att
 }  // namespace
 
 const detail::Backend& backend() {
-  static const detail::Backend table{
-      Device::cuda,   unavailable_reason,  describe,         check_operation,
-      indexer_scores, select_from_indexer, sparse_attention, compressed_attention,
-      compress,       int64_t{1} << 30,    compare_engine,   [] { return peak_bytes.load(); },
-      select_device};
+  static const detail::Backend table{Device::cuda,
+                                     unavailable_reason,
+                                     describe,
+                                     check_operation,
+                                     indexer_scores,
+                                     select_from_indexer,
+                                     sparse_attention,
+                                     compressed_attention,
+                                     compress,
+                                     time_layer,
+                                     int64_t{1} << 30,
+                                     compare_engine,
+                                     [] { return peak_bytes.load(); },
+                                     select_device};
   return table;
 }
 

@@ -210,4 +210,17 @@ struct DenseProbabilityParams {
 std::string dense_probabilities_limit(int d_qk);
 void launch_dense_probabilities(const DenseProbabilityParams& p);
 
+// Random-looking device values, the same on every run (fill.cu): n elements from a hash of
+// (index, seed) uniform in [-1, 1). bf16 values times amplitude; e4m3 codes of amplitude x it (448:
+// what fp8 block quantization gives); bf16-rounded values held in f32 (an activation as an f32
+// projection reads it); one value everywhere; n rows of FlashMLA's fp8 cache (656 bytes: e4m3 codes
+// of 448 x it, the four scales 2^-8, the 64 RoPE dims bf16 values of it).
+void fill_bf16(__nv_bfloat16* x, int64_t n, uint32_t seed, float amplitude,
+               cudaStream_t stream = nullptr);
+void fill_e4m3(uint8_t* x, int64_t n, uint32_t seed, float amplitude,
+               cudaStream_t stream = nullptr);
+void fill_bf16_as_f32(float* x, int64_t n, uint32_t seed, cudaStream_t stream = nullptr);
+void fill_f32(float* x, int64_t n, float value, cudaStream_t stream = nullptr);
+void fill_fp8_cache(uint8_t* x, int64_t n, uint32_t seed, cudaStream_t stream = nullptr);
+
 }  // namespace dsa::cuda

@@ -11,6 +11,7 @@
 #include <string>
 
 #include "dsa/attention.hpp"
+#include "dsa/calibrate.hpp"
 #include "dsa/compressed_attention.hpp"
 #include "dsa/compressor.hpp"
 #include "dsa/device.hpp"
@@ -30,6 +31,7 @@ struct Operation {
   const CompressedAttentionInputs* compressed_attention = nullptr;  // DeepSeek-V4's
   const CompressorInputs* compressor = nullptr;  // with compressor_config, DeepSeek-V4's
   const CompressorConfig* compressor_config = nullptr;
+  const LayerTimingRequest* layer_timing = nullptr;  // dsa-cost's measured layers
 };
 
 // dsa-compare's arithmetic for one batch element, in blocks of query rows [c0, c0 + rows),
@@ -70,6 +72,9 @@ struct Backend {
   // DeepSeek-V4's compressor (compressor.hpp compress): the entries in order, in blocks.
   void (*compress)(const CompressorInputs& inputs, const CompressorConfig& config,
                    const CompressedSink& sink, StageTimes* times);
+  // One model layer timed on inputs of its shapes resident where the backend computes
+  // (calibrate.hpp time_layer; dsa-cost's measured curves).
+  LayerTiming (*time_layer)(const LayerTimingRequest& request);
   // Host memory a chunk of compare_attention's rows may take: the GPU's launches want long
   // chunks, the CPU's stages stay in less memory with short ones at no cost in time.
   int64_t compare_chunk_bytes;
@@ -96,6 +101,17 @@ void cpu_compress(const CompressorInputs& inputs, const CompressorConfig& config
                   const CompressedSink& sink, StageTimes* times);
 void cpu_compressed_attention(const CompressedAttentionInputs& inputs, const Tensor* indices,
                               float scale, const AttentionSink& sink, StageTimes* times);
+LayerTiming cpu_time_layer(const LayerTimingRequest& request);  // layer_timing.cpp
+
+// time_layer's timing (DESIGN.md §3): one run of `run`, which returns its own seconds; when that
+// took less than `budget` it was a warm-up and the result is the mean of the runs that follow
+// until their seconds add up to `budget`. Each run's seconds go to `stages` (per stage name, as
+// the run adds them), averaged the same way.
+struct RunTiming {
+  int64_t repeats = 0;
+  std::vector<TimedStage> stages;
+};
+RunTiming time_runs(const std::function<void(std::vector<TimedStage>&)>& run, double budget);
 
 // DeepSeek-V4's attention through a backend's MQA `attention` entry (compressed_attention.cpp):
 // per chunk of query rows, the window's raw tokens and the entries the rows use gathered on the

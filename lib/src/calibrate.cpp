@@ -1,5 +1,6 @@
 // --calibrate: this machine's achieved rates, measured with the toolkit's own kernels on small
-// random problems, to replace a preset's datasheet rates in the cost model (DESIGN.md §3).
+// random problems, to replace a preset's datasheet rates in the cost model; and the models'
+// layers measured at chosen positions beside the roofline's curves (DESIGN.md §3).
 #include "dsa/calibrate.hpp"
 
 #include <algorithm>
@@ -12,6 +13,7 @@
 #include <fmt/format.h>
 
 #include "dsa/attention.hpp"
+#include "dsa/error.hpp"
 #include "dsa/indexer.hpp"
 #include "dsa/parallel.hpp"
 #include "dsa/report.hpp"
@@ -194,6 +196,208 @@ nlohmann::json calibration_json(const Calibration& calibration) {
           {"replaces",
            "bf16_tflops <- attention_tflops, fp8_tflops <- indexer_tflops, memory_tb_s <- "
            "memory_tb_s, compute_efficiency and memory_efficiency <- 1"}};
+}
+
+std::vector<int64_t> default_measured_positions(int64_t max_context) {
+  std::vector<int64_t> positions;
+  for (const int64_t divisor : {64, 16, 4, 1}) {
+    const int64_t x = max_context / divisor;
+    if (x >= 1 && (positions.empty() || positions.back() < x)) positions.push_back(x);
+  }
+  return positions;
+}
+
+namespace {
+
+double usd_per_million(double seconds, const HardwareSpec& hardware) {
+  return seconds * hardware.price_per_gpu_hour / 3600.0 * 1e6;
+}
+
+bool same_layers(const LayerGroup& a, const LayerGroup& b) {
+  return a.kind == b.kind && a.compress_ratio == b.compress_ratio;
+}
+
+}  // namespace
+
+MeasuredCurves measure_curves(const std::vector<ModelSpec>& models, const HardwareSpec& hardware,
+                              const Workload& workload, const std::vector<int64_t>& positions,
+                              Device device, int64_t tokens, double seconds) {
+  if (positions.empty()) fail(ExitCode::usage, "no positions to measure");
+  for (std::size_t i = 0; i < positions.size(); ++i) {
+    if (positions[i] < 0 || positions[i] > kMaxCostPosition) {
+      fail(ExitCode::usage, "position {} is outside 0 .. {}", positions[i], kMaxCostPosition);
+    }
+    if (i > 0 && positions[i] <= positions[i - 1]) {
+      fail(ExitCode::usage, "positions must ascend, each once: {} follows {}", positions[i],
+           positions[i - 1]);
+    }
+  }
+  if (tokens < 1) fail(ExitCode::usage, "measured tokens must be >= 1, got {}", tokens);
+  MeasuredCurves c;
+  c.device = device_description(device);
+  c.prefill_rows = std::min(tokens, workload.prefill_chunk);
+  c.decode_sequences = std::min(tokens, workload.decode_batch);
+  c.seconds = seconds;
+  c.positions = positions;
+  int64_t timings = 0;
+  for (const ModelSpec& m : models) {
+    timings += 2 * static_cast<int64_t>(layer_schedule(m).size() * positions.size());
+  }
+  detail::Progress progress("measure", timings, "layers");
+  for (const ModelSpec& model : models) {
+    const std::vector<LayerGroup> schedule = layer_schedule(model);
+    MeasuredModel measured{model.name, {}};
+    for (const int64_t x : positions) {
+      MeasuredPoint point;
+      point.position = x;
+      for (const Phase phase : {Phase::prefill, Phase::decode}) {
+        const bool prefill = phase == Phase::prefill;
+        MeasuredToken& token = prefill ? point.prefill : point.decode;
+        const TokenCost modelled = token_cost(model, hardware, workload, phase, x);
+        for (const LayerGroup& group : schedule) {
+          const LayerTiming run = time_layer(
+              layer_timing_request(model, group, phase, x,
+                                   prefill ? c.prefill_rows : c.decode_sequences, seconds),
+              device);
+          progress.advance(1);
+          const double per_token =
+              static_cast<double>(group.count) / static_cast<double>(run.rows * run.sequences);
+          for (const TimedStage& stage : run.stages) {
+            MeasuredStage s{stage.stage, group, stage.seconds * per_token, 0, ""};
+            for (const StageCost& m : modelled.stages) {
+              if (m.stage == stage.stage && m.layers.count > 0 && same_layers(m.layers, group)) {
+                s.modelled_seconds = m.seconds;
+                s.modelled_mode = m.mode;
+              }
+            }
+            token.seconds += s.seconds;
+            token.stages.push_back(s);
+          }
+          token.runs.push_back({group, run});
+        }
+        for (const StageCost& m : modelled.stages) {
+          if (m.stage == "rest") token.rest_seconds = m.seconds;
+        }
+        token.seconds += token.rest_seconds;
+        token.modelled_seconds = modelled.seconds;
+        token.usd_per_million = usd_per_million(token.seconds, hardware);
+        token.modelled_usd_per_million = modelled.usd_per_million;
+      }
+      measured.points.push_back(std::move(point));
+    }
+    c.models.push_back(std::move(measured));
+  }
+  return c;
+}
+
+namespace {
+
+nlohmann::json ratio_json(double measured, double modelled) {
+  return modelled > 0 ? nlohmann::json(measured / modelled) : nlohmann::json();
+}
+
+void add_group(nlohmann::json& j, const LayerGroup& group) {
+  j["layer_kind"] = layer_kind_name(group.kind);
+  j["layers"] = group.count;
+  if (group.kind == LayerKind::csa || group.kind == LayerKind::hca) {
+    j["compress_ratio"] = group.compress_ratio;
+  }
+}
+
+nlohmann::json measured_token_json(const MeasuredToken& t) {
+  nlohmann::json stages = nlohmann::json::array(), runs = nlohmann::json::array();
+  double attention = 0, modelled_attention = 0;
+  for (const MeasuredStage& s : t.stages) {
+    nlohmann::json j = {{"stage", s.stage}};
+    add_group(j, s.layers);
+    j["seconds"] = s.seconds;
+    j["modelled_seconds"] = s.modelled_seconds;
+    j["measured_over_modelled"] = ratio_json(s.seconds, s.modelled_seconds);
+    if (s.stage == "attention") {
+      j["mode"] = "mqa";
+      if (!s.modelled_mode.empty()) j["modelled_mode"] = s.modelled_mode;
+    }
+    stages.push_back(j);
+    attention += s.seconds;
+    modelled_attention += s.modelled_seconds;
+  }
+  for (const MeasuredRun& run : t.runs) {
+    const LayerTiming& r = run.timing;
+    nlohmann::json times = nlohmann::json::array();
+    for (const TimedStage& s : r.stages)
+      times.push_back({{"stage", s.stage}, {"seconds", s.seconds}});
+    nlohmann::json j = nlohmann::json::object();
+    add_group(j, run.layers);
+    j.update(nlohmann::json{
+        {"first_position", r.first_position},
+        {"rows", r.rows},
+        {"sequences", r.sequences},
+        {"attention", r.attention},
+        {"cache", r.cache},
+        {"indexer", r.indexer.empty() ? nlohmann::json() : nlohmann::json(r.indexer)},
+        {"fused_topk", r.fused_topk},
+        {"repeats", r.repeats},
+        {"bytes", r.bytes},
+        {"stages", times}});
+    runs.push_back(j);
+  }
+  return {{"seconds", t.seconds},
+          {"usd_per_million_tokens", t.usd_per_million},
+          {"modelled_seconds", t.modelled_seconds},
+          {"modelled_usd_per_million_tokens", t.modelled_usd_per_million},
+          {"measured_over_modelled", ratio_json(t.seconds, t.modelled_seconds)},
+          {"attention_seconds", attention},
+          {"modelled_attention_seconds", modelled_attention},
+          {"attention_measured_over_modelled", ratio_json(attention, modelled_attention)},
+          {"rest_seconds", t.rest_seconds},
+          {"stages", stages},
+          {"runs", runs}};
+}
+
+}  // namespace
+
+nlohmann::json measured_json(const MeasuredCurves& c) {
+  nlohmann::json models = nlohmann::json::array();
+  for (const MeasuredModel& m : c.models) {
+    nlohmann::json points = nlohmann::json::array();
+    for (const MeasuredPoint& p : m.points) {
+      points.push_back({{"position", p.position},
+                        {"prefill", measured_token_json(p.prefill)},
+                        {"decode", measured_token_json(p.decode)}});
+    }
+    models.push_back({{"name", m.name}, {"points", points}});
+  }
+  return {{"device", c.device},
+          {"prefill_rows", c.prefill_rows},
+          {"decode_sequences", c.decode_sequences},
+          {"seconds", c.seconds},
+          {"positions", c.positions},
+          {"about",
+           "each model's attention layers timed with the toolkit's kernels on this device (random "
+           "inputs of the model's shapes, MQA mode), per token, times the layers of each group of "
+           "the schedule; the rest of the model is the roofline's (no toolkit kernel computes "
+           "it); modelled_* are the roofline's values for the same token"},
+          {"models", models}};
+}
+
+std::vector<std::string> measured_summary_lines(const MeasuredCurves& c) {
+  std::vector<std::string> lines;
+  for (const MeasuredModel& m : c.models) {
+    const MeasuredPoint& p = m.points.back();
+    const auto phase = [](const char* name, const MeasuredToken& t) {
+      double attention = 0, modelled = 0;
+      for (const MeasuredStage& s : t.stages) {
+        attention += s.seconds;
+        modelled += s.modelled_seconds;
+      }
+      return fmt::format("{} attention {:.4g} ms per token measured vs {:.4g} modelled ({:.2f}x)",
+                         name, attention * 1e3, modelled * 1e3,
+                         modelled > 0 ? attention / modelled : 0.0);
+    };
+    lines.push_back(fmt::format("measured on {}: {} at {}: {}; {}", c.device, m.name, p.position,
+                                phase("prefill", p.prefill), phase("decode", p.decode)));
+  }
+  return lines;
 }
 
 }  // namespace dsa

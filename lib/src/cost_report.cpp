@@ -10,6 +10,7 @@
 #include <fmt/format.h>
 
 #include "dsa/calibrate.hpp"
+#include "dsa/device.hpp"
 #include "dsa/error.hpp"
 #include "dsa/plot.hpp"
 
@@ -198,14 +199,37 @@ std::string cost_summary_line(Phase phase, const PhaseSummary& s) {
                      dollars(s.dsa_usd_per_million), s.dense_over_dsa);
 }
 
+namespace {
+
+// Model i's measured costs of one phase as points, labelled with the device.
+std::optional<PlotSeries> measured_series(const MeasuredCurves* measured, std::size_t i,
+                                          bool prefill, const std::string& color) {
+  if (!measured || i >= measured->models.size()) return std::nullopt;
+  const MeasuredModel& m = measured->models[i];
+  PlotSeries s{m.name + " measured", color, {}, {}, {}, true};
+  for (const MeasuredPoint& p : m.points) {
+    s.x.push_back(static_cast<double>(p.position) / 1024.0);
+    s.y.push_back((prefill ? p.prefill : p.decode).usd_per_million);
+  }
+  return s;
+}
+
+std::string measured_subtitle(const MeasuredCurves* measured) {
+  return measured ? "; points measured on " + measured->device : "";
+}
+
+}  // namespace
+
 std::string cost_plot_svg(const CostCurves& curves, const ModelSpec& dense, const ModelSpec& dsa,
-                          const HardwareSpec& hardware, const Workload& workload) {
+                          const HardwareSpec& hardware, const Workload& workload,
+                          const MeasuredCurves* measured) {
   Plot plot;
   plot.title =
       fmt::format("Cost per million tokens by context position: {} vs {}", dense.name, dsa.name);
   plot.subtitle = fmt::format(
-      "{} at ${:g}/GPU-hour; decode batch {}, prefill chunk {} tokens; roofline model (dsa-cost)",
-      hardware.name, hardware.price_per_gpu_hour, workload.decode_batch, workload.prefill_chunk);
+      "{} at ${:g}/GPU-hour; decode batch {}, prefill chunk {} tokens; roofline model (dsa-cost){}",
+      hardware.name, hardware.price_per_gpu_hour, workload.decode_batch, workload.prefill_chunk,
+      measured_subtitle(measured));
   const double max_k = static_cast<double>(curves.points.back().position) / 1024.0;
   for (const Phase phase : {Phase::prefill, Phase::decode}) {
     const bool prefill = phase == Phase::prefill;
@@ -227,6 +251,11 @@ std::string cost_plot_svg(const CostCurves& curves, const ModelSpec& dense, cons
     a.end_label = dollars(a.y.back());
     b.end_label = dollars(b.y.back());
     panel.series = {a, b};
+    for (std::size_t i = 0; i < 2; ++i) {
+      if (auto m = measured_series(measured, i, prefill, panel.series[i].color)) {
+        panel.series.push_back(*m);
+      }
+    }
     const PhaseSummary& s = prefill ? curves.prefill : curves.decode;
     if (s.dsa_costlier_below && *s.dsa_costlier_below > 0) {
       panel.markers.push_back({static_cast<double>(*s.dsa_costlier_below) / 1024.0,
@@ -343,7 +372,7 @@ std::string comparison_csv(const ModelComparison& c) {
 }
 
 std::string comparison_plot_svg(const ModelComparison& c, const HardwareSpec& hardware,
-                                const Workload& workload) {
+                                const Workload& workload, const MeasuredCurves* measured) {
   static const char* const kColors[] = {"#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
                                         "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"};
   std::string names;
@@ -352,9 +381,9 @@ std::string comparison_plot_svg(const ModelComparison& c, const HardwareSpec& ha
   plot.title = "Per token by context position: " + names;
   plot.subtitle = fmt::format(
       "{} at ${:g}/GPU-hour; decode batch {}, prefill chunk {} tokens; ratios against {}; "
-      "roofline model (dsa-cost)",
+      "roofline model (dsa-cost){}",
       hardware.name, hardware.price_per_gpu_hour, workload.decode_batch, workload.prefill_chunk,
-      c.models[c.baseline].name);
+      c.models[c.baseline].name, measured_subtitle(measured));
   plot.panel_width = 460;
   const ComparisonPoint& last = c.points.back();
   const double max_k = static_cast<double>(last.position) / 1024.0;
@@ -403,6 +432,13 @@ std::string comparison_plot_svg(const ModelComparison& c, const HardwareSpec& ha
       }
       s.end_label = view.end_label(s.y.back());
       panel.series.push_back(s);
+    }
+    const std::size_t lines = panel.series.size();
+    for (std::size_t i = 0; i < lines && !view.ratio; ++i) {  // the cost panels
+      const bool prefill = &view == &views[0];
+      if (auto m = measured_series(measured, i, prefill, panel.series[i].color)) {
+        panel.series.push_back(*m);
+      }
     }
     plot.panels.push_back(panel);
   }
@@ -453,7 +489,13 @@ CostRun run_cost(const PresetLibrary& presets, const CostRequest& request, Stage
        comparing ? request.compare_models : std::vector{request.dense_model, request.dsa_model}) {
     models.push_back(load_model(presets, name));
   }
-  if (request.calibrate) {
+  // --calibrate: the CPU's rates replace the preset's; the layers are measured on a GPU, and on
+  // the CPU when positions are given.
+  const Device device = request.calibrate ? resolve_device(request.device) : Device::cpu;
+  const bool calibrates_rates = request.calibrate && device == Device::cpu;
+  const bool measures =
+      request.calibrate && (device != Device::cpu || !request.calibrate_positions.empty());
+  if (calibrates_rates) {
     Stopwatch watch;
     const Calibration calibration = calibrate(request.calibrate_seconds);
     hardware = calibrated_hardware(hardware, calibration);
@@ -471,12 +513,35 @@ CostRun run_cost(const PresetLibrary& presets, const CostRequest& request, Stage
   const Workload& workload = request.workload;
   report["presets"] = presets.dir.string();
   report["hardware"] = hardware_json(hardware);
-  report["hardware"]["calibrated"] = request.calibrate;
+  report["hardware"]["calibrated"] = calibrates_rates;
   report["workload"] = {{"decode_batch", workload.decode_batch},
                         {"prefill_chunk", workload.prefill_chunk},
                         {"max_context", request.max_context},
                         {"step", request.step}};
   report["model"] = cost_model_json();
+
+  std::optional<MeasuredCurves> measured;
+  if (measures) {
+    Stopwatch watch;
+    const std::vector<int64_t> positions = request.calibrate_positions.empty()
+                                               ? default_measured_positions(request.max_context)
+                                               : request.calibrate_positions;
+    const int64_t tokens = request.calibrate_tokens > 0 ? request.calibrate_tokens
+                           : device == Device::cpu
+                               ? kCpuMeasuredTokens
+                               : std::max(workload.prefill_chunk, workload.decode_batch);
+    measured = naming(request.names.calibrate_positions, [&] {
+      return measure_curves(models, hardware, workload, positions, device, tokens,
+                            request.calibrate_seconds);
+    });
+    report["measured"] = measured_json(*measured);
+    times_out.add("measure", watch.seconds());
+  }
+  const MeasuredCurves* points = measured ? &*measured : nullptr;
+  const auto add_measured_summary = [&] {
+    if (!measured) return;
+    for (auto& line : measured_summary_lines(*measured)) run.summary.push_back(line);
+  };
 
   Stopwatch watch;
   if (!comparing) {
@@ -487,10 +552,11 @@ CostRun run_cost(const PresetLibrary& presets, const CostRequest& request, Stage
     report["summary"] = cost_summary_json(curves);
     report["points"] = cost_points_json(curves);
     if (request.want_plot)
-      run.svg = cost_plot_svg(curves, models[0], models[1], hardware, workload);
+      run.svg = cost_plot_svg(curves, models[0], models[1], hardware, workload, points);
     if (request.want_csv) run.csv = cost_csv(curves);
     run.summary = {cost_summary_line(Phase::prefill, curves.prefill),
                    cost_summary_line(Phase::decode, curves.decode)};
+    add_measured_summary();
     return run;
   }
   const std::size_t base = request.baseline.empty() ? 0 : naming(request.names.baseline, [&] {
@@ -501,9 +567,10 @@ CostRun run_cost(const PresetLibrary& presets, const CostRequest& request, Stage
   });
   times_out.add("model", watch.seconds());
   report["comparison"] = comparison_json(comparison);
-  if (request.want_plot) run.svg = comparison_plot_svg(comparison, hardware, workload);
+  if (request.want_plot) run.svg = comparison_plot_svg(comparison, hardware, workload, points);
   if (request.want_csv) run.csv = comparison_csv(comparison);
   run.summary = comparison_summary_lines(comparison);
+  add_measured_summary();
   return run;
 }
 

@@ -27,6 +27,7 @@ const Backend& cpu_backend() {
                              cpu_attention,
                              cpu_compressed_attention,
                              cpu_compress,
+                             cpu_time_layer,
                              int64_t{64} << 20,
                              cpu_compare_engine,
                              [] { return int64_t{0}; },

@@ -137,10 +137,19 @@ std::string render_panel(const PlotPanel& panel, double origin_x, double width, 
       if (!points.empty()) points += ' ';
       points += fmt::format("{:.2f},{:.2f}", f.px(s.x[i]), f.py(s.y[i]));
     }
-    svg += fmt::format(
-        "<polyline points=\"{}\" fill=\"none\" stroke=\"{}\" stroke-width=\"2.5\" "
-        "stroke-linejoin=\"round\"/>\n",
-        points, escape(s.color));
+    if (s.points_only) {
+      for (std::size_t i = 0; i < std::min(s.x.size(), s.y.size()); ++i) {
+        svg += fmt::format(
+            "<circle cx=\"{:.2f}\" cy=\"{:.2f}\" r=\"4.5\" fill=\"#ffffff\" stroke=\"{}\" "
+            "stroke-width=\"2.5\"/>\n",
+            f.px(s.x[i]), f.py(s.y[i]), escape(s.color));
+      }
+    } else {
+      svg += fmt::format(
+          "<polyline points=\"{}\" fill=\"none\" stroke=\"{}\" stroke-width=\"2.5\" "
+          "stroke-linejoin=\"round\"/>\n",
+          points, escape(s.color));
+    }
     if (!s.end_label.empty() && !s.x.empty() && !s.y.empty()) {
       svg += text(f.px(s.x.back()) + 6, f.py(s.y.back()) + 4, s.end_label,
                   fmt::format("font-size=\"12\" fill=\"{}\"", escape(s.color)));
@@ -165,10 +174,17 @@ std::string render_panel(const PlotPanel& panel, double origin_x, double width, 
       lx, ly, legend_width + 48, 20.0 * static_cast<double>(panel.series.size()) + 8);
   for (std::size_t i = 0; i < panel.series.size(); ++i) {
     const double y = ly + 18 + 20.0 * static_cast<double>(i);
-    svg += fmt::format(
-        "<line x1=\"{:.1f}\" y1=\"{:.1f}\" x2=\"{:.1f}\" y2=\"{:.1f}\" stroke=\"{}\" "
-        "stroke-width=\"2.5\"/>\n",
-        lx + 8, y - 4, lx + 32, y - 4, escape(panel.series[i].color));
+    if (panel.series[i].points_only) {
+      svg += fmt::format(
+          "<circle cx=\"{:.1f}\" cy=\"{:.1f}\" r=\"4.5\" fill=\"#ffffff\" stroke=\"{}\" "
+          "stroke-width=\"2.5\"/>\n",
+          lx + 20, y - 4, escape(panel.series[i].color));
+    } else {
+      svg += fmt::format(
+          "<line x1=\"{:.1f}\" y1=\"{:.1f}\" x2=\"{:.1f}\" y2=\"{:.1f}\" stroke=\"{}\" "
+          "stroke-width=\"2.5\"/>\n",
+          lx + 8, y - 4, lx + 32, y - 4, escape(panel.series[i].color));
+    }
     svg += text(lx + 38, y, panel.series[i].label, "font-size=\"12\"");
   }
   return svg + "</g>\n";

@@ -134,7 +134,7 @@ class Compare(unittest.TestCase):
 class Cost(unittest.TestCase):
     def test_report(self):
         report = dsa.cost(max_context=8192, step=4096)
-        self.assertEqual((report["tool"], report["schema"]), ("dsa-cost", "dsa-cost/2"))
+        self.assertEqual((report["tool"], report["schema"]), ("dsa-cost", "dsa-cost/3"))
         self.assertTrue(os.path.isfile(os.path.join(report["presets"], "hardware.json")))
         self.assertEqual([p["position"] for p in report["points"]], [0, 4096, 8192])
         dense = report["models"]["dense"]
@@ -162,6 +162,23 @@ class Cost(unittest.TestCase):
         self.assertEqual([m["name"] for m in compared["comparison"]["models"]],
                          ["DeepSeek-V3.2", "DeepSeek-V4-Flash"])
 
+    def test_measured_layers(self):
+        small = {"DeepSeek-V3.2-Exp.heads": 4, "DeepSeek-V3.2-Exp.d_qk": 64,
+                 "DeepSeek-V3.2-Exp.d_v": 48, "DeepSeek-V3.2-Exp.indexer_heads": 4,
+                 "DeepSeek-V3.2-Exp.indexer_dim": 32, "DeepSeek-V3.2-Exp.topk": 16}
+        report = dsa.cost(compare_models=["DeepSeek-V3.2-Exp"], set=small, max_context=256,
+                          calibrate=True, calibrate_seconds=0.001, device="cpu",
+                          calibrate_positions=[32, 256], calibrate_tokens=2)
+        measured = report["measured"]
+        self.assertEqual((measured["device"], measured["positions"]), ("cpu", [32, 256]))
+        point = measured["models"][0]["points"][1]
+        self.assertEqual(point["position"], 256)
+        decode = point["decode"]
+        self.assertEqual([s["stage"] for s in decode["stages"]], ["indexer", "topk", "attention"])
+        self.assertAlmostEqual(decode["seconds"],
+                               sum(s["seconds"] for s in decode["stages"]) + decode["rest_seconds"],
+                               delta=1e-12 * decode["seconds"])
+
     def test_errors(self):
         with self.assertRaises(dsa.UsageError) as caught:
             dsa.cost(hardware="no-such-gpu")
@@ -170,7 +187,10 @@ class Cost(unittest.TestCase):
             dsa.cost(presets="/nonexistent")
         for kwargs in [dict(max_context=0), dict(step=0), dict(format="xml"),
                        dict(compare_models=["DeepSeek-V3.2"], dsa_model="DeepSeek-V3.2"),
-                       dict(baseline="DeepSeek-V3.2"), dict(set={"dsa.nonsense": 1})]:
+                       dict(baseline="DeepSeek-V3.2"), dict(set={"dsa.nonsense": 1}),
+                       dict(device="cpu"), dict(calibrate_positions=[64]),
+                       dict(calibrate=True, calibrate_positions=[64, 8]),
+                       dict(calibrate=True, calibrate_tokens=0)]:
             with self.assertRaises(dsa.UsageError, msg=str(kwargs)):
                 dsa.cost(**kwargs)
 

@@ -78,8 +78,9 @@
 namespace dsa {
 
 // /2 added the layer schedule (compress_ratios, window, csa_ratio), the stages' layer_kind,
-// layers and compress_ratio, and the comparison of several models (--compare-models).
-inline constexpr const char* kCostSchema = "dsa-cost/2";
+// layers and compress_ratio, and the comparison of several models (--compare-models); /3 the
+// measured layers ("measured", calibrate.hpp) and hardware.calibrated meaning the rates alone.
+inline constexpr const char* kCostSchema = "dsa-cost/3";
 
 // One GPU (or, calibrated, this machine): peak rates, efficiency factors and a price.
 struct HardwareSpec {
@@ -269,8 +270,11 @@ nlohmann::json cost_summary_json(const CostCurves& curves);
 // decimal, so it agrees with the JSON exactly).
 std::string cost_csv(const CostCurves& curves);
 // Two panels (prefill, decode), both curves, the crossovers marked; SVG 1.1 text.
+// With `measured` (calibrate.hpp), each model's measured costs as points beside its line.
+struct MeasuredCurves;
 std::string cost_plot_svg(const CostCurves& curves, const ModelSpec& dense, const ModelSpec& dsa,
-                          const HardwareSpec& hardware, const Workload& workload);
+                          const HardwareSpec& hardware, const Workload& workload,
+                          const MeasuredCurves* measured = nullptr);
 // "prefill: DSA costs more below position ...; at 131072 dense $... vs DSA $... (x.xx)".
 std::string cost_summary_line(Phase phase, const PhaseSummary& summary);
 
@@ -303,7 +307,7 @@ nlohmann::json comparison_json(const ModelComparison& comparison);
 std::string comparison_csv(const ModelComparison& comparison);
 // Four panels: prefill and decode cost, decode FLOPs per token, KV cache; SVG 1.1 text.
 std::string comparison_plot_svg(const ModelComparison& comparison, const HardwareSpec& hardware,
-                                const Workload& workload);
+                                const Workload& workload, const MeasuredCurves* measured = nullptr);
 // At the longest position: the baseline's footprint, then each other model's with the
 // baseline's KV cache, FLOPs (all, and attention alone) and decode cost over its own.
 std::vector<std::string> comparison_summary_lines(const ModelComparison& comparison);
@@ -312,6 +316,7 @@ std::vector<std::string> comparison_summary_lines(const ModelComparison& compari
 // unknown \"dsa\""): the tools give their flags, the Python module its keywords.
 struct CostFieldNames {
   std::string overrides = "overrides", baseline = "baseline", compare_models = "compare_models";
+  std::string calibrate_positions = "calibrate_positions";
 };
 
 // One run of dsa-cost (and of the Python module's cost()).
@@ -325,13 +330,24 @@ struct CostRequest {
   std::vector<std::string> overrides;  // apply_override's assignments, in order
   bool calibrate = false;              // this machine's rates (calibrate.hpp) for the preset's
   double calibrate_seconds = 1.0;
+  // Where --calibrate measures: on the CPU its rates replace the preset's, and with positions
+  // the layers are measured too; on a GPU ("cuda", or "auto" finding one) the layers are
+  // measured at `calibrate_positions` (default_measured_positions when empty) beside the
+  // roofline of the preset's rates, which stay.
+  std::string device = "cpu";
+  std::vector<int64_t> calibrate_positions;
+  int64_t calibrate_tokens = 0;  // rows of a measured prefill, sequences of a decode; 0: the
+                                 // workload's on a GPU, kCpuMeasuredTokens on the CPU
   bool want_csv = false, want_plot = false;
   CostFieldNames names;
 };
 
+inline constexpr int64_t kCpuMeasuredTokens = 4;
+
 struct CostRun {
   // The report but report_header's fields and "timings_ms", which the caller adds: "schema",
-  // "presets", "hardware", "workload", "model", "calibration" when calibrated, then "models",
+  // "presets", "hardware", "workload", "model", "calibration" when the rates are calibrated,
+  // "measured" when layers are, then "models",
   // "summary" and "points" of the two models, or "comparison".
   nlohmann::json report;
   std::string csv, svg;              // with want_csv and want_plot: cost_csv or comparison_csv,
@@ -340,7 +356,8 @@ struct CostRun {
 };
 
 // The models and hardware loaded from `presets`, calibrated, overridden (in that order), then the
-// two models' curves or the comparison of several, timed as the stages "calibrate" and "model".
+// two models' curves or the comparison of several, and their measured layers, timed as the stages
+// "calibrate", "model" and "measure".
 CostRun run_cost(const PresetLibrary& presets, const CostRequest& request,
                  StageTimes* times = nullptr);
 

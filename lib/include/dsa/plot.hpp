@@ -1,5 +1,5 @@
-// Line charts as SVG text: panels side by side, each with axes, ticks, labels, a legend and
-// optional vertical markers. Small and dependency-free, for the tools' --plot outputs.
+// Line charts (and point series) as SVG text: panels side by side, each with axes, ticks, labels, a
+// legend and optional vertical markers. Small and dependency-free, for the tools' --plot outputs.
 #pragma once
 
 #include <string>
@@ -11,7 +11,8 @@ struct PlotSeries {
   std::string label;
   std::string color;  // any SVG color, e.g. "#1f77b4"
   std::vector<double> x, y;
-  std::string end_label;  // written next to the last point, e.g. its value; may be empty
+  std::string end_label;     // written next to the last point, e.g. its value; may be empty
+  bool points_only = false;  // a circle at each point, no line (measured beside modelled)
 };
 
 // A dashed vertical line at x with a label at its top.
