@@ -209,9 +209,11 @@ void load_attention(const AttentionOptions& options, AttentionTensors& out) {
 
 void add_kv_cache_option(CLI::App& app, AttentionOptions& options) {
   app.add_option("--kv-cache", options.kv_cache,
-                 "The latent cache the sparse attention reads: bf16 (--kv itself) or fp8 "
-                 "(FlashMLA's 656-byte rows: 512 e4m3 values with a power-of-two f32 scale per "
-                 "128, the 64 rope values in bf16; dsa(7))")
+                 "The cache the attention reads: bf16 (--kv itself) or fp8 (FlashMLA's: for V3.2 "
+                 "656-byte rows, 512 e4m3 values with a power-of-two f32 scale per 128 and the "
+                 "64 rope values in bf16; with --attention 584-byte rows of --kv and "
+                 "--compressed, 448 e4m3 values with a ue8m0 scale per 64 and the 64 rope "
+                 "values in bf16; dsa(7))")
       ->check(CLI::IsMember({"bf16", "fp8"}))
       ->capture_default_str();
 }
@@ -288,6 +290,10 @@ void load_v4_attention(const AttentionOptions& attention, const V4AttentionOptio
   out.inputs = make_compressed_attention_inputs(out.tensors[0], out.tensors[1], compressed, sink,
                                                 kind, options.window);
   out.scale = resolve_softmax_scale(attention.scale, out.inputs.dim);
+  out.fp8.reset();
+  if (parse_kv_cache(attention.kv_cache) == KvCache::fp8 && !out.inputs.fp8_cache) {
+    out.fp8 = fp8_v4_cache_attention(out.inputs);
+  }
 }
 
 void add_device_option(CLI::App& app, std::string& device) {

@@ -142,8 +142,13 @@ struct V4AttentionTensors {
   std::vector<Tensor> tensors;  // q, kv, then compressed and sink where given
   CompressedAttentionInputs inputs;
   SoftmaxScale scale;
+  std::unique_ptr<V4Fp8CacheAttention> fp8;  // with --kv-cache fp8: the caches and the inputs
+  // The inputs the attention reads: over the fp8 caches with --kv-cache fp8.
+  const CompressedAttentionInputs& attended() const { return fp8 ? fp8->inputs : inputs; }
 };
-// Reads --q, --kv, --compressed and --sink (AttentionOptions' --k, --v and --dv do not apply).
+// Reads --q, --kv, --compressed and --sink (AttentionOptions' --k, --v and --dv do not apply);
+// --kv and --compressed may be V4 fp8 caches (u8, 584 bytes a row), and with --kv-cache fp8
+// floating ones are quantized into them.
 void load_v4_attention(const AttentionOptions& attention, const V4AttentionOptions& options,
                        V4AttentionTensors& out);
 

@@ -111,15 +111,10 @@ int main(int argc, char** argv) {
     };
 
     if (!v4.attention.empty()) {  // DeepSeek-V4: window + compressed entries + sink
-      if (attention.kv_cache != "bf16") {
-        dsa::bad_usage(
-            "--kv-cache fp8 is FlashMLA's cache of V3.2's latent rows; DeepSeek-V4's attention "
-            "reads its own (--precision released quantizes it as the released code does)");
-      }
       if (future_as_padding) dsa::bad_usage("--future-as-padding is for V3.2 selections");
       dsa::app::V4AttentionTensors loaded;
       dsa::app::load_v4_attention(attention, v4, loaded);
-      dsa::CompressedAttentionInputs& inputs = loaded.inputs;
+      dsa::CompressedAttentionInputs inputs = loaded.attended();
       // One GPU per rank, as below.
       if (job.size > 1 && device_name != "cpu") dsa::use_local_gpu(job.local_rank);
       const dsa::DeviceChoice choice =

@@ -141,8 +141,8 @@ int main(int argc, char** argv) {
       }
       if (attention.kv_cache != "bf16") {
         dsa::bad_usage(
-            "--kv-cache fp8 is FlashMLA's cache of V3.2's latent rows; DeepSeek-V4's attention "
-            "reads its own (--precision released quantizes it as the released code does)");
+            "--kv-cache fp8 with --attention: dsa-compare measures V3.2's fp8 cache only "
+            "(dsa-attend --attention --kv-cache fp8 attends over V4's)");
       }
       if (future_as_padding) dsa::bad_usage("--future-as-padding is for V3.2 selections");
       dsa::app::check_single_stdin(

@@ -709,25 +709,37 @@ void v4_attention_rows(Timer& timer, int64_t L, V4Times& times) {
     auto* sink = memory.alloc<float>(layer.heads);
     auto* out = memory.alloc<float>(size_t(chunk) * layer.heads * kV4Dim);
     auto* lse = memory.alloc<float>(size_t(chunk) * layer.heads);
+    // The same rows in V4's fp8 cache (584 bytes each), for the second timing of each chunk.
+    auto* kv8 = memory.alloc<uint8_t>(size_t(L) * 584);
+    auto* cmp8 = memory.alloc<uint8_t>(size_t(std::max<int64_t>(entries, 1)) * 584);
     dsa::cuda::fill_bf16(kv, L * kV4Dim, 21, 1.0f);
     dsa::cuda::fill_bf16(cmp, entries * kV4Dim, 22, 1.0f);
+    dsa::cuda::fill_v4_fp8_cache(kv8, L, 21);
+    dsa::cuda::fill_v4_fp8_cache(cmp8, entries, 22);
     dsa::cuda::fill_f32(sink, layer.heads, 0.5f);
-    double ms = 0, flops = 0;
+    double ms = 0, ms_fp8 = 0, flops = 0;
     for (int64_t c0 = 0; c0 < L; c0 += chunk) {
       const int rows = static_cast<int>(std::min(chunk, L - c0));
       dsa::cuda::fill_bf16(q, int64_t(rows) * layer.heads * kV4Dim,
                            23 + static_cast<uint32_t>(c0 / chunk), 0.1f);
       if (layer.k) fill_entries<<<rows, 256>>>(sel, rows, layer.k, c0, layer.ratio);
       check(cudaDeviceSynchronize(), "fill");
+      auto p = v4_attention(layer, q, kv, cmp, sel, sink, rows, L, c0, out, lse);
       timer.begin();
-      dsa::cuda::launch_compressed_attention(
-          v4_attention(layer, q, kv, cmp, sel, sink, rows, L, c0, out, lse));
+      dsa::cuda::launch_compressed_attention(p);
       ms += timer.end_ms();
+      p.kv = p.compressed = nullptr;
+      p.kv_fp8 = kv8, p.compressed_fp8 = cmp8;
+      timer.begin();
+      dsa::cuda::launch_compressed_attention(p);
+      ms_fp8 += timer.end_ms();
       for (int64_t r = 0; r < rows; ++r)
         flops += 2.0 * layer.heads * (2 * kV4Dim) * double(v4_entries(layer, c0 + r));
     }
     report((std::string(layer.name) + "_attention").c_str(), L, ms, flops, ceilings.bf16_tflops,
            ",\"peak_device_bytes\":" + std::to_string(memory.peak()));
+    report((std::string(layer.name) + "_attention_fp8_cache").c_str(), L, ms_fp8, flops,
+           ceilings.bf16_tflops);
     times.attention_ms[l] = ms;
     times.flops[l] += flops;
   }
@@ -911,6 +923,10 @@ void v4_decode_rows(Timer& timer, int64_t L) {
   auto* kv = memory.alloc<__nv_bfloat16>(size_t(B) * L * kV4Dim);
   auto* c4 = memory.alloc<__nv_bfloat16>(size_t(B) * keys * kV4Dim);
   auto* c128 = memory.alloc<__nv_bfloat16>(size_t(B) * std::max<int64_t>(hca_entries, 1) * kV4Dim);
+  // The caches again in V4's fp8 format (584 bytes a row), for the fp8 decode rows.
+  auto* kv8 = memory.alloc<uint8_t>(size_t(B) * L * 584);
+  auto* c4_8 = memory.alloc<uint8_t>(size_t(B) * std::max<int64_t>(keys, 1) * 584);
+  auto* c128_8 = memory.alloc<uint8_t>(size_t(B) * std::max<int64_t>(hca_entries, 1) * 584);
   auto* q8 = memory.alloc<uint8_t>(size_t(B) * HI * DI);
   auto* k8 = memory.alloc<uint8_t>(size_t(B) * keys * DI);
   auto* w = memory.alloc<float>(size_t(B) * HI);
@@ -925,6 +941,9 @@ void v4_decode_rows(Timer& timer, int64_t L) {
   dsa::cuda::fill_bf16(kv, B * L * kV4Dim, 31, 1.0f);
   dsa::cuda::fill_bf16(c4, B * keys * kV4Dim, 32, 1.0f);
   dsa::cuda::fill_bf16(c128, B * hca_entries * kV4Dim, 33, 1.0f);
+  dsa::cuda::fill_v4_fp8_cache(kv8, B * L, 31);
+  dsa::cuda::fill_v4_fp8_cache(c4_8, B * keys, 32);
+  dsa::cuda::fill_v4_fp8_cache(c128_8, B * hca_entries, 33);
   dsa::cuda::fill_bf16(q, B * 128 * kV4Dim, 34, 0.1f);
   dsa::cuda::fill_e4m3(q8, B * HI * DI, 35, 448.0f);
   dsa::cuda::fill_e4m3(k8, B * keys * DI, 36, 448.0f);
@@ -986,6 +1005,17 @@ void v4_decode_rows(Timer& timer, int64_t L) {
                  ",\"splits\":" + std::to_string(dsa::cuda::attention_splits(ab)) +
                      ",\"best_splits\":" + std::to_string(best_splits) +
                      ",\"best_splits_ms\":" + json_number(best_split_ms, "%.4f"));
+    // From the fp8 caches: the same launch, 584 bytes an entry read instead of 1024.
+    auto fp8 = ab;
+    fp8.kv = fp8.compressed = nullptr;
+    fp8.kv_fp8 = kv8, fp8.kv_fp8_step = L * 584;
+    fp8.compressed_fp8 = layer.ratio == 4 ? c4_8 : c128_8;
+    fp8.compressed_fp8_step = (L / layer.ratio) * 584;
+    const double fp8_ms = best_ms(timer, [&] { dsa::cuda::launch_compressed_attention(fp8); });
+    const double fp8_bytes = attention_bytes - double(B) * n * kV4Dim * 2.0 + double(B) * n * 584.0;
+    report_bytes((name + "_attention_fp8_cache").c_str(), L, fp8_ms,
+                 2.0 * B * n * layer.heads * 2 * kV4Dim, fp8_bytes,
+                 ",\"splits\":" + std::to_string(dsa::cuda::attention_splits(fp8)));
     if (layer.k) {
       report_bytes((name + "_topk").c_str(), L, topk_ms, 0, topk_bytes);
       report_bytes(name.c_str(), L, indexer_ms + topk_ms + attention_ms, 0,

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <utility>
 #include <vector>
 
 #include <fmt/format.h>
@@ -135,6 +136,27 @@ TEST(TimeLayer, CpuRunsEachLayerKindAsRequested) {
       EXPECT_GT(t.bytes, 0);
     }
   }
+  // Where the model stores its cache in fp8 (kv_bytes < 2) the CPU reads the fp8 caches too:
+  // V3.2's at 576/512, V4's at 512.
+  ModelSpec v32 = small_dsa();
+  v32.heads = 2;
+  v32.d_qk = 576;
+  v32.d_v = 512;
+  v32.kv_bytes = 656.0 / 576.0;
+  ModelSpec v4 = small_v4();
+  v4.heads = 2;
+  v4.d_qk = v4.d_v = 512;
+  v4.kv_bytes = 584.0 / 512.0;
+  for (const auto& [model, group] : {std::pair{v32, LayerGroup{LayerKind::mla, 0, 3}},
+                                     {v4, LayerGroup{LayerKind::csa, 4, 2}},
+                                     {v4, LayerGroup{LayerKind::hca, 128, 2}}}) {
+    SCOPED_TRACE(layer_kind_name(group.kind));
+    const LayerTimingRequest r = layer_timing_request(model, group, Phase::decode, 300, 2, 0.001);
+    EXPECT_TRUE(r.fp8_cache);
+    const LayerTiming t = time_layer(r, Device::cpu);
+    EXPECT_EQ(t.cache, "fp8");
+    EXPECT_GT(t.stages.back().seconds, 0);
+  }
   // A CSA query at position 2 sees no complete entry: no indexer, the window alone.
   const LayerTiming early = time_layer(
       layer_timing_request(small_v4(), {LayerKind::csa, 4, 2}, Phase::decode, 2, 1, 0.001),
@@ -168,6 +190,9 @@ TEST(TimeLayer, RejectsShapesItCannotTime) {
   EXPECT_EQ(code(r), 2);
   r = good;
   r.topk = 0;
+  EXPECT_EQ(code(r), 2);
+  r = good;
+  r.fp8_cache = true;  // V4's fp8 cache holds 512-wide entries, not 64
   EXPECT_EQ(code(r), 2);
   r = good;
   r.compress_ratio = 8;  // the toolkit's CSA compresses 4 tokens

@@ -130,6 +130,7 @@ TEST(CompressedAttention, ReportModeAndLayout) {
                             {"window", 16},
                             {"compress_ratio", 4},
                             {"sink", true},
+                            {"kv_cache", "f32"},
                             {"scale", scale.value},
                             {"scale_rule", "d_qk^-0.5"}}));
   EXPECT_EQ(compressed_attention_report(csa, true, scale)["mode"], "csa-every-visible-entry");

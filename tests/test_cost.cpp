@@ -954,7 +954,7 @@ TEST_F(CostCli, CalibrateMeasuresLayersAtPositions) {
   write("small.json", R"({"base": "DeepSeek-V3.2-Exp", "name": "small", "heads": 4, "d_qk": 64,
       "d_v": 48, "indexer_heads": 4, "indexer_dim": 32, "topk": 16})");
   write("small-v4.json", R"({"base": "DeepSeek-V4-Flash", "name": "small-v4", "heads": 4,
-      "d_qk": 64, "d_v": 64, "indexer_heads": 4, "indexer_dim": 32, "topk": 8})");
+      "d_qk": 64, "d_v": 64, "kv_bytes": 2, "indexer_heads": 4, "indexer_dim": 32, "topk": 8})");
   const std::string common =
       "dsa-cost --calibrate --calibrate-seconds 0.001 --threads 1 --compare-models "
       "small.json,small-v4.json --max-context 512 --step 256 ";

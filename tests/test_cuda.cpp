@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <optional>
 #include <random>
 #include <tuple>
 #include <vector>
@@ -579,7 +580,8 @@ TEST(Cuda, CompressedAttentionMatchesTheCpu) {
 // shuffled, -1 padded selections, CSA over every visible entry, HCA, SWA without a sink; 16, 64
 // and 128 heads (a partial head group, V4-Flash, V4-Pro); rows whose window is cut by t < 127;
 // sinks that dominate a row and that vanish; decode batches whose split decoding joins the sink
-// once. 64 dims take the gathered cache on the MQA kernels instead.
+// once. 64 dims take the gathered cache on the MQA kernels instead, and so do V4's fp8 caches
+// (their dequantized rows), against the reference on their values.
 TEST(Cuda, V4AttentionMatchesTheFp64Reference) {
   SKIP_WITHOUT_GPU();
   std::mt19937_64 rng(41);
@@ -587,19 +589,26 @@ TEST(Cuda, V4AttentionMatchesTheFp64Reference) {
     V4Attention kind;
     int64_t batch, tokens, queries, heads, dim, k;
     bool sink;
+    bool fp8 = false;  // both caches in V4's fp8 format (the reference: their dequantized rows)
   };
   const std::vector<Case> cases = {
-      {V4Attention::csa, 1, 700, 300, 64, 512, 64, true},    // prefill tail, early rows cut
-      {V4Attention::csa, 1, 400, 400, 16, 512, 0, true},     // every visible entry, 16 heads
-      {V4Attention::hca, 1, 700, 260, 128, 512, 0, true},    // V4-Pro's heads
-      {V4Attention::swa, 1, 300, 200, 64, 512, 0, false},    // the window alone, no sink
-      {V4Attention::csa, 3, 20000, 1, 64, 512, 1024, true},  // decode: 18 tiles, split
-      {V4Attention::hca, 2, 70000, 1, 64, 512, 0, true},     // decode: 674 keys, split
-      {V4Attention::csa, 1, 500, 100, 8, 64, 16, true},      // gathered cache, MQA kernels
+      {V4Attention::csa, 1, 700, 300, 64, 512, 64, true},          // prefill tail, early rows cut
+      {V4Attention::csa, 1, 400, 400, 16, 512, 0, true},           // every visible entry, 16 heads
+      {V4Attention::hca, 1, 700, 260, 128, 512, 0, true},          // V4-Pro's heads
+      {V4Attention::swa, 1, 300, 200, 64, 512, 0, false},          // the window alone, no sink
+      {V4Attention::csa, 3, 20000, 1, 64, 512, 1024, true},        // decode: 18 tiles, split
+      {V4Attention::hca, 2, 70000, 1, 64, 512, 0, true},           // decode: 674 keys, split
+      {V4Attention::csa, 1, 500, 100, 8, 64, 16, true},            // gathered cache, MQA kernels
+      {V4Attention::csa, 1, 700, 300, 64, 512, 64, true, true},    // the fp8 caches: prefill,
+      {V4Attention::hca, 1, 700, 260, 128, 512, 0, true, true},    // 128 heads,
+      {V4Attention::swa, 1, 300, 200, 64, 512, 0, false, true},    // the window alone,
+      {V4Attention::csa, 3, 20000, 1, 64, 512, 1024, true, true},  // split decodes
+      {V4Attention::hca, 2, 70000, 1, 64, 512, 0, true, true},
   };
   for (const Case& c : cases) {
-    SCOPED_TRACE(fmt::format("{} B {} T {} Lq {} H {} d {} k {}", v4_attention_name(c.kind),
-                             c.batch, c.tokens, c.queries, c.heads, c.dim, c.k));
+    SCOPED_TRACE(fmt::format("{} B {} T {} Lq {} H {} d {} k {}{}", v4_attention_name(c.kind),
+                             c.batch, c.tokens, c.queries, c.heads, c.dim, c.k,
+                             c.fp8 ? " fp8" : ""));
     const int64_t ratio = v4_compress_ratio(c.kind), window = 128;
     const int64_t entries = ratio ? c.tokens / ratio : 0;
     Tensor q = test::random_tensor({c.batch, c.queries, c.heads, c.dim}, rng, 0.08f, "q");
@@ -612,8 +621,18 @@ TEST(Cuda, V4AttentionMatchesTheFp64Reference) {
       float* v = mutable_data<float>(*t);
       for (int64_t i = 0; i < t->numel(); ++i) v[i] = round_to_bf16(v[i]);
     }
+    // fp8: the caches quantized, and the reference's rows their dequantized values.
+    std::optional<Tensor> kv8, cmp8;
+    if (c.fp8) {
+      kv8 = quantize_v4_cache_fp8(kv);
+      dequantize_v4_cache_fp8(*kv8, 0, c.batch * c.tokens, mutable_data<float>(kv));
+      cmp8 = quantize_v4_cache_fp8(cmp);
+      dequantize_v4_cache_fp8(*cmp8, 0, c.batch * entries, mutable_data<float>(cmp));
+    }
     const CompressedAttentionInputs in = make_compressed_attention_inputs(
-        q, kv, ratio ? &cmp : nullptr, c.sink ? &sink : nullptr, c.kind, window);
+        q, c.fp8 ? *kv8 : kv, ratio ? (c.fp8 ? &*cmp8 : &cmp) : nullptr, c.sink ? &sink : nullptr,
+        c.kind, window);
+    ASSERT_EQ(in.fp8_cache, c.fp8);
     ASSERT_EQ(choose_device("cuda", in).device, Device::cuda);
     // CSA's selections: the visible entries shuffled, the first k of them, -1 padded.
     Tensor indices =
@@ -639,7 +658,8 @@ TEST(Cuda, V4AttentionMatchesTheFp64Reference) {
           lse.insert(lse.end(), b.lse, b.lse + b.rows * b.heads);
         },
         &times, Device::cuda);
-    EXPECT_EQ(times.get("cache") > 0, c.dim != 512);  // the V4 kernel gathers nothing on the host
+    // The V4 kernel gathers nothing on the host; the fp8 caches take the gathered cache for now.
+    EXPECT_EQ(times.get("cache") > 0, c.dim != 512 || c.fp8);
     ASSERT_EQ(out.size(), static_cast<size_t>(c.batch * c.queries * c.heads * c.dim));
     double worst_out = 0, worst_lse = 0;
     for (int64_t r = 0; r < c.batch * c.queries; ++r) {
@@ -795,9 +815,9 @@ TEST(Cuda, CompressedIndexerMatchesTheCpu) {
 }
 
 // dsa-cost's measured layers on the GPU (calibrate.hpp time_layer): each layer kind at DeepSeek's
-// shapes, prefill and decode, runs the kernels it names (the fp8 cache where the model stores
-// it; the fp8 or bf16 indexer), every row of every sequence, with a time for each stage; the
-// curves name the GPU. compute-sanitizer runs this test on the H200 (bench/NOTES.md).
+// shapes, prefill and decode, runs the kernels it names (V3.2's or V4's fp8 cache where the model
+// stores it, else bf16; the fp8 or bf16 indexer), every row of every sequence, with a time for each
+// stage; the curves name the GPU. compute-sanitizer runs this test on the H200 (bench/NOTES.md).
 TEST(Cuda, TimeLayerRunsEachLayerKindOnTheGpu) {
   SKIP_WITHOUT_GPU();
   ModelSpec v32;
@@ -834,17 +854,22 @@ TEST(Cuda, TimeLayerRunsEachLayerKindOnTheGpu) {
   v4.compress_ratios = {0, 4, 128};
   v4.window = 128;
   v4.csa_ratio = 4;
+  ModelSpec v4_bf16 = v4;  // its caches in bf16
+  v4_bf16.kv_bytes = 2;
   struct Case {
     ModelSpec model;
     LayerGroup group;
     const char *attention, *cache, *indexer;
   };
-  const std::vector<Case> cases = {{dense, {LayerKind::mla, 0, 2}, "dense", "bf16", ""},
-                                   {v32, {LayerKind::mla, 0, 2}, "sparse", "fp8", "fp8"},
-                                   {bf16_indexer, {LayerKind::mla, 0, 2}, "sparse", "fp8", "bf16"},
-                                   {v4, {LayerKind::swa, 0, 1}, "window", "bf16", ""},
-                                   {v4, {LayerKind::csa, 4, 1}, "window+selected", "bf16", "fp8"},
-                                   {v4, {LayerKind::hca, 128, 1}, "window+all", "bf16", ""}};
+  const std::vector<Case> cases = {
+      {dense, {LayerKind::mla, 0, 2}, "dense", "bf16", ""},
+      {v32, {LayerKind::mla, 0, 2}, "sparse", "fp8", "fp8"},
+      {bf16_indexer, {LayerKind::mla, 0, 2}, "sparse", "fp8", "bf16"},
+      {v4, {LayerKind::swa, 0, 1}, "window", "bf16", ""},
+      {v4, {LayerKind::csa, 4, 1}, "window+selected", "bf16", "fp8"},
+      {v4, {LayerKind::hca, 128, 1}, "window+all", "bf16", ""},
+      {v4_bf16, {LayerKind::csa, 4, 1}, "window+selected", "bf16", "fp8"},
+      {v4_bf16, {LayerKind::hca, 128, 1}, "window+all", "bf16", ""}};
   for (const Case& c : cases) {
     for (const Phase phase : {Phase::prefill, Phase::decode}) {
       SCOPED_TRACE(

@@ -1,7 +1,9 @@
 // FlashMLA's fp8 latent cache (kv_cache.hpp): the layout and scales byte for byte on hand-made
 // rows, the codes against an fp64 nearest-value search over every e4m3 code, attention over the
 // cache against attention over its dequantized rows and the fp64 reference, and dsa-compare's
-// report of what the cache loses against bf16.
+// report of what the cache loses against bf16. DeepSeek-V4's (584-byte rows): the same checks of
+// its layout and codes, the released model's quantized values kept exactly, and the V4 attention
+// over the caches against its dequantized rows and the fp64 reference.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -9,6 +11,7 @@
 #include <random>
 
 #include "dsa/attention.hpp"
+#include "dsa/compressed_attention.hpp"
 #include "dsa/device.hpp"
 #include "dsa/error.hpp"
 #include "dsa/kv_cache.hpp"
@@ -297,6 +300,197 @@ TEST(Fp8Cache, CompareReportsTheLossAgainstBf16) {
   const auto other = make_cache_problem(24, 64, 4, 32, 10);
   in.fp8_cache = &other->bf16;
   EXPECT_THROW(compare_attention(in, nullptr), Error);
+}
+
+// ---- DeepSeek-V4's cache ---------------------------------------------------------------------
+
+// Tile `tile`'s scale of row `row`: 2^(byte - 127).
+double v4_scale_of(const Tensor& cache, int64_t row, int64_t tile) {
+  const uint8_t* b = reinterpret_cast<const uint8_t*>(cache.data) + row * kV4CacheBytes;
+  return std::ldexp(1.0, static_cast<int>(b[kV4CacheScales + tile]) - 127);
+}
+
+TEST(V4Fp8Cache, LayoutOfAHandMadeRow) {
+  Tensor row = make_tensor(DType::f32, {1, kV4CacheDim}, "entries");
+  float* x = mutable_data<float>(row);
+  for (int64_t i = 0; i < kV4CacheDim; ++i) x[i] = 0;
+  x[0] = 448.0f;     // tile 0: scale 1, code of 448 is 0x7e
+  x[1] = -1.0f;      // code 0xb8
+  x[64] = 3.0f;      // tile 1: amax 3, 3/448 = 2^-7.2: scale 2^-7, 3 / 2^-7 = 384
+  x[130] = 0.01f;    // tile 2: 0.01/448 < 1e-4: clamped, scale 2^-13
+  x[448] = 1.5f;     // the first RoPE value, bf16 0x3fc0
+  x[511] = -0.375f;  // the last, 0xbec0
+  const Tensor cache = quantize_v4_cache_fp8(row);
+  ASSERT_EQ(cache.shape, (Shape{1, kV4CacheBytes}));
+  EXPECT_EQ(cache.name, "entries:fp8");
+  EXPECT_TRUE(is_v4_fp8_cache(cache));
+  EXPECT_FALSE(is_fp8_kv_cache(cache));
+  const uint8_t* b = reinterpret_cast<const uint8_t*>(cache.data);
+  EXPECT_EQ(b[0], 0x7e);
+  EXPECT_EQ(b[1], 0xb8);
+  EXPECT_EQ(b[2], 0x00);
+  EXPECT_EQ(b[kV4CacheScales + 0], 127);
+  EXPECT_EQ(b[kV4CacheScales + 1], 127 - 7);
+  EXPECT_EQ(b[64], 0x7c);  // 384 = 1.5 * 2^8: exponent field 15, mantissa 4
+  EXPECT_EQ(b[kV4CacheScales + 2], 127 - 13);
+  EXPECT_EQ(b[kV4CacheScales + 3], 127 - 13);  // an all-zero tile: the clamp too
+  EXPECT_EQ(b[kV4CacheRopeOffset], 0xc0);
+  EXPECT_EQ(b[kV4CacheRopeOffset + 1], 0x3f);
+  EXPECT_EQ(b[kV4CacheRopeOffset + 126], 0xc0);
+  EXPECT_EQ(b[kV4CacheRopeOffset + 127], 0xbe);
+  EXPECT_EQ(b[kV4CacheBytes - 1], 0);
+  std::vector<float> back(static_cast<std::size_t>(kV4CacheDim));
+  dequantize_v4_cache_fp8(cache, 0, 1, back.data());
+  EXPECT_EQ(back[0], 448.0f);
+  EXPECT_EQ(back[64], 3.0f);
+  EXPECT_EQ(back[130], static_cast<float>(nearest_e4m3(0.01 * 8192) / 8192));  // 0.01 rounds
+  EXPECT_EQ(back[448], 1.5f);
+  EXPECT_EQ(back[511], -0.375f);
+}
+
+TEST(V4Fp8Cache, CodesAreTheNearestE4m3OfFlashMlasScales) {
+  std::mt19937_64 rng(21);
+  Tensor rows = test::random_tensor({2, 33, kV4CacheDim}, rng, 2.0f, "entries");
+  float* x = mutable_data<float>(rows);
+  for (int64_t i = 0; i < kV4CacheDim; ++i) x[i] *= 1e-3f;  // a row whose tiles clamp
+  const Tensor cache = quantize_v4_cache_fp8(rows);
+  ASSERT_EQ(cache.shape, (Shape{2, 33, kV4CacheBytes}));
+  std::vector<float> back(static_cast<std::size_t>(66 * kV4CacheDim));
+  dequantize_v4_cache_fp8(cache, 0, 66, back.data());
+  for (int64_t r = 0; r < 66; ++r) {
+    const float* v = x + r * kV4CacheDim;
+    for (int64_t tile = 0; tile < kV4CacheTiles; ++tile) {
+      double amax = 0;
+      for (int64_t i = tile * 64; i < tile * 64 + 64; ++i)
+        amax = std::max(amax, std::fabs(static_cast<double>(round_to_bf16(v[i]))));
+      // FlashMLA's quantize_k_cache: 2^ceil(log2(max(amax / 448, 1e-4))).
+      const double scale = std::exp2(std::ceil(std::log2(std::max(amax / 448.0, 1e-4))));
+      ASSERT_EQ(v4_scale_of(cache, r, tile), scale) << r << " " << tile;
+      for (int64_t i = tile * 64; i < tile * 64 + 64; ++i) {
+        const double want = nearest_e4m3(round_to_bf16(v[i]) / scale) * scale;
+        ASSERT_EQ(back[r * kV4CacheDim + i], static_cast<float>(want)) << r << " " << i;
+      }
+    }
+    for (int64_t i = kV4CacheNope; i < kV4CacheDim; ++i)
+      ASSERT_EQ(back[r * kV4CacheDim + i], round_to_bf16(v[i]));
+  }
+}
+
+TEST(V4Fp8Cache, KeepsTheReleasedModelsQuantizedValues) {
+  // The released model's act_quant (e4m3 in blocks of 64, ue8m0 scales) over the non-RoPE
+  // dims: those values are code x power of two already, and the cache keeps them exactly.
+  std::mt19937_64 rng(22);
+  Tensor rows = test::random_tensor({40, kV4CacheDim}, rng, 1.0f, "entries");
+  float* x = mutable_data<float>(rows);
+  for (int64_t r = 0; r < 40; ++r) {
+    float* v = x + r * kV4CacheDim;
+    for (int64_t i = 0; i < kV4CacheDim; ++i) v[i] = round_to_bf16(v[i]);
+    fp8_fake_quantize(v, kV4CacheNope, kV4CacheTile, true, v);
+  }
+  const Tensor cache = quantize_v4_cache_fp8(rows);
+  std::vector<float> back(static_cast<std::size_t>(40 * kV4CacheDim));
+  dequantize_v4_cache_fp8(cache, 0, 40, back.data());
+  for (int64_t i = 0; i < 40 * kV4CacheDim; ++i) ASSERT_EQ(back[i], x[i]) << i;
+}
+
+TEST(V4Fp8Cache, RejectsWhatItCannotHold) {
+  std::mt19937_64 rng(23);
+  EXPECT_THROW(quantize_v4_cache_fp8(test::random_tensor({4, 576}, rng, 1.0f, "entries")), Error);
+  Tensor nan = test::random_tensor({3, kV4CacheDim}, rng, 1.0f, "entries");
+  mutable_data<float>(nan)[2 * kV4CacheDim + 500] = NAN;  // a RoPE value
+  try {
+    quantize_v4_cache_fp8(nan);
+    FAIL() << "a NaN was quantized";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ExitCode::bad_input);
+    EXPECT_NE(std::string(e.what()).find("row 2"), std::string::npos) << e.what();
+  }
+  // The attention takes both caches in the format or neither, beside 512-wide queries.
+  const Tensor q = test::random_tensor({2, 4, kV4CacheDim}, rng, 1.0f, "q");
+  const Tensor kv = quantize_v4_cache_fp8(test::random_tensor({8, kV4CacheDim}, rng, 1.0f, "kv"));
+  const Tensor entries = test::random_tensor({2, kV4CacheDim}, rng, 1.0f, "compressed");
+  EXPECT_THROW(make_compressed_attention_inputs(q, kv, &entries, nullptr, V4Attention::csa, 4),
+               Error);
+  const Tensor q64 = test::random_tensor({2, 4, 64}, rng, 1.0f, "q");
+  EXPECT_THROW(make_compressed_attention_inputs(q64, kv, nullptr, nullptr, V4Attention::swa, 4),
+               Error);
+  EXPECT_TRUE(
+      make_compressed_attention_inputs(q, kv, nullptr, nullptr, V4Attention::swa, 4).fp8_cache);
+}
+
+TEST(V4Fp8Cache, AttentionReadsTheDequantizedRows) {
+  std::mt19937_64 rng(24);
+  const int64_t T = 300, Lq = 40, H = 4, k = 16, window = 32;
+  for (const V4Attention kind : {V4Attention::csa, V4Attention::hca, V4Attention::swa}) {
+    SCOPED_TRACE(v4_attention_name(kind));
+    const int64_t ratio = v4_compress_ratio(kind);
+    const int64_t N = ratio ? T / ratio : 0;
+    const Tensor q = test::random_tensor({Lq, H, kV4CacheDim}, rng, 0.05f, "q");
+    const Tensor kv = test::random_tensor({T, kV4CacheDim}, rng, 1.0f, "kv");
+    const Tensor cmp = test::random_tensor({N, kV4CacheDim}, rng, 1.0f, "compressed");
+    const Tensor sink = test::random_tensor({H}, rng, 1.0f, "sink");
+    const CompressedAttentionInputs bf16 =
+        make_compressed_attention_inputs(q, kv, ratio ? &cmp : nullptr, &sink, kind, window);
+    const auto fp8 = fp8_v4_cache_attention(bf16);
+    ASSERT_TRUE(fp8->inputs.fp8_cache);
+    // The dequantized rows as plain f32 caches.
+    Tensor kv_back = make_tensor(DType::f32, {T, kV4CacheDim}, "kv back");
+    Tensor cmp_back = make_tensor(DType::f32, {N, kV4CacheDim}, "compressed back");
+    dequantize_v4_cache_fp8(fp8->kv, 0, T, mutable_data<float>(kv_back));
+    if (ratio) dequantize_v4_cache_fp8(fp8->compressed, 0, N, mutable_data<float>(cmp_back));
+    const CompressedAttentionInputs plain = make_compressed_attention_inputs(
+        q, kv_back, ratio ? &cmp_back : nullptr, &sink, kind, window);
+    Tensor indices = make_tensor(DType::i32, {Lq, k}, "indices");
+    std::vector<std::vector<int64_t>> selected(static_cast<std::size_t>(Lq));
+    for (int64_t r = 0; r < Lq; ++r) {
+      std::vector<int64_t> all;
+      for (int64_t j = 0; j < plain.visible_entries(r); ++j) all.push_back(j);
+      std::shuffle(all.begin(), all.end(), rng);
+      all.resize(static_cast<std::size_t>(k), -1);
+      for (int64_t i = 0; i < k; ++i) {
+        mutable_data<int32_t>(indices)[r * k + i] = static_cast<int32_t>(all[i]);
+        if (all[i] >= 0) selected[r].push_back(all[i]);
+      }
+      if (kind == V4Attention::hca) {
+        selected[r].clear();
+        for (int64_t j = 0; j < plain.visible_entries(r); ++j) selected[r].push_back(j);
+      }
+      if (kind == V4Attention::swa) selected[r].clear();
+    }
+    const Tensor* sel = kind == V4Attention::csa ? &indices : nullptr;
+    const float scale = default_scale(kV4CacheDim);
+    const auto run = [&](const CompressedAttentionInputs& in, std::vector<float>& lse) {
+      std::vector<float> out(static_cast<std::size_t>(Lq * H * kV4CacheDim));
+      lse.resize(static_cast<std::size_t>(Lq * H));
+      compressed_attention(
+          in, sel, scale,
+          [&](const AttentionBlock& b) {
+            std::copy_n(b.out, b.rows * H * kV4CacheDim,
+                        out.begin() + b.row_begin * H * kV4CacheDim);
+            std::copy_n(b.lse, b.rows * H, lse.begin() + b.row_begin * H);
+          },
+          nullptr);
+      return out;
+    };
+    std::vector<float> lse8, lse_plain;
+    const std::vector<float> out8 = run(fp8->inputs, lse8);
+    EXPECT_EQ(out8, run(plain, lse_plain));
+    EXPECT_EQ(lse8, lse_plain);
+    double worst = 0;
+    for (int64_t r = 0; r < Lq; ++r) {
+      for (int64_t h = 0; h < H; ++h) {
+        double lse = 0;
+        const std::vector<double> want = test::reference_v4_row(
+            f32(q) + (r * H + h) * kV4CacheDim, f32(kv_back), f32(cmp_back), kV4CacheDim,
+            plain.position(r), window, selected[r], f32(sink)[h], scale, lse);
+        for (int64_t e = 0; e < kV4CacheDim; ++e)
+          worst = std::max(worst, std::fabs(out8[(r * H + h) * kV4CacheDim + e] - want[e]));
+      }
+    }
+    EXPECT_LT(worst, 1e-5);
+    EXPECT_EQ(compressed_attention_report(fp8->inputs, false, {scale, "d_qk^-0.5"})["kv_cache"],
+              "fp8");
+  }
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 #include "dsa/compressed_attention.hpp"
 #include "dsa/compressor.hpp"
 #include "dsa/io.hpp"
+#include "dsa/kv_cache.hpp"
 
 using namespace dsa;
 using namespace dsa::test;
@@ -202,4 +203,61 @@ TEST_F(V4Cli, GeneratedWorkloadGoesThroughCompare) {
   const double m64 = report["results"][1]["mass_recall"]["sparse"]["mean"];
   EXPECT_GT(m64, m16);  // a larger selection keeps more of the reference's mass
   EXPECT_LE(m64, 1.0 + 1e-6);
+}
+
+// --kv-cache fp8 with --attention: both caches quantized into V4's fp8 format (584-byte rows);
+// the same as the library over them, and as dsa-attend over the caches given as u8 files; a kv
+// cache beside floating entries is refused naming the file, and dsa-compare says what it measures.
+TEST_F(V4Cli, Fp8CacheOfTheWindowAndTheEntries) {
+  std::mt19937_64 rng(15);
+  const int64_t T8 = 200, Lq8 = 20, H8 = 2;
+  const Tensor q = random_tensor({Lq8, H8, kV4CacheDim}, rng, 0.05f, "q");
+  const Tensor kv = random_tensor({T8, kV4CacheDim}, rng, 1.0f, "kv");
+  const Tensor c = random_tensor({T8 / 4, kV4CacheDim}, rng, 1.0f, "c");
+  write("q8.npy", q);
+  write("kv8.npy", kv);
+  write("c8.npy", c);
+  Tensor sel = make_tensor(DType::i64, {Lq8, 3}, "sel");
+  for (int64_t r = 0; r < Lq8; ++r) {
+    int64_t* row = mutable_data<int64_t>(sel) + 3 * r;
+    row[0] = 0, row[1] = 10 + r, row[2] = -1;
+  }
+  write("sel8.npy", sel);
+  const std::string args = "dsa-attend --attention csa --q q8.npy --indices sel8.npy ";
+  Outcome r =
+      run(args + "--kv kv8.npy --compressed c8.npy --kv-cache fp8 -o o.npy --report a.json");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(nlohmann::json::parse(slurp(path("a.json")))["kv_cache"], "fp8");
+  const CompressedAttentionInputs in =
+      make_compressed_attention_inputs(q, kv, &c, nullptr, V4Attention::csa, 128);
+  const auto fp8 = fp8_v4_cache_attention(in);
+  std::vector<float> want;
+  compressed_attention(
+      fp8->inputs, &sel, 1.0f / std::sqrt(512.0f),
+      [&](const AttentionBlock& b) {
+        want.insert(want.end(), b.out, b.out + b.rows * b.heads * b.d_v);
+      },
+      nullptr);
+  const Tensor o = read_tensor(path("o.npy"));
+  EXPECT_EQ(std::vector<float>(f32(o), f32(o) + o.numel()), want);
+  write("kv8.fp8.npy", fp8->kv);
+  write("c8.fp8.npy", fp8->compressed);
+  r = run(args + "--kv kv8.fp8.npy --compressed c8.fp8.npy -o o2.npy -q");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(slurp(path("o.npy")), slurp(path("o2.npy")));
+  r = run(args + "--kv kv8.npy --compressed c8.npy -o o3.npy -q");  // bf16: other values
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(slurp(path("o.npy")), slurp(path("o3.npy")));
+
+  r = run(args + "--kv kv8.fp8.npy --compressed c8.npy -o refused.npy");
+  EXPECT_EQ(r.code, 3);
+  EXPECT_NE(r.err.find("c8.npy (compressed): expected the V4 fp8 cache"), std::string::npos)
+      << r.err;
+  r =
+      run("dsa-compare --attention csa --q q8.npy --kv kv8.npy --compressed c8.npy --indices "
+          "sel8.npy --kv-cache fp8 -o refused.json");
+  EXPECT_EQ(r.code, 2);
+  EXPECT_NE(r.err.find("measures V3.2's fp8 cache only"), std::string::npos) << r.err;
+  EXPECT_FALSE(fs::exists(path("refused.npy")));
+  EXPECT_FALSE(fs::exists(path("refused.json")));
 }

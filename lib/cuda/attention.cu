@@ -31,6 +31,7 @@ struct Sequence {
   const uint8_t* kv_fp8;            // null: the bf16 cache
   const int32_t* indices;           // null: dense
   const __nv_bfloat16* compressed;  // V4's entries
+  const uint8_t* compressed_fp8;    // V4's entries in the fp8 cache
   float* out;
   float* lse;
   __device__ explicit Sequence(const AttentionParams& p) {
@@ -40,6 +41,7 @@ struct Sequence {
     kv_fp8 = p.kv_fp8 ? p.kv_fp8 + z * p.kv_fp8_step : nullptr;
     indices = p.indices ? p.indices + z * p.indices_step : nullptr;
     compressed = p.compressed ? p.compressed + z * p.compressed_step : nullptr;
+    compressed_fp8 = p.compressed_fp8 ? p.compressed_fp8 + z * p.compressed_fp8_step : nullptr;
     out = p.out + z * p.out_step;
     lse = p.lse + z * p.lse_step;
   }
@@ -271,6 +273,28 @@ __global__ void __launch_bounds__(128)
   if (threadIdx.x == 0) p.lse[z * p.lse_step + rh] = total > 0 ? top + __logf(total) : -INFINITY;
 }
 
+// 8 e4m3 codes times a power-of-two scale, as 8 bf16 values (exact: FlashMLA's dequantization).
+__device__ __forceinline__ uint4 dequantize_e4m3x8(uint2 codes, float scale) {
+  uint32_t words[4];
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    const uint32_t pair = ((w < 2 ? codes.x : codes.y) >> (16 * (w % 2))) & 0xffffu;
+    const __half2_raw h =
+        __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(pair), __NV_E4M3);
+    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h));
+    const __nv_bfloat162 b = __floats2bfloat162_rn(f.x * scale, f.y * scale);
+    words[w] = *reinterpret_cast<const uint32_t*>(&b);
+  }
+  return make_uint4(words[0], words[1], words[2], words[3]);
+}
+
+// A ue8m0 byte's scale, 2^(byte - 127) (0: 2^-127; 255: NaN).
+__device__ __forceinline__ float ue8m0_scale(uint8_t byte) {
+  return byte == 0     ? __int_as_float(0x00400000)
+         : byte == 255 ? __int_as_float(0x7fc00000)
+                       : __int_as_float(byte << 23);
+}
+
 // The Hopper kernel for MLA's shapes (MlaAttentionTraits: d_qk 512 or 576, d_v 512): 64 heads
 // of one query row per block, two warpgroups, tiles of 64 selected keys gathered with cp.async
 // into two swizzled buffers (the next tile arrives while this one is computed on). Per tile,
@@ -287,13 +311,16 @@ __global__ void __launch_bounds__(128)
 // V4 (DeepSeek-V4's attention, d_qk = d_v = 512): a row's entries are its window of raw tokens,
 // then its compressed entries (AttentionParams' V4 fields), gathered from the two caches into
 // the same tiles; the split that holds the row's first tile adds the sink to its denominator.
+// V4 and FP8 (MlaV4Fp8AttentionTraits): both caches in V4's fp8 format, staged and dequantized
+// as FP8's (a ue8m0 scale per 64 codes, the RoPE values copied).
 template <int D_QK, bool FP8 = false, bool V4 = false>
 __global__ void __launch_bounds__(MlaAttentionTraits<D_QK>::kThreads, 1)
     mla_wgmma_kernel(const __grid_constant__ AttentionParams p) {
   namespace wg = wgmma;
-  using Traits = std::conditional_t<FP8, MlaFp8AttentionTraits, MlaAttentionTraits<D_QK>>;
-  static_assert(!FP8 || D_QK == 576, "the fp8 cache holds 576-wide rows");
-  static_assert(!V4 || (D_QK == 512 && !FP8), "V4's rows are 512 wide, K = V, in bf16");
+  using Fp8Traits = std::conditional_t<V4, MlaV4Fp8AttentionTraits, MlaFp8AttentionTraits>;
+  using Traits = std::conditional_t<FP8, Fp8Traits, MlaAttentionTraits<D_QK>>;
+  static_assert(!FP8 || D_QK == (V4 ? 512 : 576), "the fp8 caches hold 576 (V3.2), 512 (V4)");
+  static_assert(!V4 || D_QK == 512, "V4's rows are 512 wide, K = V");
   using Tile = typename Traits::Tile;
   using Layout = typename Traits::Layout;
   constexpr int kHeads = Tile::kHeads, kKeys = Tile::kKeys, kHalfValues = Traits::kHalfValues;
@@ -358,7 +385,15 @@ __global__ void __launch_bounds__(MlaAttentionTraits<D_QK>::kThreads, 1)
   auto fetch = [&](int s, int buffer) {
     constexpr int per_key = Traits::kThreads / kKeys;
     if (tid % per_key == 0) slot_s[buffer * kKeys + j] = s;
-    if constexpr (FP8) {
+    if constexpr (FP8 && V4) {  // a raw token's row (s >= 0) or an entry's (-2 - s), 8-aligned
+      const uint8_t* row =
+          s >= 0    ? kv_fp8 + static_cast<int64_t>(s) * Traits::kRowBytes
+          : s == -1 ? kv_fp8
+                    : sequence.compressed_fp8 + static_cast<int64_t>(-2 - s) * Traits::kRowBytes;
+      const uint32_t staged = base + Layout::raw + j * Traits::kRowBytes;
+      for (int c = tid % per_key; c < Traits::kRowPieces; c += per_key)
+        wg::copy_async_8(staged + c * 8, row + c * 8, s != -1);
+    } else if constexpr (FP8) {
       const uint8_t* row = kv_fp8 + static_cast<int64_t>(s >= 0 ? s : 0) * Traits::kRowBytes;
       const uint32_t staged = base + Layout::raw + j * Traits::kRowBytes;
       for (int c = tid % per_key; c < Traits::kRowChunks; c += per_key)
@@ -374,29 +409,29 @@ __global__ void __launch_bounds__(MlaAttentionTraits<D_QK>::kThreads, 1)
     wg::copy_async_commit();
   };
   // FP8: the staged rows into the bf16 tile, 8 values (16 bytes) at a time: a latent piece is 8
-  // codes times its tile's scale, a rope piece is copied. Zero rows (s < 0) give zeros.
+  // codes times its tile's scale (V3.2: an f32 per 128; V4: a ue8m0 byte per 64), a rope piece
+  // is copied (V4's, 8-aligned, in two halves). Zero rows (s < 0) give zeros.
   auto dequantize = [&] {
     if constexpr (FP8) {
-      constexpr int pieces = Tile::kChunks;  // 72 per row: 64 latent, 8 rope
+      constexpr int pieces = Tile::kChunks;  // per row: V3.2 64 latent + 8 rope; V4 56 + 8
       for (int i = tid; i < kKeys * pieces; i += Traits::kThreads) {
         const int key = i / pieces, c = i % pieces;
         const unsigned char* row = smem + Layout::raw + key * Traits::kRowBytes;
         uint4 v;
         if (c < Traits::kLatent / 8) {
-          const float scale =
-              *reinterpret_cast<const float*>(row + Traits::kScales + 4 * (c * 8 / Traits::kTile));
-          const uint2 codes = *reinterpret_cast<const uint2*>(row + c * 8);
-          uint32_t words[4];
-#pragma unroll
-          for (int w = 0; w < 4; ++w) {
-            const uint32_t pair = ((w < 2 ? codes.x : codes.y) >> (16 * (w % 2))) & 0xffffu;
-            const __half2_raw h =
-                __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(pair), __NV_E4M3);
-            const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h));
-            const __nv_bfloat162 b = __floats2bfloat162_rn(f.x * scale, f.y * scale);
-            words[w] = *reinterpret_cast<const uint32_t*>(&b);
+          const int tile = c * 8 / Traits::kTile;
+          float scale;
+          if constexpr (V4) {
+            scale = ue8m0_scale(row[Traits::kScales + tile]);
+          } else {
+            scale = *reinterpret_cast<const float*>(row + Traits::kScales + 4 * tile);
           }
-          v = make_uint4(words[0], words[1], words[2], words[3]);
+          v = dequantize_e4m3x8(*reinterpret_cast<const uint2*>(row + c * 8), scale);
+        } else if constexpr (V4) {
+          const unsigned char* rope = row + Traits::kRope + (c - Traits::kLatent / 8) * 16;
+          const uint2 lo = *reinterpret_cast<const uint2*>(rope);
+          const uint2 hi = *reinterpret_cast<const uint2*>(rope + 8);
+          v = make_uint4(lo.x, lo.y, hi.x, hi.y);
         } else {
           v = *reinterpret_cast<const uint4*>(row + Traits::kRope + (c - Traits::kLatent / 8) * 16);
         }
@@ -662,7 +697,11 @@ void launch_compressed_attention(const AttentionParams& p) {
   if (p.rows == 0 || p.sequences == 0) return;
   require(compressed_attention_limit(p.d_qk, p.window));
   require(p.d_v == p.d_qk ? "" : "the CUDA V4 attention's values are its keys: d_v = d_qk");
-  launch_mla_wgmma(p, mla_wgmma_kernel<512, false, true>, MlaAttentionTraits<512>{});
+  if (p.kv_fp8) {
+    launch_mla_wgmma(p, mla_wgmma_kernel<512, true, true>, MlaV4Fp8AttentionTraits{});
+  } else {
+    launch_mla_wgmma(p, mla_wgmma_kernel<512, false, true>, MlaAttentionTraits<512>{});
+  }
   check(cudaGetLastError(), "attention kernel launch");
 }
 

@@ -590,7 +590,9 @@ void sparse_attention(const AttentionInputs& in, const Tensor* indices, float sc
 // the gathered cache and the MQA kernels.
 void compressed_attention(const CompressedAttentionInputs& in, const Tensor* indices, float scale,
                           const AttentionSink& sink, StageTimes* times) {
-  if (!compressed_attention_limit(static_cast<int>(in.dim), in.window).empty()) {
+  // V4's fp8 caches take the gathered cache too (their dequantized rows): the V4 kernel's fp8
+  // instantiation is not yet verified on a GPU (bench/NOTES.md, 2026-12-02).
+  if (in.fp8_cache || !compressed_attention_limit(static_cast<int>(in.dim), in.window).empty()) {
     detail::gathered_compressed_attention(in, indices, scale, sink, times, sparse_attention);
     return;
   }
@@ -606,6 +608,7 @@ void compressed_attention(const CompressedAttentionInputs& in, const Tensor* ind
   }
   Bf16Upload upload;
   DeviceBuffer<__nv_bfloat16> kv, compressed, q;
+  DeviceBuffer<uint8_t> kv_fp8, compressed_fp8;  // the fp8 caches' rows as they are
   DeviceBuffer<int32_t> selection;
   DeviceBuffer<float> out_d, lse_d, splits;
   std::vector<int64_t> wide;
@@ -616,8 +619,18 @@ void compressed_attention(const CompressedAttentionInputs& in, const Tensor* ind
     const QueryRows queries = batch_queries(share, b, in.queries);
     if (queries.first >= queries.last) continue;
     Stopwatch load;
-    upload(*in.kv, b * in.tokens * d, in.tokens * d, kv);
-    if (in.compressed) upload(*in.compressed, b * in.entries * d, in.entries * d, compressed);
+    if (in.fp8_cache) {
+      const auto rows_of = [](const Tensor& t, int64_t first, int64_t count,
+                              DeviceBuffer<uint8_t>& dst) {
+        dst.upload(reinterpret_cast<const uint8_t*>(t.data) + first * kV4CacheBytes,
+                   static_cast<size_t>(count * kV4CacheBytes));
+      };
+      rows_of(*in.kv, b * in.tokens, in.tokens, kv_fp8);
+      if (in.compressed) rows_of(*in.compressed, b * in.entries, in.entries, compressed_fp8);
+    } else {
+      upload(*in.kv, b * in.tokens * d, in.tokens * d, kv);
+      if (in.compressed) upload(*in.compressed, b * in.entries * d, in.entries * d, compressed);
+    }
     if (times) times->add("load", load.seconds());
     for (int64_t c0 = queries.first; c0 < queries.last; c0 += chunk) {
       const int64_t rows = std::min(chunk, queries.last - c0);
@@ -633,8 +646,13 @@ void compressed_attention(const CompressedAttentionInputs& in, const Tensor* ind
       lse_d.resize(static_cast<size_t>(rows * H));
       AttentionParams p;
       p.q = q.get();
-      p.kv = kv.get();
-      p.compressed = in.compressed ? compressed.get() : nullptr;
+      if (in.fp8_cache) {
+        p.kv_fp8 = kv_fp8.get();
+        p.compressed_fp8 = in.compressed ? compressed_fp8.get() : nullptr;
+      } else {
+        p.kv = kv.get();
+        p.compressed = in.compressed ? compressed.get() : nullptr;
+      }
       p.indices = indices ? selection.get() : nullptr;
       p.out = out_d.get();
       p.lse = lse_d.get();

@@ -67,6 +67,25 @@ __global__ void fill_fp8_cache_kernel(uint8_t* x, int64_t n, uint32_t seed) {
   }
 }
 
+// n rows of DeepSeek-V4's fp8 cache (dsa/kv_cache.hpp, 584 bytes each): e4m3 codes of 448 *
+// uniform(-1, 1), the 64 rope values bf16 uniform(-1, 1), the seven scale bytes 2^-8, a zero.
+__global__ void fill_v4_fp8_cache_kernel(uint8_t* x, int64_t n, uint32_t seed) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n * 584;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t row = i / 584;
+    const int b = static_cast<int>(i % 584);
+    if (b < 448) {
+      x[i] = __nv_fp8_e4m3(448.0f * uniform(i, seed)).__x;
+    } else if (b < 576) {
+      const int e = (b - 448) / 2;
+      const __nv_bfloat16 v = __float2bfloat16(uniform(row * 64 + e, seed + 1));
+      x[i] = static_cast<uint8_t>(*reinterpret_cast<const uint16_t*>(&v) >> (8 * ((b - 448) % 2)));
+    } else {
+      x[i] = b < 583 ? 127 - 8 : 0;
+    }
+  }
+}
+
 }  // namespace
 
 void fill_bf16(__nv_bfloat16* x, int64_t n, uint32_t seed, float amplitude, cudaStream_t stream) {
@@ -83,6 +102,10 @@ void fill_f32(float* x, int64_t n, float value, cudaStream_t stream) {
 }
 void fill_fp8_cache(uint8_t* x, int64_t n, uint32_t seed, cudaStream_t stream) {
   fill_fp8_cache_kernel<<<kFillBlocks, kFillThreads, 0, stream>>>(x, n, seed);
+}
+
+void fill_v4_fp8_cache(uint8_t* x, int64_t n, uint32_t seed, cudaStream_t stream) {
+  fill_v4_fp8_cache_kernel<<<kFillBlocks, kFillThreads, 0, stream>>>(x, n, seed);
 }
 
 }  // namespace dsa::cuda

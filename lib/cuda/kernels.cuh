@@ -136,6 +136,10 @@ struct AttentionParams {
   // whole denominator's.
   const __nv_bfloat16* compressed = nullptr;
   int64_t compressed_step = 0;
+  // Or, with kv_fp8 set instead of kv, both caches in DeepSeek-V4's fp8 format (dsa/kv_cache.hpp:
+  // 584 bytes a row, sequence z's at byte z * kv_fp8_step and z * compressed_fp8_step).
+  const uint8_t* compressed_fp8 = nullptr;
+  int64_t compressed_fp8_step = 0;
   int window = 0;
   int64_t ratio = 0, entries = 0;
   const float* sink = nullptr;
@@ -155,8 +159,9 @@ constexpr int kSplitRows = 8, kSplitTiles = 3, kMaxSplits = 32;
 int attention_splits(const AttentionParams& p);
 int64_t attention_partial_floats(const AttentionParams& p);
 void launch_attention(const AttentionParams& p);
-// DeepSeek-V4's attention (the fields above), d_qk = d_v = 512 (K = V), window >= 1; split
-// decoding as launch_attention's, over a row's window and entries.
+// DeepSeek-V4's attention (the fields above), d_qk = d_v = 512 (K = V), window >= 1, from the
+// bf16 caches or (kv_fp8) the fp8 ones; split decoding as launch_attention's, over a row's
+// window and entries.
 std::string compressed_attention_limit(int dim, int64_t window);
 void launch_compressed_attention(const AttentionParams& p);
 
@@ -214,7 +219,8 @@ void launch_dense_probabilities(const DenseProbabilityParams& p);
 // (index, seed) uniform in [-1, 1). bf16 values times amplitude; e4m3 codes of amplitude x it (448:
 // what fp8 block quantization gives); bf16-rounded values held in f32 (an activation as an f32
 // projection reads it); one value everywhere; n rows of FlashMLA's fp8 cache (656 bytes: e4m3 codes
-// of 448 x it, the four scales 2^-8, the 64 RoPE dims bf16 values of it).
+// of 448 x it, the four scales 2^-8, the 64 RoPE dims bf16 values of it); n rows of V4's (584
+// bytes: the same codes and RoPE values, seven ue8m0 scales of 2^-8).
 void fill_bf16(__nv_bfloat16* x, int64_t n, uint32_t seed, float amplitude,
                cudaStream_t stream = nullptr);
 void fill_e4m3(uint8_t* x, int64_t n, uint32_t seed, float amplitude,
@@ -222,5 +228,6 @@ void fill_e4m3(uint8_t* x, int64_t n, uint32_t seed, float amplitude,
 void fill_bf16_as_f32(float* x, int64_t n, uint32_t seed, cudaStream_t stream = nullptr);
 void fill_f32(float* x, int64_t n, float value, cudaStream_t stream = nullptr);
 void fill_fp8_cache(uint8_t* x, int64_t n, uint32_t seed, cudaStream_t stream = nullptr);
+void fill_v4_fp8_cache(uint8_t* x, int64_t n, uint32_t seed, cudaStream_t stream = nullptr);
 
 }  // namespace dsa::cuda

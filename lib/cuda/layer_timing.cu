@@ -45,6 +45,7 @@ Layer layer_of(const LayerTimingRequest& r) {
   l.codes =
       r.indexer_precision == "fp8" &&
       indexer_fp8_limit(static_cast<int>(r.indexer_heads), static_cast<int>(r.indexer_dim)).empty();
+  // V4's fp8 cache on the V4 kernel is not yet verified on a GPU: V4 layers time the bf16 caches.
   l.fp8_cache = !l.v4 && r.fp8_cache;
   l.sequences = l.decode ? r.tokens : 1;
   return l;
@@ -54,7 +55,8 @@ Layer layer_of(const LayerTimingRequest& r) {
 int64_t sequence_bytes(const LayerTimingRequest& r, const Layer& l) {
   const int64_t rows = l.rows.rows, H = r.heads, d = r.d_qk;
   int64_t bytes = rows * H * d * 2 + rows * H * (r.d_v + 1) * 4;  // q; out and lse
-  bytes += l.tokens * (l.fp8_cache ? kFp8CacheBytes : d * 2) + l.entries * d * 2;
+  const int64_t row = !l.fp8_cache ? d * 2 : l.v4 ? kV4CacheBytes : kFp8CacheBytes;
+  bytes += (l.tokens + l.entries) * row;
   if (l.indexed) {
     const int64_t element = l.codes ? 1 : 2;
     bytes += rows * r.indexer_heads * (r.indexer_dim * element + 4);  // q_I, w
@@ -70,6 +72,9 @@ std::string limit(const LayerTimingRequest& r) {
   const int d = static_cast<int>(r.d_qk), dv = static_cast<int>(r.d_v);
   std::string why =
       l.v4 ? compressed_attention_limit(d, r.window) : attention_limit(d, dv, l.fp8_cache);
+  if (why.empty() && l.v4 && l.fp8_cache && d != kV4CacheDim) {
+    why = fmt::format("the V4 fp8 cache holds entries of {} values, got {}", kV4CacheDim, d);
+  }
   if (why.empty() && l.indexed) {
     why = l.codes
               ? ""
@@ -254,21 +259,29 @@ LayerTiming time_on_device(const LayerTimingRequest& r, const Layer& l) {
   const int64_t T_ = l.tokens;
   DeviceBuffer<__nv_bfloat16> q(static_cast<size_t>(B * rows * H * d));
   DeviceBuffer<__nv_bfloat16> kv, compressed;
-  DeviceBuffer<uint8_t> kv_fp8;
+  DeviceBuffer<uint8_t> kv_fp8, compressed_fp8;
   DeviceBuffer<float> sink, out(static_cast<size_t>(B * rows * H * dv)),
       lse(static_cast<size_t>(B * rows * H)), values, partial;
   DeviceBuffer<int32_t> indices;
   fill_bf16(q.get(), B * rows * H * d, 21, 0.1f);
-  if (l.fp8_cache) {
-    kv_fp8.resize(static_cast<size_t>(B * T_ * kFp8CacheBytes));
+  const int64_t row_bytes = l.v4 ? kV4CacheBytes : kFp8CacheBytes;  // the fp8 caches' rows
+  if (l.fp8_cache && l.v4) {
+    kv_fp8.resize(static_cast<size_t>(B * T_ * row_bytes));
+    fill_v4_fp8_cache(kv_fp8.get(), B * T_, 22);
+    if (l.entries > 0) {
+      compressed_fp8.resize(static_cast<size_t>(B * l.entries * row_bytes));
+      fill_v4_fp8_cache(compressed_fp8.get(), B * l.entries, 23);
+    }
+  } else if (l.fp8_cache) {
+    kv_fp8.resize(static_cast<size_t>(B * T_ * row_bytes));
     fill_fp8_cache(kv_fp8.get(), B * T_, 22);
   } else {
     kv.resize(static_cast<size_t>(B * T_ * d));
     fill_bf16(kv.get(), B * T_ * d, 22, 1.0f);
-  }
-  if (l.entries > 0) {
-    compressed.resize(static_cast<size_t>(B * l.entries * d));
-    fill_bf16(compressed.get(), B * l.entries * d, 23, 1.0f);
+    if (l.entries > 0) {
+      compressed.resize(static_cast<size_t>(B * l.entries * d));
+      fill_bf16(compressed.get(), B * l.entries * d, 23, 1.0f);
+    }
   }
   if (l.v4) {
     sink.resize(static_cast<size_t>(H));
@@ -285,7 +298,7 @@ LayerTiming time_on_device(const LayerTimingRequest& r, const Layer& l) {
   p.q = q.get();
   p.kv = kv.get();
   p.kv_fp8 = kv_fp8.get();
-  p.kv_fp8_step = T_ * kFp8CacheBytes;
+  p.kv_fp8_step = T_ * row_bytes;
   p.indices = l.indexed ? indices.get() : nullptr;
   p.out = out.get();
   p.lse = lse.get();
@@ -304,6 +317,8 @@ LayerTiming time_on_device(const LayerTimingRequest& r, const Layer& l) {
   if (l.v4) {
     p.compressed = compressed.get();
     p.compressed_step = l.entries * d;
+    p.compressed_fp8 = compressed_fp8.get();
+    p.compressed_fp8_step = l.entries * row_bytes;
     p.window = static_cast<int>(r.window);
     p.ratio = l.ratio;
     p.entries = l.entries;
@@ -343,8 +358,8 @@ LayerTiming time_on_device(const LayerTimingRequest& r, const Layer& l) {
   t.stages = timing.stages;
   t.repeats = timing.repeats;
   t.bytes = static_cast<int64_t>(q.bytes() + kv.bytes() + kv_fp8.bytes() + compressed.bytes() +
-                                 sink.bytes() + out.bytes() + lse.bytes() + values.bytes() +
-                                 partial.bytes() + indices.bytes()) +
+                                 compressed_fp8.bytes() + sink.bytes() + out.bytes() + lse.bytes() +
+                                 values.bytes() + partial.bytes() + indices.bytes()) +
             (indexer ? indexer->bytes() : 0);
   return t;
 }

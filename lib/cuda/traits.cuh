@@ -104,12 +104,35 @@ struct MlaFp8AttentionTraits : MlaAttentionTraits<576> {
     static constexpr uint32_t q = 0;
     static constexpr uint32_t kv = q + Tile::kQueryBytes;
     static constexpr uint32_t raw = kv + Tile::kTileBytes;
-    static constexpr uint32_t p = raw + Tile::kKeys * kRowBytes;
+    static constexpr uint32_t p = raw + Tile::kKeys * kRowBytes;  // 1024-aligned: 64 x 656
     static constexpr uint32_t max = p + sizeof(__nv_bfloat16) * Tile::kHeads * Tile::kKeys;
     static constexpr uint32_t sum = max + sizeof(float) * 2 * Tile::kHeads;
     static constexpr uint32_t slot = sum + sizeof(float) * 2 * Tile::kHeads;
     static constexpr uint32_t bytes = slot + sizeof(int) * 2 * Tile::kKeys + 1024;  // + slack
   };
+  static_assert(Layout::kv % 1024 == 0 && Layout::p % 1024 == 0, "swizzled operands");
+};
+
+// The V4 attention over DeepSeek-V4's fp8 caches (d 512, dsa/kv_cache.hpp): as the fp8 cache's
+// traits above, with rows of 584 bytes (8-byte aligned only, gathered 8 bytes at a time): 448
+// e4m3 codes, the 64 RoPE values in bf16 at byte 448, a ue8m0 scale byte per 64 codes at 576.
+struct MlaV4Fp8AttentionTraits : MlaAttentionTraits<512> {
+  using Tile = MlaTileTraits<512>;
+  static constexpr int kRowBytes = 584;
+  static constexpr int kRowPieces = kRowBytes / 8;  // 73 pieces of 8 bytes
+  static constexpr int kLatent = 448, kRope = 448, kScales = 576, kTile = 64;
+  struct Layout {
+    static constexpr uint32_t q = 0;
+    static constexpr uint32_t kv = q + Tile::kQueryBytes;
+    static constexpr uint32_t raw = kv + Tile::kTileBytes;
+    // P is a 128-byte-swizzled wgmma operand: 1024-aligned (64 x 584 staged bytes are not).
+    static constexpr uint32_t p = (raw + Tile::kKeys * kRowBytes + 1023) / 1024 * 1024;
+    static constexpr uint32_t max = p + sizeof(__nv_bfloat16) * Tile::kHeads * Tile::kKeys;
+    static constexpr uint32_t sum = max + sizeof(float) * 2 * Tile::kHeads;
+    static constexpr uint32_t slot = sum + sizeof(float) * 2 * Tile::kHeads;
+    static constexpr uint32_t bytes = slot + sizeof(int) * 2 * Tile::kKeys + 1024;  // + slack
+  };
+  static_assert(Layout::kv % 1024 == 0 && Layout::p % 1024 == 0, "swizzled operands");
 };
 
 // The dense probabilities: one warpgroup, keys as the A operand (a key per accumulator row), the

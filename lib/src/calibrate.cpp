@@ -219,9 +219,7 @@ bool same_layers(const LayerGroup& a, const LayerGroup& b) {
 
 }  // namespace
 
-MeasuredCurves measure_curves(const std::vector<ModelSpec>& models, const HardwareSpec& hardware,
-                              const Workload& workload, const std::vector<int64_t>& positions,
-                              Device device, int64_t tokens, double seconds) {
+void check_measured_positions(const std::vector<int64_t>& positions) {
   if (positions.empty()) fail(ExitCode::usage, "no positions to measure");
   for (std::size_t i = 0; i < positions.size(); ++i) {
     if (positions[i] < 0 || positions[i] > kMaxCostPosition) {
@@ -232,6 +230,12 @@ MeasuredCurves measure_curves(const std::vector<ModelSpec>& models, const Hardwa
            positions[i - 1]);
     }
   }
+}
+
+MeasuredCurves measure_curves(const std::vector<ModelSpec>& models, const HardwareSpec& hardware,
+                              const Workload& workload, const std::vector<int64_t>& positions,
+                              Device device, int64_t tokens, double seconds) {
+  check_measured_positions(positions);
   if (tokens < 1) fail(ExitCode::usage, "measured tokens must be >= 1, got {}", tokens);
   MeasuredCurves c;
   c.device = device_description(device);

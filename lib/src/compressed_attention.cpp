@@ -16,6 +16,7 @@
 #include "backend.hpp"
 #include "checks.hpp"
 #include "dsa/error.hpp"
+#include "dsa/kv_cache.hpp"
 #include "progress.hpp"
 #include "views.hpp"
 
@@ -82,7 +83,9 @@ CompressedAttentionInputs make_compressed_attention_inputs(const Tensor& q, cons
                                                            int64_t window) {
   if (window < 1) bad_usage("window must be at least 1 token, got {}", window);
   detail::require_floating(q, "q");
-  detail::require_floating(kv, "kv");
+  // The caches: floating rows of d values, or both DeepSeek-V4's fp8 format (kv_cache.hpp).
+  const bool fp8 = is_v4_fp8_cache(kv);
+  if (!fp8) detail::require_floating(kv, "kv");
   if (q.rank() != 3 && q.rank() != 4) {
     bad_input("{} (q): expected shape [B?, Lq, H, d], got {}", q.name, shape_string(q.shape));
   }
@@ -98,14 +101,20 @@ CompressedAttentionInputs make_compressed_attention_inputs(const Tensor& q, cons
   in.queries = q.dim(o);
   in.heads = q.dim(o + 1);
   in.dim = q.dim(o + 2);
+  in.fp8_cache = fp8;
   if (in.heads < 1 || in.dim < 1) {
     bad_input("{} (q): H and d must be at least 1, got shape {}", q.name, shape_string(q.shape));
   }
+  if (fp8 && in.dim != kV4CacheDim) {
+    bad_input("{} (q): the V4 fp8 cache {} holds entries of {} values, got d = {}", q.name, kv.name,
+              kV4CacheDim, in.dim);
+  }
+  const int64_t row_width = fp8 ? kV4CacheBytes : in.dim;  // a cache row's last dimension
   const std::string prefix = in.batched ? fmt::format("{}, ", in.batch) : "";
   if (kv.rank() != q.rank() - 1 || (in.batched && kv.dim(0) != in.batch) ||
-      kv.dim(o + 1) != in.dim) {
-    bad_input("{} (kv): expected shape [{}T, {}] to match {} {}, got {}", kv.name, prefix, in.dim,
-              q.name, shape_string(q.shape), shape_string(kv.shape));
+      kv.dim(o + 1) != row_width) {
+    bad_input("{} (kv): expected shape [{}T, {}] to match {} {}, got {}", kv.name, prefix,
+              row_width, q.name, shape_string(q.shape), shape_string(kv.shape));
   }
   in.tokens = kv.dim(o);
   if (in.queries > in.tokens) {
@@ -118,13 +127,18 @@ CompressedAttentionInputs make_compressed_attention_inputs(const Tensor& q, cons
     if (!compressed) {
       bad_usage("{} needs the compressed entries", v4_attention_name(kind));
     }
-    detail::require_floating(*compressed, "compressed");
+    if (fp8 != is_v4_fp8_cache(*compressed)) {
+      bad_input("{} (compressed): expected {} like {} (kv), got {} {}", compressed->name,
+                fp8 ? "the V4 fp8 cache (u8, 584 bytes a row)" : "floating rows", kv.name,
+                dtype_name(compressed->dtype), shape_string(compressed->shape));
+    }
+    if (!fp8) detail::require_floating(*compressed, "compressed");
     const int64_t expected = in.tokens / in.ratio;
     if (compressed->rank() != kv.rank() || (in.batched && compressed->dim(0) != in.batch) ||
-        compressed->dim(o) != expected || compressed->dim(o + 1) != in.dim) {
+        compressed->dim(o) != expected || compressed->dim(o + 1) != row_width) {
       bad_input(
           "{} (compressed): expected shape [{}{}, {}] (floor(T / {}) entries of {} {}), got {}",
-          compressed->name, prefix, expected, in.dim, in.ratio, kv.name, shape_string(kv.shape),
+          compressed->name, prefix, expected, row_width, in.ratio, kv.name, shape_string(kv.shape),
           shape_string(compressed->shape));
     }
     in.compressed = compressed;
@@ -234,6 +248,20 @@ void cpu_compressed_attention(const CompressedAttentionInputs& in, const Tensor*
   gathered_compressed_attention(in, indices, scale, sink, times, cpu_attention);
 }
 
+namespace {
+
+// Rows [row, row + rows) of a cache as f32: its values, or the fp8 cache's dequantized.
+void read_rows(const CompressedAttentionInputs& in, const Tensor& cache, int64_t row, int64_t rows,
+               float* out) {
+  if (in.fp8_cache) {
+    dequantize_v4_cache_fp8(cache, row, rows, out);
+  } else {
+    to_f32(cache, row * in.dim, rows * in.dim, out);
+  }
+}
+
+}  // namespace
+
 void gathered_compressed_attention(const CompressedAttentionInputs& in, const Tensor* indices,
                                    float scale, const AttentionSink& sink, StageTimes* times,
                                    MqaAttention attention) {
@@ -285,10 +313,10 @@ void gathered_compressed_attention(const CompressedAttentionInputs& in, const Te
       Tensor cache =
           make_tensor(DType::f32, {hi - lo + static_cast<int64_t>(used.size()), d}, in.kv->name);
       float* rows_out = mutable_data<float>(cache);
-      to_f32(*in.kv, (b * in.tokens + lo) * d, (hi - lo) * d, rows_out);
+      read_rows(in, *in.kv, b * in.tokens + lo, hi - lo, rows_out);
       for (std::size_t u = 0; u < used.size(); ++u) {
-        to_f32(*in.compressed, (b * in.entries + used[u]) * d, d,
-               rows_out + (hi - lo + static_cast<int64_t>(u)) * d);
+        read_rows(in, *in.compressed, b * in.entries + used[u], 1,
+                  rows_out + (hi - lo + static_cast<int64_t>(u)) * d);
         slot[used[u]] = -1;
       }
       Tensor list_tensor = make_tensor(DType::i32, {rows, width}, "window and entries");
@@ -324,6 +352,17 @@ void gathered_compressed_attention(const CompressedAttentionInputs& in, const Te
 
 }  // namespace detail
 
+std::unique_ptr<V4Fp8CacheAttention> fp8_v4_cache_attention(const CompressedAttentionInputs& in) {
+  if (in.fp8_cache) bad_usage("{} (kv) is an fp8 cache already", in.kv->name);
+  auto out = std::make_unique<V4Fp8CacheAttention>();
+  out->kv = quantize_v4_cache_fp8(*in.kv);
+  if (in.compressed) out->compressed = quantize_v4_cache_fp8(*in.compressed);
+  out->inputs = make_compressed_attention_inputs(
+      *in.q, out->kv, in.compressed ? &out->compressed : nullptr, in.sink, in.kind, in.window);
+  out->inputs.rows = in.rows;
+  return out;
+}
+
 nlohmann::json compressed_attention_report(const CompressedAttentionInputs& inputs,
                                            bool every_entry, const SoftmaxScale& scale) {
   const bool csa = inputs.kind == V4Attention::csa;
@@ -333,6 +372,7 @@ nlohmann::json compressed_attention_report(const CompressedAttentionInputs& inpu
           {"window", inputs.window},
           {"compress_ratio", inputs.ratio},
           {"sink", inputs.sink != nullptr},
+          {"kv_cache", inputs.fp8_cache ? std::string("fp8") : dtype_name(inputs.kv->dtype)},
           {"scale", scale.value},
           {"scale_rule", scale.rule}};
 }

@@ -530,10 +530,9 @@ CostRun run_cost(const PresetLibrary& presets, const CostRequest& request, Stage
                            : device == Device::cpu
                                ? kCpuMeasuredTokens
                                : std::max(workload.prefill_chunk, workload.decode_batch);
-    measured = naming(request.names.calibrate_positions, [&] {
-      return measure_curves(models, hardware, workload, positions, device, tokens,
-                            request.calibrate_seconds);
-    });
+    naming(request.names.calibrate_positions, [&] { check_measured_positions(positions); });
+    measured = measure_curves(models, hardware, workload, positions, device, tokens,
+                              request.calibrate_seconds);
     report["measured"] = measured_json(*measured);
     times_out.add("measure", watch.seconds());
   }

@@ -37,6 +37,83 @@ bool is_fp8_kv_cache(const Tensor& t) {
   return t.dtype == DType::u8 && t.rank() >= 1 && t.shape.back() == kFp8CacheBytes;
 }
 
+bool is_v4_fp8_cache(const Tensor& t) {
+  return t.dtype == DType::u8 && t.rank() >= 1 && t.shape.back() == kV4CacheBytes;
+}
+
+namespace {
+
+// The first row with a value that is not finite in bf16, kept across a parallel loop.
+class BadRow {
+ public:
+  explicit BadRow(int64_t rows) : rows_(rows), row_(rows) {}
+  void flag(int64_t r) {
+    int64_t seen = row_.load();
+    while (r < seen && !row_.compare_exchange_weak(seen, r)) {
+    }
+  }
+  // Error(bad_input) naming the row, when one was flagged.
+  void check(const Tensor& t, const char* what) const {
+    if (row_.load() < rows_) {
+      bad_input(
+          "{} ({}): row {} has a value that is not finite in bf16; the fp8 cache needs "
+          "finite values",
+          t.name, what, row_.load());
+    }
+  }
+
+ private:
+  int64_t rows_;
+  std::atomic<int64_t> row_;
+};
+
+// Tiles of `tile` values of one row, rounded to bf16 in place, to e4m3 codes of FlashMLA's
+// power-of-two scales: the scale of each tile to `scale_out`. False for a non-finite value.
+template <typename Store>
+bool quantize_tiles(float* x, int64_t tiles, int64_t tile, uint8_t* codes, Store store_scale) {
+  bool finite = true;
+  for (int64_t t = 0; t < tiles; ++t) {
+    float amax = 0;
+    float* v = x + t * tile;
+    for (int64_t i = 0; i < tile; ++i) {
+      v[i] = round_to_bf16(v[i]);
+      amax = std::max(amax, std::fabs(v[i]));
+    }
+    if (!std::isfinite(amax)) {
+      finite = false;
+      continue;
+    }
+    const float scale = fp8_cache_scale(amax);
+    for (int64_t i = 0; i < tile; ++i) codes[t * tile + i] = f32_to_e4m3(v[i] / scale);
+    store_scale(t, scale);
+  }
+  return finite;
+}
+
+// The RoPE values of a row as bf16 bits at dst; false for one not finite in bf16.
+bool store_rope(const float* x, int64_t n, uint8_t* dst) {
+  bool finite = true;
+  for (int64_t i = 0; i < n; ++i) {
+    if (!std::isfinite(round_to_bf16(x[i]))) finite = false;
+    const uint16_t bits = f32_to_bf16(x[i]);
+    std::memcpy(dst + 2 * i, &bits, 2);
+  }
+  return finite;
+}
+
+// A ue8m0 scale byte: 2^(byte - 127); 255 is NaN.
+float ue8m0_to_f32(uint8_t byte) {
+  return byte == 255 ? std::nanf("") : std::ldexp(1.0f, static_cast<int>(byte) - 127);
+}
+
+float rope_value(const uint8_t* src, int64_t i) {
+  uint16_t bits;
+  std::memcpy(&bits, src + 2 * i, 2);
+  return bf16_to_f32(bits);
+}
+
+}  // namespace
+
 Tensor quantize_kv_cache_fp8(const Tensor& kv) {
   if (!is_floating(kv.dtype) || kv.rank() < 2 || kv.shape.back() != kFp8CacheDim) {
     bad_input("{} (kv): the fp8 cache quantizes a floating latent cache [B?, L, {}], got {} {}",
@@ -47,49 +124,73 @@ Tensor quantize_kv_cache_fp8(const Tensor& kv) {
   Tensor out = make_tensor(DType::u8, shape, kv.name + ":fp8");
   const int64_t rows = kv.numel() / kFp8CacheDim;
   uint8_t* packed = mutable_data<uint8_t>(out);
-  // The first row with a value that is not finite in bf16 (rows when none).
-  std::atomic<int64_t> bad_row{rows};
-  auto flag = [&](int64_t r) {
-    int64_t seen = bad_row.load();
-    while (r < seen && !bad_row.compare_exchange_weak(seen, r)) {
-    }
-  };
+  BadRow bad(rows);
   detail::parallel_ranges(rows, kRowsPerRange, [&](int64_t begin, int64_t end) {
     std::vector<float> row(static_cast<std::size_t>(kFp8CacheDim));
     for (int64_t r = begin; r < end; ++r) {
       to_f32(kv, r * kFp8CacheDim, kFp8CacheDim, row.data());
       uint8_t* dst = packed + r * kFp8CacheBytes;
-      for (int64_t tile = 0; tile < kFp8CacheTiles; ++tile) {
-        float amax = 0;
-        float* x = row.data() + tile * kFp8CacheTile;
-        for (int64_t i = 0; i < kFp8CacheTile; ++i) {
-          x[i] = round_to_bf16(x[i]);
-          amax = std::max(amax, std::fabs(x[i]));
-        }
-        if (!std::isfinite(amax)) {
-          flag(r);
-          continue;
-        }
-        const float scale = fp8_cache_scale(amax);
-        for (int64_t i = 0; i < kFp8CacheTile; ++i)
-          dst[tile * kFp8CacheTile + i] = f32_to_e4m3(x[i] / scale);
-        std::memcpy(dst + kFp8CacheScales + 4 * tile, &scale, 4);
-      }
-      for (int64_t i = 0; i < kFp8CacheRope; ++i) {
-        const float x = row[kFp8CacheLatent + i];
-        if (!std::isfinite(round_to_bf16(x))) flag(r);
-        const uint16_t bits = f32_to_bf16(x);
-        std::memcpy(dst + kFp8CacheRopeOffset + 2 * i, &bits, 2);
+      const bool finite = quantize_tiles(row.data(), kFp8CacheTiles, kFp8CacheTile, dst,
+                                         [&](int64_t tile, float scale) {
+                                           std::memcpy(dst + kFp8CacheScales + 4 * tile, &scale, 4);
+                                         });
+      if (!store_rope(row.data() + kFp8CacheLatent, kFp8CacheRope, dst + kFp8CacheRopeOffset) ||
+          !finite) {
+        bad.flag(r);
       }
     }
   });
-  if (bad_row.load() < rows) {
-    bad_input(
-        "{} (kv): row {} has a value that is not finite in bf16; the fp8 cache needs finite "
-        "values",
-        kv.name, bad_row.load());
-  }
+  bad.check(kv, "kv");
   return out;
+}
+
+Tensor quantize_v4_cache_fp8(const Tensor& t) {
+  if (!is_floating(t.dtype) || t.rank() < 2 || t.shape.back() != kV4CacheDim) {
+    bad_input("{}: the V4 fp8 cache quantizes floating entries [B?, N, {}], got {} {}", t.name,
+              kV4CacheDim, dtype_name(t.dtype), shape_string(t.shape));
+  }
+  Shape shape = t.shape;
+  shape.back() = kV4CacheBytes;
+  Tensor out = make_tensor(DType::u8, shape, t.name + ":fp8");
+  const int64_t rows = t.numel() / kV4CacheDim;
+  uint8_t* packed = mutable_data<uint8_t>(out);
+  BadRow bad(rows);
+  detail::parallel_ranges(rows, kRowsPerRange, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(static_cast<std::size_t>(kV4CacheDim));
+    for (int64_t r = begin; r < end; ++r) {
+      to_f32(t, r * kV4CacheDim, kV4CacheDim, row.data());
+      uint8_t* dst = packed + r * kV4CacheBytes;
+      const bool finite = quantize_tiles(
+          row.data(), kV4CacheTiles, kV4CacheTile, dst, [&](int64_t tile, float scale) {
+            dst[kV4CacheScales + tile] = static_cast<uint8_t>(std::ilogb(scale) + 127);
+          });
+      dst[kV4CacheBytes - 1] = 0;
+      if (!store_rope(row.data() + kV4CacheNope, kV4CacheRope, dst + kV4CacheRopeOffset) ||
+          !finite) {
+        bad.flag(r);
+      }
+    }
+  });
+  bad.check(t, "entries");
+  return out;
+}
+
+void dequantize_v4_cache_fp8(const Tensor& t, int64_t row, int64_t rows, float* out) {
+  const auto* packed = reinterpret_cast<const uint8_t*>(t.data) + row * kV4CacheBytes;
+  detail::parallel_ranges(rows, kRowsPerRange, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const uint8_t* src = packed + r * kV4CacheBytes;
+      float* dst = out + r * kV4CacheDim;
+      for (int64_t tile = 0; tile < kV4CacheTiles; ++tile) {
+        const float scale = ue8m0_to_f32(src[kV4CacheScales + tile]);
+        for (int64_t i = tile * kV4CacheTile; i < (tile + 1) * kV4CacheTile; ++i)
+          dst[i] = round_to_bf16(e4m3_to_f32(src[i]) * scale);
+      }
+      for (int64_t i = 0; i < kV4CacheRope; ++i) {
+        dst[kV4CacheNope + i] = rope_value(src + kV4CacheRopeOffset, i);
+      }
+    }
+  });
 }
 
 void dequantize_kv_cache_fp8(const Tensor& t, int64_t row, int64_t rows, float* out) {
@@ -105,9 +206,7 @@ void dequantize_kv_cache_fp8(const Tensor& t, int64_t row, int64_t rows, float* 
           dst[i] = round_to_bf16(e4m3_to_f32(src[i]) * scale);
       }
       for (int64_t i = 0; i < kFp8CacheRope; ++i) {
-        uint16_t bits;
-        std::memcpy(&bits, src + kFp8CacheRopeOffset + 2 * i, 2);
-        dst[kFp8CacheLatent + i] = bf16_to_f32(bits);
+        dst[kFp8CacheLatent + i] = rope_value(src + kFp8CacheRopeOffset, i);
       }
     }
   });

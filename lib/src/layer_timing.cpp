@@ -2,6 +2,7 @@
 // from a model's layer group, the timing loop both backends share, and the CPU's layer on host
 // tensors through the CPU backend's own entries.
 #include <algorithm>
+#include <optional>
 #include <random>
 
 #include <fmt/format.h>
@@ -11,6 +12,7 @@
 #include "dsa/compressed_attention.hpp"
 #include "dsa/error.hpp"
 #include "dsa/indexer.hpp"
+#include "dsa/kv_cache.hpp"
 #include "dsa/report.hpp"
 #include "dsa/topk.hpp"
 
@@ -34,7 +36,7 @@ LayerTimingRequest layer_timing_request(const ModelSpec& model, const LayerGroup
     r.indexer_precision = model.indexer_precision;
   }
   r.window = group.kind == LayerKind::mla ? 0 : model.window;
-  r.fp8_cache = group.kind == LayerKind::mla && model.kv_bytes < 2;
+  r.fp8_cache = model.kv_bytes < 2;
   r.phase = phase;
   r.position = position;
   r.tokens = tokens;
@@ -112,11 +114,17 @@ LayerTiming cpu_time_layer(const LayerTimingRequest& r) {
   t.first_position = rows.first;
   t.rows = Lq;
   t.sequences = B;
-  t.cache = "f32";
+  t.cache = r.fp8_cache ? "fp8" : "f32";
   const Tensor q = normal_tensor({B, Lq, r.heads, r.d_qk}, 1.0f, rng, "timing q");
-  const Tensor kv = normal_tensor({B, T, r.d_qk}, 1.0f, rng, "timing kv");
+  // The caches in f32, or quantized into the fp8 format the model stores.
+  const auto cache = [&](Shape shape, const char* name) {
+    Tensor values = normal_tensor(std::move(shape), 1.0f, rng, name);
+    if (!r.fp8_cache) return values;
+    return v4 ? quantize_v4_cache_fp8(values) : quantize_kv_cache_fp8(values);
+  };
+  const Tensor kv = cache({B, T, r.d_qk}, "timing kv");
   std::optional<Tensor> compressed, sink, q_index, k_index, weights, indices;
-  if (ratio > 0) compressed = normal_tensor({B, entries, r.d_qk}, 1.0f, rng, "timing entries");
+  if (ratio > 0) compressed = cache({B, entries, r.d_qk}, "timing entries");
   if (v4) sink = normal_tensor({r.heads}, 1.0f, rng, "timing sink");
   IndexerConfig config;
   config.precision = indexer_precision(r.indexer_precision);
@@ -141,7 +149,8 @@ LayerTiming cpu_time_layer(const LayerTimingRequest& r) {
                   ? make_indexer_inputs(*q_index, *k_index, *weights, config)
                   : make_compressed_indexer_inputs(*q_index, *k_index, *weights, config, ratio, T);
   }
-  const AttentionInputs mqa = make_mqa_inputs(q, kv, r.d_v);
+  std::optional<AttentionInputs> mqa;
+  if (!v4) mqa = make_mqa_inputs(q, kv, r.d_v);
   std::optional<CompressedAttentionInputs> v4_inputs;
   if (v4) {
     const V4Attention kind = r.kind == LayerKind::swa   ? V4Attention::swa
@@ -174,7 +183,7 @@ LayerTiming cpu_time_layer(const LayerTimingRequest& r) {
                                r.kind == LayerKind::csa && indices ? &*indices : nullptr, scale,
                                discard, nullptr);
     } else {
-      cpu_attention(mqa, indices ? &*indices : nullptr, scale, discard, nullptr);
+      cpu_attention(*mqa, indices ? &*indices : nullptr, scale, discard, nullptr);
     }
     stages.push_back({"attention", watch.seconds()});
   };
@@ -214,6 +223,16 @@ LayerTiming time_layer(const LayerTimingRequest& r, Device device) {
     if (r.compress_ratio != ratio) {
       fail(ExitCode::usage, "a measured {} layer has compress_ratio {} in the toolkit, got {}",
            layer_kind_name(r.kind), ratio, r.compress_ratio);
+    }
+  }
+  if (r.fp8_cache) {
+    const bool v4 = r.kind != LayerKind::mla;
+    const int64_t d = v4 ? kV4CacheDim : kFp8CacheDim;
+    if (r.d_qk != d || (!v4 && r.d_v != kFp8CacheLatent)) {
+      fail(ExitCode::usage,
+           "a measured {} layer over the fp8 cache (kv_bytes < 2) needs d_qk {}{}, got d_qk {} "
+           "and d_v {}",
+           layer_kind_name(r.kind), d, v4 ? "" : " and d_v 512", r.d_qk, r.d_v);
     }
   }
   detail::Operation op;

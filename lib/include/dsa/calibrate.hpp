@@ -121,7 +121,9 @@ struct MeasuredCurves {
   std::vector<int64_t> positions;
   std::vector<MeasuredModel> models;
 };
-// Positions ascending and distinct, 0 .. kMaxCostPosition; tokens >= 1 (prefill rows at most
+// Error(usage) unless the positions are ascending and distinct, in 0 .. kMaxCostPosition.
+void check_measured_positions(const std::vector<int64_t>& positions);
+// Positions as check_measured_positions takes them; tokens >= 1 (prefill rows at most
 // workload.prefill_chunk, decode sequences at most workload.decode_batch). Progress: the stage
 // "measure", one unit per layer timing.
 MeasuredCurves measure_curves(const std::vector<ModelSpec>& models, const HardwareSpec& hardware,

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -25,6 +26,8 @@ int64_t v4_compress_ratio(V4Attention kind);  // 0, 4, 128
 // values alike: K = V); compressed [B?, N, d] (not for SWA); sink [H] (optional: none adds
 // nothing to the denominator). Query row r sits at position T - Lq + r; entry j is visible to
 // the query at t when j < floor((t + 1) / ratio), its window is tokens max(0, t - window + 1) .. t.
+// kv and compressed may both be V4 fp8 caches instead, u8 [B?, T, 584] and [B?, N, 584], d = 512
+// (quantize_v4_cache_fp8; fp8_v4_cache_attention below).
 struct CompressedAttentionInputs {
   const Tensor* q = nullptr;
   const Tensor* kv = nullptr;
@@ -33,6 +36,9 @@ struct CompressedAttentionInputs {
   V4Attention kind = V4Attention::csa;
   bool batched = false;
   int64_t ratio = 4, window = 128;
+  // kv and compressed are DeepSeek-V4's fp8 cache (dsa/kv_cache.hpp: u8 rows of 584 bytes, d =
+  // 512): keys and values their dequantized rows.
+  bool fp8_cache = false;
   int64_t batch = 1, queries = 0, tokens = 0, entries = 0, heads = 0, dim = 0;
   // The query rows compressed_attention computes and hands to the sink (one rank's share of a
   // job, balanced_rows below); every row by default.
@@ -84,8 +90,17 @@ void compressed_attention(const CompressedAttentionInputs& inputs, const Tensor*
 
 // dsa-attend's report fields of a run: "mode" (csa; csa-every-visible-entry for CSA without a
 // selection, `every_entry`; hca; swa), "layout" v4, "window", "compress_ratio", "sink" (whether
-// there is one), "scale" and "scale_rule".
+// there is one), "kv_cache" (fp8, or the kv's dtype), "scale" and "scale_rule".
 nlohmann::json compressed_attention_report(const CompressedAttentionInputs& inputs,
                                            bool every_entry, const SoftmaxScale& scale);
+
+// DeepSeek-V4's fp8 caches of an attention's kv and compressed entries and the same queries over
+// them (`inputs` points into the caches, so the three live on the heap together). Error(bad_input)
+// for entries not 512 wide (kv_cache.hpp quantize_v4_cache_fp8).
+struct V4Fp8CacheAttention {
+  Tensor kv, compressed;
+  CompressedAttentionInputs inputs;
+};
+std::unique_ptr<V4Fp8CacheAttention> fp8_v4_cache_attention(const CompressedAttentionInputs& in);
 
 }  // namespace dsa
