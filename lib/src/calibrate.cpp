@@ -300,20 +300,12 @@ nlohmann::json ratio_json(double measured, double modelled) {
   return modelled > 0 ? nlohmann::json(measured / modelled) : nlohmann::json();
 }
 
-void add_group(nlohmann::json& j, const LayerGroup& group) {
-  j["layer_kind"] = layer_kind_name(group.kind);
-  j["layers"] = group.count;
-  if (group.kind == LayerKind::csa || group.kind == LayerKind::hca) {
-    j["compress_ratio"] = group.compress_ratio;
-  }
-}
-
 nlohmann::json measured_token_json(const MeasuredToken& t) {
   nlohmann::json stages = nlohmann::json::array(), runs = nlohmann::json::array();
   double attention = 0, modelled_attention = 0;
   for (const MeasuredStage& s : t.stages) {
     nlohmann::json j = {{"stage", s.stage}};
-    add_group(j, s.layers);
+    add_layer_group(j, s.layers);
     j["seconds"] = s.seconds;
     j["modelled_seconds"] = s.modelled_seconds;
     j["measured_over_modelled"] = ratio_json(s.seconds, s.modelled_seconds);
@@ -331,7 +323,7 @@ nlohmann::json measured_token_json(const MeasuredToken& t) {
     for (const TimedStage& s : r.stages)
       times.push_back({{"stage", s.stage}, {"seconds", s.seconds}});
     nlohmann::json j = nlohmann::json::object();
-    add_group(j, run.layers);
+    add_layer_group(j, run.layers);
     j.update(nlohmann::json{
         {"first_position", r.first_position},
         {"rows", r.rows},

@@ -16,16 +16,15 @@
 
 namespace dsa {
 
-namespace {
-
-// The layers a stage or a footprint covers: kind, count, and the ratio of compressed ones.
-void add_layers(nlohmann::json& j, const LayerGroup& group) {
+void add_layer_group(nlohmann::json& j, const LayerGroup& group) {
   j["layer_kind"] = layer_kind_name(group.kind);
   j["layers"] = group.count;
   if (group.kind == LayerKind::csa || group.kind == LayerKind::hca) {
     j["compress_ratio"] = group.compress_ratio;
   }
 }
+
+namespace {
 
 nlohmann::json token_json(const TokenCost& cost) {
   nlohmann::json stages = nlohmann::json::array();
@@ -39,7 +38,7 @@ nlohmann::json token_json(const TokenCost& cost) {
                         {"bound", s.memory_seconds > s.compute_seconds ? "memory" : "compute"}};
     if (!s.mode.empty()) j["mode"] = s.mode;
     if (!s.precision.empty()) j["precision"] = s.precision;
-    if (s.layers.count > 0) add_layers(j, s.layers);
+    if (s.layers.count > 0) add_layer_group(j, s.layers);
     stages.push_back(j);
   }
   return {{"seconds", cost.seconds},
@@ -300,7 +299,7 @@ nlohmann::json row_json(const ModelComparison& c, const ComparisonPoint& p, std:
 
 nlohmann::json layer_json(const LayerFootprint& f) {
   nlohmann::json j = nlohmann::json::object();
-  add_layers(j, f.group);
+  add_layer_group(j, f.group);
   j["window_entries"] = f.window_entries;
   j["compressed_entries"] = f.compressed_entries;
   j["attended_entries"] = f.attended_entries;

@@ -132,6 +132,9 @@ struct LayerGroup {
   int64_t count = 0;           // layers in the group
 };
 
+// A report's layer fields of a group: layer_kind, layers, and compress_ratio for csa and hca.
+void add_layer_group(nlohmann::json& j, const LayerGroup& group);
+
 // The groups in the order mla, swa, csa, hca, HCA groups by ascending ratio; every group has at
 // least one layer and the counts add up to model.layers.
 std::vector<LayerGroup> layer_schedule(const ModelSpec& model);
