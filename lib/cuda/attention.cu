@@ -412,26 +412,49 @@ __global__ void __launch_bounds__(MlaAttentionTraits<D_QK>::kThreads, 1)
   // codes times its tile's scale (V3.2: an f32 per 128; V4: a ue8m0 byte per 64), a rope piece
   // is copied (V4's, 8-aligned, in two halves). Zero rows (s < 0) give zeros.
   auto dequantize = [&] {
-    if constexpr (FP8) {
-      constexpr int pieces = Tile::kChunks;  // per row: V3.2 64 latent + 8 rope; V4 56 + 8
+    if constexpr (FP8 && V4) {
+      // 64 pieces a row and 256 threads: a thread's piece c is the same in every row it does
+      // (rows key0, key0 + 4, ...), so its branch and scale byte are fixed, and it issues a
+      // batch of rows' loads before converting any (the conversions wait on nothing else).
+      static_assert(Tile::kChunks == 64 && Traits::kThreads == 256, "V4: 64 pieces, 4 rows");
+      constexpr int kStride = Traits::kThreads / Tile::kChunks, kBatch = 8;
+      const int c = tid % Tile::kChunks, key0 = tid / Tile::kChunks;
+      const bool latent = c < Traits::kLatent / 8;
+      const int offset = latent ? c * 8 : Traits::kRope + (c - Traits::kLatent / 8) * 16;
+      const int scale_byte = Traits::kScales + c * 8 / Traits::kTile;
+#pragma unroll
+      for (int b = 0; b < kKeys / kStride; b += kBatch) {
+        uint2 lo[kBatch], hi[kBatch];
+        uint8_t scale[kBatch];
+#pragma unroll
+        for (int n = 0; n < kBatch; ++n) {
+          const unsigned char* row =
+              smem + Layout::raw + (key0 + kStride * (b + n)) * Traits::kRowBytes;
+          lo[n] = *reinterpret_cast<const uint2*>(row + offset);
+          if (latent) {
+            scale[n] = row[scale_byte];
+          } else {
+            hi[n] = *reinterpret_cast<const uint2*>(row + offset + 8);
+          }
+        }
+#pragma unroll
+        for (int n = 0; n < kBatch; ++n) {
+          const uint4 v = latent ? dequantize_e4m3x8(lo[n], ue8m0_scale(scale[n]))
+                                 : make_uint4(lo[n].x, lo[n].y, hi[n].x, hi[n].y);
+          const int key = key0 + kStride * (b + n);
+          *reinterpret_cast<uint4*>(smem + Layout::kv + wg::swizzled_offset(kKeys, key, c * 8)) = v;
+        }
+      }
+    } else if constexpr (FP8) {
+      constexpr int pieces = Tile::kChunks;  // per row: 64 latent + 8 rope
       for (int i = tid; i < kKeys * pieces; i += Traits::kThreads) {
         const int key = i / pieces, c = i % pieces;
         const unsigned char* row = smem + Layout::raw + key * Traits::kRowBytes;
         uint4 v;
         if (c < Traits::kLatent / 8) {
-          const int tile = c * 8 / Traits::kTile;
-          float scale;
-          if constexpr (V4) {
-            scale = ue8m0_scale(row[Traits::kScales + tile]);
-          } else {
-            scale = *reinterpret_cast<const float*>(row + Traits::kScales + 4 * tile);
-          }
+          const float scale =
+              *reinterpret_cast<const float*>(row + Traits::kScales + 4 * (c * 8 / Traits::kTile));
           v = dequantize_e4m3x8(*reinterpret_cast<const uint2*>(row + c * 8), scale);
-        } else if constexpr (V4) {
-          const unsigned char* rope = row + Traits::kRope + (c - Traits::kLatent / 8) * 16;
-          const uint2 lo = *reinterpret_cast<const uint2*>(rope);
-          const uint2 hi = *reinterpret_cast<const uint2*>(rope + 8);
-          v = make_uint4(lo.x, lo.y, hi.x, hi.y);
         } else {
           v = *reinterpret_cast<const uint4*>(row + Traits::kRope + (c - Traits::kLatent / 8) * 16);
         }

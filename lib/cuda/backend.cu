@@ -590,9 +590,7 @@ void sparse_attention(const AttentionInputs& in, const Tensor* indices, float sc
 // the gathered cache and the MQA kernels.
 void compressed_attention(const CompressedAttentionInputs& in, const Tensor* indices, float scale,
                           const AttentionSink& sink, StageTimes* times) {
-  // V4's fp8 caches take the gathered cache too (their dequantized rows): the V4 kernel's fp8
-  // instantiation is not yet verified on a GPU (bench/NOTES.md, 2026-12-02).
-  if (in.fp8_cache || !compressed_attention_limit(static_cast<int>(in.dim), in.window).empty()) {
+  if (!compressed_attention_limit(static_cast<int>(in.dim), in.window).empty()) {
     detail::gathered_compressed_attention(in, indices, scale, sink, times, sparse_attention);
     return;
   }

@@ -45,8 +45,7 @@ Layer layer_of(const LayerTimingRequest& r) {
   l.codes =
       r.indexer_precision == "fp8" &&
       indexer_fp8_limit(static_cast<int>(r.indexer_heads), static_cast<int>(r.indexer_dim)).empty();
-  // V4's fp8 cache on the V4 kernel is not yet verified on a GPU: V4 layers time the bf16 caches.
-  l.fp8_cache = !l.v4 && r.fp8_cache;
+  l.fp8_cache = r.fp8_cache;
   l.sequences = l.decode ? r.tokens : 1;
   return l;
 }
