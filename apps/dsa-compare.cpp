@@ -139,11 +139,6 @@ int main(int argc, char** argv) {
       if (job.size > 1) {
         dsa::bad_usage("--attention runs as one process, not as {} MPI ranks", job.size);
       }
-      if (attention.kv_cache != "bf16") {
-        dsa::bad_usage(
-            "--kv-cache fp8 with --attention: dsa-compare measures V3.2's fp8 cache only "
-            "(dsa-attend --attention --kv-cache fp8 attends over V4's)");
-      }
       if (future_as_padding) dsa::bad_usage("--future-as-padding is for V3.2 selections");
       dsa::app::check_single_stdin(
           {attention.q, attention.kv, v4.compressed, v4.sink, tensors.q_index, tensors.k_index,
@@ -154,9 +149,15 @@ int main(int argc, char** argv) {
       dsa::Stopwatch load;
       dsa::app::V4AttentionTensors loaded;
       dsa::app::load_v4_attention(attention, v4, loaded);
+      if (attention.kv_cache == "fp8" && !loaded.fp8) {
+        dsa::bad_usage(
+            "--kv-cache fp8 measures V4's fp8 caches against the values: give --kv and "
+            "--compressed as floating values, not u8 caches");
+      }
       if (k_flag->count() == 0 && sweep.empty()) topk = 512;  // DeepSeek-V4-Flash's index_topk
       dsa::CompressedCompareInputs inputs;
       inputs.attention = loaded.inputs;
+      inputs.fp8_cache = loaded.fp8 ? &loaded.fp8->inputs : nullptr;
       inputs.scale = loaded.scale.value;
       inputs.reference = dsa::parse_v4_reference(reference);
       const dsa::CompressedAttentionInputs& a = inputs.attention;

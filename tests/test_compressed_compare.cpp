@@ -2,10 +2,13 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <memory>
 #include <random>
 #include <vector>
 
+#include "dsa/compressed_attention.hpp"
 #include "dsa/error.hpp"
+#include "dsa/kv_cache.hpp"
 #include "dsa/metrics.hpp"
 #include "reference.hpp"
 
@@ -223,4 +226,88 @@ TEST(CompressedCompare, HcaAgainstDenseAttentionOverTheRawTokens) {
   ci.reference = V4Reference::dense;
   EXPECT_THROW(compare_compressed_attention(ci, nullptr), Error);
   EXPECT_THROW(parse_v4_reference("sparse"), Error);
+}
+
+// With V4's fp8 caches (--kv-cache fp8): the selected attention reads the caches, so out_rel_err
+// is theirs against the dense reference over the raw values, and kv_cache_loss is their output
+// against the same selection over the values; both against fp64 on the dequantized rows.
+TEST(CompressedCompare, Fp8CachesAgainstTheValuesAndTheReference) {
+  constexpr int64_t T8 = 200, Lq8 = 12, H8 = 2, d8 = 512, k = 6;
+  std::mt19937_64 rng(67);
+  const Tensor q = test::random_tensor({Lq8, H8, d8}, rng, 0.05f, "q");
+  const Tensor kv = test::random_tensor({T8, d8}, rng, 1.0f, "kv");
+  const Tensor c4 = test::random_tensor({T8 / 4, d8}, rng, 1.0f, "compressed");
+  const Tensor sink = test::random_tensor({H8}, rng, 1.0f, "sink");
+  Tensor indices = make_tensor(DType::i32, {Lq8, k}, "indices");
+  CompressedCompareInputs ci;
+  ci.attention = make_compressed_attention_inputs(q, kv, &c4, &sink, V4Attention::csa, W);
+  const CompressedAttentionInputs& in = ci.attention;
+  for (int64_t r = 0; r < Lq8; ++r) {  // the last entries first, -1 past the visible ones
+    for (int64_t i = 0; i < k; ++i) {
+      const int64_t visible = in.visible_entries(r);
+      mutable_data<int32_t>(indices)[r * k + i] =
+          static_cast<int32_t>(i < visible ? visible - 1 - i : -1);
+    }
+  }
+  ci.indices = &indices;
+  ci.scale = 1.0f / std::sqrt(float(d8));
+  ci.reference = V4Reference::dense;
+  const std::unique_ptr<V4Fp8CacheAttention> fp8 = fp8_v4_cache_attention(in);
+  ci.fp8_cache = &fp8->inputs;
+  const Comparison c = compare_compressed_attention(ci, nullptr);
+  ASSERT_EQ(c.kv_cache, "fp8");
+  ASSERT_EQ(c.per_k.size(), 1u);
+  const Fidelity& f = c.per_k[0];
+  std::vector<float> kv8(static_cast<std::size_t>(T8 * d8)),
+      c8(static_cast<std::size_t>(T8 / 4 * d8));
+  dequantize_v4_cache_fp8(fp8->kv, 0, T8, kv8.data());
+  dequantize_v4_cache_fp8(fp8->compressed, 0, T8 / 4, c8.data());
+  double squares = 0, norms = 0;
+  for (int64_t r = 0; r < Lq8; ++r) {
+    const int64_t t = in.position(r);
+    std::vector<int64_t> selected;
+    for (int64_t i = 0; i < k; ++i) {
+      const int32_t j = mutable_data<int32_t>(indices)[r * k + i];
+      if (j >= 0) selected.push_back(j);
+    }
+    for (int64_t h = 0; h < H8; ++h) {
+      const float* qh = test::f32(q) + (r * H8 + h) * d8;
+      const double s = test::f32(sink)[h];
+      double lse = 0;
+      const std::vector<double> cached =
+          test::reference_v4_row(qh, kv8.data(), c8.data(), d8, t, W, selected, s, ci.scale, lse);
+      const std::vector<double> values = test::reference_v4_row(
+          qh, test::f32(kv), test::f32(c4), d8, t, W, selected, s, ci.scale, lse);
+      const std::vector<double> dense =
+          test::reference_v4_row(qh, test::f32(kv), nullptr, d8, t, t + 1, {}, s, ci.scale, lse);
+      double loss = 0, norm = 0, err = 0, dense_norm = 0;
+      for (int64_t e = 0; e < d8; ++e) {
+        loss += (cached[e] - values[e]) * (cached[e] - values[e]);
+        norm += values[e] * values[e];
+        err += (cached[e] - dense[e]) * (cached[e] - dense[e]);
+        dense_norm += dense[e] * dense[e];
+      }
+      squares += loss;
+      norms += norm;
+      const float want = static_cast<float>(std::sqrt(loss / norm));
+      EXPECT_GT(want, 1e-3) << "the fp8 caches lose something";
+      EXPECT_NEAR(f.cache_rel_err[r * H8 + h], want, 2e-3 * want) << r << " " << h;
+      EXPECT_NEAR(f.out_rel_err[r * H8 + h], std::sqrt(err / dense_norm), 1e-4) << r << " " << h;
+    }
+  }
+  EXPECT_NEAR(f.cache_error_squares / f.cache_reference_squares, squares / norms,
+              5e-3 * squares / norms);
+  const nlohmann::json report = comparison_report(ci, c);
+  EXPECT_EQ(report["kv_cache"], "fp8");
+  EXPECT_NEAR(report["results"][0]["kv_cache_loss"]["out_rel_err_global"].get<double>(),
+              std::sqrt(squares / norms), 3e-3 * std::sqrt(squares / norms));
+  // Inputs that are not fp8 caches, or caches of another layer's shape, are refused.
+  CompressedCompareInputs other = ci;
+  other.fp8_cache = &ci.attention;
+  EXPECT_THROW(compare_compressed_attention(other, nullptr), Error);
+  const CompressedAttentionInputs wider =
+      make_compressed_attention_inputs(q, kv, &c4, &sink, V4Attention::csa, W + 1);
+  const std::unique_ptr<V4Fp8CacheAttention> wrong = fp8_v4_cache_attention(wider);
+  other.fp8_cache = &wrong->inputs;
+  EXPECT_THROW(compare_compressed_attention(other, nullptr), Error);
 }

@@ -207,7 +207,8 @@ TEST_F(V4Cli, GeneratedWorkloadGoesThroughCompare) {
 
 // --kv-cache fp8 with --attention: both caches quantized into V4's fp8 format (584-byte rows);
 // the same as the library over them, and as dsa-attend over the caches given as u8 files; a kv
-// cache beside floating entries is refused naming the file, and dsa-compare says what it measures.
+// cache beside floating entries is refused naming the file; dsa-compare measures the caches'
+// loss against the values.
 TEST_F(V4Cli, Fp8CacheOfTheWindowAndTheEntries) {
   std::mt19937_64 rng(15);
   const int64_t T8 = 200, Lq8 = 20, H8 = 2;
@@ -253,11 +254,28 @@ TEST_F(V4Cli, Fp8CacheOfTheWindowAndTheEntries) {
   EXPECT_EQ(r.code, 3);
   EXPECT_NE(r.err.find("c8.npy (compressed): expected the V4 fp8 cache"), std::string::npos)
       << r.err;
-  r =
-      run("dsa-compare --attention csa --q q8.npy --kv kv8.npy --compressed c8.npy --indices "
-          "sel8.npy --kv-cache fp8 -o refused.json");
+  // dsa-compare measures the caches: their output against the dense reference, and the loss
+  // against the same selection over the values (kv_cache_loss). Given as u8 caches already,
+  // there are no values to measure against.
+  const std::string compare =
+      "dsa-compare --attention csa --reference dense --q q8.npy --indices sel8.npy ";
+  r = run(compare + "--kv kv8.npy --compressed c8.npy --kv-cache fp8 -o cmp.json");
+  ASSERT_EQ(r.code, 0) << r.err;
+  const auto report = nlohmann::json::parse(slurp(path("cmp.json")));
+  EXPECT_EQ(report["kv_cache"], "fp8");
+  const double loss = report["results"][0]["kv_cache_loss"]["out_rel_err_global"];
+  EXPECT_GT(loss, 1e-3);
+  EXPECT_LT(loss, 0.1);
+  r = run(compare + "--kv kv8.npy --compressed c8.npy -o cmp16.json");
+  ASSERT_EQ(r.code, 0) << r.err;
+  const auto values = nlohmann::json::parse(slurp(path("cmp16.json")));
+  EXPECT_EQ(values["kv_cache"], "f32");
+  EXPECT_FALSE(values["results"][0].contains("kv_cache_loss"));
+  EXPECT_NE(values["results"][0]["out_rel_err"], report["results"][0]["out_rel_err"]);
+  r = run(compare + "--kv kv8.fp8.npy --compressed c8.fp8.npy --kv-cache fp8 -o refused.json");
   EXPECT_EQ(r.code, 2);
-  EXPECT_NE(r.err.find("measures V3.2's fp8 cache only"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("give --kv and --compressed as floating values"), std::string::npos)
+      << r.err;
   EXPECT_FALSE(fs::exists(path("refused.npy")));
   EXPECT_FALSE(fs::exists(path("refused.json")));
 }

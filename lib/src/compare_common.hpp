@@ -22,4 +22,9 @@ std::vector<std::pair<int64_t, int64_t>> read_needles(const Tensor& needles, int
 Comparison empty_comparison(int64_t batch, int64_t queries, int64_t keys, int64_t heads,
                             const std::vector<int64_t>& ks, bool with_indexer);
 
+// The relative L2 error of one (row, head) output against another (inf when only the other is
+// zero); returns the squared error and the squared norm of the other.
+std::pair<double, double> relative_error(const float* out, const float* reference, int64_t d_v,
+                                         float& rel_err);
+
 }  // namespace dsa::detail

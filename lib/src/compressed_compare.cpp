@@ -11,6 +11,7 @@
 
 #include "compare_common.hpp"
 #include "dsa/error.hpp"
+#include "dsa/kv_cache.hpp"
 #include "dsa/metrics.hpp"
 #include "dsa/topk.hpp"
 #include "progress.hpp"
@@ -27,17 +28,19 @@ constexpr int64_t kChunkRows = 16;
 // Rows [c0, c0 + n) of batch element b as inputs of their own: the queries are the last rows of
 // the tokens up to the chunk's last query, so positions and visibility are the whole's. `dense`:
 // causal attention over every raw token with the same sink (a window as long as the tokens).
+// Over V4's fp8 caches the rows are their 584 bytes.
 struct Chunk {
   Tensor q, kv, compressed;
   CompressedAttentionInputs in;
   Chunk(const CompressedAttentionInputs& a, int64_t b, int64_t c0, int64_t n, bool dense) {
     const int64_t d = a.dim, tokens = a.position(c0 + n - 1) + 1;
+    const int64_t row = a.fp8_cache ? kV4CacheBytes : d;
     q = detail::view(*a.q, (b * a.queries + c0) * a.heads * d, {n, a.heads, d});
-    kv = detail::view(*a.kv, b * a.tokens * d, {tokens, d});
+    kv = detail::view(*a.kv, b * a.tokens * row, {tokens, row});
     if (dense) {
       in = make_compressed_attention_inputs(q, kv, nullptr, a.sink, V4Attention::swa, tokens);
     } else {
-      compressed = detail::view(*a.compressed, b * a.entries * d, {tokens / a.ratio, d});
+      compressed = detail::view(*a.compressed, b * a.entries * row, {tokens / a.ratio, row});
       in = make_compressed_attention_inputs(q, kv, &compressed, a.sink, a.kind, a.window);
     }
   }
@@ -135,6 +138,16 @@ Comparison compare_compressed_attention(const CompressedCompareInputs& ci, Stage
   } else {
     ks = {a.entries};  // HCA: every visible entry
   }
+  if (const CompressedAttentionInputs* c = ci.fp8_cache) {
+    if (!c->fp8_cache || a.fp8_cache || c->kind != a.kind || c->batch != a.batch ||
+        c->queries != a.queries || c->tokens != a.tokens || c->entries != a.entries ||
+        c->heads != a.heads || c->dim != a.dim || c->window != a.window ||
+        (c->sink == nullptr) != (a.sink == nullptr)) {
+      bad_usage(
+          "the fp8 cache comparison needs V4's fp8 caches of the attention's own kv and "
+          "compressed entries, with its queries and sink");
+    }
+  }
   const std::vector<std::pair<int64_t, int64_t>> needles =  // (t, s), ascending
       ci.needles ? detail::read_needles(*ci.needles, a.tokens - a.queries, a.tokens, "token")
                  : std::vector<std::pair<int64_t, int64_t>>{};
@@ -145,6 +158,10 @@ Comparison compare_compressed_attention(const CompressedCompareInputs& ci, Stage
   Comparison out = detail::empty_comparison(a.batch, a.queries, a.entries, H, ks, with_indexer);
   out.tokens = a.tokens;
   out.ratio = a.ratio;
+  if (ci.fp8_cache) {
+    for (Fidelity& f : out.per_k) f.cache_rel_err.assign(f.out_rel_err.size(), kNaN);
+    out.kv_cache = "fp8";
+  }
   const auto window_length = [&](int64_t t) { return std::min(a.window, t + 1); };
   Stopwatch clock;
   double seconds_reference = 0, seconds_score = 0, seconds_select = 0, seconds_sparse = 0,
@@ -168,6 +185,10 @@ Comparison compare_compressed_attention(const CompressedCompareInputs& ci, Stage
       std::optional<Chunk> dense_inputs;
       if (!against_entries) dense_inputs.emplace(a, b, c0, n, true);
       const Chunk& reference_inputs = against_entries ? sparse_inputs : *dense_inputs;
+      // With the fp8 caches the selected attention reads them, and also the values (the loss).
+      std::optional<Chunk> cache_inputs;
+      if (ci.fp8_cache) cache_inputs.emplace(*ci.fp8_cache, b, c0, n, false);
+      const Chunk& attended = cache_inputs ? *cache_inputs : sparse_inputs;
       const Output reference = attend(reference_inputs.in, nullptr, ci.scale, device);
       seconds_reference += watch.seconds();
       // The selection at the largest k, per row: indexer scores and top-k, or the given rows.
@@ -219,17 +240,18 @@ Comparison compare_compressed_attention(const CompressedCompareInputs& ci, Stage
         Fidelity& f = out.per_k[ki];
         const int64_t k = std::min(ks[ki], width);
         watch = Stopwatch();
-        Output sparse;
+        Output sparse, values;  // values: over attention's own values, with the fp8 caches
+        std::optional<Tensor> idx;
         if (csa) {
-          Tensor idx = make_tensor(DType::i32, {n, k}, "selection");
+          idx = make_tensor(DType::i32, {n, k}, "selection");
           for (int64_t r = 0; r < n; ++r) {
             std::copy(selection.begin() + r * width, selection.begin() + r * width + k,
-                      mutable_data<int32_t>(idx) + r * k);
+                      mutable_data<int32_t>(*idx) + r * k);
           }
-          sparse = attend(sparse_inputs.in, &idx, ci.scale, device);
-        } else {
-          sparse = attend(sparse_inputs.in, nullptr, ci.scale, device);
         }
+        const Tensor* chosen = idx ? &*idx : nullptr;
+        sparse = attend(attended.in, chosen, ci.scale, device);
+        if (cache_inputs) values = attend(sparse_inputs.in, chosen, ci.scale, device);
         seconds_sparse += watch.seconds();
         watch = Stopwatch();
         for (int64_t r = 0; r < n; ++r) {
@@ -259,6 +281,12 @@ Comparison compare_compressed_attention(const CompressedCompareInputs& ci, Stage
             if (visible > ks[ki]) {
               f.error_squares_sparse += err;
               f.reference_squares_sparse += norm;
+            }
+            if (cache_inputs) {
+              const auto [cache_err, cache_norm] = detail::relative_error(
+                  o, values.out.data() + (r * H + h) * d, d, f.cache_rel_err[row * H + h]);
+              f.cache_error_squares += cache_err;
+              f.cache_reference_squares += cache_norm;
             }
             if (against_entries) {
               const double m = std::exp(double(sparse.lse[r * H + h]) - reference.lse[r * H + h]);

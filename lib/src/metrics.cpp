@@ -110,25 +110,11 @@ int64_t select_row(const CompareInputs& in, int64_t row, const float* score, int
   return valid;
 }
 
-// The relative L2 error of one (row, head) output against another; returns the squared error
-// and the squared norm of the other.
-std::pair<double, double> relative_error(const float* out, const float* reference, int64_t d_v,
-                                         float& rel_err) {
-  double err = 0, ref = 0;
-  for (int64_t c = 0; c < d_v; ++c) {
-    err += (double(out[c]) - reference[c]) * (double(out[c]) - reference[c]);
-    ref += double(reference[c]) * reference[c];
-  }
-  rel_err = static_cast<float>(ref > 0 ? std::sqrt(err / ref)
-                                       : (err > 0 ? std::numeric_limits<double>::infinity() : 0.0));
-  return {err, ref};
-}
-
 // The per-(row, head) output metrics at one k, and the dense mass the selection holds; returns
 // the squared error and the squared norm of the dense output.
 std::pair<double, double> head_metrics(const float* sparse, const float* dense, int64_t d_v,
                                        double mass, Fidelity& f, std::size_t at) {
-  const auto [err, ref] = relative_error(sparse, dense, d_v, f.out_rel_err[at]);
+  const auto [err, ref] = detail::relative_error(sparse, dense, d_v, f.out_rel_err[at]);
   double own = 0, dot = 0;
   for (int64_t c = 0; c < d_v; ++c) {
     own += double(sparse[c]) * sparse[c];
@@ -338,8 +324,8 @@ void compare_on_engine(const detail::Backend& backend, const CompareInputs& in, 
               if (fp8_engine) {
                 const std::size_t at = ((ki * n_rows + r) * H + h) * d_v;
                 const auto [cache_err, cache_ref] =
-                    relative_error(sparse_out.data() + at, bf16_out.data() + at, d_v,
-                                   out.per_k[ki].cache_rel_err[row * H + h]);
+                    detail::relative_error(sparse_out.data() + at, bf16_out.data() + at, d_v,
+                                           out.per_k[ki].cache_rel_err[row * H + h]);
                 totals.cache_error_squares[ki * rows + row] += cache_err;
                 totals.cache_reference_squares[ki * rows + row] += cache_ref;
               }
@@ -416,6 +402,18 @@ std::vector<std::pair<int64_t, int64_t>> detail::read_needles(const Tensor& n, i
   }
   std::sort(needles.begin(), needles.end());
   return needles;
+}
+
+std::pair<double, double> detail::relative_error(const float* out, const float* reference,
+                                                 int64_t d_v, float& rel_err) {
+  double err = 0, ref = 0;
+  for (int64_t c = 0; c < d_v; ++c) {
+    err += (double(out[c]) - reference[c]) * (double(out[c]) - reference[c]);
+    ref += double(reference[c]) * reference[c];
+  }
+  rel_err = static_cast<float>(ref > 0 ? std::sqrt(err / ref)
+                                       : (err > 0 ? std::numeric_limits<double>::infinity() : 0.0));
+  return {err, ref};
 }
 
 Comparison detail::empty_comparison(int64_t batch, int64_t queries, int64_t keys, int64_t heads,
@@ -741,6 +739,8 @@ nlohmann::json comparison_report(const CompressedCompareInputs& inputs,
   report["sink"] = a.sink != nullptr;
   report["scale"] = inputs.scale;
   report["selection"] = inputs.indexer ? "indexer" : inputs.indices ? "indices" : "every-entry";
+  // What the selected attention read: V4's fp8 caches, or --kv's own dtype.
+  report["kv_cache"] = inputs.fp8_cache ? std::string("fp8") : dtype_name(a.kv->dtype);
   add_comparison_fields(report, comparison, inputs.indexer, inputs.indexer_config);
   return report;
 }

@@ -152,6 +152,12 @@ struct CompressedCompareInputs {
   std::vector<int64_t> positions;
   const Tensor* needles = nullptr;    // [N, 2] (t, s): s counts as kept in the window or its entry
   std::vector<int64_t> topk = {512};  // ascending; one k (the width) with indices; none for HCA
+  // Optional: the window and entries are read from DeepSeek-V4's fp8 caches of attention's kv
+  // and compressed instead (make_compressed_attention_inputs over quantize_v4_cache_fp8's
+  // caches, the same queries and sink), so every metric is the fp8 caches' against the
+  // reference over attention's own values, and each k also reports the output's loss against
+  // the same selection over attention's values (Fidelity::cache_*, "kv_cache_loss").
+  const CompressedAttentionInputs* fp8_cache = nullptr;
 };
 
 // The same Comparison as compare_attention's, per k, over the window and the selection (HCA:
