@@ -460,6 +460,50 @@ TEST(Cuda, CompareOnTheGpuAgreesWithTheCpu) {
   }
 }
 
+// DeepSeek-V4's fp8 caches in dsa-compare on the GPU (the V4 kernel over the caches and over
+// the values, the dense reference on it too): the caches' loss and every output metric agree
+// with the CPU's, whose P is f32 where the GPU's is bf16.
+TEST(Cuda, V4Fp8CacheCompareOnTheGpuAgreesWithTheCpu) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(9);
+  const int64_t T = 700, Lq = 64, H = 64, d = 512, k = 64;
+  Tensor q = test::random_tensor({Lq, H, d}, rng, 0.05f, "q"),
+         kv = test::random_tensor({T, d}, rng, 1.0f, "kv"),
+         c4 = test::random_tensor({T / 4, d}, rng, 1.0f, "compressed");
+  for (Tensor* t : {&q, &kv, &c4}) {
+    float* p = mutable_data<float>(*t);
+    for (int64_t i = 0; i < t->numel(); ++i) p[i] = round_to_bf16(p[i]);
+  }
+  const Tensor sink = test::random_tensor({H}, rng, 1.0f, "sink");
+  CompressedCompareInputs ci;
+  ci.attention = make_compressed_attention_inputs(q, kv, &c4, &sink, V4Attention::csa, 128);
+  Tensor indices = make_tensor(DType::i32, {Lq, k}, "indices");
+  for (int64_t r = 0; r < Lq; ++r) {  // the last entries first, -1 past the visible ones
+    const int64_t visible = ci.attention.visible_entries(r);
+    for (int64_t i = 0; i < k; ++i) {
+      mutable_data<int32_t>(indices)[r * k + i] =
+          static_cast<int32_t>(i < visible ? visible - 1 - i : -1);
+    }
+  }
+  ci.indices = &indices;
+  ci.scale = 1.0f / std::sqrt(float(d));
+  ci.reference = V4Reference::dense;
+  const auto fp8 = fp8_v4_cache_attention(ci.attention);
+  ci.fp8_cache = &fp8->inputs;
+  const Comparison cpu = compare_compressed_attention(ci, nullptr);
+  const Comparison gpu = compare_compressed_attention(ci, nullptr, Device::cuda);
+  ASSERT_EQ(gpu.kv_cache, "fp8");
+  const Fidelity &c = cpu.per_k[0], &g = gpu.per_k[0];
+  const double loss_cpu = std::sqrt(c.cache_error_squares / c.cache_reference_squares);
+  const double loss_gpu = std::sqrt(g.cache_error_squares / g.cache_reference_squares);
+  EXPECT_GT(loss_cpu, 1e-3);
+  EXPECT_NEAR(loss_gpu, loss_cpu, 0.1 * loss_cpu);
+  for (std::size_t i = 0; i < c.out_rel_err.size(); ++i) {
+    ASSERT_NEAR(g.out_rel_err[i], c.out_rel_err[i], 5e-3 + 5e-2 * c.out_rel_err[i]) << i;
+    ASSERT_NEAR(g.cache_rel_err[i], c.cache_rel_err[i], 5e-3 + 0.2 * c.cache_rel_err[i]) << i;
+  }
+}
+
 TEST(Cuda, DeviceSelection) {
   EXPECT_EQ(resolve_device("cpu"), Device::cpu);
   EXPECT_EQ(resolve_device("auto"), cuda_available() ? Device::cuda : Device::cpu);
