@@ -346,10 +346,6 @@ struct AttentionArgs {
   std::string kv_cache = "bf16";  // kv_cache.hpp: "bf16" or "fp8"
 
   void check() const {
-    if (attention && kv_cache != "bf16") {
-      bad_usage("kv_cache=\"fp8\" is FlashMLA's cache of V3.2's latent rows, not attention=\"{}\"",
-                *attention);
-    }
     if (!attention) {
       if (!compressed.is_none() || !sink.is_none() || window) {
         bad_usage("compressed, sink and window apply with attention=\"csa\", \"hca\" or \"swa\"");
@@ -399,6 +395,9 @@ struct V4Tensors {
   std::vector<Tensor> tensors;  // q, kv, then compressed and sink where given
   CompressedAttentionInputs inputs;
   SoftmaxScale scale;
+  std::unique_ptr<V4Fp8CacheAttention> fp8;  // kv_cache="fp8" over floating kv and compressed
+  // The inputs the attention reads: over V4's fp8 caches with kv_cache="fp8".
+  const CompressedAttentionInputs& attended() const { return fp8 ? fp8->inputs : inputs; }
 };
 void load_v4_attention(const AttentionArgs& args, V4Tensors& out) {
   const V4Attention kind = naming("attention", [&] { return parse_v4_attention(*args.attention); });
@@ -427,6 +426,10 @@ void load_v4_attention(const AttentionArgs& args, V4Tensors& out) {
   });
   out.scale = naming("scale",
                      [&] { return resolve_softmax_scale(scale_text(args.scale), out.inputs.dim); });
+  const KvCache cache = naming("kv_cache", [&] { return parse_kv_cache(args.kv_cache); });
+  if (cache == KvCache::fp8 && !out.inputs.fp8_cache) {  // uint8 caches are read as they are
+    out.fp8 = naming("kv_cache", [&] { return fp8_v4_cache_attention(out.inputs); });
+  }
 }
 
 py::object attend_op(const AttentionArgs& args, py::object indices_object, bool dense,
@@ -451,7 +454,7 @@ py::object attend_op(const AttentionArgs& args, py::object indices_object, bool 
     if (future_as_padding) bad_usage("future_as_padding is for V3.2 selections");
     V4Tensors loaded;
     load_v4_attention(args, loaded);
-    const CompressedAttentionInputs& inputs = loaded.inputs;
+    const CompressedAttentionInputs& inputs = loaded.attended();
     if (inputs.kind == V4Attention::csa && !has_indices && !dense) {
       bad_usage(
           "attention=\"csa\": give indices (the selection), or dense=True for every visible "
@@ -584,8 +587,14 @@ py::object compare_op(const AttentionArgs& args, py::object q_index, py::object 
     Stopwatch load;
     V4Tensors loaded;
     load_v4_attention(args, loaded);
+    if (args.kv_cache == "fp8" && !loaded.fp8) {
+      bad_usage(
+          "kv_cache=\"fp8\" measures V4's fp8 caches against the values: give kv and "
+          "compressed as floating values, not uint8 caches");
+    }
     CompressedCompareInputs inputs;
     inputs.attention = loaded.inputs;
+    inputs.fp8_cache = loaded.fp8 ? &loaded.fp8->inputs : nullptr;
     inputs.scale = loaded.scale.value;
     inputs.reference =
         naming("reference", [&] { return parse_v4_reference(reference.value_or("every-entry")); });
@@ -916,7 +925,9 @@ MQA (MLA latent): q [B?, Lq, H, d_qk], kv [B?, Lk, d_qk], values its first d_v c
 int64, -1 padding. scale: None (d_qk^-0.5), "deepseek-v3.2" or a number. attention="csa",
 "hca" or "swa": DeepSeek-V4's attention over kv's raw tokens (window=128) and the compressed
 entries (compressed=), with the per-head sink= logits. kv_cache="fp8": over FlashMLA's fp8 cache
-of kv (quantize_kv_cache); a uint8 kv [B?, Lk, 656] is such a cache already. Returns (out
+of kv (quantize_kv_cache); a uint8 kv [B?, Lk, 656] is such a cache already; with attention=,
+over DeepSeek-V4's fp8 caches of kv and compressed (584 bytes a row; uint8 [.., 584] inputs are
+such caches already, q 512 wide). Returns (out
 float32 [B?, Lq, H, d_v], lse float32 [B?, Lq, H], natural log).)");
 
   m.def(
@@ -951,8 +962,9 @@ The attention inputs as attend()'s; the selection by the indexer (q_index, k_ind
 and score()'s keywords; topk an int or an ascending list, default 2048, 512 with
 attention="csa") or given (indices=). needles [N, 2]: (query position, key position) pairs.
 attention="csa"/"hca" with reference="every-entry" or "dense". kv_cache="fp8": the sparse
-attention over FlashMLA's fp8 cache of kv, the dense reference over kv, and per k its
-kv_cache_loss against kv's own.)");
+attention over FlashMLA's fp8 cache of kv (with attention=, V4's fp8 caches of kv and
+compressed), the reference over the values, and per k its kv_cache_loss against the same
+selection over the values.)");
 
   m.def("quantize_kv_cache", &quantize_kv_cache_op, py::arg("kv"),
         R"(FlashMLA's fp8 cache of a latent cache kv [B?, L, 576]: uint8 [B?, L, 656], per token the

@@ -361,6 +361,30 @@ class AttendV4(Fresh):
         self.assert_close(out, ref_out, "hca out")
         self.assert_close(lse, ref_lse, "hca lse")
 
+    def test_fp8_caches(self):
+        """kv_cache="fp8" with attention=: V4's fp8 caches of kv and compressed (584 bytes a row),
+        in attend and in compare's kv_cache_loss, against the same selection over the values."""
+        T, Lq, H, d, k = 80, 6, 2, 512, 5
+        q = self.g.standard_normal((Lq, H, d)).astype(F32) * F32(0.05)
+        kv = self.g.standard_normal((T, d)).astype(F32)
+        c4 = self.g.standard_normal((T // 4, d)).astype(F32)
+        idx = np.full((Lq, k), -1, dtype=np.int32)
+        for r in range(Lq):
+            visible = (T - Lq + r + 1) // 4
+            idx[r, :k] = self.g.choice(visible, size=k, replace=False)
+        args = dict(attention="csa", compressed=c4, sink=self.sink, indices=idx)
+        fp8, fp8_lse = dsa.attend(q, kv, kv_cache="fp8", **args)
+        values, _ = dsa.attend(q, kv, **args)
+        diff = fp8.astype(F64) - values
+        want = np.sqrt(np.sum(diff * diff) / np.sum(values.astype(F64) ** 2))
+        self.assertTrue(1e-3 < want < 0.1, want)  # the caches round the values, a little
+        self.assertTrue(np.all(np.isfinite(fp8_lse)))
+        report = dsa.compare(q, kv, kv_cache="fp8", reference="dense", **args)
+        self.assertEqual(report["kv_cache"], "fp8")
+        loss = report["results"][0]["kv_cache_loss"]["out_rel_err_global"]
+        self.assertAlmostEqual(loss, want, delta=1e-5 * want)
+        self.assertNotIn("kv_cache_loss", dsa.compare(q, kv, reference="dense", **args)["results"][0])
+
 
 if __name__ == "__main__":
     unittest.main()
