@@ -446,19 +446,38 @@ __global__ void __launch_bounds__(MlaAttentionTraits<D_QK>::kThreads, 1)
         }
       }
     } else if constexpr (FP8) {
-      constexpr int pieces = Tile::kChunks;  // per row: 64 latent + 8 rope
-      for (int i = tid; i < kKeys * pieces; i += Traits::kThreads) {
-        const int key = i / pieces, c = i % pieces;
-        const unsigned char* row = smem + Layout::raw + key * Traits::kRowBytes;
-        uint4 v;
-        if (c < Traits::kLatent / 8) {
-          const float scale =
-              *reinterpret_cast<const float*>(row + Traits::kScales + 4 * (c * 8 / Traits::kTile));
-          v = dequantize_e4m3x8(*reinterpret_cast<const uint2*>(row + c * 8), scale);
-        } else {
-          v = *reinterpret_cast<const uint4*>(row + Traits::kRope + (c - Traits::kLatent / 8) * 16);
+      // 72 pieces a row (64 latent, 8 rope), 18 for each of the 256 threads: each issues a batch
+      // of its pieces' loads before converting any.
+      constexpr int pieces = Tile::kChunks, kBatch = 3;
+      constexpr int kPerThread = kKeys * pieces / Traits::kThreads;
+      static_assert(kKeys * pieces % Traits::kThreads == 0 && kPerThread % kBatch == 0,
+                    "V3.2: whole batches of pieces");
+#pragma unroll
+      for (int b = 0; b < kPerThread; b += kBatch) {
+        uint4 raw[kBatch];
+        float scale[kBatch];
+#pragma unroll
+        for (int n = 0; n < kBatch; ++n) {
+          const int i = tid + (b + n) * Traits::kThreads, key = i / pieces, c = i % pieces;
+          const unsigned char* row = smem + Layout::raw + key * Traits::kRowBytes;
+          if (c < Traits::kLatent / 8) {
+            const uint2 codes = *reinterpret_cast<const uint2*>(row + c * 8);
+            raw[n] = make_uint4(codes.x, codes.y, 0, 0);
+            scale[n] = *reinterpret_cast<const float*>(row + Traits::kScales +
+                                                       4 * (c * 8 / Traits::kTile));
+          } else {
+            raw[n] = *reinterpret_cast<const uint4*>(row + Traits::kRope +
+                                                     (c - Traits::kLatent / 8) * 16);
+          }
         }
-        *reinterpret_cast<uint4*>(smem + Layout::kv + wg::swizzled_offset(kKeys, key, c * 8)) = v;
+#pragma unroll
+        for (int n = 0; n < kBatch; ++n) {
+          const int i = tid + (b + n) * Traits::kThreads, key = i / pieces, c = i % pieces;
+          const uint4 v = c < Traits::kLatent / 8
+                              ? dequantize_e4m3x8(make_uint2(raw[n].x, raw[n].y), scale[n])
+                              : raw[n];
+          *reinterpret_cast<uint4*>(smem + Layout::kv + wg::swizzled_offset(kKeys, key, c * 8)) = v;
+        }
       }
     }
   };
