@@ -290,10 +290,7 @@ void load_v4_attention(const AttentionOptions& attention, const V4AttentionOptio
   out.inputs = make_compressed_attention_inputs(out.tensors[0], out.tensors[1], compressed, sink,
                                                 kind, options.window);
   out.scale = resolve_softmax_scale(attention.scale, out.inputs.dim);
-  out.fp8.reset();
-  if (parse_kv_cache(attention.kv_cache) == KvCache::fp8 && !out.inputs.fp8_cache) {
-    out.fp8 = fp8_v4_cache_attention(out.inputs);
-  }
+  out.fp8 = fp8_v4_cache_attention(out.inputs, parse_kv_cache(attention.kv_cache));
 }
 
 void add_device_option(CLI::App& app, std::string& device) {

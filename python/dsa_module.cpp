@@ -426,10 +426,10 @@ void load_v4_attention(const AttentionArgs& args, V4Tensors& out) {
   });
   out.scale = naming("scale",
                      [&] { return resolve_softmax_scale(scale_text(args.scale), out.inputs.dim); });
-  const KvCache cache = naming("kv_cache", [&] { return parse_kv_cache(args.kv_cache); });
-  if (cache == KvCache::fp8 && !out.inputs.fp8_cache) {  // uint8 caches are read as they are
-    out.fp8 = naming("kv_cache", [&] { return fp8_v4_cache_attention(out.inputs); });
-  }
+  // uint8 caches are read as they are
+  out.fp8 = naming("kv_cache", [&] {
+    return fp8_v4_cache_attention(out.inputs, parse_kv_cache(args.kv_cache));
+  });
 }
 
 py::object attend_op(const AttentionArgs& args, py::object indices_object, bool dense,

@@ -363,6 +363,12 @@ std::unique_ptr<V4Fp8CacheAttention> fp8_v4_cache_attention(const CompressedAtte
   return out;
 }
 
+std::unique_ptr<V4Fp8CacheAttention> fp8_v4_cache_attention(const CompressedAttentionInputs& in,
+                                                            KvCache cache) {
+  if (cache != KvCache::fp8 || in.fp8_cache) return nullptr;
+  return fp8_v4_cache_attention(in);
+}
+
 nlohmann::json compressed_attention_report(const CompressedAttentionInputs& inputs,
                                            bool every_entry, const SoftmaxScale& scale) {
   const bool csa = inputs.kind == V4Attention::csa;

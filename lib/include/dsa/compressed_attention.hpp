@@ -11,6 +11,7 @@
 
 #include "dsa/attention.hpp"
 #include "dsa/device.hpp"
+#include "dsa/kv_cache.hpp"
 #include "dsa/report.hpp"
 #include "dsa/rows.hpp"
 #include "dsa/tensor.hpp"
@@ -102,5 +103,9 @@ struct V4Fp8CacheAttention {
   CompressedAttentionInputs inputs;
 };
 std::unique_ptr<V4Fp8CacheAttention> fp8_v4_cache_attention(const CompressedAttentionInputs& in);
+// With `cache` fp8 and inputs that read floating caches: their fp8 caches and the attention over
+// them; null with bf16, or when the inputs read fp8 caches already (V3.2's fp8_cache_attention).
+std::unique_ptr<V4Fp8CacheAttention> fp8_v4_cache_attention(const CompressedAttentionInputs& in,
+                                                            KvCache cache);
 
 }  // namespace dsa
