@@ -248,29 +248,41 @@ struct PartialLayout {
 // blockIdx.z the sequence): each split's output is normalized by its own sum, so the merged
 // one weighs split i by exp(lse_i - lse), lse = log sum_i exp(lse_i). Splits that saw nothing
 // (lse -inf) weigh nothing; a row with nothing at all gets zeros and -inf, as one block gives.
+// One warp turns the splits' lse into weights once (kMaxSplits <= 32); then each thread's
+// column pairs of every split are loaded together, none waiting on another.
 __global__ void __launch_bounds__(128)
     combine_splits(const __grid_constant__ AttentionParams p, int splits) {
+  static_assert(kMaxSplits <= 32, "one lane a split");
   const PartialLayout parts(p, splits);
   const int64_t z = blockIdx.z, rh = blockIdx.x;
-  const float* lse_part = p.partial + parts.lse_offset + z * splits * parts.lse_step + rh;
-  float top = -INFINITY;
-  for (int i = 0; i < splits; ++i) top = fmaxf(top, lse_part[i * parts.lse_step]);
-  float total = 0.0f;
-  for (int i = 0; i < splits; ++i) {
-    const float l = lse_part[i * parts.lse_step];
-    if (l > -INFINITY) total += __expf(l - top);
+  __shared__ float weight_s[kMaxSplits];
+  if (threadIdx.x < 32) {
+    const float* lse_part = p.partial + parts.lse_offset + z * splits * parts.lse_step + rh;
+    const int i = threadIdx.x;
+    const float l = i < splits ? lse_part[i * parts.lse_step] : -INFINITY;
+    float top = l;
+    for (int m = 16; m >= 1; m /= 2) top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, m));
+    const float e = l > -INFINITY ? __expf(l - top) : 0.0f;
+    float total = e;
+    for (int m = 16; m >= 1; m /= 2) total += __shfl_xor_sync(0xffffffffu, total, m);
+    if (i < splits) weight_s[i] = total > 0 ? e / total : 0.0f;
+    if (i == 0) p.lse[z * p.lse_step + rh] = total > 0 ? top + __logf(total) : -INFINITY;
   }
+  __syncthreads();
   float* out = p.out + z * p.out_step + rh * p.d_v;
   const float* out_part = p.partial + z * splits * parts.out_step + rh * p.d_v;
-  for (int c = threadIdx.x; c < p.d_v; c += blockDim.x) {
-    float sum = 0.0f;
+  for (int c = 2 * threadIdx.x; c < p.d_v; c += 2 * blockDim.x) {
+    float2 sum = make_float2(0.0f, 0.0f);
+#pragma unroll 8
     for (int i = 0; i < splits; ++i) {
-      const float l = lse_part[i * parts.lse_step];
-      if (l > -INFINITY) sum += __expf(l - top) * out_part[i * parts.out_step + c];
+      const float w = weight_s[i];
+      if (w == 0.0f) continue;  // nothing seen, or a weight below f32's range
+      const float2 v = *reinterpret_cast<const float2*>(out_part + i * parts.out_step + c);
+      sum.x += w * v.x;
+      sum.y += w * v.y;
     }
-    out[c] = total > 0 ? sum / total : 0.0f;
+    *reinterpret_cast<float2*>(out + c) = sum;
   }
-  if (threadIdx.x == 0) p.lse[z * p.lse_step + rh] = total > 0 ? top + __logf(total) : -INFINITY;
 }
 
 // 8 e4m3 codes times a power-of-two scale, as 8 bf16 values (exact: FlashMLA's dequantization).
@@ -341,48 +353,85 @@ __global__ void __launch_bounds__(MlaAttentionTraits<D_QK>::kThreads, 1)
   auto* sum_s = reinterpret_cast<float*>(smem + Layout::sum);  // [warpgroup][head]
   auto* slot_s = reinterpret_cast<int*>(smem + Layout::slot);  // [buffer][key]
 
-  // The head groups of one row are neighbours in launch order: the second gathers from L2.
+  // A block's work items are (row, head group) pairs blockIdx.x, blockIdx.x + gridDim.x, ...
+  // (persistent: launch_mla_wgmma starts at most one wave), the head groups of one row
+  // neighbours in that order, so the second gathers from L2. The gather runs a tile ahead across
+  // items, and the next item's queries arrive under the last tile's P . V, so an item's start
+  // waits on nothing that could have come earlier.
   const int groups = (heads + kHeads - 1) / kHeads;
-  const int r = blockIdx.x / groups, h0 = blockIdx.x % groups * kHeads;
+  const int64_t items = static_cast<int64_t>(p.rows) * groups;
   const int tid = threadIdx.x, group = tid / 128, lane = tid % 32;
   const int row0 = (tid % 128) / 32 * 16 + lane / 4, row1 = row0 + 8;  // this thread's heads
   const int pair = 2 * (lane % 4);  // the first of this thread's two columns in each 8
-  const int64_t position = p.first_position + r;
-  // V4: the window's tokens [position - window_tokens + 1, position], then the entries.
-  int64_t window_tokens = 0, entries;
-  if constexpr (V4) {
-    window_tokens = v4_window_tokens(p, position);
-    entries = window_tokens + v4_entries(p, position);
-  } else {
-    entries = indices ? k : position + 1;
-  }
-  // Split decoding (gridDim.y > 1): this block's share of the row's tiles, its result a partial
-  // that combine_splits merges (attention_splits).
-  const int64_t all_tiles = (entries + kKeys - 1) / kKeys;
-  const int64_t per_split = (all_tiles + gridDim.y - 1) / gridDim.y;
-  const int64_t first_tile = min(all_tiles, static_cast<int64_t>(blockIdx.y) * per_split);
-  const int64_t tiles = min(all_tiles, first_tile + per_split);  // the tile after the last
-
-  fetch_query_heads<Tile, Traits::kThreads>(base + Layout::q, q, r, heads, h0);
-  // The kv row this thread gathers for tile `tile` (-1: none). Loaded a tile ahead of its use,
-  // so that the global load of the index overlaps a tile's arithmetic instead of stalling the
-  // gather that needs it (long_scoreboard in the profile, bench/NOTES.md).
-  const int j = gathered_key<Traits::kThreads>();
-  // V4: raw token s as s, compressed entry c as -2 - c, nothing as -1.
-  auto index_of = [&](int64_t tile) {
-    const int64_t e = tile * kKeys + j;
-    if (tile >= tiles || e >= entries) return -1;
+  // An item's row and its entries: V4's window of tokens [position - window_tokens + 1,
+  // position], then its compressed entries. Split decoding (gridDim.y > 1): this block's share
+  // of the row's tiles, its result a partial that combine_splits merges (attention_splits).
+  struct Work {
+    int r, h0;
+    int64_t position;
+    int window_tokens, entries, first_tile, tiles;  // tiles: the one after the last
+  };
+  auto work_of = [&](int64_t item) {
+    Work w;
+    w.r = static_cast<int>(item / groups), w.h0 = static_cast<int>(item % groups) * kHeads;
+    w.position = p.first_position + w.r;
+    w.window_tokens = 0;
     if constexpr (V4) {
-      if (e < window_tokens) return static_cast<int>(position - window_tokens + 1 + e);
-      const int64_t c = e - window_tokens;
-      const int entry = indices ? indices[static_cast<int64_t>(r) * k + c] : static_cast<int>(c);
-      return entry >= 0 ? -2 - entry : -1;
+      w.window_tokens = static_cast<int>(v4_window_tokens(p, w.position));
+      w.entries = w.window_tokens + static_cast<int>(v4_entries(p, w.position));
+    } else {
+      w.entries = indices ? k : static_cast<int>(w.position + 1);
     }
-    return indices ? indices[static_cast<int64_t>(r) * k + e] : static_cast<int>(e);
+    const int all_tiles = (w.entries + kKeys - 1) / kKeys;
+    const int per_split = (all_tiles + gridDim.y - 1) / gridDim.y;
+    w.first_tile = min(all_tiles, static_cast<int>(blockIdx.y) * per_split);
+    w.tiles = min(all_tiles, w.first_tile + per_split);
+    if (item >= items) w.first_tile = w.tiles = 0;
+    return w;
+  };
+  int64_t item = blockIdx.x;
+  Work work = work_of(item);
+  if (item < items)
+    fetch_query_heads<Tile, Traits::kThreads>(base + Layout::q, q, work.r, heads, work.h0);
+  // The gather's cursor: tile `ahead` of item `ahead_item`, the next tile to fetch, which runs
+  // into this block's later items (settle skips those with no tiles).
+  int64_t ahead_item = item;
+  int ahead = work.first_tile;
+  Work ahead_work = work;
+  auto settle = [&] {
+    while (ahead >= ahead_work.tiles && ahead_item < items) {
+      ahead_item += gridDim.x;
+      ahead_work = work_of(ahead_item);
+      ahead = ahead_work.first_tile;
+    }
+  };
+  settle();
+  // The kv row this thread gathers for tile `tile` of w (-1: none). Loaded a tile ahead of its
+  // use, so that the global load of the index overlaps a tile's arithmetic instead of stalling
+  // the gather that needs it (long_scoreboard in the profile, bench/NOTES.md).
+  const int j = gathered_key<Traits::kThreads>();
+  // What index_of loads, untouched, so that nothing waits on the load until the fetch a tile
+  // later (V4: whether it is a compressed entry is known without it).
+  struct Gathered {
+    int index;   // a kv row, or V4's raw token; -1: none
+    bool entry;  // V4: index is a compressed entry (-1: none)
+  };
+  auto index_of = [&](const Work& w, int tile) -> Gathered {
+    const int e = tile * kKeys + j;
+    if (tile >= w.tiles || e >= w.entries) return {-1, false};
+    if constexpr (V4) {
+      if (e < w.window_tokens)
+        return {static_cast<int>(w.position - w.window_tokens + 1 + e), false};
+      const int c = e - w.window_tokens;
+      return {indices ? indices[static_cast<int64_t>(w.r) * k + c] : c, true};
+    }
+    return {indices ? indices[static_cast<int64_t>(w.r) * k + e] : e, false};
   };
   // Starts gathering kv row s into row j of buffer `buffer` (FP8: of the staging buffer; the
   // slots keep two buffers either way).
-  auto fetch = [&](int s, int buffer) {
+  // V4: raw token s as s, compressed entry c as -2 - c, nothing as -1.
+  auto fetch = [&](Gathered g, int buffer) {
+    const int s = V4 && g.entry ? (g.index >= 0 ? -2 - g.index : -1) : g.index;
     constexpr int per_key = Traits::kThreads / kKeys;
     if (tid % per_key == 0) slot_s[buffer * kKeys + j] = s;
     if constexpr (FP8 && V4) {  // a raw token's row (s >= 0) or an entry's (-2 - s), 8-aligned
@@ -417,7 +466,7 @@ __global__ void __launch_bounds__(MlaAttentionTraits<D_QK>::kThreads, 1)
       // (rows key0, key0 + 4, ...), so its branch and scale byte are fixed, and it issues a
       // batch of rows' loads before converting any (the conversions wait on nothing else).
       static_assert(Tile::kChunks == 64 && Traits::kThreads == 256, "V4: 64 pieces, 4 rows");
-      constexpr int kStride = Traits::kThreads / Tile::kChunks, kBatch = 8;
+      constexpr int kStride = Traits::kThreads / Tile::kChunks, kBatch = 4;
       const int c = tid % Tile::kChunks, key0 = tid / Tile::kChunks;
       const bool latent = c < Traits::kLatent / 8;
       const int offset = latent ? c * 8 : Traits::kRope + (c - Traits::kLatent / 8) * 16;
@@ -481,149 +530,179 @@ __global__ void __launch_bounds__(MlaAttentionTraits<D_QK>::kThreads, 1)
       }
     }
   };
-  int next = index_of(first_tile);
-  if (first_tile < tiles) {
-    fetch(next, 0);
-    next = index_of(first_tile + 1);
-  }
+  Gathered next = index_of(ahead_work, ahead);
+  // Issues the gather of the cursor's tile into `buffer` and moves the cursor on.
+  auto fetch_ahead = [&](int buffer) {
+    if (ahead_item >= items) return;
+    fetch(next, buffer);
+    ++ahead;
+    settle();
+    next = index_of(ahead_work, ahead);
+  };
+  fetch_ahead(0);
 
   const float scale2 = p.scale * kLog2e;
-  OnlineSoftmax softmax0, softmax1;  // rows row0 and row1: this thread's share of their sums
-  float o[2 * kHalfValues / 4];
+  int buffer = 0;  // the key buffer (and slots) of the tile in hand, alternating across items
+  for (; item < items; item += gridDim.x, work = work_of(item)) {
+    OnlineSoftmax softmax0, softmax1;  // rows row0 and row1: this thread's share of their sums
+    float o[2 * kHalfValues / 4];
 #pragma unroll
-  for (int i = 0; i < 2 * kHalfValues / 4; ++i) o[i] = 0.0f;
+    for (int i = 0; i < 2 * kHalfValues / 4; ++i) o[i] = 0.0f;
 
-  for (int64_t tile = first_tile; tile < tiles; ++tile) {
-    const int buffer = static_cast<int>((tile - first_tile) % 2);
-    const int kv_buffer = FP8 ? 0 : buffer;  // FP8: one bf16 tile
-    wg::copy_async_wait_all();
-    if constexpr (FP8) {
-      __syncthreads();  // the staged rows are in, and both warpgroups are done with the tile
-      dequantize();
-    }
-    wg::fence_shared_for_tensor_cores();
-    __syncthreads();
-
-    // S = Q . K^T for this warpgroup's 32 keys, on the tensor cores while this thread issues
-    // the next tile's gather (into the other buffer, or FP8's staging, both free since the
-    // barrier).
-    const uint32_t keys = base + Layout::kv + kv_buffer * Tile::kTileBytes + group * 32 * 128;
-    float s[16];
-    issue_score_tile<Tile, 32>(s, base + Layout::q, keys);
-    if (tile + 1 < tiles) {
-      fetch(next, buffer ^ 1);
-      next = index_of(tile + 2);
-    }
-    wg::wait<0>();
-    wg::fence_operands(s);
-
-    const int* slot = slot_s + buffer * kKeys + group * 32;
-    float tile_max0 = -INFINITY, tile_max1 = -INFINITY;
-#pragma unroll
-    for (int n = 0; n < 4; ++n) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const bool valid = V4 ? slot[n * 8 + pair + e] != -1 : slot[n * 8 + pair + e] >= 0;
-        s[4 * n + e] = valid ? s[4 * n + e] * scale2 : -INFINITY;
-        s[4 * n + 2 + e] = valid ? s[4 * n + 2 + e] * scale2 : -INFINITY;
-        tile_max0 = fmaxf(tile_max0, s[4 * n + e]);
-        tile_max1 = fmaxf(tile_max1, s[4 * n + 2 + e]);
+    for (int tile = work.first_tile; tile < work.tiles; ++tile, buffer ^= 1) {
+      const int kv_buffer = FP8 ? 0 : buffer;  // FP8: one bf16 tile
+      wg::copy_async_wait_all();
+      if constexpr (FP8) {
+        __syncthreads();  // the staged rows are in, and both warpgroups are done with the tile
+        dequantize();
       }
+      wg::fence_shared_for_tensor_cores();
+      __syncthreads();
+
+      // S = Q . K^T for this warpgroup's 32 keys, on the tensor cores while this thread issues
+      // the next tile's gather (into the other buffer, or FP8's staging, both free since the
+      // barrier).
+      const uint32_t keys = base + Layout::kv + kv_buffer * Tile::kTileBytes + group * 32 * 128;
+      float s[16];
+      issue_score_tile<Tile, 32>(s, base + Layout::q, keys);
+      fetch_ahead(buffer ^ 1);
+      wg::wait<0>();
+      wg::fence_operands(s);
+
+      const int* slot = slot_s + buffer * kKeys + group * 32;
+      float tile_max0 = -INFINITY, tile_max1 = -INFINITY;
+#pragma unroll
+      for (int n = 0; n < 4; ++n) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const bool valid = V4 ? slot[n * 8 + pair + e] != -1 : slot[n * 8 + pair + e] >= 0;
+          s[4 * n + e] = valid ? s[4 * n + e] * scale2 : -INFINITY;
+          s[4 * n + 2 + e] = valid ? s[4 * n + 2 + e] * scale2 : -INFINITY;
+          tile_max0 = fmaxf(tile_max0, s[4 * n + e]);
+          tile_max1 = fmaxf(tile_max1, s[4 * n + 2 + e]);
+        }
+      }
+#pragma unroll
+      for (int m = 1; m <= 2; m *= 2) {
+        tile_max0 = fmaxf(tile_max0, __shfl_xor_sync(0xffffffffu, tile_max0, m));
+        tile_max1 = fmaxf(tile_max1, __shfl_xor_sync(0xffffffffu, tile_max1, m));
+      }
+      if (lane % 4 == 0) {
+        max_s[group * kHeads + row0] = tile_max0;
+        max_s[group * kHeads + row1] = tile_max1;
+      }
+      __syncthreads();
+      // Both warpgroups are done with Q: after the item's last tile, the next item's queries.
+      if (tile + 1 == work.tiles && item + gridDim.x < items) {
+        const Work following = work_of(item + gridDim.x);
+        fetch_query_heads<Tile, Traits::kThreads>(base + Layout::q, q, following.r, heads,
+                                                  following.h0);
+        wg::copy_async_commit();  // the next tile's wait_group waits for committed copies only
+      }
+      const float alpha0 = softmax0.advance(fmaxf(max_s[row0], max_s[kHeads + row0]));
+      const float alpha1 = softmax1.advance(fmaxf(max_s[row1], max_s[kHeads + row1]));
+#pragma unroll
+      for (int n = 0; n < 4; ++n) {
+        const float p00 = softmax0.probability(s[4 * n]), p01 = softmax0.probability(s[4 * n + 1]);
+        const float p10 = softmax1.probability(s[4 * n + 2]);
+        const float p11 = softmax1.probability(s[4 * n + 3]);
+        softmax0.sum += p00 + p01;
+        softmax1.sum += p10 + p11;
+        const int column = group * 32 + n * 8 + pair;
+        *reinterpret_cast<__nv_bfloat162*>(p_s + wg::swizzled_offset(kHeads, row0, column)) =
+            __floats2bfloat162_rn(p00, p01);
+        *reinterpret_cast<__nv_bfloat162*>(p_s + wg::swizzled_offset(kHeads, row1, column)) =
+            __floats2bfloat162_rn(p10, p11);
+      }
+#pragma unroll
+      for (int n = 0; n < kHalfValues / 8; ++n) {
+        o[4 * n] *= alpha0;
+        o[4 * n + 1] *= alpha0;
+        o[4 * n + 2] *= alpha1;
+        o[4 * n + 3] *= alpha1;
+      }
+      wg::fence_shared_for_tensor_cores();
+      __syncthreads();
+
+      // O += P . V for this warpgroup's 256 value columns.
+      const uint32_t p_base = base + Layout::p;
+      const uint32_t v_base =
+          base + Layout::kv + kv_buffer * Tile::kTileBytes + group * 4 * (kKeys * 128);
+      const uint64_t p0 = wg::descriptor(p_base, 16, 1024);
+      const uint64_t v0 = wg::descriptor(v_base, kKeys * 128, 1024);
+      wg::fence();
+#pragma unroll
+      for (int step = 0; step < kKeys / 16; ++step) {
+        wg::wgmma_m64n256_nmajor(o, wg::advanced(p0, step * 32), wg::advanced(v0, step * 16 * 128),
+                                 true);
+      }
+      wg::commit();
+      wg::wait<0>();
     }
+
+    float sum0 = softmax0.sum, sum1 = softmax1.sum;
 #pragma unroll
     for (int m = 1; m <= 2; m *= 2) {
-      tile_max0 = fmaxf(tile_max0, __shfl_xor_sync(0xffffffffu, tile_max0, m));
-      tile_max1 = fmaxf(tile_max1, __shfl_xor_sync(0xffffffffu, tile_max1, m));
+      sum0 += __shfl_xor_sync(0xffffffffu, sum0, m);
+      sum1 += __shfl_xor_sync(0xffffffffu, sum1, m);
     }
     if (lane % 4 == 0) {
-      max_s[group * kHeads + row0] = tile_max0;
-      max_s[group * kHeads + row1] = tile_max1;
+      sum_s[group * kHeads + row0] = sum0;
+      sum_s[group * kHeads + row1] = sum1;
     }
     __syncthreads();
-    const float alpha0 = softmax0.advance(fmaxf(max_s[row0], max_s[kHeads + row0]));
-    const float alpha1 = softmax1.advance(fmaxf(max_s[row1], max_s[kHeads + row1]));
-#pragma unroll
-    for (int n = 0; n < 4; ++n) {
-      const float p00 = softmax0.probability(s[4 * n]), p01 = softmax0.probability(s[4 * n + 1]);
-      const float p10 = softmax1.probability(s[4 * n + 2]);
-      const float p11 = softmax1.probability(s[4 * n + 3]);
-      softmax0.sum += p00 + p01;
-      softmax1.sum += p10 + p11;
-      const int column = group * 32 + n * 8 + pair;
-      *reinterpret_cast<__nv_bfloat162*>(p_s + wg::swizzled_offset(kHeads, row0, column)) =
-          __floats2bfloat162_rn(p00, p01);
-      *reinterpret_cast<__nv_bfloat162*>(p_s + wg::swizzled_offset(kHeads, row1, column)) =
-          __floats2bfloat162_rn(p10, p11);
+    float total0 = sum_s[row0] + sum_s[kHeads + row0];
+    float total1 = sum_s[row1] + sum_s[kHeads + row1];
+    __syncthreads();  // all have read the sums before an item with no tiles writes them again
+    const int r = work.r, h0 = work.h0;
+    float keep0 = 1.0f, keep1 = 1.0f;  // what the sink leaves of the sums' outputs
+    if constexpr (V4) {
+      if (p.sink && blockIdx.y == 0) {
+        if (h0 + row0 < heads) keep0 = softmax0.join_sink(p.sink[h0 + row0], total0);
+        if (h0 + row1 < heads) keep1 = softmax1.join_sink(p.sink[h0 + row1], total1);
+      }
     }
+    const float inverse0 = total0 > 0 ? keep0 / total0 : 0.0f;
+    const float inverse1 = total1 > 0 ? keep1 / total1 : 0.0f;
+    constexpr int d_v = Traits::kDv;
+    float* item_out = out;
+    float* item_lse = lse;
+    if (gridDim.y > 1) {  // a split's partial: PartialLayout's place for (sequence, split)
+      const PartialLayout parts(p, gridDim.y);
+      const int64_t part = static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y;
+      item_out = p.partial + part * parts.out_step;
+      item_lse = p.partial + parts.lse_offset + part * parts.lse_step;
+    }
+    float* out0 =
+        item_out + (static_cast<int64_t>(r) * heads + h0 + row0) * d_v + group * kHalfValues;
+    float* out1 =
+        item_out + (static_cast<int64_t>(r) * heads + h0 + row1) * d_v + group * kHalfValues;
 #pragma unroll
     for (int n = 0; n < kHalfValues / 8; ++n) {
-      o[4 * n] *= alpha0;
-      o[4 * n + 1] *= alpha0;
-      o[4 * n + 2] *= alpha1;
-      o[4 * n + 3] *= alpha1;
+      if (h0 + row0 < heads) {
+        *reinterpret_cast<float2*>(out0 + n * 8 + pair) =
+            make_float2(o[4 * n] * inverse0, o[4 * n + 1] * inverse0);
+      }
+      if (h0 + row1 < heads) {
+        *reinterpret_cast<float2*>(out1 + n * 8 + pair) =
+            make_float2(o[4 * n + 2] * inverse1, o[4 * n + 3] * inverse1);
+      }
     }
-    wg::fence_shared_for_tensor_cores();
-    __syncthreads();
-
-    // O += P . V for this warpgroup's 256 value columns.
-    const uint32_t p_base = base + Layout::p;
-    const uint32_t v_base =
-        base + Layout::kv + kv_buffer * Tile::kTileBytes + group * 4 * (kKeys * 128);
-    wg::fence();
-#pragma unroll
-    for (int step = 0; step < kKeys / 16; ++step) {
-      wg::wgmma_m64n256_nmajor(o, wg::descriptor(p_base + step * 32, 16, 1024),
-                               wg::descriptor(v_base + step * 16 * 128, kKeys * 128, 1024), true);
+    if (group == 0 && lane % 4 == 0) {
+      if (h0 + row0 < heads)
+        item_lse[static_cast<int64_t>(r) * heads + h0 + row0] = softmax0.lse(total0);
+      if (h0 + row1 < heads)
+        item_lse[static_cast<int64_t>(r) * heads + h0 + row1] = softmax1.lse(total1);
     }
-    wg::commit();
-    wg::wait<0>();
-  }
-
-  float sum0 = softmax0.sum, sum1 = softmax1.sum;
-#pragma unroll
-  for (int m = 1; m <= 2; m *= 2) {
-    sum0 += __shfl_xor_sync(0xffffffffu, sum0, m);
-    sum1 += __shfl_xor_sync(0xffffffffu, sum1, m);
-  }
-  if (lane % 4 == 0) {
-    sum_s[group * kHeads + row0] = sum0;
-    sum_s[group * kHeads + row1] = sum1;
-  }
-  __syncthreads();
-  float total0 = sum_s[row0] + sum_s[kHeads + row0];
-  float total1 = sum_s[row1] + sum_s[kHeads + row1];
-  float keep0 = 1.0f, keep1 = 1.0f;  // what the sink leaves of the sums' outputs
-  if constexpr (V4) {
-    if (p.sink && blockIdx.y == 0) {
-      if (h0 + row0 < heads) keep0 = softmax0.join_sink(p.sink[h0 + row0], total0);
-      if (h0 + row1 < heads) keep1 = softmax1.join_sink(p.sink[h0 + row1], total1);
+    // An item with no tiles prefetched nothing: the next item's queries now (the copies of any
+    // earlier prefetch into the same places finished first).
+    if (work.tiles == work.first_tile && item + gridDim.x < items) {
+      wg::copy_async_wait_all();
+      const Work following = work_of(item + gridDim.x);
+      fetch_query_heads<Tile, Traits::kThreads>(base + Layout::q, q, following.r, heads,
+                                                following.h0);
+      wg::copy_async_commit();
     }
-  }
-  const float inverse0 = total0 > 0 ? keep0 / total0 : 0.0f;
-  const float inverse1 = total1 > 0 ? keep1 / total1 : 0.0f;
-  constexpr int d_v = Traits::kDv;
-  if (gridDim.y > 1) {  // a split's partial: PartialLayout's place for (sequence, split)
-    const PartialLayout parts(p, gridDim.y);
-    const int64_t part = static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y;
-    out = p.partial + part * parts.out_step;
-    lse = p.partial + parts.lse_offset + part * parts.lse_step;
-  }
-  float* out0 = out + (static_cast<int64_t>(r) * heads + h0 + row0) * d_v + group * kHalfValues;
-  float* out1 = out + (static_cast<int64_t>(r) * heads + h0 + row1) * d_v + group * kHalfValues;
-#pragma unroll
-  for (int n = 0; n < kHalfValues / 8; ++n) {
-    if (h0 + row0 < heads) {
-      *reinterpret_cast<float2*>(out0 + n * 8 + pair) =
-          make_float2(o[4 * n] * inverse0, o[4 * n + 1] * inverse0);
-    }
-    if (h0 + row1 < heads) {
-      *reinterpret_cast<float2*>(out1 + n * 8 + pair) =
-          make_float2(o[4 * n + 2] * inverse1, o[4 * n + 3] * inverse1);
-    }
-  }
-  if (group == 0 && lane % 4 == 0) {
-    if (h0 + row0 < heads) lse[static_cast<int64_t>(r) * heads + h0 + row0] = softmax0.lse(total0);
-    if (h0 + row1 < heads) lse[static_cast<int64_t>(r) * heads + h0 + row1] = softmax1.lse(total1);
   }
 }
 
@@ -646,6 +725,15 @@ std::string attention_limit(int d_qk, int d_v, bool fp8_cache) {
 
 namespace {
 
+// The current device's SMs.
+int sm_count() {
+  int device = 0, sms = 1;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
+        "cudaDeviceGetAttribute");
+  return sms;
+}
+
 // The wgmma kernel takes d_qk 576 (either cache) or 512, with d_v 512.
 bool wgmma_shape(const AttentionParams& p) {
   return p.kv_fp8 || ((p.d_qk == 576 || p.d_qk == 512) && p.d_v == MlaAttentionTraits<576>::kDv);
@@ -667,10 +755,7 @@ int attention_splits(const AttentionParams& p) {
   // sequences times the splits at most the SMs (more cost a second wave, bench/NOTES.md). The
   // rows are the input's (query_rows), not this chunk's, so that every chunk and MPI share of a
   // row's input splits it alike.
-  int device = 0, sms = 1;
-  check(cudaGetDevice(&device), "cudaGetDevice");
-  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
-        "cudaDeviceGetAttribute");
+  const int sms = sm_count();
   const int64_t groups = (p.heads + MlaTileTraits<576>::kHeads - 1) / MlaTileTraits<576>::kHeads;
   const int64_t rows = std::max(p.rows, p.query_rows);
   const int64_t wave = std::max<int64_t>(1, sms / (rows * groups * p.sequences));
@@ -692,8 +777,12 @@ void launch_mla_wgmma(const AttentionParams& p, Kernel kernel, Traits) {
   constexpr uint32_t bytes = Traits::Layout::bytes;
   check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
         "cudaFuncSetAttribute(attention)");
-  const int groups = (p.heads + Traits::kHeads - 1) / Traits::kHeads;
-  const dim3 grid(p.rows * groups, splits, p.sequences);
+  // Persistent: at most one wave of blocks (one an SM), each taking items in turn.
+  const int64_t items =
+      static_cast<int64_t>(p.rows) * ((p.heads + Traits::kHeads - 1) / Traits::kHeads);
+  const int64_t wave = std::max<int64_t>(
+      1, (sm_count() + splits * p.sequences - 1) / (static_cast<int64_t>(splits) * p.sequences));
+  const dim3 grid(static_cast<unsigned>(std::min(items, wave)), splits, p.sequences);
   kernel<<<grid, Traits::kThreads, bytes, p.stream>>>(p);
   if (splits > 1) {
     check(cudaGetLastError(), "attention kernel launch");

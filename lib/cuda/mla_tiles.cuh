@@ -51,13 +51,15 @@ template <typename Tile, int N>
 __device__ __forceinline__ void issue_score_tile(float (&acc)[N / 2], uint32_t a, uint32_t b) {
   static_assert(N == 32 || N == 64, "score_tile: N is 32 or 64");
   static_assert(Tile::kHeads == Tile::kKeys, "score_tile: query and key tiles of one height");
+  // Step 0's descriptors, once; a step's differ only in the start address (wgmma::advanced).
+  const uint64_t a0 = wgmma::descriptor(a, 16, 1024), b0 = wgmma::descriptor(b, 16, 1024);
   wgmma::fence();
 #pragma unroll
   for (int step = 0; step < Tile::kDqk / 16; ++step) {
     // Columns 16 step .. 16 step + 15 of a 64-row tile, the queries' and the keys' alike.
     const uint32_t offset = wgmma::swizzled_offset(Tile::kKeys, 0, step * 16);
-    const uint64_t da = wgmma::descriptor(a + offset, 16, 1024);
-    const uint64_t db = wgmma::descriptor(b + offset, 16, 1024);
+    const uint64_t da = wgmma::advanced(a0, offset);
+    const uint64_t db = wgmma::advanced(b0, offset);
     if constexpr (N == 32) {
       wgmma::wgmma_m64n32_kmajor(acc, da, db, step > 0);
     } else {

@@ -29,6 +29,14 @@ __device__ __forceinline__ uint64_t descriptor(uint32_t address, uint32_t leadin
          (1ull << 62);
 }
 
+// descriptor(address + bytes, ...) from descriptor(address, ...), bytes a multiple of 16: one
+// 32-bit add to the start address field (bits 0-13, in 16-byte units), which cannot carry into
+// the leading-offset field while address + bytes stays below the 256 KB that 18 bits hold.
+__device__ __forceinline__ uint64_t advanced(uint64_t descriptor, uint32_t bytes) {
+  const uint32_t low = static_cast<uint32_t>(descriptor) + (bytes >> 4);
+  return (descriptor & 0xFFFFFFFF00000000ull) | low;
+}
+
 __device__ __forceinline__ uint32_t shared_address(const void* pointer) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
 }
