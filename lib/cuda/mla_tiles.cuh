@@ -31,14 +31,25 @@ __device__ __forceinline__ int gathered_key() {
 }
 
 // Starts copying kv row s (zeros when s < 0) into row gathered_key() of the swizzled key tile at
-// shared address tile, the key's threads sharing its 16-byte pieces. The caller commits.
+// shared address tile, the key's threads sharing its 16-byte pieces. The caller commits. Each
+// thread's pieces are t, t + per_key, ... (t < per_key, a divisor of 8), so their places differ
+// by constants: one address of each kind, then immediate offsets (no arithmetic per copy).
 template <typename Tile, int THREADS>
 __device__ void fetch_key_row(uint32_t tile, const __nv_bfloat16* kv, int s) {
   constexpr int per_key = THREADS / Tile::kKeys;
-  const int j = gathered_key<THREADS>();
-  const __nv_bfloat16* row = kv + static_cast<int64_t>(s >= 0 ? s : 0) * Tile::kDqk;
-  for (int c = threadIdx.x % per_key; c < Tile::kChunks; c += per_key) {
-    wgmma::copy_async_16(tile + wgmma::swizzled_offset(Tile::kKeys, j, c * 8), row + c * 8, s >= 0);
+  static_assert(8 % per_key == 0 && Tile::kChunks % per_key == 0, "whole pieces per thread");
+  const int j = gathered_key<THREADS>(), t = threadIdx.x % per_key;
+  const bool valid = s >= 0;
+  const char* row =
+      reinterpret_cast<const char*>(kv + static_cast<int64_t>(valid ? s : 0) * Tile::kDqk) + t * 16;
+  const uint32_t key_row = tile + j * 128;
+#pragma unroll
+  for (int n = 0; n < Tile::kChunks / per_key; ++n) {
+    // Piece t + n per_key: 64-column block n per_key / 8, swizzled piece (t + n per_key % 8) ^ j.
+    constexpr int kPerBlock = 8 / per_key;
+    const uint32_t piece = (t + (n % kPerBlock) * per_key) ^ (j % 8);
+    wgmma::copy_async_16(key_row + (n / kPerBlock) * Tile::kKeys * 128 + piece * 16,
+                         row + n * per_key * 16, valid);
   }
 }
 
