@@ -175,40 +175,56 @@ Tensor quantize_v4_cache_fp8(const Tensor& t) {
   return out;
 }
 
-void dequantize_v4_cache_fp8(const Tensor& t, int64_t row, int64_t rows, float* out) {
-  const auto* packed = reinterpret_cast<const uint8_t*>(t.data) + row * kV4CacheBytes;
+namespace {
+
+// An fp8 cache format's row, as the shared dequantization reads it: `tiles` tiles of `tile` e4m3
+// codes from byte 0, each times its scale (scale(src, tile)), then `rope` bf16 values at byte
+// rope_offset, the values `dim` floats a row.
+struct Fp8RowFormat {
+  int64_t bytes, dim, tiles, tile, rope, rope_offset;
+};
+
+// Rows [row, row + rows) of t in `format` into out (rows x dim floats): codes times their tile's
+// scale, rounded to bf16 as the kernels' tiles hold them, and the rope values as stored.
+template <typename Scale>
+void dequantize_fp8_rows(const Fp8RowFormat& format, const Tensor& t, int64_t row, int64_t rows,
+                         float* out, Scale scale) {
+  const auto* packed = reinterpret_cast<const uint8_t*>(t.data) + row * format.bytes;
+  const int64_t latent = format.tiles * format.tile;
   detail::parallel_ranges(rows, kRowsPerRange, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const uint8_t* src = packed + r * kV4CacheBytes;
-      float* dst = out + r * kV4CacheDim;
-      for (int64_t tile = 0; tile < kV4CacheTiles; ++tile) {
-        const float scale = ue8m0_to_f32(src[kV4CacheScales + tile]);
-        for (int64_t i = tile * kV4CacheTile; i < (tile + 1) * kV4CacheTile; ++i)
-          dst[i] = round_to_bf16(e4m3_to_f32(src[i]) * scale);
+      const uint8_t* src = packed + r * format.bytes;
+      float* dst = out + r * format.dim;
+      for (int64_t tile = 0; tile < format.tiles; ++tile) {
+        const float s = scale(src, tile);
+        for (int64_t i = tile * format.tile; i < (tile + 1) * format.tile; ++i)
+          dst[i] = round_to_bf16(e4m3_to_f32(src[i]) * s);
       }
-      for (int64_t i = 0; i < kV4CacheRope; ++i) {
-        dst[kV4CacheNope + i] = rope_value(src + kV4CacheRopeOffset, i);
+      for (int64_t i = 0; i < format.rope; ++i) {
+        dst[latent + i] = rope_value(src + format.rope_offset, i);
       }
     }
   });
 }
 
+}  // namespace
+
+void dequantize_v4_cache_fp8(const Tensor& t, int64_t row, int64_t rows, float* out) {
+  constexpr Fp8RowFormat kV4{kV4CacheBytes, kV4CacheDim,  kV4CacheTiles,
+                             kV4CacheTile,  kV4CacheRope, kV4CacheRopeOffset};
+  static_assert(kV4CacheTiles * kV4CacheTile == kV4CacheNope, "the rope values follow the codes");
+  dequantize_fp8_rows(kV4, t, row, rows, out, [](const uint8_t* src, int64_t tile) {
+    return ue8m0_to_f32(src[kV4CacheScales + tile]);
+  });
+}
+
 void dequantize_kv_cache_fp8(const Tensor& t, int64_t row, int64_t rows, float* out) {
-  const auto* packed = reinterpret_cast<const uint8_t*>(t.data) + row * kFp8CacheBytes;
-  detail::parallel_ranges(rows, kRowsPerRange, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const uint8_t* src = packed + r * kFp8CacheBytes;
-      float* dst = out + r * kFp8CacheDim;
-      for (int64_t tile = 0; tile < kFp8CacheTiles; ++tile) {
-        float scale;
-        std::memcpy(&scale, src + kFp8CacheScales + 4 * tile, 4);
-        for (int64_t i = tile * kFp8CacheTile; i < (tile + 1) * kFp8CacheTile; ++i)
-          dst[i] = round_to_bf16(e4m3_to_f32(src[i]) * scale);
-      }
-      for (int64_t i = 0; i < kFp8CacheRope; ++i) {
-        dst[kFp8CacheLatent + i] = rope_value(src + kFp8CacheRopeOffset, i);
-      }
-    }
+  constexpr Fp8RowFormat kV32{kFp8CacheBytes, kFp8CacheDim,  kFp8CacheTiles,
+                              kFp8CacheTile,  kFp8CacheRope, kFp8CacheRopeOffset};
+  dequantize_fp8_rows(kV32, t, row, rows, out, [](const uint8_t* src, int64_t tile) {
+    float scale;
+    std::memcpy(&scale, src + kFp8CacheScales + 4 * tile, 4);
+    return scale;
   });
 }
 
