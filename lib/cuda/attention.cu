@@ -308,8 +308,9 @@ __device__ __forceinline__ float ue8m0_scale(uint8_t byte) {
 }
 
 // The Hopper kernel for MLA's shapes (MlaAttentionTraits: d_qk 512 or 576, d_v 512): 64 heads
-// of one query row per block, two warpgroups, tiles of 64 selected keys gathered with cp.async
-// into two swizzled buffers (the next tile arrives while this one is computed on). Per tile,
+// of one query row at a time (an item; a persistent block takes items in turn), two
+// warpgroups, tiles of 64 selected keys gathered with cp.async into two swizzled buffers (the
+// next tile, of this item or the next, arrives while this one is computed on). Per tile,
 // warpgroup g computes the scores of keys 32g .. 32g + 31 for all 64 heads (score_tile, Q and
 // the keys from shared memory), the two exchange their row maxima (online softmax, f32, base
 // 2), write P in bf16 to shared memory, and each accumulates P . V for its half of the 512
