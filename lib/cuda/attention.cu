@@ -390,10 +390,16 @@ __global__ void __launch_bounds__(MlaAttentionTraits<D_QK>::kThreads, 1)
     if (item >= items) w.first_tile = w.tiles = 0;
     return w;
   };
+  // Starts copying item `of`'s queries into Q's tile, committed: a tile's wait_group waits for
+  // committed copies only.
+  auto fetch_queries = [&](int64_t of) {
+    const Work w = work_of(of);
+    fetch_query_heads<Tile, Traits::kThreads>(base + Layout::q, q, w.r, heads, w.h0);
+    wg::copy_async_commit();
+  };
   int64_t item = blockIdx.x;
   Work work = work_of(item);
-  if (item < items)
-    fetch_query_heads<Tile, Traits::kThreads>(base + Layout::q, q, work.r, heads, work.h0);
+  if (item < items) fetch_queries(item);
   // The gather's cursor: tile `ahead` of item `ahead_item`, the next tile to fetch, which runs
   // into this block's later items (settle skips those with no tiles).
   int64_t ahead_item = item;
@@ -594,12 +600,7 @@ __global__ void __launch_bounds__(MlaAttentionTraits<D_QK>::kThreads, 1)
       }
       __syncthreads();
       // Both warpgroups are done with Q: after the item's last tile, the next item's queries.
-      if (tile + 1 == work.tiles && item + gridDim.x < items) {
-        const Work following = work_of(item + gridDim.x);
-        fetch_query_heads<Tile, Traits::kThreads>(base + Layout::q, q, following.r, heads,
-                                                  following.h0);
-        wg::copy_async_commit();  // the next tile's wait_group waits for committed copies only
-      }
+      if (tile + 1 == work.tiles && item + gridDim.x < items) fetch_queries(item + gridDim.x);
       const float alpha0 = softmax0.advance(fmaxf(max_s[row0], max_s[kHeads + row0]));
       const float alpha1 = softmax1.advance(fmaxf(max_s[row1], max_s[kHeads + row1]));
 #pragma unroll
@@ -699,10 +700,7 @@ __global__ void __launch_bounds__(MlaAttentionTraits<D_QK>::kThreads, 1)
     // earlier prefetch into the same places finished first).
     if (work.tiles == work.first_tile && item + gridDim.x < items) {
       wg::copy_async_wait_all();
-      const Work following = work_of(item + gridDim.x);
-      fetch_query_heads<Tile, Traits::kThreads>(base + Layout::q, q, following.r, heads,
-                                                following.h0);
-      wg::copy_async_commit();
+      fetch_queries(item + gridDim.x);
     }
   }
 }
