@@ -1061,13 +1061,16 @@ void v4_beside_v32(int64_t L, const V4Times& v4, double v32_ms, double v32_flops
 }
 
 int main(int argc, char** argv) {
-  // Lengths, and --v4-only or --v32-only to run one generation's rows.
+  // Lengths, and --v4-only or --v32-only to run one generation's rows; --v4-attention, V4's
+  // attention rows alone (prefill and decode: the kernel's, for iterating on it).
   std::vector<int64_t> lengths;
-  bool run_v32 = true, run_v4 = true;
+  bool run_v32 = true, run_v4 = true, v4_attention_only = false;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--v4-only") {
       run_v32 = false;
+    } else if (arg == "--v4-attention") {
+      run_v32 = false, v4_attention_only = true;
     } else if (arg == "--v32-only") {
       run_v4 = false;
     } else {
@@ -1363,6 +1366,10 @@ int main(int argc, char** argv) {
     }  // run_v32
     if (run_v4) {
       V4Times v4;
+      if (v4_attention_only) {
+        v4_attention_rows(timer, L, v4);
+        continue;
+      }
       v4_compressor_rows(timer, L, v4);
       v4_indexer_rows(timer, L, v4);
       v4_attention_rows(timer, L, v4);
