@@ -279,13 +279,16 @@ TEST(Cuda, SparseAndDenseMqaAttentionMatchTheCpu) {
   // and longer than several tiles. Few rows split their selection over blocks (split
   // decoding, kernels.cuh): the three cases before the last, the third of them with the later
   // splits seeing only -1 (partials of lse -inf) and dense rows of 47 tiles. The last has more
-  // (row, head group) items than the GPU has SMs, so each persistent block takes several.
+  // (row, head group) items than the GPU has SMs, so each persistent block takes several. The
+  // two after it do the same at d_qk 512: an odd count of tiles (5, and 17 split over decode
+  // blocks), items on every block, and rows whose dense tiles are odd and even in turn.
   for (const Case& c :
        {Case{1, 64, 64, 16, 64, 48, 16}, Case{2, 9, 300, 128, 576, 512, 128},
         Case{1, 200, 200, 40, 96, 64, 64}, Case{1, 70, 700, 40, 576, 512, 200, 4.0f},
         Case{1, 5, 5, 64, 512, 512, 3}, Case{3, 2, 1000, 96, 576, 512, 640, 2.0f},
         Case{4, 1, 5000, 128, 576, 512, 2048, 4.0f},
-        Case{2, 1, 3000, 64, 576, 512, 2048, 2.0f, true}, Case{1, 300, 1200, 128, 576, 512, 256}}) {
+        Case{2, 1, 3000, 64, 576, 512, 2048, 2.0f, true}, Case{1, 300, 1200, 128, 576, 512, 256},
+        Case{1, 150, 700, 128, 512, 512, 320, 2.0f}, Case{3, 1, 4000, 64, 512, 512, 1088}}) {
     const bool batched = c.batch > 1;
     Shape qs = {c.queries, c.heads, c.d_qk}, ks = {c.keys, c.d_qk}, is = {c.queries, c.k};
     if (batched) {

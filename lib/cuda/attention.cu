@@ -285,6 +285,78 @@ __global__ void __launch_bounds__(128)
   }
 }
 
+// A score tile's accumulator (this thread's two rows, rows r and r + 8, and N / 8 column pairs
+// `pair` + {0, 1} + 8 n, as wgmma lays them out) turned into base-2 logits: times scale2, or
+// -inf where attended(column) is false. Returns the two rows' maxima over the tile, reduced over
+// the quad of threads that holds each row.
+template <int N, typename Attended>
+__device__ __forceinline__ float2 mask_and_row_max(float (&s)[N / 2], float scale2, int pair,
+                                                   Attended attended) {
+  float max0 = -INFINITY, max1 = -INFINITY;
+#pragma unroll
+  for (int n = 0; n < N / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const bool valid = attended(n * 8 + pair + e);
+      s[4 * n + e] = valid ? s[4 * n + e] * scale2 : -INFINITY;
+      s[4 * n + 2 + e] = valid ? s[4 * n + 2 + e] * scale2 : -INFINITY;
+      max0 = fmaxf(max0, s[4 * n + e]);
+      max1 = fmaxf(max1, s[4 * n + 2 + e]);
+    }
+  }
+#pragma unroll
+  for (int m = 1; m <= 2; m *= 2) {
+    max0 = fmaxf(max0, __shfl_xor_sync(0xffffffffu, max0, m));
+    max1 = fmaxf(max1, __shfl_xor_sync(0xffffffffu, max1, m));
+  }
+  return make_float2(max0, max1);
+}
+
+// One work item of the MLA kernels on 64-head tiles: query row r's heads h0 .. h0 + 63, its
+// entries (V4: the window of tokens [position - window_tokens + 1, position], then its compressed
+// entries) and, with split decoding (gridDim.y > 1), this block's share of the row's tiles
+// [first_tile, tiles), its result a partial that combine_splits merges (attention_splits).
+struct MlaWork {
+  int r, h0;
+  int64_t position;
+  int window_tokens, entries, first_tile, tiles;  // tiles: the one after the last
+};
+template <bool V4>
+__device__ MlaWork mla_work(const AttentionParams& p, const int32_t* indices, int64_t item,
+                            int64_t items) {
+  constexpr int kHeads = MlaTileTraits<512>::kHeads, kKeys = MlaTileTraits<512>::kKeys;
+  const int groups = (p.heads + kHeads - 1) / kHeads;
+  MlaWork w;
+  w.r = static_cast<int>(item / groups), w.h0 = static_cast<int>(item % groups) * kHeads;
+  w.position = p.first_position + w.r;
+  w.window_tokens = 0;
+  if constexpr (V4) {
+    w.window_tokens = static_cast<int>(v4_window_tokens(p, w.position));
+    w.entries = w.window_tokens + static_cast<int>(v4_entries(p, w.position));
+  } else {
+    w.entries = indices ? p.k : static_cast<int>(w.position + 1);
+  }
+  const int all_tiles = (w.entries + kKeys - 1) / kKeys;
+  const int per_split = (all_tiles + gridDim.y - 1) / gridDim.y;
+  w.first_tile = min(all_tiles, static_cast<int>(blockIdx.y) * per_split);
+  w.tiles = min(all_tiles, w.first_tile + per_split);
+  if (item >= items) w.first_tile = w.tiles = 0;
+  return w;
+}
+
+// Where this block's outputs and lse go: the sequence's, or with split decoding its partial's
+// (PartialLayout's place for (sequence, split)).
+struct MlaOutputs {
+  float* out;
+  float* lse;
+};
+__device__ inline MlaOutputs mla_outputs(const AttentionParams& p, const Sequence& sequence) {
+  if (gridDim.y == 1) return {sequence.out, sequence.lse};
+  const PartialLayout parts(p, gridDim.y);
+  const int64_t part = static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y;
+  return {p.partial + part * parts.out_step, p.partial + parts.lse_offset + part * parts.lse_step};
+}
+
 // 8 e4m3 codes times a power-of-two scale, as 8 bf16 values (exact: FlashMLA's dequantization).
 __device__ __forceinline__ uint4 dequantize_e4m3x8(uint2 codes, float scale) {
   uint32_t words[4];
@@ -315,6 +387,9 @@ __device__ __forceinline__ float ue8m0_scale(uint8_t byte) {
 // the keys from shared memory), the two exchange their row maxima (online softmax, f32, base
 // 2), write P in bf16 to shared memory, and each accumulates P . V for its half of the 512
 // value columns (wgmma, V read N-major from the same tile): 64 x 256 f32 in registers.
+// launch_attention and launch_compressed_attention give it the fp8 caches and V4's CSA; the
+// other bf16 rows go to mla_pair_kernel below (measured: bench/NOTES.md, "The paired-tile
+// attention").
 //
 // FP8 (MlaFp8AttentionTraits, d_qk 576): the rows come from FlashMLA's fp8 cache. The next
 // tile's raw rows are gathered by cp.async into a staging buffer while this tile is computed
@@ -342,8 +417,6 @@ __global__ void __launch_bounds__(MlaAttentionTraits<D_QK>::kThreads, 1)
   const __nv_bfloat16* __restrict__ kv = sequence.kv;
   const uint8_t* __restrict__ kv_fp8 = sequence.kv_fp8;
   const int32_t* __restrict__ indices = sequence.indices;
-  float* __restrict__ out = sequence.out;
-  float* __restrict__ lse = sequence.lse;
   const int k = p.k, heads = p.heads;
   extern __shared__ unsigned char smem_raw[];
   const uint32_t raw = wg::shared_address(smem_raw);
@@ -364,32 +437,8 @@ __global__ void __launch_bounds__(MlaAttentionTraits<D_QK>::kThreads, 1)
   const int tid = threadIdx.x, group = tid / 128, lane = tid % 32;
   const int row0 = (tid % 128) / 32 * 16 + lane / 4, row1 = row0 + 8;  // this thread's heads
   const int pair = 2 * (lane % 4);  // the first of this thread's two columns in each 8
-  // An item's row and its entries: V4's window of tokens [position - window_tokens + 1,
-  // position], then its compressed entries. Split decoding (gridDim.y > 1): this block's share
-  // of the row's tiles, its result a partial that combine_splits merges (attention_splits).
-  struct Work {
-    int r, h0;
-    int64_t position;
-    int window_tokens, entries, first_tile, tiles;  // tiles: the one after the last
-  };
-  auto work_of = [&](int64_t item) {
-    Work w;
-    w.r = static_cast<int>(item / groups), w.h0 = static_cast<int>(item % groups) * kHeads;
-    w.position = p.first_position + w.r;
-    w.window_tokens = 0;
-    if constexpr (V4) {
-      w.window_tokens = static_cast<int>(v4_window_tokens(p, w.position));
-      w.entries = w.window_tokens + static_cast<int>(v4_entries(p, w.position));
-    } else {
-      w.entries = indices ? k : static_cast<int>(w.position + 1);
-    }
-    const int all_tiles = (w.entries + kKeys - 1) / kKeys;
-    const int per_split = (all_tiles + gridDim.y - 1) / gridDim.y;
-    w.first_tile = min(all_tiles, static_cast<int>(blockIdx.y) * per_split);
-    w.tiles = min(all_tiles, w.first_tile + per_split);
-    if (item >= items) w.first_tile = w.tiles = 0;
-    return w;
-  };
+  using Work = MlaWork;             // an item (mla_work)
+  auto work_of = [&](int64_t item) { return mla_work<V4>(p, indices, item, items); };
   // Starts copying item `of`'s queries into Q's tile, committed: a tile's wait_group waits for
   // committed copies only.
   auto fetch_queries = [&](int64_t of) {
@@ -577,23 +626,9 @@ __global__ void __launch_bounds__(MlaAttentionTraits<D_QK>::kThreads, 1)
       wg::fence_operands(s);
 
       const int* slot = slot_s + buffer * kKeys + group * 32;
-      float tile_max0 = -INFINITY, tile_max1 = -INFINITY;
-#pragma unroll
-      for (int n = 0; n < 4; ++n) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const bool valid = V4 ? slot[n * 8 + pair + e] != -1 : slot[n * 8 + pair + e] >= 0;
-          s[4 * n + e] = valid ? s[4 * n + e] * scale2 : -INFINITY;
-          s[4 * n + 2 + e] = valid ? s[4 * n + 2 + e] * scale2 : -INFINITY;
-          tile_max0 = fmaxf(tile_max0, s[4 * n + e]);
-          tile_max1 = fmaxf(tile_max1, s[4 * n + 2 + e]);
-        }
-      }
-#pragma unroll
-      for (int m = 1; m <= 2; m *= 2) {
-        tile_max0 = fmaxf(tile_max0, __shfl_xor_sync(0xffffffffu, tile_max0, m));
-        tile_max1 = fmaxf(tile_max1, __shfl_xor_sync(0xffffffffu, tile_max1, m));
-      }
+      const float2 tile_max = mask_and_row_max<32>(
+          s, scale2, pair, [&](int c) { return V4 ? slot[c] != -1 : slot[c] >= 0; });
+      const float tile_max0 = tile_max.x, tile_max1 = tile_max.y;
       if (lane % 4 == 0) {
         max_s[group * kHeads + row0] = tile_max0;
         max_s[group * kHeads + row1] = tile_max1;
@@ -667,14 +702,9 @@ __global__ void __launch_bounds__(MlaAttentionTraits<D_QK>::kThreads, 1)
     const float inverse0 = total0 > 0 ? keep0 / total0 : 0.0f;
     const float inverse1 = total1 > 0 ? keep1 / total1 : 0.0f;
     constexpr int d_v = Traits::kDv;
-    float* item_out = out;
-    float* item_lse = lse;
-    if (gridDim.y > 1) {  // a split's partial: PartialLayout's place for (sequence, split)
-      const PartialLayout parts(p, gridDim.y);
-      const int64_t part = static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y;
-      item_out = p.partial + part * parts.out_step;
-      item_lse = p.partial + parts.lse_offset + part * parts.lse_step;
-    }
+    const MlaOutputs outputs = mla_outputs(p, sequence);
+    float* item_out = outputs.out;
+    float* item_lse = outputs.lse;
     float* out0 =
         item_out + (static_cast<int64_t>(r) * heads + h0 + row0) * d_v + group * kHalfValues;
     float* out1 =
@@ -701,6 +731,350 @@ __global__ void __launch_bounds__(MlaAttentionTraits<D_QK>::kThreads, 1)
     if (work.tiles == work.first_tile && item + gridDim.x < items) {
       wg::copy_async_wait_all();
       fetch_queries(item + gridDim.x);
+    }
+  }
+}
+
+// The paired-tile attention over the bf16 caches (MlaPairAttentionTraits; d 512 or 576; the same
+// items, window, sink and splits as mla_wgmma_kernel): a row's tiles go in pairs, tile 2i to
+// consumer 0 and 2i + 1 to consumer 1, each in its own key buffer (a missing second tile is
+// gathered as zeros). Consumer g computes S for its tile at N = 64, takes the pair's max along
+// the chain 0 -> 1 (consumer 1 starts from consumer 0's), multiplies its P from registers into
+// its half g of the value columns of its own tile, then the other consumer's P (shared memory,
+// rescaled to the pair's max) into the same half of the other tile. Buffer b's half x (value
+// columns 256 x ..) is read by consumer b's S and by consumer x's P . V, so each half is freed
+// by one consumer: (g, g) after g's own P . V, (1 - g, g) after its P . V over the other tile;
+// the producer warpgroup refills each half as soon as it is free, in the order they free up,
+// and the mbarriers at Layout::ready say what landed, so that it never waits on its copies.
+// Consumer 0 issues the next pair's S behind its last P . V; each consumer's S takes its own
+// half first, the one it frees itself.
+// Named barriers, each arrived at and waited on once a pair (kQFree once an item), never arrived
+// at twice by one side before the other passed the previous use: kFree + 2 b + x (half x of
+// buffer b read: its consumer -> producer), kMax + g (consumer g's max written), kP + g
+// (consumer g's P written), kSum (both), kQFree (both consumers done with an item's queries ->
+// producer).
+template <int D_QK, bool V4 = false>
+__global__ void __launch_bounds__(MlaPairAttentionTraits<D_QK>::kThreads, 1)
+    mla_pair_kernel(const __grid_constant__ AttentionParams p) {
+  namespace wg = wgmma;
+  static_assert(!V4 || D_QK == 512, "V4's rows are 512 wide, K = V");
+  using Traits = MlaPairAttentionTraits<D_QK>;
+  using Tile = typename Traits::Tile;
+  using Layout = typename Traits::Layout;
+  constexpr int kHeads = Tile::kHeads, kKeys = Tile::kKeys, kHalfValues = Traits::kHalfValues;
+  constexpr int kBlocks = Traits::kBlocks;
+  constexpr int kFree = 1, kMax = 5, kP = 7, kSum = 9, kQFree = 10;
+  const Sequence sequence(p);
+  const int32_t* __restrict__ indices = sequence.indices;
+  const int k = p.k, heads = p.heads;
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t raw = wg::shared_address(smem_raw);
+  unsigned char* smem = smem_raw + ((1024 - raw % 1024) % 1024);
+  const uint32_t base = wg::shared_address(smem);
+  auto* max_s = reinterpret_cast<float*>(smem + Layout::max);  // [consumer][head]
+  auto* sum_s = reinterpret_cast<float*>(smem + Layout::sum);  // [consumer][head]
+  auto* slot_s = reinterpret_cast<int*>(smem + Layout::slot);  // [buffer][key]
+  auto ready = [&](int b, int x) { return base + Layout::ready + 8 * (2 * b + x); };
+  const uint32_t query_ready = base + Layout::query_ready;
+  auto buffer = [&](int b) { return base + Layout::kv + b * Tile::kTileBytes; };
+
+  const int groups = (heads + kHeads - 1) / kHeads;
+  const int64_t items = static_cast<int64_t>(p.rows) * groups;
+  // The warpgroup, broadcast from lane 0 so that the compiler sees it uniform in a warp: a
+  // wgmma in a branch it takes for divergent is serialized (ptxas C7520).
+  const int tid = threadIdx.x, lane = tid % 32, w = tid % 128;
+  const int group = __shfl_sync(0xffffffffu, tid / 128, 0);
+  using Work = MlaWork;  // an item (mla_work)
+  auto work_of = [&](int64_t item) { return mla_work<V4>(p, indices, item, items); };
+  auto pairs_of = [](const Work& wk) { return (wk.tiles - wk.first_tile + 1) / 2; };
+  if (tid == 0) {
+    for (int b = 0; b < 2; ++b) {
+      for (int x = 0; x < 2; ++x) wg::mbarrier_init(ready(b, x), 128);
+    }
+    wg::mbarrier_init(query_ready, 128);
+  }
+  __syncthreads();
+
+  if (group == 2) {
+    // The producer: each half once it is free, the copies announced by the mbarriers.
+    wg::lower_registers<Traits::kProducerRegisters>();
+    const int key = w / 8;  // this thread's keys of a tile: key + 16 q, q < 4
+    bool refill = false;    // the buffers held an earlier pair: wait for each half's release
+    // Tile `tile` of wk's keys key + 16 q: their kv rows (V4: a raw token's, or an entry's;
+    // s < 0: nothing, zeros) and whether each is attended.
+    struct Keys {
+      const __nv_bfloat16* row[4];
+      bool valid[4];
+    };
+    auto keys_of = [&](const Work& wk, int tile) {
+      Keys keys;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int e = tile * kKeys + key + 16 * q;
+        int s = -1;
+        const __nv_bfloat16* rows = sequence.kv;
+        if (tile < wk.tiles && e < wk.entries) {
+          if constexpr (V4) {
+            if (e < wk.window_tokens) {
+              s = static_cast<int>(wk.position - wk.window_tokens + 1 + e);
+            } else {
+              const int c = e - wk.window_tokens;
+              s = indices ? indices[static_cast<int64_t>(wk.r) * k + c] : c;
+              rows = sequence.compressed;
+            }
+          } else {
+            s = indices ? indices[static_cast<int64_t>(wk.r) * k + e] : e;
+          }
+        }
+        keys.valid[q] = s >= 0;
+        keys.row[q] = rows + static_cast<int64_t>(s >= 0 ? s : 0) * Tile::kDqk;
+      }
+      return keys;
+    };
+    auto fetch_half = [&](int b, int x, const Keys& keys) {
+      if (refill) wg::barrier_sync(kFree + 2 * b + x, 256);
+      if (x == b && w % 8 == 0) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) slot_s[b * kKeys + key + 16 * q] = keys.valid[q] ? 0 : -1;
+      }
+      if (x == 0) {
+        fetch_key_blocks<Tile, 0, 4>(buffer(b), keys.row, keys.valid, w);
+      } else {
+        fetch_key_blocks<Tile, 4, kBlocks>(buffer(b), keys.row, keys.valid, w);
+      }
+      wg::copy_async_arrive(ready(b, x));
+      wg::mbarrier_arrive(ready(b, x));
+    };
+    bool first_item = true;
+    for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+      const Work wk = work_of(item);
+      if (!first_item) wg::barrier_sync(kQFree, 384);  // the last item's queries read
+      first_item = false;
+      fetch_query_heads<Tile, 128>(base + Layout::q, sequence.q, wk.r, heads, wk.h0, w);
+      wg::copy_async_arrive(query_ready);
+      wg::mbarrier_arrive(query_ready);
+      for (int i = 0; i < pairs_of(wk); ++i) {
+        const Keys key0 = keys_of(wk, wk.first_tile + 2 * i);
+        const Keys key1 = keys_of(wk, wk.first_tile + 2 * i + 1);
+        // The order the halves free up in: each consumer's own first, then the other's.
+        fetch_half(0, 0, key0);
+        fetch_half(1, 1, key1);
+        fetch_half(0, 1, key0);
+        fetch_half(1, 0, key1);
+        refill = true;
+      }
+    }
+    if (!first_item) wg::barrier_sync(kQFree, 384);
+    if (refill) {  // the consumers' last releases
+      wg::barrier_sync(kFree + 0, 256);
+      wg::barrier_sync(kFree + 3, 256);
+      wg::barrier_sync(kFree + 1, 256);
+      wg::barrier_sync(kFree + 2, 256);
+    }
+    return;
+  }
+
+  // The consumers: g = group.
+  wg::raise_registers<Traits::kConsumerRegisters>();
+  const int g = group;
+  const int row0 = w / 32 * 16 + lane / 4, row1 = row0 + 8;  // this thread's heads
+  const int pair = 2 * (lane % 4);
+  const float scale2 = p.scale * kLog2e;
+  // The base-2 logits' offset: the max, or 0 while it is -inf (exp2 gives 0, not NaN).
+  auto offset = [](float m) { return m == -INFINITY ? 0.0f : m; };
+  auto factor = [&](float from, float to) {  // what takes sums against `from` to `to` >= from
+    return from == -INFINITY ? 0.0f : exp2f(from - offset(to));
+  };
+  float o[2 * kHalfValues / 4];
+  auto scale_output = [&](float f0, float f1) {
+#pragma unroll
+    for (int n = 0; n < kHalfValues / 8; ++n) {
+      o[4 * n] *= f0, o[4 * n + 1] *= f0, o[4 * n + 2] *= f1, o[4 * n + 3] *= f1;
+    }
+  };
+  const uint32_t other_p = base + Layout::p(1 - g);
+  // The V operand: buffer b's value columns 256 g .. 256 g + 255 (its half g), N-major.
+  auto values = [&](int b) {
+    return wg::descriptor(buffer(b) + g * 4 * (kKeys * 128), kKeys * 128, 1024);
+  };
+  uint32_t phase = 0;        // the parity of the pairs so far (the ready barriers' phase)
+  uint32_t query_phase = 0;  // of the items so far
+  float s[32];               // S, then P, of this consumer's tile
+  // Issues S for the pair `phase` names, this consumer's own half first, as each lands.
+  auto issue_scores = [&] {
+    const uint32_t q_s = base + Layout::q, k_s = buffer(g);
+    wg::mbarrier_wait(ready(g, g), phase);
+    wg::fence_shared_for_tensor_cores();
+    wg::fence();
+    if (g == 0) {
+      issue_score_blocks<Tile, 64, 0, 4>(s, q_s, k_s, true);
+    } else {
+      issue_score_blocks<Tile, 64, 4, kBlocks>(s, q_s, k_s, true);
+    }
+    wg::mbarrier_wait(ready(g, 1 - g), phase);
+    wg::fence_shared_for_tensor_cores();
+    if (g == 0) {
+      issue_score_blocks<Tile, 64, 4, kBlocks>(s, q_s, k_s, false);
+    } else {
+      issue_score_blocks<Tile, 64, 0, 4>(s, q_s, k_s, false);
+    }
+    wg::commit();
+  };
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const Work wk = work_of(item);
+    const int pairs = pairs_of(wk);
+    float m0 = -INFINITY, m1 = -INFINITY;  // rows row0, row1: the max the sums are against
+    float l0 = 0.0f, l1 = 0.0f;            // this thread's share of this consumer's sums
+#pragma unroll
+    for (int i = 0; i < 2 * kHalfValues / 4; ++i) o[i] = 0.0f;
+    wg::mbarrier_wait(query_ready, query_phase);
+    query_phase ^= 1;
+    if (pairs == 0) wg::barrier_arrive(kQFree, 384);
+    for (int i = 0; i < pairs; ++i) {
+      if (g == 1 || i == 0) issue_scores();  // consumer 0's later ones: behind its P . V
+      if (g == 0 && i > 0) {
+        wg::wait<1>();  // the last pair's P . V over buffer 1: its half 0 is read
+        wg::fence_operands(o);
+        wg::barrier_arrive(kFree + 2 * 1 + 0, 256);
+      }
+      wg::wait<0>();
+      wg::fence_operands(s);
+      if (i + 1 == pairs) wg::barrier_arrive(kQFree, 384);  // this consumer's last S read Q
+      const int* slot = slot_s + g * kKeys;
+      const float2 cur = mask_and_row_max<64>(s, scale2, pair, [&](int c) { return slot[c] == 0; });
+      const float cur0 = cur.x, cur1 = cur.y;
+      // The chain: consumer 0 from its own max, consumer 1 from consumer 0's new one.
+      float from0 = m0, from1 = m1;
+      if (g == 1) {
+        wg::barrier_sync(kMax + 0, 256);
+        from0 = max_s[row0], from1 = max_s[row1];  // consumer 0's
+      }
+      const float new0 = fmaxf(from0, cur0), new1 = fmaxf(from1, cur1);
+      const float a0 = factor(m0, new0), a1 = factor(m1, new1);
+      scale_output(a0, a1);
+      l0 *= a0, l1 *= a1;
+      m0 = new0, m1 = new1;
+      // Each consumer writes its own half of max_s and reads the other's: no lane reads where a
+      // lane of its warp writes.
+      if (lane % 4 == 0) {
+        max_s[g * kHeads + row0] = new0, max_s[g * kHeads + row1] = new1;
+      }
+      wg::barrier_arrive(kMax + g, 256);
+      uint32_t a[4][4];  // P in bf16 pairs: the A fragments of keys 16 kk .. 16 kk + 15
+#pragma unroll
+      for (int n = 0; n < 8; ++n) {
+        const float p00 = exp2f(s[4 * n] - offset(new0)), p01 = exp2f(s[4 * n + 1] - offset(new0));
+        const float p10 = exp2f(s[4 * n + 2] - offset(new1));
+        const float p11 = exp2f(s[4 * n + 3] - offset(new1));
+        s[4 * n] = p00, s[4 * n + 1] = p01, s[4 * n + 2] = p10, s[4 * n + 3] = p11;
+        l0 += p00 + p01;
+        l1 += p10 + p11;
+        const __nv_bfloat162 h0 = __floats2bfloat162_rn(p00, p01);
+        const __nv_bfloat162 h1 = __floats2bfloat162_rn(p10, p11);
+        a[n / 2][2 * (n % 2)] = *reinterpret_cast<const uint32_t*>(&h0);
+        a[n / 2][2 * (n % 2) + 1] = *reinterpret_cast<const uint32_t*>(&h1);
+      }
+      // O += P . V over this consumer's own tile, P from registers.
+      const uint64_t own_v = values(g);
+      wg::fence();
+#pragma unroll
+      for (int kk = 0; kk < kKeys / 16; ++kk)
+        wg::wgmma_m64n256_regs_nmajor(o, a[kk], wg::advanced(own_v, kk * 16 * 128), true);
+      wg::commit();
+      // Consumer 0: the pair's max from consumer 1, its P rescaled to it.
+      float r0 = 1.0f, r1 = 1.0f;
+      if (g == 0) {
+        wg::barrier_sync(kMax + 1, 256);
+        const float top0 = max_s[kHeads + row0], top1 = max_s[kHeads + row1];
+        r0 = factor(m0, top0), r1 = factor(m1, top1);
+        m0 = top0, m1 = top1;
+      }
+      unsigned char* p_s = smem + Layout::p(g);  // at 576, 0's: S has read the RoPE block
+#pragma unroll
+      for (int n = 0; n < 8; ++n) {
+        const int column = n * 8 + pair;
+        *reinterpret_cast<__nv_bfloat162*>(p_s + wg::swizzled_offset(kHeads, row0, column)) =
+            __floats2bfloat162_rn(s[4 * n] * r0, s[4 * n + 1] * r0);
+        *reinterpret_cast<__nv_bfloat162*>(p_s + wg::swizzled_offset(kHeads, row1, column)) =
+            __floats2bfloat162_rn(s[4 * n + 2] * r1, s[4 * n + 3] * r1);
+      }
+      wg::fence_shared_for_tensor_cores();
+      wg::barrier_arrive(kP + g, 256);
+      wg::wait<0>();  // the own tile's P . V, before O is rescaled and the half released
+      wg::fence_operands(o);
+#pragma unroll
+      for (int kk = 0; kk < kKeys / 16; ++kk) wg::fence_operands(a[kk]);
+      wg::barrier_arrive(kFree + 2 * g + g, 256);
+      if (g == 0) {
+        scale_output(r0, r1);
+        l0 *= r0, l1 *= r1;
+      }
+      // O += P' . V over the other consumer's tile, its P from shared memory.
+      wg::barrier_sync(kP + (1 - g), 256);
+      const uint64_t p0 = wg::descriptor(other_p, 16, 1024);
+      const uint64_t other_v = values(1 - g);
+      wg::fence();
+#pragma unroll
+      for (int kk = 0; kk < kKeys / 16; ++kk) {
+        wg::wgmma_m64n256_nmajor(o, wg::advanced(p0, kk * 32), wg::advanced(other_v, kk * 16 * 128),
+                                 true);
+      }
+      wg::commit();
+      phase ^= 1;
+      if (g == 0 && i + 1 < pairs) {
+        issue_scores();  // the next pair's S behind this P . V; its wait releases buffer 1's half
+      } else {
+        wg::wait<0>();
+        wg::fence_operands(o);
+        wg::barrier_arrive(kFree + 2 * (1 - g) + g, 256);
+      }
+    }
+    // The row's sums: this consumer's tiles', then both.
+#pragma unroll
+    for (int m = 1; m <= 2; m *= 2) {
+      l0 += __shfl_xor_sync(0xffffffffu, l0, m);
+      l1 += __shfl_xor_sync(0xffffffffu, l1, m);
+    }
+    if (lane % 4 == 0) sum_s[g * kHeads + row0] = l0, sum_s[g * kHeads + row1] = l1;
+    wg::barrier_sync(kSum, 256);
+    float total0 = sum_s[row0] + sum_s[kHeads + row0];
+    float total1 = sum_s[row1] + sum_s[kHeads + row1];
+    wg::barrier_sync(kSum, 256);       // both read before the next item writes
+    OnlineSoftmax softmax0, softmax1;  // the sink and the lse against the rows' max
+    softmax0.max = m0, softmax1.max = m1;
+    float keep0 = 1.0f, keep1 = 1.0f;
+    if constexpr (V4) {
+      if (p.sink && blockIdx.y == 0) {
+        if (wk.h0 + row0 < heads) keep0 = softmax0.join_sink(p.sink[wk.h0 + row0], total0);
+        if (wk.h0 + row1 < heads) keep1 = softmax1.join_sink(p.sink[wk.h0 + row1], total1);
+      }
+    }
+    const float inverse0 = total0 > 0 ? keep0 / total0 : 0.0f;
+    const float inverse1 = total1 > 0 ? keep1 / total1 : 0.0f;
+    const MlaOutputs outputs = mla_outputs(p, sequence);
+    float* item_out = outputs.out;
+    float* item_lse = outputs.lse;
+    constexpr int d_v = Traits::kDv;
+    float* out0 =
+        item_out + (static_cast<int64_t>(wk.r) * heads + wk.h0 + row0) * d_v + g * kHalfValues;
+    float* out1 =
+        item_out + (static_cast<int64_t>(wk.r) * heads + wk.h0 + row1) * d_v + g * kHalfValues;
+#pragma unroll
+    for (int n = 0; n < kHalfValues / 8; ++n) {
+      if (wk.h0 + row0 < heads) {
+        *reinterpret_cast<float2*>(out0 + n * 8 + pair) =
+            make_float2(o[4 * n] * inverse0, o[4 * n + 1] * inverse0);
+      }
+      if (wk.h0 + row1 < heads) {
+        *reinterpret_cast<float2*>(out1 + n * 8 + pair) =
+            make_float2(o[4 * n + 2] * inverse1, o[4 * n + 3] * inverse1);
+      }
+    }
+    if (g == 0 && lane % 4 == 0) {
+      if (wk.h0 + row0 < heads)
+        item_lse[static_cast<int64_t>(wk.r) * heads + wk.h0 + row0] = softmax0.lse(total0);
+      if (wk.h0 + row1 < heads)
+        item_lse[static_cast<int64_t>(wk.r) * heads + wk.h0 + row1] = softmax1.lse(total1);
     }
   }
 }
@@ -797,9 +1171,9 @@ void launch_attention(const AttentionParams& p) {
   if (p.kv_fp8) {
     launch_mla_wgmma(p, mla_wgmma_kernel<576, true>, MlaFp8AttentionTraits{});
   } else if (p.d_qk == 576 && p.d_v == MlaAttentionTraits<576>::kDv) {
-    launch_mla_wgmma(p, mla_wgmma_kernel<576>, MlaAttentionTraits<576>{});
+    launch_mla_wgmma(p, mla_pair_kernel<576>, MlaPairAttentionTraits<576>{});
   } else if (p.d_qk == 512 && p.d_v == MlaAttentionTraits<512>::kDv) {
-    launch_mla_wgmma(p, mla_wgmma_kernel<512>, MlaAttentionTraits<512>{});
+    launch_mla_wgmma(p, mla_pair_kernel<512>, MlaPairAttentionTraits<512>{});
   } else {
     const WmmaLayout layout(p.d_qk);
     check(cudaFuncSetAttribute(mqa_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -829,8 +1203,12 @@ void launch_compressed_attention(const AttentionParams& p) {
   require(p.d_v == p.d_qk ? "" : "the CUDA V4 attention's values are its keys: d_v = d_qk");
   if (p.kv_fp8) {
     launch_mla_wgmma(p, mla_wgmma_kernel<512, true, true>, MlaV4Fp8AttentionTraits{});
-  } else {
+  } else if (p.indices) {
+    // CSA's selections: the one-buffer-a-tile kernel, ahead of the paired tiles on V4's short
+    // rows of scattered entries (bench/NOTES.md, "The paired-tile attention").
     launch_mla_wgmma(p, mla_wgmma_kernel<512, false, true>, MlaAttentionTraits<512>{});
+  } else {
+    launch_mla_wgmma(p, mla_pair_kernel<512, true>, MlaPairAttentionTraits<512>{});
   }
   check(cudaGetLastError(), "attention kernel launch");
 }

@@ -91,6 +91,50 @@ struct MlaAttentionTraits : MlaTileTraits<D_QK> {
   };
 };
 
+// The paired-tile wgmma attention (bf16 caches, d_qk 512 or 576, d_v 512): two consumer
+// warpgroups, each the scores of its own 64-key tile of a pair (N = 64) and P . V over both
+// tiles for its half of the 512 value columns, and a producer warpgroup that gathers. One key
+// buffer a consumer, gathered and released in halves (the 64-column blocks 0-3, and 4-7 with
+// the RoPE block 8 at 576: the halves of the value columns, each freed as soon as the
+// consumers are done with it); the P tile each hands the other (consumer 0's at 576 in its
+// buffer's RoPE block, which only S reads: FlashMLA's trick, so that Q and two tiles fit); the
+// max they pass along; their sums; the barriers that announce what landed.
+template <int D_QK>
+struct MlaPairAttentionTraits : MlaTileTraits<D_QK> {
+  using Tile = MlaTileTraits<D_QK>;
+  static constexpr int kThreads = 384;
+  static constexpr int kHalfValues = 256;
+  static constexpr int kDv = 2 * kHalfValues;
+  static constexpr int kBlocks = D_QK / 64;  // 64-column blocks of a row; half 0: 0-3
+  static constexpr uint32_t kPBytes = sizeof(__nv_bfloat16) * Tile::kHeads * Tile::kKeys;
+  struct Layout {
+    static constexpr uint32_t q = 0;
+    static constexpr uint32_t kv = q + Tile::kQueryBytes;           // + g kTileBytes: consumer g's
+    static constexpr uint32_t extra_p = kv + 2 * Tile::kTileBytes;  // P tiles not in a buffer
+    static constexpr uint32_t max = extra_p + (D_QK == 576 ? 1 : 2) * kPBytes;
+    static constexpr uint32_t sum = max + sizeof(float) * 2 * Tile::kHeads;  // [consumer][head]
+    static constexpr uint32_t slot = sum + sizeof(float) * 2 * Tile::kHeads;
+    // mbarriers: buffer b's half x landed (ready + 8 (2 b + x)), the queries (query_ready).
+    static constexpr uint32_t ready = slot + sizeof(int) * 2 * Tile::kKeys;
+    static constexpr uint32_t query_ready = ready + 4 * 8;
+    static constexpr uint32_t bytes = query_ready + 8 + 1024;  // + slack to align the base
+    // Consumer g's P tile: at 576 consumer 0's is the RoPE block 8 of its key buffer.
+    static constexpr uint32_t p(int g) {
+      return D_QK == 576 ? (g == 0 ? kv + 8 * Tile::kKeys * 128 : extra_p) : extra_p + g * kPBytes;
+    }
+  };
+  static_assert(D_QK == 512 || D_QK == 576, "MLA's widths");
+  static_assert(Layout::bytes <= 227 * 1024, "one block an SM");
+  // setmaxnreg moves registers within what the block was given at launch (65536 / 384 = 168
+  // a thread, rounded down to 8): the consumers' raise must fit in what the producer frees, or
+  // a consumer's setmaxnreg.inc waits forever (the first version's hang: 224 and 64).
+  static constexpr int kConsumerRegisters = 216, kProducerRegisters = 72;
+  static constexpr int kLaunchRegisters = 65536 / kThreads / 8 * 8;
+  static_assert(2 * (kConsumerRegisters - kLaunchRegisters) <=
+                    kLaunchRegisters - kProducerRegisters,
+                "the consumers' raise within what the producer frees");
+};
+
 // The wgmma attention over FlashMLA's fp8 cache (d_qk 576): the same warpgroups and bf16 tile,
 // one buffer of it; the next tile's raw rows (656 bytes each, dsa/kv_cache.hpp) arrive by
 // cp.async into a staging buffer while this tile is computed on, and are dequantized into the
