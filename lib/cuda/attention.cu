@@ -312,6 +312,20 @@ __device__ __forceinline__ float2 mask_and_row_max(float (&s)[N / 2], float scal
   return make_float2(max0, max1);
 }
 
+// O += P . V over a 64-key tile, on this warpgroup's tensor cores: P 64 x 64 bf16, swizzled
+// K-major at shared address p_s; V 64 keys x this warpgroup's 256 value columns, N-major, v0
+// its descriptor. Issued and committed; the caller waits.
+__device__ __forceinline__ void issue_pv_tile(float (&o)[128], uint32_t p_s, uint64_t v0) {
+  const uint64_t p0 = wgmma::descriptor(p_s, 16, 1024);
+  wgmma::fence();
+#pragma unroll
+  for (int step = 0; step < MlaTileTraits<512>::kKeys / 16; ++step) {
+    wgmma::wgmma_m64n256_nmajor(o, wgmma::advanced(p0, step * 32),
+                                wgmma::advanced(v0, step * 16 * 128), true);
+  }
+  wgmma::commit();
+}
+
 // One work item of the MLA kernels on 64-head tiles: query row r's heads h0 .. h0 + 63, its
 // entries (V4: the window of tokens [position - window_tokens + 1, position], then its compressed
 // entries) and, with split decoding (gridDim.y > 1), this block's share of the row's tiles
@@ -665,15 +679,7 @@ __global__ void __launch_bounds__(MlaAttentionTraits<D_QK>::kThreads, 1)
       const uint32_t p_base = base + Layout::p;
       const uint32_t v_base =
           base + Layout::kv + kv_buffer * Tile::kTileBytes + group * 4 * (kKeys * 128);
-      const uint64_t p0 = wg::descriptor(p_base, 16, 1024);
-      const uint64_t v0 = wg::descriptor(v_base, kKeys * 128, 1024);
-      wg::fence();
-#pragma unroll
-      for (int step = 0; step < kKeys / 16; ++step) {
-        wg::wgmma_m64n256_nmajor(o, wg::advanced(p0, step * 32), wg::advanced(v0, step * 16 * 128),
-                                 true);
-      }
-      wg::commit();
+      issue_pv_tile(o, p_base, wg::descriptor(v_base, kKeys * 128, 1024));
       wg::wait<0>();
     }
 
@@ -752,7 +758,7 @@ __global__ void __launch_bounds__(MlaAttentionTraits<D_QK>::kThreads, 1)
 // at twice by one side before the other passed the previous use: kFree + 2 b + x (half x of
 // buffer b read: its consumer -> producer), kMax + g (consumer g's max written), kP + g
 // (consumer g's P written), kSum (both), kQFree (both consumers done with an item's queries ->
-// producer).
+// producer). The structure is FlashMLA's sm90 sparse prefill's (docs/DESIGN.md section 5).
 template <int D_QK, bool V4 = false>
 __global__ void __launch_bounds__(MlaPairAttentionTraits<D_QK>::kThreads, 1)
     mla_pair_kernel(const __grid_constant__ AttentionParams p) {
@@ -1011,15 +1017,7 @@ __global__ void __launch_bounds__(MlaPairAttentionTraits<D_QK>::kThreads, 1)
       }
       // O += P' . V over the other consumer's tile, its P from shared memory.
       wg::barrier_sync(kP + (1 - g), 256);
-      const uint64_t p0 = wg::descriptor(other_p, 16, 1024);
-      const uint64_t other_v = values(1 - g);
-      wg::fence();
-#pragma unroll
-      for (int kk = 0; kk < kKeys / 16; ++kk) {
-        wg::wgmma_m64n256_nmajor(o, wg::advanced(p0, kk * 32), wg::advanced(other_v, kk * 16 * 128),
-                                 true);
-      }
-      wg::commit();
+      issue_pv_tile(o, other_p, values(1 - g));
       phase ^= 1;
       if (g == 0 && i + 1 < pairs) {
         issue_scores();  // the next pair's S behind this P . V; its wait releases buffer 1's half
