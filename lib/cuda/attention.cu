@@ -358,6 +358,34 @@ __device__ MlaWork mla_work(const AttentionParams& p, const int32_t* indices, in
   return w;
 }
 
+// Entry e of item w's tile `tile` (its keys tile * 64 ..), from the selection indices [rows, k]
+// (null: every entry): a kv row, or V4's raw token, or with `entry` V4's compressed entry;
+// index -1: nothing (past the item's tiles or entries, or a -1 of the selection). The index is
+// returned as loaded, so that a caller can issue the load a tile ahead and wait on it only when it
+// gathers (bench/NOTES.md).
+struct MlaKey {
+  int index;
+  bool entry;
+};
+template <bool V4>
+__device__ __forceinline__ MlaKey mla_key(const int32_t* indices, int k, const MlaWork& w, int tile,
+                                          int e) {
+  MlaKey key{-1, false};
+  if (tile < w.tiles && e < w.entries) {
+    if constexpr (V4) {
+      if (e < w.window_tokens) {
+        key.index = static_cast<int>(w.position - w.window_tokens + 1 + e);
+      } else {
+        const int c = e - w.window_tokens;
+        key = {indices ? indices[static_cast<int64_t>(w.r) * k + c] : c, true};
+      }
+    } else {
+      key.index = indices ? indices[static_cast<int64_t>(w.r) * k + e] : e;
+    }
+  }
+  return key;
+}
+
 // Where this block's outputs and lse go: the sequence's, or with split decoding its partial's
 // (PartialLayout's place for (sequence, split)).
 struct MlaOutputs {
@@ -482,25 +510,13 @@ __global__ void __launch_bounds__(MlaAttentionTraits<D_QK>::kThreads, 1)
   const int j = gathered_key<Traits::kThreads>();
   // What index_of loads, untouched, so that nothing waits on the load until the fetch a tile
   // later (V4: whether it is a compressed entry is known without it).
-  struct Gathered {
-    int index;   // a kv row, or V4's raw token; -1: none
-    bool entry;  // V4: index is a compressed entry (-1: none)
-  };
-  auto index_of = [&](const Work& w, int tile) -> Gathered {
-    const int e = tile * kKeys + j;
-    if (tile >= w.tiles || e >= w.entries) return {-1, false};
-    if constexpr (V4) {
-      if (e < w.window_tokens)
-        return {static_cast<int>(w.position - w.window_tokens + 1 + e), false};
-      const int c = e - w.window_tokens;
-      return {indices ? indices[static_cast<int64_t>(w.r) * k + c] : c, true};
-    }
-    return {indices ? indices[static_cast<int64_t>(w.r) * k + e] : e, false};
+  auto index_of = [&](const Work& w, int tile) {
+    return mla_key<V4>(indices, k, w, tile, tile * kKeys + j);
   };
   // Starts gathering kv row s into row j of buffer `buffer` (FP8: of the staging buffer; the
   // slots keep two buffers either way).
   // V4: raw token s as s, compressed entry c as -2 - c, nothing as -1.
-  auto fetch = [&](Gathered g, int buffer) {
+  auto fetch = [&](MlaKey g, int buffer) {
     const int s = V4 && g.entry ? (g.index >= 0 ? -2 - g.index : -1) : g.index;
     constexpr int per_key = Traits::kThreads / kKeys;
     if (tid % per_key == 0) slot_s[buffer * kKeys + j] = s;
@@ -600,7 +616,7 @@ __global__ void __launch_bounds__(MlaAttentionTraits<D_QK>::kThreads, 1)
       }
     }
   };
-  Gathered next = index_of(ahead_work, ahead);
+  MlaKey next = index_of(ahead_work, ahead);
   // Issues the gather of the cursor's tile into `buffer` and moves the cursor on.
   auto fetch_ahead = [&](int buffer) {
     if (ahead_item >= items) return;
@@ -816,24 +832,10 @@ __global__ void __launch_bounds__(MlaPairAttentionTraits<D_QK>::kThreads, 1)
       Keys keys;
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
-        const int e = tile * kKeys + key + 16 * q;
-        int s = -1;
-        const __nv_bfloat16* rows = sequence.kv;
-        if (tile < wk.tiles && e < wk.entries) {
-          if constexpr (V4) {
-            if (e < wk.window_tokens) {
-              s = static_cast<int>(wk.position - wk.window_tokens + 1 + e);
-            } else {
-              const int c = e - wk.window_tokens;
-              s = indices ? indices[static_cast<int64_t>(wk.r) * k + c] : c;
-              rows = sequence.compressed;
-            }
-          } else {
-            s = indices ? indices[static_cast<int64_t>(wk.r) * k + e] : e;
-          }
-        }
-        keys.valid[q] = s >= 0;
-        keys.row[q] = rows + static_cast<int64_t>(s >= 0 ? s : 0) * Tile::kDqk;
+        const MlaKey g = mla_key<V4>(indices, k, wk, tile, tile * kKeys + key + 16 * q);
+        keys.valid[q] = g.index >= 0;
+        keys.row[q] = (V4 && g.entry ? sequence.compressed : sequence.kv) +
+                      static_cast<int64_t>(g.index >= 0 ? g.index : 0) * Tile::kDqk;
       }
       return keys;
     };
@@ -848,8 +850,7 @@ __global__ void __launch_bounds__(MlaPairAttentionTraits<D_QK>::kThreads, 1)
       } else {
         fetch_key_blocks<Tile, 4, kBlocks>(buffer(b), keys.row, keys.valid, w);
       }
-      wg::copy_async_arrive(ready(b, x));
-      wg::mbarrier_arrive(ready(b, x));
+      wg::arrive_when_copies_land(ready(b, x));
     };
     bool first_item = true;
     for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
@@ -857,8 +858,7 @@ __global__ void __launch_bounds__(MlaPairAttentionTraits<D_QK>::kThreads, 1)
       if (!first_item) wg::barrier_sync(kQFree, 384);  // the last item's queries read
       first_item = false;
       fetch_query_heads<Tile, 128>(base + Layout::q, sequence.q, wk.r, heads, wk.h0, w);
-      wg::copy_async_arrive(query_ready);
-      wg::mbarrier_arrive(query_ready);
+      wg::arrive_when_copies_land(query_ready);
       for (int i = 0; i < pairs_of(wk); ++i) {
         const Keys key0 = keys_of(wk, wk.first_tile + 2 * i);
         const Keys key1 = keys_of(wk, wk.first_tile + 2 * i + 1);

@@ -91,12 +91,6 @@ __device__ __forceinline__ void copy_async_commit() {
 __device__ __forceinline__ void copy_async_wait_all() {
   asm volatile("cp.async.wait_group 0;\n" ::: "memory");
 }
-// Waits until at most Pending of this thread's committed copy groups are still in flight.
-template <int Pending>
-__device__ __forceinline__ void copy_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending) : "memory");
-}
-
 // Named barriers (1-15; 0 is __syncthreads'), `threads` a multiple of 32: sync waits until that
 // many threads have arrived or synced at barrier `id`; arrive counts this thread without
 // waiting (a producer's signal: its earlier shared-memory writes are seen by the waiters).
@@ -108,7 +102,7 @@ __device__ __forceinline__ void barrier_arrive(int id, int threads) {
 }
 
 // Shared-memory barriers (mbarrier, 8 bytes each at shared address `bar`): a phase completes
-// when `count` arrivals (init) have come and every copy tracked by copy_async_arrive has
+// when `count` arrivals (init) have come and every copy tracked by arrive_when_copies_land has
 // landed; a waiter names the phase by its parity (the n-th completion, from 0: n % 2).
 __device__ __forceinline__ void mbarrier_init(uint32_t bar, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
@@ -117,10 +111,11 @@ __device__ __forceinline__ void mbarrier_init(uint32_t bar, int count) {
 __device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
-// The phase also waits for this thread's cp.async copies so far (counted apart from the
-// arrivals: the thread still arrives itself).
-__device__ __forceinline__ void copy_async_arrive(uint32_t bar) {
+// This thread's arrival, with the phase also waiting for its cp.async copies so far: the
+// tracking (which leaves the count as it is), then the arrival.
+__device__ __forceinline__ void arrive_when_copies_land(uint32_t bar) {
   asm volatile("cp.async.mbarrier.arrive.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+  mbarrier_arrive(bar);
 }
 // Waits until the phase of parity `parity` has completed (acquire).
 __device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
