@@ -256,6 +256,8 @@ __global__ void __launch_bounds__(128)
   const PartialLayout parts(p, splits);
   const int64_t z = blockIdx.z, rh = blockIdx.x;
   __shared__ float weight_s[kMaxSplits];
+  // Launched while the attention runs (launch_mla_wgmma): its partials are read only after it.
+  wgmma::wait_for_prerequisite();
   if (threadIdx.x < 32) {
     const float* lse_part = p.partial + parts.lse_offset + z * splits * parts.lse_step + rh;
     const int i = threadIdx.x;
@@ -447,6 +449,7 @@ template <int D_QK, bool FP8 = false, bool V4 = false>
 __global__ void __launch_bounds__(MlaAttentionTraits<D_QK>::kThreads, 1)
     mla_wgmma_kernel(const __grid_constant__ AttentionParams p) {
   namespace wg = wgmma;
+  wg::launch_dependents();  // the merge of the splits may take the SMs this grid leaves idle
   using Fp8Traits = std::conditional_t<V4, MlaV4Fp8AttentionTraits, MlaFp8AttentionTraits>;
   using Traits = std::conditional_t<FP8, Fp8Traits, MlaAttentionTraits<D_QK>>;
   static_assert(!FP8 || D_QK == (V4 ? 512 : 576), "the fp8 caches hold 576 (V3.2), 512 (V4)");
@@ -779,6 +782,7 @@ template <int D_QK, bool V4 = false>
 __global__ void __launch_bounds__(MlaPairAttentionTraits<D_QK>::kThreads, 1)
     mla_pair_kernel(const __grid_constant__ AttentionParams p) {
   namespace wg = wgmma;
+  wg::launch_dependents();  // the merge of the splits may take the SMs this grid leaves idle
   static_assert(!V4 || D_QK == 512, "V4's rows are 512 wide, K = V");
   using Traits = MlaPairAttentionTraits<D_QK>;
   using Tile = typename Traits::Tile;
@@ -1157,7 +1161,19 @@ void launch_mla_wgmma(const AttentionParams& p, Kernel kernel, Traits) {
   kernel<<<grid, Traits::kThreads, bytes, p.stream>>>(p);
   if (splits > 1) {
     check(cudaGetLastError(), "attention kernel launch");
-    combine_splits<<<dim3(p.rows * p.heads, 1, p.sequences), 128, 0, p.stream>>>(p, splits);
+    // A programmatic dependent launch: the merge's blocks take the SMs the attention leaves idle
+    // and wait there for it (wait_for_prerequisite), so that no launch gap separates the two
+    // (bench/NOTES.md, "Programmatic launch of the merge").
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(static_cast<unsigned>(p.rows * p.heads), 1, p.sequences);
+    config.blockDim = dim3(128);
+    config.stream = p.stream;
+    cudaLaunchAttribute attribute{};
+    attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute.val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = &attribute;
+    config.numAttrs = 1;
+    check(cudaLaunchKernelEx(&config, combine_splits, p, splits), "cudaLaunchKernelEx(merge)");
   }
 }
 

@@ -72,6 +72,17 @@ __device__ __forceinline__ void fence_shared_for_tensor_cores() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
+// Programmatic dependent launch (sm_90): launch_dependents lets the grid launched after this one
+// with the programmatic-serialization attribute start its blocks before this grid ends;
+// wait_for_prerequisite, in that later grid, returns once this one has ended and its writes are
+// visible (a no-op in a grid launched without the attribute).
+__device__ __forceinline__ void launch_dependents() {
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+}
+__device__ __forceinline__ void wait_for_prerequisite() {
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+}
+
 // 16-byte copy global -> shared that does not wait (cp.async); `valid` false writes zeros.
 __device__ __forceinline__ void copy_async_16(uint32_t shared, const void* global, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared), "l"(global),
