@@ -1163,17 +1163,13 @@ void launch_mla_wgmma(const AttentionParams& p, Kernel kernel, Traits) {
     check(cudaGetLastError(), "attention kernel launch");
     // A programmatic dependent launch: the merge's blocks take the SMs the attention leaves idle
     // and wait there for it (wait_for_prerequisite), so that no launch gap separates the two
-    // (bench/NOTES.md, "Programmatic launch of the merge").
-    cudaLaunchConfig_t config{};
-    config.gridDim = dim3(static_cast<unsigned>(p.rows * p.heads), 1, p.sequences);
-    config.blockDim = dim3(128);
-    config.stream = p.stream;
-    cudaLaunchAttribute attribute{};
-    attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attribute.val.programmaticStreamSerializationAllowed = 1;
-    config.attrs = &attribute;
-    config.numAttrs = 1;
-    check(cudaLaunchKernelEx(&config, combine_splits, p, splits), "cudaLaunchKernelEx(merge)");
+    // (bench/NOTES.md, "the merge's programmatic launch").
+    cudaLaunchAttribute dependent{};
+    dependent.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    dependent.val.programmaticStreamSerializationAllowed = 1;
+    check(launch_with(dependent, dim3(static_cast<unsigned>(p.rows * p.heads), 1, p.sequences),
+                      dim3(128), 0, p.stream, combine_splits, p, splits),
+          "cudaLaunchKernelEx(merge)");
   }
 }
 

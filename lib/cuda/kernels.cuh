@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 
 namespace dsa::cuda {
 
@@ -17,6 +18,21 @@ namespace dsa::cuda {
 void check(cudaError_t status, const char* what);
 // Throws dsa::Error(usage) with `why` unless it is empty (a *_limit's answer).
 void require(const std::string& why);
+
+// Launches kernel(args...) on `stream` with one launch attribute (cudaLaunchKernelEx): the
+// top-k's cooperative grid, the split merge's programmatic dependence on the attention.
+template <typename... Params, typename... Args>
+cudaError_t launch_with(cudaLaunchAttribute attribute, dim3 grid, dim3 block, size_t shared_bytes,
+                        cudaStream_t stream, void (*kernel)(Params...), Args&&... args) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = shared_bytes;
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
 
 // Keys [0, visible_keys(...)) are visible to query row `row` at position first_position + row:
 // position + 1, or with compressed keys of `ratio` tokens (DeepSeek-V4's CSA) the complete

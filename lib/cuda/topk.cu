@@ -787,18 +787,13 @@ bool launch_split(const TopkParams& p) {
   }
   auto* states = static_cast<SplitRow*>(scratch);
   auto* lists = reinterpret_cast<uint64_t*>(static_cast<char*>(scratch) + split_state_bytes(d));
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(segments, p.rows);
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = std::max(sizeof(uint32_t) * cache_capacity, kListEntryBytes * limit);
-  config.stream = p.stream;
   cudaLaunchAttribute cooperative{};
   cooperative.id = cudaLaunchAttributeCooperative;
   cooperative.val.cooperative = 1;
-  config.attrs = &cooperative;
-  config.numAttrs = 1;
   const cudaError_t launched =
-      cudaLaunchKernelEx(&config, topk_split_kernel, p, states, lists, limit, cache_capacity);
+      launch_with(cooperative, dim3(segments, p.rows), dim3(kThreads),
+                  std::max(sizeof(uint32_t) * cache_capacity, kListEntryBytes * limit), p.stream,
+                  topk_split_kernel, p, states, lists, limit, cache_capacity);
   if (captured) {
     check(cudaFreeAsync(scratch, p.stream), "cudaFreeAsync(top-k)");
   } else {
