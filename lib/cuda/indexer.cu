@@ -393,18 +393,30 @@ __global__ void __launch_bounds__(IndexerFp8Traits<GROUPS, QUERIES>::kThreads, G
   };
   const int64_t visible_end = min(key_end, visible(block_end - 1));
   const int64_t group_visible_end = min(key_end, visible(max(q_end, q0) - 1));
-  const int64_t tiles =
-      visible_end > key_begin ? (visible_end - key_begin + kKeyTile - 1) / kKeyTile : 0;
+  const int tiles = visible_end > key_begin
+                        ? static_cast<int>((visible_end - key_begin + kKeyTile - 1) / kKeyTile)
+                        : 0;
+  // This thread's share of a key tile: 16-byte chunk c of rows j0 + r * kFetchRows, r <
+  // kFetchChunks, whose swizzled place differs by r * kFetchRows rows (kFetchRows a multiple of
+  // the swizzle's 8), so that a fetch is kFetchChunks copies from one address and one offset.
+  constexpr int kFetchChunks = kKeyTile * 8 / threads, kFetchRows = threads / 8;
+  static_assert(kFetchRows % 8 == 0 && kFetchChunks * kFetchRows == kKeyTile,
+                "a thread's chunks share one swizzle");
+  const int fetch_row = tid / 8, fetch_chunk = tid % 8;
+  const uint32_t fetch_to = k_s + fetch_row * 128 + ((fetch_chunk ^ (fetch_row % 8)) * 16);
+  const uint8_t* const fetch_from = k + (key_begin + fetch_row) * kFp8Dim + fetch_chunk * 16;
+  const int fetch_keys = static_cast<int>(keys - key_begin) - fetch_row;  // rows this thread may copy
   // Starts copying tile `tile` into its stage (zeros past the last key); always commits a group
   // so that the wait counts below stay uniform.
-  auto fetch = [&](int64_t tile) {
+  auto fetch = [&](int tile) {
     if (tile < tiles) {
-      const uint32_t base = k_s + static_cast<uint32_t>(tile % kKeyStages) * kFp8TileBytes;
-      for (int i = tid; i < kKeyTile * 8; i += threads) {
-        const int j = i / 8, c = i % 8;
-        const int64_t s = key_begin + tile * kKeyTile + j;
-        wg::copy_async_16(base + j * 128 + ((c ^ (j % 8)) * 16),
-                          k + (s < keys ? s : 0) * kFp8Dim + c * 16, s < keys);
+      const uint32_t to = fetch_to + static_cast<uint32_t>(tile) % kKeyStages * kFp8TileBytes;
+      const uint8_t* from = fetch_from + static_cast<int64_t>(tile) * kFp8TileBytes;
+#pragma unroll
+      for (int r = 0; r < kFetchChunks; ++r) {
+        const bool valid = tile * kKeyTile + r * kFetchRows < fetch_keys;
+        wg::copy_async_16(to + r * kFetchRows * 128, valid ? from + r * kFetchRows * kFp8Dim : k,
+                          valid);
       }
     }
     wg::copy_async_commit();
@@ -456,7 +468,10 @@ __global__ void __launch_bounds__(IndexerFp8Traits<GROUPS, QUERIES>::kThreads, G
     __syncthreads();  // the states are set before any thread reads a count
   }
 
-  const uint32_t b = q_s + group * kFp8Rows * kFp8Dim;
+  // The descriptors of this warpgroup's query tile (B) and of the first key stage (A); a step of
+  // the reduction, or another stage, is an add to their address field (wg::advanced).
+  const uint64_t b = wg::descriptor(q_s + group * kFp8Rows * kFp8Dim, 16, 1024);
+  const uint64_t a0 = wg::descriptor(k_s, 16, 1024);
   // One warpgroup (decode) issues the next fetch while its MMAs run, as nothing else on the
   // block would fill that wait; two fetch before them: under the launch bound of two blocks
   // per SM, the fetch's registers beside the live logits would spill (104 bytes).
@@ -465,17 +480,17 @@ __global__ void __launch_bounds__(IndexerFp8Traits<GROUPS, QUERIES>::kThreads, G
   // this lane's score (query `query`, key row key0 or key1) before its key's scale. The tile loop
   // below spells the same steps out: called from there, this form moved ptxas to spill 24 bytes
   // in V3.2's kernel.
-  const auto tile_scores = [&](uint32_t a) {
+  const auto tile_scores = [&](uint64_t a) {
     float logit[kFp8Rows / 2];
     wg::fence();
 #pragma unroll
     for (int step = 0; step < kFp8Dim / 32; ++step) {
       if constexpr (kFp8Queries == 2) {
-        wg::wgmma_m64n128_e4m3(logit, wg::descriptor(a + step * 32, 16, 1024),
-                               wg::descriptor(b + step * 32, 16, 1024), step > 0);
+        wg::wgmma_m64n128_e4m3(logit, wg::advanced(a, step * 32), wg::advanced(b, step * 32),
+                               step > 0);
       } else {
-        wg::wgmma_m64n64_e4m3(logit, wg::descriptor(a + step * 32, 16, 1024),
-                              wg::descriptor(b + step * 32, 16, 1024), step > 0);
+        wg::wgmma_m64n64_e4m3(logit, wg::advanced(a, step * 32), wg::advanced(b, step * 32),
+                              step > 0);
       }
     }
     wg::commit();
@@ -530,7 +545,7 @@ __global__ void __launch_bounds__(IndexerFp8Traits<GROUPS, QUERIES>::kThreads, G
       const int row = which ? key1 : key0;
       const int64_t position = sample_key(t + row);
       const float key_scale = k_scale[position];
-      const float value = tile_scores(stage);
+      const float value = tile_scores(wg::advanced(a0, (kKeyStages - 1) * kFp8TileBytes));
       if (q0 + query < q_end) list_of(query, 0)[t + row] = candidate(value * key_scale, position);
       __syncthreads();  // the stage is free again, the samples are in
     }
@@ -545,7 +560,10 @@ __global__ void __launch_bounds__(IndexerFp8Traits<GROUPS, QUERIES>::kThreads, G
       }
     }
   }
-  for (int64_t tile = 0; tile < tiles; ++tile) {
+  // This lane's query: the keys it sees (none past q_end), and its row of scores.
+  const int64_t visible_query = q0 + query < q_end ? visible(q0 + query) : 0;
+  float* const scores_row = scores + static_cast<int64_t>(q0 + query) * stride;
+  for (int tile = 0; tile < tiles; ++tile) {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(kKeyStages - 2) : "memory");
     wg::fence_shared_for_tensor_cores();
     // The fused top-k: a list that this tile could overflow keeps its k largest, and the bound
@@ -594,16 +612,16 @@ __global__ void __launch_bounds__(IndexerFp8Traits<GROUPS, QUERIES>::kThreads, G
     const int64_t s = tile_begin + (which ? key1 : key0);
     const float key_scale = s < visible_end ? k_scale[s] : 0.0f;
     float logit[kFp8Rows / 2];
-    const uint32_t a = k_s + static_cast<uint32_t>(tile % kKeyStages) * kFp8TileBytes;
+    const uint64_t a = wg::advanced(a0, static_cast<uint32_t>(tile) % kKeyStages * kFp8TileBytes);
     wg::fence();
 #pragma unroll
     for (int step = 0; step < kFp8Dim / 32; ++step) {
       if constexpr (kFp8Queries == 2) {
-        wg::wgmma_m64n128_e4m3(logit, wg::descriptor(a + step * 32, 16, 1024),
-                               wg::descriptor(b + step * 32, 16, 1024), step > 0);
+        wg::wgmma_m64n128_e4m3(logit, wg::advanced(a, step * 32), wg::advanced(b, step * 32),
+                               step > 0);
       } else {
-        wg::wgmma_m64n64_e4m3(logit, wg::descriptor(a + step * 32, 16, 1024),
-                              wg::descriptor(b + step * 32, 16, 1024), step > 0);
+        wg::wgmma_m64n64_e4m3(logit, wg::advanced(a, step * 32), wg::advanced(b, step * 32),
+                              step > 0);
       }
     }
     wg::commit();
@@ -642,8 +660,8 @@ __global__ void __launch_bounds__(IndexerFp8Traits<GROUPS, QUERIES>::kThreads, G
       // never fewer.
       const float score = value * key_scale;
       const uint32_t taken =
-          __ballot_sync(0xffffffffu, q0 + query < q_end && s < visible_end &&
-                                         s < visible(q0 + query) && !(score < states[query].floor));
+          __ballot_sync(0xffffffffu, s < visible_end && s < visible_query &&
+                                         !(score < states[query].floor));
       if (taken != 0) {
         const uint64_t c = candidate(score, s);
         // Lanes 4i and 4i + 1 hold query 0's scores, 4i + 2 and 4i + 3 query 1's.
@@ -658,8 +676,7 @@ __global__ void __launch_bounds__(IndexerFp8Traits<GROUPS, QUERIES>::kThreads, G
         }
       }
     } else if (q0 + query < q_end && s < visible_end) {
-      scores[static_cast<int64_t>(q0 + query) * stride + s] =
-          s < visible(q0 + query) ? value * key_scale : -INFINITY;
+      scores_row[s] = s < visible_query ? value * key_scale : -INFINITY;
     }
   }
   asm volatile("cp.async.wait_group 0;\n" ::: "memory");
