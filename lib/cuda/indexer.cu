@@ -396,16 +396,18 @@ __global__ void __launch_bounds__(IndexerFp8Traits<GROUPS, QUERIES>::kThreads, G
   const int tiles = visible_end > key_begin
                         ? static_cast<int>((visible_end - key_begin + kKeyTile - 1) / kKeyTile)
                         : 0;
-  // This thread's share of a key tile: 16-byte chunk c of rows j0 + r * kFetchRows, r <
-  // kFetchChunks, whose swizzled place differs by r * kFetchRows rows (kFetchRows a multiple of
-  // the swizzle's 8), so that a fetch is kFetchChunks copies from one address and one offset.
+  // This thread's share of a key tile: 16-byte chunk fetch_chunk of rows fetch_row + r *
+  // kFetchRows, r < kFetchChunks, whose swizzled places differ by r * kFetchRows rows
+  // (kFetchRows a multiple of the swizzle's 8), so that a fetch is kFetchChunks copies from one
+  // address and one offset.
   constexpr int kFetchChunks = kKeyTile * 8 / threads, kFetchRows = threads / 8;
   static_assert(kFetchRows % 8 == 0 && kFetchChunks * kFetchRows == kKeyTile,
                 "a thread's chunks share one swizzle");
   const int fetch_row = tid / 8, fetch_chunk = tid % 8;
   const uint32_t fetch_to = k_s + fetch_row * 128 + ((fetch_chunk ^ (fetch_row % 8)) * 16);
   const uint8_t* const fetch_from = k + (key_begin + fetch_row) * kFp8Dim + fetch_chunk * 16;
-  const int fetch_keys = static_cast<int>(keys - key_begin) - fetch_row;  // rows this thread may copy
+  // The rows of the block's keys from this thread's first onwards: those it may copy.
+  const int fetch_keys = static_cast<int>(keys - key_begin) - fetch_row;
   // Starts copying tile `tile` into its stage (zeros past the last key); always commits a group
   // so that the wait counts below stay uniform.
   auto fetch = [&](int tile) {
@@ -659,9 +661,8 @@ __global__ void __launch_bounds__(IndexerFp8Traits<GROUPS, QUERIES>::kThreads, G
       // score past its position, and NaN (which ranks as -inf), are more than the list needs,
       // never fewer.
       const float score = value * key_scale;
-      const uint32_t taken =
-          __ballot_sync(0xffffffffu, s < visible_end && s < visible_query &&
-                                         !(score < states[query].floor));
+      const uint32_t taken = __ballot_sync(
+          0xffffffffu, s < visible_end && s < visible_query && !(score < states[query].floor));
       if (taken != 0) {
         const uint64_t c = candidate(score, s);
         // Lanes 4i and 4i + 1 hold query 0's scores, 4i + 2 and 4i + 3 query 1's.
