@@ -171,14 +171,21 @@ __device__ __forceinline__ float candidate_score(uint64_t c) {
   return score == 0.0f ? -0.0f : __uint_as_float(0x7fffffffu);  // NaN ranks as -inf
 }
 
+// The rank of the sampled bound: about kSampleRank samples are at or above it. A row is rerun
+// when its bound passes fewer than half of the capacity / 2 keys aimed at, about
+// P(Poisson(r / 2) >= r) of rows: 2.8e-4 for r = 32, 1.0e-5 for r = 48 (bench/NOTES.md, "The
+// sampled bound's rank").
+constexpr int kSampleRank = 48;
+
 // Keys of the sample that sets each query's bound before a block scores its keys (a multiple of
 // 64; 0 for none): none when the block's last query's keys fit a list, or when a sample would be
-// half of them; else about 64 n / capacity of the first query's n keys (at most a list), so that
-// about 32 of them are at or above the bound that passes capacity / 2 of the query's keys.
+// half of them; else about 2 kSampleRank n / capacity of the first query's n keys, at most the
+// query's two lists (where they hold it), so that about kSampleRank of them are at or above the
+// bound that passes capacity / 2 of the query's keys.
 __device__ __forceinline__ int indexer_topk_sample(int64_t n_first, int64_t n_last, int capacity) {
   if (n_last + kKeyTile <= capacity) return 0;
-  const int64_t tiles = (64 * n_first / capacity + kKeyTile - 1) / kKeyTile;
-  const int64_t samples = min(tiles * kKeyTile, static_cast<int64_t>(capacity));
+  const int64_t tiles = (2 * kSampleRank * n_first / capacity + kKeyTile - 1) / kKeyTile;
+  const int64_t samples = min(tiles * kKeyTile, 2 * static_cast<int64_t>(capacity));
   return 2 * samples > n_first ? 0 : static_cast<int>(samples);
 }
 
@@ -548,12 +555,19 @@ __global__ void __launch_bounds__(IndexerFp8Traits<GROUPS, QUERIES>::kThreads, G
       const int64_t position = sample_key(t + row);
       const float key_scale = k_scale[position];
       const float value = tile_scores(wg::advanced(a0, (kKeyStages - 1) * kFp8TileBytes));
+      // Past a list's capacity the sample runs on into the query's second list (contiguous).
       if (q0 + query < q_end) list_of(query, 0)[t + row] = candidate(value * key_scale, position);
       __syncthreads();  // the stage is free again, the samples are in
     }
     if (samples > 0 && q0 + mine < q_end) {
       const int64_t n = min(static_cast<int64_t>(keys), visible(q0 + mine));
-      const int64_t rank = (static_cast<int64_t>(samples) * top.target + n - 1) / n;
+      // Where the lists cap the sample (n > capacity^2 / (4 kSampleRank)), the rank stays at
+      // the uncapped sample's (kSampleRank for the default target): the bound then passes more
+      // than the target, which costs compactions, where a smaller rank would cost reruns.
+      const int64_t uncapped =
+          (2 * kSampleRank * static_cast<int64_t>(top.target) + capacity - 1) / capacity;
+      const int64_t rank = max((static_cast<int64_t>(samples) * top.target + n - 1) / n,
+                               min(uncapped, static_cast<int64_t>(samples) - 1));
       if (rank < samples) {
         const uint64_t bound = team_kth(list_of(mine, 0), samples, static_cast<uint32_t>(rank), st,
                                         team_thread, team_id);
@@ -916,7 +930,7 @@ void launch_indexer_topk(const IndexerParams<uint8_t>& p, const IndexerTopkOutpu
   kernel<<<grid, Traits::kThreads, smem, p.stream>>>(p, std::max(p.keys, 1), top);
   check(cudaGetLastError(), "indexer top-k kernel launch");
   // Rows whose sampled bound passed fewer keys than they select (rare: the sample's rank is
-  // about 32, so about 1 in 10^4 rows) are scored again, with no bound; the count comes back
+  // kSampleRank, so about 1 in 10^5 rows) are scored again, with no bound; the count comes back
   // first, so this call waits for the launch.
   uint32_t redo = 0;
   check(cudaMemcpyAsync(&redo, top.redo + p.rows, sizeof redo, cudaMemcpyDeviceToHost, p.stream),
